@@ -1,0 +1,1 @@
+"""Stateful migration of a running container between fog nodes: cold, pre-copy, post-copy, hybrid."""

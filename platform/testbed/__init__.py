@@ -1,0 +1,1 @@
+"""The embedded testbed: the whole fog on one machine (namespaces, emulated links, broker)."""

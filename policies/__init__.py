@@ -1,0 +1,1 @@
+"""Technique choice and placement: pure functions over measured conditions, no I/O."""
