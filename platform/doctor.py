@@ -85,9 +85,7 @@ def run_checks() -> list[Check]:
         )
     )
     rv = caps.runc_version()
-    checks.append(
-        Check("runc", "ok" if rv else "fail", rv or "not found (run `make setup`)")
-    )
+    checks.append(Check("runc", "ok" if rv else "fail", rv or "not found (run `make setup`)"))
     netem = caps.has_netem() if is_root else False
     checks.append(
         Check(
@@ -104,8 +102,12 @@ def run_checks() -> list[Check]:
             "pipe sysctls",
             "ok" if caps.pipe_sysctls_ok() else "fail",
             ", ".join(f"{k}={v}" for k, v in sysctls.items())
-            + ("" if caps.pipe_sysctls_ok() else ": the lazy page server needs "
-               "pipe-max-size>=8388608 and pipe-user-pages-soft=0 (run `make setup`)"),
+            + (
+                ""
+                if caps.pipe_sysctls_ok()
+                else ": the lazy page server needs "
+                "pipe-max-size>=8388608 and pipe-user-pages-soft=0 (run `make setup`)"
+            ),
         )
     )
     checks.append(_tool("mosquitto", "the MQTT bus"))
@@ -126,7 +128,9 @@ def _image_check() -> Check:
 
     found = image.find_image()
     if found is None:
-        return Check("service image", "fail", "not built (run `make setup` or `fogmig image build`)")
+        return Check(
+            "service image", "fail", "not built (run `make setup` or `fogmig image build`)"
+        )
     return Check("service image", "ok", str(found))
 
 

@@ -114,9 +114,7 @@ def run_sync(
     try:
         cp = subprocess.run(full, capture_output=True, text=True, timeout=timeout, check=False)
     except FileNotFoundError as exc:
-        raise RuntimeToolError(
-            f"{full[0]}: command not found", cmd=full, returncode=None
-        ) from exc
+        raise RuntimeToolError(f"{full[0]}: command not found", cmd=full, returncode=None) from exc
     done = Completed(full, cp.returncode, cp.stdout, cp.stderr)
     if check and cp.returncode != 0:
         raise RuntimeToolError(
