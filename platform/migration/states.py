@@ -103,8 +103,8 @@ _FORWARD: dict[Technique, tuple[Phase, ...]] = {
 }
 
 
-class IllegalTransition(Exception):  # noqa: N818 - a programming error, not a FogmigError
-    """The engine tried a transition the state machine forbids (a bug)."""
+class IllegalTransition(Exception):
+    """The engine tried a transition the state machine forbids: a bug, not a FogmigError."""
 
 
 @dataclass(slots=True)
