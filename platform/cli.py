@@ -22,7 +22,10 @@ from fogmig.platform.errors import FogmigError
 T = TypeVar("T")
 
 # Modules that contribute subcommands, in the order `fogmig --help` lists them.
-COMMAND_MODULES = ("fogmig.platform.doctor",)
+COMMAND_MODULES = (
+    "fogmig.platform.doctor",
+    "fogmig.services.commands",
+)
 
 err_console = Console(stderr=True)
 
