@@ -1,0 +1,635 @@
+"""Predicts the paper's metrics of each migration technique from S, B, RTT and D.
+
+An analytic model of how this platform migrates (runc + CRIU, page-delta pre-copy, CRIU's
+lazy-pages daemon), with tunable constants that ``fit_constants`` calibrates from measured
+migrations. Every prediction carries the inputs it was made from.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+import numpy as np
+
+from fogmig.policies.conditions import (
+    PAGE_SIZE,
+    LinkConditions,
+    NodeCapabilities,
+    PrecopyStopRules,
+    ServiceConditions,
+    StopReason,
+    Technique,
+)
+
+GIB = float(1 << 30)
+
+
+@dataclass(frozen=True, slots=True)
+class CostConstants:
+    """The platform's fixed costs and rates. Defaults come from PLATFORM measurements of a
+    20-47 MB service on this machine kind (x86_64, runc 1.1.5, CRIU 4.2.1); ``fit_constants``
+    replaces them with values fitted to real migration records."""
+
+    dump_fixed_s: float = 0.12
+    """Per checkpoint: runc and CRIU start-up, freezing, parasite injection."""
+    freeze_s_per_gib: float = 1.5
+    """Writing memory pages during a checkpoint (the service is frozen meanwhile)."""
+    delta_s_per_gib: float = 2.5
+    """Reading and comparing page images when there is no soft-dirty tracking."""
+    restore_fixed_s: float = 0.15
+    restore_s_per_gib: float = 1.5
+    """Restoring pages that are present at the destination before the service resumes."""
+    rebuild_s_per_gib: float = 2.5
+    """Rebuilding the full image set from page deltas at the destination (no native pre-dump)."""
+    image_overhead_bytes: int = 16 * 1024
+    """Non-memory image files every dump ships (descriptors, cgroup, tmpfs ...)."""
+    lazy_dump_bytes: int = 3 << 20
+    """Memory a lazy (post-copy) dump still ships eagerly: file-backed COW pages, stack, vdso."""
+    throughput_efficiency: float = 0.95
+    """Share of the measured link throughput a state transfer actually gets."""
+    transfer_round_trips: float = 2.0
+    """Round trips of fixed cost per state transfer (connection set-up, final acknowledgement)."""
+    demand_faults: int = 500
+    """Page faults the resumed service takes before the lazy pages have all arrived; each is a
+    synchronous round trip to the source's page server."""
+    lazy_chunk_bytes: int = 64 * 1024
+    """CRIU's background transfer chunk after a fault (uffd.c DEFAULT_XFER_LEN); it grows by
+    this much per request while no fault occurs ..."""
+    lazy_max_chunk_bytes: int = 4 << 20
+    """... up to this (uffd.c MAX_XFER_LEN). One request is outstanding at a time."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CostConstants:
+        known = {f.name: f for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in known:
+                values[key] = int(value) if known[key].type in ("int", int) else float(value)
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationComponents:
+    """The paper's nine metrics (section 5.1): six times in seconds and three sizes in bytes.
+
+    Downtime follows the paper: dump + dump transfer + resume (section 5.2.2).
+    """
+
+    pre_dump_time: float = 0.0
+    pre_dump_transfer_time: float = 0.0
+    dump_time: float = 0.0
+    dump_transfer_time: float = 0.0
+    resume_time: float = 0.0
+    faulted_pages_transfer_time: float = 0.0
+    pre_dump_bytes: int = 0
+    dump_bytes: int = 0
+    faulted_pages_bytes: int = 0
+
+    @property
+    def downtime(self) -> float:
+        return self.dump_time + self.dump_transfer_time + self.resume_time
+
+    @property
+    def total_time(self) -> float:
+        return (
+            self.pre_dump_time
+            + self.pre_dump_transfer_time
+            + self.downtime
+            + self.faulted_pages_transfer_time
+        )
+
+    @property
+    def transferred_bytes(self) -> int:
+        return self.pre_dump_bytes + self.dump_bytes + self.faulted_pages_bytes
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["downtime"] = self.downtime
+        out["total_time"] = self.total_time
+        out["transferred_bytes"] = self.transferred_bytes
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> MigrationComponents:
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            if data.get(f.name) is not None:
+                values[f.name] = (
+                    int(data[f.name]) if f.name.endswith("_bytes") else float(data[f.name])
+                )
+        return cls(**values)
+
+
+@dataclass(frozen=True, slots=True)
+class PrecopyRound:
+    """One pre-copy round: a checkpoint that leaves the service running, then its transfer."""
+
+    index: int
+    bytes: int
+    dump_time: float
+    transfer_time: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "bytes": self.bytes,
+            "dump_time": self.dump_time,
+            "transfer_time": self.transfer_time,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PredictionInputs:
+    """Everything a prediction was computed from."""
+
+    service: ServiceConditions
+    link: LinkConditions
+    native_predump: bool
+    stop_rules: PrecopyStopRules
+    constants: CostConstants
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "service": self.service.to_dict(),
+            "link": self.link.to_dict(),
+            "native_predump": self.native_predump,
+            "stop_rules": self.stop_rules.to_dict(),
+            "constants": self.constants.to_dict(),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Prediction:
+    """The predicted metrics of one technique, with the pre-copy rounds behind them."""
+
+    technique: Technique
+    components: MigrationComponents
+    inputs: PredictionInputs
+    rounds: tuple[PrecopyRound, ...] = ()
+    stop_reason: StopReason | None = None
+    lazy_requests: int = 0
+    """Round trips the lazy-pages daemon makes (demand faults plus background chunks)."""
+
+    @property
+    def downtime(self) -> float:
+        return self.components.downtime
+
+    @property
+    def total_time(self) -> float:
+        return self.components.total_time
+
+    @property
+    def transferred_bytes(self) -> int:
+        return self.components.transferred_bytes
+
+    @property
+    def converged(self) -> bool:
+        """Pre-copy ended because the changed pages shrank below the threshold."""
+        return self.stop_reason is StopReason.CONVERGED
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "technique": self.technique.value,
+            "components": self.components.to_dict(),
+            "rounds": [r.to_dict() for r in self.rounds],
+            "stop_reason": None if self.stop_reason is None else self.stop_reason.value,
+            "lazy_requests": self.lazy_requests,
+            "inputs": self.inputs.to_dict(),
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+
+
+def transfer_time(nbytes: int, link: LinkConditions, k: CostConstants, transfers: int = 1) -> float:
+    """Seconds to ship ``nbytes`` in ``transfers`` separate transfers over ``link``."""
+    if nbytes <= 0:
+        return 0.0
+    rate = link.throughput_bytes_per_s * k.throughput_efficiency
+    return nbytes / rate + transfers * k.transfer_round_trips * link.rtt_s
+
+
+def _growing_chunk_requests(nbytes: int, k: CostConstants) -> int:
+    """Requests CRIU's background transfer needs for ``nbytes`` without an intervening fault:
+    chunks of 1, 2, 3 ... times ``lazy_chunk_bytes``, capped at ``lazy_max_chunk_bytes``."""
+    if nbytes <= 0:
+        return 0
+    step = max(k.lazy_chunk_bytes, PAGE_SIZE)
+    cap_steps = max(1, k.lazy_max_chunk_bytes // step)
+    units = nbytes / step
+    ramp_units = cap_steps * (cap_steps + 1) / 2
+    if units <= ramp_units:
+        # smallest n with n(n+1)/2 >= units
+        return math.ceil((math.sqrt(8 * units + 1) - 1) / 2 - 1e-9)
+    return cap_steps + math.ceil((units - ramp_units) / cap_steps)
+
+
+def lazy_requests(nbytes: int, k: CostConstants, demand_faults: int | None = None) -> int:
+    """Round trips the lazy-pages daemon makes to move ``nbytes`` lazily.
+
+    Each demand fault is one synchronous request and resets the background chunk to its
+    smallest size, so while faults keep coming every fault is followed by one small chunk;
+    what remains afterwards moves in growing chunks.
+    """
+    if nbytes <= 0:
+        return 0
+    faults = k.demand_faults if demand_faults is None else demand_faults
+    faults = max(0, min(faults, math.ceil(nbytes / PAGE_SIZE)))
+    after_faults = max(0, nbytes - faults * PAGE_SIZE)
+    small_chunks = min(faults, math.ceil(after_faults / k.lazy_chunk_bytes))
+    remaining = max(0, after_faults - small_chunks * k.lazy_chunk_bytes)
+    return faults + small_chunks + _growing_chunk_requests(remaining, k)
+
+
+def lazy_transfer_time(nbytes: int, link: LinkConditions, k: CostConstants) -> tuple[float, int]:
+    """Seconds and requests to fault ``nbytes`` over ``link`` (one request at a time)."""
+    if nbytes <= 0:
+        return 0.0, 0
+    requests = lazy_requests(nbytes, k)
+    rate = link.throughput_bytes_per_s * k.throughput_efficiency
+    return nbytes / rate + requests * link.rtt_s, requests
+
+
+def _gib(nbytes: float) -> float:
+    return nbytes / GIB
+
+
+def _checkpoint_time(written_bytes: int, compared_bytes: int, k: CostConstants) -> float:
+    return (
+        k.dump_fixed_s
+        + k.freeze_s_per_gib * _gib(written_bytes)
+        + k.delta_s_per_gib * _gib(compared_bytes)
+    )
+
+
+def _restore_time(eager_bytes: int, rebuilt_bytes: int, k: CostConstants) -> float:
+    return (
+        k.restore_fixed_s
+        + k.restore_s_per_gib * _gib(eager_bytes)
+        + k.rebuild_s_per_gib * _gib(rebuilt_bytes)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class _PrecopyPhase:
+    rounds: tuple[PrecopyRound, ...]
+    stop_reason: StopReason
+    last_dirty_bytes: int
+    """Bytes dirtied during the last round: what the final dump (or the faults) must carry."""
+
+
+def _precopy_phase(inputs: PredictionInputs) -> _PrecopyPhase:
+    service, link, k, rules = inputs.service, inputs.link, inputs.constants, inputs.stop_rules
+    s = service.state_bytes
+    rounds: list[PrecopyRound] = []
+    ship = s
+    shipped = 0
+    while True:
+        index = len(rounds) + 1
+        if inputs.native_predump:
+            # soft-dirty: later rounds write only the dirty pages and need no comparison
+            dump = _checkpoint_time(ship, 0, k)
+        else:
+            # a leave-running checkpoint writes every page; from round 2 on it is compared
+            dump = _checkpoint_time(s, s if index > 1 else 0, k)
+        xfer = transfer_time(ship, link, k)
+        rounds.append(PrecopyRound(index=index, bytes=ship, dump_time=dump, transfer_time=xfer))
+        shipped += ship
+        dirtied = service.dirtied_bytes(dump + xfer)
+        reason = rules.stop_reason(
+            rounds_done=index,
+            last_round_bytes=ship,
+            next_round_bytes=dirtied,
+            precopy_bytes_so_far=shipped,
+            state_bytes=s,
+        )
+        if reason is not None:
+            return _PrecopyPhase(tuple(rounds), reason, dirtied)
+        ship = dirtied
+
+
+def _predict_cold(inputs: PredictionInputs) -> Prediction:
+    s, k, link = inputs.service.state_bytes, inputs.constants, inputs.link
+    dump_bytes = s + k.image_overhead_bytes
+    comps = MigrationComponents(
+        dump_time=_checkpoint_time(s, 0, k),
+        dump_transfer_time=transfer_time(dump_bytes, link, k),
+        resume_time=_restore_time(s, 0, k),
+        dump_bytes=dump_bytes,
+    )
+    return Prediction(technique=Technique.COLD, components=comps, inputs=inputs)
+
+
+def _predict_precopy(inputs: PredictionInputs) -> Prediction:
+    s, k, link = inputs.service.state_bytes, inputs.constants, inputs.link
+    phase = _precopy_phase(inputs)
+    dirty = phase.last_dirty_bytes
+    dump_bytes = dirty + k.image_overhead_bytes
+    if inputs.native_predump:
+        dump_time = _checkpoint_time(dirty, 0, k)
+        resume = _restore_time(s, 0, k)
+    else:
+        dump_time = _checkpoint_time(s, s, k)
+        resume = _restore_time(s, s, k)
+    comps = MigrationComponents(
+        pre_dump_time=sum(r.dump_time for r in phase.rounds),
+        pre_dump_transfer_time=sum(r.transfer_time for r in phase.rounds),
+        dump_time=dump_time,
+        dump_transfer_time=transfer_time(dump_bytes, link, k),
+        resume_time=resume,
+        pre_dump_bytes=sum(r.bytes for r in phase.rounds),
+        dump_bytes=dump_bytes,
+    )
+    return Prediction(
+        technique=Technique.PRECOPY,
+        components=comps,
+        inputs=inputs,
+        rounds=phase.rounds,
+        stop_reason=phase.stop_reason,
+    )
+
+
+def _predict_postcopy(inputs: PredictionInputs) -> Prediction:
+    s, k, link = inputs.service.state_bytes, inputs.constants, inputs.link
+    eager = min(k.lazy_dump_bytes, s)
+    faulted = s - eager
+    dump_bytes = eager + k.image_overhead_bytes
+    fault_time, requests = lazy_transfer_time(faulted, link, k)
+    comps = MigrationComponents(
+        dump_time=_checkpoint_time(eager, 0, k),
+        dump_transfer_time=transfer_time(dump_bytes, link, k),
+        resume_time=_restore_time(eager, 0, k),
+        faulted_pages_transfer_time=fault_time,
+        dump_bytes=dump_bytes,
+        faulted_pages_bytes=faulted,
+    )
+    return Prediction(
+        technique=Technique.POSTCOPY, components=comps, inputs=inputs, lazy_requests=requests
+    )
+
+
+def _predict_hybrid(inputs: PredictionInputs) -> Prediction:
+    s, k, link = inputs.service.state_bytes, inputs.constants, inputs.link
+    phase = _precopy_phase(inputs)
+    # Table 1: the dump carries only the changes in execution state; every page dirtied since
+    # the last round arrives as a faulted page
+    faulted = phase.last_dirty_bytes
+    dump_bytes = k.image_overhead_bytes
+    if inputs.native_predump:
+        dump_time = _checkpoint_time(0, 0, k)
+        rebuilt = 0
+    else:
+        # without soft-dirty the final dump still compares all memory to find what changed
+        dump_time = _checkpoint_time(0, s, k)
+        rebuilt = s
+    fault_time, requests = lazy_transfer_time(faulted, link, k)
+    comps = MigrationComponents(
+        pre_dump_time=sum(r.dump_time for r in phase.rounds),
+        pre_dump_transfer_time=sum(r.transfer_time for r in phase.rounds),
+        dump_time=dump_time,
+        dump_transfer_time=transfer_time(dump_bytes, link, k),
+        # everything but the faulted pages is restored from the pre-dump before resuming
+        resume_time=_restore_time(s - faulted, rebuilt, k),
+        faulted_pages_transfer_time=fault_time,
+        pre_dump_bytes=sum(r.bytes for r in phase.rounds),
+        dump_bytes=dump_bytes,
+        faulted_pages_bytes=faulted,
+    )
+    return Prediction(
+        technique=Technique.HYBRID,
+        components=comps,
+        inputs=inputs,
+        rounds=phase.rounds,
+        stop_reason=phase.stop_reason,
+        lazy_requests=requests,
+    )
+
+
+_PREDICTORS = {
+    Technique.COLD: _predict_cold,
+    Technique.PRECOPY: _predict_precopy,
+    Technique.POSTCOPY: _predict_postcopy,
+    Technique.HYBRID: _predict_hybrid,
+}
+
+
+def predict(
+    technique: Technique,
+    service: ServiceConditions,
+    link: LinkConditions,
+    *,
+    source: NodeCapabilities | None = None,
+    stop_rules: PrecopyStopRules | None = None,
+    constants: CostConstants | None = None,
+) -> Prediction:
+    """Predict one technique. ``source`` decides whether pre-copy rounds use CRIU's native
+    pre-dump (soft-dirty) or full leave-running checkpoints compared page by page."""
+    inputs = PredictionInputs(
+        service=service,
+        link=link,
+        native_predump=source.native_predump if source is not None else False,
+        stop_rules=stop_rules if stop_rules is not None else PrecopyStopRules(),
+        constants=constants if constants is not None else CostConstants(),
+    )
+    return _PREDICTORS[Technique(technique)](inputs)
+
+
+def predict_all(
+    service: ServiceConditions,
+    link: LinkConditions,
+    *,
+    source: NodeCapabilities | None = None,
+    stop_rules: PrecopyStopRules | None = None,
+    constants: CostConstants | None = None,
+    techniques: Iterable[Technique] = tuple(Technique),
+) -> dict[Technique, Prediction]:
+    return {
+        t: predict(t, service, link, source=source, stop_rules=stop_rules, constants=constants)
+        for t in techniques
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+
+
+@dataclass(frozen=True, slots=True)
+class CalibrationSample:
+    """One measured migration: its conditions and the nine metrics it produced."""
+
+    technique: Technique
+    service: ServiceConditions
+    link: LinkConditions
+    measured: MigrationComponents
+    native_predump: bool = False
+    precopy_rounds: int = 1
+
+
+def _fit_linear(
+    rows: Sequence[tuple[Sequence[float], float]],
+    names: Sequence[str],
+    base: dict[str, float],
+) -> dict[str, float]:
+    """Least squares for non-negative coefficients ``names``; columns the rows never exercise,
+    or that the rows cannot separate, keep their ``base`` value."""
+    if not rows:
+        return {}
+    x = np.array([r[0] for r in rows], dtype=float)
+    y = np.array([r[1] for r in rows], dtype=float)
+    active = [i for i in range(len(names)) if np.any(x[:, i] != 0.0)]
+    fixed = [i for i in range(len(names)) if i not in active]
+    for i in fixed:
+        y = y - x[:, i] * base[names[i]]
+    if not active:
+        return {}
+    xa = x[:, active]
+    if np.linalg.matrix_rank(xa) < len(active):
+        return {}
+    coef, *_ = np.linalg.lstsq(xa, y, rcond=None)
+    return {names[i]: max(0.0, float(c)) for i, c in zip(active, coef, strict=True)}
+
+
+def _solve_demand_faults(nbytes: int, extra_s: float, rtt_s: float, k: CostConstants) -> int:
+    """The demand-fault count that makes the lazy transfer's round trips take ``extra_s``."""
+    target = extra_s / rtt_s
+    lo, hi = 0, max(1, math.ceil(nbytes / PAGE_SIZE))
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if lazy_requests(nbytes, k, demand_faults=mid) < target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+def fit_constants(
+    samples: Iterable[CalibrationSample], base: CostConstants | None = None
+) -> CostConstants:
+    """Fit the constants to measured migrations; what the samples cannot determine stays at
+    ``base``. Transfer rows fit throughput efficiency and per-transfer round trips; dump,
+    pre-dump and resume rows fit the fixed costs and per-GiB rates; dump sizes fit the image
+    overheads; lazy transfers fit the number of demand faults."""
+    k = base if base is not None else CostConstants()
+    items = list(samples)
+    if not items:
+        return k
+    updates: dict[str, float] = {}
+
+    # transfers: time = bytes/B * (1/efficiency) + transfers * RTT * round_trips
+    xfer_rows: list[tuple[list[float], float]] = []
+    for smp in items:
+        m, b, rtt = smp.measured, smp.link.throughput_bytes_per_s, smp.link.rtt_s
+        if m.pre_dump_bytes > 0 and m.pre_dump_transfer_time > 0:
+            xfer_rows.append(
+                ([m.pre_dump_bytes / b, smp.precopy_rounds * rtt], m.pre_dump_transfer_time)
+            )
+        if m.dump_bytes > 0 and m.dump_transfer_time > 0:
+            xfer_rows.append(([m.dump_bytes / b, rtt], m.dump_transfer_time))
+    inv = _fit_linear(
+        xfer_rows,
+        ["inv_efficiency", "transfer_round_trips"],
+        {
+            "inv_efficiency": 1 / k.throughput_efficiency,
+            "transfer_round_trips": k.transfer_round_trips,
+        },
+    )
+    if inv.get("inv_efficiency", 0.0) > 0.0:
+        updates["throughput_efficiency"] = min(1.0, 1.0 / inv["inv_efficiency"])
+    if "transfer_round_trips" in inv:
+        updates["transfer_round_trips"] = inv["transfer_round_trips"]
+
+    # image sizes
+    cold_overheads = [
+        smp.measured.dump_bytes - smp.service.state_bytes
+        for smp in items
+        if smp.technique is Technique.COLD and smp.measured.dump_bytes > 0
+    ]
+    if cold_overheads:
+        updates["image_overhead_bytes"] = max(0, round(statistics.median(cold_overheads)))
+    overhead = int(updates.get("image_overhead_bytes", k.image_overhead_bytes))
+    lazy_sizes = [
+        smp.measured.dump_bytes - overhead
+        for smp in items
+        if smp.technique is Technique.POSTCOPY and smp.measured.dump_bytes > 0
+    ]
+    if lazy_sizes:
+        updates["lazy_dump_bytes"] = max(0, round(statistics.median(lazy_sizes)))
+
+    # checkpoints: time = n * fixed + written_gib * freeze + compared_gib * delta
+    dump_rows: list[tuple[list[float], float]] = []
+    # restores: time = fixed + eager_gib * rate + rebuilt_gib * rebuild
+    resume_rows: list[tuple[list[float], float]] = []
+    for smp in items:
+        m, s = smp.measured, smp.service.state_bytes
+        native = smp.native_predump
+        payload = max(0, m.dump_bytes - overhead)
+        if smp.technique is Technique.COLD:
+            written, compared, eager, rebuilt = s, 0, s, 0
+        elif smp.technique is Technique.PRECOPY:
+            written, compared = (payload, 0) if native else (s, s)
+            eager, rebuilt = s, (0 if native else s)
+        elif smp.technique is Technique.POSTCOPY:
+            written, compared, eager, rebuilt = payload, 0, payload, 0
+        else:
+            written, compared = payload, (0 if native else s)
+            eager, rebuilt = max(0, s - m.faulted_pages_bytes), (0 if native else s)
+        if m.dump_time > 0:
+            dump_rows.append(([1.0, _gib(written), _gib(compared)], m.dump_time))
+        if m.resume_time > 0:
+            resume_rows.append(([1.0, _gib(eager), _gib(rebuilt)], m.resume_time))
+        if smp.technique.has_precopy_phase and m.pre_dump_time > 0:
+            n = max(1, smp.precopy_rounds)
+            if native:
+                dump_rows.append(([float(n), _gib(m.pre_dump_bytes), 0.0], m.pre_dump_time))
+            else:
+                dump_rows.append(([float(n), _gib(n * s), _gib((n - 1) * s)], m.pre_dump_time))
+    updates.update(
+        _fit_linear(
+            dump_rows,
+            ["dump_fixed_s", "freeze_s_per_gib", "delta_s_per_gib"],
+            {
+                "dump_fixed_s": k.dump_fixed_s,
+                "freeze_s_per_gib": k.freeze_s_per_gib,
+                "delta_s_per_gib": k.delta_s_per_gib,
+            },
+        )
+    )
+    updates.update(
+        _fit_linear(
+            resume_rows,
+            ["restore_fixed_s", "restore_s_per_gib", "rebuild_s_per_gib"],
+            {
+                "restore_fixed_s": k.restore_fixed_s,
+                "restore_s_per_gib": k.restore_s_per_gib,
+                "rebuild_s_per_gib": k.rebuild_s_per_gib,
+            },
+        )
+    )
+
+    # lazy transfers: time = bytes / (efficiency * B) + requests(demand_faults) * RTT
+    k_eff = replace(
+        k, throughput_efficiency=updates.get("throughput_efficiency", k.throughput_efficiency)
+    )
+    faults: list[int] = []
+    for smp in items:
+        m, link = smp.measured, smp.link
+        if not smp.technique.needs_lazy_pages or m.faulted_pages_bytes <= 0 or link.rtt_s <= 0:
+            continue
+        stream = m.faulted_pages_bytes / (link.throughput_bytes_per_s * k_eff.throughput_efficiency)
+        extra = m.faulted_pages_transfer_time - stream
+        if extra > 0:
+            faults.append(_solve_demand_faults(m.faulted_pages_bytes, extra, link.rtt_s, k_eff))
+    if faults:
+        updates["demand_faults"] = round(statistics.median(faults))
+
+    ints = {f.name for f in fields(CostConstants) if f.type in ("int", int)}
+    changes: dict[str, Any] = {n: (round(v) if n in ints else v) for n, v in updates.items()}
+    return replace(k, **changes)
