@@ -1,0 +1,1019 @@
+"""Post-copy and hybrid lazy pages served by fogmig itself instead of CRIU's source page server.
+
+The source dumps completely to its own disk and keeps that image as the safe copy; the
+destination restores from a *lazy layout* of it (anonymous pages left out) while CRIU's
+lazy-pages daemon faults the missing pages in from :class:`LazyPageServer`, which answers from a
+pluggable :class:`PageSource`: the image on disk, the remote source over the transfer channel, or
+both (hybrid: unchanged pages from the local pre-copy base, changed ones from the source).
+Success is judged at the destination only, from the daemon's exit code and its per-task
+"UFFD transferred pages: (N/N)" lines (:class:`LazyPagesDaemon`).
+
+Log levels: DEBUG for every request, INFO for sessions, conversions and daemon outcomes,
+WARNING for a rejected connection or a failed session.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import ctypes
+import ctypes.util
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Protocol, Self
+
+from fogmig.platform.criu_image import ImageFormatError
+from fogmig.platform.errors import CriuError, FogmigError, TransferError
+from fogmig.platform.migration.pagemap import (
+    Pagemap,
+    PagemapEntry,
+    is_pages_file,
+    read_pagemaps,
+    write_pagemap,
+)
+from fogmig.platform.migration.pageserver_protocol import (
+    CLOSE_STATUS_OK,
+    PAGE_SIZE,
+    PE_PARENT,
+    PE_PRESENT,
+    CloseRequest,
+    GetPages,
+    PageServerConnection,
+    ProtocolError,
+    pages_reply_header,
+)
+from fogmig.platform.proc import NETNS_DIR, in_netns
+
+log = logging.getLogger(__name__)
+
+LAZY_SOCKET_NAME = "lazy-pages.socket"
+_TRANSFERRED_RE = re.compile(r"UFFD transferred pages: \((\d+)/(\d+)\)")
+# Reads above this size leave the event loop so a fault's single page is never stuck behind
+# a 4 MiB background chunk coming off the disk.
+_THREAD_READ_BYTES = 256 * 1024
+
+
+class LazyPagesError(FogmigError):
+    """Lazy pages could not be prepared, served or delivered."""
+
+
+class LazyLayoutError(LazyPagesError):
+    """A dump cannot be turned into a lazy layout (incremental, truncated, unexpected files)."""
+
+
+class PageServerError(TransferError):
+    """The page server could not answer a request of the lazy-pages daemon."""
+
+
+class PageNotFoundError(PageServerError):
+    """No page source holds a page at the requested address of that task."""
+
+    def __init__(self, pid_id: int, vaddr: int) -> None:
+        self.pid_id = pid_id
+        self.vaddr = vaddr
+        super().__init__(f"no page of task {pid_id} at {vaddr:#x}")
+
+
+class LazyPagesFailed(CriuError):
+    """The lazy-pages daemon failed or did not deliver every page of every task."""
+
+
+# --------------------------------------------------------------------------- lazy layout
+
+
+@dataclass(frozen=True, slots=True)
+class LazyLayoutStats:
+    """What :func:`convert_to_lazy_layout` wrote."""
+
+    files_written: int
+    bytes_written: int
+    pages_kept: int
+    lazy_pages: int
+    lazy_pages_by_task: dict[int, int]
+
+    @property
+    def lazy_bytes(self) -> int:
+        return self.lazy_pages * PAGE_SIZE
+
+    @property
+    def tasks(self) -> int:
+        """Tasks (process pagemaps) in the image; the daemon reports one line per task."""
+        return len(self.lazy_pages_by_task)
+
+
+def _task_id(pagemap: Pagemap) -> int | None:
+    """The pid of a process pagemap; None for shared memory (``shmem-<id>``)."""
+    return int(pagemap.image_id) if pagemap.image_id.isdigit() else None
+
+
+def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
+    while length > 0:
+        n = os.copy_file_range(src, dst, length, offset)
+        if n <= 0:
+            raise LazyLayoutError(f"short copy at offset {offset}: {length} bytes left")
+        offset += n
+        length -= n
+
+
+def _convert_pagemap(full_dir: Path, out_dir: Path, pagemap: Pagemap) -> tuple[int, int]:
+    """Write the lazy form of one process pagemap and its pages file; (kept, lazy) pages."""
+    pages_name = pagemap.pages_file_name
+    if pages_name is None:
+        write_pagemap(out_dir, pagemap)
+        return 0, 0
+    src_path = full_dir / pages_name
+    expected = pagemap.present_pages * PAGE_SIZE
+    try:
+        size = src_path.stat().st_size
+    except FileNotFoundError as exc:
+        raise LazyLayoutError(f"{src_path} is missing ({pagemap.file_name} names it)") from exc
+    if size != expected:
+        raise LazyLayoutError(
+            f"{src_path} holds {size} bytes but {pagemap.file_name} lists "
+            f"{pagemap.present_pages} present pages"
+        )
+    entries: list[PagemapEntry] = []
+    kept = lazy = 0
+    offset = 0
+    src = os.open(src_path, os.O_RDONLY)
+    try:
+        dst = os.open(out_dir / pages_name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for e in pagemap.entries:
+                length = e.nr_pages * PAGE_SIZE if e.present else 0
+                if e.lazy and e.present:
+                    # What a lazy dump writes (criu/page-xfer.c ppb_xfer_flags): LAZY without
+                    # PRESENT, and no bytes in the pages file.
+                    entries.append(PagemapEntry(e.vaddr, e.nr_pages, e.flags & ~PE_PRESENT))
+                    lazy += e.nr_pages
+                else:
+                    entries.append(e)
+                    if length:
+                        _copy_range(src, dst, offset, length)
+                        kept += e.nr_pages
+                offset += length
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+    write_pagemap(out_dir, Pagemap(pagemap.image_id, pagemap.pages_id, tuple(entries)))
+    return kept, lazy
+
+
+def convert_to_lazy_layout_sync(full_dir: Path, out_dir: Path) -> LazyLayoutStats:
+    """Blocking form of :func:`convert_to_lazy_layout`."""
+    if (full_dir / "parent").exists() or (full_dir / "parent").is_symlink():
+        raise LazyLayoutError(
+            f"{full_dir} is an incremental dump (it has a parent link)",
+            hint="serve lazy pages from a complete dump",
+        )
+    try:
+        pagemaps = read_pagemaps(full_dir)
+    except ImageFormatError as exc:
+        raise LazyLayoutError(f"{full_dir}: {exc}") from exc
+    if not pagemaps:
+        raise LazyLayoutError(f"{full_dir} holds no pagemap: not a CRIU dump")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if any(out_dir.iterdir()):
+        raise LazyLayoutError(f"{out_dir} is not empty")
+
+    converted_pages: set[str] = set()
+    by_task: dict[int, int] = {}
+    kept_total = lazy_total = 0
+    for pagemap in pagemaps.values():
+        task = _task_id(pagemap)
+        if task is None:
+            continue  # shared memory is restored from the image, never through uffd
+        for e in pagemap.entries:
+            if e.flags & PE_PARENT:
+                raise LazyLayoutError(
+                    f"{full_dir / pagemap.file_name} has pages in a parent image at {e.vaddr:#x}"
+                )
+        kept, lazy = _convert_pagemap(full_dir, out_dir, pagemap)
+        by_task[task] = lazy
+        kept_total += kept
+        lazy_total += lazy
+        converted_pages.add(pagemap.file_name)
+        if pagemap.pages_file_name is not None:
+            converted_pages.add(pagemap.pages_file_name)
+
+    for path in sorted(full_dir.iterdir()):
+        if path.name in converted_pages:
+            continue
+        if path.is_symlink() or not path.is_file():
+            raise LazyLayoutError(f"{path}: unexpected non-file entry in a CRIU image directory")
+        shutil.copy2(path, out_dir / path.name)
+        if is_pages_file(path.name):
+            kept_total += path.stat().st_size // PAGE_SIZE
+
+    written = [p for p in out_dir.iterdir() if p.is_file()]
+    stats = LazyLayoutStats(
+        files_written=len(written),
+        bytes_written=sum(p.stat().st_size for p in written),
+        pages_kept=kept_total,
+        lazy_pages=lazy_total,
+        lazy_pages_by_task=by_task,
+    )
+    log.info(
+        "lazy layout of %s: %d files, %d bytes, %d pages kept, %d lazy",
+        full_dir,
+        stats.files_written,
+        stats.bytes_written,
+        stats.pages_kept,
+        stats.lazy_pages,
+    )
+    return stats
+
+
+async def convert_to_lazy_layout(full_dir: Path, out_dir: Path) -> LazyLayoutStats:
+    """Write into ``out_dir`` the image set of a lazy dump equivalent to the full dump.
+
+    Every process pagemap entry flagged LAZY|PRESENT becomes LAZY and its pages leave the
+    pages file; PRESENT-only entries (file-backed COW, stack, vDSO) keep theirs; every other
+    file is copied. ``full_dir`` is left untouched: it stays the source's safe copy.
+    """
+    return await asyncio.to_thread(convert_to_lazy_layout_sync, full_dir, out_dir)
+
+
+# --------------------------------------------------------------------------- page sources
+
+
+@dataclass(slots=True)
+class PageTally:
+    """Pages a source handed out, by where they came from."""
+
+    local_pages: int = 0
+    local_bytes: int = 0
+    remote_pages: int = 0
+    remote_bytes: int = 0
+    remote_requests: int = 0
+
+    def add_local(self, nbytes: int) -> None:
+        self.local_pages += nbytes // PAGE_SIZE
+        self.local_bytes += nbytes
+
+    def add_remote(self, nbytes: int) -> None:
+        self.remote_pages += nbytes // PAGE_SIZE
+        self.remote_bytes += nbytes
+        self.remote_requests += 1
+
+
+class PageSource(Protocol):
+    """Where the page server gets the bytes of pages.
+
+    ``read`` returns the pages starting at ``vaddr`` of task ``pid_id``: at least one and at
+    most ``nr_pages`` (a shorter, contiguous prefix is fine, the daemon asks again for the
+    rest), or raises :class:`PageNotFoundError` if it has no page at ``vaddr``.
+    """
+
+    @property
+    def tally(self) -> PageTally: ...
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    vaddr: int
+    nr_pages: int
+    offset: int  # in the pages file
+
+
+class _TaskPages:
+    """The present pages of one task: sorted runs and the open pages file."""
+
+    def __init__(self, path: Path, entries: list[PagemapEntry]) -> None:
+        self.path = path
+        runs: list[_Run] = []
+        offset = 0
+        for e in entries:
+            if not e.present:
+                continue
+            runs.append(_Run(e.vaddr, e.nr_pages, offset))
+            offset += e.nr_pages * PAGE_SIZE
+        runs.sort(key=lambda r: r.vaddr)
+        self.runs = runs
+        self.starts = [r.vaddr for r in runs]
+        self.size = offset
+        self.fd: int | None = None
+
+    def pieces(self, vaddr: int, nr_pages: int) -> list[tuple[int, int]]:
+        """(file offset, length) pieces of the contiguous present pages from ``vaddr``."""
+        i = bisect.bisect_right(self.starts, vaddr) - 1
+        pieces: list[tuple[int, int]] = []
+        want = nr_pages
+        addr = vaddr
+        while want > 0 and 0 <= i < len(self.runs):
+            run = self.runs[i]
+            end = run.vaddr + run.nr_pages * PAGE_SIZE
+            if not run.vaddr <= addr < end:
+                break
+            n = min(want, (end - addr) // PAGE_SIZE)
+            offset = run.offset + (addr - run.vaddr)
+            length = n * PAGE_SIZE
+            if pieces and pieces[-1][0] + pieces[-1][1] == offset:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + length)
+            else:
+                pieces.append((offset, length))
+            want -= n
+            addr += length
+            i += 1
+        return pieces
+
+
+class LocalImagePages:
+    """Pages read from a complete image set on this node's disk.
+
+    The source serves the destination's remote requests from it, and the destination serves
+    post-copy from it when the complete image was shipped ahead, or the unchanged pages of a
+    hybrid migration from the pre-copy base.
+    """
+
+    def __init__(self, image_dir: Path) -> None:
+        self.image_dir = image_dir
+        self._tally = PageTally()
+        try:
+            pagemaps = read_pagemaps(image_dir)
+        except ImageFormatError as exc:
+            raise LazyLayoutError(f"{image_dir}: {exc}") from exc
+        self._tasks: dict[int, _TaskPages] = {}
+        for pagemap in pagemaps.values():
+            task = _task_id(pagemap)
+            if task is None or pagemap.pages_file_name is None:
+                continue
+            pages = _TaskPages(image_dir / pagemap.pages_file_name, list(pagemap.entries))
+            try:
+                size = pages.path.stat().st_size
+            except FileNotFoundError as exc:
+                raise LazyLayoutError(f"{pages.path} is missing") from exc
+            if size != pages.size:
+                raise LazyLayoutError(
+                    f"{pages.path} holds {size} bytes, {pagemap.file_name} lists {pages.size}"
+                )
+            self._tasks[task] = pages
+
+    @property
+    def tally(self) -> PageTally:
+        return self._tally
+
+    @property
+    def task_ids(self) -> list[int]:
+        return sorted(self._tasks)
+
+    def _read_sync(self, pages: _TaskPages, pieces: list[tuple[int, int]]) -> bytes:
+        if pages.fd is None:
+            pages.fd = os.open(pages.path, os.O_RDONLY | os.O_CLOEXEC)
+        out = bytearray()
+        for offset, length in pieces:
+            chunk = os.pread(pages.fd, length, offset)
+            if len(chunk) != length:
+                raise PageServerError(f"{pages.path}: short read at offset {offset}")
+            out += chunk
+        return bytes(out)
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+        pages = self._tasks.get(pid_id)
+        if pages is None:
+            raise PageNotFoundError(pid_id, vaddr)
+        pieces = pages.pieces(vaddr, nr_pages)
+        if not pieces:
+            raise PageNotFoundError(pid_id, vaddr)
+        total = sum(length for _, length in pieces)
+        if total > _THREAD_READ_BYTES:
+            data = await asyncio.to_thread(self._read_sync, pages, pieces)
+        else:
+            data = self._read_sync(pages, pieces)
+        self._tally.add_local(len(data))
+        return data
+
+    def close(self) -> None:
+        for pages in self._tasks.values():
+            if pages.fd is not None:
+                os.close(pages.fd)
+                pages.fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Fetch = Callable[[int, int, int], Awaitable[bytes]]
+
+
+class RemotePages:
+    """Pages fetched from the source node through ``fetch(pid_id, vaddr, nr_pages)``.
+
+    The migration engine plugs the agents' authenticated transfer channel in here, so every
+    request costs a real round trip over the data link. ``fetch`` returns the pages (a prefix
+    is allowed), empty bytes when the source has none there, or raises (a lost source).
+    """
+
+    def __init__(self, fetch: Fetch) -> None:
+        self._fetch = fetch
+        self._tally = PageTally()
+
+    @property
+    def tally(self) -> PageTally:
+        return self._tally
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+        data = await self._fetch(pid_id, vaddr, nr_pages)
+        if not data:
+            raise PageNotFoundError(pid_id, vaddr)
+        if len(data) % PAGE_SIZE or len(data) > nr_pages * PAGE_SIZE:
+            raise PageServerError(
+                f"source answered {len(data)} bytes for {nr_pages} pages at {vaddr:#x} "
+                f"of task {pid_id}"
+            )
+        self._tally.add_remote(len(data))
+        return data
+
+
+class LayeredPages:
+    """Hybrid: pages in ``remote_vaddrs[pid_id]`` come from ``remote``, the rest from ``local``.
+
+    ``local`` is the pre-copy base already at the destination; ``remote_vaddrs`` lists, per
+    task, the page addresses whose content changed (or appeared) since that base, as the source
+    computed them. A request that mixes both is split into runs; remote runs are fetched
+    concurrently.
+    """
+
+    def __init__(
+        self,
+        local: PageSource,
+        remote: PageSource,
+        remote_vaddrs: Mapping[int, Collection[int]],
+    ) -> None:
+        self.local = local
+        self.remote = remote
+        self._remote_vaddrs = {pid: frozenset(v) for pid, v in remote_vaddrs.items()}
+        self._tally = PageTally()
+
+    @property
+    def tally(self) -> PageTally:
+        return self._tally
+
+    @property
+    def remote_page_count(self) -> int:
+        return sum(len(v) for v in self._remote_vaddrs.values())
+
+    def _runs(self, pid_id: int, vaddr: int, nr_pages: int) -> list[tuple[bool, int, int]]:
+        """(remote?, vaddr, nr_pages) runs covering the request in address order."""
+        changed = self._remote_vaddrs.get(pid_id, frozenset())
+        runs: list[tuple[bool, int, int]] = []
+        for i in range(nr_pages):
+            addr = vaddr + i * PAGE_SIZE
+            remote = addr in changed
+            if runs and runs[-1][0] == remote:
+                runs[-1] = (remote, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((remote, addr, 1))
+        return runs
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+        runs = self._runs(pid_id, vaddr, nr_pages)
+
+        async def one(remote: bool, addr: int, n: int) -> bytes:
+            source = self.remote if remote else self.local
+            try:
+                return await source.read(pid_id, addr, n)
+            except PageNotFoundError:
+                if addr == vaddr:
+                    raise
+                return b""  # the data ends here: answer with the prefix before it
+
+        results = await asyncio.gather(*(one(*run) for run in runs))
+        out = bytearray()
+        for (remote, _addr, n), data in zip(runs, results, strict=True):
+            if remote:
+                self._tally.add_remote(len(data))
+            else:
+                self._tally.add_local(len(data))
+            out += data
+            if len(data) < n * PAGE_SIZE:
+                break  # a short run ends the contiguous prefix
+        return bytes(out)
+
+
+# --------------------------------------------------------------------------- the server
+
+
+@dataclass(frozen=True, slots=True)
+class LazyServeStats:
+    """What the page server delivered; times are on the server's clock (monotonic seconds).
+
+    ``faulted_pages_bytes`` and ``faulted_pages_transfer_time`` are the migration metrics.
+    """
+
+    connections: int
+    requests: int
+    pages_served: int
+    bytes_served: int
+    local_pages: int
+    local_bytes: int
+    remote_pages: int
+    remote_bytes: int
+    remote_requests: int
+    first_request_at: float | None
+    last_request_at: float | None
+    last_page_at: float | None
+    closed_cleanly: bool
+    error: str | None
+
+    @property
+    def faulted_pages_bytes(self) -> int:
+        return self.bytes_served
+
+    @property
+    def faulted_pages_transfer_time(self) -> float | None:
+        if self.first_request_at is None or self.last_page_at is None:
+            return None
+        return self.last_page_at - self.first_request_at
+
+
+@dataclass(slots=True)
+class _Counters:
+    connections: int = 0
+    requests: int = 0
+    pages_served: int = 0
+    bytes_served: int = 0
+    first_request_at: float | None = None
+    last_request_at: float | None = None
+    last_page_at: float | None = None
+    closed_cleanly: bool = False
+    error: str | None = None
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _setns(fd: int) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    if libc.setns(fd, _CLONE_NEWNET) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def listen_socket(host: str, port: int, netns: str | None = None) -> socket.socket:
+    """A listening TCP socket bound in the named network namespace (or this one).
+
+    ``setns`` switches only the calling thread, so a short-lived thread enters the namespace,
+    creates the socket and ends; the socket stays in that namespace and the event loop's thread
+    never leaves its own.
+    """
+    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+
+    def make() -> socket.socket:
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.bind((host, port))
+            sock.listen(4)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
+    if netns is None:
+        return make()
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def in_namespace() -> None:
+        try:
+            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                target = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    _setns(target)
+                    try:
+                        made.append(make())
+                    finally:
+                        _setns(own)
+                finally:
+                    os.close(target)
+            finally:
+                os.close(own)
+        except BaseException as exc:  # handed to the caller's thread below
+            failed.append(exc)
+
+    thread = threading.Thread(target=in_namespace, name=f"listen-{netns}")
+    thread.start()
+    thread.join()
+    if failed:
+        raise PageServerError(
+            f"cannot listen on {host}:{port} in network namespace {netns}: {failed[0]}"
+        ) from failed[0]
+    return made[0]
+
+
+class LazyPageServer:
+    """CRIU's page-server protocol, lazy side, answered from a :class:`PageSource`.
+
+    Listens on ``host:port`` (port 0 picks a free one, see :attr:`port`) in network namespace
+    ``netns`` (default: this process's). Meant for loopback in the destination node, where only
+    that node's lazy-pages daemon can reach it; one session at a time, further connections are
+    refused. Requests are read ahead and fetched concurrently (up to ``max_in_flight``), replies
+    go out in request order as the daemon expects. A request the source cannot answer ends the
+    session, which makes the daemon fail: never a silent hole in the restored memory.
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        source: PageSource,
+        netns: str | None = None,
+        max_in_flight: int = 16,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.host = host
+        self._port = port
+        self.source = source
+        self.netns = netns
+        self._max_in_flight = max_in_flight
+        self._clock = clock
+        self._counters = _Counters()
+        self._server: asyncio.Server | None = None
+        self._session: asyncio.Task[None] | None = None
+        self._session_done = asyncio.Event()
+
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def stats(self) -> LazyServeStats:
+        c = self._counters
+        t = self.source.tally
+        return LazyServeStats(
+            connections=c.connections,
+            requests=c.requests,
+            pages_served=c.pages_served,
+            bytes_served=c.bytes_served,
+            local_pages=t.local_pages,
+            local_bytes=t.local_bytes,
+            remote_pages=t.remote_pages,
+            remote_bytes=t.remote_bytes,
+            remote_requests=t.remote_requests,
+            first_request_at=c.first_request_at,
+            last_request_at=c.last_request_at,
+            last_page_at=c.last_page_at,
+            closed_cleanly=c.closed_cleanly,
+            error=c.error,
+        )
+
+    async def start(self) -> None:
+        sock = listen_socket(self.host, self._port, self.netns)
+        self._port = sock.getsockname()[1]
+        self._server = await asyncio.start_server(self._on_connect, sock=sock)
+        log.info(
+            "lazy page server on %s:%d%s",
+            self.host,
+            self._port,
+            f" in {self.netns}" if self.netns else "",
+        )
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+            self._server = None
+        if self._session is not None and not self._session.done():
+            self._session.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._session
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def wait_session(self, timeout: float | None = None) -> LazyServeStats:
+        """Wait until the daemon's session ends (cleanly or not) and return the stats."""
+        async with asyncio.timeout(timeout):
+            await self._session_done.wait()
+        return self.stats
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self._session is not None and not self._session.done():
+            log.warning("refused a second page-server connection from %s", _peer(writer))
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+        self._session_done.clear()
+        self._session = asyncio.current_task()
+        self._counters.connections += 1
+        log.info("lazy-pages daemon connected from %s", _peer(writer))
+        sock = writer.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        try:
+            await self._serve(reader, writer)
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            raise
+        except (FogmigError, ProtocolError, OSError) as exc:
+            self._counters.error = str(exc)
+            log.warning("lazy page session failed: %s", exc)
+            writer.transport.abort()
+        finally:
+            writer.close()
+            with contextlib.suppress(OSError, asyncio.CancelledError):
+                await writer.wait_closed()
+            self._session_done.set()
+        log.info("lazy page session over: %s", self.stats)
+
+    async def _answer(self, request: GetPages) -> bytes:
+        data = await self.source.read(request.pid_id, request.vaddr, request.nr_pages)
+        nr = len(data) // PAGE_SIZE
+        if nr == 0 or len(data) % PAGE_SIZE or nr > request.nr_pages:
+            raise PageServerError(
+                f"page source answered {len(data)} bytes for {request.nr_pages} pages"
+            )
+        return data
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = PageServerConnection()
+        pending: asyncio.Queue[tuple[GetPages, asyncio.Task[bytes]] | None] = asyncio.Queue(
+            self._max_in_flight
+        )
+        answers: set[asyncio.Task[bytes]] = set()
+
+        async def read_requests() -> bool:
+            """Queue an answer per GET; True at the daemon's close, False at EOF."""
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    if conn.pending_bytes:
+                        raise ProtocolError("connection closed inside a request header")
+                    await pending.put(None)
+                    return False
+                for event in conn.receive(data):
+                    if isinstance(event, CloseRequest):
+                        await pending.put(None)
+                        return True
+                    now = self._clock()
+                    c = self._counters
+                    c.requests += 1
+                    if c.first_request_at is None:
+                        c.first_request_at = now
+                    c.last_request_at = now
+                    task = asyncio.create_task(self._answer(event))
+                    answers.add(task)
+                    task.add_done_callback(answers.discard)
+                    await pending.put((event, task))
+
+        async def write_replies() -> None:
+            """Send the answers in request order, as the daemon matches them."""
+            while (item := await pending.get()) is not None:
+                request, task = item
+                data = await task
+                nr = len(data) // PAGE_SIZE
+                writer.write(pages_reply_header(request.request, nr))
+                writer.write(data)
+                await writer.drain()
+                c = self._counters
+                c.pages_served += nr
+                c.bytes_served += len(data)
+                c.last_page_at = self._clock()
+                log.debug(
+                    "served %d/%d pages at %#x of task %d",
+                    nr,
+                    request.nr_pages,
+                    request.vaddr,
+                    request.pid_id,
+                )
+
+        reading = asyncio.create_task(read_requests())
+        writing = asyncio.create_task(write_replies())
+        try:
+            # A failed answer must stop the reader too: the daemon waits for that answer and
+            # would never send anything that wakes the reader up.
+            await asyncio.wait({reading, writing}, return_when=asyncio.FIRST_EXCEPTION)
+            if writing.done() and writing.exception() is not None:
+                await writing  # re-raises the failed answer
+            closed = await reading
+        finally:
+            leftovers: list[asyncio.Task[Any]] = [reading, writing, *answers]
+            for task in leftovers:
+                task.cancel()
+            await asyncio.gather(*leftovers, return_exceptions=True)
+        if not closed:
+            raise PageServerError("the lazy-pages daemon hung up without closing the session")
+        writer.write(CLOSE_STATUS_OK)
+        await writer.drain()
+        self._counters.closed_cleanly = True
+        # The daemon closes its end after reading the status; wait for it (no TIME_WAIT here).
+        with contextlib.suppress(OSError, TimeoutError):
+            await asyncio.wait_for(reader.read(1), timeout=5.0)
+
+
+def _peer(writer: asyncio.StreamWriter) -> str:
+    peer = writer.get_extra_info("peername")
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+
+
+# --------------------------------------------------------------------------- the daemon
+
+
+def parse_lazy_pages_log(text: str) -> list[tuple[int, int]]:
+    """Every ``UFFD transferred pages: (copied/total)`` of a lazy-pages log, one per task."""
+    return [(int(a), int(b)) for a, b in _TRANSFERRED_RE.findall(text)]
+
+
+@dataclass(frozen=True, slots=True)
+class LazyPagesOutcome:
+    """How the destination's lazy-pages daemon ended: the only judge of a lazy transfer."""
+
+    returncode: int | None
+    transfers: list[tuple[int, int]]
+    log_path: Path
+    expected_tasks: int | None = None
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def pages_transferred(self) -> int:
+        return sum(copied for copied, _ in self.transfers)
+
+    @property
+    def pages_expected(self) -> int:
+        return sum(total for _, total in self.transfers)
+
+    @property
+    def ok(self) -> bool:
+        if self.returncode != 0 or not self.transfers:
+            return False
+        if self.expected_tasks is not None and len(self.transfers) < self.expected_tasks:
+            return False
+        return all(copied == total for copied, total in self.transfers)
+
+    def describe(self) -> str:
+        done = ", ".join(f"{c}/{t}" for c, t in self.transfers) or "no task reported"
+        return f"lazy-pages exited {self.returncode}, pages transferred per task: {done}"
+
+    def raise_for_failure(self) -> None:
+        if not self.ok:
+            raise LazyPagesFailed(
+                f"lazy page transfer incomplete ({self.describe()})",
+                cmd=self.argv,
+                returncode=self.returncode,
+                log_path=self.log_path,
+                hint="the restored service lacks memory pages: stop it; the source's "
+                "complete dump is still the safe copy",
+            )
+
+
+class LazyPagesDaemon:
+    """``criu lazy-pages --page-server`` at the destination, fed from a local page server.
+
+    Entering starts the daemon (in ``netns`` if given; it must be the namespace where the page
+    server listens) and returns once its ``lazy-pages.socket`` exists in ``work_dir``, so that
+    ``restore --lazy-pages`` with the same work directory can run. :meth:`wait` returns the
+    outcome; leaving kills a daemon that is still running.
+    """
+
+    def __init__(
+        self,
+        *,
+        image_dir: Path,
+        work_dir: Path,
+        port: int,
+        address: str = "127.0.0.1",
+        netns: str | None = None,
+        criu: str = "criu",
+        log_name: str = "lazy-pages.log",
+        expected_tasks: int | None = None,
+        start_timeout: float = 10.0,
+    ) -> None:
+        self.image_dir = image_dir
+        self.work_dir = work_dir
+        self.log_path = work_dir / log_name
+        self.expected_tasks = expected_tasks
+        self._start_timeout = start_timeout
+        # -v4: the per-task "UFFD transferred pages" summary is a debug line.
+        self.argv = in_netns(
+            netns,
+            [
+                criu,
+                "lazy-pages",
+                "--page-server",
+                "--address",
+                address,
+                "--port",
+                str(port),
+                "-D",
+                str(image_dir),
+                "-W",
+                str(work_dir),
+                "-v4",
+                "--log-file",
+                log_name,
+            ],
+        )
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.work_dir / LAZY_SOCKET_NAME
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def _error(self, message: str, returncode: int | None) -> LazyPagesFailed:
+        return LazyPagesFailed(
+            message, cmd=self.argv, returncode=returncode, log_path=self.log_path
+        )
+
+    async def start(self) -> None:
+        self.work_dir.mkdir(parents=True, exist_ok=True)
+        if self.socket_path.exists():
+            self.socket_path.unlink()
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                *self.argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.DEVNULL,
+                stderr=asyncio.subprocess.DEVNULL,
+            )
+        except FileNotFoundError as exc:
+            raise self._error("criu not found", None) from exc
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._start_timeout
+        while not self.socket_path.exists():
+            if self._proc.returncode is not None:
+                raise self._error(
+                    "lazy-pages daemon exited before it listened", self._proc.returncode
+                )
+            if loop.time() > deadline:
+                await self.kill()
+                raise self._error(f"no {LAZY_SOCKET_NAME} after {self._start_timeout} s", None)
+            await asyncio.sleep(0.01)
+        log.info("lazy-pages daemon %d ready in %s", self._proc.pid, self.work_dir)
+
+    async def wait(self, timeout: float | None = None) -> LazyPagesOutcome:
+        """Wait for the daemon to finish (all pages in or failure) and judge it."""
+        if self._proc is None:
+            raise self._error("lazy-pages daemon was never started", None)
+        async with asyncio.timeout(timeout):
+            returncode = await self._proc.wait()
+        return self._outcome(returncode)
+
+    def _outcome(self, returncode: int | None) -> LazyPagesOutcome:
+        try:
+            text = self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            text = ""
+        outcome = LazyPagesOutcome(
+            returncode=returncode,
+            transfers=parse_lazy_pages_log(text),
+            log_path=self.log_path,
+            expected_tasks=self.expected_tasks,
+            argv=list(self.argv),
+        )
+        log.info("%s", outcome.describe())
+        return outcome
+
+    async def kill(self) -> None:
+        if self._proc is not None and self._proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self._proc.send_signal(signal.SIGKILL)
+            await self._proc.wait()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.kill()
