@@ -1,0 +1,570 @@
+"""The bus against a real Mosquitto on loopback with passwords and an ACL.
+
+Round trips of every model, retained status and the last-will after a killed client, request and
+acknowledgement, timeouts, reconnection after a broker restart, and a publish the ACL denies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from fogmig.platform.bus import (
+    Bus,
+    CommandRejectedError,
+    CommandTimeoutError,
+    Received,
+    Subscription,
+)
+from fogmig.platform.errors import BusError
+from fogmig.platform.schemas import (
+    BusMessage,
+    Cleared,
+    CommandAck,
+    Decision,
+    DeployCommand,
+    DeviceAttach,
+    DrainCommand,
+    LinkMeasurement,
+    MigrateCommand,
+    MigrationDone,
+    MigrationProgress,
+    NodeCapabilities,
+    NodeStatus,
+    Rejection,
+    SchemaError,
+    ServiceInfo,
+    ServicePresence,
+    UndeployCommand,
+    topics,
+)
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto"),
+    pytest.mark.timeout(60),
+]
+
+NODES = ("gw1", "gw2")
+USERS = ("controller", "gw1", "gw2", "devhost")
+
+
+def _acl() -> str:
+    # Nodes read the whole tree and write only their own subtree: a node cannot command another.
+    lines = ["user controller", "topic readwrite fogmig/v1/#", ""]
+    for node in NODES:
+        lines += [
+            f"user {node}",
+            "topic read fogmig/v1/#",
+            f"topic write fogmig/v1/nodes/{node}/#",
+            "",
+        ]
+    lines += ["user devhost", "topic read fogmig/v1/#", "topic write fogmig/v1/devices/#", ""]
+    return "\n".join(lines)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Broker:
+    """A private Mosquitto: own port, own password and ACL files, killed by its own PID."""
+
+    folder: Path
+    port: int
+    passwords: dict[str, str]
+    proc: asyncio.subprocess.Process | None = None
+    starts: int = field(default=0)
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "mosquitto.log"
+
+    async def start(self) -> None:
+        with (self.folder / "mosquitto.out").open("ab") as out:
+            self.proc = await asyncio.create_subprocess_exec(
+                "mosquitto", "-c", str(self.folder / "mosquitto.conf"), stdout=out, stderr=out
+            )
+        self.starts += 1
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                _, writer = await asyncio.open_connection("127.0.0.1", self.port)
+                writer.close()
+                await writer.wait_closed()
+                return
+            except OSError:
+                if self.proc.returncode is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"mosquitto did not start (log: {self.log_path})") from None
+                await asyncio.sleep(0.05)
+
+    async def kill(self) -> None:
+        if self.proc is not None and self.proc.returncode is None:
+            os.kill(self.proc.pid, signal.SIGKILL)
+            await self.proc.wait()
+        self.proc = None
+
+    def bus(self, user: str, **kwargs: object) -> Bus:
+        return Bus(
+            host="127.0.0.1",
+            port=self.port,
+            username=user,
+            password=self.passwords[user],
+            client_id=f"fmbus-{user}-{os.urandom(3).hex()}",
+            **kwargs,  # type: ignore[arg-type]
+        )
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    folder = Path(tempfile.mkdtemp(prefix="fmbus-"))
+    passwords = {user: os.urandom(12).hex() for user in USERS}
+    passwd = folder / "passwd"
+    for i, (user, pw) in enumerate(passwords.items()):
+        create = ["-c"] if i == 0 else []
+        subprocess.run(["mosquitto_passwd", *create, "-b", str(passwd), user, pw], check=True)
+    (folder / "acl").write_text(_acl())
+    port = _free_port()
+    (folder / "mosquitto.conf").write_text(
+        "\n".join(
+            [
+                "per_listener_settings false",
+                "allow_anonymous false",
+                f"password_file {passwd}",
+                f"acl_file {folder / 'acl'}",
+                f"listener {port} 127.0.0.1",
+                "persistence false",
+                f"log_dest file {folder / 'mosquitto.log'}",
+                "log_type all",
+                "",
+            ]
+        )
+    )
+    with contextlib.suppress(KeyError):
+        # Mosquitto started as root drops to its own user and must still read its files.
+        entry = pwd.getpwnam("mosquitto")
+        for p in [folder, *folder.iterdir()]:  # noqa: ASYNC240 - a handful of local files
+            os.chown(p, entry.pw_uid, entry.pw_gid)
+    b = Broker(folder, port, passwords)
+    await b.start()
+    try:
+        yield b
+    finally:
+        await b.kill()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _status(node: str, *, online: bool = True) -> NodeStatus:
+    return NodeStatus(
+        node=node,
+        online=online,
+        at=time.time(),
+        load=0.25,
+        mem_total_bytes=1 << 30,
+        mem_free_bytes=1 << 29,
+        services=[
+            ServiceInfo(
+                name="sensor",
+                state_bytes=4 << 20,
+                dirty_rate_bytes_per_s=1e5,
+                data_ip="10.10.0.1",
+                port=5683,
+            )
+        ],
+        capabilities=NodeCapabilities(criu_version="4.2.1", postcopy=True, native_predump=False),
+        links=[LinkMeasurement(peer="gw2", rtt_s=0.01, throughput_bytes_per_s=1.25e6, at=1.0)],
+    )
+
+
+async def _next(sub: Subscription, timeout: float = 5.0) -> Received:
+    return await asyncio.wait_for(anext(sub), timeout)
+
+
+async def _until(
+    sub: Subscription, accept: Callable[[Received], bool], timeout: float = 8.0
+) -> Received:
+    async with asyncio.timeout(timeout):
+        async for item in sub:
+            if accept(item):
+                return item
+    raise AssertionError(f"subscription {sub.pattern} ended")
+
+
+async def test_round_trip_of_every_model(broker: Broker) -> None:
+    now = time.time()
+    samples: list[tuple[str, BusMessage]] = [
+        (topics.status("gw1"), _status("gw1")),
+        (
+            topics.cmd("gw1"),
+            MigrateCommand(
+                command_id="c1", service="sensor", destination="gw2", technique="hybrid"
+            ),
+        ),
+        (topics.cmd("gw1"), DeployCommand(command_id="c2", service="s", state_mb=4, dirty_kbps=8)),
+        (topics.cmd("gw1"), UndeployCommand(command_id="c3", service="s")),
+        (topics.cmd("gw2"), DrainCommand(command_id="c4")),
+        (topics.events("gw1"), CommandAck(node="gw1", command_id="c1", accepted=True)),
+        (
+            topics.events("gw1"),
+            MigrationProgress(
+                node="gw1",
+                command_id="c1",
+                migration_id="m1",
+                service="sensor",
+                phase="transferring",
+                bytes_done=10,
+                bytes_total=20,
+                rate_bytes_per_s=5.0,
+                at=now,
+            ),
+        ),
+        (
+            topics.events("gw1"),
+            MigrationDone(
+                node="gw1",
+                command_id="c1",
+                migration_id="m1",
+                service="sensor",
+                outcome="completed",
+                record={"downtime_s": 0.5, "rounds": [{"index": 0}]},
+            ),
+        ),
+        (
+            topics.service("gw2", "sensor"),
+            ServicePresence(
+                service="sensor", node="gw2", data_ip="10.10.0.2", port=5683, present=True, at=now
+            ),
+        ),
+        (topics.attach("dev-1"), DeviceAttach(device="dev-1", gateway="gw2", at=now, service="s")),
+        (
+            topics.decisions(),
+            Decision(
+                service="sensor",
+                source="gw1",
+                destination="gw2",
+                technique="precopy",
+                reason="device roamed",
+                predicted={"downtime_s": 0.4},
+                trigger="mobility",
+                at=now,
+            ),
+        ),
+    ]
+    async with (
+        broker.bus("controller", known_nodes=set(NODES)) as bus,
+        bus.subscribe(topics.everything()) as sub,
+    ):
+        for topic, model in samples:
+            await bus.publish(topic, model)
+            got = await _next(sub)
+            assert got.topic == topic
+            assert got.message == model
+        # An empty retained payload clears a service's location.
+        await bus.clear(topics.service("gw2", "sensor"))
+        got = await _next(sub)
+        assert isinstance(got.message, Cleared)
+        assert got.message.topic.service == "sensor"
+
+
+WILL_CLIENT = """
+import asyncio, sys, time
+from fogmig.platform.bus import Bus
+from fogmig.platform.schemas import NodeCapabilities, NodeStatus, topics
+
+def status(online):
+    return NodeStatus(node="gw1", online=online, at=time.time(), load=0.1, mem_total_bytes=1,
+        mem_free_bytes=1, capabilities=NodeCapabilities(criu_version=None, postcopy=False,
+        native_predump=False))
+
+async def main():
+    port, password = int(sys.argv[1]), sys.argv[2]
+    async with Bus(host="127.0.0.1", port=port, username="gw1", password=password,
+                   client_id="fmbus-will", will=status(False)) as bus:
+        await bus.publish(topics.status("gw1"), status(True), retain=True)
+        print("ready", flush=True)
+        await asyncio.sleep(60)
+
+asyncio.run(main())
+"""
+
+
+async def test_retained_status_and_last_will_after_the_client_is_killed(broker: Broker) -> None:
+    env = {**os.environ, "PYTHONSAFEPATH": "1"}
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        WILL_CLIENT,
+        str(broker.port),
+        broker.passwords["gw1"],
+        stdout=asyncio.subprocess.PIPE,
+        env=env,
+    )
+    try:
+        assert child.stdout is not None
+        line = await asyncio.wait_for(child.stdout.readline(), 20)
+        assert line.strip() == b"ready"
+        async with (
+            broker.bus("gw2") as observer,
+            observer.subscribe(topics.status("gw1")) as sub,
+        ):
+            # A late subscriber gets the retained status at once.
+            first = await _next(sub)
+            assert isinstance(first.message, NodeStatus)
+            assert first.message.online
+            killed_at = time.time()
+            os.kill(child.pid, signal.SIGKILL)  # no DISCONNECT: the broker sends the will
+            await child.wait()
+            will = await _until(
+                sub, lambda r: isinstance(r.message, NodeStatus) and not r.message.online
+            )
+            assert isinstance(will.message, NodeStatus)
+            assert will.message.node == "gw1"
+            assert time.time() - killed_at < 5
+        # ...and the offline status is what stays retained.
+        async with broker.bus("gw2") as late, late.subscribe(topics.status("gw1")) as sub:
+            retained = await _next(sub)
+            assert isinstance(retained.message, NodeStatus)
+            assert not retained.message.online
+    finally:
+        if child.returncode is None:
+            os.kill(child.pid, signal.SIGKILL)
+            await child.wait()
+
+
+async def test_clean_close_publishes_offline_status(broker: Broker) -> None:
+    async with broker.bus("gw1", will=_status("gw1", online=False)) as bus:
+        await bus.publish(topics.status("gw1"), _status("gw1"), retain=True)
+    async with broker.bus("gw2") as late, late.subscribe(topics.status("gw1")) as sub:
+        retained = await _next(sub)
+        assert isinstance(retained.message, NodeStatus)
+        assert not retained.message.online
+
+
+async def _responder(bus: Bus, node: str, seen: list[str], ready: asyncio.Event) -> None:
+    """A minimal agent: accepts migrations, refuses everything else."""
+    async with bus.subscribe(topics.cmd(node)) as commands:
+        ready.set()
+        async for _, cmd in commands:
+            assert not isinstance(cmd, Cleared)
+            command_id = getattr(cmd, "command_id", "")
+            seen.append(command_id)
+            accepted = isinstance(cmd, MigrateCommand)
+            ack = CommandAck(
+                node=node,
+                command_id=command_id,
+                accepted=accepted,
+                reason=None if accepted else "this node only migrates",
+                error_type=None if accepted else "ServiceError",
+            )
+            await bus.publish(topics.events(node), ack)
+
+
+@contextlib.asynccontextmanager
+async def _agent(broker: Broker, node: str, seen: list[str]) -> AsyncIterator[None]:
+    async with broker.bus(node) as bus:
+        ready = asyncio.Event()
+        task = asyncio.create_task(_responder(bus, node, seen, ready))
+        await asyncio.wait_for(ready.wait(), 5)
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+
+def _migrate(command_id: str) -> MigrateCommand:
+    return MigrateCommand(
+        command_id=command_id, service="sensor", destination="gw2", technique="precopy"
+    )
+
+
+async def test_request_is_acknowledged_or_rejected_by_the_node(broker: Broker) -> None:
+    seen: list[str] = []
+    async with _agent(broker, "gw1", seen), broker.bus("controller") as ctl:
+        ack = await ctl.request("gw1", _migrate("m-ok"), timeout=5)
+        assert ack.accepted
+        assert ack.command_id == "m-ok"
+        with pytest.raises(CommandRejectedError) as info:
+            await ctl.request("gw1", UndeployCommand(command_id="u-1", service="s"), timeout=5)
+        assert info.value.ack.error_type == "ServiceError"
+        assert "gw1" in str(info.value)
+        assert "only migrates" in str(info.value)
+        # Concurrent requests each get their own acknowledgement.
+        acks = await asyncio.gather(*(ctl.request("gw1", _migrate(f"m{i}")) for i in range(5)))
+        assert [a.command_id for a in acks] == [f"m{i}" for i in range(5)]
+    assert seen[:2] == ["m-ok", "u-1"]
+
+
+async def test_request_without_an_agent_times_out_naming_the_node(broker: Broker) -> None:
+    async with broker.bus("controller") as ctl:
+        started = time.monotonic()
+        with pytest.raises(CommandTimeoutError) as info:
+            await ctl.request("gw2", DrainCommand(command_id="d-1"), timeout=0.8)
+        assert 0.7 < time.monotonic() - started < 3
+        assert info.value.node == "gw2"
+        assert "gw2" in str(info.value)
+        assert isinstance(info.value, BusError)
+
+
+async def test_a_publish_the_acl_denies_is_dropped_and_the_request_times_out(
+    broker: Broker,
+) -> None:
+    seen: list[str] = []
+    async with _agent(broker, "gw1", seen):
+        # gw2 may read gw1's events but not write gw1's commands: the broker acknowledges the
+        # publish at QoS 1 and drops it, so only the end-to-end ack reveals the loss.
+        async with broker.bus("gw2") as intruder:
+            with pytest.raises(CommandTimeoutError) as info:
+                await intruder.request("gw1", _migrate("from-gw2"), timeout=1.0)
+            assert info.value.node == "gw1"
+        # The same command with the controller's credentials goes through (the agent works).
+        async with broker.bus("controller") as ctl:
+            ack = await ctl.request("gw1", _migrate("from-ctl"), timeout=5)
+            assert ack.accepted
+    assert seen == ["from-ctl"]
+    # The broker's own log shows it dropped the intruder's command.
+    denied = [line for line in broker.log_path.read_text().splitlines() if "Denied PUBLISH" in line]
+    assert len(denied) == 1
+    assert "fmbus-gw2" in denied[0]
+    assert topics.cmd("gw1") in denied[0]
+
+
+async def test_reconnects_after_a_broker_restart_and_keeps_its_subscriptions(
+    broker: Broker,
+) -> None:
+    async with (
+        broker.bus("controller", backoff_initial=0.05, backoff_max=0.5) as ctl,
+        ctl.subscribe(topics.status()) as sub,
+    ):
+        await ctl.publish(topics.status("gw1"), _status("gw1"))
+        assert (await _next(sub)).topic == topics.status("gw1")
+        assert ctl.connections == 1
+
+        await broker.kill()
+        # Published while the broker is down: sent once the bus is back.
+        pending = asyncio.create_task(ctl.publish(topics.status("gw2"), _status("gw2"), timeout=15))
+        await asyncio.sleep(0.5)
+        assert not ctl.connected
+        assert not pending.done()
+        await broker.start()
+        await asyncio.wait_for(pending, 15)
+        assert ctl.connections == 2
+        got = await _until(sub, lambda r: r.topic == topics.status("gw2"))
+        assert isinstance(got.message, NodeStatus)
+
+        # The subscription was restored at the broker: a message from another client arrives.
+        async with broker.bus("gw1") as gw1:
+            await gw1.publish(topics.status("gw1"), _status("gw1", online=True))
+        got = await _until(sub, lambda r: r.topic == topics.status("gw1"))
+        assert isinstance(got.message, NodeStatus)
+
+
+async def _mosquitto_pub(broker: Broker, user: str, topic: str, payload: bytes) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_pub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(broker.port),
+        "-u",
+        user,
+        "-P",
+        broker.passwords[user],
+        "-q",
+        "1",
+        "-t",
+        topic,
+        "-s",
+        stdin=asyncio.subprocess.PIPE,
+    )
+    await proc.communicate(payload)
+    assert proc.returncode == 0
+
+
+async def test_invalid_payloads_are_reported_and_never_break_the_stream(broker: Broker) -> None:
+    reported: list[tuple[str, Rejection]] = []
+
+    def on_invalid(topic: str, payload: bytes, error: SchemaError) -> None:
+        reported.append((topic, error.reason))
+
+    good = _status("gw1").model_dump_json().encode()
+    bad: list[tuple[str, bytes, Rejection]] = [
+        (topics.status("gw1"), b"{not json", Rejection.MALFORMED),
+        (topics.status("gw1"), b"x" * (64 * 1024 + 1), Rejection.OVERSIZE),
+        (
+            topics.status("gw1"),
+            good.replace(b'"version":1', b'"version":2'),
+            Rejection.UNKNOWN_VERSION,
+        ),
+        (topics.events("gw1"), b'{"version":1,"kind":"reboot"}', Rejection.UNKNOWN_KIND),
+        (topics.status("gw2"), good, Rejection.TOPIC_MISMATCH),
+        (
+            topics.status("gw1"),
+            good.replace(b'"peer":"gw2"', b'"peer":"gw9"'),
+            Rejection.UNKNOWN_NODE,
+        ),
+    ]
+    async with (
+        broker.bus("gw2", known_nodes=set(NODES), on_invalid=on_invalid) as bus,
+        bus.subscribe(topics.everything()) as sub,
+    ):
+        for topic, payload, _ in bad:
+            await _mosquitto_pub(broker, "controller", topic, payload)
+        await _mosquitto_pub(broker, "controller", topics.status("gw1"), good)
+        got = await _next(sub)  # the only valid one, after all the invalid ones
+        assert got.message == NodeStatus.model_validate_json(good)
+        assert bus.invalid == len(bad)
+    assert reported == [(topic, reason) for topic, _, reason in bad]
+
+
+async def test_wrong_password_fails_at_once_and_a_missing_broker_after_the_timeout(
+    broker: Broker,
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(BusError, match="refused"):
+        async with Bus(
+            host="127.0.0.1",
+            port=broker.port,
+            username="gw1",
+            password="wrong",
+            client_id="fmbus-wrong",
+            connect_timeout=10,
+        ):
+            pass
+    assert time.monotonic() - started < 3
+    await broker.kill()
+    started = time.monotonic()
+    with pytest.raises(BusError, match="cannot reach"):
+        async with broker.bus("gw1", connect_timeout=0.6):
+            pass
+    assert 0.5 < time.monotonic() - started < 4
+
+
+async def test_publishing_a_model_on_the_wrong_topic_is_refused_before_sending(
+    broker: Broker,
+) -> None:
+    async with broker.bus("controller", known_nodes=set(NODES)) as bus:
+        with pytest.raises(SchemaError) as info:
+            await bus.publish(topics.status("gw2"), _status("gw1"))
+        assert info.value.reason is Rejection.TOPIC_MISMATCH
+        with pytest.raises(SchemaError) as info:
+            await bus.publish(topics.cmd("gw1"), _status("gw1"))
+        assert info.value.reason is Rejection.TOPIC_MISMATCH
