@@ -24,6 +24,7 @@ T = TypeVar("T")
 # Modules that contribute subcommands, in the order `fogmig --help` lists them.
 COMMAND_MODULES = (
     "fogmig.platform.doctor",
+    "fogmig.platform.testbed.commands",
     "fogmig.services.commands",
 )
 

@@ -1,1 +1,23 @@
-"""The embedded testbed: the whole fog on one machine (namespaces, emulated links, broker)."""
+"""The embedded testbed: the whole fog on one machine (namespaces, emulated links, broker).
+
+What other components use: :func:`load_state` (where everything is), :func:`load_credentials`
+(MQTT passwords, transfer secret), the link controls and :func:`restart_broker`.
+"""
+
+from fogmig.platform.testbed.broker import restart_broker
+from fogmig.platform.testbed.credentials import TestbedCredentials, load_credentials
+from fogmig.platform.testbed.links import cut_link, restore_link, set_link
+from fogmig.platform.testbed.state import LinkInfo, NodeInfo, TestbedState, load_state
+
+__all__ = [
+    "LinkInfo",
+    "NodeInfo",
+    "TestbedCredentials",
+    "TestbedState",
+    "cut_link",
+    "load_credentials",
+    "load_state",
+    "restart_broker",
+    "restore_link",
+    "set_link",
+]
