@@ -1,0 +1,820 @@
+"""Transfer channel on loopback: round trips, auth both ways, integrity, confinement, timeouts.
+
+A "raw" peer built from the codec stands in for a misbehaving or malicious node, so the
+server's checks are exercised with exactly the bytes an attacker could send.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import hashlib
+import os
+import time
+import zlib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fogmig.platform.errors import ConfigError, FogmigError, TransferError
+from fogmig.platform.transfer import (
+    AuthError,
+    IntegrityError,
+    NoSpaceError,
+    PathError,
+    PeerError,
+    ProtocolError,
+    RemoteError,
+    TransferClient,
+    TransferServer,
+    TransferSession,
+    remove_migration_dir,
+)
+from fogmig.platform.transfer_protocol import (
+    CHUNK_SIZE,
+    HEADER,
+    HEADER_SIZE,
+    NONCE_SIZE,
+    PARTIAL_SUFFIX,
+    PROTOCOL_VERSION,
+    Auth,
+    Challenge,
+    ErrorReply,
+    FileBegin,
+    FileEnd,
+    FileOk,
+    Frame,
+    FrameType,
+    Hello,
+    auth_proof,
+    decode_header,
+    decode_message,
+    encode_frame,
+    encode_header,
+    encode_message,
+)
+
+SECRET = b"fmtx-testbed-secret-0123456789"
+MID = "fmtx-m1"
+
+
+class Handler:
+    """Records calls; a few ops that succeed, refuse, crash or take long."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, dict[str, Any]]] = []
+
+    async def on_call(
+        self, session: TransferSession, op: str, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        self.calls.append((session.peer, op, params))
+        if op == "echo":
+            return {"params": params, "peer": session.peer, "node": session.node}
+        if op == "refuse":
+            raise ConfigError("no such service", hint="deploy it first")
+        if op == "crash":
+            raise RuntimeError("boom")
+        if op == "slow":
+            await asyncio.sleep(float(params["seconds"]))
+            return {"slept": params["seconds"]}
+        if op == "listdir":
+            mdir = session.migration_dir(params["migration_id"])
+            return {"files": sorted(str(p.relative_to(mdir)) for p in mdir.rglob("*"))}
+        raise ConfigError(f"unknown op {op}")
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+def entries(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def partials(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(PARTIAL_SUFFIX)]
+
+
+@pytest.fixture
+def handler() -> Handler:
+    return Handler()
+
+
+@pytest.fixture
+def recv_root(tmp_path: Path) -> Path:
+    root = tmp_path / "recv"
+    root.mkdir()
+    return root
+
+
+ServerFactory = Callable[..., TransferServer]
+
+
+@pytest.fixture
+async def server(recv_root: Path, handler: Handler) -> AsyncIterator[TransferServer]:
+    async with TransferServer(
+        host="127.0.0.1",
+        port=0,
+        secret=SECRET,
+        node="gwb",
+        root=recv_root,
+        handler=handler,
+        idle_timeout=2.0,
+        keepalive_interval=0.1,
+    ) as srv:
+        yield srv
+
+
+def connect(port: int, **kw: Any) -> Any:
+    args: dict[str, Any] = {"secret": SECRET, "node": "gwa", "peer": "gwb", "timeout": 5.0}
+    args.update(kw)
+    return TransferClient.connect("127.0.0.1", port, **args)
+
+
+def make_source(base: Path) -> Path:
+    src = base / "src"
+    (src / "sub" / "deeper").mkdir(parents=True)
+    (src / "inventory.img").write_bytes(b"\x01\x02inventory")
+    (src / "empty.img").write_bytes(b"")
+    (src / "pages-1.img").write_bytes(os.urandom(3 * CHUNK_SIZE + 17))
+    (src / "sub" / "core-1.img").write_bytes(b"core" * 1000)
+    (src / "sub" / "deeper" / "zeros.img").write_bytes(bytes(CHUNK_SIZE * 2))
+    (src / "sub" / "descriptors.json").write_text('{"a": 1}')
+    os.chmod(src / "inventory.img", 0o640)
+    return src
+
+
+# --- raw peer built from the codec -------------------------------------------------------------
+
+
+async def read_frame(reader: asyncio.StreamReader, timeout: float = 5.0) -> Frame:
+    async with asyncio.timeout(timeout):
+        ftype, size = decode_header(await reader.readexactly(HEADER_SIZE))
+        return Frame(ftype, await reader.readexactly(size) if size else b"")
+
+
+async def raw_session(
+    port: int, *, secret: bytes = SECRET
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    nonce = os.urandom(NONCE_SIZE)
+    writer.write(
+        encode_message(Hello(version=PROTOCOL_VERSION, node="gwa", peer="gwb", nonce=nonce.hex()))
+    )
+    challenge = decode_message(await read_frame(reader), Challenge)
+    proof = auth_proof(
+        secret,
+        role="client",
+        client="gwa",
+        server="gwb",
+        client_nonce=nonce,
+        server_nonce=bytes.fromhex(challenge.nonce),
+    )
+    writer.write(encode_message(Auth(proof=proof)))
+    assert (await read_frame(reader)).type is FrameType.AUTH_OK
+    return reader, writer
+
+
+def file_frames(
+    path: str, data: bytes, *, seq: int = 0, sha: str | None = None, size: int | None = None
+) -> bytes:
+    begin = FileBegin(
+        seq=seq, migration_id=MID, path=path, size=len(data) if size is None else size
+    )
+    out = encode_message(begin)
+    for off in range(0, len(data), CHUNK_SIZE):
+        out += encode_frame(FrameType.FILE_DATA, data[off : off + CHUNK_SIZE])
+    digest = sha or hashlib.sha256(data).hexdigest()
+    return out + encode_message(FileEnd(seq=seq, sha256=digest))
+
+
+async def expect_error(reader: asyncio.StreamReader) -> ErrorReply:
+    frame = await read_frame(reader)
+    assert frame.type is FrameType.ERROR, frame
+    return decode_message(frame, ErrorReply)
+
+
+async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5.0) -> bool:
+    """True once the peer has closed (a reset counts: it closed with our data unread)."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await reader.read() == b""
+    except ConnectionResetError:
+        return True
+
+
+# --- round trips --------------------------------------------------------------------------------
+
+
+async def test_directory_round_trip_is_byte_identical(
+    server: TransferServer, recv_root: Path, tmp_path: Path
+) -> None:
+    src = make_source(tmp_path)
+    seen: list[tuple[int, int]] = []
+    async with connect(server.port) as ch:
+        stats = await ch.send_dir(MID, src, progress=lambda done, total: seen.append((done, total)))
+    assert tree(recv_root / MID) == tree(src)
+    total = sum(len(v) for v in tree(src).values())
+    assert (stats.files, stats.bytes, stats.wire_bytes) == (6, total, total)
+    assert stats.seconds > 0
+    assert seen[-1] == (total, total)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen)
+    assert (recv_root / MID / "inventory.img").stat().st_mode & 0o777 == 0o640
+    assert partials(recv_root) == []
+
+
+async def test_compression_round_trips_and_shrinks_the_wire(
+    server: TransferServer, recv_root: Path, tmp_path: Path
+) -> None:
+    src = make_source(tmp_path)
+    async with connect(server.port) as ch:
+        stats = await ch.send_dir(MID, src, "round1", compress=True)
+    assert tree(recv_root / MID / "round1") == tree(src)
+    assert stats.wire_bytes < stats.bytes
+
+
+async def test_subdir_subset_and_single_file(
+    server: TransferServer, recv_root: Path, tmp_path: Path, handler: Handler
+) -> None:
+    src = make_source(tmp_path)
+    async with connect(server.port) as ch:
+        stats = await ch.send_dir(MID, src, "final", files=["sub/core-1.img", "inventory.img"])
+        assert stats.files == 2
+        await ch.send_file(MID, src / "pages-1.img", "final/pages-9.img")
+        listed = await ch.call("listdir", {"migration_id": MID})
+    assert listed["files"] == [
+        "final",
+        "final/inventory.img",
+        "final/pages-9.img",
+        "final/sub",
+        "final/sub/core-1.img",
+    ]
+    assert (recv_root / MID / "final/pages-9.img").read_bytes() == (
+        src / "pages-1.img"
+    ).read_bytes()
+
+
+async def test_resending_a_file_replaces_it(
+    server: TransferServer, recv_root: Path, tmp_path: Path
+) -> None:
+    f = tmp_path / "a.img"
+    async with connect(server.port) as ch:
+        f.write_bytes(b"first")
+        await ch.send_file(MID, f)
+        f.write_bytes(b"second version")
+        await ch.send_file(MID, f)
+    assert (recv_root / MID / "a.img").read_bytes() == b"second version"
+
+
+# --- calls ---------------------------------------------------------------------------------------
+
+
+async def test_call_with_params_returns_result(server: TransferServer, handler: Handler) -> None:
+    async with connect(server.port) as ch:
+        result = await ch.call("echo", {"n": 3, "nested": {"x": [1, "two"]}})
+        rtt = await ch.ping()
+    assert result == {"params": {"n": 3, "nested": {"x": [1, "two"]}}, "peer": "gwa", "node": "gwb"}
+    assert handler.calls == [("gwa", "echo", {"n": 3, "nested": {"x": [1, "two"]}})]
+    assert 0 < rtt < 1
+
+
+async def test_handler_errors_arrive_as_typed_remote_errors(server: TransferServer) -> None:
+    async with connect(server.port) as ch:
+        with pytest.raises(RemoteError) as refused:
+            await ch.call("refuse", {"service": "x"})
+        assert refused.value.code == "remote"
+        assert refused.value.error_type == "ConfigError"
+        assert "no such service" in str(refused.value)
+        assert "gwb" in str(refused.value)
+        assert refused.value.hint == "deploy it first"
+        with pytest.raises(RemoteError) as crashed:
+            await ch.call("crash")
+        assert crashed.value.code == "internal"
+        assert crashed.value.error_type == "RuntimeError"
+        # The channel stays usable after refusals.
+        assert (await ch.call("echo", {}))["peer"] == "gwa"
+
+
+async def test_long_call_survives_short_idle_timeout_thanks_to_keepalives(
+    server: TransferServer,
+) -> None:
+    async with connect(server.port, idle_timeout=0.4) as ch:
+        assert await ch.call("slow", {"seconds": 1.0}) == {"slept": 1.0}
+
+
+async def test_call_timeout_and_invalid_params(server: TransferServer) -> None:
+    async with connect(server.port) as ch:
+        with pytest.raises(TransferError, match="invalid call"):
+            await ch.call("echo", {"blob": "x" * 100_000})
+        with pytest.raises(TransferError, match="invalid call"):
+            await ch.call("Bad Op!", {})
+        assert (await ch.call("echo", {}))["node"] == "gwb"
+        with pytest.raises(PeerError, match="took over"):
+            await ch.call("slow", {"seconds": 5}, timeout=0.3)
+        with pytest.raises(PeerError, match="unusable"):
+            await ch.call("echo", {})
+
+
+# --- authentication ------------------------------------------------------------------------------
+
+
+async def test_client_with_wrong_secret_is_refused(
+    server: TransferServer, recv_root: Path, handler: Handler
+) -> None:
+    with pytest.raises(AuthError):
+        async with connect(server.port, secret=b"another-secret-of-enough-length"):
+            pass
+    assert handler.calls == []
+    # A raw client that skips the client proof gets nothing either.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(encode_message(Hello(version=1, node="gwa", peer="gwb", nonce="00" * 32)))
+    await read_frame(reader)
+    writer.write(file_frames("x.img", b"data"))
+    error = await expect_error(reader)
+    assert error.code == "protocol"
+    assert await closed_by_peer(reader)
+    writer.close()
+    assert entries(recv_root) == []
+
+
+async def test_impostor_server_is_detected_by_the_client(recv_root: Path, handler: Handler) -> None:
+    async with TransferServer(
+        host="127.0.0.1",
+        port=0,
+        secret=b"impostor-secret-that-is-long-enough",
+        node="gwb",
+        root=recv_root,
+        handler=handler,
+    ) as impostor:
+        with pytest.raises(AuthError, match="failed to prove"):
+            async with connect(impostor.port):
+                pass
+
+
+async def test_node_names_are_bound(server: TransferServer) -> None:
+    with pytest.raises(AuthError, match="wants node gwc"):
+        async with connect(server.port, peer="gwc"):
+            pass
+    # A proof made for another client name does not authenticate this one.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    nonce = os.urandom(NONCE_SIZE)
+    writer.write(encode_message(Hello(version=1, node="gwa", peer="gwb", nonce=nonce.hex())))
+    challenge = decode_message(await read_frame(reader), Challenge)
+    proof = auth_proof(
+        SECRET,
+        role="client",
+        client="gwz",
+        server="gwb",
+        client_nonce=nonce,
+        server_nonce=bytes.fromhex(challenge.nonce),
+    )
+    writer.write(encode_message(Auth(proof=proof)))
+    assert (await expect_error(reader)).code == "auth"
+    assert await closed_by_peer(reader)
+    writer.close()
+
+
+async def test_short_secret_is_a_config_error(recv_root: Path, handler: Handler) -> None:
+    with pytest.raises(ConfigError):
+        TransferServer(
+            host="127.0.0.1", port=0, secret=b"short", node="gwb", root=recv_root, handler=handler
+        )
+
+
+# --- integrity -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("size", "sha", "match"),
+    [
+        (None, "0" * 64, "SHA-256 mismatch"),
+        (2000, None, "declared 2000"),
+        (10, None, "more than the declared"),
+    ],
+)
+async def test_corrupted_files_are_rejected_and_removed(
+    server: TransferServer, recv_root: Path, size: int | None, sha: str | None, match: str
+) -> None:
+    reader, writer = await raw_session(server.port)
+    writer.write(file_frames("pages-1.img", b"x" * 1000, sha=sha, size=size))
+    error = await expect_error(reader)
+    assert error.code == "integrity"
+    assert error.seq == 0
+    assert match in error.message
+    assert "pages-1.img" in error.message
+    # The session goes on: a good file after a bad one is stored.
+    writer.write(file_frames("ok.img", b"fine", seq=1))
+    assert decode_message(await read_frame(reader), FileOk).seq == 1
+    writer.close()
+    assert tree(recv_root / MID) == {"ok.img": b"fine"}
+    assert partials(recv_root) == []
+
+
+async def test_integrity_error_reaches_the_client(
+    server: TransferServer, recv_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fogmig.platform import transfer
+
+    f = tmp_path / "core.img"
+    f.write_bytes(os.urandom(100_000))
+    # Flip a byte after hashing, as a faulty link or disk would.
+    original = transfer._ChunkSource.next_payload
+
+    def corrupting(self: Any) -> bytes:
+        data = original(self)
+        return bytes([data[0] ^ 1]) + data[1:] if data else data
+
+    monkeypatch.setattr(transfer._ChunkSource, "next_payload", corrupting)
+    async with connect(server.port) as ch:
+        with pytest.raises(IntegrityError, match=r"core\.img"):
+            await ch.send_file(MID, f)
+        monkeypatch.undo()
+        await ch.send_file(MID, f, "again.img")
+    assert tree(recv_root / MID) == {"again.img": f.read_bytes()}
+
+
+async def test_corrupt_compressed_stream_is_rejected(
+    server: TransferServer, recv_root: Path
+) -> None:
+    reader, writer = await raw_session(server.port)
+    data = b"abc" * 10_000
+    packed = bytearray(zlib.compress(data, 1))
+    packed[len(packed) // 2] ^= 0xFF
+    begin = FileBegin(seq=0, migration_id=MID, path="z.img", size=len(data), compression="zlib")
+    writer.write(encode_message(begin) + encode_frame(FrameType.FILE_DATA, bytes(packed)))
+    writer.write(encode_message(FileEnd(seq=0, sha256=hashlib.sha256(data).hexdigest())))
+    assert (await expect_error(reader)).code == "integrity"
+    # A bomb: a few KB that inflate far beyond the declared size are stopped early.
+    bomb = zlib.compress(bytes(50_000_000), 9)
+    begin = FileBegin(seq=1, migration_id=MID, path="b.img", size=100, compression="zlib")
+    writer.write(encode_message(begin) + encode_frame(FrameType.FILE_DATA, bomb))
+    writer.write(encode_message(FileEnd(seq=1, sha256="0" * 64)))
+    error = await expect_error(reader)
+    assert (error.code, error.seq) == ("integrity", 1)
+    writer.close()
+    assert tree(recv_root) == {}
+
+
+# --- confinement ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "path", ["../x", "/etc/passwd", "a/../../b", "a//b", "./a", "a/.", "a\x00b", "a\\..\\b", "x/"]
+)
+async def test_path_traversal_is_rejected(
+    server: TransferServer, recv_root: Path, tmp_path: Path, path: str
+) -> None:
+    reader, writer = await raw_session(server.port)
+    writer.write(file_frames(path, b"evil"))
+    error = await expect_error(reader)
+    assert error.code == "path"
+    writer.write(file_frames("ok.img", b"ok", seq=1))
+    assert (await read_frame(reader)).type is FrameType.FILE_OK
+    writer.close()
+    assert tree(tmp_path) == {"recv/fmtx-m1/ok.img": b"ok"}
+
+
+async def test_symlinks_are_never_followed(
+    server: TransferServer, recv_root: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"precious")
+    mdir = recv_root / MID
+    mdir.mkdir()
+    (mdir / "dirlink").symlink_to(outside)
+    (mdir / "filelink").symlink_to(outside / "victim")
+    reader, writer = await raw_session(server.port)
+    writer.write(file_frames("dirlink/victim", b"evil"))
+    assert (await expect_error(reader)).code == "path"
+    # Sending over a symlink replaces the link itself, never the file it points to.
+    writer.write(file_frames("filelink", b"replaced", seq=1))
+    assert (await read_frame(reader)).type is FrameType.FILE_OK
+    writer.close()
+    assert (outside / "victim").read_bytes() == b"precious"
+    assert not (mdir / "filelink").is_symlink()
+    assert (mdir / "filelink").read_bytes() == b"replaced"
+
+
+async def test_migration_dir_that_is_a_symlink_is_refused(
+    server: TransferServer, recv_root: Path, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (recv_root / MID).symlink_to(outside)
+    reader, writer = await raw_session(server.port)
+    writer.write(file_frames("a.img", b"evil"))
+    assert (await expect_error(reader)).code == "path"
+    writer.close()
+    assert entries(outside) == []
+
+
+async def test_invalid_migration_id_closes_the_connection(
+    server: TransferServer, recv_root: Path
+) -> None:
+    reader, writer = await raw_session(server.port)
+    begin = b'{"seq":0,"migration_id":"../up","path":"a","size":1}'
+    writer.write(encode_frame(FrameType.FILE_BEGIN, begin))
+    assert (await expect_error(reader)).code == "protocol"
+    assert await closed_by_peer(reader)
+    writer.close()
+    assert entries(recv_root) == []
+
+
+async def test_client_refuses_bad_paths_and_symlinks_locally(
+    server: TransferServer, tmp_path: Path
+) -> None:
+    src = make_source(tmp_path)
+    (src / "link").symlink_to(src / "inventory.img")
+    async with connect(server.port) as ch:
+        with pytest.raises(PathError):
+            await ch.send_file(MID, src / "inventory.img", "../x")
+        with pytest.raises(PathError):
+            await ch.send_dir("../m", src)
+        with pytest.raises(PathError, match="not a regular file"):
+            await ch.send_dir(MID, src)
+        with pytest.raises(PathError):
+            await ch.send_dir(MID, src, files=["sub/../../etc/passwd"])
+
+
+# --- malformed frames ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        HEADER.pack(2**31, FrameType.FILE_DATA),
+        HEADER.pack(1 + 70_000, FrameType.CALL) + b"{" * 70_000,
+        HEADER.pack(1, 99),
+        HEADER.pack(0, FrameType.CALL),
+        encode_frame(FrameType.CALL, b"not json"),
+        encode_frame(FrameType.CALL, b'{"id": 1, "op": "echo", "evil": 1}'),
+        encode_frame(FrameType.FILE_DATA, b"data outside a file"),
+        encode_frame(FrameType.FILE_END, b'{"seq": 0, "sha256": "' + b"0" * 64 + b'"}'),
+        encode_frame(FrameType.RESULT, b'{"id": 0}'),
+    ],
+)
+async def test_malformed_frames_close_the_connection(
+    server: TransferServer, recv_root: Path, raw: bytes
+) -> None:
+    reader, writer = await raw_session(server.port)
+    writer.write(raw)
+    error = await expect_error(reader)
+    assert error.code == "protocol"
+    assert await closed_by_peer(reader)
+    writer.close()
+    assert entries(recv_root) == []
+
+
+async def test_oversized_frames_are_refused_before_reading_them() -> None:
+    with pytest.raises(ProtocolError):
+        decode_header(HEADER.pack(2**31, FrameType.FILE_DATA))
+    with pytest.raises(ProtocolError):
+        encode_header(FrameType.CALL, 1 << 20)
+
+
+# --- dead peers and cut links --------------------------------------------------------------------
+
+
+async def wait_until(predicate: Callable[[], bool], timeout: float) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout, "condition not met in time"
+        await asyncio.sleep(0.02)
+    return time.monotonic() - start
+
+
+async def test_sender_dying_mid_stream_leaves_no_partial_file(
+    server: TransferServer, recv_root: Path
+) -> None:
+    _, writer = await raw_session(server.port)
+    begin = FileBegin(seq=0, migration_id=MID, path="pages-1.img", size=10 * CHUNK_SIZE)
+    writer.write(encode_message(begin) + encode_frame(FrameType.FILE_DATA, b"x" * CHUNK_SIZE))
+    await writer.drain()
+    await wait_until(lambda: bool(partials(recv_root)), 5)
+    writer.transport.abort()
+    await wait_until(lambda: not partials(recv_root), 5)
+    assert tree(recv_root) == {}
+
+
+async def test_silent_sender_times_out_and_partial_is_removed(
+    recv_root: Path, handler: Handler
+) -> None:
+    async with TransferServer(
+        host="127.0.0.1",
+        port=0,
+        secret=SECRET,
+        node="gwb",
+        root=recv_root,
+        handler=handler,
+        idle_timeout=0.5,
+    ) as srv:
+        reader, writer = await raw_session(srv.port)
+        begin = FileBegin(seq=0, migration_id=MID, path="pages-1.img", size=10 * CHUNK_SIZE)
+        writer.write(encode_message(begin) + encode_frame(FrameType.FILE_DATA, b"x" * 1000))
+        await wait_until(lambda: bool(partials(recv_root)), 5)
+        # The link is cut: nothing more arrives, nothing is closed.
+        waited = await wait_until(lambda: not partials(recv_root), 5)
+        assert waited < 2
+        assert await closed_by_peer(reader)
+        writer.close()
+
+
+async def fake_peer(
+    behaviour: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Any],
+) -> asyncio.Server:
+    """A server that authenticates like a real one, then does what ``behaviour`` says."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        hello = decode_message(await read_frame(reader), Hello)
+        nonce = os.urandom(NONCE_SIZE)
+        proof = auth_proof(
+            SECRET,
+            role="server",
+            client=hello.node,
+            server="gwb",
+            client_nonce=bytes.fromhex(hello.nonce),
+            server_nonce=nonce,
+        )
+        writer.write(encode_message(Challenge(node="gwb", nonce=nonce.hex(), proof=proof)))
+        await read_frame(reader)
+        writer.write(encode_frame(FrameType.AUTH_OK, b"{}"))
+        try:
+            await behaviour(reader, writer)
+        finally:
+            writer.transport.abort()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
+async def test_receiver_dying_mid_stream_fails_the_sender(tmp_path: Path) -> None:
+    big = tmp_path / "big.img"
+    big.write_bytes(os.urandom(8 * 1024 * 1024))
+
+    async def die_after_some_data(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.readexactly(CHUNK_SIZE)
+        writer.transport.abort()
+
+    peer = await fake_peer(die_after_some_data)
+    port = peer.sockets[0].getsockname()[1]
+    try:
+        start = time.monotonic()
+        async with connect(port, idle_timeout=1.0) as ch:
+            with pytest.raises(PeerError, match="gwb"):
+                await ch.send_file(MID, big)
+            with pytest.raises(PeerError, match="unusable"):
+                await ch.call("echo")
+        assert time.monotonic() - start < 3
+    finally:
+        peer.close()
+        await peer.wait_closed()
+
+
+async def test_cut_link_fails_the_sender_within_the_idle_timeout(tmp_path: Path) -> None:
+    big = tmp_path / "big.img"
+    big.write_bytes(os.urandom(32 * 1024 * 1024))
+    stop = asyncio.Event()
+
+    async def stop_reading(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # Accept nothing more and say nothing: a cut link looks like this to the sender.
+        writer.transport.pause_reading()
+        await stop.wait()
+        writer.transport.abort()
+
+    peer = await fake_peer(stop_reading)
+    port = peer.sockets[0].getsockname()[1]
+    try:
+        start = time.monotonic()
+        async with connect(port, idle_timeout=0.5) as ch:
+            with pytest.raises(PeerError, match=r"took nothing|no reply|nothing received"):
+                await ch.send_file(MID, big)
+        assert time.monotonic() - start < 3
+    finally:
+        stop.set()
+        await asyncio.sleep(0.05)
+        peer.close()
+        await peer.wait_closed()
+
+
+async def test_silent_peer_during_a_call_times_out(tmp_path: Path) -> None:
+    stop = asyncio.Event()
+
+    async def say_nothing(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await stop.wait()
+
+    peer = await fake_peer(say_nothing)
+    port = peer.sockets[0].getsockname()[1]
+    try:
+        start = time.monotonic()
+        async with connect(port, idle_timeout=0.4) as ch:
+            with pytest.raises(PeerError, match="nothing received"):
+                await ch.call("echo")
+        assert time.monotonic() - start < 2
+    finally:
+        stop.set()
+        await asyncio.sleep(0.05)
+        peer.close()
+        await peer.wait_closed()
+
+
+async def test_connect_to_nothing_is_a_peer_error() -> None:
+    probe = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = probe.sockets[0].getsockname()[1]
+    probe.close()
+    await probe.wait_closed()
+    with pytest.raises(PeerError, match="cannot connect"):
+        async with connect(port):
+            pass
+
+
+# --- disk full -----------------------------------------------------------------------------------
+
+
+def filling_writer(limit: int) -> Callable[[int, memoryview], int]:
+    """os.write that fails with ENOSPC once ``limit`` bytes were written in total."""
+    written = 0
+
+    def write(fd: int, data: memoryview) -> int:
+        nonlocal written
+        if written + len(data) > limit:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        written += len(data)
+        return os.write(fd, data)
+
+    return write
+
+
+async def test_disk_full_is_reported_and_partial_removed(
+    recv_root: Path, handler: Handler, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a-small.img").write_bytes(b"a" * 1000)
+    (src / "b-big.img").write_bytes(os.urandom(4 * CHUNK_SIZE))
+    (src / "c-after.img").write_bytes(b"c" * 1000)
+    async with (
+        TransferServer(
+            host="127.0.0.1",
+            port=0,
+            secret=SECRET,
+            node="gwb",
+            root=recv_root,
+            handler=handler,
+            file_writer=filling_writer(CHUNK_SIZE),
+        ) as srv,
+        connect(srv.port) as ch,
+    ):
+        with pytest.raises(NoSpaceError, match=r"b-big\.img") as full:
+            await ch.send_dir(MID, src)
+        assert "gwb" in str(full.value)
+        assert full.value.hint
+        # The channel is still usable and reports what arrived.
+        assert (await ch.call("listdir", {"migration_id": MID}))["files"] == ["a-small.img"]
+    assert partials(recv_root) == []
+
+
+# --- housekeeping --------------------------------------------------------------------------------
+
+
+async def test_remove_migration_dir_stays_inside(tmp_path: Path, recv_root: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("keep")
+    mdir = recv_root / MID
+    (mdir / "a" / "b").mkdir(parents=True)
+    (mdir / "a" / "b" / "f.img").write_text("x")
+    (mdir / "link").symlink_to(outside)
+    assert remove_migration_dir(recv_root, MID) is True
+    assert not mdir.exists()
+    assert (outside / "keep").read_text() == "keep"
+    assert remove_migration_dir(recv_root, MID) is False
+    with pytest.raises(PathError):
+        remove_migration_dir(recv_root, "../outside")
+
+
+async def test_server_stop_ends_sessions_and_cleans_up(recv_root: Path, handler: Handler) -> None:
+    async with TransferServer(
+        host="127.0.0.1", port=0, secret=SECRET, node="gwb", root=recv_root, handler=handler
+    ) as srv:
+        reader, writer = await raw_session(srv.port)
+        begin = FileBegin(seq=0, migration_id=MID, path="p.img", size=10 * CHUNK_SIZE)
+        writer.write(encode_message(begin) + encode_frame(FrameType.FILE_DATA, b"x" * 1000))
+        await wait_until(lambda: bool(partials(recv_root)), 5)
+    assert partials(recv_root) == []
+    assert await closed_by_peer(reader)
+    writer.close()
+
+
+def test_errors_are_in_the_fogmig_tree() -> None:
+    for cls in (AuthError, IntegrityError, PathError, PeerError, NoSpaceError, RemoteError):
+        assert issubclass(cls, TransferError)
+        assert issubclass(cls, FogmigError)
+    assert issubclass(ProtocolError, PeerError)
