@@ -531,17 +531,18 @@ def decode(
             Rejection.MALFORMED, f"a JSON object is expected, got {type(obj).__name__}", topic=topic
         )
     version = obj.get("version")
-    if version != VERSION or isinstance(version, bool):
+    if type(version) is not int or version != VERSION:
         raise SchemaError(
             Rejection.UNKNOWN_VERSION,
             f"version {version!r}, this node speaks version {VERSION}",
             topic=topic,
         )
     kinds = _KINDS[ref.kind]
-    if kinds and obj.get("kind") not in kinds:
+    kind = obj.get("kind")
+    if kinds and not (isinstance(kind, str) and kind in kinds):
         raise SchemaError(
             Rejection.UNKNOWN_KIND,
-            f"kind {obj.get('kind')!r} on a {ref.kind} topic; expected one of {sorted(kinds)}",
+            f"kind {kind!r} on a {ref.kind} topic; expected one of {sorted(kinds)}",
             topic=topic,
         )
     try:

@@ -31,6 +31,8 @@ from fogmig.platform.bus import (
     Subscription,
 )
 from fogmig.platform.errors import BusError
+from fogmig.platform.migration.record import Outcome
+from fogmig.platform.migration.states import Phase
 from fogmig.platform.schemas import (
     BusMessage,
     Cleared,
@@ -228,7 +230,7 @@ async def test_round_trip_of_every_model(broker: Broker) -> None:
                 command_id="c1",
                 migration_id="m1",
                 service="sensor",
-                phase="transferring",
+                phase=Phase.TRANSFERRING,
                 bytes_done=10,
                 bytes_total=20,
                 rate_bytes_per_s=5.0,
@@ -242,7 +244,7 @@ async def test_round_trip_of_every_model(broker: Broker) -> None:
                 command_id="c1",
                 migration_id="m1",
                 service="sensor",
-                outcome="completed",
+                outcome=Outcome.COMPLETED,
                 record={"downtime_s": 0.5, "rounds": [{"index": 0}]},
             ),
         ),
