@@ -17,6 +17,7 @@ import numpy as np
 
 from fogmig.policies.conditions import (
     PAGE_SIZE,
+    InvalidConditionsError,
     LinkConditions,
     NodeCapabilities,
     PrecopyStopRules,
@@ -61,6 +62,21 @@ class CostConstants:
     this much per request while no fault occurs ..."""
     lazy_max_chunk_bytes: int = 4 << 20
     """... up to this (uffd.c MAX_XFER_LEN). One request is outstanding at a time."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not math.isfinite(value) or value < 0:
+                raise InvalidConditionsError(f"cost constant {f.name} must be >= 0, got {value!r}")
+        if not 0 < self.throughput_efficiency <= 1:
+            raise InvalidConditionsError(
+                f"throughput_efficiency must be in (0, 1], got {self.throughput_efficiency!r}"
+            )
+        if not PAGE_SIZE <= self.lazy_chunk_bytes <= self.lazy_max_chunk_bytes:
+            raise InvalidConditionsError(
+                "need PAGE_SIZE <= lazy_chunk_bytes <= lazy_max_chunk_bytes, got "
+                f"{self.lazy_chunk_bytes} and {self.lazy_max_chunk_bytes}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -57,6 +57,10 @@ def paper(name: str) -> dict[Technique, Prediction]:
         lambda: LinkConditions(throughput_bytes_per_s=float("inf"), rtt_s=0.1),
         lambda: PrecopyStopRules(max_rounds=0),
         lambda: PrecopyStopRules(max_precopy_bytes_factor=0.5),
+        lambda: CostConstants(dump_fixed_s=-0.1),
+        lambda: CostConstants(throughput_efficiency=0.0),
+        lambda: CostConstants(lazy_chunk_bytes=0),
+        lambda: CostConstants(lazy_chunk_bytes=8 << 20),
     ],
 )
 def test_out_of_range_inputs_are_rejected(make: object) -> None:
