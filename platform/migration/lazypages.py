@@ -375,13 +375,14 @@ class LocalImagePages:
     def _read_sync(self, pages: _TaskPages, pieces: list[tuple[int, int]]) -> bytes:
         if pages.fd is None:
             pages.fd = os.open(pages.path, os.O_RDONLY | os.O_CLOEXEC)
-        out = bytearray()
+        chunks: list[bytes] = []
         for offset, length in pieces:
             chunk = os.pread(pages.fd, length, offset)
             if len(chunk) != length:
                 raise PageServerError(f"{pages.path}: short read at offset {offset}")
-            out += chunk
-        return bytes(out)
+            chunks.append(chunk)
+        # Most answers are one piece: hand that buffer on without another copy.
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
         pages = self._tasks.get(pid_id)
@@ -488,25 +489,24 @@ class LayeredPages:
         runs = self._runs(pid_id, vaddr, nr_pages)
 
         async def one(remote: bool, addr: int, n: int) -> bytes:
-            source = self.remote if remote else self.local
-            try:
-                return await source.read(pid_id, addr, n)
-            except PageNotFoundError:
-                if addr == vaddr:
-                    raise
-                return b""  # the data ends here: answer with the prefix before it
+            return await (self.remote if remote else self.local).read(pid_id, addr, n)
 
-        results = await asyncio.gather(*(one(*run) for run in runs))
-        out = bytearray()
-        for (remote, _addr, n), data in zip(runs, results, strict=True):
+        results = await asyncio.gather(*(one(*run) for run in runs), return_exceptions=True)
+        answer: list[tuple[bool, bytes]] = []
+        for (remote, addr, n), result in zip(runs, results, strict=True):
+            if isinstance(result, PageNotFoundError) and addr != vaddr:
+                break  # the data ends here: answer with the prefix before it
+            if isinstance(result, BaseException):
+                raise result
+            answer.append((remote, result))
+            if len(result) < n * PAGE_SIZE:
+                break  # a short run ends the contiguous prefix
+        for remote, data in answer:
             if remote:
                 self._tally.add_remote(len(data))
             else:
                 self._tally.add_local(len(data))
-            out += data
-            if len(data) < n * PAGE_SIZE:
-                break  # a short run ends the contiguous prefix
-        return bytes(out)
+        return b"".join(data for _, data in answer)
 
 
 # --------------------------------------------------------------------------- the server
@@ -738,9 +738,11 @@ class LazyPageServer:
         except asyncio.CancelledError:
             writer.transport.abort()
             raise
-        except (FogmigError, ProtocolError, OSError) as exc:
-            self._counters.error = str(exc)
-            log.warning("lazy page session failed: %s", exc)
+        except Exception as exc:
+            # Whatever broke (the source, the protocol, the socket), the daemon must see the
+            # session end and fail; the error is kept for the verdict.
+            self._counters.error = f"{type(exc).__name__}: {exc}"
+            log.warning("lazy page session failed: %s", self._counters.error)
             writer.transport.abort()
         finally:
             writer.close()
@@ -829,6 +831,7 @@ class LazyPageServer:
         writer.write(CLOSE_STATUS_OK)
         await writer.drain()
         self._counters.closed_cleanly = True
+        log.debug("session closed by the daemon, status sent")
         # The daemon closes its end after reading the status; wait for it (no TIME_WAIT here).
         with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(reader.read(1), timeout=5.0)

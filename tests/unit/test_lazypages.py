@@ -345,6 +345,17 @@ async def test_layered_pages_answer_the_prefix_before_a_missing_page() -> None:
         await layered.read(1, 0x2000, 1)
 
 
+async def test_layered_pages_pass_a_remote_failure_on() -> None:
+    async def fetch(pid: int, vaddr: int, nr: int) -> bytes:
+        raise TransferError("link down")
+
+    local = DictPages({(1, 0x1000): page(1), (1, 0x2000): page(2)})
+    layered = LayeredPages(local, RemotePages(fetch), {1: {0x2000}})
+    with pytest.raises(TransferError, match="link down"):
+        await layered.read(1, 0x1000, 2)
+    assert layered.tally.local_pages == 0
+
+
 # --------------------------------------------------------------------------- the server
 
 
