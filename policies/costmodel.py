@@ -31,9 +31,12 @@ GIB = float(1 << 30)
 
 @dataclass(frozen=True, slots=True)
 class CostConstants:
-    """The platform's fixed costs and rates. Defaults come from PLATFORM measurements of a
-    20-47 MB service on this machine kind (x86_64, runc 1.1.5, CRIU 4.2.1); ``fit_constants``
-    replaces them with values fitted to real migration records."""
+    """The platform's fixed costs and rates.
+
+    Defaults come from hand measurements of 20-47 MB services on the reference node kind
+    (x86_64, runc 1.1.5, CRIU 4.2.1, a userspace emulated link); ``fit_constants`` replaces
+    them with values fitted to the platform's own migration records.
+    """
 
     dump_fixed_s: float = 0.12
     """Per checkpoint: runc and CRIU start-up, freezing, parasite injection."""
