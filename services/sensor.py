@@ -342,8 +342,14 @@ def main(argv: list[str] | None = None) -> int:
 
         print(aiocoap.meta.version)
         return 0
+    handler: logging.Handler
+    try:
+        handler = logging.FileHandler(args.log)
+    except OSError:
+        # A read-only or missing /tmp must not stop the service; stderr may be /dev/null.
+        handler = logging.StreamHandler(sys.stderr)
     logging.basicConfig(
-        filename=args.log,
+        handlers=[handler],
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
