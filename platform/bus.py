@@ -24,7 +24,7 @@ from typing import Any, Final, NamedTuple, Self, TypeVar
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
-from fogmig.platform.errors import BusError, ConfigError
+from fogmig.platform.errors import BusError, ConfigError, UnknownNodeError
 from fogmig.platform.schemas import (
     PREFIX,
     RETAINED_KINDS,
@@ -191,7 +191,8 @@ class Bus:
     ``will`` (a :class:`NodeStatus` with ``online=False``) is published retained by the broker
     when the connection dies abruptly, and by the bus itself on a clean close, so the node's
     status reads offline either way. ``known_nodes`` (when given) is consulted live: messages
-    naming another node are rejected in both directions.
+    naming another node are rejected in both directions. ``client_id`` must be unique on the
+    broker: a second connection with the same id makes the broker drop the first.
     """
 
     def __init__(
@@ -550,8 +551,11 @@ class Bus:
         """A subscription to ``pattern`` (MQTT wildcards allowed), e.g. ``topics.status()``.
 
         Use it as ``async with bus.subscribe(p) as sub: async for topic, msg in sub: ...``;
-        ``async for`` alone works too. Invalid payloads never reach the iterator: they are
-        logged and passed to ``on_invalid``. The stream ends when the bus closes.
+        ``async for`` alone works too, and the subscription then lasts until the bus closes.
+        Invalid payloads never reach the iterator: they are logged and passed to
+        ``on_invalid``. The stream ends when the bus closes; while the bus reconnects it simply
+        pauses (the session is clean, so QoS 1 messages sent meanwhile are not replayed, but
+        retained ones are).
         """
         try:
             aiomqtt.Wildcard(pattern)
@@ -572,6 +576,10 @@ class Bus:
         :class:`CommandTimeoutError` (a :class:`BusError` naming the node) when no answer comes,
         e.g. because the broker's ACL silently dropped the command.
         """
+        if self.known_nodes is not None and node not in self.known_nodes:
+            raise UnknownNodeError(
+                f"no node {node!r} on this bus; known: {', '.join(sorted(self.known_nodes))}"
+            )
         try:
             async with asyncio.timeout(timeout):
                 async with self.subscribe(topics.events(node)) as events:

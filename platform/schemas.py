@@ -559,3 +559,43 @@ def _summary(exc: ValidationError) -> str:
     parts = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors[:5]]
     more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
     return "; ".join(parts) + more
+
+
+# --- acknowledgements ----------------------------------------------------------------------
+
+
+def accept(node: str, command_id: str) -> CommandAck:
+    return CommandAck(node=node, command_id=command_id, accepted=True)
+
+
+def reject(node: str, command_id: str, error: BaseException | str) -> CommandAck:
+    """The typed rejection of a command: the error's class and message, on the wire."""
+    reason = str(error) if isinstance(error, BaseException) else error
+    error_type = type(error).__name__ if isinstance(error, BaseException) else None
+    return CommandAck(
+        node=node,
+        command_id=command_id,
+        accepted=False,
+        reason=reason[:4000] or "rejected",
+        error_type=error_type,
+    )
+
+
+def command_id_of(payload: bytes) -> str | None:
+    """Best effort: the ``command_id`` of a command that failed validation, or None.
+
+    Lets a node answer even an invalid command with a rejection, so the sender learns why at
+    once instead of waiting for its timeout.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return None
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    value = obj.get("command_id")
+    if isinstance(value, str) and 0 < len(value) <= 128:
+        return value
+    return None

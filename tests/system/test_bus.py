@@ -30,7 +30,7 @@ from fogmig.platform.bus import (
     Received,
     Subscription,
 )
-from fogmig.platform.errors import BusError
+from fogmig.platform.errors import BusError, ServiceError, UnknownNodeError
 from fogmig.platform.migration.record import Outcome
 from fogmig.platform.migration.states import Phase
 from fogmig.platform.schemas import (
@@ -52,6 +52,9 @@ from fogmig.platform.schemas import (
     ServiceInfo,
     ServicePresence,
     UndeployCommand,
+    accept,
+    command_id_of,
+    reject,
     topics,
 )
 
@@ -364,23 +367,29 @@ async def _responder(bus: Bus, node: str, seen: list[str], ready: asyncio.Event)
     async with bus.subscribe(topics.cmd(node)) as commands:
         ready.set()
         async for _, cmd in commands:
-            assert not isinstance(cmd, Cleared)
-            command_id = getattr(cmd, "command_id", "")
-            seen.append(command_id)
-            accepted = isinstance(cmd, MigrateCommand)
-            ack = CommandAck(
-                node=node,
-                command_id=command_id,
-                accepted=accepted,
-                reason=None if accepted else "this node only migrates",
-                error_type=None if accepted else "ServiceError",
-            )
+            assert isinstance(cmd, MigrateCommand | DeployCommand | UndeployCommand | DrainCommand)
+            seen.append(cmd.command_id)
+            if isinstance(cmd, MigrateCommand):
+                ack = accept(node, cmd.command_id)
+            else:
+                ack = reject(node, cmd.command_id, ServiceError("this node only migrates"))
             await bus.publish(topics.events(node), ack)
 
 
 @contextlib.asynccontextmanager
 async def _agent(broker: Broker, node: str, seen: list[str]) -> AsyncIterator[None]:
-    async with broker.bus(node) as bus:
+    pending: set[asyncio.Task[None]] = set()
+
+    def answer_invalid(topic: str, payload: bytes, error: SchemaError) -> None:
+        # An invalid command that still carries its id is answered, so its sender fails fast.
+        command_id = command_id_of(payload)
+        if topic == topics.cmd(node) and command_id is not None:
+            ack = reject(node, command_id, error)
+            task = asyncio.create_task(bus.publish(topics.events(node), ack))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+
+    async with broker.bus(node, on_invalid=answer_invalid) as bus:
         ready = asyncio.Event()
         task = asyncio.create_task(_responder(bus, node, seen, ready))
         await asyncio.wait_for(ready.wait(), 5)
@@ -413,6 +422,27 @@ async def test_request_is_acknowledged_or_rejected_by_the_node(broker: Broker) -
         acks = await asyncio.gather(*(ctl.request("gw1", _migrate(f"m{i}")) for i in range(5)))
         assert [a.command_id for a in acks] == [f"m{i}" for i in range(5)]
     assert seen[:2] == ["m-ok", "u-1"]
+
+
+async def test_an_invalid_command_is_answered_with_a_typed_rejection(broker: Broker) -> None:
+    seen: list[str] = []
+    async with (
+        _agent(broker, "gw1", seen),
+        broker.bus("controller", known_nodes=set(NODES)) as ctl,
+        ctl.subscribe(topics.events("gw1")) as events,
+    ):
+        bad = _migrate("bad-1").model_dump_json().replace('"precopy"', '"teleport"', 1)
+        await _mosquitto_pub(broker, "controller", topics.cmd("gw1"), bad.encode())
+        got = await _next(events)
+        assert isinstance(got.message, CommandAck)
+        assert not got.message.accepted
+        assert got.message.command_id == "bad-1"
+        assert got.message.error_type == "SchemaError"
+        assert "technique" in (got.message.reason or "")
+        # A node the bus does not know is refused before anything is sent.
+        with pytest.raises(UnknownNodeError, match="gw7"):
+            await ctl.request("gw7", DrainCommand(command_id="d"), timeout=1)
+    assert seen == []
 
 
 async def test_request_without_an_agent_times_out_naming_the_node(broker: Broker) -> None:

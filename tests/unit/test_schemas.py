@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from fogmig.platform.errors import ConfigError
 from fogmig.platform.migration.record import Outcome
 from fogmig.platform.migration.states import Phase
 from fogmig.platform.schemas import (
@@ -30,9 +31,12 @@ from fogmig.platform.schemas import (
     ServiceInfo,
     ServicePresence,
     UndeployCommand,
+    accept,
     check_fits,
+    command_id_of,
     decode,
     encode,
+    reject,
     topics,
 )
 
@@ -357,3 +361,26 @@ def test_models_are_frozen_and_carry_version_1() -> None:
     assert status.version == 1
     with pytest.raises(ValueError, match="frozen"):
         status.online = False
+
+
+def test_acknowledgements_carry_the_error_class_and_message() -> None:
+    assert accept("gw1", "c1") == CommandAck(node="gw1", command_id="c1", accepted=True)
+    ack = reject("gw1", "c2", ConfigError("no such service 'x'"))
+    assert (ack.accepted, ack.error_type, ack.reason) == (
+        False,
+        "ConfigError",
+        "no such service 'x'",
+    )
+    assert reject("gw1", "c3", "busy").error_type is None
+    long = reject("gw1", "c4", RuntimeError("x" * 10_000))
+    assert long.reason is not None
+    assert len(encode(topics.events("gw1"), long)) < MAX_PAYLOAD_BYTES
+
+
+def test_the_command_id_of_an_invalid_command_can_be_salvaged() -> None:
+    bad = _wire(SAMPLES[2][1], technique="teleport")
+    assert _reason(topics.cmd("gw1"), bad) is Rejection.INVALID
+    assert command_id_of(bad) == "c-1"
+    for payload in (b"", b"{", b"[]", b'{"command_id": 5}', b'{"command_id": ""}', b"\xff"):
+        assert command_id_of(payload) is None
+    assert command_id_of(b'{"command_id":"a"}' + b" " * MAX_PAYLOAD_BYTES) is None
