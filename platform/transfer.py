@@ -25,6 +25,7 @@ import stat
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
@@ -296,6 +297,7 @@ class _IncomingWrite:
         self._write = write
         self.dir_fd = -1
         self.fd = -1
+        self._job: Future[None] | None = None
         check_migration_id(begin.migration_id)
         parts = check_relative_path(begin.path)
         self.name = parts[-1]
@@ -334,7 +336,23 @@ class _IncomingWrite:
             except OSError as exc:
                 raise self._os_error(exc, "write") from exc
 
+    async def write_behind(self, payload: bytes, executor: ThreadPoolExecutor) -> None:
+        """Hash and write ``payload`` in a thread while the next frame is being received.
+
+        One write is in flight per file, so pieces land in order; its error surfaces on the
+        next call or in :meth:`settle`.
+        """
+        await self.settle()
+        self._job = executor.submit(self.write, payload)
+
+    async def settle(self) -> None:
+        """Wait for the write in flight and raise its error."""
+        if self._job is not None:
+            await asyncio.wrap_future(self._job)
+            self._job = None
+
     def commit(self, end: FileEnd) -> None:
+        assert self._job is None, "settle() before commit()"
         self.check.finish(end)
         try:
             os.fchmod(self.fd, self.begin.mode)
@@ -351,6 +369,11 @@ class _IncomingWrite:
 
     def discard(self) -> None:
         """Remove the partial file; safe to call more than once."""
+        if self._job is not None:
+            # Never close the descriptor under a running write; a chunk takes milliseconds.
+            with contextlib.suppress(Exception):
+                self._job.result()
+            self._job = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -394,6 +417,7 @@ class TransferServer:
         self._file_writer = file_writer
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fogmig-transfer")
 
     @property
     def port(self) -> int:
@@ -426,6 +450,7 @@ class TransferServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
+        self._executor.shutdown(wait=True)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -536,7 +561,7 @@ class TransferServer:
                     if order.state is ReceiverState.IN_FILE:
                         current = incoming[-1]
                         try:
-                            current.write(frame.payload)
+                            await current.write_behind(frame.payload, self._executor)
                         except TransferError as exc:
                             incoming.pop().discard()
                             order.refuse()
@@ -546,6 +571,7 @@ class TransferServer:
                     if order.end(end.seq):
                         current = incoming.pop()
                         try:
+                            await current.settle()
                             current.commit(end)
                         except TransferError as exc:
                             current.discard()
