@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import pytest
 
-from fogmig.services import image
+from fogmig.services import commands, image
 
 DEB822 = """\
 Types: deb
@@ -93,3 +95,71 @@ def test_find_image_is_none_in_an_empty_cache(
     # A directory with the right name but no manifest is not an image.
     (tmp_path / "images" / f"sensor-{image.image_id()}" / "rootfs").mkdir(parents=True)
     assert image.find_image() is None
+
+
+def _fake_image(cache: Path) -> Path:
+    ident = image.image_id()
+    top = cache / "images" / f"sensor-{ident}"
+    sensor = top / "rootfs" / "opt/fogmig/sensor.py"
+    sensor.parent.mkdir(parents=True)
+    sensor.write_bytes(image.SENSOR_SOURCE.read_bytes())
+    info = {
+        "image_id": ident,
+        "base_recipe": image.BASE_RECIPE,
+        "requirements": ["aiocoap==0.4.17"],
+        "sensor_sha256": "0" * 64,
+        "aiocoap_version": "0.4.17",
+        "built_at": 0.0,
+        "build_seconds": 1.0,
+        "rootfs": str(top / "rootfs"),
+    }
+    (top / image.MANIFEST).write_text(json.dumps(info))
+    return top
+
+
+def test_find_image_accepts_a_complete_image(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FOGMIG_CACHE_DIR", str(tmp_path))
+    top = _fake_image(tmp_path)
+    assert image.find_image() == top / "rootfs"
+    info = image.image_info()
+    assert info is not None
+    assert info.aiocoap_version == "0.4.17"
+
+
+def test_find_image_rejects_a_manifest_of_another_identity(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FOGMIG_CACHE_DIR", str(tmp_path))
+    top = _fake_image(tmp_path)
+    doc = json.loads((top / image.MANIFEST).read_text())
+    doc["image_id"] = "0" * 16
+    (top / image.MANIFEST).write_text(json.dumps(doc))
+    assert image.find_image() is None
+
+
+async def test_ensure_image_returns_a_built_image_without_root(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FOGMIG_CACHE_DIR", str(tmp_path))
+    top = _fake_image(tmp_path)
+    said: list[str] = []
+    assert await image.ensure_image(progress=said.append) == top / "rootfs"
+    assert any("up to date" in s for s in said)
+
+
+def test_image_info_command_without_an_image(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("FOGMIG_CACHE_DIR", str(tmp_path))
+    parser = argparse.ArgumentParser()
+    commands.register(parser.add_subparsers())
+    args = parser.parse_args(["image", "info", "--json"])
+    assert args.func(args) == 1
+    doc = json.loads(capsys.readouterr().out)
+    assert doc == {
+        "image_id": image.image_id(),
+        "built": False,
+        "images_dir": str(tmp_path / "images"),
+    }
