@@ -76,6 +76,7 @@ class MigrationRecord(BaseModel):
     faulted_pages_bytes: int = 0
 
     rounds: list[Round] = Field(default_factory=list)
+    precopy_stop_reason: str | None = None
     faulted_pages_remote: int = 0
     faulted_pages_local: int = 0
 
