@@ -161,6 +161,14 @@ def _digest_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _gather(pages: npt.NDArray[np.uint8], idx: npt.NDArray[np.int64]) -> npt.NDArray[np.uint8]:
+    """``pages[idx]``, as a slice when ``idx`` is a run (the common case): no gather copy."""
+    n = idx.size
+    if n and idx[-1] - idx[0] == n - 1 and (n < 3 or np.all(np.diff(idx) == 1)):
+        return np.asarray(pages[idx[0] : idx[0] + n])
+    return pages[idx]
+
+
 def _differing(
     cur_pages: npt.NDArray[np.uint8],
     cur_idx: npt.NDArray[np.int64],
@@ -173,13 +181,8 @@ def _differing(
         ci = cur_idx[s : s + _COMPARE_CHUNK]
         pi = prev_idx[s : s + _COMPARE_CHUNK]
         n = ci.size
-        # Unchanged layouts are the common case: slicing a memmap avoids a gather copy.
-        if n and ci[-1] - ci[0] == n - 1 and pi[-1] - pi[0] == n - 1:
-            a = np.asarray(cur_pages[ci[0] : ci[0] + n])
-            b = np.asarray(prev_pages[pi[0] : pi[0] + n])
-        else:
-            a = cur_pages[ci]
-            b = prev_pages[pi]
+        a = _gather(cur_pages, ci)
+        b = _gather(prev_pages, pi)
         out[s : s + n] = (a.view(np.uint64) != b.view(np.uint64)).any(axis=1)
     return out
 
@@ -703,10 +706,10 @@ def _write_rebuilt(
             chunk = np.empty((e - s, PAGE_SIZE), dtype=np.uint8)
             rows = np.flatnonzero(sel)
             if rows.size:
-                chunk[rows] = delta_pages[d_pos[s:e][rows]]
+                chunk[rows] = _gather(delta_pages, d_pos[s:e][rows])
             rows = np.flatnonzero(~sel)
             if rows.size:
-                chunk[rows] = base_pages[b_pos[s:e][rows]]
+                chunk[rows] = _gather(base_pages, b_pos[s:e][rows])
             f.write(chunk.data)
             if h is not None:
                 h.update(chunk.data)

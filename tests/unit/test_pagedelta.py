@@ -197,6 +197,39 @@ def test_several_pagemaps_and_renumbered_pages_files(tmp_path: Path) -> None:
     assert_same_dump(tmp_path / "r", d2)
 
 
+def write_unsorted(d: Path, runs: list[tuple[int, int]], seed_of: dict[int, int]) -> None:
+    """A pagemap whose entries are not in address order (CRIU's are; the delta must not care)."""
+    d.mkdir()
+    entries = [PagemapEntry(v, n, ANON) for v, n in runs]
+    write_pagemap(d, Pagemap("1", 2, tuple(entries)))
+    data = b"".join(page(seed_of[v + i * PAGE_SIZE]) for v, n in runs for i in range(n))
+    (d / "pages-2.img").write_bytes(data)
+
+
+def test_page_order_in_the_files_does_not_matter(tmp_path: Path) -> None:
+    seeds = {HEAP + i * PAGE_SIZE: i for i in range(12)}
+    # Previous round: three runs stored last-first, so its file order is not vaddr order.
+    write_unsorted(
+        tmp_path / "d1",
+        [(HEAP + 8 * PAGE_SIZE, 4), (HEAP + 4 * PAGE_SIZE, 4), (HEAP, 4)],
+        seeds,
+    )
+    changed = dict(seeds)
+    changed[HEAP + 5 * PAGE_SIZE] = 99
+    write_unsorted(tmp_path / "d2", [(HEAP + 6 * PAGE_SIZE, 6), (HEAP, 6)], changed)
+    delta = compute_delta(tmp_path / "d1", tmp_path / "d2")
+    assert delta.pagemaps[0].shipped_vaddrs().tolist() == [HEAP + 5 * PAGE_SIZE]
+    save_delta(delta, tmp_path / "delta")
+    apply_delta(tmp_path / "d1", tmp_path / "delta", tmp_path / "r")
+    assert_same_dump(tmp_path / "r", tmp_path / "d2")
+    # Swapped single pages: the file positions span a run but are not one.
+    p = PAGE_SIZE
+    swapped = [(HEAP, 1), (HEAP + 2 * p, 1), (HEAP + p, 1), (HEAP + 3 * p, 1)]
+    write_unsorted(tmp_path / "d3", swapped, seeds)
+    write_unsorted(tmp_path / "d4", [(HEAP, 4)], seeds)
+    assert compute_delta(tmp_path / "d3", tmp_path / "d4").stats.pages_shipped == 0
+
+
 def test_first_round_ships_everything_and_needs_no_base(tmp_path: Path) -> None:
     d1 = make_dump(tmp_path / "d1", {"1": (2, base_pages())})
     w = write_delta(None, d1, tmp_path / "delta")
