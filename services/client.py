@@ -180,7 +180,13 @@ class SensorClient:
                 f"no answer from {msg.get_request_uri()} within {limit:g} s"
             ) from exc
         except aiocoap.error.Error as exc:
-            raise ServiceUnreachableError(f"{msg.get_request_uri()}: {exc}") from exc
+            # aiocoap's str() of a network error hides the reason; its cause or args carry it.
+            reason = exc.__cause__ or (exc.args[0] if exc.args else type(exc).__name__)
+            helper = getattr(exc, "extra_help", None)
+            raise ServiceUnreachableError(
+                f"{msg.get_request_uri()}: {reason}",
+                hint=helper() if callable(helper) else None,
+            ) from exc
         return CoapReply(resp.code.dotted, bytes(resp.payload), time.monotonic() - t0)
 
     async def post_reading(

@@ -17,6 +17,7 @@ from fogmig.services.client import (
     PostResult,
     SensorClient,
     ServiceState,
+    ServiceUnreachableError,
     encode_reading,
 )
 from fogmig.services.sensor import (
@@ -387,3 +388,19 @@ def test_ledger_for_a_device_the_service_never_saw() -> None:
     check = ledger.verify(_state({}))
     assert not check.matches
     assert check.lost == 1
+
+
+async def test_client_reports_an_unreachable_service() -> None:
+    port = _free_udp_port()  # nothing listens there
+    async with SensorClient(port=port, timeout=2) as c:
+        with pytest.raises(ServiceUnreachableError, match=str(port)):
+            await c.get_state("::1")
+
+
+async def test_client_times_out_on_a_silent_service() -> None:
+    # A bound socket that never answers: the request must end at the client's timeout.
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as silent:
+        silent.bind(("::1", 0))
+        async with SensorClient(port=silent.getsockname()[1], timeout=0.3) as c:
+            with pytest.raises(ServiceUnreachableError, match="within 0.3 s"):
+                await c.post_reading("::1", {"device": "d", "seq": 1})
