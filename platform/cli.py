@@ -26,6 +26,8 @@ COMMAND_MODULES = (
     "fogmig.platform.doctor",
     "fogmig.platform.testbed.commands",
     "fogmig.services.commands",
+    "fogmig.platform.deploy_commands",
+    "fogmig.platform.transfer_commands",
 )
 
 err_console = Console(stderr=True)

@@ -451,7 +451,7 @@ class LazyRestore:
         for proc in (self._restore, self._daemon):
             if proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
+                    os.killpg(proc.pid, signal_module.SIGKILL)
                 await proc.wait()
 
 
@@ -538,12 +538,15 @@ class NodeRuntime:
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            # Its own session: a Ctrl-C meant for the CLI never reaches the container, and a
+            # timeout can stop runc, CRIU and a half-restored task together.
+            start_new_session=True,
         )
         try:
             rc = await asyncio.wait_for(proc.wait(), timeout)
         except (TimeoutError, asyncio.CancelledError):
             with contextlib.suppress(ProcessLookupError):
-                proc.kill()
+                os.killpg(proc.pid, signal_module.SIGKILL)
             await proc.wait()
             raise
         return rc, full
@@ -872,7 +875,7 @@ class NodeRuntime:
         bundle: Path,
         image_dir: Path,
         work_dir: Path,
-        timeout: float = 300.0,
+        timeout: float = 120.0,
     ) -> RestoreResult:
         """Restore ``cid`` from ``image_dir`` into this node, detached."""
         argv, image_dir, work_dir = self._restore_argv(cid, bundle, image_dir, work_dir, lazy=False)
@@ -1007,10 +1010,11 @@ class NodeRuntime:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                start_new_session=True,
             )
         except BaseException:
             if daemon.returncode is None:
-                daemon.kill()
+                os.killpg(daemon.pid, signal_module.SIGKILL)
             await daemon.wait()
             raise
         return LazyRestore(
