@@ -402,5 +402,5 @@ async def test_client_times_out_on_a_silent_service() -> None:
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as silent:
         silent.bind(("::1", 0))
         async with SensorClient(port=silent.getsockname()[1], timeout=0.3) as c:
-            with pytest.raises(ServiceUnreachableError, match="within 0.3 s"):
+            with pytest.raises(ServiceUnreachableError, match=r"within 0\.3 s"):
                 await c.post_reading("::1", {"device": "d", "seq": 1})
