@@ -21,7 +21,7 @@ from typing import Literal
 
 from fogmig.platform import paths
 from fogmig.platform.capabilities import has_netem
-from fogmig.platform.errors import SetupError, TestbedError
+from fogmig.platform.errors import ConfigError, SetupError, TestbedError
 from fogmig.platform.nodes import NETNS_PREFIX, check_node_name, runc_root
 from fogmig.platform.proc import run
 from fogmig.platform.testbed import broker, netem, netns, pids, topology
@@ -49,7 +49,21 @@ Progress = Callable[[str], None]
 
 # Round-trip delay that the link daemon's own path adds (two TUN reads and writes, two
 # wake-ups of the daemon); measured on the project's machine kind and taken off every link.
-LINKD_OVERHEAD_MS = 0.3
+# Another machine kind can set its own figure in FOGMIG_LINK_OVERHEAD_MS.
+LINKD_OVERHEAD_MS = 0.4
+
+
+def link_overhead_ms() -> float:
+    raw = os.environ.get("FOGMIG_LINK_OVERHEAD_MS")
+    if raw is None:
+        return LINKD_OVERHEAD_MS
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"FOGMIG_LINK_OVERHEAD_MS must be a number of ms, not {raw!r}") from None
+    if not 0 <= value < 100:
+        raise ConfigError(f"FOGMIG_LINK_OVERHEAD_MS out of range: {value}")
+    return value
 LINKD_READY_TIMEOUT = 10.0
 
 
@@ -61,7 +75,7 @@ def _linkd_pidfile() -> Path:
     return testbed_run_dir() / "linkd.pid"
 
 
-def linkd_config(state: TestbedState, overhead_ms: float = LINKD_OVERHEAD_MS) -> LinkdConfig:
+def linkd_config(state: TestbedState, overhead_ms: float | None = None) -> LinkdConfig:
     assert state.linkd.socket_path is not None
 
     def end(host: str, link: LinkInfo) -> TunEnd:
@@ -69,7 +83,7 @@ def linkd_config(state: TestbedState, overhead_ms: float = LINKD_OVERHEAD_MS) ->
 
     return LinkdConfig(
         socket_path=state.linkd.socket_path,
-        overhead_ms=overhead_ms,
+        overhead_ms=link_overhead_ms() if overhead_ms is None else overhead_ms,
         links=[
             LinkdLink(
                 a=end(link.a, link),

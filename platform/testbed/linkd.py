@@ -22,7 +22,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fogmig.platform.testbed.linkemu import LinkDirection
+from fogmig.platform.testbed.linkemu import LinkDirection, WakeupTracker
 from fogmig.platform.testbed.netns import open_tun
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,7 @@ class ControlResponse(_Model):
     links: list[LinkRuntime] = []
     pid: int = 0
     cpu_s: float = 0.0
+    wake_late_ms: float = 0.0
     uptime_s: float = 0.0
 
 
@@ -89,6 +90,7 @@ class _Direction:
     logic: LinkDirection[bytes]
     out_fd: int
     timer: asyncio.TimerHandle | None = None
+    wake_at: float = 0.0
 
 
 @dataclass(eq=False)
@@ -120,6 +122,7 @@ class LinkDaemon:
         self.links: list[_Link] = []
         self.started = time.monotonic()
         self.stopping = asyncio.Event()
+        self.wakeups = WakeupTracker()
 
     def open(self) -> None:
         overhead_s = self.config.overhead_ms / 2e3
@@ -168,11 +171,17 @@ class LinkDaemon:
                 break
             due = d.logic.offer(now, packet, len(packet))
             if due is not None and d.timer is None:
-                d.timer = self.loop.call_at(due, self._deliver, d)
+                self._schedule(d, due)
+
+    def _schedule(self, d: _Direction, due: float) -> None:
+        d.wake_at = self.wakeups.wake_time(due)
+        d.timer = self.loop.call_at(d.wake_at, self._deliver, d)
 
     def _deliver(self, d: _Direction) -> None:
         d.timer = None
-        for packet in d.logic.pop_due(self.loop.time()):
+        now = self.loop.time()
+        self.wakeups.observe(d.wake_at, now)
+        for packet in d.logic.pop_due(self.wakeups.horizon(now)):
             try:
                 os.write(d.out_fd, packet)
             except OSError as exc:
@@ -180,7 +189,7 @@ class LinkDaemon:
                 log.debug("write to fd %d failed: %s", d.out_fd, exc)
         nxt = d.logic.next_due()
         if nxt is not None:
-            d.timer = self.loop.call_at(nxt, self._deliver, d)
+            self._schedule(d, nxt)
 
     def _find(self, a: str | None, b: str | None) -> _Link:
         for link in self.links:
@@ -221,6 +230,7 @@ class LinkDaemon:
             links=[link.runtime() for link in self.links],
             pid=os.getpid(),
             cpu_s=usage.user + usage.system,
+            wake_late_ms=self.wakeups.estimate_s * 1e3,
             uptime_s=time.monotonic() - self.started,
         )
 

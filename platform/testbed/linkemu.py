@@ -181,3 +181,27 @@ class LinkDirection(Generic[T]):
 
     def next_due(self) -> float | None:
         return self.line.next_due()
+
+
+class WakeupTracker:
+    """Learns how late the event loop wakes for a timer, so timers can be set that much early.
+
+    The estimate is an exponentially weighted mean of observed lateness, capped so that one
+    long stall (a loaded machine) cannot make the link deliver packets far too early.
+    """
+
+    def __init__(self, *, alpha: float = 0.05, cap_s: float = 0.001) -> None:
+        self.alpha = alpha
+        self.cap_s = cap_s
+        self.estimate_s = 0.0
+
+    def wake_time(self, due: float) -> float:
+        return due - self.estimate_s
+
+    def horizon(self, now: float) -> float:
+        """Packets due up to here go out now: waiting for them would make them late."""
+        return now + self.estimate_s
+
+    def observe(self, asked: float, woke: float) -> None:
+        late = min(max(woke - asked, 0.0), self.cap_s)
+        self.estimate_s += self.alpha * (late - self.estimate_s)

@@ -39,8 +39,13 @@ def _reap(pid: int) -> None:
 
 
 def alive(pid: int) -> bool:
+    """Whether the process exists and is not a zombie (its command line may be in flux)."""
     _reap(pid)
-    return bool(cmdline(pid))
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def spawn_detached(

@@ -144,8 +144,9 @@ async def measure_rate(
                 result = json.loads(out)
             except json.JSONDecodeError:
                 result = {}
-            if client.returncode == 0 and "end" in result:
-                return float(result["end"]["sum_received"]["bits_per_second"]) / 1e6
+            received = result.get("end", {}).get("sum_received")
+            if client.returncode == 0 and received:
+                return float(received["bits_per_second"]) / 1e6
             # The server may not listen yet; a refused connect is quick, so try again.
             if server.returncode is not None:
                 return None
