@@ -1,1 +1,1 @@
-"""The platform: container runtime (runc + CRIU), migration engine, agents, controller, testbed, CLI."""
+"""The platform: runtime (runc + CRIU), migration engine, agents, controller, testbed, CLI."""

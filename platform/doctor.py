@@ -28,8 +28,8 @@ class Check:
     detail: str
 
 
-def _tool(name: str, purpose: str) -> Check:
-    path = shutil.which(name)
+def _tool(name: str, purpose: str, *alternatives: str) -> Check:
+    path = next((p for n in (name, *alternatives) if (p := shutil.which(n))), None)
     if path is None:
         return Check(name, "fail", f"not found: needed for {purpose} (run `make setup`)")
     return Check(name, "ok", path)
@@ -115,10 +115,19 @@ def run_checks() -> list[Check]:
         ("nsenter", "entering a node's network namespace"),
         ("ip", "the testbed's namespaces and links"),
         ("iptables", "CRIU's network lock and the page server firewall"),
-        ("coap-client", "the independent CoAP peer in tests"),
         ("iperf3", "measuring link throughput"),
     ):
         checks.append(_tool(name, purpose))
+    # Debian 12 ships libcoap's client only under its TLS back-end's name.
+    checks.append(
+        _tool(
+            "coap-client",
+            "the independent CoAP peer in tests",
+            "coap-client-notls",
+            "coap-client-gnutls",
+            "coap-client-openssl",
+        )
+    )
     checks.append(_image_check())
     return checks
 
