@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "fogmig.platform.testbed.commands",
     "fogmig.services.commands",
     "fogmig.platform.deploy_commands",
+    "fogmig.platform.transfer_commands",
 )
 
 err_console = Console(stderr=True)

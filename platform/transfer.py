@@ -109,6 +109,7 @@ DEFAULT_KEEPALIVE_INTERVAL = 5.0
 # StreamReader stops reading from the socket above twice this limit; keep a few chunks in flight.
 READ_LIMIT = 4 * CHUNK_SIZE
 WRITE_HIGH_WATER = 4 * CHUNK_SIZE
+INLINE_WRITE = 64 * 1024
 
 
 def tune_socket(sock: Any, *, user_timeout: float) -> None:
@@ -343,7 +344,11 @@ class _IncomingWrite:
         next call or in :meth:`settle`.
         """
         await self.settle()
-        self._job = executor.submit(self.write, payload)
+        if len(payload) <= INLINE_WRITE:
+            # A thread hand-off costs more than hashing and writing a small piece.
+            self.write(payload)
+        else:
+            self._job = executor.submit(self.write, payload)
 
     async def settle(self) -> None:
         """Wait for the write in flight and raise its error."""
@@ -1003,14 +1008,20 @@ class TransferClient:
                     )
                 )
                 aborted: str | None = None
-                # The next chunk is read and hashed in a thread while this one is sent.
-                future = loop.run_in_executor(None, source.next_payload)
+                # The next chunk is read and hashed in a thread while this one is sent; a
+                # small file is cheaper to read at once than to hand to a thread.
+                inline = item.size < CHUNK_SIZE
+                future = _read_ahead(loop, source, inline=inline)
                 try:
                     while True:
-                        payload = await future
+                        try:
+                            payload = await future
+                        except OSError as exc:
+                            aborted = f"read error: {exc.strerror}"
+                            break
                         eof = source.eof
                         if not eof:
-                            future = loop.run_in_executor(None, source.next_payload)
+                            future = _read_ahead(loop, source, inline=inline)
                         for off in range(0, len(payload), MAX_DATA_PAYLOAD):
                             piece = payload[off : off + MAX_DATA_PAYLOAD]
                             header = encode_header(FrameType.FILE_DATA, len(piece))
@@ -1040,6 +1051,19 @@ class TransferClient:
                 await self._conn.send_message(FileEnd(seq=seq, sha256=source.sha256))
                 before += item.size
         return wire
+
+
+def _read_ahead(
+    loop: asyncio.AbstractEventLoop, source: _ChunkSource, *, inline: bool
+) -> asyncio.Future[bytes]:
+    if not inline:
+        return loop.run_in_executor(None, source.next_payload)
+    future: asyncio.Future[bytes] = loop.create_future()
+    try:
+        future.set_result(source.next_payload())
+    except OSError as exc:
+        future.set_exception(exc)
+    return future
 
 
 class _AckCollector:
