@@ -11,6 +11,7 @@ import asyncio
 import os
 import shutil
 import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -19,11 +20,23 @@ from pathlib import Path
 import pytest
 
 from fogmig.platform.bundle import make_bundle
-from fogmig.platform.errors import ContainerNotFoundError, CriuError
+from fogmig.platform.errors import (
+    ContainerNotFoundError,
+    CriuError,
+    ServiceError,
+    UnknownNodeError,
+)
 from fogmig.platform.runtime import NodeRuntime
 from fogmig.platform.workdir import mounts_below, remove_tree
 from fogmig.services.client import ServiceState, encode_reading
-from fogmig.services.deploy import ServiceSpec, probe_state, wait_for_service
+from fogmig.services.deploy import (
+    ServiceSpec,
+    deploy,
+    find_service,
+    node_runtime,
+    probe_state,
+    wait_for_service,
+)
 from fogmig.services.image import ensure_image, find_image
 from fogmig.services.sensor import INITIAL_HASH, chain_hash
 
@@ -399,3 +412,61 @@ def test_remove_tree_unmounts_before_deleting(tmp_path: Path) -> None:
             _sh("umount", "-l", str(point), check=False)
     assert not work.exists()
     assert _mounts(tmp_path) == []
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    code = "import sys\nfrom fogmig.platform.cli import main\nsys.exit(main())\n"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        check=False,
+        env=dict(os.environ, PYTHONSAFEPATH="1"),
+    )
+
+
+async def test_deploy_refuses_second_copies_and_undeploys(
+    net: Net, image: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    del image  # built (or found) by the fixture; deploy looks it up itself
+    monkeypatch.setenv("FOGMIG_RUN_DIR", str(tmp_path / "run"))
+    monkeypatch.setenv("FOGMIG_STATE_DIR", str(tmp_path / "state"))
+    spec = ServiceSpec(name="fmrt-svc", state_mb=4)
+    try:
+        d = await deploy(spec, node="fmrta", netns=net.a, timeout=30)
+        assert (d.node, d.netns, d.port) == ("fmrta", net.a, PORT)
+        assert net.a_ip in d.addresses
+        assert d.state.count == 0
+        assert d.state.state_mb == 4
+        assert d.bundle == tmp_path / "state" / "nodes" / "fmrta" / "bundles" / "fmrt-svc"
+
+        # The same service on another node, or another service on the same node and port,
+        # would silently share the requests with the first.
+        with pytest.raises(ServiceError, match="already runs on node fmrta"):
+            await deploy(spec, node="fmrtb", netns=net.b, timeout=30)
+        with pytest.raises(ServiceError, match=f"port {PORT}"):
+            await deploy(ServiceSpec(name="fmrt-other", state_mb=4), node="fmrta", netns=net.a)
+        with pytest.raises(UnknownNodeError, match="fm-fmrtnone"):
+            await deploy(spec, node="fmrtnone")
+        assert [(p.node, p.name, p.live) for p in await find_service("fmrt-svc")] == [
+            ("fmrta", "fmrt-svc", True)
+        ]
+
+        listed = _cli("services", "--json")
+        assert listed.returncode == 0, listed.stderr
+        assert '"name": "fmrt-svc"' in listed.stdout
+        assert '"status": "running"' in listed.stdout
+
+        removed = _cli("undeploy", "fmrt-svc")
+        assert removed.returncode == 0, removed.stderr
+        assert "fmrta" in removed.stdout
+        assert await find_service("fmrt-svc") == []
+        assert not d.bundle.exists()
+        again = _cli("undeploy", "fmrt-svc")
+        assert again.returncode == 1
+        assert "no service fmrt-svc" in again.stderr
+    finally:
+        for node in ("fmrta", "fmrtb"):
+            rt = node_runtime(node, netns=net.a if node == "fmrta" else net.b)
+            for c in await rt.list():
+                await rt.delete(c.id, force=True)
