@@ -137,16 +137,12 @@ class Broker:
         )
 
 
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    folder = Path(tempfile.mkdtemp(prefix="fmbus-"))
-    passwords = {user: os.urandom(12).hex() for user in USERS}
+def _write_broker_files(folder: Path, port: int, passwords: dict[str, str]) -> None:
     passwd = folder / "passwd"
     for i, (user, pw) in enumerate(passwords.items()):
         create = ["-c"] if i == 0 else []
         subprocess.run(["mosquitto_passwd", *create, "-b", str(passwd), user, pw], check=True)
     (folder / "acl").write_text(_acl())
-    port = _free_port()
     (folder / "mosquitto.conf").write_text(
         "\n".join(
             [
@@ -166,8 +162,16 @@ async def broker() -> AsyncIterator[Broker]:
     with contextlib.suppress(KeyError):
         # Mosquitto started as root drops to its own user and must still read its files.
         entry = pwd.getpwnam("mosquitto")
-        for p in [folder, *folder.iterdir()]:  # noqa: ASYNC240 - a handful of local files
+        for p in [folder, *folder.iterdir()]:
             os.chown(p, entry.pw_uid, entry.pw_gid)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    folder = Path(tempfile.mkdtemp(prefix="fmbus-"))
+    passwords = {user: os.urandom(12).hex() for user in USERS}
+    port = _free_port()
+    _write_broker_files(folder, port, passwords)
     b = Broker(folder, port, passwords)
     await b.start()
     try:
