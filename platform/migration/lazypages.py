@@ -34,6 +34,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Protocol, Self
 
+import numpy as np
+
 from fogmig.platform.criu_image import ImageFormatError
 from fogmig.platform.errors import CriuError, FogmigError, TransferError
 from fogmig.platform.migration.pagemap import (
@@ -46,6 +48,7 @@ from fogmig.platform.migration.pagemap import (
 from fogmig.platform.migration.pageserver_protocol import (
     CLOSE_STATUS_OK,
     PAGE_SIZE,
+    PE_LAZY,
     PE_PARENT,
     PE_PRESENT,
     CloseRequest,
@@ -59,7 +62,6 @@ from fogmig.platform.proc import NETNS_DIR, in_netns
 log = logging.getLogger(__name__)
 
 LAZY_SOCKET_NAME = "lazy-pages.socket"
-_TRANSFERRED_RE = re.compile(r"UFFD transferred pages: \((\d+)/(\d+)\)")
 # Reads above this size leave the event loop so a fault's single page is never stuck behind
 # a 4 MiB background chunk coming off the disk.
 _THREAD_READ_BYTES = 256 * 1024
@@ -116,6 +118,16 @@ class LazyLayoutStats:
 def _task_id(pagemap: Pagemap) -> int | None:
     """The pid of a process pagemap; None for shared memory (``shmem-<id>``)."""
     return int(pagemap.image_id) if pagemap.image_id.isdigit() else None
+
+
+def _lazy_vaddrs(image_dir: Path) -> dict[int, list[int]]:
+    """Per task, the address of every page the daemon must fault in (entries flagged LAZY)."""
+    out: dict[int, list[int]] = {}
+    for pagemap in read_pagemaps(image_dir).values():
+        task = _task_id(pagemap)
+        if task is not None:
+            out[task] = [int(v) for v in pagemap.vaddrs_with(PE_LAZY).tolist()]
+    return out
 
 
 def _copy_range(src: int, dst: int, offset: int, length: int) -> None:
@@ -650,6 +662,7 @@ class LazyPageServer:
         self._max_in_flight = max_in_flight
         self._clock = clock
         self._counters = _Counters()
+        self._served: dict[int, list[tuple[int, int]]] = {}
         self._server: asyncio.Server | None = None
         self._session: asyncio.Task[None] | None = None
         self._session_done = asyncio.Event()
@@ -678,6 +691,14 @@ class LazyPageServer:
             closed_cleanly=c.closed_cleanly,
             error=c.error,
         )
+
+    @property
+    def served_pages(self) -> dict[int, set[int]]:
+        """Per task, the image address of every page sent to the daemon (for its verdict)."""
+        return {
+            pid: {vaddr + i * PAGE_SIZE for vaddr, nr in ranges for i in range(nr)}
+            for pid, ranges in self._served.items()
+        }
 
     async def start(self) -> None:
         sock = listen_socket(self.host, self._port, self.netns)
@@ -800,6 +821,7 @@ class LazyPageServer:
                 writer.write(pages_reply_header(request.request, nr))
                 writer.write(data)
                 await writer.drain()
+                self._served.setdefault(request.pid_id, []).append((request.vaddr, nr))
                 c = self._counters
                 c.pages_served += nr
                 c.bytes_served += len(data)
@@ -847,37 +869,148 @@ def _peer(writer: asyncio.StreamWriter) -> str:
 
 def parse_lazy_pages_log(text: str) -> list[tuple[int, int]]:
     """Every ``UFFD transferred pages: (copied/total)`` of a lazy-pages log, one per task."""
-    return [(int(a), int(b)) for a, b in _TRANSFERRED_RE.findall(text)]
+    return [(t.copied, t.total) for t in parse_lazy_pages_events(text).tasks]
+
+
+@dataclass(frozen=True, slots=True)
+class TaskTransfer:
+    """One task's summary line: ``copied`` of its ``total`` lazy pages went in through uffd."""
+
+    pid: int
+    copied: int
+    total: int
+
+
+@dataclass(frozen=True, slots=True)
+class AddressEvent:
+    """A change the restored task made to its own lazy memory, as the daemon logged it.
+
+    ``remove`` (MADV_DONTNEED and the like) and ``unmap`` release ``[start, start+length)``;
+    ``remap`` (mremap) moves that range to ``to``. Addresses are the task's at that moment.
+    """
+
+    pid: int
+    kind: str
+    start: int
+    length: int
+    to: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LazyPagesLog:
+    tasks: list[TaskTransfer]
+    events: list[AddressEvent]
+
+
+_LOG_LINE_RE = re.compile(
+    r"(?P<pid>\d+)-\d+: (?:"
+    r"UFFD transferred pages: \((?P<copied>\d+)/(?P<total>\d+)\)"
+    r"|(?P<kind>REMOVE|UNMAP): (?P<start>[0-9a-f]+)\((?P<len>[0-9a-f]+)\)"
+    r"|REMAP: (?P<from>[0-9a-f]+) -> (?P<to>[0-9a-f]+) \((?P<rlen>\d+)\)"
+    r")"
+)
+
+
+def parse_lazy_pages_events(text: str) -> LazyPagesLog:
+    """The per-task summaries and, in log order, the address events of a ``-v4`` log."""
+    tasks: list[TaskTransfer] = []
+    events: list[AddressEvent] = []
+    for m in _LOG_LINE_RE.finditer(text):
+        pid = int(m["pid"])
+        if m["copied"] is not None:
+            tasks.append(TaskTransfer(pid, int(m["copied"]), int(m["total"])))
+        elif m["kind"] is not None:
+            # CRIU prints these two in hex without 0x: "%llx(%llx)".
+            events.append(
+                AddressEvent(pid, m["kind"].lower(), int(m["start"], 16), int(m["len"], 16))
+            )
+        else:
+            events.append(
+                AddressEvent(pid, "remap", int(m["from"], 16), int(m["rlen"]), int(m["to"], 16))
+            )
+    return LazyPagesLog(tasks, events)
+
+
+def released_and_missing(
+    lazy: Collection[int], served: Collection[int], events: list[AddressEvent]
+) -> tuple[int, int]:
+    """Judge one task's short transfer: (pages it released itself, pages that never arrived).
+
+    ``lazy`` and ``served`` are image addresses (what the daemon asks the server for);
+    ``events`` are that task's, in order, at run-time addresses, so remaps are followed.
+    A page counts as released when a remove/unmap covered it; missing when it was neither
+    served nor released: the restored memory has a hole.
+    """
+    image = np.fromiter(lazy, dtype=np.int64, count=len(lazy))
+    runtime = image.copy()
+    released = np.zeros(image.size, dtype=bool)
+    for ev in events:
+        inside = (runtime >= ev.start) & (runtime < ev.start + ev.length) & ~released
+        if ev.kind == "remap":
+            assert ev.to is not None
+            runtime[inside] += ev.to - ev.start
+        else:
+            released |= inside
+    served_mask = np.isin(image, np.fromiter(served, dtype=np.int64, count=len(served)))
+    return int(released.sum()), int((~released & ~served_mask).sum())
 
 
 @dataclass(frozen=True, slots=True)
 class LazyPagesOutcome:
-    """How the destination's lazy-pages daemon ended: the only judge of a lazy transfer."""
+    """How the destination's lazy-pages daemon ended: the only judge of a lazy transfer.
+
+    A task passes with ``copied == total``, or, when the server's record of served pages was
+    given, if every lazy page it lacks was released by the task itself before it was needed
+    (``missing`` 0): a service that frees memory during the lazy phase is healthy, and a strict
+    N/N would condemn it.
+    """
 
     returncode: int | None
-    transfers: list[tuple[int, int]]
+    tasks: list[TaskTransfer]
     log_path: Path
     expected_tasks: int | None = None
     argv: list[str] = field(default_factory=list)
+    released: dict[int, int] = field(default_factory=dict)
+    missing: dict[int, int] | None = None
+
+    @property
+    def transfers(self) -> list[tuple[int, int]]:
+        return [(t.copied, t.total) for t in self.tasks]
 
     @property
     def pages_transferred(self) -> int:
-        return sum(copied for copied, _ in self.transfers)
+        return sum(t.copied for t in self.tasks)
 
     @property
     def pages_expected(self) -> int:
-        return sum(total for _, total in self.transfers)
+        return sum(t.total for t in self.tasks)
+
+    def _task_ok(self, task: TaskTransfer) -> bool:
+        if task.copied == task.total:
+            return True
+        if self.missing is None or self.missing.get(task.pid, 1) != 0:
+            return False
+        return task.copied + self.released.get(task.pid, 0) >= task.total
 
     @property
     def ok(self) -> bool:
-        if self.returncode != 0 or not self.transfers:
+        if self.returncode != 0 or not self.tasks:
             return False
-        if self.expected_tasks is not None and len(self.transfers) < self.expected_tasks:
+        if self.expected_tasks is not None and len(self.tasks) < self.expected_tasks:
             return False
-        return all(copied == total for copied, total in self.transfers)
+        return all(self._task_ok(t) for t in self.tasks)
 
     def describe(self) -> str:
-        done = ", ".join(f"{c}/{t}" for c, t in self.transfers) or "no task reported"
+        parts = []
+        for t in self.tasks:
+            part = f"{t.pid}: {t.copied}/{t.total}"
+            if t.copied != t.total and t.pid in self.released:
+                part += f" ({self.released[t.pid]} released by the task"
+                if self.missing is not None:
+                    part += f", {self.missing.get(t.pid, 0)} missing"
+                part += ")"
+            parts.append(part)
+        done = ", ".join(parts) or "no task reported"
         return f"lazy-pages exited {self.returncode}, pages transferred per task: {done}"
 
     def raise_for_failure(self) -> None:
@@ -980,25 +1113,55 @@ class LazyPagesDaemon:
             await asyncio.sleep(0.01)
         log.info("lazy-pages daemon %d ready in %s", self._proc.pid, self.work_dir)
 
-    async def wait(self, timeout: float | None = None) -> LazyPagesOutcome:
-        """Wait for the daemon to finish (all pages in or failure) and judge it."""
+    async def wait(
+        self,
+        timeout: float | None = None,
+        *,
+        server: LazyPageServer | None = None,
+    ) -> LazyPagesOutcome:
+        """Wait for the daemon to finish (all pages in, or failure) and judge it.
+
+        With ``server`` (the page server that fed this daemon) a task that released part of
+        its memory during the transfer can still pass, as long as every page it lacks is one
+        it released; without it only a full N/N does.
+        """
         if self._proc is None:
             raise self._error("lazy-pages daemon was never started", None)
         async with asyncio.timeout(timeout):
             returncode = await self._proc.wait()
-        return self._outcome(returncode)
+        served = server.served_pages if server is not None else None
+        return await asyncio.to_thread(self._outcome, returncode, served)
 
-    def _outcome(self, returncode: int | None) -> LazyPagesOutcome:
+    def _outcome(
+        self, returncode: int | None, served: Mapping[int, Collection[int]] | None
+    ) -> LazyPagesOutcome:
         try:
             text = self.log_path.read_text(errors="replace")
         except FileNotFoundError:
             text = ""
+        parsed = parse_lazy_pages_events(text)
+        released: dict[int, int] = {}
+        missing: dict[int, int] | None = None
+        short = [t for t in parsed.tasks if t.copied != t.total]
+        if served is not None:
+            missing = {}
+            lazy = _lazy_vaddrs(self.image_dir) if short else {}
+            for t in short:
+                if t.pid not in lazy:
+                    missing[t.pid] = t.total - t.copied
+                    continue
+                events = [e for e in parsed.events if e.pid == t.pid]
+                released[t.pid], missing[t.pid] = released_and_missing(
+                    lazy[t.pid], served.get(t.pid, ()), events
+                )
         outcome = LazyPagesOutcome(
             returncode=returncode,
-            transfers=parse_lazy_pages_log(text),
+            tasks=parsed.tasks,
             log_path=self.log_path,
             expected_tasks=self.expected_tasks,
             argv=list(self.argv),
+            released=released,
+            missing=missing,
         )
         log.info("%s", outcome.describe())
         return outcome

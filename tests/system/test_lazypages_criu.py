@@ -53,8 +53,10 @@ HOT_PAGES = 16  # pages of the buffer the process keeps rewriting
 WORKLOAD = r"""
 import os, signal, sys, time, zlib
 PAGE = 4096
-npages, d, hot = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+npages, d, hot, spare = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
 buf = bytearray(os.urandom(npages * PAGE))
+# Memory the process frees (munmap) once the file "free" appears.
+spare = bytearray(os.urandom(spare * PAGE)) if spare else None
 mv = memoryview(buf)
 sums = [zlib.crc32(mv[i * PAGE:(i + 1) * PAGE]) for i in range(npages)]
 counter = 0
@@ -69,6 +71,9 @@ def put(name, text):
         f.write(text)
     os.replace(tmp, os.path.join(d, name))
 while True:
+    if spare is not None and os.path.exists(os.path.join(d, "free")):
+        spare = None
+        put("freed", str(counter))
     counter += 1
     i = counter % hot
     mv[i * PAGE:i * PAGE + 8] = counter.to_bytes(8, "little")
@@ -102,18 +107,22 @@ def netns() -> Iterator[str]:
 class Workload:
     """The test process: started here, dumped, restored by CRIU with the same pid."""
 
-    def __init__(self, base: Path, pages: int = BUFFER_PAGES) -> None:
+    def __init__(self, base: Path, pages: int = BUFFER_PAGES, spare: int = 0) -> None:
         self.dir = base / "proc"
         self.dir.mkdir()
         self.script = base / "workload.py"
         self.script.write_text(WORKLOAD)
         self.pages = pages
+        self.spare = spare
         self.popen: subprocess.Popen[bytes] | None = None
         self.pid = 0
 
     def start(self) -> None:
         self.popen = subprocess.Popen(
-            [sys.executable, str(self.script), str(self.pages), str(self.dir), str(HOT_PAGES)],
+            [
+                *(sys.executable, str(self.script), str(self.pages), str(self.dir)),
+                *(str(HOT_PAGES), str(self.spare)),
+            ],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -238,7 +247,7 @@ async def lazy_restore(
                 what="criu restore --lazy-pages",
             )
             restore_s = time.monotonic() - started
-            outcome = await daemon.wait(timeout=60)
+            outcome = await daemon.wait(timeout=60, server=server)
             served_s = time.monotonic() - started
         stats = await server.wait_session(timeout=10)
     return LazyRun(outcome, stats, layout, restore_s, served_s)
@@ -346,6 +355,39 @@ async def test_hybrid_fetches_only_changed_pages(
     assert r.stats.remote_pages == n_remote
     assert r.stats.local_pages == r.layout.lazy_pages - n_remote
     assert await workload.verdict(after=at_dump) == "OK"
+
+
+async def test_memory_the_task_frees_during_the_transfer_is_no_failure(
+    scratch: Path, netns: str
+) -> None:
+    workload = Workload(scratch, spare=BUFFER_PAGES)
+    workload.start()
+    try:
+        full = scratch / "full"
+        await workload.dump(full)
+        at_dump = workload.counter()
+        # The restored process frees its spare buffer on its first tick, while slow fetches
+        # keep most of that buffer still unfetched: the daemon ends with copied < total.
+        (workload.dir / "free").write_text("now")
+        with LocalImagePages(full) as source_side:
+
+            async def fetch(pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+                await asyncio.sleep(0.02)
+                return await source_side.read(pid_id, vaddr, nr_pages)
+
+            r = await lazy_restore(scratch, full, RemotePages(fetch), netns)
+        _report("freed during transfer", r)
+
+        assert (workload.dir / "freed").exists()
+        short = [t for t in r.outcome.tasks if t.copied < t.total]
+        assert short, "the process freed nothing before it was fetched: test did not bite"
+        assert r.outcome.missing is not None
+        assert all(r.outcome.missing[t.pid] == 0 for t in short)
+        assert all(r.outcome.released[t.pid] >= t.total - t.copied for t in short)
+        assert r.outcome.ok
+        assert await workload.verdict(after=at_dump) == "OK"
+    finally:
+        workload.kill()
 
 
 async def test_failing_remote_source_fails_the_transfer(

@@ -20,6 +20,7 @@ from fogmig.platform.criu_image import (
 )
 from fogmig.platform.errors import TransferError
 from fogmig.platform.migration.lazypages import (
+    AddressEvent,
     LayeredPages,
     LazyLayoutError,
     LazyPageServer,
@@ -30,9 +31,12 @@ from fogmig.platform.migration.lazypages import (
     PageServerError,
     PageTally,
     RemotePages,
+    TaskTransfer,
     convert_to_lazy_layout,
     listen_socket,
+    parse_lazy_pages_events,
     parse_lazy_pages_log,
+    released_and_missing,
 )
 from fogmig.platform.migration.pageserver_protocol import (
     CLOSE_STATUS_OK,
@@ -437,6 +441,7 @@ async def test_server_answers_get_and_close(
         104.0,
     )
     assert stats.faulted_pages_transfer_time == 3.0
+    assert server.served_pages == {1: {0x31000, 0x32000}}
 
 
 async def test_server_ends_the_session_on_an_unknown_page(
@@ -533,15 +538,61 @@ def test_listen_socket_picks_a_free_port() -> None:
 # --------------------------------------------------------------------------- verdict
 
 LOG = """\
-(00.101) 93-5: Found 2950 pages to be handled by UFFD
-(00.300) 93-5: UFFD transferred pages: (2950/2950)
-(00.301) 94-6: UFFD transferred pages: (12/12)
+(00.101) uffd: 93-5: Found 2950 pages to be handled by UFFD
+(00.200) uffd: 93-5: REMAP: 7f0000010000 -> 7f0000100000 (8192)
+(00.210) uffd: 93-5: UNMAP: 7f0000100000(1000)
+(00.220) uffd: 93-5: REMOVE: 7f0000020000(2000)
+(00.300) uffd: 93-5: UFFD transferred pages: (2950/2950)
+(00.301) uffd: 94-6: UFFD transferred pages: (12/12)
 """
 
 
 def test_parse_lazy_pages_log() -> None:
     assert parse_lazy_pages_log(LOG) == [(2950, 2950), (12, 12)]
     assert parse_lazy_pages_log("Error (criu/uffd.c): nothing\n") == []
+
+
+def test_parse_lazy_pages_events_in_log_order() -> None:
+    parsed = parse_lazy_pages_events(LOG)
+    assert parsed.tasks == [TaskTransfer(93, 2950, 2950), TaskTransfer(94, 12, 12)]
+    assert parsed.events == [
+        AddressEvent(93, "remap", 0x7F0000010000, 8192, 0x7F0000100000),
+        AddressEvent(93, "unmap", 0x7F0000100000, 0x1000),
+        AddressEvent(93, "remove", 0x7F0000020000, 0x2000),
+    ]
+
+
+def test_released_pages_follow_remaps() -> None:
+    base = 0x7F0000010000
+    lazy = [base + i * P for i in range(4)] + [0x7F0000020000, 0x7F0000021000, 0x7F0000030000]
+    events = parse_lazy_pages_events(LOG).events
+    # Pages 0-1 moved to 0x...100000 and page 0 of them was unmapped there; 0x20000 and
+    # 0x21000 were removed in place. Nothing served: the remaining four are missing.
+    assert released_and_missing(lazy, [], events) == (3, 4)
+    served = [base + P, base + 2 * P, base + 3 * P, 0x7F0000030000]
+    assert released_and_missing(lazy, served, events) == (3, 0)
+    # Without the remap the unmap misses the original addresses.
+    assert released_and_missing(lazy, served, events[1:]) == (2, 1)
+
+
+def outcome(
+    tmp_path: Path,
+    returncode: int | None,
+    transfers: list[tuple[int, int]],
+    *,
+    expected_tasks: int | None = None,
+    released: dict[int, int] | None = None,
+    missing: dict[int, int] | None = None,
+) -> LazyPagesOutcome:
+    return LazyPagesOutcome(
+        returncode=returncode,
+        tasks=[TaskTransfer(pid, c, t) for pid, (c, t) in enumerate(transfers, start=1)],
+        log_path=tmp_path / "lazy-pages.log",
+        expected_tasks=expected_tasks,
+        argv=["criu"],
+        released=released or {},
+        missing=missing,
+    )
 
 
 @pytest.mark.parametrize(
@@ -563,13 +614,29 @@ def test_outcome_verdict(
     expected_tasks: int | None,
     ok: bool,
 ) -> None:
-    log_path = tmp_path / "lazy-pages.log"
-    outcome = LazyPagesOutcome(returncode, transfers, log_path, expected_tasks, ["criu"])
-    assert outcome.ok is ok
+    result = outcome(tmp_path, returncode, transfers, expected_tasks=expected_tasks)
+    assert result.ok is ok
     if ok:
-        outcome.raise_for_failure()
+        result.raise_for_failure()
     else:
         with pytest.raises(LazyPagesFailed) as failure:
-            outcome.raise_for_failure()
-        assert failure.value.log_path == log_path
-        assert str(log_path) in str(failure.value)
+            result.raise_for_failure()
+        assert failure.value.log_path == result.log_path
+        assert str(result.log_path) in str(failure.value)
+
+
+@pytest.mark.parametrize(
+    ("released", "missing", "ok"),
+    [
+        ({1: 4}, {1: 0}, True),  # the task freed what it never got: healthy
+        ({1: 4}, None, False),  # no record of served pages: only N/N passes
+        ({1: 4}, {1: 1}, False),  # one page neither served nor released: a hole
+        ({1: 2}, {1: 0}, False),  # the counts do not add up
+    ],
+)
+def test_outcome_accepts_only_pages_the_task_released(
+    tmp_path: Path, released: dict[int, int], missing: dict[int, int] | None, ok: bool
+) -> None:
+    result = outcome(tmp_path, 0, [(6, 10)], expected_tasks=1, released=released, missing=missing)
+    assert result.ok is ok
+    assert "6/10" in result.describe()
