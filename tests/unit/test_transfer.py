@@ -7,9 +7,12 @@ server's checks are exercised with exactly the bytes an attacker could send.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import hashlib
+import json
 import os
+import posixpath
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -17,6 +20,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fogmig.platform.errors import ConfigError, FogmigError, TransferError
 from fogmig.platform.transfer import (
@@ -34,8 +39,10 @@ from fogmig.platform.transfer import (
 )
 from fogmig.platform.transfer_protocol import (
     CHUNK_SIZE,
+    FRAME_OF,
     HEADER,
     HEADER_SIZE,
+    MESSAGE_OF,
     NONCE_SIZE,
     PARTIAL_SUFFIX,
     PROTOCOL_VERSION,
@@ -46,14 +53,21 @@ from fogmig.platform.transfer_protocol import (
     FileEnd,
     FileOk,
     Frame,
+    FrameDecoder,
     FrameType,
     Hello,
+    IncomingFile,
+    ReceiverOrder,
+    ReceiverState,
     auth_proof,
+    check_migration_id,
+    check_relative_path,
     decode_header,
     decode_message,
     encode_frame,
     encode_header,
     encode_message,
+    max_payload,
 )
 
 SECRET = b"fmtx-testbed-secret-0123456789"
@@ -776,8 +790,11 @@ async def test_disk_full_is_reported_and_partial_removed(
             await ch.send_dir(MID, src)
         assert "gwb" in str(full.value)
         assert full.value.hint
-        # The channel is still usable and reports what arrived.
-        assert (await ch.call("listdir", {"migration_id": MID}))["files"] == ["a-small.img"]
+        # The channel is still usable; the refused file is not there (files sent before the
+        # refusal came back may be).
+        files = (await ch.call("listdir", {"migration_id": MID}))["files"]
+        assert "a-small.img" in files
+        assert "b-big.img" not in files
     assert partials(recv_root) == []
 
 
@@ -818,3 +835,187 @@ def test_errors_are_in_the_fogmig_tree() -> None:
         assert issubclass(cls, TransferError)
         assert issubclass(cls, FogmigError)
     assert issubclass(ProtocolError, PeerError)
+
+
+# --- codec (pure) --------------------------------------------------------------------------------
+
+fuzz = settings(deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+
+frame_types = st.sampled_from(list(FrameType))
+
+
+@st.composite
+def frames(draw: st.DrawFn) -> Frame:
+    ftype = draw(frame_types)
+    limit = 3000 if ftype is FrameType.FILE_DATA else 300
+    return Frame(ftype, draw(st.binary(max_size=limit)))
+
+
+@fuzz
+@given(st.lists(frames(), max_size=8), st.lists(st.integers(1, 64), max_size=50))
+def test_frames_survive_any_split(sent: list[Frame], cuts: list[int]) -> None:
+    wire = b"".join(encode_frame(f.type, f.payload) for f in sent)
+    decoder = FrameDecoder()
+    received: list[Frame] = []
+    pos = 0
+    for cut in cuts:
+        received += decoder.feed(wire[pos : pos + cut])
+        pos += cut
+    received += decoder.feed(wire[pos:])
+    assert received == sent
+    assert decoder.pending == 0
+
+
+@fuzz
+@given(st.binary(max_size=2000))
+def test_decoder_accepts_frames_or_raises_protocol_error(garbage: bytes) -> None:
+    decoder = FrameDecoder()
+    try:
+        for frame in decoder.feed(garbage):
+            assert len(frame.payload) <= max_payload(frame.type)
+    except ProtocolError:
+        pass
+
+
+@fuzz
+@given(
+    st.sampled_from(sorted(MESSAGE_OF, key=int)),
+    st.one_of(
+        st.binary(max_size=200),
+        st.dictionaries(
+            st.sampled_from(["seq", "path", "size", "id", "op", "code", "sha256", "x"]),
+            st.one_of(st.integers(), st.text(max_size=20), st.none(), st.booleans()),
+        ).map(lambda d: json.dumps(d).encode()),
+    ),
+)
+def test_messages_parse_or_raise_protocol_error(ftype: FrameType, payload: bytes) -> None:
+    try:
+        message = decode_message(Frame(ftype, payload), MESSAGE_OF[ftype])
+    except ProtocolError:
+        return
+    assert FRAME_OF[type(message)] is ftype
+    assert decode_message(Frame(ftype, encode_message(message)[HEADER_SIZE:]), type(message))
+
+
+@fuzz
+@given(
+    st.text(alphabet=st.sampled_from(["a", "b", ".", "/", "\\", "\x00", "\n", "é"]), max_size=30)
+)
+def test_accepted_paths_stay_inside(path: str) -> None:
+    try:
+        parts = check_relative_path(path)
+    except PathError:
+        return
+    resolved = posixpath.normpath(posixpath.join("/base", *parts))
+    assert resolved.startswith("/base/")
+    assert all(part not in ("", ".", "..") and "\x00" not in part for part in parts)
+
+
+@pytest.mark.parametrize("path", ["a", "a/b/c.img", "pages-1.img", "round1/images/core-1.img", "é"])
+def test_ordinary_paths_are_accepted(path: str) -> None:
+    assert "/".join(check_relative_path(path)) == path
+
+
+@pytest.mark.parametrize("mid", ["", ".", "..", "../x", "a/b", "-x", "a" * 129, "a\x00"])
+def test_bad_migration_ids(mid: str) -> None:
+    with pytest.raises(PathError):
+        check_migration_id(mid)
+
+
+@fuzz
+@given(
+    st.binary(max_size=20_000),
+    st.lists(st.integers(1, 5000), max_size=20),
+    st.booleans(),
+    st.integers(0, 10**9),
+)
+def test_incoming_file_verifies_content(
+    data: bytes, cuts: list[int], compress: bool, flip: int
+) -> None:
+    wire = zlib.compress(data, 1) if compress else data
+    digest = hashlib.sha256(data).hexdigest()
+
+    def receive(payload: bytes) -> bytes:
+        begin = FileBegin(
+            seq=0,
+            migration_id=MID,
+            path="f",
+            size=len(data),
+            compression="zlib" if compress else "none",
+        )
+        incoming = IncomingFile(begin)
+        out = b""
+        pos = 0
+        for cut in [*cuts, len(payload)]:
+            out += b"".join(incoming.feed(payload[pos : pos + cut]))
+            pos += cut
+        incoming.finish(FileEnd(seq=0, sha256=digest))
+        return out
+
+    assert receive(wire) == data
+    if wire:
+        damaged = bytearray(wire)
+        damaged[flip % len(wire)] ^= 1 << (flip % 8)
+        if not compress:
+            with pytest.raises(IntegrityError):
+                receive(bytes(damaged))
+            return
+        # Some bits of a deflate stream do not matter (padding); what is accepted must be the
+        # original content, whatever the damage.
+        with contextlib.suppress(IntegrityError):
+            assert receive(bytes(damaged)) == data
+
+
+@fuzz
+@given(st.lists(st.tuples(frame_types, st.integers(0, 5)), max_size=30))
+def test_receiver_order_only_raises_protocol_errors(steps: list[tuple[FrameType, int]]) -> None:
+    order = ReceiverOrder()
+    for ftype, seq in steps:
+        try:
+            if ftype is FrameType.FILE_BEGIN:
+                order.begin(seq)
+            elif ftype in (FrameType.FILE_END, FrameType.FILE_ABORT):
+                order.check(ftype)
+                order.end(seq)
+            else:
+                order.check(ftype)
+        except ProtocolError:
+            continue
+        assert (order.state is ReceiverState.IDLE) == (order.seq is None)
+
+
+def test_receiver_order_rules() -> None:
+    order = ReceiverOrder()
+    order.check(FrameType.CALL)
+    with pytest.raises(ProtocolError):
+        order.check(FrameType.FILE_DATA)
+    order.begin(0)
+    with pytest.raises(ProtocolError):
+        order.check(FrameType.CALL)
+    with pytest.raises(ProtocolError):
+        order.end(1)
+    order.refuse()
+    assert order.state is ReceiverState.DISCARDING
+    assert order.end(0) is False
+    with pytest.raises(ProtocolError, match="does not increase"):
+        order.begin(0)
+    order.begin(1)
+    assert order.end(1) is True
+
+
+def test_auth_proofs_bind_role_names_and_nonces() -> None:
+    base = {
+        "client": "gwa",
+        "server": "gwb",
+        "client_nonce": b"c" * NONCE_SIZE,
+        "server_nonce": b"s" * NONCE_SIZE,
+    }
+    proof = auth_proof(SECRET, role="client", **base)  # type: ignore[arg-type]
+    assert proof == auth_proof(SECRET, role="client", **base)  # type: ignore[arg-type]
+    variants = [
+        auth_proof(SECRET, role="server", **base),  # type: ignore[arg-type]
+        auth_proof(SECRET + b"x", role="client", **base),  # type: ignore[arg-type]
+        auth_proof(SECRET, role="client", **{**base, "client": "gwc"}),  # type: ignore[arg-type]
+        auth_proof(SECRET, role="client", **{**base, "server_nonce": b"t" * 32}),  # type: ignore[arg-type]
+    ]
+    assert proof not in variants
