@@ -343,7 +343,11 @@ class LazyCheckpoint:
         return self._result
 
     async def abort(self) -> None:
-        """Stop the page server (kills the checkpoint's process group) and clean up."""
+        """Stop the page server (kills the checkpoint's process group) and clean up.
+
+        Before any destination restored from the images, this is a rollback: with CRIU gone
+        its hold on the frozen service ends and the service goes on at the source.
+        """
         if self._proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self._proc.pid, signal_module.SIGKILL)

@@ -247,6 +247,12 @@ async def test_full_checkpoint_and_restore_keep_the_state(nodes: Nodes) -> None:
     _assert_state(await probe_state(nodes.net.a), nodes.expected())
     nodes.post(nodes.a)  # the running hash goes on from where it was
     _assert_state(await probe_state(nodes.net.a), nodes.expected())
+    # A restored container dumps again (its bundle's restore-only options are kept aside).
+    again = await nodes.a.checkpoint(
+        "svc", image_dir=nodes.dirs("again")[0], work_dir=nodes.dirs("again")[1]
+    )
+    assert again.pages_written
+    assert (nodes.bundle(nodes.a, "svc") / "restore.conf").exists()
     print(
         f"\n{STATE_MB} MB: checkpoint {ck.wall_s:.3f} s (frozen {ck.frozen_ms:.1f} ms), "
         f"restore {rs.wall_s:.3f} s (CRIU {rs.restore_ms} ms)"
@@ -346,6 +352,31 @@ async def test_lazy_migration_between_nodes(nodes: Nodes) -> None:
         f"\nlazy: ready {source.ready_s:.3f} s, restored {restored.wall_s:.3f} s, "
         f"{lazy.pages_total} pages in {lazy.duration:.3f} s"
     )
+
+
+async def test_lazy_abort_before_the_restore_resumes_the_source(nodes: Nodes) -> None:
+    net = nodes.net
+    await nodes.start(nodes.a, "svc")
+    nodes.post(nodes.a)
+    images, work = nodes.dirs("lazy-abort")
+    handle = await nodes.a.checkpoint_lazy(
+        "svc",
+        image_dir=images,
+        work_dir=work,
+        listen_ip=net.a_ip,
+        port=PAGE_SERVER_PORT + 1,
+        allow_ip=net.b_ip,
+    )
+    await handle.ready(timeout=60)
+
+    await handle.abort()
+
+    # Nobody fetched a page: with CRIU gone the frozen service goes on, state intact.
+    assert (await nodes.a.state("svc")).running
+    _assert_state(await probe_state(net.a), nodes.expected())
+    nodes.post(nodes.a)
+    _assert_state(await probe_state(net.a), nodes.expected())
+    assert "FMPS" not in _iptables(net.a)
 
 
 async def test_failed_restore_names_its_log_and_leaves_nothing(nodes: Nodes) -> None:
