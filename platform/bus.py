@@ -305,8 +305,23 @@ class Bus:
         )
 
     async def _supervise(self) -> None:
-        """Connect, serve, and on any loss wait a jittered backoff and connect again."""
         assert self._first is not None
+        try:
+            await self._connect_and_serve(self._first)
+        except Exception as exc:
+            # A bug, not a network problem: fail loudly instead of hanging the callers.
+            log.exception("bus %s stopped on an unexpected error", self.client_id)
+            if not self._first.done():
+                error = BusError(f"the bus stopped on an unexpected error: {exc!r}")
+                error.__cause__ = exc
+                self._first.set_exception(error)
+        finally:
+            self._stop.set()
+            for sub in list(self._subscriptions):
+                sub._end()
+
+    async def _connect_and_serve(self, first: asyncio.Future[None]) -> None:
+        """Connect, serve, and on any loss wait a jittered backoff and connect again."""
         loop = asyncio.get_running_loop()
         first_deadline = loop.time() + self._connect_timeout
         attempt = 0
@@ -328,8 +343,8 @@ class Bus:
                         self.port,
                         self.connections,
                     )
-                    if not self._first.done():
-                        self._first.set_result(None)
+                    if not first.done():
+                        first.set_result(None)
                     await self._serve(conn)
             except MqttConnectError as exc:
                 # The broker answered and said no: retrying will not change its mind soon.
@@ -337,8 +352,8 @@ class Bus:
                     f"broker {self.host}:{self.port} refused client {self.client_id}: {exc}",
                     hint="check the bus user name, password and the broker's ACL",
                 )
-                if not self._first.done():
-                    self._first.set_exception(error)
+                if not first.done():
+                    first.set_exception(error)
                     return
                 log.error("%s", error)
             except (aiomqtt.MqttError, BusError) as exc:
@@ -353,8 +368,8 @@ class Bus:
                     conn.lost.set()
             if self._stop.is_set():
                 break
-            if not self._first.done() and loop.time() >= first_deadline:
-                self._first.set_exception(
+            if not first.done() and loop.time() >= first_deadline:
+                first.set_exception(
                     BusError(
                         f"cannot reach the broker at {self.host}:{self.port} "
                         f"within {self._connect_timeout:g} s",
@@ -366,8 +381,8 @@ class Bus:
             attempt += 1
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), delay)
-        if not self._first.done():
-            self._first.set_exception(BusError("the bus was closed before it connected"))
+        if not first.done():
+            first.set_exception(BusError("the bus was closed before it connected"))
 
     async def _serve(self, conn: _Connection) -> None:
         """Dispatch messages until the connection drops (raises) or the bus stops (returns)."""

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import random
+import socket
 import time
 
 import pytest
@@ -12,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fogmig.platform.bus import Bus, Received, Subscription, backoff_delay
-from fogmig.platform.errors import ConfigError
+from fogmig.platform.errors import BusError, ConfigError
 from fogmig.platform.schemas import (
     PREFIX,
     Cleared,
@@ -261,3 +263,38 @@ def _drain(sub: Subscription) -> list[Received]:
         assert isinstance(item, Received)
         out.append(item)
     return out
+
+
+async def test_a_bug_in_the_connection_loop_fails_the_open_instead_of_hanging(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    bus = _bus(connect_timeout=30)
+
+    def broken() -> None:
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(bus, "_new_client", broken)
+    with pytest.raises(BusError, match="boom") as info:
+        async with asyncio.timeout(5), bus:
+            pass
+    assert isinstance(info.value.__cause__, RuntimeError)
+
+
+async def test_an_unreachable_broker_fails_the_open_after_the_timeout() -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # bound, never listening: connections are refused
+        bus = Bus(
+            host="127.0.0.1",
+            port=port,
+            username=None,
+            password=None,
+            client_id="fmbus-unit",
+            connect_timeout=0.3,
+            backoff_initial=0.05,
+        )
+        started = time.monotonic()
+        with pytest.raises(BusError, match="cannot reach"):
+            async with bus:
+                pass
+        assert 0.25 < time.monotonic() - started < 3
