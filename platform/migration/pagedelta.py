@@ -187,9 +187,30 @@ def _differing(
     return out
 
 
+def _check_full_dump(pm: Pagemap, directory: Path) -> None:
+    """Only complete dumps can be compared: every page's bytes must be in the image."""
+    missing = [e for e in pm.entries if not e.present]
+    if not missing:
+        return
+    e = missing[0]
+    if e.in_parent:
+        raise DeltaError(
+            f"{directory / pm.file_name} takes pages from parent images: the page delta needs "
+            "full dumps (no --prev-images-dir / pre-dump chain)"
+        )
+    raise DeltaError(
+        f"{directory / pm.file_name} is a lazy dump: page {e.vaddr:#x} has no bytes in the "
+        "image, so what changed cannot be known",
+        hint="for hybrid, take a full final dump and use save_delta(..., lazy=True)",
+    )
+
+
 def _diff_pagemap(
     cur: Pagemap, cur_dir: Path, prev: Pagemap | None, prev_dir: Path | None
 ) -> PagemapDelta:
+    _check_full_dump(cur, cur_dir)
+    if prev is not None and prev_dir is not None:
+        _check_full_dump(prev, prev_dir)
     cur_v = cur.present_vaddrs()
     if cur_v.size > 1 and np.any(np.diff(np.sort(cur_v)) == 0):
         raise DeltaError(f"{cur_dir / cur.file_name} lists a page twice")

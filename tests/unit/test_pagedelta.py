@@ -320,6 +320,23 @@ def test_refuses_non_empty_output_and_non_dumps(tmp_path: Path) -> None:
         apply_delta(None, tmp_path / "empty", tmp_path / "r")
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(PE_LAZY, "is a lazy dump"), (PE_PARENT, "takes pages from parent images")],
+)
+def test_refuses_dumps_without_page_contents(tmp_path: Path, flags: int, message: str) -> None:
+    d1 = make_dump(tmp_path / "d1", {"1": (2, base_pages())})
+    d2 = tmp_path / "d2"
+    d2.mkdir()
+    entries = (PagemapEntry(HEAP, 4, flags), PagemapEntry(STACK_TOP, 1, PE_PRESENT))
+    write_pagemap(d2, Pagemap("1", 2, entries))
+    (d2 / "pages-2.img").write_bytes(page(1))
+    with pytest.raises(DeltaError, match=message):
+        compute_delta(d1, d2)
+    with pytest.raises(DeltaError, match=message):
+        compute_delta(d2, d1)
+
+
 def test_runs_file_round_trip_and_damage(tmp_path: Path) -> None:
     v = np.array([0x1000, 0x2000, 0x3000, 0x9000, 0xB000], dtype=np.int64)
     runs = runs_of(v)
