@@ -772,6 +772,14 @@ def build_hybrid_images(
     without PE_LAZY, so the restore itself writes it) when the delta carries it, and PE_LAZY
     (no bytes) when the delta left it to post-copy. ``parent`` is the link's target; by
     default the absolute path of ``base_dir``.
+
+    Sequence verified with CRIU 4.2.1 (restore.c reads PE_PARENT pages through the link;
+    uffd.c registers only PE_LAZY ones): the source takes a FULL final dump (a lazy dump has
+    no page bytes to compare), ships ``save_delta(..., lazy=True)`` and runs ``criu
+    page-server --lazy-pages -D <write_lazy_source dir> --address IP --port P`` (it binds IP,
+    serves one session, exits). Here: ``criu lazy-pages --page-server --address IP --port P
+    -D out_dir -W W``, then ``criu restore --lazy-pages -D out_dir -W W`` (same ``W``). Judge
+    by the daemon's exit code and its ``UFFD transferred pages: (N/N)`` (logged at -v4).
     """
     manifest = read_manifest(delta_dir)
     _prepare_out(out_dir)
