@@ -57,6 +57,7 @@ from fogmig.platform.schemas import (
     reject,
     topics,
 )
+from fogmig.platform.testbed.broker import CONTROLLER_USER, acl_rules, render_acl
 
 pytestmark = [
     pytest.mark.system,
@@ -65,21 +66,13 @@ pytestmark = [
 ]
 
 NODES = ("gw1", "gw2")
-USERS = ("controller", "gw1", "gw2", "devhost")
+USERS = (CONTROLLER_USER, "gw1", "gw2", "devhost")
 
 
 def _acl() -> str:
-    # Nodes read the whole tree and write only their own subtree: a node cannot command another.
-    lines = ["user controller", "topic readwrite fogmig/v1/#", ""]
-    for node in NODES:
-        lines += [
-            f"user {node}",
-            "topic read fogmig/v1/#",
-            f"topic write fogmig/v1/nodes/{node}/#",
-            "",
-        ]
-    lines += ["user devhost", "topic read fogmig/v1/#", "topic write fogmig/v1/devices/#", ""]
-    return "\n".join(lines)
+    # The testbed's own rules: nodes read the whole tree and write only their own subtree, so a
+    # node cannot command another; the controller reads and writes everything.
+    return render_acl(acl_rules(NODES, device_host="devhost", controller=CONTROLLER_USER))
 
 
 def _free_port() -> int:
