@@ -637,18 +637,19 @@ def listen_socket(host: str, port: int, netns: str | None = None) -> socket.sock
 class LazyPageServer:
     """CRIU's page-server protocol, lazy side, answered from a :class:`PageSource`.
 
-    Listens on ``host:port`` (port 0 picks a free one, see :attr:`port`) in network namespace
-    ``netns`` (default: this process's). Meant for loopback in the destination node, where only
-    that node's lazy-pages daemon can reach it; one session at a time, further connections are
-    refused. Requests are read ahead and fetched concurrently (up to ``max_in_flight``), replies
-    go out in request order as the daemon expects. A request the source cannot answer ends the
-    session, which makes the daemon fail: never a silent hole in the restored memory.
+    The daemon reaches it through :meth:`channel` (a socket pair, preferred: nothing listens)
+    or over TCP on ``host:port`` (port 0 picks a free one, see :attr:`port`) in network
+    namespace ``netns``; ``host=None`` opens no listener. Over TCP only loopback makes sense:
+    the protocol has no authentication. One session at a time; further connections are
+    refused. Requests are read ahead and fetched concurrently (up to ``max_in_flight``),
+    replies go out in request order as the daemon expects. A request the source cannot answer
+    ends the session, which makes the daemon fail: never a silent hole in restored memory.
     """
 
     def __init__(
         self,
         *,
-        host: str = "127.0.0.1",
+        host: str | None = "127.0.0.1",
         port: int = 0,
         source: PageSource,
         netns: str | None = None,
@@ -665,6 +666,7 @@ class LazyPageServer:
         self._served: dict[int, list[tuple[int, int]]] = {}
         self._server: asyncio.Server | None = None
         self._session: asyncio.Task[None] | None = None
+        self._channel_sessions: set[asyncio.Task[None]] = set()
         self._session_done = asyncio.Event()
 
     @property
@@ -701,6 +703,8 @@ class LazyPageServer:
         }
 
     async def start(self) -> None:
+        if self.host is None:
+            return  # channel only
         sock = listen_socket(self.host, self._port, self.netns)
         self._port = sock.getsockname()[1]
         self._server = await asyncio.start_server(self._on_connect, sock=sock)
@@ -711,15 +715,32 @@ class LazyPageServer:
             f" in {self.netns}" if self.netns else "",
         )
 
+    async def channel(self) -> socket.socket:
+        """A connected socket for the daemon's ``--ps-socket``; its session starts now.
+
+        A Unix socket pair: no port to find, guard or race for, and no TCP cork delay.
+        Hand it to :class:`LazyPagesDaemon` (which passes it on and closes this copy).
+        """
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            reader, writer = await asyncio.open_connection(sock=ours)
+        except BaseException:
+            ours.close()
+            theirs.close()
+            raise
+        self._channel_sessions.add(asyncio.create_task(self._on_connect(reader, writer)))
+        return theirs
+
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
             self._server = None
-        if self._session is not None and not self._session.done():
-            self._session.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._session
+        pending = [t for t in (self._session, *self._channel_sessions) if t is not None]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        self._channel_sessions.clear()
 
     async def __aenter__(self) -> Self:
         await self.start()
@@ -1028,10 +1049,16 @@ class LazyPagesOutcome:
 class LazyPagesDaemon:
     """``criu lazy-pages --page-server`` at the destination, fed from a local page server.
 
-    Entering starts the daemon (in ``netns`` if given; it must be the namespace where the page
-    server listens) and returns once its ``lazy-pages.socket`` exists in ``work_dir``, so that
-    ``restore --lazy-pages`` with the same work directory can run. :meth:`wait` returns the
-    outcome; leaving kills a daemon that is still running.
+    The daemon reaches the server through ``channel`` (from :meth:`LazyPageServer.channel`:
+    nothing listens, nothing else can connect) or through TCP ``address:port`` in ``netns``
+    (the namespace where the server listens). The daemon talks to ``restore --lazy-pages``
+    through ``lazy-pages.socket`` in ``work_dir``, not the network, so it need not share the
+    restored service's namespace.
+
+    Entering starts the daemon and returns once that socket exists, so the restore (with the
+    same work directory) can run. :meth:`wait` returns the outcome; leaving kills a daemon that
+    is still running. Over TCP the daemon exits about 0.2 s after its last page (it sends its
+    close on a corked socket): time the transfer with the server's ``last_page_at``.
     """
 
     def __init__(
@@ -1039,7 +1066,8 @@ class LazyPagesDaemon:
         *,
         image_dir: Path,
         work_dir: Path,
-        port: int,
+        channel: socket.socket | None = None,
+        port: int | None = None,
         address: str = "127.0.0.1",
         netns: str | None = None,
         criu: str = "criu",
@@ -1047,29 +1075,25 @@ class LazyPagesDaemon:
         expected_tasks: int | None = None,
         start_timeout: float = 10.0,
     ) -> None:
+        if (channel is None) == (port is None):
+            raise ValueError("give the daemon either a channel or a port")
         self.image_dir = image_dir
         self.work_dir = work_dir
         self.log_path = work_dir / log_name
         self.expected_tasks = expected_tasks
         self._start_timeout = start_timeout
+        self._channel = channel
+        if channel is not None:
+            # CRIU's --ps-socket: talk over an inherited, already connected socket.
+            server_args = ["--ps-socket", str(channel.fileno())]
+        else:
+            server_args = ["--address", address, "--port", str(port)]
         # -v4: the per-task "UFFD transferred pages" summary is a debug line.
         self.argv = in_netns(
             netns,
             [
-                criu,
-                "lazy-pages",
-                "--page-server",
-                "--address",
-                address,
-                "--port",
-                str(port),
-                "-D",
-                str(image_dir),
-                "-W",
-                str(work_dir),
-                "-v4",
-                "--log-file",
-                log_name,
+                *(criu, "lazy-pages", "--page-server", *server_args),
+                *("-D", str(image_dir), "-W", str(work_dir), "-v4", "--log-file", log_name),
             ],
         )
         self._proc: asyncio.subprocess.Process | None = None
@@ -1097,9 +1121,15 @@ class LazyPagesDaemon:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
+                pass_fds=() if self._channel is None else (self._channel.fileno(),),
             )
         except FileNotFoundError as exc:
             raise self._error("criu not found", None) from exc
+        finally:
+            # The daemon holds its own copy; ours would keep the server from seeing the
+            # daemon go away.
+            if self._channel is not None:
+                self._channel.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._start_timeout
         while not self.socket_path.exists():

@@ -19,6 +19,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -221,19 +222,30 @@ class LazyRun:
 
 
 async def lazy_restore(
-    scratch: Path, full: Path, source: PageSource, netns: str, name: str = "lazy"
+    scratch: Path,
+    full: Path,
+    source: PageSource,
+    netns: str,
+    *,
+    tcp: bool = False,
 ) -> LazyRun:
-    """Convert, serve and restore lazily in ``netns``; returns once the daemon has exited."""
-    lazy = scratch / name
-    work = scratch / f"{name}-work"
+    """Convert, serve and restore lazily; returns once the daemon has exited.
+
+    The restore runs in ``netns`` (the "node"); the daemon gets a socket-pair channel to the
+    server, or with ``tcp`` connects to it on loopback inside ``netns``.
+    """
+    lazy = scratch / "lazy"
+    work = scratch / "lazy-work"
     layout = await convert_to_lazy_layout(full, lazy)
-    async with LazyPageServer(source=source, netns=netns) as server:
+    async with LazyPageServer(source=source, netns=netns, host="127.0.0.1" if tcp else None) as (
+        server
+    ):
+        if tcp:
+            link: dict[str, Any] = {"port": server.port, "netns": netns}
+        else:
+            link = {"channel": await server.channel()}
         async with LazyPagesDaemon(
-            image_dir=lazy,
-            work_dir=work,
-            port=server.port,
-            netns=netns,
-            expected_tasks=layout.tasks,
+            image_dir=lazy, work_dir=work, expected_tasks=layout.tasks, **link
         ) as daemon:
             started = time.monotonic()
             await run(
@@ -264,13 +276,16 @@ def _report(label: str, r: LazyRun) -> None:
     )
 
 
-async def test_postcopy_from_local_image(scratch: Path, workload: Workload, netns: str) -> None:
+@pytest.mark.parametrize("tcp", [False, True], ids=["channel", "tcp"])
+async def test_postcopy_from_local_image(
+    scratch: Path, workload: Workload, netns: str, tcp: bool
+) -> None:
     full = scratch / "full"
     await workload.dump(full)
     at_dump = workload.counter()
     with LocalImagePages(full) as source:
-        r = await lazy_restore(scratch, full, source, netns)
-    _report("post-copy", r)
+        r = await lazy_restore(scratch, full, source, netns, tcp=tcp)
+    _report(f"post-copy over {'tcp' if tcp else 'channel'}", r)
 
     r.outcome.raise_for_failure()
     assert r.outcome.ok

@@ -527,6 +527,21 @@ async def test_server_reports_a_failing_remote_source() -> None:
     assert stats.pages_served == 0
 
 
+async def test_server_over_a_channel_without_listening(full_dump: Path) -> None:
+    with LocalImagePages(full_dump) as source:
+        async with LazyPageServer(source=source, host=None) as server:
+            sock = await server.channel()
+            reader, writer = await asyncio.open_connection(sock=sock)
+            daemon = FakeDaemon(reader, writer)
+            await daemon.ask(7, 0x40000, 2)
+            header, data = await daemon.answer()
+            assert (header.nr_pages, data) == (2, page(0xA1) + page(0xA2))
+            assert await daemon.close() == CLOSE_STATUS_OK
+            stats = await server.wait_session(timeout=5)
+    assert stats.closed_cleanly
+    assert stats.pages_served == 2
+
+
 def test_listen_socket_picks_a_free_port() -> None:
     sock = listen_socket("127.0.0.1", 0)
     try:
