@@ -28,11 +28,13 @@ from fogmig.platform.errors import (
     ContainerNotFoundError,
     FogmigError,
     ServiceError,
+    TestbedError,
     UnknownNodeError,
 )
 from fogmig.platform.nodes import check_node_name, check_service_name, netns_name, runc_root
 from fogmig.platform.proc import NETNS_DIR, run
 from fogmig.platform.runtime import ContainerState, NodeRuntime
+from fogmig.platform.testbed.state import load_state
 from fogmig.platform.workdir import remove_tree
 from fogmig.services.client import ServiceState, ServiceUnreachableError
 from fogmig.services.image import SENSOR_IN_IMAGE, ensure_image
@@ -138,13 +140,13 @@ def netns_path(netns: str) -> Path:
 
 
 def known_nodes() -> list[str]:
-    """Nodes with a runc root or a namespace on this machine, sorted."""
+    """The testbed's fog nodes (when it is up) and every node with a runc root, sorted."""
     names: set[str] = set()
     nodes_root = paths.run_dir() / "nodes"
     if nodes_root.is_dir():
         names.update(p.parent.name for p in nodes_root.glob("*/runc") if p.is_dir())
-    if NETNS_DIR.is_dir():
-        names.update(p.name.removeprefix("fm-") for p in NETNS_DIR.glob("fm-*"))
+    with contextlib.suppress(TestbedError):
+        names.update(load_state().node_names)
     valid = []
     for name in names:
         with contextlib.suppress(ConfigError):
@@ -208,7 +210,8 @@ async def node_addresses(netns: str) -> list[str]:
     for link in json.loads(done.stdout or "[]"):
         for addr in link.get("addr_info", []):
             local = addr.get("local", "")
-            if local and not local.startswith("127."):
+            # A node's data IP sits on each of its point-to-point links: list it once.
+            if local and not local.startswith("127.") and local not in out:
                 out.append(local)
     return out
 
@@ -315,9 +318,11 @@ async def deploy(
     netns = runtime.netns
     assert netns is not None
     if not netns_path(netns).exists():
+        hint = "`fogmig testbed up` creates the nodes"
+        with contextlib.suppress(TestbedError):
+            hint = f"the testbed's fog nodes are {', '.join(load_state().node_names)}"
         raise UnknownNodeError(
-            f"node {node} has no network namespace {netns} on this machine",
-            hint="`fogmig testbed up` creates the nodes",
+            f"node {node} has no network namespace {netns} on this machine", hint=hint
         )
     rootfs = await ensure_image(progress=say)
     async with _deploy_lock():
