@@ -533,9 +533,9 @@ class Bus:
         self,
         topic: str,
         model: BusMessage,
-        *,
         retain: bool = False,
         qos: int = 1,
+        *,
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         """Validate ``model`` for ``topic`` (as a receiver would) and publish it as JSON.
@@ -587,7 +587,7 @@ class Bus:
         return Subscription(self, pattern, self._queue_size)
 
     async def request(
-        self, node: str, command: Command, *, timeout: float = DEFAULT_TIMEOUT_S
+        self, node: str, command: Command, timeout: float = DEFAULT_TIMEOUT_S
     ) -> CommandAck:
         """Send ``command`` to ``node`` and wait for its :class:`CommandAck`.
 
