@@ -1,12 +1,8 @@
-"""Post-copy and hybrid lazy pages served by fogmig itself instead of CRIU's source page server.
+"""Post-copy and hybrid lazy pages served by fogmig itself, not by CRIU's source page server.
 
-The source dumps completely to its own disk and keeps that image as the safe copy; the
-destination restores from a *lazy layout* of it (anonymous pages left out) while CRIU's
-lazy-pages daemon faults the missing pages in from :class:`LazyPageServer`, which answers from a
-pluggable :class:`PageSource`: the image on disk, the remote source over the transfer channel, or
-both (hybrid: unchanged pages from the local pre-copy base, changed ones from the source).
-Success is judged at the destination only, from the daemon's exit code and its per-task
-"UFFD transferred pages: (N/N)" lines (:class:`LazyPagesDaemon`).
+The destination restores from a lazy layout of the source's complete local dump; CRIU's
+lazy-pages daemon faults the rest in from :class:`LazyPageServer`, whose :class:`PageSource` is
+the image on disk, the remote source, or both (hybrid). Judged at the destination only.
 
 Log levels: DEBUG for every request, INFO for sessions, conversions and daemon outcomes,
 WARNING for a rejected connection or a failed session.
