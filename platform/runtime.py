@@ -50,6 +50,7 @@ CRIU_LOCK_CHAIN = "CRIU"
 HARMLESS_ERRORS = ("rlimit: Can't setup RLIMIT_NOFILE",)
 UFFD_PAGES = re.compile(r"UFFD transferred pages: \((\d+)/(\d+)\)")
 LOG_PREFIX = re.compile(r"^\(\s*[\d.]+\)\s*")
+LOG_TIME = re.compile(r"^\(\s*([\d.]+)\)")
 
 
 # ---- results ---------------------------------------------------------------------------------
@@ -141,7 +142,7 @@ class LazyDumpResult:
     container: str
     returncode: int
     ready_s: float | None
-    wall_s: float
+    wall_s: float  # CRIU's run time by its own log clock
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,13 +186,30 @@ def criu_log_errors(text: str, limit: int = 3) -> list[str]:
     return lines[-limit:]
 
 
+def criu_log_seconds(text: str) -> float | None:
+    """The timestamp of the last line of a CRIU log: seconds since that CRIU started.
+
+    It tells how long a daemon ran no matter when anyone looked.
+    """
+    for line in reversed(text.splitlines()):
+        m = LOG_TIME.match(line)
+        if m:
+            return float(m.group(1))
+    return None
+
+
 def uffd_transfers(text: str) -> list[tuple[int, int]]:
     """Every ``UFFD transferred pages: (N/M)`` of a lazy-pages log, one per restored task."""
     return [(int(m.group(1)), int(m.group(2))) for m in UFFD_PAGES.finditer(text)]
 
 
 def judge_lazy(text: str, returncode: int, duration: float, log_path: Path) -> LazyResult:
-    """The lazy-pages daemon's exit code and log, turned into a :class:`LazyResult`."""
+    """The lazy-pages daemon's exit code and log, turned into a :class:`LazyResult`.
+
+    ``duration`` is the fallback for a log without timestamps; normally the daemon's own
+    clock (its last log line) gives the time from its start to its end.
+    """
+    duration = criu_log_seconds(text) or duration
     tasks = uffd_transfers(text)
     done = sum(n for n, _ in tasks)
     total = sum(m for _, m in tasks)
@@ -329,8 +347,9 @@ class LazyCheckpoint:
                     await self._cleanup()
             rc = self._proc.returncode
             assert rc is not None
+            ran = criu_log_seconds(_read_text(self.log_path))
             self._result = LazyDumpResult(
-                self.container, rc, self.ready_s, time.monotonic() - self._started
+                self.container, rc, self.ready_s, ran or time.monotonic() - self._started
             )
             if rc != 0:
                 raise self._rt.criu_error(

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fogmig.platform.errors import CriuError
-from fogmig.platform.runtime import criu_log_errors, judge_lazy, uffd_transfers
+from fogmig.platform.runtime import criu_log_errors, criu_log_seconds, judge_lazy, uffd_transfers
 
 RESTORE_LOG = """\
 (00.000000) Version: 4.2.1 (gitid 0)
@@ -69,3 +69,11 @@ def test_lazy_check_raises_naming_the_log() -> None:
     assert info.value.log_path == LOG
     assert str(LOG) in str(info.value)
     judge_lazy(LAZY_OK, 0, 1.3, LOG).check()
+
+
+def test_duration_comes_from_the_daemons_own_clock() -> None:
+    assert criu_log_seconds(LAZY_OK) == 1.3
+    assert criu_log_seconds("no timestamps here\n") is None
+    # However late the caller looks, the daemon's last log line says when it finished.
+    assert judge_lazy(LAZY_OK, 0, 99.0, LOG).duration == 1.3
+    assert judge_lazy("plain\n", 0, 2.5, LOG).duration == 2.5
