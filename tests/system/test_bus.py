@@ -606,3 +606,18 @@ async def test_publishing_a_model_on_the_wrong_topic_is_refused_before_sending(
         with pytest.raises(SchemaError) as info:
             await bus.publish(topics.cmd("gw1"), _status("gw1"))
         assert info.value.reason is Rejection.TOPIC_MISMATCH
+
+
+async def test_streams_end_when_the_bus_closes(broker: Broker) -> None:
+    async with broker.bus("gw1") as bus:
+        sub = bus.subscribe(topics.status())
+        await sub.open()
+        reader = asyncio.create_task(anext(sub))
+        await asyncio.sleep(0.1)
+        assert not reader.done()
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(reader, 2)
+    with pytest.raises(BusError, match="not open"):
+        bus.subscribe(topics.status())
+    with pytest.raises(BusError, match="closed"):
+        await bus.publish(topics.status("gw1"), _status("gw1"))

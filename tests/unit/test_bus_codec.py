@@ -298,3 +298,10 @@ async def test_an_unreachable_broker_fails_the_open_after_the_timeout() -> None:
             async with bus:
                 pass
         assert 0.25 < time.monotonic() - started < 3
+
+
+async def test_only_retained_topics_can_be_cleared() -> None:
+    bus = _bus()
+    for topic in (topics.cmd("gw1"), topics.events("gw1"), topics.decisions()):
+        with pytest.raises(BusError, match="no retained message"):
+            await bus.clear(topic)
