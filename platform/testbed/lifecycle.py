@@ -64,6 +64,8 @@ def link_overhead_ms() -> float:
     if not 0 <= value < 100:
         raise ConfigError(f"FOGMIG_LINK_OVERHEAD_MS out of range: {value}")
     return value
+
+
 LINKD_READY_TIMEOUT = 10.0
 
 

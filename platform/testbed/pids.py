@@ -10,7 +10,6 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -51,19 +50,24 @@ def alive(pid: int) -> bool:
 def spawn_detached(
     argv: Sequence[str], *, log_path: Path, env: dict[str, str] | None = None
 ) -> int:
-    """Start a daemon in its own session, output appended to ``log_path``; returns its PID."""
+    """Start a daemon in its own session, output appended to ``log_path``; returns its PID.
+
+    ``posix_spawn`` rather than ``subprocess.Popen``: the daemon outlives the ``Popen`` object,
+    whose finaliser would warn about a child still running.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("ab") as log:
-        proc = subprocess.Popen(
-            list(argv),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-            cwd="/",
-            env=env,
-        )
-    return proc.pid
+    actions = [
+        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+        (os.POSIX_SPAWN_OPEN, 1, str(log_path), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640),
+        (os.POSIX_SPAWN_DUP2, 1, 2),
+    ]
+    return os.posix_spawnp(
+        argv[0],
+        list(argv),
+        dict(os.environ) if env is None else env,
+        file_actions=actions,
+        setsid=True,
+    )
 
 
 async def wait_gone(pid: int, timeout: float) -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -191,3 +192,31 @@ def update_state(change: Callable[[TestbedState], None]) -> TestbedState:
 def remove_state() -> None:
     for name in ("state.json", "state.lock"):
         (testbed_run_dir() / name).unlink(missing_ok=True)
+
+
+@contextmanager
+def exclusive_use(timeout: float = 300.0, poll: float = 0.5) -> Iterator[None]:
+    """Hold the testbed for the block: other holders (test sessions that bring the testbed up
+    and down) wait here until it is released, rather than tearing each other's testbed down.
+
+    It is advisory: only code that takes it is kept out. Raises TestbedError after ``timeout``.
+    """
+    lease = paths.run_dir() / "testbed.lease"
+    lease.parent.mkdir(parents=True, exist_ok=True)
+    with lease.open("a") as fh:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TestbedError(
+                        f"the testbed is held by another user for more than {timeout:g} s "
+                        f"(lock {lease})"
+                    ) from None
+                time.sleep(poll)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
