@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "fogmig.services.commands",
     "fogmig.platform.deploy_commands",
     "fogmig.platform.transfer_commands",
+    "fogmig.platform.agent_commands",
 )
 
 err_console = Console(stderr=True)

@@ -24,7 +24,7 @@ import socket
 import stat
 import time
 import zlib
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -260,6 +260,14 @@ class TransferSession:
         return self.root / check_migration_id(migration_id)
 
 
+@dataclass(frozen=True, slots=True)
+class CallReply:
+    """A call result with binary data (at most 1 MiB), for handlers that return bytes."""
+
+    result: dict[str, Any]
+    data: bytes
+
+
 class CallHandler(Protocol):
     """What the agent implements: one coroutine per call, returning a JSON-able dict.
 
@@ -270,7 +278,7 @@ class CallHandler(Protocol):
 
     async def on_call(
         self, session: TransferSession, op: str, params: dict[str, Any]
-    ) -> dict[str, Any]: ...
+    ) -> dict[str, Any] | CallReply: ...
 
 
 def _open_subdir(parent_fd: int, name: str, *, shown: str) -> int:
@@ -630,11 +638,15 @@ class TransferServer:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
         reply: Message
+        data = b""
         try:
-            result = task.result()
-            if not isinstance(result, dict):
-                raise TypeError(f"handler returned {type(result).__name__}, not a dict")
-            reply = Result(id=call.id, result=result)
+            answer = task.result()
+            if isinstance(answer, CallReply):
+                data = answer.data
+                answer = answer.result
+            if not isinstance(answer, dict):
+                raise TypeError(f"handler returned {type(answer).__name__}, not a dict")
+            reply = Result(id=call.id, result=answer, data_size=len(data))
             frame = encode_message(reply)
             if len(frame) > MAX_CONTROL_PAYLOAD:
                 raise ValueError(f"result of {len(frame)} bytes exceeds the call limit")
@@ -655,6 +667,8 @@ class TransferServer:
                 message=f"{call.op}: {exc}"[:4096],
             )
         await conn.send_message(reply)
+        if isinstance(reply, Result) and reply.data_size:
+            await conn.send(encode_frame(FrameType.FILE_DATA, data))
 
 
 # --- client -----------------------------------------------------------------------------------
@@ -834,6 +848,13 @@ class TransferClient:
     async def call(
         self, op: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
     ) -> dict[str, Any]:
+        """Run ``op`` on the peer and return its result (see :meth:`call_data`)."""
+        result, _ = await self.call_data(op, params, timeout=timeout)
+        return result
+
+    async def call_data(
+        self, op: str, params: dict[str, Any] | None = None, *, timeout: float | None = None
+    ) -> tuple[dict[str, Any], bytes]:
         """Run ``op`` on the peer and return its result; a refusal raises :class:`RemoteError`.
 
         ``timeout`` bounds the whole call; without it only a silent peer (no keepalive for the
@@ -846,18 +867,40 @@ class TransferClient:
                 frame = encode_message(Call(id=call_id, op=op, params=params or {}))
             except (ValueError, PydanticSerializationError, ProtocolError) as exc:
                 raise TransferError(f"call {op} to {self.peer}: invalid call: {exc}") from exc
-            try:
+            with self._exchange(f"call {op}"):
                 await self._conn.send(frame)
                 try:
                     async with asyncio.timeout(timeout):
-                        return await self._await_result(call_id, op)
+                        reply = await self._await_result(call_id, op)
                 except TimeoutError as exc:
                     raise PeerError(f"{self._conn.label}: call {op} took over {timeout} s") from exc
-            except PeerError as exc:
-                self._mark_broken(exc)
-                raise
+            if isinstance(reply, ErrorReply):
+                error = _raise_remote(reply, self.peer)
+                if isinstance(error, PeerError):
+                    self._mark_broken(error)
+                raise error
+            return reply
 
-    async def _await_result(self, call_id: int, op: str) -> dict[str, Any]:
+    @contextlib.contextmanager
+    def _exchange(self, what: str) -> Iterator[None]:
+        """Frames of one operation go out and come back inside this block.
+
+        Leaving it early for any reason (a dead link, a cancelled caller, a failing progress
+        callback) leaves unread replies on the connection, so the channel is closed then:
+        a late reply must never be taken for the answer to a later operation.
+        """
+        try:
+            yield
+        except PeerError as exc:
+            self._mark_broken(exc)
+            raise
+        except BaseException as exc:
+            self._mark_broken(PeerError(f"{self._conn.label}: {what} interrupted ({exc!r})"))
+            raise
+
+    async def _await_result(
+        self, call_id: int, op: str
+    ) -> tuple[dict[str, Any], bytes] | ErrorReply:
         while True:
             frame = await self._conn.expect(self._conn.idle_timeout)
             if frame.type is FrameType.KEEPALIVE:
@@ -866,11 +909,16 @@ class TransferClient:
                 reply = decode_message(frame, ErrorReply)
                 if reply.call_id not in (call_id, None):
                     raise ProtocolError(f"error for call {reply.call_id}, expected {call_id}")
-                raise _raise_remote(reply, self.peer)
+                return reply
             result = decode_message(frame, Result)
             if result.id != call_id:
                 raise ProtocolError(f"result for call {result.id}, expected {call_id} ({op})")
-            return result.result
+            if not result.data_size:
+                return result.result, b""
+            data = await self._conn.expect(self._conn.idle_timeout)
+            if data.type is not FrameType.FILE_DATA or len(data.payload) != result.data_size:
+                raise ProtocolError(f"{op}: expected {result.data_size} bytes of result data")
+            return result.result, bytes(data.payload)
 
     async def ping(self) -> float:
         """Round-trip time of one small frame, in seconds."""
@@ -878,14 +926,11 @@ class TransferClient:
             self._check_usable()
             token = secrets.token_bytes(8)
             start = time.perf_counter()
-            try:
+            with self._exchange("ping"):
                 await self._conn.send(encode_frame(FrameType.PING, token))
                 frame = await self._conn.expect(self._conn.idle_timeout)
                 if frame.type is not FrameType.PONG or frame.payload != token:
                     raise ProtocolError(f"expected PONG, got {frame.type.name}")
-            except PeerError as exc:
-                self._mark_broken(exc)
-                raise
             return time.perf_counter() - start
 
     async def send_dir(
@@ -944,12 +989,10 @@ class TransferClient:
             start = time.perf_counter()
             collector = asyncio.create_task(acks.run(), name="transfer-acks")
             try:
-                wire = await self._stream(migration_id, outgoing, acks, compress, progress)
-                acks.finish_sending()
-                await acks.wait(collector)
-            except PeerError as exc:
-                self._mark_broken(exc)
-                raise
+                with self._exchange("transfer"):
+                    wire = await self._stream(migration_id, outgoing, acks, compress, progress)
+                    acks.finish_sending()
+                    await acks.wait(collector)
             finally:
                 if not collector.done():
                     collector.cancel()
@@ -992,7 +1035,8 @@ class TransferClient:
             try:
                 stream = item.local.open("rb")
             except OSError as exc:
-                raise TransferError(f"cannot read {item.local}: {exc.strerror}") from exc
+                acks.local_error = TransferError(f"cannot read {item.local}: {exc.strerror}")
+                break
             with stream:
                 source = _ChunkSource(stream, compress=compress)
                 seq = next(self._seqs)

@@ -220,6 +220,9 @@ class Call(Message):
 class Result(Message):
     id: int = Field(ge=0)
     result: dict[str, Any] = Field(default_factory=dict)
+    # Bytes of binary data that follow in one FILE_DATA frame (memory pages for a lazy
+    # restore): base64 in JSON would cost a third more on a slow link.
+    data_size: int = Field(default=0, ge=0, le=MAX_DATA_PAYLOAD)
 
 
 ErrorCode = Literal[

@@ -1,0 +1,437 @@
+"""``fogmig agent``: the daemon of one fog node.
+
+It runs inside the node's network namespace, publishes the node's status (retained, with a
+last-will), takes migration commands for its services over MQTT (acknowledging each end to end,
+refusing malformed or impossible ones with a typed rejection), drives outgoing migrations, and
+serves incoming ones and lazy page requests over the authenticated transfer channel.
+
+Log levels: INFO for commands, migrations and their outcome; WARNING for rejected commands,
+rollbacks and lost connections; DEBUG for every call and page request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fogmig.platform import paths
+from fogmig.platform.bus import Bus
+from fogmig.platform.capabilities import criu_capabilities
+from fogmig.platform.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
+from fogmig.platform.migration.destination import Destination, Fetch
+from fogmig.platform.migration.record import save_record
+from fogmig.platform.migration.source import migrate_service
+from fogmig.platform.nodes import check_node_name, runc_root
+from fogmig.platform.runtime import NodeRuntime
+from fogmig.platform.schemas import (
+    Command,
+    MigrateCommand,
+    MigrationDone,
+    MigrationProgress,
+    NodeCapabilities,
+    NodeStatus,
+    ServiceInfo,
+    ServicePresence,
+    accept,
+    reject,
+    topics,
+)
+from fogmig.platform.transfer import CallReply, TransferClient, TransferServer, TransferSession
+from fogmig.policies.conditions import PrecopyStopRules
+from fogmig.services.image import find_image
+
+log = logging.getLogger(__name__)
+
+TRANSFER_PORT = 7700
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything one node's agent needs to know about itself and its peers."""
+
+    node: str
+    data_ip: str
+    peers: dict[str, str]  # node -> data IP
+    broker_host: str
+    broker_port: int
+    mqtt_username: str
+    mqtt_password: str
+    secret: bytes
+    transfer_port: int = TRANSFER_PORT
+    status_interval_s: float = 5.0
+    fence_timeout_s: float = 20.0
+
+    @classmethod
+    def from_testbed(cls, node: str) -> AgentConfig:
+        """The configuration of ``node`` on the embedded testbed."""
+        from fogmig.platform.testbed.credentials import load_credentials
+        from fogmig.platform.testbed.state import load_state
+
+        state = load_state()
+        creds = load_credentials()
+        nodes = {n.name: n for n in state.nodes}
+        if node not in nodes:
+            raise UnknownNodeError(
+                f"the testbed has no node {node!r}; nodes: {', '.join(sorted(nodes))}"
+            )
+        if node not in creds.mqtt:
+            raise ConfigError(f"no MQTT credential for {node} in the testbed's credentials")
+        return cls(
+            node=node,
+            data_ip=nodes[node].data_ip,
+            peers={n: info.data_ip for n, info in nodes.items() if n != node},
+            broker_host=state.broker.ip,
+            broker_port=state.broker.port,
+            mqtt_username=node,
+            mqtt_password=creds.mqtt[node],
+            secret=bytes.fromhex(creds.transfer_secret_hex),
+        )
+
+
+def _meminfo() -> tuple[int, int]:
+    fields: dict[str, int] = {}
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        key, _, rest = line.partition(":")
+        fields[key] = int(rest.split()[0]) * 1024
+    return fields.get("MemTotal", 0), fields.get("MemAvailable", 0)
+
+
+class Agent:
+    """One node's agent; use :meth:`run` inside the node's network namespace."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        check_node_name(config.node)
+        self.config = config
+        self.node = config.node
+        self.runtime = NodeRuntime(node=config.node, netns=None, runc_root=runc_root(config.node))
+        self.pages: dict[str, Any] = {}  # migration id -> LocalImagePages offered to a peer
+        self.migrating: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Future[None]] = set()
+        self.bus: Bus | None = None
+        self.destination = Destination(
+            node=config.node,
+            runtime=self.runtime,
+            rootfs=self._rootfs,
+            bundles=paths.node_dir(config.node) / "bundles",
+            fetch_factory=self._fetch_from,
+            fence_timeout_s=config.fence_timeout_s,
+            on_owned=self._owned,
+        )
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        stop = stop or asyncio.Event()
+        cfg = self.config
+        will = self._status(online=False)
+        async with (
+            TransferServer(
+                host=cfg.data_ip,
+                port=cfg.transfer_port,
+                secret=cfg.secret,
+                node=self.node,
+                root=paths.node_dir(self.node) / "incoming",
+                handler=self,
+            ),
+            Bus(
+                host=cfg.broker_host,
+                port=cfg.broker_port,
+                username=cfg.mqtt_username,
+                password=cfg.mqtt_password,
+                client_id=f"agent-{self.node}",
+                will=will,
+            ) as bus,
+        ):
+            self.bus = bus
+            log.info("agent %s: serving on %s:%d", self.node, cfg.data_ip, cfg.transfer_port)
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._status_loop(stop), name="status")
+                tg.create_task(self._command_loop(stop), name="commands")
+                await stop.wait()
+                raise _Stopped
+        # unreachable: the TaskGroup always ends in _Stopped
+
+    async def close(self) -> None:
+        for task in list(self.migrating.values()):
+            task.cancel()
+        await self.destination.close()
+
+    # ------------------------------------------------------------------ status
+
+    def _status(self, *, online: bool, services: list[ServiceInfo] | None = None) -> NodeStatus:
+        total, free = _meminfo()
+        caps = criu_capabilities()
+        return NodeStatus(
+            node=self.node,
+            online=online,
+            at=time.time(),
+            load=os.getloadavg()[0] / (os.cpu_count() or 1),
+            mem_total_bytes=total,
+            mem_free_bytes=free,
+            services=services or [],
+            capabilities=NodeCapabilities(
+                criu_version=caps.version,
+                postcopy=caps.postcopy,
+                native_predump=caps.native_predump,
+            ),
+        )
+
+    async def _services(self) -> list[ServiceInfo]:
+        out = []
+        for c in await self.runtime.list():
+            if c.running:
+                out.append(
+                    ServiceInfo(
+                        name=c.id,
+                        state_bytes=_rss(c.pid),
+                        dirty_rate_bytes_per_s=0.0,
+                        data_ip=self.config.data_ip,
+                        port=5683,
+                    )
+                )
+        return out
+
+    async def _status_loop(self, stop: asyncio.Event) -> None:
+        assert self.bus is not None
+        while not stop.is_set():
+            try:
+                status = self._status(online=True, services=await self._services())
+                await self.bus.publish(topics.status(self.node), status, retain=True)
+            except FogmigError as exc:
+                log.warning("agent %s: status not published: %s", self.node, exc)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.status_interval_s)
+
+    # ------------------------------------------------------------------ commands
+
+    async def _command_loop(self, stop: asyncio.Event) -> None:
+        assert self.bus is not None
+        async with self.bus.subscribe(topics.cmd(self.node)) as commands:
+            async for _, command in commands:
+                await self._on_command(command)  # type: ignore[arg-type]
+
+    async def _on_command(self, command: Command) -> None:
+        assert self.bus is not None
+        try:
+            if not isinstance(command, MigrateCommand):
+                raise ConfigError(f"command {command.kind!r} is not handled by the node agent")
+            await self._check_migrate(command)
+        except FogmigError as exc:
+            log.warning("agent %s: rejected %s: %s", self.node, command.command_id, exc)
+            await self.bus.publish(
+                topics.events(self.node), reject(self.node, command.command_id, exc)
+            )
+            return
+        await self.bus.publish(topics.events(self.node), accept(self.node, command.command_id))
+        self.migrating[command.service] = asyncio.create_task(
+            self._migrate(command), name=f"migrate-{command.service}"
+        )
+
+    async def _check_migrate(self, cmd: MigrateCommand) -> None:
+        if cmd.destination == self.node:
+            raise ConfigError(f"{cmd.service} already runs on {self.node}")
+        if cmd.destination not in self.config.peers:
+            raise UnknownNodeError(f"{self.node} has no data link to node {cmd.destination!r}")
+        if cmd.service in self.migrating:
+            raise MigrationError(
+                f"{cmd.service} is already migrating", phase="pending", migration_id="-"
+            )
+        if not await self.runtime.exists(cmd.service):
+            raise MigrationError(
+                f"{cmd.service} does not run on {self.node}", phase="pending", migration_id="-"
+            )
+        if cmd.technique in ("postcopy", "hybrid") and not criu_capabilities().postcopy:
+            raise ConfigError(f"{self.node} cannot do {cmd.technique}: no userfaultfd")
+
+    async def _migrate(self, cmd: MigrateCommand) -> None:
+        assert self.bus is not None
+        bus = self.bus
+        last = 0.0
+        mid_holder: dict[str, str] = {}
+
+        def progress(phase: str, done: int, total: int, rate: float) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if done and now - last < 0.5:
+                return  # at most two progress events a second
+            last = now
+            event = MigrationProgress(
+                node=self.node,
+                command_id=cmd.command_id,
+                migration_id=mid_holder.get("id", cmd.command_id),
+                service=cmd.service,
+                phase=phase,  # type: ignore[arg-type]
+                bytes_done=done,
+                bytes_total=total,
+                rate_bytes_per_s=rate,
+                at=time.time(),
+            )
+            task = asyncio.ensure_future(bus.publish(topics.events(self.node), event))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        from fogmig.platform.migration.source import new_migration_id
+
+        mid = new_migration_id(cmd.service)
+        mid_holder["id"] = mid
+        try:
+            record = await migrate_service(
+                runtime=self.runtime,
+                service=cmd.service,
+                destination=cmd.destination,
+                destination_ip=self.config.peers[cmd.destination],
+                transfer_port=self.config.transfer_port,
+                secret=self.config.secret,
+                technique=cmd.technique,
+                workdir_root=paths.node_dir(self.node) / "outgoing",
+                pages_registry=self.pages,
+                rules=PrecopyStopRules(
+                    max_rounds=cmd.precopy.max_rounds,
+                    min_changed_bytes=cmd.precopy.min_changed_bytes,
+                    stop_when_not_shrinking=cmd.precopy.stop_when_not_shrinking,
+                ),
+                compression=cmd.compression,
+                on_progress=progress,
+                migration_id=mid,
+                fence_timeout_s=self.config.fence_timeout_s,
+            )
+            save_record(record, paths.records_dir())
+            log.info(
+                "agent %s: migration %s of %s to %s: %s",
+                self.node,
+                mid,
+                cmd.service,
+                cmd.destination,
+                record.outcome.value,
+            )
+            if record.outcome.value == "rolled_back":
+                await self._owned(cmd.service)
+            else:
+                await bus.clear(topics.service(self.node, cmd.service))
+            await bus.publish(
+                topics.events(self.node),
+                MigrationDone(
+                    node=self.node,
+                    command_id=cmd.command_id,
+                    migration_id=mid,
+                    service=cmd.service,
+                    outcome=record.outcome.value,  # type: ignore[arg-type]
+                    record=record.model_dump(mode="json"),
+                    error=record.error,
+                ),
+            )
+        except FogmigError as exc:
+            log.warning("agent %s: migration of %s failed: %s", self.node, cmd.service, exc)
+        finally:
+            self.migrating.pop(cmd.service, None)
+
+    async def _owned(self, service: str) -> None:
+        if self.bus is None:
+            return
+        await self.bus.publish(
+            topics.service(self.node, service),
+            ServicePresence(
+                service=service,
+                node=self.node,
+                data_ip=self.config.data_ip,
+                port=5683,
+                present=True,
+                at=time.time(),
+            ),
+            retain=True,
+        )
+
+    # ------------------------------------------------------------------ transfer calls
+
+    async def on_call(
+        self, session: TransferSession, op: str, params: dict[str, Any]
+    ) -> dict[str, Any] | CallReply:
+        if op == "get_pages":
+            return await self._get_pages(params)
+        mid = str(params.get("migration_id", ""))
+        return await self.destination.handle(op, params, session.migration_dir(mid), session.peer)
+
+    async def _get_pages(self, params: dict[str, Any]) -> CallReply:
+        mid = str(params.get("migration_id", ""))
+        pages = self.pages.get(mid)
+        if pages is None:
+            raise MigrationError(
+                f"{self.node} serves no pages for {mid}", phase="lazy_pages", migration_id=mid
+            )
+        data = await pages.read(int(params["pid"]), int(params["vaddr"]), int(params["nr_pages"]))
+        return CallReply({}, bytes(data))
+
+    async def _fetch_from(
+        self, source: str, migration_id: str
+    ) -> tuple[Fetch, Callable[[], Awaitable[None]]]:
+        """A channel back to the source for page requests of ``migration_id``."""
+        ip = self.config.peers.get(source)
+        if ip is None:
+            raise UnknownNodeError(f"{self.node} has no data link to {source}")
+        stack = contextlib.AsyncExitStack()
+        client = await stack.enter_async_context(
+            TransferClient.connect(
+                ip,
+                self.config.transfer_port,
+                secret=self.config.secret,
+                node=self.node,
+                peer=source,
+            )
+        )
+
+        async def fetch(pid: int, vaddr: int, nr_pages: int) -> bytes:
+            _, data = await client.call_data(
+                "get_pages",
+                {"migration_id": migration_id, "pid": pid, "vaddr": vaddr, "nr_pages": nr_pages},
+                timeout=self.config.fence_timeout_s,
+            )
+            return data
+
+        return fetch, stack.aclose
+
+    def _rootfs(self) -> Path:
+        found = find_image()
+        if found is None:
+            raise ConfigError(
+                f"no service image on {self.node}", hint="run `fogmig image build` on the node"
+            )
+        return found
+
+
+class _Stopped(Exception):
+    """Ends the agent's task group on a requested stop."""
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a service's process tree root (its state size, roughly)."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+async def run_agent(config: AgentConfig) -> None:
+    """Run an agent until SIGTERM/SIGINT; exit cleanly, leaving no copy half-arrived."""
+    import signal
+
+    agent = Agent(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.run(stop)
+    except* _Stopped:
+        pass
+    finally:
+        await agent.close()
