@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from fogmig.platform.errors import ConfigError, FogmigError, TransferError
 from fogmig.platform.transfer import (
     AuthError,
+    CallReply,
     IntegrityError,
     NoSpaceError,
     PathError,
@@ -82,7 +83,7 @@ class Handler:
 
     async def on_call(
         self, session: TransferSession, op: str, params: dict[str, Any]
-    ) -> dict[str, Any]:
+    ) -> dict[str, Any] | CallReply:
         self.calls.append((session.peer, op, params))
         if op == "echo":
             return {"params": params, "peer": session.peer, "node": session.node}
@@ -93,6 +94,8 @@ class Handler:
         if op == "slow":
             await asyncio.sleep(float(params["seconds"]))
             return {"slept": params["seconds"]}
+        if op == "pages":
+            return CallReply(result={"count": params["count"]}, data=b"\xab" * params["count"])
         if op == "listdir":
             mdir = session.migration_dir(params["migration_id"])
             return {"files": sorted(str(p.relative_to(mdir)) for p in mdir.rglob("*"))}
@@ -333,6 +336,54 @@ async def test_call_timeout_and_invalid_params(server: TransferServer) -> None:
             await ch.call("slow", {"seconds": 5}, timeout=0.3)
         with pytest.raises(PeerError, match="unusable"):
             await ch.call("echo", {})
+
+
+async def test_call_with_binary_data_in_the_reply(server: TransferServer) -> None:
+    async with connect(server.port) as ch:
+        result, data = await ch.call_data("pages", {"count": 5000})
+        assert (result, data) == ({"count": 5000}, b"\xab" * 5000)
+        assert await ch.call_data("echo", {}) == ({"params": {}, "peer": "gwa", "node": "gwb"}, b"")
+        # More than one data frame can carry is refused by the handler's side, not sent.
+        with pytest.raises(RemoteError) as too_big:
+            await ch.call_data("pages", {"count": 2 * 1024 * 1024})
+        assert too_big.value.code == "internal"
+        assert (await ch.call("echo", {}))["node"] == "gwb"
+
+
+async def test_a_cancelled_operation_closes_the_channel(
+    server: TransferServer, tmp_path: Path
+) -> None:
+    async with connect(server.port) as ch:
+        task = asyncio.create_task(ch.call("slow", {"seconds": 5}))
+        await asyncio.sleep(0.2)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # Its late reply must not be taken for the answer to the next call.
+        with pytest.raises(PeerError, match="interrupted"):
+            await ch.call("echo", {})
+
+
+async def test_unreadable_local_file_fails_cleanly(
+    server: TransferServer, recv_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src = make_source(tmp_path)
+    real_open = Path.open
+
+    def failing_open(self: Path, *args: Any, **kwargs: Any) -> Any:
+        if self.name == "pages-1.img":
+            raise PermissionError(13, "Permission denied")
+        return real_open(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", failing_open)
+    async with connect(server.port) as ch:
+        with pytest.raises(TransferError, match=r"cannot read .*pages-1\.img"):
+            await ch.send_dir(MID, src)
+        monkeypatch.undo()
+        assert (await ch.call("echo", {}))["peer"] == "gwa"
+        await ch.send_dir(MID, src)
+    assert tree(recv_root / MID) == tree(src)
+    assert partials(recv_root) == []
 
 
 # --- authentication ------------------------------------------------------------------------------
