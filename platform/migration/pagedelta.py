@@ -771,7 +771,9 @@ def build_hybrid_images(
     reads it from ``base_dir`` through the ``parent`` link), PE_PRESENT (with its bytes, and
     without PE_LAZY, so the restore itself writes it) when the delta carries it, and PE_LAZY
     (no bytes) when the delta left it to post-copy. ``parent`` is the link's target; by
-    default the absolute path of ``base_dir``.
+    default ``base_dir`` relative to ``out_dir``: CRIU opens the link from the restored task
+    after it entered the container's root, where an absolute host path does not resolve
+    (runc restore: "Can't open parent path"), while a relative one walks from the image dir.
 
     Sequence verified with CRIU 4.2.1 (restore.c reads PE_PARENT pages through the link;
     uffd.c registers only PE_LAZY ones): the source takes a FULL final dump (a lazy dump has
@@ -839,7 +841,12 @@ def build_hybrid_images(
         if not src.is_file():
             raise DeltaError(f"{src} is listed in {MANIFEST_NAME} but missing")
         shutil.copyfile(src, out_dir / name)
-    os.symlink(parent if parent is not None else base_dir.resolve(), out_dir / PARENT_LINK)
+    target = (
+        parent
+        if parent is not None
+        else Path(os.path.relpath(base_dir.resolve(), out_dir.resolve()))
+    )
+    os.symlink(target, out_dir / PARENT_LINK)
     return HybridStats(n_parent, n_present, n_lazy)
 
 
