@@ -23,13 +23,14 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 from fogmig.platform import bundle as bundle_mod
 from fogmig.platform.capabilities import ensure_pipe_sysctls
 from fogmig.platform.criu_image import read_stats
 from fogmig.platform.errors import (
+    ConfigError,
     ContainerNotFoundError,
     CriuError,
     RuntimeToolError,
@@ -44,6 +45,7 @@ RESTORE_LOG = "restore.log"
 LAZY_PAGES_LOG = "lazy-pages.log"
 LAZY_PAGES_SOCKET = "lazy-pages.socket"
 RUNC_LOG = "runc.log"
+CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARKED_SUFFIX = ".parked"
 CRIU_LOCK_CHAIN = "CRIU"
 # Logged by every CRIU run here (no CAP_SYS_RESOURCE) and harmless: never the explanation.
@@ -266,9 +268,11 @@ class LazyCheckpoint:
         port: int,
         allow_ip: str,
         parked: Path | None,
+        cgroup: str | None,
         started: float,
     ) -> None:
         self._rt = runtime
+        self._cgroup = cgroup
         self.container = container
         self._proc = proc
         self._status_fd: int | None = status_fd
@@ -383,6 +387,8 @@ class LazyCheckpoint:
         await self._rt.unconfine_page_server(self.port, self._allow_ip)
         await self._rt.remove_network_lock()
         _unpark(self._parked)
+        if self._proc.returncode == 0:
+            prune_cgroup(self._cgroup)
 
 
 class LazyRestore:
@@ -400,10 +406,12 @@ class LazyRestore:
         daemon: asyncio.subprocess.Process,
         restore: asyncio.subprocess.Process,
         restore_argv: list[str],
+        bundle: Path,
         work_dir: Path,
         started: float,
     ) -> None:
         self._rt = runtime
+        self.bundle = bundle
         self.container = container
         self._daemon = daemon
         self._restore = restore
@@ -433,7 +441,7 @@ class LazyRestore:
             wall = time.monotonic() - self._started
             if rc != 0:
                 await self.abort()
-                await self._rt.cleanup_failed_restore(self.container, self.work_dir)
+                await self._rt.cleanup_failed_restore(self.container, self.bundle, self.work_dir)
                 raise self._rt.criu_error(
                     f"lazy restore of {self.container} failed",
                     cmd=self._restore_argv,
@@ -476,6 +484,43 @@ class LazyRestore:
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(proc.pid, signal_module.SIGKILL)
                 await proc.wait()
+
+
+def _criu_config(state: ContainerState) -> Path | None:
+    """The CRIU config file the container's ``org.criu.config`` annotation names."""
+    value = state.annotations.get(bundle_mod.CRIU_CONFIG_ANNOTATION)
+    return Path(value) if value else None
+
+
+def _cgroups_path(state: ContainerState) -> str | None:
+    if state.bundle is None:
+        return None
+    try:
+        value = bundle_mod.read_config(state.bundle)["linux"]["cgroupsPath"]
+    except (ConfigError, KeyError, TypeError):
+        return None
+    return str(value) if value else None
+
+
+def prune_cgroup(cgroups_path: str | None, *, root: Path = CGROUP_ROOT) -> None:
+    """Remove a container's cgroup and its parents (``/fogmig/<node>``, ...) where empty.
+
+    runc removes only a container's own cgroup, and not at all after a failed restore.
+    ``rmdir`` on cgroupfs refuses a cgroup with children or tasks, so whatever a live
+    container still uses stays.
+    """
+    if not cgroups_path or not cgroups_path.startswith("/"):
+        return
+    path = PurePosixPath(cgroups_path)
+    chain = [path, *list(path.parents)[:-1]]  # deepest first, never "/"
+    for hierarchy in root.iterdir() if root.is_dir() else []:
+        for cgroup in chain:
+            try:
+                (hierarchy / cgroup.relative_to("/")).rmdir()
+            except FileNotFoundError:
+                continue
+            except OSError:
+                break  # still in use: so are its parents
 
 
 def _absolute(*paths: Path, create: bool = False) -> tuple[Path, ...]:
@@ -657,6 +702,7 @@ class NodeRuntime:
 
     async def delete(self, cid: str, *, force: bool = False) -> None:
         """Delete the container (``force`` kills it first if it still runs)."""
+        cgroup = _cgroups_path(await self.state(cid))
         args = ["delete", *(["--force"] if force else []), cid]
         done = await self._runc(*args, check=False)
         if done.returncode != 0:
@@ -665,6 +711,7 @@ class NodeRuntime:
             raise RuntimeToolError(
                 f"runc delete {cid}", cmd=done.argv, returncode=done.returncode, stderr=done.stderr
             )
+        prune_cgroup(cgroup)
 
     async def stop(self, cid: str, *, grace: float = 5.0) -> None:
         """SIGTERM, wait up to ``grace`` seconds, then delete by force. Absent is fine."""
@@ -682,11 +729,6 @@ class NodeRuntime:
 
     # -- CRIU config per operation --
 
-    async def _container_criu_config(self, cid: str) -> Path | None:
-        state = await self.state(cid)
-        value = state.annotations.get(bundle_mod.CRIU_CONFIG_ANNOTATION)
-        return Path(value) if value else None
-
     @staticmethod
     def _prepare_restore_config(bundle: Path) -> None:
         """Make sure the bundle's CRIU config holds the restore-only options right now."""
@@ -698,10 +740,10 @@ class NodeRuntime:
         path.write_text(bundle_mod.restore_conf_text())
 
     @contextlib.asynccontextmanager
-    async def _dumping(self, cid: str) -> AsyncIterator[Path | None]:
+    async def _dumping(self, state: ContainerState) -> AsyncIterator[Path | None]:
         # The dump refuses restore-only options ("only valid on restore"), and runc hands
         # CRIU the file that the container's annotation names: keep it aside meanwhile.
-        parked = _park(await self._container_criu_config(cid))
+        parked = _park(_criu_config(state))
         try:
             yield parked
         finally:
@@ -783,7 +825,8 @@ class NodeRuntime:
         args = ["checkpoint", "--image-path", str(image_dir), "--work-path", str(work_dir)]
         if leave_running:
             args.append("--leave-running")
-        async with self._dumping(cid):
+        state = await self.state(cid)
+        async with self._dumping(state):
             t0 = time.monotonic()
             done = await self._runc(*args, cid, check=False, timeout=timeout)
             wall = time.monotonic() - t0
@@ -795,6 +838,8 @@ class NodeRuntime:
                 stderr=done.stderr,
                 log_path=work_dir / DUMP_LOG,
             )
+        if not leave_running:
+            prune_cgroup(_cgroups_path(state))
         result = CheckpointResult(
             cid,
             image_dir,
@@ -831,7 +876,8 @@ class NodeRuntime:
         """
         image_dir, work_dir = _absolute(image_dir, work_dir, create=True)
         ensure_pipe_sysctls()
-        parked = _park(await self._container_criu_config(cid))
+        state = await self.state(cid)
+        parked = _park(_criu_config(state))
         read_fd, write_fd = os.pipe()
         try:
             await self.confine_page_server(port, allow_ip)
@@ -877,15 +923,18 @@ class NodeRuntime:
             port=port,
             allow_ip=allow_ip,
             parked=parked,
+            cgroup=_cgroups_path(state),
             started=started,
         )
 
     # -- restore --
 
-    async def cleanup_failed_restore(self, cid: str, work_dir: Path) -> None:
-        """After a failed restore: no half-made container, nothing mounted in the work dir."""
+    async def cleanup_failed_restore(self, cid: str, bundle: Path, work_dir: Path) -> None:
+        """After a failed restore: no half-made container or cgroup, nothing mounted."""
         with contextlib.suppress(ContainerNotFoundError, RuntimeToolError):
             await self.delete(cid, force=True)
+        with contextlib.suppress(ConfigError, KeyError, TypeError):
+            prune_cgroup(bundle_mod.read_config(bundle)["linux"]["cgroupsPath"])
         try:
             unmount_below(work_dir)
         except WorkdirError as exc:
@@ -913,7 +962,7 @@ class NodeRuntime:
         try:
             rc, full = await self._run_detached_stdio(argv, timeout=timeout)
         except TimeoutError as exc:
-            await self.cleanup_failed_restore(cid, work_dir)
+            await self.cleanup_failed_restore(cid, bundle, work_dir)
             raise CriuError(
                 f"restore of {cid} timed out after {timeout} s",
                 cmd=argv,
@@ -922,7 +971,7 @@ class NodeRuntime:
             ) from exc
         wall = time.monotonic() - t0
         if rc != 0:
-            await self.cleanup_failed_restore(cid, work_dir)
+            await self.cleanup_failed_restore(cid, bundle, work_dir)
             raise self.criu_error(
                 f"restore of {cid} on {self.node} failed",
                 cmd=full,
@@ -1046,6 +1095,7 @@ class NodeRuntime:
             daemon=daemon,
             restore=restore,
             restore_argv=full,
+            bundle=bundle,
             work_dir=work_dir,
             started=started,
         )

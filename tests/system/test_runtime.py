@@ -48,6 +48,7 @@ pytestmark = [
 STATE_MB = 6
 PORT = 5683
 PAGE_SERVER_PORT = 27123
+CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
 
 
 def _sh(*argv: str, netns: str | None = None, check: bool = True) -> str:
@@ -196,6 +197,7 @@ async def nodes(net: Net, image: Path, tmp_path: Path) -> AsyncIterator[Nodes]:
         rules = _iptables(ns)
         assert "CRIU" not in rules, rules
         assert "FMPS" not in rules, rules
+        assert not (CGROUP_MEMORY / "fogmig-test" / ns).exists(), "cgroup left behind"
 
 
 def _assert_state(state: ServiceState, expected: tuple[int, str]) -> None:
