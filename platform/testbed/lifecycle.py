@@ -346,14 +346,23 @@ async def _unmount_criu(nodes: list[str], report: DownReport) -> None:
         report.mounts.append(str(point))
 
 
+def _linkd_candidates(state: TestbedState | None, config_path: str) -> set[int]:
+    """PIDs that may be our link daemon: recorded ones, and (when the records are gone) any
+    process started with exactly our configuration file."""
+    found = {pids.read_pidfile(_linkd_pidfile()), state.linkd.pid if state else None}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and config_path in pids.cmdline(int(entry.name)):
+            found.add(int(entry.name))
+    return {pid for pid in found if pid is not None}
+
+
 async def _stop_daemons(state: TestbedState | None, report: DownReport) -> None:
-    plan = state or topology.plan(LinkProfile(name="cleanup", rate_mbit=1, rtt_ms=0), 1)
-    config_path = plan.linkd.config_path or str(testbed_run_dir() / "linkd.json")
-    candidates = {plan.linkd.pid, pids.read_pidfile(_linkd_pidfile())}
-    for pid in candidates:
-        if pid is not None and await pids.stop_process(pid, ("linkd", config_path)):
+    linkd = state.linkd if state and state.linkd.config_path else topology.linkd_info()
+    assert linkd.config_path is not None
+    for pid in _linkd_candidates(state, linkd.config_path):
+        if await pids.stop_process(pid, ("linkd", linkd.config_path)):
             report.processes.append(f"link emulator (pid {pid})")
-    if await broker.stop_broker(plan.broker):
+    if await broker.stop_broker(state.broker if state else topology.broker_info()):
         report.processes.append("mosquitto")
 
 

@@ -83,27 +83,40 @@ def plan(
         )
         for a, b in pairs
     ]
-    run = testbed_run_dir()
     return TestbedState(
         profile=profile,
         bridge=BRIDGE,
         bridge_ip=BRIDGE_IP,
         nodes=nodes,
         device_host=device_host,
-        broker=BrokerInfo(
-            netns=netns_name(BROKER),
-            ip=f"{MGMT_PREFIX}.2",
-            port=BROKER_PORT,
-            config_path=str(run / "broker" / "mosquitto.conf"),
-            log_path=str(run / "mosquitto.log"),
-        ),
+        broker=broker_info(),
         links=links,
-        linkd=LinkdInfo(
-            backend=backend,
-            socket_path=str(run / "linkd.sock") if backend == "tun" else None,
-            config_path=str(run / "linkd.json") if backend == "tun" else None,
-            log_path=str(run / "linkd.log") if backend == "tun" else None,
-        ),
+        linkd=linkd_info(backend),
+    )
+
+
+def broker_info() -> BrokerInfo:
+    """Where the broker listens and keeps its files (the same for every testbed)."""
+    run = testbed_run_dir()
+    return BrokerInfo(
+        netns=netns_name(BROKER),
+        ip=f"{MGMT_PREFIX}.2",
+        port=BROKER_PORT,
+        config_path=str(run / "broker" / "mosquitto.conf"),
+        log_path=str(run / "mosquitto.log"),
+    )
+
+
+def linkd_info(backend: Literal["tun", "netem"] = "tun") -> LinkdInfo:
+    """The link daemon's files; the kernel backend has no daemon."""
+    if backend == "netem":
+        return LinkdInfo(backend=backend)
+    run = testbed_run_dir()
+    return LinkdInfo(
+        backend=backend,
+        socket_path=str(run / "linkd.sock"),
+        config_path=str(run / "linkd.json"),
+        log_path=str(run / "linkd.log"),
     )
 
 

@@ -27,6 +27,7 @@ from fogmig.platform.testbed import (
     restart_broker,
     restore_link,
     set_link,
+    topology,
 )
 from fogmig.platform.testbed import pids as pids_mod
 from fogmig.platform.testbed.broker import broker_needles
@@ -44,13 +45,15 @@ ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
 FREE_WAIT = 120.0
 
 
-def fogmig(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def fogmig(
+    *args: str, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "fogmig.platform.cli", *args],
         capture_output=True,
         text=True,
         timeout=timeout,
-        env=ENV,
+        env={**ENV, **(env or {})},
         cwd="/",
         check=False,
     )
@@ -81,6 +84,14 @@ def clean_testbed() -> Iterator[None]:
         fogmig("testbed", "down")
 
 
+def processes_with(arg: str) -> list[int]:
+    return [
+        int(p.name)
+        for p in Path("/proc").iterdir()
+        if p.name.isdigit() and arg in pids_mod.cmdline(int(p.name))
+    ]
+
+
 def up(profile: str) -> TestbedState:
     done = fogmig("testbed", "up", "--profile", profile, "--nodes", "2")
     assert done.returncode == 0, done.stderr + done.stdout
@@ -96,6 +107,18 @@ def probe_ok(seconds: float) -> list[dict[str, object]]:
     assert not bad, f"links out of tolerance: {bad}"
     assert done.returncode == 0
     return results
+
+
+def test_up_failing_halfway_cleans_up() -> None:
+    # A bad calibration figure is only read when the link emulator is configured, after the
+    # namespaces, links and broker exist: everything made so far must go again.
+    done = fogmig("testbed", "up", env={"FOGMIG_LINK_OVERHEAD_MS": "fast"})
+    assert done.returncode == 1
+    assert "FOGMIG_LINK_OVERHEAD_MS" in done.stderr
+    assert_nothing_left(None)
+    broker_conf = str(topology.broker_info().config_path)
+    assert processes_with(broker_conf) == []
+    assert processes_with(str(topology.linkd_info().config_path)) == []
 
 
 def test_mobility_up_probe_status_down() -> None:
