@@ -150,7 +150,8 @@ class _Connection:
         self.label = label
         self.idle_timeout = idle_timeout
         self.frames_read = 0
-        tune_socket(writer.get_extra_info("socket"), user_timeout=idle_timeout)
+        with contextlib.suppress(OSError):  # the peer may already be gone
+            tune_socket(writer.get_extra_info("socket"), user_timeout=idle_timeout)
         writer.transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
 
     async def read_frame(self, timeout: float | None, *, eof_ok: bool = False) -> Frame | None:
@@ -488,6 +489,9 @@ class TransferServer:
             if not isinstance(exc, PeerError) or isinstance(exc, ProtocolError):
                 with contextlib.suppress(TransferError):
                     await conn.send_message(ErrorReply(code=_error_code(exc), message=str(exc)))
+        except Exception:
+            # A bug must cost this session only, never the server or its other sessions.
+            log.exception("%s: session failed", conn.label)
         except asyncio.CancelledError:
             # The server is stopping. End normally: Python 3.11's stream callback reports a
             # cancelled connection task as an unhandled error and leaks its socket.

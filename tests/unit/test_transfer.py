@@ -849,6 +849,31 @@ async def test_disk_full_is_reported_and_partial_removed(
     assert partials(recv_root) == []
 
 
+async def test_a_bug_in_one_session_spares_the_server(
+    recv_root: Path, handler: Handler, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken_writer(fd: int, data: memoryview) -> int:
+        raise RuntimeError("bug in the write path")
+
+    src = make_source(tmp_path)
+    async with TransferServer(
+        host="127.0.0.1",
+        port=0,
+        secret=SECRET,
+        node="gwb",
+        root=recv_root,
+        handler=handler,
+        file_writer=broken_writer,
+    ) as srv:
+        async with connect(srv.port) as ch:
+            with pytest.raises(PeerError):
+                await ch.send_dir(MID, src)
+        assert "session failed" in caplog.text
+        async with connect(srv.port) as ch:
+            assert (await ch.call("echo", {}))["node"] == "gwb"
+    assert partials(recv_root) == []
+
+
 # --- housekeeping --------------------------------------------------------------------------------
 
 
