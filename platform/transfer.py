@@ -33,6 +33,7 @@ from typing import Any, BinaryIO, Protocol
 from pydantic_core import PydanticSerializationError
 
 from fogmig.platform.errors import FogmigError, TransferError
+from fogmig.platform.nodes import check_node_name
 from fogmig.platform.transfer_protocol import (
     CHUNK_SIZE,
     HEADER_SIZE,
@@ -422,7 +423,7 @@ class TransferServer:
         self.host = host
         self._port = port
         self._secret = check_secret(secret)
-        self.node = node
+        self.node = check_node_name(node)
         self.root = root
         self._handler = handler
         self._idle_timeout = idle_timeout
@@ -431,7 +432,7 @@ class TransferServer:
         self._file_writer = file_writer
         self._server: asyncio.Server | None = None
         self._sessions: set[asyncio.Task[None]] = set()
-        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fogmig-transfer")
+        self._executor: ThreadPoolExecutor | None = None
 
     @property
     def port(self) -> int:
@@ -451,6 +452,7 @@ class TransferServer:
             raise TransferError(
                 f"node {self.node}: cannot listen on {self.host}:{self._port}: {exc.strerror}"
             ) from exc
+        self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fogmig-transfer")
         log.info("node %s: transfer server on %s:%d", self.node, self.host, self.port)
         return self
 
@@ -464,7 +466,9 @@ class TransferServer:
         if self._server is not None:
             await self._server.wait_closed()
             self._server = None
-        self._executor.shutdown(wait=True)
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -578,6 +582,7 @@ class TransferServer:
                     if order.state is ReceiverState.IN_FILE:
                         current = incoming[-1]
                         try:
+                            assert self._executor is not None
                             await current.write_behind(frame.payload, self._executor)
                         except TransferError as exc:
                             incoming.pop().discard()
@@ -792,6 +797,8 @@ class TransferClient:
     ) -> AsyncIterator[TransferClient]:
         """Connect to node ``peer`` at host:port as node ``node`` and authenticate both ways."""
         check_secret(secret)
+        check_node_name(node)
+        check_node_name(peer)
         label = f"node {node}: peer {peer} ({host}:{port})"
         try:
             async with asyncio.timeout(timeout):

@@ -19,6 +19,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from fogmig.platform import nodes
 from fogmig.platform.errors import ConfigError, TransferError
 
 PROTOCOL_VERSION = 1
@@ -41,7 +42,7 @@ MIN_SECRET_SIZE = 16
 MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OP_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
 HEX_DIGEST = r"^[0-9a-f]{64}$"
-NODE_NAME = r"^[a-z][a-z0-9]{0,9}$"
+NODE_NAME = nodes.NODE_NAME.pattern
 
 # The receiver writes into a hidden temporary name first; senders may not use that pattern.
 PARTIAL_SUFFIX = ".fmtx-part"

@@ -445,11 +445,20 @@ async def test_node_names_are_bound(server: TransferServer) -> None:
     writer.close()
 
 
-async def test_short_secret_is_a_config_error(recv_root: Path, handler: Handler) -> None:
+async def test_short_secret_and_bad_names_are_config_errors(
+    recv_root: Path, handler: Handler, server: TransferServer
+) -> None:
     with pytest.raises(ConfigError):
         TransferServer(
             host="127.0.0.1", port=0, secret=b"short", node="gwb", root=recv_root, handler=handler
         )
+    with pytest.raises(ConfigError):
+        TransferServer(
+            host="127.0.0.1", port=0, secret=SECRET, node="GW B", root=recv_root, handler=handler
+        )
+    with pytest.raises(ConfigError):
+        async with connect(server.port, peer="../gwb"):
+            pass
 
 
 # --- integrity -----------------------------------------------------------------------------------
