@@ -260,9 +260,11 @@ def test_link_down_mid_transfer_fails_both_sides_in_time(
         sender = Side(link.a, driver, "send", SECRET, B_IP, str(port), str(src), str(idle))
         try:
             sender.line()
-            time.sleep(1.5)
-            partial = [p for p in root.rglob("*") if p.name.endswith(".fmtx-part")]
-            assert partial, "the transfer should be under way"
+            under_way = time.monotonic() + 5
+            while not any(p.name.endswith(".fmtx-part") for p in root.rglob("*")):
+                assert time.monotonic() < under_way, "the transfer did not start"
+                time.sleep(0.05)
+            time.sleep(0.5)
             # Cut the link: packets vanish, nobody closes anything.
             sh("ip", "link", "set", link.veth_b, "down", netns=link.b)
             cut = time.monotonic()
