@@ -948,9 +948,16 @@ class NodeRuntime:
         image_dir: Path,
         work_dir: Path,
         timeout: float = 120.0,
+        lazy_pages: bool = False,
     ) -> RestoreResult:
-        """Restore ``cid`` from ``image_dir`` into this node, detached."""
-        argv, image_dir, work_dir = self._restore_argv(cid, bundle, image_dir, work_dir, lazy=False)
+        """Restore ``cid`` from ``image_dir`` into this node, detached.
+
+        With ``lazy_pages`` the memory comes from a lazy-pages daemon that the caller started
+        on the same ``work_dir`` (fogmig's own page server feeds it, see migration.lazypages).
+        """
+        argv, image_dir, work_dir = self._restore_argv(
+            cid, bundle, image_dir, work_dir, lazy=lazy_pages
+        )
         if await self.exists(cid):
             raise RuntimeToolError(
                 f"cannot restore {cid} on {self.node}: a container of that name exists",

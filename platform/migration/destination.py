@@ -24,7 +24,7 @@ from fogmig.platform.bundle import make_bundle
 from fogmig.platform.errors import ConfigError, ContainerNotFoundError, FogmigError, MigrationError
 from fogmig.platform.migration import lazypages, pagedelta
 from fogmig.platform.nodes import check_service_name, netns_name
-from fogmig.platform.runtime import LazyRestore, NodeRuntime
+from fogmig.platform.runtime import NodeRuntime
 from fogmig.platform.workdir import remove_tree
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Incoming:
     directory: Path
     bundle: Path
     started_container: bool = False
-    lazy: LazyRestore | None = None
+    lazy: lazypages.LazyPagesDaemon | None = None
     page_server: lazypages.LazyPageServer | None = None
     close_fetch: Callable[[], Awaitable[None]] | None = None
     lazy_task: asyncio.Task[dict[str, Any]] | None = None
@@ -199,17 +199,17 @@ class Destination:
                 source,
                 {int(pid): vaddrs for pid, vaddrs in changed.items()},
             )
-        mig.page_server = lazypages.LazyPageServer(host="127.0.0.1", port=0, source=source)
+        # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on
+        # the node can read the service's memory.
+        mig.page_server = lazypages.LazyPageServer(host=None, source=source)
         await mig.page_server.start()
-        mig.lazy = await self.runtime.restore_lazy(
-            mig.service,
-            bundle=mig.bundle,
-            image_dir=images,
-            work_dir=work,
-            page_server_ip="127.0.0.1",
-            port=mig.page_server.port,
+        mig.lazy = lazypages.LazyPagesDaemon(
+            image_dir=images, work_dir=work, channel=await mig.page_server.channel()
         )
-        restored = await mig.lazy.restored()
+        await mig.lazy.start()
+        restored = await self.runtime.restore(
+            mig.service, bundle=mig.bundle, image_dir=images, work_dir=work, lazy_pages=True
+        )
         mig.restored_at = time.monotonic()
         mig.lazy_task = asyncio.create_task(self._wait_pages(mig))
         return {"seconds": mig.restored_at - started, "pid": restored.pid}
@@ -217,21 +217,18 @@ class Destination:
     async def _wait_pages(self, mig: Incoming) -> dict[str, Any]:
         assert mig.lazy is not None
         assert mig.page_server is not None
-        result = await mig.lazy.pages_done(timeout=None)
+        # Judged at the destination only: daemon exit, and every missing page accounted for.
+        result = await mig.lazy.wait(None, server=mig.page_server)
         stats = mig.page_server.stats
         last = stats.last_page_at or time.monotonic()
         out: dict[str, Any] = {
             "done": True,
             "ok": result.ok,
-            "pages_transferred": result.pages_transferred,
-            "pages_total": result.pages_total,
             "remote_bytes": stats.remote_bytes,
             "remote_pages": stats.remote_pages,
             "local_pages": stats.local_pages,
             "seconds": max(0.0, last - mig.restored_at),
-            "error": None
-            if result.ok
-            else f"{stats.error or 'incomplete'} (log {result.log_path})",
+            "error": None if result.ok else f"{result.describe()} (log {mig.lazy.log_path})",
         }
         if not result.ok:
             # Fence: a copy with missing pages must never serve.
@@ -275,7 +272,7 @@ class Destination:
             mig.fence.cancel()
         if mig.lazy is not None:
             with contextlib.suppress(FogmigError, ProcessLookupError):
-                await mig.lazy.abort()
+                await mig.lazy.kill()
         if mig.started_container:
             with contextlib.suppress(FogmigError):
                 await self.runtime.stop(mig.service, grace=0.0)
