@@ -775,6 +775,10 @@ def build_hybrid_images(
     after it entered the container's root, where an absolute host path does not resolve
     (runc restore: "Can't open parent path"), while a relative one walks from the image dir.
 
+    With an eager delta nothing is lazy and a plain ``criu restore`` of ``out_dir`` works: the
+    pre-copy final round then skips :func:`apply_delta`'s full rewrite of the pages (75 MB:
+    about 20 ms instead of 250 ms at the destination, inside the downtime).
+
     Sequence verified with CRIU 4.2.1 (restore.c reads PE_PARENT pages through the link;
     uffd.c registers only PE_LAZY ones): the source takes a FULL final dump (a lazy dump has
     no page bytes to compare), ships ``save_delta(..., lazy=True)`` and runs ``criu

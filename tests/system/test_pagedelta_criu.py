@@ -271,6 +271,24 @@ async def test_precopy_rounds_rebuild_and_restore(workspace: Path) -> None:
         assert w2.pages_total > 0
 
 
+async def test_final_round_restores_through_the_parent_link(workspace: Path) -> None:
+    """Pre-copy without the rebuild: CRIU reads unchanged pages from the previous round."""
+    root = workspace
+    async with started_worker(root) as worker:
+        await criu_dump(worker, root / "d1", leave_running=True)
+        await asyncio.sleep(1.0)
+        await criu_dump(worker, root / "d2", leave_running=False)
+        final_counter = worker.counter()
+        write_delta(None, root / "d1", root / "x1")
+        apply_delta(None, root / "x1", root / "r1")
+        write_delta(root / "d1", root / "d2", root / "x2")
+        linked = build_hybrid_images(root / "r1", root / "x2", root / "l2")
+        assert linked.pages_lazy == 0
+        assert linked.pages_parent > 10 * linked.pages_present > 0
+        await criu_restore(root / "l2", root / "rw", worker, pids=root / "pids")
+        assert await _restored_and_verified(worker, final_counter) == 0
+
+
 def _drop_private_pages(delta: PageDelta, region: tuple[int, int]) -> tuple[PageDelta, int]:
     """A delta that leaves out the changed pages of the worker's private region."""
     start, n = region

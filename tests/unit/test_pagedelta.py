@@ -403,6 +403,20 @@ def test_hybrid_images_take_unchanged_pages_from_the_parent(tmp_path: Path) -> N
     assert (src / "core-1.img").exists()
 
 
+def test_linked_images_from_an_eager_delta_have_nothing_lazy(tmp_path: Path) -> None:
+    prev = base_pages()
+    cur = dict(prev)
+    cur[HEAP + 7 * PAGE_SIZE] = (ANON, page(3007))
+    d1 = make_dump(tmp_path / "d1", {"1": (2, prev)})
+    d2 = make_dump(tmp_path / "d2", {"1": (2, cur)})
+    write_delta(d1, d2, tmp_path / "delta")
+    stats = build_hybrid_images(d1, tmp_path / "delta", tmp_path / "linked")
+    assert (stats.pages_parent, stats.pages_present, stats.pages_lazy) == (41, 1, 0)
+    pm = read_pagemap(tmp_path / "linked" / "pagemap-1.img")
+    assert {e.flags for e in pm.entries} == {PE_PARENT, PE_PRESENT}
+    assert (tmp_path / "linked" / "pages-2.img").read_bytes() == page(3007)
+
+
 def test_hybrid_refuses_pages_the_parent_lacks(tmp_path: Path) -> None:
     d1 = make_dump(tmp_path / "d1", {"1": (2, base_pages())})
     d2 = make_dump(tmp_path / "d2", {"1": (2, base_pages())})
