@@ -289,6 +289,81 @@ async def test_resending_a_file_replaces_it(
     assert (recv_root / MID / "a.img").read_bytes() == b"second version"
 
 
+@contextlib.asynccontextmanager
+async def delay_proxy(target_port: int, one_way: float) -> AsyncIterator[int]:
+    """A TCP relay that delivers every byte ``one_way`` seconds late: a long, fast link.
+
+    Yields its port; on exit every relayed connection is closed and every task awaited.
+    """
+    writers: list[asyncio.StreamWriter] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def deliver() -> None:
+            while True:
+                due, data = await queue.get()
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                if not data:
+                    writer.close()
+                    return
+                writer.write(data)
+                await writer.drain()
+
+        delivery = asyncio.create_task(deliver())
+        try:
+            with contextlib.suppress(OSError):
+                while data := await reader.read(1 << 20):
+                    queue.put_nowait((time.monotonic() + one_way, data))
+            queue.put_nowait((time.monotonic() + one_way, b""))
+            with contextlib.suppress(OSError):
+                await delivery
+        finally:
+            delivery.cancel()
+            with contextlib.suppress(asyncio.CancelledError, OSError):
+                await delivery
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        writers.extend([writer, up_writer])
+        # On close, end normally: a cancelled task upsets 3.11's stream callback.
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield int(proxy.sockets[0].getsockname()[1])
+    finally:
+        proxy.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in writers:
+            writer.transport.abort()
+        await proxy.wait_closed()
+        await asyncio.sleep(0)
+
+
+async def test_many_files_cost_one_round_trip_not_one_each(
+    server: TransferServer, recv_root: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"core-{i}.img").write_bytes(os.urandom(2000))
+    async with delay_proxy(server.port, one_way=0.1) as port, connect(port) as ch:
+        rtt = await ch.ping()
+        stats = await ch.send_dir(MID, src)
+    assert rtt >= 0.2
+    assert tree(recv_root / MID) == tree(src)
+    # Replies are collected while sending: 40 files over a 200 ms round trip take about one.
+    assert stats.seconds < 3 * rtt, stats.seconds
+
+
 # --- calls ---------------------------------------------------------------------------------------
 
 
