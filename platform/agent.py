@@ -50,6 +50,7 @@ from fogmig.services.image import find_image
 log = logging.getLogger(__name__)
 
 TRANSFER_PORT = 7700
+MAX_PAGES_PER_CALL = 256  # 1 MiB: the transfer channel's limit for binary call results
 
 
 @dataclass(frozen=True, slots=True)
@@ -365,7 +366,8 @@ class Agent:
             raise MigrationError(
                 f"{self.node} serves no pages for {mid}", phase="lazy_pages", migration_id=mid
             )
-        data = await pages.read(int(params["pid"]), int(params["vaddr"]), int(params["nr_pages"]))
+        nr = min(int(params["nr_pages"]), MAX_PAGES_PER_CALL)
+        data = await pages.read(int(params["pid"]), int(params["vaddr"]), nr)
         return CallReply({}, bytes(data))
 
     async def _fetch_from(
@@ -387,9 +389,11 @@ class Agent:
         )
 
         async def fetch(pid: int, vaddr: int, nr_pages: int) -> bytes:
+            # A reply carries at most 1 MiB; the daemon accepts a prefix and asks again.
+            nr = min(nr_pages, MAX_PAGES_PER_CALL)
             _, data = await client.call_data(
                 "get_pages",
-                {"migration_id": migration_id, "pid": pid, "vaddr": vaddr, "nr_pages": nr_pages},
+                {"migration_id": migration_id, "pid": pid, "vaddr": vaddr, "nr_pages": nr},
                 timeout=self.config.fence_timeout_s,
             )
             return data
