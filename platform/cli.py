@@ -29,6 +29,8 @@ COMMAND_MODULES = (
     "fogmig.platform.deploy_commands",
     "fogmig.platform.transfer_commands",
     "fogmig.platform.agent_commands",
+    "fogmig.experiments.paper",
+    "fogmig.device_sim.commands",
 )
 
 err_console = Console(stderr=True)
