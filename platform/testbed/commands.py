@@ -136,6 +136,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"profile {st.profile.describe()}; links by {st.linkd.backend}"
         + (f", emulator pid {st.linkd.pid}" if st.linkd.pid else "")
         + (f" ({status.linkd_cpu_s:.2f} s CPU)" if status.linkd_cpu_s is not None else "")
+        + (
+            f", own RTT {st.linkd.overhead_ms:.3f} ms taken off every link"
+            if st.linkd.overhead_ms is not None
+            else ""
+        )
     )
     hosts = Table("host", "namespace", "management", "data", "services", title="hosts")
     for host in st.hosts:

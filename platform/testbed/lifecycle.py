@@ -32,6 +32,7 @@ from fogmig.platform.testbed.credentials import (
 )
 from fogmig.platform.testbed.linkd import ControlRequest, LinkdConfig, LinkdLink, TunEnd
 from fogmig.platform.testbed.links import linkd_request
+from fogmig.platform.testbed.probe import measure_rtt
 from fogmig.platform.testbed.profiles import LinkProfile
 from fogmig.platform.testbed.state import (
     LinkInfo,
@@ -48,15 +49,20 @@ from fogmig.platform.testbed.status import healthy
 Progress = Callable[[str], None]
 
 # Round-trip delay that the link daemon's own path adds (two TUN reads and writes, two
-# wake-ups of the daemon); measured on the project's machine kind and taken off every link.
-# Another machine kind can set its own figure in FOGMIG_LINK_OVERHEAD_MS.
+# wake-ups of the daemon, the echo that measures it): `up` measures it on a link set to zero
+# delay and takes it off every link. This figure (typical of the project's machine kind) is
+# used until then, or for good when FOGMIG_LINK_OVERHEAD_MS fixes another one.
 LINKD_OVERHEAD_MS = 0.4
+CALIBRATION_PINGS = 40
+CALIBRATION_RTT_MS = 2.0
+MAX_OVERHEAD_MS = 5.0
 
 
-def link_overhead_ms() -> float:
+def fixed_overhead_ms() -> float | None:
+    """The overhead set by FOGMIG_LINK_OVERHEAD_MS, or None to measure it."""
     raw = os.environ.get("FOGMIG_LINK_OVERHEAD_MS")
     if raw is None:
-        return LINKD_OVERHEAD_MS
+        return None
     try:
         value = float(raw)
     except ValueError:
@@ -77,6 +83,10 @@ def _linkd_pidfile() -> Path:
     return testbed_run_dir() / "linkd.pid"
 
 
+def _first_known(*values: float | None) -> float:
+    return next(v for v in values if v is not None)
+
+
 def linkd_config(state: TestbedState, overhead_ms: float | None = None) -> LinkdConfig:
     assert state.linkd.socket_path is not None
 
@@ -85,7 +95,7 @@ def linkd_config(state: TestbedState, overhead_ms: float | None = None) -> Linkd
 
     return LinkdConfig(
         socket_path=state.linkd.socket_path,
-        overhead_ms=link_overhead_ms() if overhead_ms is None else overhead_ms,
+        overhead_ms=_first_known(overhead_ms, fixed_overhead_ms(), LINKD_OVERHEAD_MS),
         links=[
             LinkdLink(
                 a=end(link.a, link),
@@ -194,6 +204,36 @@ async def _start_linkd(state: TestbedState) -> int:
         await asyncio.sleep(0.05)
 
 
+async def _calibrate(state: TestbedState) -> float:
+    """Measure the emulator's own round trip and take it off every link.
+
+    The first link is set to a short known RTT with no correction (a real wait, as on every
+    shaped link, rather than zero delay, which would also count the loop's turn that the
+    daemon's timer correction already removes); what the echo measures beyond that RTT is the
+    overhead. The link is put back before anything else uses the testbed.
+    """
+    assert state.linkd.socket_path is not None
+    socket_path = state.linkd.socket_path
+    link = state.links[0]
+    await linkd_request(socket_path, ControlRequest(op="overhead", overhead_ms=0))
+    await linkd_request(
+        socket_path, ControlRequest(op="set", a=link.a, b=link.b, rtt_ms=CALIBRATION_RTT_MS)
+    )
+    try:
+        rtt, _lost = await measure_rtt(
+            state.node(link.a), state.node(link.b), count=CALIBRATION_PINGS, timeout=1.0
+        )
+    finally:
+        await linkd_request(
+            socket_path, ControlRequest(op="set", a=link.a, b=link.b, rtt_ms=link.rtt_ms)
+        )
+    if rtt is None:
+        raise TestbedError(f"calibration failed: no echo crossed link {link.name}")
+    overhead = min(max(rtt - CALIBRATION_RTT_MS, 0.0), MAX_OVERHEAD_MS)
+    await linkd_request(socket_path, ControlRequest(op="overhead", overhead_ms=overhead))
+    return overhead
+
+
 @dataclass
 class UpResult:
     state: TestbedState
@@ -248,6 +288,12 @@ async def up(profile: LinkProfile, n_nodes: int, *, progress: Progress = _quiet)
         if backend == "tun":
             progress("link emulator")
             await _start_linkd(state)
+            fixed = fixed_overhead_ms()
+            if fixed is None:
+                state.linkd.overhead_ms = await _calibrate(state)
+                progress(f"link emulator calibrated: {state.linkd.overhead_ms:.3f} ms own RTT")
+            else:
+                state.linkd.overhead_ms = fixed
         state.created_at = time.time()
         save_state(state)
     except BaseException:

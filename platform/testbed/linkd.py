@@ -56,11 +56,12 @@ class LinkdConfig(_Model):
 
 
 class ControlRequest(_Model):
-    op: Literal["ping", "status", "cut", "restore", "set"]
+    op: Literal["ping", "status", "cut", "restore", "set", "overhead"]
     a: str | None = None
     b: str | None = None
     rate_mbit: float | None = Field(default=None, gt=0)
     rtt_ms: float | None = Field(default=None, ge=0)
+    overhead_ms: float | None = Field(default=None, ge=0)
 
 
 class LinkRuntime(_Model):
@@ -82,6 +83,7 @@ class ControlResponse(_Model):
     pid: int = 0
     cpu_s: float = 0.0
     wake_late_ms: float = 0.0
+    overhead_ms: float = 0.0
     uptime_s: float = 0.0
 
 
@@ -91,6 +93,7 @@ class _Direction:
     out_fd: int
     timer: asyncio.TimerHandle | None = None
     wake_at: float = 0.0
+    timed: bool = False  # a real wait, not a packet already due
 
 
 @dataclass(eq=False)
@@ -123,9 +126,10 @@ class LinkDaemon:
         self.started = time.monotonic()
         self.stopping = asyncio.Event()
         self.wakeups = WakeupTracker()
+        self.overhead_ms = config.overhead_ms
 
     def open(self) -> None:
-        overhead_s = self.config.overhead_ms / 2e3
+        overhead_s = self.overhead_ms / 2e3
         try:
             for spec in self.config.links:
                 fd_a = open_tun(spec.a.netns, spec.a.ifname)
@@ -137,7 +141,9 @@ class LinkDaemon:
 
                 def direction(out_fd: int, spec: LinkdLink = spec) -> _Direction:
                     logic: LinkDirection[bytes] = LinkDirection(
-                        rate_mbit=spec.rate_mbit, rtt_ms=spec.rtt_ms, overhead_s=overhead_s
+                        rate_mbit=spec.rate_mbit,
+                        rtt_ms=spec.rtt_ms,
+                        overhead_s=overhead_s,
                     )
                     return _Direction(logic, out_fd)
 
@@ -175,12 +181,16 @@ class LinkDaemon:
 
     def _schedule(self, d: _Direction, due: float) -> None:
         d.wake_at = self.wakeups.wake_time(due)
+        d.timed = d.wake_at > self.loop.time()
         d.timer = self.loop.call_at(d.wake_at, self._deliver, d)
 
     def _deliver(self, d: _Direction) -> None:
         d.timer = None
         now = self.loop.time()
-        self.wakeups.observe(d.wake_at, now)
+        if d.timed:
+            # Only a real timer tells how late the loop wakes; a packet that was already due
+            # waits for the loop's turn, which no earlier timer could shorten.
+            self.wakeups.observe(d.wake_at, now)
         for packet in d.logic.pop_due(self.wakeups.horizon(now)):
             try:
                 os.write(d.out_fd, packet)
@@ -198,6 +208,12 @@ class LinkDaemon:
         raise LookupError(f"no link between {a} and {b}")
 
     def handle(self, req: ControlRequest) -> ControlResponse:
+        if req.op == "overhead" and req.overhead_ms is not None:
+            self.overhead_ms = req.overhead_ms
+            for link in self.links:
+                for d in (link.forward, link.backward):
+                    d.logic.set_overhead(req.overhead_ms / 2e3)
+            log.info("own round-trip overhead set to %.3f ms", req.overhead_ms)
         if req.op in ("cut", "restore", "set"):
             link = self._find(req.a, req.b)
             if req.op == "set":
@@ -231,6 +247,7 @@ class LinkDaemon:
             pid=os.getpid(),
             cpu_s=usage.user + usage.system,
             wake_late_ms=self.wakeups.estimate_s * 1e3,
+            overhead_ms=self.overhead_ms,
             uptime_s=time.monotonic() - self.started,
         )
 

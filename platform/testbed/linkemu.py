@@ -13,11 +13,12 @@ from typing import Generic, TypeVar
 
 T = TypeVar("T")
 
-# Room for at least a few maximum-size packets, whatever the rate.
-MIN_QUEUE_BYTES = 4 * 65536
-# Queue depth in units of the link's delay-bandwidth product: enough that one TCP flow keeps
-# the link busy through a loss (a classic rule of thumb for router buffers).
-QUEUE_BDP_FACTOR = 1.0
+# Room for a burst of maximum-size packets, whatever the rate.
+MIN_QUEUE_BYTES = 256 * 1024
+# Queue depth in units of the link's delay-bandwidth product: BBR (this kernel's default)
+# keeps up to two of them in flight, so it runs without losses; loss-based TCPs keep the link
+# busy through a loss.
+QUEUE_BDP_FACTOR = 2.0
 
 
 class TokenBucket:
@@ -25,8 +26,8 @@ class TokenBucket:
 
     A packet leaves as soon as the tokens are non-negative and then takes its size out, so the
     bucket may go into debt: the long-run rate is exactly ``rate_bps`` for packets of any size
-    (with a 65000-byte MTU a packet can be larger than any sensible burst), and an idle link
-    sends the first packet at once, as a real link would start to.
+    (a packet of the data links' large MTU can be larger than any sensible burst), and an idle
+    link starts sending the first packet at once.
     """
 
     def __init__(self, rate_bps: float, burst_bytes: float = 0.0) -> None:
@@ -92,9 +93,12 @@ class DelayLine(Generic[T]):
         return len(self.items)
 
 
+def bdp_bytes(rate_mbit: float, rtt_ms: float) -> float:
+    return rate_mbit * 1e6 / 8 * rtt_ms / 1e3
+
+
 def queue_bytes_for(rate_mbit: float, rtt_ms: float) -> int:
-    bdp = rate_mbit * 1e6 / 8 * rtt_ms / 1e3
-    return max(MIN_QUEUE_BYTES, int(bdp * QUEUE_BDP_FACTOR))
+    return max(MIN_QUEUE_BYTES, int(bdp_bytes(rate_mbit, rtt_ms) * QUEUE_BDP_FACTOR))
 
 
 @dataclass
@@ -151,6 +155,10 @@ class LinkDirection(Generic[T]):
         self.rtt_ms = rtt_ms
         self._apply_shape()
 
+    def set_overhead(self, overhead_s: float) -> None:
+        self.overhead_s = overhead_s
+        self._apply_shape()
+
     def set_cut(self, cut: bool) -> int:
         """Cut (or restore) the direction; cutting loses the packets in flight. Returns them."""
         self.cut = cut
@@ -166,11 +174,15 @@ class LinkDirection(Generic[T]):
             self.stats.dropped_cut += 1
             return None
         leave = self.bucket.departure(now)
-        if (leave - now) * self.bucket.rate_Bps + size > self.queue_bytes and leave > now:
+        backlog = (leave - now) * self.bucket.rate_Bps if leave > now else 0.0
+        if backlog > 0 and backlog + size > self.queue_bytes:
             self.stats.dropped_queue += 1
             return None
         leave = self.bucket.take(now, size)
-        due = leave + self.delay_s
+        # Store and forward: the packet arrives once its last bit has crossed. Delivering it
+        # when its first bit leaves would let a burst after an idle spell arrive faster than
+        # the rate, and rate-estimating TCPs (BBR) would believe the link is faster than it is.
+        due = leave + size / self.bucket.rate_Bps + self.delay_s
         self.line.push(due, item)
         self.stats.packets += 1
         self.stats.bytes += size

@@ -94,6 +94,8 @@ class LinkdInfo(_Model):
     socket_path: str | None = None
     config_path: str | None = None
     log_path: str | None = None
+    overhead_ms: float | None = None
+    """The emulator's own round-trip delay, measured at ``up`` and taken off every link."""
 
 
 class TestbedState(_Model):

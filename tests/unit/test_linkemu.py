@@ -72,12 +72,21 @@ def test_delay_line_keeps_order_even_if_due_times_shrink() -> None:
     assert line.next_due() is None
 
 
-def test_direction_delays_by_half_the_rtt_minus_overhead() -> None:
-    d: LinkDirection[str] = LinkDirection(rate_mbit=100, rtt_ms=100, overhead_s=0.001)
-    due = d.offer(1.0, "p", 100)
-    assert due == pytest.approx(1.0 + 0.050 - 0.001)
+def test_direction_delays_by_half_the_rtt_minus_overhead_plus_transmission() -> None:
+    d: LinkDirection[str] = LinkDirection(rate_mbit=8, rtt_ms=100, overhead_s=0.001)
+    # 1000 bytes at 1 MB/s take 1 ms to cross (store and forward), then half the RTT.
+    due = d.offer(1.0, "p", 1000)
+    assert due == pytest.approx(1.0 + 0.001 + 0.050 - 0.001)
     assert d.pop_due(1.0) == []
-    assert d.pop_due(due) == ["p"]  # type: ignore[arg-type]
+    assert due is not None
+    assert d.pop_due(due) == ["p"]
+
+
+def test_direction_back_to_back_packets_arrive_at_the_rate() -> None:
+    d: LinkDirection[int] = LinkDirection(rate_mbit=8, rtt_ms=10)
+    dues = [d.offer(0.0, i, 1000) for i in range(3)]
+    # Even the first packet after an idle spell takes its transmission time.
+    assert dues == pytest.approx([0.006, 0.007, 0.008])
 
 
 def test_direction_overhead_larger_than_delay_means_no_delay() -> None:
@@ -106,8 +115,8 @@ def test_direction_drops_when_the_queue_is_full() -> None:
     assert d.offer(1.0, 99, 1000) is not None
 
 
-def test_default_queue_holds_a_delay_bandwidth_product() -> None:
-    assert queue_bytes_for(100, 100) == int(100e6 / 8 * 0.1)
+def test_default_queue_holds_two_delay_bandwidth_products() -> None:
+    assert queue_bytes_for(100, 100) == pytest.approx(2 * 100e6 / 8 * 0.1, abs=1)
     # Small products still leave room for a few 65000-byte packets.
     assert queue_bytes_for(11.34, 122.95) == MIN_QUEUE_BYTES
     assert queue_bytes_for(1, 1) == MIN_QUEUE_BYTES
