@@ -117,8 +117,8 @@ def test_direction_drops_when_the_queue_is_full() -> None:
 
 def test_default_queue_holds_two_delay_bandwidth_products() -> None:
     assert queue_bytes_for(100, 100) == pytest.approx(2 * 100e6 / 8 * 0.1, abs=1)
-    # Small products still leave room for a few 65000-byte packets.
-    assert queue_bytes_for(11.34, 122.95) == MIN_QUEUE_BYTES
+    assert queue_bytes_for(11.34, 122.95) == pytest.approx(2 * 11.34e6 / 8 * 0.12295, abs=1)
+    # Small products still leave room for a burst of large packets.
     assert queue_bytes_for(1, 1) == MIN_QUEUE_BYTES
 
 
