@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "fogmig.platform.deploy_commands",
     "fogmig.platform.transfer_commands",
     "fogmig.platform.agent_commands",
+    "fogmig.platform.controller_commands",
     "fogmig.experiments.paper",
     "fogmig.device_sim.commands",
 )

@@ -451,7 +451,7 @@ class ControllerCore:
         if msg.outcome is Outcome.ROLLED_BACK:
             # The service is still at the source and the reason to move it still holds.
             actions += self._retry(f, now, EventKind.REJECTED, f"rolled back: {msg.error}")
-        return actions
+        return actions + self._check_empty(f.source)
 
     # --- the clock ---------------------------------------------------------------------
 
@@ -566,16 +566,22 @@ class ControllerCore:
         if msg.services:
             self._draining[node] = False
             actions += self._plan_drain(node, now)
-        elif not self._draining[node] and not any(f.source == node for f in self.inflight.values()):
-            self._draining[node] = True
-            actions.append(
-                self._event(
-                    EventKind.NODE_EMPTY,
-                    f"{node} is empty and ready to power down",
-                    node=node,
-                )
-            )
-        return actions
+        return actions + self._check_empty(node)
+
+    def _check_empty(self, node: str) -> list[Action]:
+        """Say once that a draining node is empty: it reports no service and none is leaving."""
+        status = self.registry.nodes.get(node)
+        if (
+            status is None
+            or self._draining.get(node, True)
+            or status.services
+            or any(f.source == node for f in self.inflight.values())
+        ):
+            return []
+        self._draining[node] = True
+        return [
+            self._event(EventKind.NODE_EMPTY, f"{node} is empty and ready to power down", node=node)
+        ]
 
     def _plan_drain(self, node: str, now: float) -> list[Action]:
         reg = self.registry
@@ -877,6 +883,12 @@ class Controller:
         self._subs: list[Subscription] = []
         self._halt = asyncio.Event()
         self._error: FogmigError | None = None
+
+    def counters(self) -> dict[str, int]:
+        """The counters now, including messages the bus had to drop so far."""
+        if self._subs:
+            self.stats.dropped = sum(s.dropped for s in self._subs)
+        return self.stats.to_dict()
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; raises :class:`BusError` if the bus closes under it."""

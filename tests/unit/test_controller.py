@@ -433,6 +433,20 @@ def test_drain_moves_every_service_off_one_at_a_time_and_reports_empty() -> None
     assert events(w.status("gw1", 6.0), EventKind.NODE_EMPTY) == []  # said once
 
 
+def test_drained_node_is_reported_empty_when_its_last_migration_ends() -> None:
+    w = World()
+    w.place("s1", "gw1")
+    w.up("gw1", "gw2")
+    w.draining.add("gw1")
+    launch = one_launch(w.status("gw1", 1.0))
+    w.services["gw1"] = {}
+    assert events(w.status("gw1", 2.0), EventKind.NODE_EMPTY) == []  # s1 is still leaving
+    [empty] = events(w.done(launch, 3.0), EventKind.NODE_EMPTY)
+    assert empty.node == "gw1"
+    assert "ready to power down" in empty.message
+    assert events(w.status("gw1", 6.0), EventKind.NODE_EMPTY) == []  # said once
+
+
 def test_no_service_lands_on_a_draining_node() -> None:
     w = World()
     w.place("s1", "gw1")

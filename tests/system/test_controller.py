@@ -1,0 +1,246 @@
+"""The controller against a real Mosquitto on loopback (authentication and ACL on) with
+scripted nodes that acknowledge commands and report MigrationDone.
+
+An attach to another gateway gives exactly one MigrateCommand, to the service's node, with the
+technique the policy chooses; a flapping device gives one; a rejected or unanswered command is
+retried; a drain empties the node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fogmig.platform.bus import Bus
+from fogmig.platform.controller import Controller, ControllerConfig, ControllerEvent, EventKind
+from fogmig.platform.controller_commands import drain_node
+from fogmig.platform.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
+from fogmig.platform.schemas import Decision, DeviceAttach, MigrateCommand, topics
+from fogmig.platform.testbed.broker import CONTROLLER_USER
+from fogmig.policies.choice import choose_technique
+from fogmig.policies.conditions import NodeCapabilities, ServiceConditions
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(shutil.which("mosquitto") is None, reason="needs mosquitto"),
+    pytest.mark.timeout(60),
+]
+
+NODES = ("gw1", "gw2", "gw3")
+
+
+@dataclass
+class Fog:
+    nodes: dict[str, SimulatedNode]
+    dev: Bus
+    operator: Bus
+    config: ControllerConfig
+    events: list[ControllerEvent] = field(default_factory=list)
+    controller: Controller | None = None
+
+    async def attach(self, device: str, gateway: str, service: str) -> None:
+        msg = DeviceAttach(device=device, gateway=gateway, at=time.time(), service=service)
+        await self.dev.publish(topics.attach(device), msg)
+
+    def commands(self) -> list[MigrateCommand]:
+        return [
+            r.command
+            for n in self.nodes.values()
+            for r in n.received
+            if isinstance(r.command, MigrateCommand)
+        ]
+
+    async def wait_for(self, what: str, check: Callable[[], bool], timeout: float = 10.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not check():
+            if time.monotonic() > deadline:
+                kinds = [e.kind.value for e in self.events]
+                raise AssertionError(f"timed out waiting for {what}; events: {kinds}")
+            await asyncio.sleep(0.02)
+
+    @property
+    def ctl(self) -> Controller:
+        assert self.controller is not None
+        return self.controller
+
+    def of_kind(self, kind: EventKind) -> list[ControllerEvent]:
+        return [e for e in self.events if e.kind is kind]
+
+
+@contextlib.asynccontextmanager
+async def fog(
+    tmp_path: Path,
+    services: dict[str, str],
+    *,
+    serve: tuple[str, ...] = NODES,
+    setup: Callable[[dict[str, SimulatedNode]], None] | None = None,
+    **config: Any,
+) -> AsyncIterator[Fog]:
+    """Nodes holding ``services`` (service -> node), a device bus and a running controller."""
+    async with LocalBroker(nodes=NODES) as broker, contextlib.AsyncExitStack() as stack:
+        buses = {n: await stack.enter_async_context(broker.bus(n)) for n in NODES}
+        nodes = {n: SimulatedNode(buses[n], n) for n in NODES}
+        for node in nodes.values():
+            node.peers = nodes
+        for service, node_name in services.items():
+            nodes[node_name].add_service(service)
+        if setup is not None:
+            setup(nodes)
+        for name, node in nodes.items():
+            if name in serve:
+                await node.start()
+            else:
+                await node.publish_status()  # reports, but answers no command
+        dev = await stack.enter_async_context(broker.bus(DEVICE_HOST))
+        cfg = ControllerConfig(
+            debounce_s=config.pop("debounce_s", 0.3),
+            retry_initial_s=config.pop("retry_initial_s", 0.2),
+            ack_timeout_s=config.pop("ack_timeout_s", 3.0),
+            decision_log=tmp_path / "decisions.jsonl",
+            **config,
+        )
+        cbus = await stack.enter_async_context(broker.bus(CONTROLLER_USER, known_nodes=list(NODES)))
+        operator = await stack.enter_async_context(broker.bus(CONTROLLER_USER))
+        world = Fog(nodes, dev, operator, cfg)
+        controller = Controller(cfg, cbus, on_event=world.events.append)
+        world.controller = controller
+        stop = asyncio.Event()
+        task = asyncio.create_task(controller.run(stop))
+        try:
+            await asyncio.wait_for(controller.ready.wait(), 10)
+            # The retained status of every node has reached the controller.
+            await world.wait_for(
+                "node status", lambda: len(controller.core.registry.nodes) == len(NODES)
+            )
+            yield world
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
+            for node in nodes.values():
+                await node.stop()
+
+
+async def test_attach_elsewhere_sends_one_command_with_the_chosen_technique(
+    tmp_path: Path,
+) -> None:
+    async with fog(tmp_path, {"s1": "gw1", "s2": "gw3"}) as world:
+        decisions: list[Decision] = []
+
+        async def watch() -> None:
+            async with world.dev.subscribe(topics.decisions()) as sub:
+                async for _, msg in sub:
+                    assert isinstance(msg, Decision)
+                    decisions.append(msg)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0.2)
+        await world.attach("d1", "gw2", "s1")
+        await world.wait_for("the migration", lambda: bool(world.of_kind(EventKind.DONE)))
+        await asyncio.sleep(world.config.debounce_s + 0.5)  # nothing more follows
+        watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
+
+        [cmd] = world.commands()
+        assert [r.command for r in world.nodes["gw1"].received] == [cmd]
+        assert (cmd.service, cmd.destination) == ("s1", "gw2")
+        info = world.nodes["gw2"].services["s1"]
+        expected = choose_technique(
+            ServiceConditions(
+                state_bytes=info.state_bytes, dirty_rate_bytes_per_s=info.dirty_rate_bytes_per_s
+            ),
+            world.config.default_link,
+            NodeCapabilities(postcopy=True, native_predump=False),
+            NodeCapabilities(postcopy=True, native_predump=False),
+        )
+        assert cmd.technique == expected.technique.value
+        [decision] = decisions
+        assert (decision.source, decision.destination, decision.trigger) == (
+            "gw1",
+            "gw2",
+            "mobility",
+        )
+        assert decision.technique == cmd.technique
+        assert decision.predicted["downtime_s"] == pytest.approx(expected.prediction.downtime)
+        [done] = world.of_kind(EventKind.DONE)
+        assert done.data["comparison"]["downtime_s"]["measured"] == pytest.approx(0.3)
+        assert world.ctl.core.registry.location("s1") == "gw2"
+
+        lines = [json.loads(x) for x in (tmp_path / "decisions.jsonl").read_text().splitlines()]
+        kinds = [line["event"] for line in lines]
+        assert kinds.count("decision") == 1
+        assert {"decision", "accepted", "done"} <= set(kinds)
+
+
+async def test_flapping_device_causes_one_migration(tmp_path: Path) -> None:
+    async with fog(tmp_path, {"s1": "gw1"}, debounce_s=0.6) as world:
+        for gw in ("gw2", "gw3", "gw1", "gw3", "gw2", "gw3"):
+            await world.attach("d1", gw, "s1")
+            await asyncio.sleep(0.1)
+        await world.wait_for("the migration", lambda: bool(world.of_kind(EventKind.DONE)))
+        await asyncio.sleep(1.2)
+        [cmd] = world.commands()
+        assert cmd.destination == "gw3"
+        assert "s1" in world.nodes["gw3"].services
+
+
+async def test_rejected_command_is_retried(tmp_path: Path) -> None:
+    def busy(nodes: dict[str, SimulatedNode]) -> None:
+        nodes["gw1"].reject = 1
+
+    async with fog(tmp_path, {"s1": "gw1"}, setup=busy) as world:
+        await world.attach("d1", "gw2", "s1")
+        await world.wait_for("the migration", lambda: bool(world.of_kind(EventKind.DONE)))
+        first, second = world.commands()
+        assert first.command_id != second.command_id
+        assert first.destination == second.destination == "gw2"
+        [rejected] = world.of_kind(EventKind.REJECTED)
+        assert rejected.data["reason"] == "busy"
+        assert "s1" in world.nodes["gw2"].services
+        assert world.ctl.stats.rejected == 1
+
+
+async def test_unanswered_command_is_retried_once_the_node_answers(tmp_path: Path) -> None:
+    async with fog(
+        tmp_path, {"s1": "gw1"}, serve=("gw2", "gw3"), ack_timeout_s=0.5, retry_initial_s=0.5
+    ) as world:
+        await world.attach("d1", "gw2", "s1")
+        await world.wait_for("a timeout", lambda: bool(world.of_kind(EventKind.SEND_FAILED)))
+        assert "no acknowledgement" in world.of_kind(EventKind.SEND_FAILED)[0].data["reason"]
+        await world.nodes["gw1"].start(presence=False)
+        await world.wait_for("the migration", lambda: bool(world.of_kind(EventKind.DONE)))
+        assert "s1" in world.nodes["gw2"].services
+
+
+async def test_drain_empties_the_node(tmp_path: Path) -> None:
+    services = {"s1": "gw1", "s2": "gw1", "s3": "gw2"}
+    async with fog(tmp_path, services) as world:
+        lines: list[str] = []
+        took = await drain_node(world.operator, "gw1", timeout=30, on_update=lines.append)
+        assert took > 0
+        gw1 = world.nodes["gw1"]
+        assert gw1.draining
+        assert gw1.services == {}
+        moved = world.commands()
+        assert sorted(c.service for c in moved) == ["s1", "s2"]
+        assert all(c.destination in {"gw2", "gw3"} for c in moved)
+        assert {"s1", "s2"} <= set(world.nodes["gw2"].services) | set(world.nodes["gw3"].services)
+        await world.wait_for("node empty", lambda: bool(world.of_kind(EventKind.NODE_EMPTY)))
+        [empty] = world.of_kind(EventKind.NODE_EMPTY)
+        assert empty.node == "gw1"
+        assert any("accepted the drain" in line for line in lines)
+        assert sum("moving" in line for line in lines) == 2
+        # A device attaching at the drained node does not bring its service back there.
+        await world.attach("d3", "gw1", "s3")
+        await asyncio.sleep(world.config.debounce_s + 0.5)
+        assert len(world.commands()) == 2
+        assert any("draining" in e.message for e in world.of_kind(EventKind.HOLD))
