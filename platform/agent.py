@@ -132,6 +132,8 @@ class Agent:
         stop = stop or asyncio.Event()
         cfg = self.config
         will = self._status(online=False)
+        for sub in ("incoming", "outgoing", "bundles"):
+            (paths.node_dir(self.node) / sub).mkdir(parents=True, exist_ok=True)
         async with (
             TransferServer(
                 host=cfg.data_ip,
