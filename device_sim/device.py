@@ -322,9 +322,8 @@ class Device:
         while not stop.is_set():
             if await _wait(stop, next_at - loop.time()):
                 break
-            if self.ledger is None:
-                await self._baseline()
-            else:
+            # Without a baseline nothing can be verified, so nothing is posted before it.
+            if self.ledger is not None or await self._baseline():
                 await self._post_reading()
                 await self._maybe_check()
             now = loop.time()

@@ -1,0 +1,193 @@
+"""The device simulator on the real testbed: a sensor service in a runc container on gw1,
+devices in the device host's namespace, the real broker with the testbed's credentials.
+
+``fogmig device-sim`` runs one device against gw1 and must see every reading acknowledged and
+the service's state match its ledger, announcing its attachment on the bus; the library,
+called from the root namespace, roams a device to a gateway without the service and back and
+must see the outage and lose nothing. libcoap's ``coap-client`` confirms the service's count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import sys
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+
+from fogmig.device_sim.device import DeviceConfig, RequestSettings
+from fogmig.device_sim.events import Outcome, RequestKind
+from fogmig.device_sim.fleet import DeviceFleet
+from fogmig.device_sim.roaming import Hop, Schedule
+from fogmig.device_sim.timeline import read_timeline
+from fogmig.platform.bus import Bus, Subscription
+from fogmig.platform.proc import in_netns, run
+from fogmig.platform.schemas import DeviceAttach, topics
+from fogmig.platform.testbed import lifecycle
+from fogmig.platform.testbed.broker import CONTROLLER_USER
+from fogmig.platform.testbed.credentials import load_credentials
+from fogmig.platform.testbed.profiles import load_profile
+from fogmig.platform.testbed.state import TestbedState, exclusive_use, state_path
+from fogmig.services.deploy import ServiceSpec, deploy
+
+pytestmark = [
+    pytest.mark.system,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root"),
+    pytest.mark.timeout(240),
+]
+
+ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
+SERVICE = "s0"
+PORT = 5700
+LEASE_WAIT_S = 600.0
+COAP_CLIENTS = ("coap-client", "coap-client-notls", "coap-client-gnutls", "coap-client-openssl")
+
+
+def coap_client() -> str:
+    for name in COAP_CLIENTS:
+        if shutil.which(name):
+            return name
+    pytest.skip("libcoap's coap-client is not installed (libcoap3-bin)")
+
+
+@pytest.fixture(scope="module")
+def testbed() -> Iterator[TestbedState]:
+    """A testbed of our own (lan, two gateways) with s0 on gw1; never someone else's."""
+    # The lease keeps test modules that bring their own testbed up and down out of our way.
+    with exclusive_use(timeout=LEASE_WAIT_S):
+        if state_path().exists():
+            pytest.skip(f"a testbed is already up ({state_path()}): not ours to use or tear down")
+        try:
+            state = asyncio.run(lifecycle.up(load_profile("lan"), 2)).state
+            asyncio.run(
+                deploy(ServiceSpec(name=SERVICE, state_mb=4, dirty_kbps=10, port=PORT), node="gw1")
+            )
+            yield state
+        finally:
+            asyncio.run(lifecycle.down())
+
+
+@asynccontextmanager
+async def bus_as(state: TestbedState, user: str) -> AsyncIterator[Bus]:
+    async with Bus(
+        host=state.broker.ip,
+        port=state.broker.port,
+        username=user,
+        password=load_credentials().password(user),
+        client_id=f"test-devsim-{uuid.uuid4().hex[:8]}",
+        known_nodes=state.node_names,
+    ) as bus:
+        yield bus
+
+
+async def attachments(sub: Subscription, n: int, timeout: float = 10.0) -> list[DeviceAttach]:
+    got: list[DeviceAttach] = []
+    async with asyncio.timeout(timeout):
+        async for _, msg in sub:
+            if isinstance(msg, DeviceAttach):
+                got.append(msg)
+                if len(got) == n:
+                    break
+    return got
+
+
+async def service_count_by_coap_client(state: TestbedState, device: str) -> int:
+    """The service's count for ``device``, read by libcoap (an independent CoAP peer)."""
+    gw1 = state.node("gw1")
+    done = await run(
+        in_netns(state.device_host.netns, [coap_client(), "-B", "5", "-m", "get",
+                 f"coap://{gw1.data_ip}:{PORT}/state"]),
+        timeout=15,
+    )  # fmt: skip
+    body = done.stdout.strip().splitlines()[-1]
+    record = json.loads(body)["devices"].get(device)
+    return 0 if record is None else int(record["count"])
+
+
+async def test_cli_device_all_ok_and_announced(testbed: TestbedState, tmp_path: Path) -> None:
+    async with (
+        bus_as(testbed, CONTROLLER_USER) as bus,
+        bus.subscribe(topics.attach()) as sub,
+    ):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "fogmig.platform.cli", "device-sim", "--devices", "1",
+            "--duration", "5", "--check-every", "2", "--json", "--out", str(tmp_path),
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV, cwd="/",
+        )  # fmt: skip
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        (attach,) = await attachments(sub, 1)
+    assert (attach.device, attach.gateway, attach.service) == ("d0", "gw1", SERVICE)
+    summary = json.loads(out)
+    print(json.dumps({k: summary[k] for k in ("stats", "continuity", "max_downtime_s")}))
+    stats = summary["stats"]
+    assert stats["requests"] >= 5
+    assert stats["ok"] == stats["requests"]
+    assert stats["failed"] == 0
+    assert stats["latency"]["p99_ms"] < 100  # lan: 1 ms round trip plus the emulator
+    assert summary["outages"] == []
+    assert summary["continuity"]["passed"] >= 2  # at least one periodic and the final check
+    assert summary["continuity"]["failed"] == 0
+    assert summary["attach_published"] == 1
+    assert summary["per_device"][0]["gateway"] == "gw1"
+    rows = read_timeline(tmp_path / "timeline.csv")
+    assert {r.address for r in rows} == {testbed.node("gw1").data_ip}
+    assert all(r.ok for r in rows)
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    final = [e for e in events if e["kind"] == "check"][-1]
+    assert final["reason"] == "final"
+    assert final["matches"]
+    assert await service_count_by_coap_client(testbed, "d0") == final["service_count"]
+
+
+async def test_library_roams_away_from_the_service_and_back(
+    testbed: TestbedState, tmp_path: Path
+) -> None:
+    # gw2 runs no service and nothing forwards there yet: the device sees an outage while on
+    # gw2 and must lose no reading across it.
+    gateways = {n.name: n.data_ip for n in testbed.nodes}
+    device = DeviceConfig("d0", SERVICE, PORT, "gw1", Schedule((Hop(1.5, "gw2"), Hop(3.5, "gw1"))))
+    settings = RequestSettings(
+        interval_s=0.25, timeout_s=0.5, ack_timeout_s=0.2, check_every_s=None
+    )
+    before = await service_count_by_coap_client(testbed, "d0")
+    async with (
+        bus_as(testbed, CONTROLLER_USER) as watcher,
+        watcher.subscribe(topics.attach("d0")) as sub,
+        bus_as(testbed, testbed.device_host.name) as dev_bus,
+    ):
+        fleet = DeviceFleet(
+            devices=[device],
+            gateways=gateways,
+            bus=dev_bus,
+            out=tmp_path,
+            settings=settings,
+            netns=testbed.device_host.netns,
+        )
+        summary = await fleet.run(5.5)
+        seen = await attachments(sub, 3)
+    print(summary.model_dump_json(include={"stats", "outages", "continuity"}))
+    assert [a.gateway for a in seen] == ["gw1", "gw2", "gw1"]
+    assert summary.roams == 3
+    assert summary.attach_published == 3
+    (outage,) = summary.outages
+    assert (outage.gateway_before, outage.gateway_after) == ("gw1", "gw1")
+    assert outage.failed >= 3
+    assert 1.8 < outage.downtime_s < 3.0
+    failed = [r for r in fleet.devices[0].records if r.request is RequestKind.POST and not r.ok]
+    assert {r.gateway for r in failed} == {"gw2"}
+    assert all(r.outcome in (Outcome.ERROR, Outcome.TIMEOUT) for r in failed)
+    c = summary.continuity
+    assert (c.failed, c.unverified) == (0, 0)
+    assert c.passed >= 2  # after the outage and at the end
+    ledger = fleet.devices[0].ledger
+    assert ledger is not None
+    # The device continues whatever record an earlier run left in the service.
+    assert ledger.base_count == before
+    assert await service_count_by_coap_client(testbed, "d0") == ledger.count
