@@ -22,16 +22,20 @@ from pathlib import Path
 from typing import Any
 
 from fogmig.platform import paths
+from fogmig.platform.bundle import read_config
 from fogmig.platform.bus import Bus
 from fogmig.platform.capabilities import criu_capabilities
 from fogmig.platform.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
+from fogmig.platform.forwarding import Forwarder, Location
 from fogmig.platform.migration.destination import Destination, Fetch
 from fogmig.platform.migration.record import save_record
 from fogmig.platform.migration.source import migrate_service
 from fogmig.platform.nodes import check_node_name, runc_root
 from fogmig.platform.runtime import NodeRuntime
 from fogmig.platform.schemas import (
+    Cleared,
     Command,
+    DrainCommand,
     MigrateCommand,
     MigrationDone,
     MigrationProgress,
@@ -115,6 +119,9 @@ class Agent:
         self.pages: dict[str, Any] = {}  # migration id -> LocalImagePages offered to a peer
         self.migrating: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Future[None]] = set()
+        self.draining = False
+        self.forwarder = Forwarder(node=config.node, data_ip=config.data_ip)
+        self._presence: dict[tuple[str, str], Location] = {}  # (node, service) -> location
         self.bus: Bus | None = None
         self.destination = Destination(
             node=config.node,
@@ -157,6 +164,7 @@ class Agent:
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._status_loop(stop), name="status")
                 tg.create_task(self._command_loop(stop), name="commands")
+                tg.create_task(self._presence_loop(), name="presence")
                 await stop.wait()
                 raise _Stopped
         # unreachable: the TaskGroup always ends in _Stopped
@@ -165,6 +173,8 @@ class Agent:
         for task in list(self.migrating.values()):
             task.cancel()
         await self.destination.close()
+        with contextlib.suppress(FogmigError):
+            await self.forwarder.remove()
 
     # ------------------------------------------------------------------ status
 
@@ -179,6 +189,7 @@ class Agent:
             mem_total_bytes=total,
             mem_free_bytes=free,
             services=services or [],
+            draining=self.draining,
             capabilities=NodeCapabilities(
                 criu_version=caps.version,
                 postcopy=caps.postcopy,
@@ -189,26 +200,31 @@ class Agent:
     async def _services(self) -> list[ServiceInfo]:
         out = []
         for c in await self.runtime.list():
-            if c.running:
+            if c.running and c.id not in self.migrating:
+                state_mb, dirty_kbps, port = _service_params(c.bundle)
                 out.append(
                     ServiceInfo(
                         name=c.id,
-                        state_bytes=_rss(c.pid),
-                        dirty_rate_bytes_per_s=0.0,
+                        # The configured state, else what the process holds in memory.
+                        state_bytes=state_mb * 1024 * 1024 if state_mb else _rss(c.pid),
+                        dirty_rate_bytes_per_s=dirty_kbps * 1024,
                         data_ip=self.config.data_ip,
-                        port=5683,
+                        port=port,
                     )
                 )
         return out
 
-    async def _status_loop(self, stop: asyncio.Event) -> None:
+    async def _publish_status(self) -> None:
         assert self.bus is not None
+        try:
+            status = self._status(online=True, services=await self._services())
+            await self.bus.publish(topics.status(self.node), status, retain=True)
+        except FogmigError as exc:
+            log.warning("agent %s: status not published: %s", self.node, exc)
+
+    async def _status_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            try:
-                status = self._status(online=True, services=await self._services())
-                await self.bus.publish(topics.status(self.node), status, retain=True)
-            except FogmigError as exc:
-                log.warning("agent %s: status not published: %s", self.node, exc)
+            await self._publish_status()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.status_interval_s)
 
@@ -223,6 +239,15 @@ class Agent:
     async def _on_command(self, command: Command) -> None:
         assert self.bus is not None
         try:
+            if isinstance(command, DrainCommand):
+                # From now on the node reports draining; the controller moves its services
+                # off and never onto it, and the node reports empty when they are gone.
+                self.draining = True
+                await self.bus.publish(
+                    topics.events(self.node), accept(self.node, command.command_id)
+                )
+                await self._publish_status()
+                return
             if not isinstance(command, MigrateCommand):
                 raise ConfigError(f"command {command.kind!r} is not handled by the node agent")
             await self._check_migrate(command)
@@ -335,16 +360,46 @@ class Agent:
         finally:
             self.migrating.pop(cmd.service, None)
 
+    async def _presence_loop(self) -> None:
+        """Follow where every service runs and forward their traffic accordingly."""
+        assert self.bus is not None
+        await self.forwarder.install()
+        async with self.bus.subscribe(topics.service()) as presences:
+            async for _, msg in presences:
+                if isinstance(msg, Cleared):
+                    if msg.topic.node is not None and msg.topic.service is not None:
+                        self._presence.pop((msg.topic.node, msg.topic.service), None)
+                elif isinstance(msg, ServicePresence):
+                    key = (msg.node, msg.service)
+                    if msg.present:
+                        self._presence[key] = Location(msg.service, msg.node, msg.data_ip, msg.port)
+                    else:
+                        self._presence.pop(key, None)
+                else:
+                    continue
+                latest: dict[str, Location] = {}
+                for loc in self._presence.values():
+                    latest[loc.service] = loc
+                try:
+                    await self.forwarder.update(latest)
+                except FogmigError as exc:
+                    log.error("agent %s: forwarding not updated: %s", self.node, exc)
+
     async def _owned(self, service: str) -> None:
         if self.bus is None:
             return
+        try:
+            state = await self.runtime.state(service)
+        except FogmigError:
+            return
+        _, _, port = _service_params(state.bundle)
         await self.bus.publish(
             topics.service(self.node, service),
             ServicePresence(
                 service=service,
                 node=self.node,
                 data_ip=self.config.data_ip,
-                port=5683,
+                port=port,
                 present=True,
                 at=time.time(),
             ),
@@ -413,6 +468,26 @@ class Agent:
 
 class _Stopped(Exception):
     """Ends the agent's task group on a requested stop."""
+
+
+def _service_params(bundle: Path | None) -> tuple[int, float, int]:
+    """(state MB, dirty KB/s, port) from a sensor service's command line; 0s if unknown."""
+    try:
+        args = read_config(bundle)["process"]["args"] if bundle is not None else []
+    except (FogmigError, KeyError):
+        args = []
+
+    def value(flag: str, default: str) -> str:
+        return args[args.index(flag) + 1] if flag in args[:-1] else default
+
+    try:
+        return (
+            int(value("--state-mb", "0")),
+            float(value("--dirty-kbps", "0")),
+            int(value("--port", "5683")),
+        )
+    except ValueError:
+        return 0, 0.0, 5683
 
 
 def _rss(pid: int) -> int:
