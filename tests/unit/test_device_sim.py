@@ -56,6 +56,7 @@ from fogmig.device_sim.timeline import (
     read_timeline,
 )
 from fogmig.platform.errors import ConfigError
+from fogmig.platform.migration.record import Outcome as MigrationOutcome
 from fogmig.platform.schemas import MigrationDone
 from fogmig.services import sensor
 from fogmig.services.client import DeviceSummary, PostResult, ServiceState
@@ -320,7 +321,8 @@ def test_event_dicts_are_json() -> None:
 
 def test_migration_seen_from_a_done_event() -> None:
     done = MigrationDone(
-        node="gw1", command_id="c1", migration_id="m1", service="s0", outcome="completed",
+        node="gw1", command_id="c1", migration_id="m1", service="s0",
+        outcome=MigrationOutcome.COMPLETED,
         record={"technique": "precopy", "source": "gw1", "destination": "gw2",
                 "started_at": 10.0, "finished_at": 12.5, "downtime_s": 0.7, "total_time_s": 2.5},
     )  # fmt: skip
@@ -474,7 +476,7 @@ async def test_device_rides_out_an_outage_without_losing_a_reading() -> None:
     assert svc.state.count == device.ledger.count  # type: ignore[union-attr]
     assert any(r.applied is False for r in posts)
     assert {r.address for r in posts} == {"10.79.0.1", "10.79.0.2"}
-    seqs = [r.seq for r in posts if r.ok]
+    seqs = [r.seq for r in posts if r.ok and r.seq is not None]
     assert seqs == sorted(seqs)
     assert device.exclusive
 
