@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from fogmig.platform import paths
 from fogmig.platform.testbed import (
     cut_link,
     load_credentials,
@@ -291,8 +292,18 @@ def test_down_after_a_crash(orchestration: TestbedState) -> None:
     assert state.linkd.pid is not None
     os.kill(state.linkd.pid, signal.SIGKILL)
     state_path().unlink()
-    done = fogmig("testbed", "down")
-    assert done.returncode == 0, done.stderr
-    assert "namespaces" in done.stdout
+    # A failed restore can leave CRIU's cgroup yard mounted in a node's work directory.
+    yard = paths.node_dir("gw1") / "work-test" / ".criu.cgyard.test"
+    yard.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(yard)], check=True)
+    try:
+        done = fogmig("testbed", "down")
+        assert done.returncode == 0, done.stderr
+        assert "namespaces" in done.stdout
+        assert str(yard) not in Path("/proc/self/mounts").read_text()
+    finally:
+        subprocess.run(["umount", str(yard)], check=False, capture_output=True)
+        yard.rmdir()
+        yard.parent.rmdir()
     assert_nothing_left(state)
     assert not pids_mod.is_ours(state.broker.pid, broker_needles(state.broker))
