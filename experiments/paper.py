@@ -24,6 +24,7 @@ from fogmig.platform.agent_commands import agents_down, agents_up, request_migra
 from fogmig.platform.migration.record import TECHNIQUES, MigrationRecord, save_record
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.profiles import LinkProfile, load_profile
+from fogmig.platform.testbed.state import exclusive_use
 from fogmig.services.deploy import ServiceSpec, deploy, undeploy
 
 console = Console()
@@ -64,18 +65,24 @@ async def run_plan(plan: ExperimentPlan) -> list[MigrationRecord]:
         by_profile.setdefault(profile_name, []).append(name)
     for profile_name, configs in by_profile.items():
         link = load_profile(profile_name)
-        console.rule(f"profile {profile_name}: {link.rate_mbit} Mbit/s, {link.rtt_ms} ms RTT")
-        up = await lifecycle.up(link, 2, progress=lambda m: console.print(f"  testbed: {m}"))
-        try:
-            await agents_up()
-            nodes = [n.name for n in up.state.nodes]
-            for config in configs:
-                _, dirty = PAPER_CONFIGURATIONS[config]
-                await _run_configuration(plan, config, dirty, nodes, link)
-        finally:
-            await agents_down()
-            await lifecycle.down()
+        # One testbed per machine: wait for whoever holds it.
+        with exclusive_use(timeout=3600):
+            await _run_profile(plan, link, configs)
     return plan.records
+
+
+async def _run_profile(plan: ExperimentPlan, link: LinkProfile, configs: list[str]) -> None:
+    console.rule(f"profile {link.name}: {link.rate_mbit} Mbit/s, {link.rtt_ms} ms RTT")
+    up = await lifecycle.up(link, 2, progress=lambda m: console.print(f"  testbed: {m}"))
+    try:
+        await agents_up()
+        nodes = [n.name for n in up.state.nodes]
+        for config in configs:
+            _, dirty = PAPER_CONFIGURATIONS[config]
+            await _run_configuration(plan, config, dirty, nodes, link)
+    finally:
+        await agents_down()
+        await lifecycle.down()
 
 
 async def _run_configuration(

@@ -72,6 +72,8 @@ class Device:
     ledger: DeviceLedger = field(init=False)
     ok: int = 0
     failed: int = 0
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    task: asyncio.Task[None] | None = None
 
     def __post_init__(self) -> None:
         self.ledger = DeviceLedger(self.name)
@@ -81,10 +83,10 @@ class Device:
         node = placements[0].node if placements else self.state.nodes[0].name
         return next(n.mgmt_ip for n in self.state.nodes if n.name == node)
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self) -> None:
         async with SensorClient(port=PORT, timeout=1.0) as client:
             host = await self.where()
-            while not stop.is_set():
+            while not self.stop.is_set():
                 payload = self.ledger.next_reading(value=self.ok)
                 try:
                     result = await client.post_reading(host, payload)
@@ -97,6 +99,10 @@ class Device:
                 await asyncio.sleep(self.interval)
 
     async def verify(self) -> None:
+        """Stop posting, then compare the service's state with the ledger."""
+        self.stop.set()
+        if self.task is not None:
+            await self.task
         async with SensorClient(port=PORT, timeout=3.0) as client:
             state = await client.get_state(await self.where())
         check = self.ledger.verify(state, exclusive=True)
@@ -112,14 +118,13 @@ async def service(
         node=testbed.nodes[0].name,
     )
     device = Device(f"dev-{name}", testbed, name)
-    stop = asyncio.Event()
-    task = asyncio.create_task(device.run(stop))
+    device.task = asyncio.create_task(device.run())
     try:
         await asyncio.sleep(0.5)
         yield device
     finally:
-        stop.set()
-        await task
+        device.stop.set()
+        await device.task
         with contextlib.suppress(Exception):
             await undeploy(name)
 
