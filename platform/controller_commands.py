@@ -74,7 +74,7 @@ def single_instance(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def testbed_config(**overrides: Any) -> ControllerConfig:
+def config_for_testbed(**overrides: Any) -> ControllerConfig:
     """The controller's configuration on the testbed: links default to the testbed's profile."""
     from fogmig.platform.testbed.state import load_state
     from fogmig.policies.conditions import LinkConditions
@@ -84,7 +84,7 @@ def testbed_config(**overrides: Any) -> ControllerConfig:
     return ControllerConfig(default_link=link, **overrides)
 
 
-def testbed_bus(client: str) -> Bus:
+def open_testbed_bus(client: str) -> Bus:
     """A bus client with the controller's credentials on the testbed's broker."""
     from fogmig.platform.testbed.broker import CONTROLLER_USER
     from fogmig.platform.testbed.credentials import load_credentials
@@ -128,7 +128,7 @@ async def run_controller(config: ControllerConfig, *, on_event: LiveView | None 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     with single_instance(paths.run_dir() / "controller.lock"):
-        async with testbed_bus("controller") as bus:
+        async with open_testbed_bus("controller") as bus:
             controller = Controller(config, bus, on_event=on_event)
             await controller.run(stop)
 
@@ -138,7 +138,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 
     threshold = args.load_threshold
     target = args.load_target if args.load_target is not None else round(threshold * 0.75, 3)
-    config = testbed_config(
+    config = config_for_testbed(
         debounce_s=args.debounce,
         load_threshold=threshold,
         load_target=target,
@@ -233,7 +233,7 @@ def _cmd_drain(args: argparse.Namespace) -> int:
         )
 
     async def go() -> float:
-        async with testbed_bus("drain") as bus:
+        async with open_testbed_bus("drain") as bus:
             return await drain_node(bus, args.node, timeout=args.timeout, on_update=console.print)
 
     took = run_async(go)

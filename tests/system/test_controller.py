@@ -3,7 +3,8 @@ scripted nodes that acknowledge commands and report MigrationDone.
 
 An attach to another gateway gives exactly one MigrateCommand, to the service's node, with the
 technique the policy chooses; a flapping device gives one; a rejected or unanswered command is
-retried; a drain empties the node.
+retried; a drain empties the node. Last, on the testbed with the real agents: a device's
+attach makes the controller migrate a real service (runc + CRIU) and compare its prediction.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,12 +26,14 @@ import pytest
 
 from fogmig.platform.bus import Bus
 from fogmig.platform.controller import Controller, ControllerConfig, ControllerEvent, EventKind
-from fogmig.platform.controller_commands import drain_node
+from fogmig.platform.controller_commands import config_for_testbed, drain_node, open_testbed_bus
 from fogmig.platform.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
 from fogmig.platform.schemas import Decision, DeviceAttach, MigrateCommand, topics
 from fogmig.platform.testbed.broker import CONTROLLER_USER
+from fogmig.platform.testbed.state import TestbedState, exclusive_use, load_state
 from fogmig.policies.choice import choose_technique
 from fogmig.policies.conditions import NodeCapabilities, ServiceConditions
+from fogmig.services.deploy import ServiceSpec, deploy, find_service, undeploy
 
 pytestmark = [
     pytest.mark.system,
@@ -244,3 +250,81 @@ async def test_drain_empties_the_node(tmp_path: Path) -> None:
         await asyncio.sleep(world.config.debounce_s + 0.5)
         assert len(world.commands()) == 2
         assert any("draining" in e.message for e in world.of_kind(EventKind.HOLD))
+
+
+# --- with the real agents on the testbed ---------------------------------------------------
+
+
+def _fogmig(*args: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "fogmig.platform.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+
+
+@pytest.fixture(scope="module")
+def testbed() -> Iterator[TestbedState]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    # Hold the testbed lease: other test modules bring their own testbed up and down.
+    with exclusive_use(timeout=900):
+        _fogmig("testbed", "down")  # leftovers of a crashed run
+        _fogmig("testbed", "up", "--profile", "orchestration", "--nodes", "2")
+        try:
+            _fogmig("agents", "up")
+            yield load_state()
+        finally:
+            subprocess.run(
+                [sys.executable, "-P", "-m", "fogmig.platform.cli", "agents", "down"],
+                check=False,
+                timeout=120,
+            )
+            _fogmig("testbed", "down")
+
+
+@pytest.mark.timeout(1200)  # mostly waiting for the testbed lease held by other test modules
+async def test_controller_moves_a_real_service_after_its_device(
+    testbed: TestbedState, tmp_path: Path
+) -> None:
+    name = "ctl-follow"
+    await deploy(ServiceSpec(name=name, state_mb=4, dirty_kbps=20.0, port=5683), node="gw1")
+    events: list[ControllerEvent] = []
+    config = config_for_testbed(debounce_s=0.3, decision_log=tmp_path / "decisions.jsonl")
+    assert config.default_link.throughput_mbit_per_s == pytest.approx(72.41)
+    stop = asyncio.Event()
+    try:
+        async with open_testbed_bus("test-controller") as bus:
+            controller = Controller(config, bus, on_event=events.append)
+            task = asyncio.create_task(controller.run(stop))
+            await asyncio.wait_for(controller.ready.wait(), 10)
+            registry = controller.core.registry
+            deadline = time.monotonic() + 15
+            while registry.location(name) != "gw1":  # the agent's next status lists it
+                assert time.monotonic() < deadline, "gw1's status never listed the service"
+                await asyncio.sleep(0.1)
+            attach = DeviceAttach(device="dev-ctl", gateway="gw2", at=time.time(), service=name)
+            await bus.publish(topics.attach("dev-ctl"), attach)
+            deadline = time.monotonic() + 120
+            while not [e for e in events if e.kind is EventKind.DONE]:
+                assert time.monotonic() < deadline, [e.message for e in events]
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        [decision] = [e for e in events if e.kind is EventKind.DECISION]
+        [done] = [e for e in events if e.kind is EventKind.DONE]
+        assert done.data["outcome"] == "completed", done.message
+        assert done.data["technique"] == decision.data["decision"]["technique"]
+        measured = done.data["comparison"]["downtime_s"]["measured"]
+        assert measured is not None
+        assert measured > 0
+        assert done.data["comparison"]["transferred_bytes"]["measured"] >= 4 * 1024 * 1024
+        placements = [p.node for p in await find_service(name) if p.container.running]
+        assert placements == ["gw2"]
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await undeploy(name)
