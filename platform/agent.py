@@ -310,6 +310,8 @@ class Agent:
         mid = new_migration_id(cmd.service)
         mid_holder["id"] = mid
         try:
+            state = await self.runtime.state(cmd.service)
+            state_mb, dirty_kbps, _ = _service_params(state.bundle)
             record = await migrate_service(
                 runtime=self.runtime,
                 service=cmd.service,
@@ -329,6 +331,10 @@ class Agent:
                 on_progress=progress,
                 migration_id=mid,
                 fence_timeout_s=self.config.fence_timeout_s,
+                record_extra={
+                    "state_bytes": state_mb * 1024 * 1024,
+                    "dirty_rate_bytes_per_s": dirty_kbps * 1024,
+                },
             )
             save_record(record, paths.records_dir())
             log.info(
