@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "fogmig.platform.controller_commands",
     "fogmig.experiments.paper",
     "fogmig.device_sim.commands",
+    "fogmig.platform.demo_commands",
 )
 
 err_console = Console(stderr=True)
