@@ -26,7 +26,12 @@ def register(sub: Any) -> None:
     tsub = tb.add_subparsers(
         dest="testbed_command", metavar="{up,down,status,probe,cut,restore,set}"
     )
-    tb.set_defaults(func=lambda _args: (tb.print_help(), 2)[1])
+
+    def usage(_args: argparse.Namespace) -> int:
+        tb.print_help()
+        return 2
+
+    tb.set_defaults(func=usage)
 
     p = tsub.add_parser("up", help="create namespaces, data links, broker and link emulator")
     p.add_argument(

@@ -49,13 +49,14 @@ from fogmig.platform.testbed.status import healthy
 Progress = Callable[[str], None]
 
 # Round-trip delay that the link daemon's own path adds (two TUN reads and writes, two
-# wake-ups of the daemon, the echo that measures it): `up` measures it on a link set to zero
-# delay and takes it off every link. This figure (typical of the project's machine kind) is
-# used until then, or for good when FOGMIG_LINK_OVERHEAD_MS fixes another one.
+# wake-ups of the daemon, the echo that measures it): `up` measures it (see _calibrate) and
+# takes it off every link. This figure (typical of the project's machine kind, 0.25-0.5 ms
+# depending on load) is used until then, or for good when FOGMIG_LINK_OVERHEAD_MS fixes one.
 LINKD_OVERHEAD_MS = 0.4
 CALIBRATION_PINGS = 40
 CALIBRATION_RTT_MS = 2.0
 MAX_OVERHEAD_MS = 5.0
+LINKD_READY_TIMEOUT = 10.0
 
 
 def fixed_overhead_ms() -> float | None:
@@ -70,9 +71,6 @@ def fixed_overhead_ms() -> float | None:
     if not 0 <= value < 100:
         raise ConfigError(f"FOGMIG_LINK_OVERHEAD_MS out of range: {value}")
     return value
-
-
-LINKD_READY_TIMEOUT = 10.0
 
 
 def _quiet(_: str) -> None:
@@ -298,7 +296,7 @@ async def up(profile: LinkProfile, n_nodes: int, *, progress: Progress = _quiet)
         save_state(state)
     except BaseException:
         progress("failed: tearing down what was made")
-        await asyncio.shield(down(state))
+        await down(state)
         raise
     return UpResult(state, reused=False)
 
@@ -348,7 +346,7 @@ def _node_names(state: TestbedState | None) -> list[str]:
 def _valid_node(name: str) -> bool:
     try:
         check_node_name(name)
-    except Exception:
+    except ConfigError:
         return False
     return True
 

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from fogmig.platform.errors import TestbedError
+from fogmig.platform.errors import ConfigError, TestbedError
 from fogmig.platform.testbed import netem
 from fogmig.platform.testbed.linkd import ControlRequest, ControlResponse, LinkRuntime
 from fogmig.platform.testbed.state import LinkInfo, TestbedState, load_state, update_state
@@ -59,9 +59,9 @@ async def _change(
     state = load_state()
     link = state.link(a, b)
     if rate_mbit is not None and rate_mbit <= 0:
-        raise TestbedError(f"a link rate must be positive, not {rate_mbit}")
+        raise ConfigError(f"a link rate must be positive, not {rate_mbit}")
     if rtt_ms is not None and rtt_ms < 0:
-        raise TestbedError(f"a round-trip time cannot be negative ({rtt_ms})")
+        raise ConfigError(f"a round-trip time cannot be negative ({rtt_ms})")
     if up is not None:
         link.up = up
     if rate_mbit is not None:
