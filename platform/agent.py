@@ -74,6 +74,26 @@ class AgentConfig:
     fence_timeout_s: float = 20.0
 
     @classmethod
+    def from_file(cls, path: Path) -> AgentConfig:
+        """The configuration of a real node from a TOML file (see ``compose/``)."""
+        from fogmig.platform.agent_config import load_agent_config
+
+        s = load_agent_config(path)
+        return cls(
+            node=s.node,
+            data_ip=s.data_ip,
+            peers=dict(s.peers),
+            broker_host=s.broker_host,
+            broker_port=s.broker_port,
+            mqtt_username=s.mqtt_username,
+            mqtt_password=s.mqtt_password,
+            secret=s.secret,
+            transfer_port=s.transfer_port,
+            status_interval_s=s.status_interval_s,
+            fence_timeout_s=s.fence_timeout_s,
+        )
+
+    @classmethod
     def from_testbed(cls, node: str) -> AgentConfig:
         """The configuration of ``node`` on the embedded testbed."""
         from fogmig.platform.testbed.credentials import load_credentials

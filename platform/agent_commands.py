@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from fogmig.platform import paths
-from fogmig.platform.errors import FogmigError, MigrationError, ServiceError
+from fogmig.platform.errors import ConfigError, FogmigError, MigrationError, ServiceError
 from fogmig.platform.nodes import netns_name
 from fogmig.platform.proc import NETNS_DIR, run
 
@@ -59,6 +59,15 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     from fogmig.platform.agent import AgentConfig, run_agent
     from fogmig.platform.cli import run_async
 
+    if args.config is not None:
+        # A real node: its own network, its configuration from the file.
+        config = AgentConfig.from_file(args.config)
+        if args.node is not None and args.node != config.node:
+            raise ConfigError(f"--node {args.node} but {args.config} configures {config.node}")
+        run_async(lambda: run_agent(config))
+        return 0
+    if args.node is None:
+        raise ConfigError("give --node NODE (on the testbed) or --config FILE (a real node)")
     netns = netns_name(args.node)
     if not _in_netns(netns):
         os.execvp("nsenter", _agent_argv(args.node))
@@ -257,7 +266,8 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
 
 def register(sub: Any) -> None:
     p = sub.add_parser("agent", help="run a node's agent in the foreground")
-    p.add_argument("--node", required=True)
+    p.add_argument("--node", help="a testbed node (the agent enters its namespace)")
+    p.add_argument("--config", type=Path, metavar="FILE", help="a real node's TOML configuration")
     p.set_defaults(func=_cmd_agent)
 
     p = sub.add_parser("agents", help="start or stop the agents of every testbed node")

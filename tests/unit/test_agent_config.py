@@ -1,0 +1,104 @@
+"""An agent's TOML configuration for a real node: parsing, validation with clear messages,
+secrets read relative to the file, and ``AgentConfig.from_file``/``fogmig agent --config``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from fogmig.platform.agent import AgentConfig
+from fogmig.platform.agent_commands import _cmd_agent
+from fogmig.platform.agent_config import load_agent_config, parse_agent_config
+from fogmig.platform.errors import ConfigError
+
+SECRET = "0123456789abcdef" * 4
+
+GOOD = """
+node = "gw1"
+data_ip = "192.168.60.11"
+status_interval_s = 2.5
+
+[peers]
+gw2 = "192.168.60.12"
+gw3 = "192.168.60.13"
+
+[broker]
+host = "192.168.50.2"
+password_file = "secrets/gw1.password"
+
+[transfer]
+secret_file = "secrets/transfer.secret"
+"""
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    (tmp_path / "secrets").mkdir()
+    (tmp_path / "secrets" / "gw1.password").write_text("s3cret\n")
+    (tmp_path / "secrets" / "transfer.secret").write_text(SECRET + "\n")
+    (tmp_path / "agent.toml").write_text(GOOD)
+    return tmp_path
+
+
+def test_good_file(folder: Path) -> None:
+    s = load_agent_config(folder / "agent.toml")
+    assert (s.node, s.data_ip) == ("gw1", "192.168.60.11")
+    assert s.peers == {"gw2": "192.168.60.12", "gw3": "192.168.60.13"}
+    assert (s.broker_host, s.broker_port, s.mqtt_username) == ("192.168.50.2", 1883, "gw1")
+    assert s.mqtt_password == "s3cret"
+    assert s.secret == bytes.fromhex(SECRET)
+    assert (s.transfer_port, s.status_interval_s, s.fence_timeout_s) == (7700, 2.5, 20.0)
+
+
+def test_agent_config_from_file(folder: Path) -> None:
+    c = AgentConfig.from_file(folder / "agent.toml")
+    assert (c.node, c.data_ip, c.mqtt_username, c.mqtt_password) == (
+        "gw1",
+        "192.168.60.11",
+        "gw1",
+        "s3cret",
+    )
+    assert c.peers == {"gw2": "192.168.60.12", "gw3": "192.168.60.13"}
+    assert c.secret == bytes.fromhex(SECRET)
+    assert c.status_interval_s == 2.5
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (('node = "gw1"', 'node = "GW 1"'), "node"),
+        (('data_ip = "192.168.60.11"', 'data_ip = "gw1.local"'), "not an IP address"),
+        (('gw2 = "192.168.60.12"', 'gw1 = "192.168.60.12"'), "lists itself"),
+        (('gw3 = "192.168.60.13"', 'gw3 = "192.168.60.11"'), "own data IP"),
+        (("[transfer]", "[transfer]\nbogus = 1"), "bogus"),
+        (('host = "192.168.50.2"', 'host = "192.168.50.2"\nport = 70000'), "broker.port"),
+        (("secrets/gw1.password", "secrets/missing.password"), "cannot read the MQTT password"),
+        (("node = ", "node == "), "not valid TOML"),
+        (('[broker]\nhost = "192.168.50.2"\n', ""), "broker"),
+    ],
+)
+def test_bad_files_are_refused_with_a_reason(
+    folder: Path, change: tuple[str, str], message: str
+) -> None:
+    text = GOOD.replace(*change)
+    assert text != GOOD
+    with pytest.raises(ConfigError, match=message):
+        parse_agent_config(text, base=folder)
+
+
+@pytest.mark.parametrize(
+    ("secret", "message"), [("zz" * 32, "not hex"), ("ab" * 8, "8 bytes"), ("", "empty")]
+)
+def test_bad_transfer_secret(folder: Path, secret: str, message: str) -> None:
+    (folder / "secrets" / "transfer.secret").write_text(secret)
+    with pytest.raises(ConfigError, match=message):
+        load_agent_config(folder / "agent.toml")
+
+
+def test_cli_refuses_a_mismatched_node_and_no_node(folder: Path) -> None:
+    with pytest.raises(ConfigError, match="configures gw1"):
+        _cmd_agent(argparse.Namespace(node="gw2", config=folder / "agent.toml"))
+    with pytest.raises(ConfigError, match="--config FILE"):
+        _cmd_agent(argparse.Namespace(node=None, config=None))

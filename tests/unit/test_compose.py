@@ -1,0 +1,186 @@
+"""The compose files for real machines, checked without a Docker engine: every command is a
+real ``fogmig`` subcommand (parsed by the CLI's own parser), every mounted configuration file
+exists (secrets come from make-secrets.sh), the agents get the privileges runc and CRIU need,
+and the site description, the agents' files and the broker's ACL agree."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from fogmig.platform.agent_config import AgentSettings, parse_agent_config
+from fogmig.platform.cli import build_parser
+from fogmig.platform.testbed.broker import acl_rules, render_acl
+from fogmig.platform.testbed.state import TestbedState
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "compose"
+SERVICES = ("broker", "controller", "image", "agent")
+
+
+def env_defaults() -> dict[str, str]:
+    out = {}
+    for line in (COMPOSE / ".env").read_text().splitlines():
+        if line.strip() and not line.startswith("#"):
+            key, _, value = line.partition("=")
+            out[key.strip()] = value.strip()
+    return out
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's ``${VAR}``, ``${VAR:-default}`` and ``${VAR:?error}``."""
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3) or ""
+        if env.get(name):
+            return env[name]
+        if op == ":-":
+            return arg
+        raise AssertionError(f"${{{name}}} has no value ({arg})")
+
+    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)(?:(:-|:\?)([^}]*))?\}", one, text)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    text = interpolate((COMPOSE / "docker-compose.yml").read_text(), env_defaults())
+    doc = yaml.safe_load(text)
+    assert isinstance(doc, dict)
+    return doc
+
+
+@pytest.fixture(scope="module")
+def site() -> TestbedState:
+    return TestbedState.model_validate_json((COMPOSE / "site" / "state.json").read_text())
+
+
+def mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of every short-syntax volume."""
+    out = []
+    for volume in service.get("volumes", []):
+        source, target, *_ = str(volume).split(":")
+        out.append((source, target))
+    return out
+
+
+def test_services_and_profiles(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    assert set(services) == set(SERVICES)
+    assert services["broker"]["image"].startswith("eclipse-mosquitto:")
+    for name in ("broker", "controller"):
+        assert services[name]["profiles"] == ["control"]
+    for name in ("image", "agent"):
+        assert services[name]["profiles"] == ["gateway"]
+    build = services["agent"]["build"]
+    # The context is relative to this folder; the Dockerfile is relative to the context.
+    assert (COMPOSE / build["context"] / build["dockerfile"]).resolve().is_file()
+
+
+def test_every_command_is_a_real_fogmig_subcommand(compose: dict[str, Any]) -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["fogmig"] == "fogmig.platform.cli:main"
+    parser = build_parser()
+    checked = 0
+    for name, service in compose["services"].items():
+        command = service.get("command")
+        if service.get("image", "").startswith("eclipse-mosquitto"):
+            assert command is None  # the image's own mosquitto with our configuration
+            continue
+        assert isinstance(command, list), f"{name}: use the list form of command"
+        assert command[0] == "fogmig", name
+        try:
+            args = parser.parse_args(command[1:])
+        except SystemExit as exc:
+            raise AssertionError(f"{name}: `{' '.join(command)}` does not parse") from exc
+        assert callable(getattr(args, "func", None)), name
+        checked += 1
+    assert checked == 3
+
+
+def test_agent_command_names_its_mounted_config(compose: dict[str, Any]) -> None:
+    agent = compose["services"]["agent"]
+    args = build_parser().parse_args(agent["command"][1:])
+    assert str(args.config) in {target for _, target in mounts(agent)}
+
+
+def test_mounted_files_exist_or_are_made_by_make_secrets(compose: dict[str, Any]) -> None:
+    script = (COMPOSE / "make-secrets.sh").read_text()
+    for name, service in compose["services"].items():
+        for source, _ in mounts(service):
+            if not source.startswith("./"):
+                continue
+            if source == "./secrets" or source.startswith("./secrets/"):
+                made = Path(source).name
+                assert made == "secrets" or f"secrets/{made}" in script, (name, source)
+                continue
+            assert (COMPOSE / source).is_file(), f"{name} mounts {source}, which is missing"
+
+
+def test_agent_has_the_privileges_runc_and_criu_need(compose: dict[str, Any]) -> None:
+    agent = compose["services"]["agent"]
+    assert agent["privileged"] is True
+    assert agent["network_mode"] == "host"
+    assert agent["pid"] == "host"
+    targets = {target for _, target in mounts(agent)}
+    for needed in ("/sys/fs/cgroup", "/var/run/netns", "/run/fogmig", "/var/lib/fogmig"):
+        assert needed in targets, needed
+    sources = {source for source, _ in mounts(agent)}
+    assert {"/sys/fs/cgroup", "/var/run/netns", "/run/fogmig", "/var/lib/fogmig"} <= sources
+
+
+def test_broker_config_uses_the_mounted_files(compose: dict[str, Any]) -> None:
+    conf = (COMPOSE / "mosquitto" / "mosquitto.conf").read_text()
+    settings = dict(
+        line.split(None, 1) for line in conf.splitlines() if line and not line.startswith("#")
+    )
+    assert settings["allow_anonymous"] == "false"
+    targets = {target for _, target in mounts(compose["services"]["broker"])}
+    assert settings["password_file"] in targets
+    assert settings["acl_file"] in targets
+
+
+def test_controller_finds_site_and_credentials_where_the_code_reads_them(
+    compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fogmig.platform.testbed.credentials import credentials_path
+    from fogmig.platform.testbed.state import state_path
+
+    monkeypatch.delenv("FOGMIG_RUN_DIR", raising=False)
+    monkeypatch.delenv("FOGMIG_STATE_DIR", raising=False)
+    targets = {target for _, target in mounts(compose["services"]["controller"])}
+    assert str(state_path()) in targets
+    assert str(credentials_path()) in targets
+
+
+def agent_settings(path: Path, tmp_path: Path) -> AgentSettings:
+    secrets = tmp_path / "secrets"
+    secrets.mkdir(exist_ok=True)
+    for node in ("gw1", "gw2", "gw3"):
+        (secrets / f"{node}.password").write_text(f"pw-{node}\n")
+    (secrets / "transfer.secret").write_text("ab" * 32 + "\n")
+    return parse_agent_config(path.read_text(), source=path.name, base=tmp_path)
+
+
+def test_site_agents_and_acl_agree(site: TestbedState, tmp_path: Path) -> None:
+    files = sorted(COMPOSE.glob("agent-*.toml"))
+    agents = {s.node: s for s in (agent_settings(f, tmp_path) for f in files)}
+    assert [f.stem for f in files] == [f"agent-{n}" for n in sorted(agents)]
+    data_ips = {n.name: n.data_ip for n in site.nodes}
+    assert set(agents) == set(data_ips)
+    for node, s in agents.items():
+        assert s.data_ip == data_ips[node]
+        assert s.peers == {n: ip for n, ip in data_ips.items() if n != node}
+        assert (s.broker_host, s.broker_port) == (site.broker.ip, site.broker.port)
+        assert s.mqtt_username == node
+        assert s.mqtt_password == f"pw-{node}"
+    want = render_acl(acl_rules(site.node_names, device_host=site.device_host.name))
+
+    def rules(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line and not line.startswith("#")]
+
+    assert rules((COMPOSE / "mosquitto" / "acl").read_text()) == rules(want)
