@@ -67,6 +67,7 @@ class Destination:
         bundles: Path,
         fetch_factory: FetchFactory,
         fence_timeout_s: float = 20.0,
+        stale_timeout_s: float = 900.0,
         on_owned: Callable[[str], Awaitable[None]] | None = None,
     ) -> None:
         self.node = node
@@ -75,6 +76,7 @@ class Destination:
         self._bundles = bundles
         self._fetch_factory = fetch_factory
         self.fence_timeout_s = fence_timeout_s
+        self.stale_timeout_s = stale_timeout_s
         self._on_owned = on_owned
         self.incoming: dict[str, Incoming] = {}
 
@@ -177,6 +179,7 @@ class Destination:
         work = mig.directory / "restore-work"
         mode = params.get("mode")
         mig.started_container = True
+        self._rearm_fence(mig)
         started = time.monotonic()
         if mode == "full":
             result = await self.runtime.restore(
@@ -299,15 +302,22 @@ class Destination:
             remove_tree(mig.directory)
 
     def _rearm_fence(self, mig: Incoming) -> None:
+        """(Re)start the timer that drops ``mig`` when its source falls silent.
+
+        Until a container was started here there is nothing live to fence: only files, which
+        may take minutes to arrive on a slow link, so the timer is the long ``stale_timeout_s``.
+        From the restore on, silence for ``fence_timeout_s`` kills the copy.
+        """
         if mig.committed:
             return
         if mig.fence is not None:
             mig.fence.cancel()
+        timeout = self.fence_timeout_s if mig.started_container else self.stale_timeout_s
         loop = asyncio.get_running_loop()
         mig.fence = loop.call_later(
-            self.fence_timeout_s,
+            timeout,
             lambda: asyncio.ensure_future(
-                self.abort(mig, f"no word from {mig.source} for {self.fence_timeout_s:g} s")
+                self.abort(mig, f"no word from {mig.source} for {timeout:g} s")
             ),
         )
 
