@@ -130,7 +130,7 @@ def test_state_round_trip_and_absent_state(tmp_path: Path, monkeypatch: pytest.M
 def test_acl_nodes_write_only_their_own_tree() -> None:
     rules = acl_rules(["gw1", "gw2"], device_host="dev")
     assert acl_allows(rules, "gw1", "write", "fogmig/v1/nodes/gw1/status")
-    assert acl_allows(rules, "gw1", "write", "fogmig/v1/migrations/m1/events")
+    assert not acl_allows(rules, "gw1", "write", "fogmig/v1/migrations/m1/events")
     assert not acl_allows(rules, "gw1", "write", "fogmig/v1/nodes/gw2/status")
     assert not acl_allows(rules, "gw1", "write", "fogmig/v1/devices/d1/attach")
     assert acl_allows(rules, "gw1", "read", "fogmig/v1/nodes/gw2/status")
