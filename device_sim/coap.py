@@ -1,7 +1,7 @@
 """The devices' way out: one aiocoap client context for a whole fleet, behind a small port.
 
-Requests are confirmable with a short first retransmission timeout and a hard bound on the
-whole exchange; the answer (or its absence) comes back as a value, never as an exception, so
+Requests are confirmable, with as many retransmissions as end within the device's timeout;
+the answer (or its absence) comes back as a value, never as an exception, so
 the device loop records every request the same way.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
 import ipaddress
 import os
 import time
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from fogmig.device_sim.events import NETWORK_ERROR, Outcome
-from fogmig.platform.errors import SetupError
+from fogmig.platform.errors import ConfigError, SetupError
 from fogmig.platform.proc import NETNS_DIR
 from fogmig.services.sensor import CONTENT_FORMAT_JSON
 
@@ -64,15 +65,44 @@ def coap_uri(address: str, port: int, path: str) -> str:
     return f"coap://[{ip}]:{port}/{path.lstrip('/')}"
 
 
-def transport_tuning(ack_timeout_s: float) -> Any:
-    """aiocoap's transmission parameters with the first retransmission after ``ack_timeout_s``.
+ACK_RANDOM_FACTOR = 1.5  # RFC 7252's, kept: it spreads the retransmissions of many devices
+MARGIN_S = 0.25
 
-    RFC 7252's 2 s is long next to a reading per second; a lost datagram should cost a device
-    a fraction of that. Later retransmissions still back off exponentially.
+
+def retransmission_plan(ack_timeout_s: float, timeout_s: float) -> tuple[float, int]:
+    """(ACK_TIMEOUT, MAX_RETRANSMIT) whose exchange is over by ``timeout_s`` at the latest.
+
+    aiocoap keeps retransmitting a confirmable request that its caller gave up on, and holds
+    every later request to the same endpoint back behind it (NSTART = 1). A device that gave
+    up after its timeout would then wait for a retransmission backed off to many seconds
+    after the service is back, and report that wait as downtime. So the exchange itself must
+    end within the device's timeout: as many retransmissions as fit (RFC 7252's
+    MAX_TRANSMIT_WAIT), and a shorter first timeout when not even one transmission fits.
     """
+    if not (ack_timeout_s > 0 and timeout_s > 0):
+        raise ConfigError(f"timeouts must be positive: ack {ack_timeout_s}, request {timeout_s}")
+    ack = min(ack_timeout_s, timeout_s / ACK_RANDOM_FACTOR)
+    retransmits = 0
+    while ack * (2 ** (retransmits + 2) - 1) * ACK_RANDOM_FACTOR <= timeout_s:
+        retransmits += 1
+    return ack, retransmits
+
+
+@functools.cache
+def transport_tuning(ack_timeout_s: float, timeout_s: float) -> Any:
+    """aiocoap's transmission parameters for :func:`retransmission_plan`."""
     from aiocoap.numbers.constants import TransportTuning
 
-    tuning_class = type("DeviceTuning", (TransportTuning,), {"ACK_TIMEOUT": ack_timeout_s})
+    ack, retransmits = retransmission_plan(ack_timeout_s, timeout_s)
+    tuning_class = type(
+        "DeviceTuning",
+        (TransportTuning,),
+        {
+            "ACK_TIMEOUT": ack,
+            "ACK_RANDOM_FACTOR": ACK_RANDOM_FACTOR,
+            "MAX_RETRANSMIT": retransmits,
+        },
+    )
     return tuning_class()
 
 
@@ -111,12 +141,12 @@ class AiocoapPort:
 
     def __init__(self, context: Any, *, ack_timeout_s: float) -> None:
         self._ctx = context
-        self._tuning = transport_tuning(ack_timeout_s)
+        self._ack_timeout_s = ack_timeout_s
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, *, ack_timeout_s: float = 0.5, netns: str | None = None
+        cls, *, ack_timeout_s: float = 0.4, netns: str | None = None
     ) -> AsyncIterator[AiocoapPort]:
         import aiocoap
 
@@ -145,14 +175,16 @@ class AiocoapPort:
             code=getattr(aiocoap.Code, method.upper()),
             uri=coap_uri(address, port, path),
             payload=payload,
-            transport_tuning=self._tuning,
+            transport_tuning=transport_tuning(self._ack_timeout_s, timeout),
         )
         if payload:
             msg.opt.content_format = CONTENT_FORMAT_JSON
         t0 = time.monotonic()
         try:
-            resp = await asyncio.wait_for(self._ctx.request(msg).response, timeout)
-        except TimeoutError:
+            # CoAP's own give-up (ConRetransmitsExceeded) ends the exchange first; the margin
+            # only guards against a loop too busy to run aiocoap's timer in time.
+            resp = await asyncio.wait_for(self._ctx.request(msg).response, timeout + MARGIN_S)
+        except (TimeoutError, aiocoap.error.TimeoutError):
             return Answer(Outcome.TIMEOUT, "", b"", time.monotonic() - t0)
         except aiocoap.error.Error as exc:
             # aiocoap's str() of a network error hides the reason; its cause carries it.

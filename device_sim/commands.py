@@ -318,7 +318,7 @@ def register(sub: Any) -> None:
         "--timeout", type=float, default=2.0, metavar="S", help="per request, then resend"
     )
     p.add_argument(
-        "--ack-timeout", type=float, default=0.5, metavar="S", help="first CoAP retransmission"
+        "--ack-timeout", type=float, default=0.4, metavar="S", help="first CoAP retransmission"
     )
     p.add_argument("--roam", choices=["none", "schedule", "random"], default="none")
     p.add_argument(

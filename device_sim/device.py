@@ -73,8 +73,9 @@ class RequestSettings:
     """One reading per interval (the paper's client sends one per second)."""
     timeout_s: float = 2.0
     """A request without an answer by then is a timeout; the reading is resent next beat."""
-    ack_timeout_s: float = 0.5
-    """CoAP's first retransmission of a confirmable request comes after this."""
+    ack_timeout_s: float = 0.4
+    """CoAP's first retransmission comes after this (times 1 to 1.5); as many follow as fit
+    into ``timeout_s`` (see :func:`fogmig.device_sim.coap.retransmission_plan`)."""
     check_every_s: float | None = 30.0
     """Verify the service's state at least this often (None: only after disruptions)."""
     gap_s: float | None = None

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import socket
 import statistics
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from fogmig.device_sim import commands
-from fogmig.device_sim.coap import Answer, coap_uri, transport_tuning
+from fogmig.device_sim.coap import Answer, coap_uri, retransmission_plan, transport_tuning
 from fogmig.device_sim.device import Device, DeviceConfig, RequestSettings, ResumedLedger
 from fogmig.device_sim.events import (
     NETWORK_ERROR,
@@ -615,22 +616,81 @@ async def test_fleet_times_out_on_a_silent_port(tmp_path: Path) -> None:
         fleet = DeviceFleet(
             devices=[DeviceConfig("d0", "s0", port, "gw1")],
             gateways={"gw1": "::1"},
-            settings=RequestSettings(interval_s=0.1, timeout_s=0.2, ack_timeout_s=0.05),
+            settings=RequestSettings(interval_s=0.1, timeout_s=0.3, ack_timeout_s=0.05),
         )
-        summary = await fleet.run(0.5)
+        summary = await fleet.run(0.8)
     timeouts = [r for r in fleet.devices[0].records if r.outcome is Outcome.TIMEOUT]
-    assert timeouts
-    assert all(0.2 <= r.latency_s < 0.4 for r in timeouts)
+    assert len(timeouts) >= 2
+    # CoAP itself gives up: one retransmission fits, so after 0.05 * (1 + 2) * 1..1.5 s.
+    assert all(0.15 - 0.01 <= r.latency_s <= 0.225 + 0.05 for r in timeouts), timeouts
     assert summary.stats.requests == 0  # no baseline, so no reading was ever posted
     assert not summary.healthy
 
 
-def test_coap_uri_and_tuning() -> None:
+async def test_fleet_recovers_within_a_beat_of_the_service_returning() -> None:
+    # The service stops answering (its port swallows the datagrams), then comes back with its
+    # state. The device must see it back within about one beat, not after a CoAP
+    # retransmission backed off behind the requests it already gave up on.
+    import aiocoap
+
+    port = _free_udp_port()
+    svc = sensor.Service(0, 0.0, sensor.DirtyWriter(bytearray(), 0.0), started_at=1.0e9)
+    site = sensor.build_site(svc)
+    ctx = await aiocoap.Context.create_server_context(site, bind=("::1", port))
+    fleet = DeviceFleet(
+        devices=[DeviceConfig("d0", "s0", port, "gw1")],
+        gateways={"gw1": "::1"},
+        settings=RequestSettings(interval_s=0.1, timeout_s=0.3, ack_timeout_s=0.05),
+    )
+    running = asyncio.create_task(fleet.run(2.0))
+    await asyncio.sleep(0.5)
+    await ctx.shutdown()
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as silent:
+        silent.bind(("::1", port))
+        await asyncio.sleep(0.8)
+    ctx = await aiocoap.Context.create_server_context(site, bind=("::1", port))
+    back_at = time.time()
+    try:
+        summary = await running
+    finally:
+        await ctx.shutdown()
+    (outage,) = summary.outages
+    assert outage.failed >= 2
+    assert outage.first_ok_at - back_at < 0.25, outage
+    assert summary.continuity.failed == 0
+    assert summary.continuity.passed >= 2
+
+
+def test_coap_uri() -> None:
     assert coap_uri("10.79.0.1", 5700, "/sensor") == "coap://[::ffff:a4f:1]:5700/sensor"
     assert coap_uri("::1", 5683, "state") == "coap://[::1]:5683/state"
-    tuning = transport_tuning(0.25)
-    assert tuning.ACK_TIMEOUT == 0.25
-    assert tuning.MAX_RETRANSMIT == 4
+
+
+@pytest.mark.parametrize(
+    ("ack", "timeout", "plan"),
+    [
+        (0.4, 2.0, (0.4, 1)),  # 0.4 * 1.5 * (1 + 2) = 1.8 fits, one more would need 4.2
+        (0.5, 2.0, (0.5, 0)),  # 2.25 would not fit
+        (0.5, 2.25, (0.5, 1)),
+        (0.1, 5.0, (0.1, 4)),  # RFC 7252's MAX_RETRANSMIT when it fits: 4.65 s
+        (2.0, 1.0, (1.0 / 1.5, 0)),  # not even one transmission fits: shorter first timeout
+    ],
+)
+def test_retransmissions_end_within_the_timeout(
+    ack: float, timeout: float, plan: tuple[float, int]
+) -> None:
+    got = retransmission_plan(ack, timeout)
+    assert got == pytest.approx(plan)
+    tuning = transport_tuning(ack, timeout)
+    ack_timeout, retransmits, wait = (
+        tuning.ACK_TIMEOUT,
+        tuning.MAX_RETRANSMIT,
+        tuning.MAX_TRANSMIT_WAIT,
+    )
+    assert (ack_timeout, retransmits) == pytest.approx(plan)
+    assert wait <= timeout + 1e-9
+    with pytest.raises(ConfigError):
+        retransmission_plan(0, 1)
 
 
 # ---- command line ----------------------------------------------------------------------------
