@@ -235,7 +235,11 @@ class DeviceFleet:
         published = await self._publish_attach(device)
         device.record_roam(dataclasses.replace(roam, from_gateway=None, published=published))
         for hop in device.config.roaming.hops(device.gateway):
-            await asyncio.sleep(max(0.0, t0 + hop.at_s - loop.time()))
+            # A stopping fleet moves no more: its final check must ask where it last was.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), max(0.0, t0 + hop.at_s - loop.time()))
+            if self._stop.is_set():
+                return
             roam = device.move_to(hop.gateway)
             log.info("device %s: %s -> %s", device.name, roam.from_gateway, roam.to_gateway)
             published = await self._publish_attach(device)

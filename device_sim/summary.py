@@ -110,6 +110,7 @@ class FleetSummary(_Model):
     migrations: list[MigrationOut]
     continuity: ContinuityStats
     roams: int
+    """Moves from one gateway to another (the first attachment is not one)."""
     attach_published: int
     attach_failed: int
     per_device: list[DeviceOut]
@@ -230,7 +231,7 @@ def build_summary(
                 service=service,
                 port=port,
                 gateway=gateway,
-                roams=sum(1 for r in roams if r.device == name),
+                roams=sum(1 for r in roams if r.device == name and r.from_gateway is not None),
                 stats=request_stats(by_device[name]),
                 outages=len(own_outages),
                 max_downtime_s=_round(max((o.downtime_s for o in own_outages), default=None), 6),
@@ -249,7 +250,7 @@ def build_summary(
         max_downtime_s=_round(max((o.downtime_s for o in outages), default=None), 6),
         migrations=[migration_out(m, by_device, service_of) for m in migrations],
         continuity=continuity_stats(checks),
-        roams=len(roams),
+        roams=sum(1 for r in roams if r.from_gateway is not None),
         attach_published=attach_published,
         attach_failed=attach_failed,
         per_device=per_device,

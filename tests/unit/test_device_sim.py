@@ -298,7 +298,7 @@ def test_summary_counts_and_matches_migrations() -> None:
     (m,) = s.migrations
     assert m.observed_downtime_s == {"d0": pytest.approx(6.005)}
     assert m.platform_downtime_s == 4.0
-    assert s.per_device[0].roams == 2
+    assert s.per_device[0].roams == 1
     assert s.per_device[0].outages == 1
     text = format_summary(s)
     assert "failed 3" in text
@@ -534,6 +534,21 @@ async def test_periodic_checks() -> None:
     assert reasons[-1] == "final"
 
 
+async def test_a_stopping_fleet_moves_no_more(tmp_path: Path) -> None:
+    svc = ScriptedService()
+    fleet = DeviceFleet(
+        devices=[DeviceConfig("d0", "s0", 5700, "gw1", Schedule((Hop(0.3, "gw2"),)))],
+        gateways={"gw1": "10.79.0.1", "gw2": "10.79.0.2"},
+        settings=FAST,
+        port=svc,
+    )
+    summary = await fleet.run(0.2)
+    assert summary.roams == 0
+    assert fleet.devices[0].gateway == "gw1"
+    assert {address for _, address, _, _ in svc.calls} == {"10.79.0.1"}
+    assert summary.healthy
+
+
 def test_configs_validate() -> None:
     with pytest.raises(ConfigError):
         DeviceConfig("D0", "s0", 5700, "gw1")
@@ -592,7 +607,7 @@ async def test_fleet_on_loopback(sensor_port: int, tmp_path: Path) -> None:
     assert summary.continuity.failed == 0
     assert summary.continuity.passed >= 2
     assert summary.healthy
-    assert summary.roams == 3  # two initial attachments and one move
+    assert summary.roams == 1  # one move; the first attachments are not moves
     assert {d.gateway for d in summary.per_device} == {"gw2"}
     assert all(not d.continuity.failures for d in summary.per_device)
     # Two devices share s0: neither may claim the global counter as its own.
