@@ -17,7 +17,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -70,7 +70,8 @@ class DeviceFleet:
     roam, silently. ``out`` receives ``timeline.csv``, ``events.jsonl`` and ``summary.json``.
     ``netns`` makes the fleet's CoAP socket in that network namespace (the device host's), so
     a caller outside it can still run the fleet in-process; ``port`` replaces the real CoAP
-    context (tests).
+    context (tests). Devices that share a service share its endpoint on one socket, and
+    CoAP lets one confirmable request at a time go to an endpoint: they take turns.
     """
 
     def __init__(
@@ -107,10 +108,8 @@ class DeviceFleet:
         self.attach_failed = 0
         self.started_at: float | None = None
         self.finished_at: float | None = None
-        self._configs = list(devices)
         self._on_event = on_event
         self._port = port
-        self._seed = seed
         self._stop = asyncio.Event()
         self._timeline: TimelineWriter | None = None
         self._events: IO[str] | None = None
@@ -173,7 +172,7 @@ class DeviceFleet:
         return summary
 
     @contextlib.contextmanager
-    def _files(self) -> Any:
+    def _files(self) -> Iterator[None]:
         if self.out is None:
             yield
             return
