@@ -64,6 +64,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         seed=args.seed,
         settle_timeout_s=args.settle_timeout,
     )
+    if not console.is_terminal:
+        console.width = max(console.width, 120)  # a log or a pipe: room for the tables
     demo = Demo(options, console=console, live=False if args.no_live else None)
 
     async def main() -> DemoSummary:
