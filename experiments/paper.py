@@ -75,7 +75,8 @@ async def _run_profile(plan: ExperimentPlan, link: LinkProfile, configs: list[st
     console.rule(f"profile {link.name}: {link.rate_mbit} Mbit/s, {link.rtt_ms} ms RTT")
     up = await lifecycle.up(link, 2, progress=lambda m: console.print(f"  testbed: {m}"))
     try:
-        await agents_up()
+        # The agents' own link probes would share the link with the measured migrations.
+        await agents_up(link_probe_interval_s=0)
         nodes = [n.name for n in up.state.nodes]
         for config in configs:
             _, dirty = PAPER_CONFIGURATIONS[config]

@@ -36,6 +36,7 @@ from fogmig.platform.schemas import (
     Cleared,
     Command,
     DrainCommand,
+    LinkMeasurement,
     MigrateCommand,
     MigrationDone,
     MigrationProgress,
@@ -47,7 +48,13 @@ from fogmig.platform.schemas import (
     reject,
     topics,
 )
-from fogmig.platform.transfer import CallReply, TransferClient, TransferServer, TransferSession
+from fogmig.platform.transfer import (
+    CallReply,
+    TransferClient,
+    TransferServer,
+    TransferSession,
+    remove_migration_dir,
+)
 from fogmig.policies.conditions import PrecopyStopRules
 from fogmig.services.image import find_image
 
@@ -72,6 +79,8 @@ class AgentConfig:
     transfer_port: int = TRANSFER_PORT
     status_interval_s: float = 5.0
     fence_timeout_s: float = 20.0
+    link_probe_interval_s: float = 60.0
+    link_probe_bytes: int = 2 * 1024 * 1024
 
     @classmethod
     def from_file(cls, path: Path) -> AgentConfig:
@@ -142,6 +151,7 @@ class Agent:
         self.draining = False
         self.forwarder = Forwarder(node=config.node, data_ip=config.data_ip)
         self._presence: dict[tuple[str, str], Location] = {}  # (node, service) -> location
+        self.links: dict[str, LinkMeasurement] = {}
         self.bus: Bus | None = None
         self.destination = Destination(
             node=config.node,
@@ -185,6 +195,7 @@ class Agent:
                 tg.create_task(self._status_loop(stop), name="status")
                 tg.create_task(self._command_loop(stop), name="commands")
                 tg.create_task(self._presence_loop(), name="presence")
+                tg.create_task(self._links_loop(stop), name="links")
                 await stop.wait()
                 raise _Stopped
         # unreachable: the TaskGroup always ends in _Stopped
@@ -209,6 +220,7 @@ class Agent:
             mem_total_bytes=total,
             mem_free_bytes=free,
             services=services or [],
+            links=list(self.links.values()),
             draining=self.draining,
             capabilities=NodeCapabilities(
                 criu_version=caps.version,
@@ -386,6 +398,46 @@ class Agent:
         finally:
             self.migrating.pop(cmd.service, None)
 
+    async def _links_loop(self, stop: asyncio.Event) -> None:
+        """Measure the data link to every peer: RTT by ping, throughput by a timed transfer.
+
+        Skipped while a migration runs here: it would compete with it for the link.
+        """
+        if self.config.link_probe_interval_s <= 0:
+            return  # measurement off (benchmarks: it would share the link)
+        while not stop.is_set():
+            for peer in sorted(self.config.peers):
+                if self.migrating or self.destination.incoming:
+                    break
+                try:
+                    self.links[peer] = await self._measure_link(peer)
+                except (FogmigError, OSError) as exc:
+                    log.info("agent %s: link to %s not measured: %s", self.node, peer, exc)
+                except Exception:
+                    # A measurement must never take the agent down with it.
+                    log.exception("agent %s: link measurement to %s failed", self.node, peer)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self.config.link_probe_interval_s)
+
+    async def _measure_link(self, peer: str) -> LinkMeasurement:
+        import statistics
+        import tempfile
+
+        cfg = self.config
+        async with TransferClient.connect(
+            cfg.peers[peer], cfg.transfer_port, secret=cfg.secret, node=self.node, peer=peer
+        ) as client:
+            rtt = statistics.median([await client.ping() for _ in range(5)])
+            probe_id = f"probe-{self.node}"
+            with tempfile.NamedTemporaryFile(dir=paths.node_dir(self.node)) as fh:
+                fh.write(os.urandom(cfg.link_probe_bytes))
+                fh.flush()
+                sent = await client.send_file(probe_id, Path(fh.name), "probe")
+            await client.call("drop_probe", {"migration_id": probe_id})
+        # A one-shot transfer includes TCP's slow start: a conservative estimate.
+        rate = sent.bytes / max(sent.seconds - rtt, 1e-6)
+        return LinkMeasurement(peer=peer, rtt_s=rtt, throughput_bytes_per_s=rate, at=time.time())
+
     async def _presence_loop(self) -> None:
         """Follow where every service runs and forward their traffic accordingly."""
         assert self.bus is not None
@@ -439,6 +491,9 @@ class Agent:
     ) -> dict[str, Any] | CallReply:
         if op == "get_pages":
             return await self._get_pages(params)
+        if op == "drop_probe":
+            remove_migration_dir(session.root, f"probe-{session.peer}")
+            return {}
         mid = str(params.get("migration_id", ""))
         return await self.destination.handle(op, params, session.migration_dir(mid), session.peer)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -39,7 +40,7 @@ def _in_netns(netns: str) -> bool:
         return False
 
 
-def _agent_argv(node: str) -> list[str]:
+def _agent_argv(node: str, *, link_probe_interval_s: float | None = None) -> list[str]:
     # -P: never let the current directory (a checkout with its own `platform/`) shadow stdlib.
     return [
         "nsenter",
@@ -52,6 +53,11 @@ def _agent_argv(node: str) -> list[str]:
         "agent",
         "--node",
         node,
+        *(
+            ["--link-probe-interval", f"{link_probe_interval_s:g}"]
+            if link_probe_interval_s is not None
+            else []
+        ),
     ]
 
 
@@ -70,14 +76,21 @@ def _cmd_agent(args: argparse.Namespace) -> int:
         raise ConfigError("give --node NODE (on the testbed) or --config FILE (a real node)")
     netns = netns_name(args.node)
     if not _in_netns(netns):
-        os.execvp("nsenter", _agent_argv(args.node))
+        os.execvp("nsenter", _agent_argv(args.node, link_probe_interval_s=args.link_probe_interval))
     config = AgentConfig.from_testbed(args.node)
+    if args.link_probe_interval is not None:
+        config = dataclasses.replace(config, link_probe_interval_s=args.link_probe_interval)
     run_async(lambda: run_agent(config))
     return 0
 
 
-async def agents_up(*, timeout: float = 20.0) -> dict[str, int]:
-    """Start an agent per testbed node (idempotent); return node -> PID."""
+async def agents_up(
+    *, timeout: float = 20.0, link_probe_interval_s: float | None = None
+) -> dict[str, int]:
+    """Start an agent per testbed node (idempotent); return node -> PID.
+
+    ``link_probe_interval_s=0`` turns the agents' link measurements off (benchmarks).
+    """
     from fogmig.platform.agent import TRANSFER_PORT
     from fogmig.platform.testbed import pids
     from fogmig.platform.testbed.state import load_state
@@ -91,7 +104,8 @@ async def agents_up(*, timeout: float = 20.0) -> dict[str, int]:
             started[node.name] = pid
             continue
         pid = pids.spawn_detached(
-            _agent_argv(node.name), log_path=_agents_dir() / f"{node.name}.log"
+            _agent_argv(node.name, link_probe_interval_s=link_probe_interval_s),
+            log_path=_agents_dir() / f"{node.name}.log",
         )
         pids.write_pidfile(pidfile, pid)
         started[node.name] = pid
