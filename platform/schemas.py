@@ -31,6 +31,7 @@ from fogmig.platform.errors import FogmigError
 from fogmig.platform.migration.record import Outcome, Technique
 from fogmig.platform.migration.states import Phase
 from fogmig.platform.nodes import NODE_NAME, SERVICE_NAME
+from fogmig.policies.conditions import PrecopyStopRules
 
 PREFIX = "fogmig/v1"
 VERSION = 1
@@ -141,12 +142,15 @@ class NodeStatus(_Message):
 # --- commands ----------------------------------------------------------------------------
 
 
-class PrecopyRules(_Model):
-    """When pre-copy stops iterating and takes the final dump."""
+_STOP_DEFAULTS = PrecopyStopRules()
 
-    max_rounds: Annotated[int, Field(ge=1, le=100)] = 5
-    min_changed_bytes: Count = 1 << 20
-    stop_when_not_shrinking: bool = True
+
+class PrecopyRules(_Model):
+    """When pre-copy stops iterating and takes the final dump (defaults: the policies')."""
+
+    max_rounds: Annotated[int, Field(ge=1, le=100)] = _STOP_DEFAULTS.max_rounds
+    min_changed_bytes: Count = int(_STOP_DEFAULTS.min_changed_bytes)
+    stop_when_not_shrinking: bool = _STOP_DEFAULTS.stop_when_not_shrinking
 
 
 class MigrateCommand(_Message):
