@@ -44,6 +44,7 @@ from fogmig.platform.schemas import (
     topics,
 )
 from fogmig.policies import placement
+from fogmig.policies.choice import Decision as TechniqueDecision
 from fogmig.policies.choice import choose_technique
 from fogmig.policies.conditions import (
     LinkConditions,
@@ -649,6 +650,45 @@ class ControllerCore:
         limit = cfg.max_migrations_per_node
         if busy.get(source, 0) >= limit or busy.get(target, 0) >= limit:
             return []  # waits for a migration on the same node to finish
+        try:
+            command, decision, choice = self._decide(move, source, src, dst)
+        except (FogmigError, ValueError) as exc:  # a policy's or a model's validation error
+            del self.pending[service]
+            return self._hold(service, source, f"cannot decide how to move {service}: {exc}")
+        technique = command.technique
+        del self.pending[service]
+        self._holds.pop(service, None)
+        self.inflight[service] = InFlight(
+            serial=next(self._serial),
+            source=source,
+            command=command,
+            decision=decision,
+            trigger=move.trigger,
+            detail=move.detail,
+            attempts=move.attempts,
+            sent_at=now,
+        )
+        p = choice.prediction
+        event = self._event(
+            EventKind.DECISION,
+            f"{move.trigger}: {service} {source} -> {target} by {technique} "
+            f"(predicted downtime {_fmt_time(p.downtime)}, total {_fmt_time(p.total_time)}, "
+            f"{_fmt_bytes(p.transferred_bytes)}): {move.detail}",
+            service=service,
+            node=source,
+            command_id=command.command_id,
+            attempt=move.attempts + 1,
+            decision=decision.model_dump(mode="json"),
+            choice=choice.to_dict(),
+        )
+        return [Launch(source, command, decision), event]
+
+    def _decide(
+        self, move: PendingMove, source: str, src: NodeStatus, dst: NodeStatus
+    ) -> tuple[MigrateCommand, Decision, TechniqueDecision]:
+        """The technique for ``move`` and the command and decision that carry it."""
+        reg, cfg = self.registry, self.config
+        service, target = move.service, move.target
         info = reg.service_info(service, source)
         conditions = ServiceConditions(
             state_bytes=info.state_bytes if info is not None else cfg.default_state_bytes,
@@ -703,32 +743,7 @@ class ControllerCore:
             trigger=move.trigger,
             at=self._wall(),
         )
-        del self.pending[service]
-        self._holds.pop(service, None)
-        self.inflight[service] = InFlight(
-            serial=next(self._serial),
-            source=source,
-            command=command,
-            decision=decision,
-            trigger=move.trigger,
-            detail=move.detail,
-            attempts=move.attempts,
-            sent_at=now,
-        )
-        p = choice.prediction
-        event = self._event(
-            EventKind.DECISION,
-            f"{move.trigger}: {service} {source} -> {target} by {technique} "
-            f"(predicted downtime {_fmt_time(p.downtime)}, total {_fmt_time(p.total_time)}, "
-            f"{_fmt_bytes(p.transferred_bytes)}): {move.detail}",
-            service=service,
-            node=source,
-            command_id=command.command_id,
-            attempt=move.attempts + 1,
-            decision=decision.model_dump(mode="json"),
-            choice=choice.to_dict(),
-        )
-        return [Launch(source, command, decision), event]
+        return command, decision, choice
 
     def _failed(
         self, kind: EventKind, service: str, command_id: str, why: str, now: float

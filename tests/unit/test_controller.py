@@ -527,3 +527,17 @@ def test_config_rejects_nonsense() -> None:
         ControllerConfig(objective="fastest")  # type: ignore[arg-type]
     assert ControllerConfig().retry_delay(1) == 1.0
     assert ControllerConfig().retry_delay(10) == 30.0
+
+
+def test_a_decision_that_cannot_be_built_is_a_hold_not_a_crash() -> None:
+    w = World()
+    w.core = ControllerCore(ControllerConfig(default_link=LINK), new_id=lambda: "")
+    w.place("s1", "gw1")
+    w.up("gw1", "gw2")
+    actions = w.attach("d1", "gw2", "s1", 0.0) + w.core.tick(1.5)
+    assert launches(actions) == []
+    [hold] = events(actions, EventKind.HOLD)
+    assert "cannot decide how to move s1" in hold.message
+    assert w.core.pending == {}
+    assert w.core.inflight == {}
+    assert w.core.tick(5.0) == []
