@@ -181,10 +181,6 @@ class Registry:
         device = self._device_of.get(service)
         return self.attachments.get(device) if device is not None else None
 
-    def services(self) -> set[str]:
-        """Every service with some evidence of where it runs."""
-        return {name for name in self._claims if self.location(name) is not None}
-
     def services_on(self, node: str) -> list[str]:
         return sorted(name for name in self._claims if self.location(name) == node)
 
