@@ -68,6 +68,8 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     if args.config is not None:
         # A real node: its own network, its configuration from the file.
         config = AgentConfig.from_file(args.config)
+        if args.link_probe_interval is not None:
+            config = dataclasses.replace(config, link_probe_interval_s=args.link_probe_interval)
         if args.node is not None and args.node != config.node:
             raise ConfigError(f"--node {args.node} but {args.config} configures {config.node}")
         run_async(lambda: run_agent(config))
@@ -282,6 +284,13 @@ def register(sub: Any) -> None:
     p = sub.add_parser("agent", help="run a node's agent in the foreground")
     p.add_argument("--node", help="a testbed node (the agent enters its namespace)")
     p.add_argument("--config", type=Path, metavar="FILE", help="a real node's TOML configuration")
+    p.add_argument(
+        "--link-probe-interval",
+        type=float,
+        default=None,
+        metavar="S",
+        help="seconds between link measurements to the peers (0: off)",
+    )
     p.set_defaults(func=_cmd_agent)
 
     p = sub.add_parser("agents", help="start or stop the agents of every testbed node")
