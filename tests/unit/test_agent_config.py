@@ -3,14 +3,13 @@ secrets read relative to the file, and ``AgentConfig.from_file``/``fogmig agent 
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytest
 
 from fogmig.platform.agent import AgentConfig
-from fogmig.platform.agent_commands import _cmd_agent
 from fogmig.platform.agent_config import load_agent_config, parse_agent_config
+from fogmig.platform.cli import build_parser
 from fogmig.platform.errors import ConfigError
 
 SECRET = "0123456789abcdef" * 4
@@ -98,7 +97,10 @@ def test_bad_transfer_secret(folder: Path, secret: str, message: str) -> None:
 
 
 def test_cli_refuses_a_mismatched_node_and_no_node(folder: Path) -> None:
+    parser = build_parser()
+    args = parser.parse_args(["agent", "--node", "gw2", "--config", str(folder / "agent.toml")])
     with pytest.raises(ConfigError, match="configures gw1"):
-        _cmd_agent(argparse.Namespace(node="gw2", config=folder / "agent.toml"))
+        args.func(args)
+    args = parser.parse_args(["agent"])
     with pytest.raises(ConfigError, match="--config FILE"):
-        _cmd_agent(argparse.Namespace(node=None, config=None))
+        args.func(args)
