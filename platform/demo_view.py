@@ -422,7 +422,13 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
         verdict = Text("PASSED: every migration completed, every continuity check held", "green")
     else:
         verdict = Text("FAILED: " + "; ".join(summary.problems), "bold red")
-    parts: list[RenderableType] = [t, why, lines]
+    interval = summary.options.get("interval_s", 1.0)
+    note = Text(
+        "measured: the node's downtime (dump + transfer + resume); observed: the longest gap "
+        f"between acknowledged readings around the migration (one reading every {interval} s)",
+        style="dim",
+    )
+    parts: list[RenderableType] = [t, note, why, lines]
     if not summary.settled and not summary.interrupted:
         parts.append(Text("note: not every service was with its device at the end", "yellow"))
     parts.append(verdict)

@@ -351,6 +351,10 @@ def render_report(data: ReportInput) -> str:
         timeline,
         "<h2>Migrations</h2>",
         migrations_table(s.migrations, t0),
+        '<p class="muted">Downtime measured: the node\'s (dump + dump transfer + resume). '
+        "Observed: the longest gap between acknowledged readings around the migration, as "
+        f"the device saw it; readings go out every {_e(_interval(s))}, so that spacing "
+        "means no visible interruption.</p>",
         downtime,
         "<h2>Controller decisions</h2>",
         decisions_table(s.decisions, t0),
@@ -360,6 +364,11 @@ def render_report(data: ReportInput) -> str:
         "</body></html>",
     ]
     return "\n".join(parts)
+
+
+def _interval(s: DemoSummary) -> str:
+    value = s.options.get("interval_s")
+    return fmt_s(float(value)) if isinstance(value, int | float) else "interval"
 
 
 def write_report(path: Path, data: ReportInput) -> Path:
