@@ -1,22 +1,26 @@
-"""The devices' way out: one aiocoap client context for a whole fleet, behind a small port.
+"""The devices' way out: an aiocoap client context per device, behind a small port.
 
 Requests are confirmable, with as many retransmissions as end within the device's timeout;
-the answer (or its absence) comes back as a value, never as an exception, so
-the device loop records every request the same way.
+the answer (or its absence) comes back as a value, never as an exception, so the device loop
+records every request the same way. Each device has its own context, so its own UDP socket
+(as a real device does): an ICMP error the network returns for one device's traffic stays
+with that device. All contexts run on one :class:`CoapThread`.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ctypes
 import functools
 import ipaddress
 import os
+import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from fogmig.device_sim.events import NETWORK_ERROR, Outcome
 from fogmig.platform.errors import ConfigError, SetupError
@@ -24,6 +28,7 @@ from fogmig.platform.proc import NETNS_DIR
 from fogmig.services.sensor import CONTENT_FORMAT_JSON
 
 CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,9 +60,8 @@ class CoapPort(Protocol):
 def coap_uri(address: str, port: int, path: str) -> str:
     """The URI of ``path`` on ``address``; IPv4 is written IPv4-mapped.
 
-    aiocoap checks the route of every name it resolves with a throwaway socket, made in the
-    namespace of the calling thread; an IPv6 literal skips that check, so the fleet's socket
-    alone decides where packets go.
+    aiocoap checks the route of every name it resolves with a throwaway socket; an IPv6
+    literal skips that check (one socket and one system call less per request).
     """
     ip = ipaddress.ip_address(address)
     if isinstance(ip, ipaddress.IPv4Address):
@@ -106,57 +110,107 @@ def transport_tuning(ack_timeout_s: float, timeout_s: float) -> Any:
     return tuning_class()
 
 
-@contextlib.contextmanager
-def thread_in_netns(netns: str | None) -> Iterator[None]:
-    """Run the calling thread in network namespace ``netns`` for the block (None: stay)."""
-    if netns is None:
-        yield
-        return
+def enter_netns(netns: str) -> None:
+    """Move the calling thread (only it) into network namespace ``netns`` for good."""
     libc = ctypes.CDLL(None, use_errno=True)
     try:
-        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-        target = os.open(NETNS_DIR / netns, os.O_RDONLY)
+        fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
     except OSError as exc:
         raise SetupError(
             f"cannot open network namespace {netns}: {exc}", hint="is the testbed up?"
         ) from exc
     try:
-        if libc.setns(target, CLONE_NEWNET) != 0:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
             err = ctypes.get_errno()
             raise SetupError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
-        try:
-            yield
-        finally:
-            if libc.setns(own, CLONE_NEWNET) != 0:
-                err = ctypes.get_errno()
-                # Going on in the wrong namespace would send everything astray.
-                raise SetupError(f"cannot leave network namespace {netns}: {os.strerror(err)}")
     finally:
-        os.close(own)
-        os.close(target)
+        os.close(fd)
+
+
+class CoapThread:
+    """A plain asyncio event loop on a thread of its own, where the devices' CoAP runs.
+
+    Two reasons. aiocoap learns of ICMP errors through the socket's error queue, which it
+    drains from an ``add_reader`` callback; under uvloop (the CLI's loop, and the demo's)
+    that queue was left undrained, so a "port unreachable" from one gateway failed the next
+    good request to another gateway and corrupted aiocoap's exchange bookkeeping (measured on
+    the testbed: good requests lost, ``KeyError`` in ``_retransmit``); the stock loop drains
+    it. And a thread can live in the device host's network namespace for good, so every
+    socket aiocoap makes, early or late, is made there, whatever the caller's namespace.
+    """
+
+    def __init__(self, *, netns: str | None = None) -> None:
+        self.netns = netns
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def running(cls, *, netns: str | None = None) -> AsyncIterator[CoapThread]:
+        thread = cls(netns=netns)
+        await thread._start()
+        try:
+            yield thread
+        finally:
+            await thread._stop()
+
+    async def _start(self) -> None:
+        started: concurrent.futures.Future[asyncio.AbstractEventLoop] = concurrent.futures.Future()
+
+        def main() -> None:
+            try:
+                if self.netns is not None:
+                    enter_netns(self.netns)
+                loop = asyncio.new_event_loop()
+            except BaseException as exc:
+                started.set_exception(exc)
+                return
+            started.set_result(loop)
+            try:
+                loop.run_forever()
+            finally:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+                loop.close()
+
+        self._thread = threading.Thread(target=main, name="device-coap", daemon=True)
+        self._thread.start()
+        self._loop = await asyncio.wrap_future(started)
+
+    async def _stop(self) -> None:
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        self._loop = self._thread = None
+
+    async def call(self, coro: Coroutine[Any, Any, T]) -> T:
+        """Run ``coro`` on the CoAP thread; cancelling the caller cancels it there too."""
+        if self._loop is None:
+            coro.close()
+            raise SetupError("the CoAP thread is not running")
+        return await asyncio.wrap_future(asyncio.run_coroutine_threadsafe(coro, self._loop))
 
 
 class AiocoapPort:
-    """The real port: one aiocoap client context, its socket made in ``netns`` if given."""
+    """The real port: one aiocoap client context, so one UDP socket, on a :class:`CoapThread`."""
 
-    def __init__(self, context: Any, *, ack_timeout_s: float) -> None:
+    def __init__(self, thread: CoapThread, context: Any, *, ack_timeout_s: float) -> None:
+        self._thread = thread
         self._ctx = context
         self._ack_timeout_s = ack_timeout_s
 
     @classmethod
     @contextlib.asynccontextmanager
     async def open(
-        cls, *, ack_timeout_s: float = 0.4, netns: str | None = None
+        cls, thread: CoapThread, *, ack_timeout_s: float = 0.4
     ) -> AsyncIterator[AiocoapPort]:
         import aiocoap
 
-        # The socket is made while the context is created; it keeps its namespace afterwards.
-        with thread_in_netns(netns):
-            ctx = await aiocoap.Context.create_client_context(transports=["udp6"])
+        ctx = await thread.call(aiocoap.Context.create_client_context(transports=["udp6"]))
         try:
-            yield cls(ctx, ack_timeout_s=ack_timeout_s)
+            yield cls(thread, ctx, ack_timeout_s=ack_timeout_s)
         finally:
-            await ctx.shutdown()
+            await thread.call(ctx.shutdown())
 
     async def request(
         self,
@@ -166,6 +220,20 @@ class AiocoapPort:
         path: str,
         *,
         payload: bytes = b"",
+        timeout: float,
+    ) -> Answer:
+        return await self._thread.call(
+            self._request(method, address, port, path, payload=payload, timeout=timeout)
+        )
+
+    async def _request(
+        self,
+        method: str,
+        address: str,
+        port: int,
+        path: str,
+        *,
+        payload: bytes,
         timeout: float,
     ) -> Answer:
         import aiocoap

@@ -1,4 +1,4 @@
-"""A fleet of simulated devices sharing one CoAP context and one bus connection.
+"""A fleet of simulated devices sharing one bus connection, each with its own CoAP socket.
 
 The library face of ``fogmig device-sim``: ``DeviceFleet(devices=..., gateways=..., bus=...,
 out=...)``, ``await fleet.run(duration)``, ``on_event`` for a live view, ``summary()``. It moves
@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from fogmig.device_sim.coap import AiocoapPort, CoapPort
+from fogmig.device_sim.coap import AiocoapPort, CoapPort, CoapThread
 from fogmig.device_sim.device import Device, DeviceConfig, RequestSettings
 from fogmig.device_sim.events import FleetEvent, MigrationSeen, RequestRecord, event_dict
 from fogmig.device_sim.summary import FleetSummary, build_summary
@@ -68,10 +68,9 @@ class DeviceFleet:
     ``gateways`` maps each gateway's name to its data address. ``bus`` (optional, opened by the
     caller) carries the attachments and the migration events; without it the devices still
     roam, silently. ``out`` receives ``timeline.csv``, ``events.jsonl`` and ``summary.json``.
-    ``netns`` makes the fleet's CoAP socket in that network namespace (the device host's), so
-    a caller outside it can still run the fleet in-process; ``port`` replaces the real CoAP
-    context (tests). Devices that share a service share its endpoint on one socket, and
-    CoAP lets one confirmable request at a time go to an endpoint: they take turns.
+    ``netns`` makes the devices' CoAP sockets in that network namespace (the device host's),
+    so a caller outside it can still run the fleet in-process; ``port`` replaces the real CoAP
+    contexts (tests).
     """
 
     def __init__(
@@ -158,11 +157,12 @@ class DeviceFleet:
             raise ConfigError(f"the duration must be positive, got {duration}")
         self.started_at = time.time()
         async with contextlib.AsyncExitStack() as stack:
-            port = self._port or await stack.enter_async_context(
-                AiocoapPort.open(ack_timeout_s=self.settings.ack_timeout_s, netns=self.netns)
-            )
+            if self._port is None:
+                thread = await stack.enter_async_context(CoapThread.running(netns=self.netns))
             for device in self.devices:
-                device.coap = port
+                device.coap = self._port or await stack.enter_async_context(
+                    AiocoapPort.open(thread, ack_timeout_s=self.settings.ack_timeout_s)
+                )
             stack.enter_context(self._files())
             await self._run_devices(duration)
         self.finished_at = time.time()

@@ -199,6 +199,35 @@ async def test_library_roams_away_from_the_service_and_back(
     assert await service_count_by_coap_client(testbed, "d0") == ledger.count
 
 
+async def test_one_devices_refusals_never_fail_another(
+    testbed: TestbedState, tmp_path: Path
+) -> None:
+    # d9's service runs nowhere: each of its requests to gw2 draws an ICMP "port unreachable"
+    # that comes back over the emulated link a little later. d0 keeps posting to s0 on gw1;
+    # none of d9's errors may land on d0 (they did when the devices shared one socket).
+    gateways = {n.name: n.data_ip for n in testbed.nodes}
+    fleet = DeviceFleet(
+        devices=[
+            DeviceConfig("d0", SERVICE, PORT, "gw1"),
+            DeviceConfig("d9", "s9", PORT + 9, "gw2"),
+        ],
+        gateways=gateways,
+        out=tmp_path,
+        settings=RequestSettings(interval_s=0.02, timeout_s=0.5, check_every_s=None),
+        netns=testbed.device_host.netns,
+    )
+    summary = await fleet.run(3.0)
+    d0, d9 = fleet.devices
+    print(summary.per_device[0].stats.model_dump_json())
+    assert summary.per_device[0].stats.requests > 50
+    assert summary.per_device[0].stats.failed == 0
+    refused = [r for r in d9.records if r.detail and "refused" in r.detail.lower()]
+    assert len(refused) >= 3  # the kernel rate-limits ICMP errors: the rest time out
+    assert d9.ledger is None  # never got a baseline from a service that does not exist
+    assert summary.per_device[0].continuity.passed == 1  # the final check
+    assert d0.ledger is not None
+
+
 async def test_fleet_measures_a_migration_as_its_device_sees_it(
     testbed: TestbedState, tmp_path: Path
 ) -> None:

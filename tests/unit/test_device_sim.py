@@ -624,6 +624,48 @@ async def test_fleet_on_loopback(sensor_port: int, tmp_path: Path) -> None:
         await fleet.run(1.0)
 
 
+def test_fleet_under_uvloop_keeps_refusals_where_they_belong() -> None:
+    # The CLI and the demo run on uvloop. Each device's service answers on one gateway only;
+    # on the other, its requests draw ICMP "port unreachable". None of that may fail a
+    # request at home, and each device must see its service again when it returns.
+    import aiocoap
+    import uvloop
+
+    async def scenario() -> list[Device]:
+        ports = [_free_udp_port(), _free_udp_port()]
+        servers = []
+        for host, port in zip(("::1", "127.0.0.1"), ports, strict=True):
+            svc = sensor.Service(0, 0.0, sensor.DirtyWriter(bytearray(), 0.0), started_at=1.0e9)
+            site = sensor.build_site(svc)
+            servers.append(await aiocoap.Context.create_server_context(site, bind=(host, port)))
+        walk = Cycle(("gw1", "gw2"), 0.5)
+        fleet = DeviceFleet(
+            devices=[
+                DeviceConfig("d0", "s0", ports[0], "gw1", walk),
+                DeviceConfig("d1", "s1", ports[1], "gw2", walk),
+            ],
+            gateways={"gw1": "::1", "gw2": "127.0.0.1"},
+            settings=RequestSettings(interval_s=0.05, timeout_s=0.5, check_every_s=None),
+        )
+        try:
+            await fleet.run(2.2)
+        finally:
+            for server in servers:
+                await server.shutdown()
+        return fleet.devices
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        devices = runner.run(scenario())
+    for device, home in zip(devices, ("gw1", "gw2"), strict=True):
+        at_home = [r for r in device.records if r.gateway == home]
+        away = [r for r in device.records if r.gateway != home]
+        assert len(at_home) > 10
+        assert all(r.ok for r in at_home), [r for r in at_home if not r.ok]
+        assert any(r.code == NETWORK_ERROR for r in away)
+        assert len(device.outages) >= 2
+        assert all(c.matches for c in device.checks)
+
+
 async def test_fleet_times_out_on_a_silent_port(tmp_path: Path) -> None:
     port = _free_udp_port()
     with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as silent:
