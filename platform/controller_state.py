@@ -63,12 +63,19 @@ class _Claims:
     moved: tuple[str, float] | None = None  # destination of a completed migration, when
 
 
+STALE_GRACE_S = 0.5
+"""A node's status must be this much newer than a presence to overrule it: an agent lists its
+containers a moment before it stamps its status."""
+
+
 class Registry:
     """Attachments, node status and service locations, as the bus last reported them.
 
     A service's location is the most recent evidence among its retained presence messages, the
     service lists in node status, and migrations that completed (the latter bridges the few
-    seconds until the nodes' next status reports).
+    seconds until the nodes' next status reports). A presence or a completed move that the
+    node's own later status does not confirm is stale (a retained presence outlives a service
+    removed without clearing it).
     """
 
     def __init__(self) -> None:
@@ -161,10 +168,16 @@ class Registry:
             (0, claims.listed.items()),
         ):
             for node, at in items:
+                if rank and self._contradicted(claims, node, at):
+                    continue
                 key = (at, rank, node)
                 if best is None or key > best:
                     best = key
         return None if best is None else best[2]
+
+    def _contradicted(self, claims: _Claims, node: str, at: float) -> bool:
+        status = self.nodes.get(node)
+        return status is not None and status.at > at + STALE_GRACE_S and node not in claims.listed
 
     def service_info(self, service: str, node: str | None = None) -> ServiceInfo | None:
         """What ``node`` (default: the service's location) reports about ``service``."""

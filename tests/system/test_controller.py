@@ -328,3 +328,41 @@ async def test_controller_moves_a_real_service_after_its_device(
         stop.set()
         with contextlib.suppress(Exception):
             await undeploy(name)
+
+
+@pytest.mark.timeout(1200)  # mostly waiting for the testbed lease held by other test modules
+async def test_fogmig_drain_empties_a_real_node(testbed: TestbedState, tmp_path: Path) -> None:
+    # Runs after the mobility test: gw2 stays draining until its agent restarts.
+    name = "ctl-drain"
+    await deploy(ServiceSpec(name=name, state_mb=4, dirty_kbps=20.0, port=5683), node="gw2")
+    events: list[ControllerEvent] = []
+    config = config_for_testbed(debounce_s=0.3, decision_log=tmp_path / "decisions.jsonl")
+    stop = asyncio.Event()
+    try:
+        async with open_testbed_bus("test-controller") as bus:
+            controller = Controller(config, bus, on_event=events.append)
+            task = asyncio.create_task(controller.run(stop))
+            await asyncio.wait_for(controller.ready.wait(), 10)
+            lines: list[str] = []
+            took = await drain_node(bus, "gw2", timeout=120, on_update=lines.append)
+            deadline = time.monotonic() + 10
+            while not any(e.kind is EventKind.NODE_EMPTY for e in events):
+                assert time.monotonic() < deadline, [e.message for e in events]
+                await asyncio.sleep(0.1)
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        assert took > 0
+        [decision] = [e for e in events if e.kind is EventKind.DECISION]
+        assert decision.data["decision"]["trigger"] == "drain"
+        assert decision.data["decision"]["destination"] == "gw1"
+        [done] = [e for e in events if e.kind is EventKind.DONE]
+        assert done.data["outcome"] == "completed", done.message
+        assert any(e.kind is EventKind.NODE_EMPTY and e.node == "gw2" for e in events)
+        assert any(f"moving {name} to gw1" in line for line in lines)
+        assert any(f"{name} left gw2 for gw1: completed" in line for line in lines)
+        placements = [p.node for p in await find_service(name) if p.container.running]
+        assert placements == ["gw1"]
+    finally:
+        stop.set()
+        with contextlib.suppress(Exception):
+            await undeploy(name)

@@ -17,12 +17,15 @@ from fogmig.platform.controller import (
     EventKind,
     Launch,
 )
+from fogmig.platform.controller_commands import DrainWatch
 from fogmig.platform.errors import ConfigError
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.platform.schemas import (
+    CommandAck,
     Decision,
     DeviceAttach,
     LinkMeasurement,
+    MigrateCommand,
     MigrationDone,
     NodeCapabilities,
     NodeStatus,
@@ -541,3 +544,76 @@ def test_a_decision_that_cannot_be_built_is_a_hold_not_a_crash() -> None:
     assert w.core.pending == {}
     assert w.core.inflight == {}
     assert w.core.tick(5.0) == []
+
+
+# --- fogmig drain's view of the node ------------------------------------------------------
+
+
+def _drain_status(w: World, node: str) -> NodeStatus:
+    w.wall += 1
+    return NodeStatus(
+        node=node,
+        online=True,
+        at=w.wall,
+        load=0.1,
+        mem_total_bytes=1 << 30,
+        mem_free_bytes=1 << 29,
+        services=list(w.services.get(node, {}).values()),
+        capabilities=NodeCapabilities(criu_version=None, postcopy=True, native_predump=False),
+        draining=node in w.draining,
+    )
+
+
+def test_drain_watch_waits_for_the_last_migration_to_end(world: World) -> None:
+    watch = DrainWatch("gw1")
+    assert watch.update(_drain_status(world, "gw1")) == []  # not draining yet
+    assert not watch.empty
+    world.draining.add("gw1")
+    assert watch.update(_drain_status(world, "gw1")) == ["gw1 still runs 1: s1"]
+    world.attach("d1", "gw2", "s1", 0.0)
+    launch = one_launch(world.core.tick(1.5))
+    [line] = watch.update(launch.decision)
+    assert line.startswith("moving s1 to gw2 by ")
+    watch.update(launch.command)
+    world.services["gw1"] = {}
+    assert watch.update(_drain_status(world, "gw1")) == []
+    assert not watch.empty  # the container is gone, the migration has not ended (post-copy)
+    done = MigrationDone(
+        node="gw1",
+        command_id=launch.command.command_id,
+        migration_id="m1",
+        service="s1",
+        outcome=Outcome.COMPLETED,
+        record={"destination": "gw2"},
+    )
+    assert watch.update(done) == ["s1 left gw1 for gw2: completed"]
+    assert watch.empty
+
+
+def test_drain_watch_forgets_a_rejected_command(world: World) -> None:
+    watch = DrainWatch("gw1")
+    world.draining.add("gw1")
+    world.services["gw1"] = {}
+    watch.update(MigrateCommand(command_id="c9", service="s1", destination="gw2", technique="cold"))
+    watch.update(_drain_status(world, "gw1"))
+    assert not watch.empty
+    assert "migrations of s1 not ended" in watch.describe()
+    watch.update(CommandAck(node="gw1", command_id="c9", accepted=False, reason="busy"))
+    assert watch.empty
+
+
+def test_a_presence_its_node_no_longer_confirms_is_ignored(world: World) -> None:
+    # A service removed without clearing its retained presence must not look alive.
+    presence = ServicePresence(
+        service="gone", node="gw2", data_ip="10.79.0.2", port=5683, present=True, at=world.wall
+    )
+    world.core.on_presence(presence, 0.0)
+    assert world.core.registry.location("gone") == "gw2"
+    world.wall += 0.2
+    world.status("gw2", 1.0)  # within the grace: an agent may have listed before it arrived
+    assert world.core.registry.location("gone") == "gw2"
+    world.wall += 1.0
+    world.status("gw2", 6.0)
+    assert world.core.registry.location("gone") is None
+    world.draining.add("gw2")
+    assert launches(world.status("gw2", 7.0)) == []  # nothing to drain
