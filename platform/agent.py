@@ -42,9 +42,11 @@ from fogmig.platform.schemas import (
     MigrationProgress,
     NodeCapabilities,
     NodeStatus,
+    SchemaError,
     ServiceInfo,
     ServicePresence,
     accept,
+    command_id_of,
     reject,
     topics,
 )
@@ -187,6 +189,7 @@ class Agent:
                 password=cfg.mqtt_password,
                 client_id=f"agent-{self.node}",
                 will=will,
+                on_invalid=self._on_invalid,
             ) as bus,
         ):
             self.bus = bus
@@ -267,6 +270,20 @@ class Agent:
         async with self.bus.subscribe(topics.cmd(self.node)) as commands:
             async for _, command in commands:
                 await self._on_command(command)  # type: ignore[arg-type]
+
+    def _on_invalid(self, topic: str, payload: bytes, error: SchemaError) -> None:
+        """A malformed command gets a typed rejection when it names its id; the agent goes on."""
+        if topic != topics.cmd(self.node) or self.bus is None:
+            return
+        command_id = command_id_of(payload)
+        log.warning("agent %s: invalid command %s: %s", self.node, command_id, error)
+        if command_id is None:
+            return
+        task = asyncio.ensure_future(
+            self.bus.publish(topics.events(self.node), reject(self.node, command_id, error))
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _on_command(self, command: Command) -> None:
         assert self.bus is not None
