@@ -67,6 +67,7 @@ MIN_ROAM_SPACING_S = 2.0
 MAX_ROAMS = 2
 READY_TIMEOUT_S = 15.0
 SETTLE_POLL_S = 0.25
+REFRESH_S = 0.25
 
 RoamKind = Literal["schedule", "random"]
 
@@ -476,6 +477,7 @@ class Demo:
             with self.view:
                 async with asyncio.TaskGroup() as tg:
                     collector = tg.create_task(self._collect_done(bus), name="demo:done")
+                    painter = tg.create_task(self.view.refresh_every(REFRESH_S), name="demo:view")
                     ctl = tg.create_task(controller.run(stop_controller), name="demo:controller")
                     async with asyncio.timeout(READY_TIMEOUT_S):
                         await controller.ready.wait()
@@ -501,6 +503,8 @@ class Demo:
                     stop_controller.set()
                     await ctl
                     collector.cancel()
+                    painter.cancel()
+                self.view.refresh()
         except* FogmigError as group:
             raise group.exceptions[0] from None
         except* TimeoutError:

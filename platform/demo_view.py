@@ -7,6 +7,7 @@ per noteworthy event when the output is not a terminal (a log, a test).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -316,10 +317,12 @@ class DemoView:
 
     def __enter__(self) -> Self:
         if self.live:
+            # Refreshed by the caller's event loop (:meth:`refresh`), never by rich's own
+            # thread: the model is only ever touched by the loop that feeds it.
             self._live = Live(
                 get_renderable=self.model.render,
                 console=self.console,
-                refresh_per_second=4,
+                auto_refresh=False,
                 transient=False,
             )
             self._live.__enter__()
@@ -334,6 +337,17 @@ class DemoView:
         if self._live is not None:
             self._live.__exit__(exc_type, exc, tb)
             self._live = None
+
+    def refresh(self) -> None:
+        """Redraw the live tables (a no-op without them)."""
+        if self._live is not None:
+            self._live.refresh()
+
+    async def refresh_every(self, seconds: float) -> None:
+        """Redraw every ``seconds`` until cancelled."""
+        while True:
+            self.refresh()
+            await asyncio.sleep(seconds)
 
     def say(self, text: str) -> None:
         """A message about the demo itself (set-up, clean-up)."""
