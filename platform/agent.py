@@ -154,6 +154,7 @@ class Agent:
         self.forwarder = Forwarder(node=config.node, data_ip=config.data_ip)
         self._presence: dict[tuple[str, str], Location] = {}  # (node, service) -> location
         self.links: dict[str, LinkMeasurement] = {}
+        self._published: set[str] = set()  # services whose presence this node announced
         self.bus: Bus | None = None
         self.destination = Destination(
             node=config.node,
@@ -236,12 +237,12 @@ class Agent:
         out = []
         for c in await self.runtime.list():
             if c.running and c.id not in self.migrating:
-                state_mb, dirty_kbps, port = _service_params(c.bundle)
+                _, dirty_kbps, port = _service_params(c.bundle)
                 out.append(
                     ServiceInfo(
                         name=c.id,
-                        # The configured state, else what the process holds in memory.
-                        state_bytes=state_mb * 1024 * 1024 if state_mb else _rss(c.pid),
+                        # What a checkpoint holds: the process's memory, not just its data.
+                        state_bytes=_rss(c.pid),
                         dirty_rate_bytes_per_s=dirty_kbps * 1024,
                         data_ip=self.config.data_ip,
                         port=port,
@@ -252,10 +253,21 @@ class Agent:
     async def _publish_status(self) -> None:
         assert self.bus is not None
         try:
-            status = self._status(online=True, services=await self._services())
+            services = await self._services()
+            status = self._status(online=True, services=services)
             await self.bus.publish(topics.status(self.node), status, retain=True)
+            await self._reconcile_presence({s.name for s in services})
         except FogmigError as exc:
             log.warning("agent %s: status not published: %s", self.node, exc)
+
+    async def _reconcile_presence(self, running: set[str]) -> None:
+        """Say where services run: deployed here, or gone (undeployed, crashed) from here."""
+        assert self.bus is not None
+        for service in sorted(running - self._published):
+            await self._owned(service)
+        for service in sorted(self._published - running - set(self.migrating)):
+            await self.bus.clear(topics.service(self.node, service))
+            self._published.discard(service)
 
     async def _status_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
@@ -360,7 +372,7 @@ class Agent:
         mid_holder["id"] = mid
         try:
             state = await self.runtime.state(cmd.service)
-            state_mb, dirty_kbps, _ = _service_params(state.bundle)
+            _, dirty_kbps, _ = _service_params(state.bundle)
             record = await migrate_service(
                 runtime=self.runtime,
                 service=cmd.service,
@@ -381,7 +393,7 @@ class Agent:
                 migration_id=mid,
                 fence_timeout_s=self.config.fence_timeout_s,
                 record_extra={
-                    "state_bytes": state_mb * 1024 * 1024,
+                    "state_bytes": _rss(state.pid),
                     "dirty_rate_bytes_per_s": dirty_kbps * 1024,
                 },
             )
@@ -398,6 +410,7 @@ class Agent:
                 await self._owned(cmd.service)
             else:
                 await bus.clear(topics.service(self.node, cmd.service))
+                self._published.discard(cmd.service)
             await bus.publish(
                 topics.events(self.node),
                 MigrationDone(
@@ -500,6 +513,7 @@ class Agent:
             ),
             retain=True,
         )
+        self._published.add(service)
 
     # ------------------------------------------------------------------ transfer calls
 

@@ -1,0 +1,170 @@
+"""The node agent on the testbed: refusals, broker restarts, ACLs, forwarding to a moved service."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from fogmig.platform.bus import Bus, CommandRejectedError, CommandTimeoutError
+from fogmig.platform.controller_commands import open_testbed_bus
+from fogmig.platform.schemas import CommandAck, MigrateCommand, NodeStatus, topics
+from fogmig.platform.testbed.broker import restart_broker
+from fogmig.platform.testbed.credentials import load_credentials
+from fogmig.platform.testbed.state import TestbedState, exclusive_use, load_state
+from fogmig.services.deploy import ServiceSpec, deploy, undeploy
+
+pytestmark = [pytest.mark.system, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
+
+
+def fogmig(*args: str) -> None:
+    done = subprocess.run(
+        [sys.executable, "-P", "-m", "fogmig.platform.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr + done.stdout
+
+
+@pytest.fixture(scope="module")
+def testbed() -> Iterator[TestbedState]:
+    with exclusive_use(timeout=900):
+        fogmig("testbed", "down")
+        fogmig("testbed", "up", "--profile", "lan", "--nodes", "2")
+        try:
+            fogmig("agents", "up")
+            yield load_state()
+        finally:
+            subprocess.run(
+                [sys.executable, "-P", "-m", "fogmig.platform.cli", "agents", "down"],
+                check=False,
+                timeout=120,
+            )
+            fogmig("testbed", "down")
+
+
+def migrate_command(service: str, destination: str = "gw2") -> MigrateCommand:
+    return MigrateCommand(
+        command_id=uuid.uuid4().hex[:12],
+        service=service,
+        destination=destination,
+        technique="cold",
+    )
+
+
+async def raw_publish(user: str, topic: str, payload: bytes) -> None:
+    state = load_state()
+    argv = ["mosquitto_pub", "-h", state.broker.ip, "-p", str(state.broker.port)]
+    argv += ["-u", user, "-P", load_credentials().password(user), "-q", "1", "-t", topic]
+    # From stdin (-s): the payload may hold any byte.
+    proc = await asyncio.create_subprocess_exec(*argv, "-s", stdin=asyncio.subprocess.PIPE)
+    await proc.communicate(payload)
+    assert proc.returncode == 0
+
+
+async def next_ack(bus: Bus, node: str, command_id: str, timeout: float = 10.0) -> CommandAck:
+    async with asyncio.timeout(timeout):
+        async with bus.subscribe(topics.events(node)) as events:
+            async for _, msg in events:
+                if isinstance(msg, CommandAck) and msg.command_id == command_id:
+                    return msg
+    raise AssertionError("no ack")
+
+
+async def test_agent_refuses_malformed_and_impossible_commands_and_stays_up(
+    testbed: TestbedState,
+) -> None:
+    async with open_testbed_bus("test-agent") as bus:
+        # Malformed (invalid service name, unknown technique): a typed rejection by its id.
+        bad = (
+            b'{"version": 1, "kind": "migrate", "command_id": "bad1", "service": "NO!",'
+            b' "destination": "gw2", "technique": "teleport"}'
+        )
+        ack_task = asyncio.create_task(next_ack(bus, "gw1", "bad1"))
+        await asyncio.sleep(0.3)
+        await raw_publish("controller", topics.cmd("gw1"), bad)
+        ack = await ack_task
+        assert not ack.accepted
+        assert ack.error_type == "SchemaError"
+        # Garbage: nothing to answer, nothing broken.
+        await raw_publish("controller", topics.cmd("gw1"), b"\x00not json")
+        # Well-formed but impossible: the service does not run there.
+        with pytest.raises(CommandRejectedError) as rejected:
+            await bus.request("gw1", migrate_command("ghost"), timeout=10)
+        assert rejected.value.ack.error_type == "MigrationError"
+        # Still alive and answering.
+        with pytest.raises(CommandRejectedError):
+            await bus.request("gw1", migrate_command("ghost"), timeout=10)
+
+
+async def test_agents_survive_a_broker_restart(testbed: TestbedState) -> None:
+    restarted_at = time.time()
+    await restart_broker()
+    async with open_testbed_bus("test-agent") as bus:
+        # Each agent reconnects and publishes a fresh status ...
+        fresh: set[str] = set()
+        async with asyncio.timeout(30), bus.subscribe(topics.status()) as statuses:
+            async for _, msg in statuses:
+                if isinstance(msg, NodeStatus) and msg.online and msg.at > restarted_at:
+                    fresh.add(msg.node)
+                    if fresh == {"gw1", "gw2"}:
+                        break
+        # ... and takes commands again (an answer proves it resubscribed).
+        for node, other in (("gw1", "gw2"), ("gw2", "gw1")):
+            with pytest.raises(CommandRejectedError):
+                await bus.request(node, migrate_command("ghost", other), timeout=10)
+
+
+async def test_a_command_with_another_nodes_credentials_is_dropped(testbed: TestbedState) -> None:
+    state = load_state()
+    creds = load_credentials()
+    async with Bus(
+        host=state.broker.ip,
+        port=state.broker.port,
+        username="gw2",
+        password=creds.password("gw2"),
+        client_id=f"impostor-{uuid.uuid4().hex[:6]}",
+    ) as impostor:
+        # The broker acknowledges the denied publish and drops it: only the end-to-end ack tells.
+        with pytest.raises(CommandTimeoutError):
+            await impostor.request("gw1", migrate_command("ghost"), timeout=3)
+
+
+@pytest.mark.skipif(shutil.which("coap-client-notls") is None, reason="libcoap's client")
+async def test_gateway_forwards_to_the_node_running_the_service(testbed: TestbedState) -> None:
+    await deploy(ServiceSpec(name="fwd", state_mb=2, dirty_kbps=1, port=5701), node="gw2")
+    try:
+        gw1 = testbed.node("gw1").data_ip
+        for _ in range(40):  # the agents learn the location from the bus
+            done = subprocess.run(
+                [
+                    "nsenter",
+                    f"--net=/var/run/netns/{testbed.device_host.netns}",
+                    "coap-client-notls",
+                    "-B",
+                    "2",
+                    "-m",
+                    "get",
+                    f"coap://{gw1}:5701/state",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=False,
+            )
+            if '"count"' in done.stdout:
+                break
+            await asyncio.sleep(0.25)
+        # The device asked gw1; the service on gw2 answered through it.
+        assert '"count"' in done.stdout, done.stdout + done.stderr
+    finally:
+        await undeploy("fwd")
