@@ -358,7 +358,8 @@ class Demo:
             yield controller_bus, device_bus
 
     async def _announce(self, bus: Bus) -> None:
-        """Say where each freshly deployed service runs, so every gateway forwards to it."""
+        """Say where each freshly deployed service runs, so every gateway forwards to it from
+        the first reading on (its node says the same at its next status report)."""
         for d in self.deployments:
             data_ip = d.addresses[0] if d.addresses else None
             if data_ip is None:
