@@ -155,6 +155,7 @@ class Agent:
         self._presence: dict[tuple[str, str], Location] = {}  # (node, service) -> location
         self.links: dict[str, LinkMeasurement] = {}
         self._published: set[str] = set()  # services whose presence this node announced
+        self._cpu_sample: tuple[float, int] | None = None  # (monotonic s, cpuacct ns)
         self.bus: Bus | None = None
         self.destination = Destination(
             node=config.node,
@@ -213,6 +214,26 @@ class Agent:
 
     # ------------------------------------------------------------------ status
 
+    def _load(self) -> float:
+        """The CPU share this node's services used since the last status (0..1 of the machine).
+
+        Read from the node's cpuacct cgroup, which holds exactly its containers: on a machine
+        that hosts several nodes (the testbed) the load average would be the same for all.
+        """
+        cpuacct = Path("/sys/fs/cgroup/cpuacct")
+        if not cpuacct.is_dir():
+            return os.getloadavg()[0] / (os.cpu_count() or 1)
+        try:
+            usage_ns = int((cpuacct / "fogmig" / self.node / "cpuacct.usage").read_text())
+        except (OSError, ValueError):
+            usage_ns = 0  # no container here (yet): no load
+        now = time.monotonic()
+        last = self._cpu_sample
+        self._cpu_sample = (now, usage_ns)
+        if last is None or now <= last[0] or usage_ns < last[1]:
+            return 0.0
+        return (usage_ns - last[1]) / 1e9 / (now - last[0]) / (os.cpu_count() or 1)
+
     def _status(self, *, online: bool, services: list[ServiceInfo] | None = None) -> NodeStatus:
         total, free = _meminfo()
         caps = criu_capabilities()
@@ -220,7 +241,7 @@ class Agent:
             node=self.node,
             online=online,
             at=time.time(),
-            load=os.getloadavg()[0] / (os.cpu_count() or 1),
+            load=self._load() if online else 0.0,
             mem_total_bytes=total,
             mem_free_bytes=free,
             services=services or [],

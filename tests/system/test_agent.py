@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import subprocess
@@ -10,16 +11,18 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from fogmig.platform.bus import Bus, CommandRejectedError, CommandTimeoutError
-from fogmig.platform.controller_commands import open_testbed_bus
+from fogmig.platform.controller import Controller, ControllerEvent, EventKind
+from fogmig.platform.controller_commands import config_for_testbed, open_testbed_bus
 from fogmig.platform.schemas import CommandAck, MigrateCommand, NodeStatus, topics
 from fogmig.platform.testbed.broker import restart_broker
 from fogmig.platform.testbed.credentials import load_credentials
 from fogmig.platform.testbed.state import TestbedState, exclusive_use, load_state
-from fogmig.services.deploy import ServiceSpec, deploy, undeploy
+from fogmig.services.deploy import ServiceSpec, deploy, find_service, undeploy
 
 pytestmark = [pytest.mark.system, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -168,3 +171,66 @@ async def test_gateway_forwards_to_the_node_running_the_service(testbed: Testbed
         assert '"count"' in done.stdout, done.stdout + done.stderr
     finally:
         await undeploy("fwd")
+
+
+async def node_load(bus: Bus, node: str, reports: int = 2) -> float:
+    """The lowest load ``node`` reports over ``reports`` fresh status messages."""
+    loads: list[float] = []
+    since = time.time()
+    async with asyncio.timeout(30), bus.subscribe(topics.status(node)) as statuses:
+        async for _, msg in statuses:
+            if isinstance(msg, NodeStatus) and msg.at > since and msg.services:
+                loads.append(msg.load)
+                if len(loads) == reports:
+                    return min(loads)
+    raise AssertionError("no status")
+
+
+async def test_an_overloaded_node_sheds_a_service(testbed: TestbedState, tmp_path: Path) -> None:
+    # Two services that dirty memory hard load gw1's cgroup; gw2 runs nothing.
+    names = ("hot1", "hot2")
+    for i, name in enumerate(names):
+        spec = ServiceSpec(name=name, state_mb=8, dirty_kbps=100000, port=5710 + i)
+        await deploy(spec, node="gw1")
+    events: list[ControllerEvent] = []
+    shed = asyncio.Event()
+
+    def on_event(event: ControllerEvent) -> None:
+        events.append(event)
+        if event.kind is EventKind.DONE and event.data.get("trigger") == "load":
+            shed.set()
+
+    stop = asyncio.Event()
+    try:
+        async with open_testbed_bus("test-load") as bus:
+            # Thresholds relative to the load these services really cause on this machine:
+            # gw1 is above the threshold, and one service alone fits under the target.
+            load = await node_load(bus, "gw1")
+            assert load > 0
+            config = config_for_testbed(
+                debounce_s=0.3,
+                load_threshold=0.7 * load,
+                load_target=0.65 * load,
+                load_reports=2,
+                decision_log=tmp_path / "decisions.jsonl",
+            )
+            controller = Controller(config, bus, on_event=on_event)
+            task = asyncio.create_task(controller.run(stop))
+            await asyncio.wait_for(shed.wait(), 120)
+            stop.set()
+            await asyncio.wait_for(task, 10)
+        done = [e for e in events if e.kind is EventKind.DONE and e.data.get("trigger") == "load"]
+        assert done[0].data["outcome"] == "completed", done[0].message
+        assert done[0].data["destination"] == "gw2"
+        moved = done[0].service
+        assert moved in names
+        placements = {
+            n: [p.node for p in await find_service(n) if p.container.running] for n in names
+        }
+        assert placements[moved] == ["gw2"]
+        assert sum(nodes == ["gw1"] for nodes in placements.values()) == 1
+    finally:
+        stop.set()
+        for name in names:
+            with contextlib.suppress(Exception):
+                await undeploy(name)
