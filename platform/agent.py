@@ -35,6 +35,7 @@ from fogmig.platform.runtime import NodeRuntime
 from fogmig.platform.schemas import (
     Cleared,
     Command,
+    DeployCommand,
     DrainCommand,
     LinkMeasurement,
     MigrateCommand,
@@ -45,6 +46,7 @@ from fogmig.platform.schemas import (
     SchemaError,
     ServiceInfo,
     ServicePresence,
+    UndeployCommand,
     accept,
     command_id_of,
     reject,
@@ -330,8 +332,9 @@ class Agent:
                 )
                 await self._publish_status()
                 return
-            if not isinstance(command, MigrateCommand):
-                raise ConfigError(f"command {command.kind!r} is not handled by the node agent")
+            if isinstance(command, DeployCommand | UndeployCommand):
+                await self._deploy_command(command)
+                return
             await self._check_migrate(command)
         except FogmigError as exc:
             log.warning("agent %s: rejected %s: %s", self.node, command.command_id, exc)
@@ -343,6 +346,23 @@ class Agent:
         self.migrating[command.service] = asyncio.create_task(
             self._migrate(command), name=f"migrate-{command.service}"
         )
+
+    async def _deploy_command(self, cmd: DeployCommand | UndeployCommand) -> None:
+        """Start or stop a service on this node; acknowledged once it answers (or is gone)."""
+        from fogmig.services.deploy import ServiceSpec, deploy, undeploy
+
+        assert self.bus is not None
+        if cmd.service in self.migrating:
+            raise MigrationError(f"{cmd.service} is migrating", phase="pending", migration_id="-")
+        if isinstance(cmd, DeployCommand):
+            spec = ServiceSpec(
+                name=cmd.service, state_mb=int(cmd.state_mb), dirty_kbps=cmd.dirty_kbps
+            )
+            await deploy(spec, node=self.node)
+        else:
+            await undeploy(cmd.service)
+        await self.bus.publish(topics.events(self.node), accept(self.node, cmd.command_id))
+        await self._publish_status()
 
     async def _check_migrate(self, cmd: MigrateCommand) -> None:
         if cmd.destination == self.node:

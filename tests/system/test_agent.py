@@ -18,7 +18,14 @@ import pytest
 from fogmig.platform.bus import Bus, CommandRejectedError, CommandTimeoutError
 from fogmig.platform.controller import Controller, ControllerEvent, EventKind
 from fogmig.platform.controller_commands import config_for_testbed, open_testbed_bus
-from fogmig.platform.schemas import CommandAck, MigrateCommand, NodeStatus, topics
+from fogmig.platform.schemas import (
+    CommandAck,
+    DeployCommand,
+    MigrateCommand,
+    NodeStatus,
+    UndeployCommand,
+    topics,
+)
 from fogmig.platform.testbed.broker import restart_broker
 from fogmig.platform.testbed.credentials import load_credentials
 from fogmig.platform.testbed.state import TestbedState, exclusive_use, load_state
@@ -234,3 +241,19 @@ async def test_an_overloaded_node_sheds_a_service(testbed: TestbedState, tmp_pat
         for name in names:
             with contextlib.suppress(Exception):
                 await undeploy(name)
+
+
+async def test_deploy_and_undeploy_through_the_agent(testbed: TestbedState) -> None:
+    async with open_testbed_bus("test-deploy") as bus:
+        ack = await bus.request(
+            "gw2",
+            DeployCommand(command_id="dep1", service="viacmd", state_mb=2, dirty_kbps=1),
+            timeout=60,
+        )
+        assert ack.accepted
+        assert [p.node for p in await find_service("viacmd") if p.container.running] == ["gw2"]
+        ack = await bus.request(
+            "gw2", UndeployCommand(command_id="undep1", service="viacmd"), timeout=30
+        )
+        assert ack.accepted
+        assert await find_service("viacmd") == []
