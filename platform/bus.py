@@ -470,10 +470,17 @@ class Bus:
         lost = asyncio.ensure_future(conn.lost.wait())
         try:
             await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
+        except BaseException:
+            task.cancel()
             lost.cancel()
-            if not task.done():
-                task.cancel()
+            raise
+        lost.cancel()
+        if not task.done():
+            # The connection went first: let the call finish cancelling before retrying, or
+            # its result would be read while still pending.
+            task.cancel()
+            await asyncio.wait({task})
+            raise _Lost
         if task.cancelled():
             raise _Lost
         return task.result()

@@ -20,6 +20,7 @@ import pytest
 
 from fogmig.platform import paths
 from fogmig.platform.errors import TestbedError
+from fogmig.platform.testbed.broker import restart_broker
 from fogmig.platform.testbed.state import exclusive_use, state_path
 
 LEASE_WAIT_S = 300.0
@@ -71,8 +72,11 @@ def leftovers() -> list[str]:
     return found
 
 
-async def run_demo(*args: str, interrupt_after: str | None = None) -> tuple[int, str]:
-    """Run the demo; with ``interrupt_after``, send SIGINT once that text is printed."""
+async def run_demo(
+    *args: str, interrupt_after: str | None = None, restart_broker_after: str | None = None
+) -> tuple[int, str]:
+    """Run the demo; with ``interrupt_after``, send SIGINT once that text is printed; with
+    ``restart_broker_after``, restart the testbed's broker then."""
     proc = await asyncio.create_subprocess_exec(
         *DEMO, *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         env=ENV, cwd="/",
@@ -87,6 +91,10 @@ async def run_demo(*args: str, interrupt_after: str | None = None) -> tuple[int,
                 if interrupt_after is not None and interrupt_after in line:
                     proc.send_signal(signal.SIGINT)
                     interrupt_after = None
+                if restart_broker_after is not None and restart_broker_after in line:
+                    await restart_broker()
+                    lines.append("(test: broker restarted)\n")
+                    restart_broker_after = None
             code = await proc.wait()
     except TimeoutError:
         proc.kill()
@@ -141,3 +149,20 @@ async def test_interrupt_during_setup_cleans_up(lease: None, tmp_path: Path) -> 
     assert code == 130, output
     assert "cleaned up" in output
     assert set(leftovers()) - before == set()
+
+
+async def test_demo_survives_a_broker_restart(lease: None, tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    code, output = await run_demo(
+        "--duration", "30", "--devices", "2", "--nodes", "2", "--state-mb", "4",
+        "--out", str(out), restart_broker_after="completed in",
+    )  # fmt: skip
+    print(output)
+    assert "(test: broker restarted)" in output
+    assert code == 0, output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ok"] is True
+    assert summary["continuity"]["failed"] == 0
+    # Migrations went on after the restart: more than the one that triggered it completed.
+    completed = [m for m in summary["migrations"] if m["outcome"] == "completed"]
+    assert len(completed) >= 2
