@@ -436,6 +436,7 @@ class Agent:
                 record_extra={
                     "state_bytes": _rss(state.pid),
                     "dirty_rate_bytes_per_s": dirty_kbps * 1024,
+                    **self._link_conditions(cmd.destination),
                 },
             )
             save_record(record, paths.records_dir())
@@ -483,7 +484,7 @@ class Agent:
                 try:
                     self.links[peer] = await self._measure_link(peer)
                 except (FogmigError, OSError) as exc:
-                    log.info("agent %s: link to %s not measured: %s", self.node, peer, exc)
+                    log.warning("agent %s: link to %s not measured: %s", self.node, peer, exc)
                 except Exception:
                     # A measurement must never take the agent down with it.
                     log.exception("agent %s: link measurement to %s failed", self.node, peer)
@@ -533,6 +534,16 @@ class Agent:
                     await self.forwarder.update(latest)
                 except FogmigError as exc:
                     log.error("agent %s: forwarding not updated: %s", self.node, exc)
+
+    def _link_conditions(self, peer: str) -> dict[str, float]:
+        """The last measurement of the link to ``peer`` for the record, if there is one."""
+        link = self.links.get(peer)
+        if link is None:
+            return {}
+        return {
+            "link_rate_bit_per_s": link.throughput_bytes_per_s * 8,
+            "link_rtt_s": link.rtt_s,
+        }
 
     async def _owned(self, service: str) -> None:
         if self.bus is None:
