@@ -7,10 +7,8 @@ import contextlib
 import os
 import shutil
 import subprocess
-import sys
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,38 +26,15 @@ from fogmig.platform.schemas import (
 )
 from fogmig.platform.testbed.broker import restart_broker
 from fogmig.platform.testbed.credentials import load_credentials
-from fogmig.platform.testbed.state import TestbedState, exclusive_use, load_state
+from fogmig.platform.testbed.state import TestbedState, load_state
 from fogmig.services.deploy import ServiceSpec, deploy, find_service, undeploy
 
 pytestmark = [pytest.mark.system, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 
-def fogmig(*args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-P", "-m", "fogmig.platform.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr + done.stdout
-
-
 @pytest.fixture(scope="module")
-def testbed() -> Iterator[TestbedState]:
-    with exclusive_use(timeout=900):
-        fogmig("testbed", "down")
-        fogmig("testbed", "up", "--profile", "lan", "--nodes", "2")
-        try:
-            fogmig("agents", "up")
-            yield load_state()
-        finally:
-            subprocess.run(
-                [sys.executable, "-P", "-m", "fogmig.platform.cli", "agents", "down"],
-                check=False,
-                timeout=120,
-            )
-            fogmig("testbed", "down")
+def testbed(lan_testbed: TestbedState) -> TestbedState:
+    return lan_testbed
 
 
 def migrate_command(service: str, destination: str = "gw2") -> MigrateCommand:

@@ -12,12 +12,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import shutil
-import subprocess
-import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,7 +27,7 @@ from fogmig.platform.controller_commands import config_for_testbed, drain_node, 
 from fogmig.platform.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
 from fogmig.platform.schemas import Decision, DeviceAttach, MigrateCommand, topics
 from fogmig.platform.testbed.broker import CONTROLLER_USER
-from fogmig.platform.testbed.state import TestbedState, exclusive_use, load_state
+from fogmig.platform.testbed.state import TestbedState
 from fogmig.policies.choice import choose_technique
 from fogmig.policies.conditions import NodeCapabilities, ServiceConditions
 from fogmig.services.deploy import ServiceSpec, deploy, find_service, undeploy
@@ -255,35 +252,9 @@ async def test_drain_empties_the_node(tmp_path: Path) -> None:
 # --- with the real agents on the testbed ---------------------------------------------------
 
 
-def _fogmig(*args: str) -> None:
-    done = subprocess.run(
-        [sys.executable, "-P", "-m", "fogmig.platform.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr + done.stdout
-
-
 @pytest.fixture(scope="module")
-def testbed() -> Iterator[TestbedState]:
-    if os.geteuid() != 0:
-        pytest.skip("needs root")
-    # Hold the testbed lease: other test modules bring their own testbed up and down.
-    with exclusive_use(timeout=900):
-        _fogmig("testbed", "down")  # leftovers of a crashed run
-        _fogmig("testbed", "up", "--profile", "orchestration", "--nodes", "2")
-        try:
-            _fogmig("agents", "up")
-            yield load_state()
-        finally:
-            subprocess.run(
-                [sys.executable, "-P", "-m", "fogmig.platform.cli", "agents", "down"],
-                check=False,
-                timeout=120,
-            )
-            _fogmig("testbed", "down")
+def testbed(orchestration_testbed: TestbedState) -> TestbedState:
+    return orchestration_testbed
 
 
 @pytest.mark.timeout(1200)  # mostly waiting for the testbed lease held by other test modules

@@ -10,9 +10,7 @@ import asyncio
 import contextlib
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,7 +19,7 @@ import pytest
 from fogmig.platform.agent_commands import _agents_dir, agents_up, request_migration
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.platform.testbed.links import cut_link, restore_link
-from fogmig.platform.testbed.state import TestbedState, exclusive_use, load_state
+from fogmig.platform.testbed.state import TestbedState
 from fogmig.services.client import DeviceLedger, SensorClient, ServiceUnreachableError
 from fogmig.services.deploy import ServiceSpec, deploy, find_service, undeploy
 
@@ -31,34 +29,9 @@ STATE_MB = 4
 PORT = 5683
 
 
-def fogmig(*args: str) -> subprocess.CompletedProcess[str]:
-    done = subprocess.run(
-        [sys.executable, "-P", "-m", "fogmig.platform.cli", *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr + done.stdout
-    return done
-
-
 @pytest.fixture(scope="module")
-def testbed() -> Iterator[TestbedState]:
-    # Hold the testbed lease: other test modules bring their own testbed up and down.
-    with exclusive_use(timeout=600):
-        fogmig("testbed", "down")  # leftovers of a crashed run
-        fogmig("testbed", "up", "--profile", "orchestration", "--nodes", "2")
-        try:
-            fogmig("agents", "up")
-            yield load_state()
-        finally:
-            subprocess.run(
-                [sys.executable, "-P", "-m", "fogmig.platform.cli", "agents", "down"],
-                check=False,
-                timeout=120,
-            )
-            fogmig("testbed", "down")
+def testbed(orchestration_testbed: TestbedState) -> TestbedState:
+    return orchestration_testbed
 
 
 @dataclass
