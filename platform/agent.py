@@ -593,22 +593,32 @@ class Agent:
 
     async def _fetch_from(
         self, source: str, migration_id: str
-    ) -> tuple[Fetch, Callable[[], Awaitable[None]]]:
-        """A channel back to the source for page requests of ``migration_id``."""
+    ) -> tuple[Fetch, Fetch, Callable[[], Awaitable[None]]]:
+        """Two channels back to the source for the pages of ``migration_id``: one for
+        faults, one for fetching ahead, so a fault never waits behind a large prefetch."""
         ip = self.config.peers.get(source)
         if ip is None:
             raise UnknownNodeError(f"{self.node} has no data link to {source}")
         stack = contextlib.AsyncExitStack()
-        client = await stack.enter_async_context(
-            TransferClient.connect(
-                ip,
-                self.config.transfer_port,
-                secret=self.config.secret,
-                node=self.node,
-                peer=source,
-            )
-        )
+        try:
+            fetchers = []
+            for _ in range(2):
+                client = await stack.enter_async_context(
+                    TransferClient.connect(
+                        ip,
+                        self.config.transfer_port,
+                        secret=self.config.secret,
+                        node=self.node,
+                        peer=source,
+                    )
+                )
+                fetchers.append(self._page_fetcher(client, migration_id))
+        except BaseException:
+            await stack.aclose()
+            raise
+        return fetchers[0], fetchers[1], stack.aclose
 
+    def _page_fetcher(self, client: TransferClient, migration_id: str) -> Fetch:
         async def fetch(pid: int, vaddr: int, nr_pages: int) -> bytes:
             # A reply carries at most 1 MiB; the daemon accepts a prefix and asks again.
             nr = min(nr_pages, MAX_PAGES_PER_CALL)
@@ -619,7 +629,7 @@ class Agent:
             )
             return data
 
-        return fetch, stack.aclose
+        return fetch
 
     def _rootfs(self) -> Path:
         found = find_image()

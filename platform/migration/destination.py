@@ -30,8 +30,9 @@ from fogmig.platform.workdir import remove_tree
 log = logging.getLogger(__name__)
 
 Fetch = Callable[[int, int, int], Awaitable[bytes]]
-FetchFactory = Callable[[str, str], Awaitable[tuple[Fetch, Callable[[], Awaitable[None]]]]]
-"""(source node, migration id) -> (fetch pages, close): a channel back to the source."""
+FetchFactory = Callable[[str, str], Awaitable[tuple[Fetch, Fetch, Callable[[], Awaitable[None]]]]]
+"""(source node, migration id) -> (fetch on fault, fetch ahead, close): two channels back to
+the source, so that faults never queue behind the prefetch."""
 
 
 @dataclass(slots=True)
@@ -47,6 +48,7 @@ class Incoming:
     started_container: bool = False
     lazy: lazypages.LazyPagesDaemon | None = None
     page_server: lazypages.LazyPageServer | None = None
+    prefetch: lazypages.PrefetchedPages | None = None
     close_fetch: Callable[[], Awaitable[None]] | None = None
     lazy_task: asyncio.Task[dict[str, Any]] | None = None
     restored_at: float = 0.0
@@ -189,19 +191,23 @@ class Destination:
             return {"seconds": mig.restored_at - started, "pid": result.pid}
         if mode != "lazy":
             raise ConfigError(f"unknown restore mode {mode!r}")
-        fetch, close = await self._fetch_factory(mig.source, mig.migration_id)
+        demand, ahead, close = await self._fetch_factory(mig.source, mig.migration_id)
         mig.close_fetch = close
-        source: lazypages.PageSource = lazypages.RemotePages(fetch)
+        remote = lazypages.RemotePages(demand)
         base_name = params.get("base")
+        source: lazypages.PageSource
         if base_name:
+            # Hybrid: unchanged pages from the last pre-copy round here, changed ones remote.
             base = self._sub(mig, base_name)
             changed_file = images / str(params.get("changed", ""))
-            changed = json.loads(changed_file.read_text())
-            source = lazypages.LayeredPages(
-                lazypages.LocalImagePages(base),
-                source,
-                {int(pid): vaddrs for pid, vaddrs in changed.items()},
-            )
+            changed = {
+                int(pid): vaddrs for pid, vaddrs in json.loads(changed_file.read_text()).items()
+            }
+            mig.prefetch = lazypages.PrefetchedPages(remote, ahead, changed)
+            source = lazypages.LayeredPages(lazypages.LocalImagePages(base), mig.prefetch, changed)
+        else:
+            mig.prefetch = lazypages.PrefetchedPages(remote, ahead, lazypages.lazy_vaddrs(images))
+            source = mig.prefetch
         # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on
         # the node can read the service's memory.
         mig.page_server = lazypages.LazyPageServer(host=None, source=source)
@@ -210,6 +216,7 @@ class Destination:
             image_dir=images, work_dir=work, channel=await mig.page_server.channel()
         )
         await mig.lazy.start()
+        mig.prefetch.start()
         restored = await self.runtime.restore(
             mig.service, bundle=mig.bundle, image_dir=images, work_dir=work, lazy_pages=True
         )
@@ -291,6 +298,9 @@ class Destination:
     # ------------------------------------------------------------------ helpers
 
     async def _release(self, mig: Incoming) -> None:
+        if mig.prefetch is not None:
+            await mig.prefetch.close()
+            mig.prefetch = None
         if mig.page_server is not None:
             await mig.page_server.close()
             mig.page_server = None

@@ -24,7 +24,7 @@ import signal
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -116,7 +116,7 @@ def _task_id(pagemap: Pagemap) -> int | None:
     return int(pagemap.image_id) if pagemap.image_id.isdigit() else None
 
 
-def _lazy_vaddrs(image_dir: Path) -> dict[int, list[int]]:
+def lazy_vaddrs(image_dir: Path) -> dict[int, list[int]]:
     """Per task, the address of every page the daemon must fault in (entries flagged LAZY)."""
     out: dict[int, list[int]] = {}
     for pagemap in read_pagemaps(image_dir).values():
@@ -449,6 +449,115 @@ class RemotePages:
                 f"of task {pid_id}"
             )
         self._tally.add_remote(len(data))
+        return data
+
+
+class PrefetchedPages:
+    """Remote pages pulled ahead over a second channel while faults go to the source first.
+
+    CRIU's lazy-pages daemon asks for one chunk per round trip and falls back to 64 KiB after
+    every fault, so on a slow, long link the faulted-pages phase is bound by the round trip.
+    Here a background task pulls every page in ``wanted`` in large chunks (``prefetch``, its
+    own connection), and a request the cache can answer returns at once; a page not yet
+    there is fetched on demand through ``demand`` (the fault path). Pages already handed to
+    the daemon are not prefetched again.
+    """
+
+    def __init__(
+        self,
+        demand: PageSource,
+        prefetch: Fetch,
+        wanted: Mapping[int, Collection[int]],
+        *,
+        chunk_pages: int = 256,
+    ) -> None:
+        self.demand = demand
+        self._prefetch = prefetch
+        self._wanted = {pid: sorted(v) for pid, v in wanted.items()}
+        self._chunk = chunk_pages
+        self._cache: dict[tuple[int, int], bytes] = {}
+        self._served: set[tuple[int, int]] = set()
+        self._tally = PageTally()
+        self._task: asyncio.Task[None] | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def tally(self) -> PageTally:
+        d = self.demand.tally
+        t = self._tally
+        return PageTally(
+            local_pages=d.local_pages,
+            local_bytes=d.local_bytes,
+            remote_pages=d.remote_pages + t.remote_pages,
+            remote_bytes=d.remote_bytes + t.remote_bytes,
+            remote_requests=d.remote_requests + t.remote_requests,
+        )
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="prefetch-pages")
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _chunks(self) -> Iterator[tuple[int, int, int]]:
+        """(pid, vaddr, pages) of contiguous runs of wanted pages, at most a chunk each."""
+        for pid, vaddrs in self._wanted.items():
+            start, count = 0, 0
+            for v in vaddrs:
+                if count and (v != start + count * PAGE_SIZE or count == self._chunk):
+                    yield pid, start, count
+                    count = 0
+                if not count:
+                    start = v
+                count += 1
+            if count:
+                yield pid, start, count
+
+    async def _run(self) -> None:
+        try:
+            for pid, first, pages in self._chunks():
+                await self._pull(pid, first, pages)
+        except (FogmigError, OSError) as exc:
+            # Faults still reach the source on their own path; only the head start is lost.
+            self.error = exc
+            log.warning("page prefetch stopped: %s", exc)
+
+    async def _pull(self, pid: int, vaddr: int, count: int) -> None:
+        # Skip the head of the run the daemon already has.
+        while count and (pid, vaddr) in self._served:
+            vaddr += PAGE_SIZE
+            count -= 1
+        while count:
+            data = await self._prefetch(pid, vaddr, count)
+            if not data:
+                return
+            self._tally.add_remote(len(data))
+            n = len(data) // PAGE_SIZE
+            for i in range(n):
+                key = (pid, vaddr + i * PAGE_SIZE)
+                if key not in self._served:
+                    self._cache[key] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            vaddr += n * PAGE_SIZE
+            count -= n
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+        pieces: list[bytes] = []
+        addr = vaddr
+        while len(pieces) < nr_pages:
+            page = self._cache.pop((pid_id, addr), None)
+            if page is None:
+                break
+            pieces.append(page)
+            addr += PAGE_SIZE
+        if pieces:
+            data = b"".join(pieces)
+        else:
+            data = await self.demand.read(pid_id, vaddr, nr_pages)
+        for i in range(len(data) // PAGE_SIZE):
+            self._served.add((pid_id, vaddr + i * PAGE_SIZE))
         return data
 
 
@@ -1171,7 +1280,7 @@ class LazyPagesDaemon:
         short = [t for t in parsed.tasks if t.copied != t.total]
         if served is not None:
             missing = {}
-            lazy = _lazy_vaddrs(self.image_dir) if short else {}
+            lazy = lazy_vaddrs(self.image_dir) if short else {}
             for t in short:
                 if t.pid not in lazy:
                     missing[t.pid] = t.total - t.copied
