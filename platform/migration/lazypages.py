@@ -531,7 +531,12 @@ class PrefetchedPages:
             vaddr += PAGE_SIZE
             count -= 1
         while count:
-            data = await self._prefetch(pid, vaddr, count)
+            # Only the run up to the next page the daemon already has: a fault may have
+            # fetched pages inside this chunk since it was planned.
+            run = 1
+            while run < count and (pid, vaddr + run * PAGE_SIZE) not in self._served:
+                run += 1
+            data = await self._prefetch(pid, vaddr, run)
             if not data:
                 return
             self._tally.add_remote(len(data))
@@ -542,6 +547,9 @@ class PrefetchedPages:
                     self._cache[key] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
             vaddr += n * PAGE_SIZE
             count -= n
+            while count and (pid, vaddr) in self._served:
+                vaddr += PAGE_SIZE
+                count -= 1
 
     async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
         pieces: list[bytes] = []
