@@ -479,6 +479,7 @@ class PrefetchedPages:
         self._served: set[tuple[int, int]] = set()
         self._tally = PageTally()
         self._task: asyncio.Task[None] | None = None
+        self._inflight: tuple[int, int, int, asyncio.Future[None]] | None = None
         self.error: BaseException | None = None
 
     @property
@@ -536,7 +537,13 @@ class PrefetchedPages:
             run = 1
             while run < count and (pid, vaddr + run * PAGE_SIZE) not in self._served:
                 run += 1
-            data = await self._prefetch(pid, vaddr, run)
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._inflight = (pid, vaddr, run, done)
+            try:
+                data = await self._prefetch(pid, vaddr, run)
+            finally:
+                self._inflight = None
+                done.set_result(None)
             if not data:
                 return
             self._tally.add_remote(len(data))
@@ -552,6 +559,12 @@ class PrefetchedPages:
                 count -= 1
 
     async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+        inflight = self._inflight
+        if inflight is not None:
+            pid, start, count, done = inflight
+            if pid == pid_id and start <= vaddr < start + count * PAGE_SIZE:
+                # The page is on its way already: wait for it rather than fetch it twice.
+                await asyncio.shield(done)
         pieces: list[bytes] = []
         addr = vaddr
         while len(pieces) < nr_pages:
