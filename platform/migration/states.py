@@ -55,51 +55,28 @@ BEFORE_COMMIT = frozenset(
     }
 )
 
+
+def _path(*, precopy: bool, lazy: bool) -> tuple[Phase, ...]:
+    """A technique's phases: pre-copy rounds and a lazy phase are what tell them apart."""
+    return (
+        Phase.PENDING,
+        Phase.PREPARING,
+        *((Phase.PRECOPY,) if precopy else ()),
+        Phase.DUMPING,
+        Phase.TRANSFERRING,
+        Phase.RESTORING,
+        *((Phase.LAZY_PAGES,) if lazy else ()),
+        Phase.COMMITTED,
+        Phase.CLEANING_UP,
+        Phase.DONE,
+    )
+
+
 _FORWARD: dict[Technique, tuple[Phase, ...]] = {
-    "cold": (
-        Phase.PENDING,
-        Phase.PREPARING,
-        Phase.DUMPING,
-        Phase.TRANSFERRING,
-        Phase.RESTORING,
-        Phase.COMMITTED,
-        Phase.CLEANING_UP,
-        Phase.DONE,
-    ),
-    "precopy": (
-        Phase.PENDING,
-        Phase.PREPARING,
-        Phase.PRECOPY,
-        Phase.DUMPING,
-        Phase.TRANSFERRING,
-        Phase.RESTORING,
-        Phase.COMMITTED,
-        Phase.CLEANING_UP,
-        Phase.DONE,
-    ),
-    "postcopy": (
-        Phase.PENDING,
-        Phase.PREPARING,
-        Phase.DUMPING,
-        Phase.TRANSFERRING,
-        Phase.RESTORING,
-        Phase.LAZY_PAGES,
-        Phase.COMMITTED,
-        Phase.CLEANING_UP,
-        Phase.DONE,
-    ),
-    "hybrid": (
-        Phase.PENDING,
-        Phase.PREPARING,
-        Phase.PRECOPY,
-        Phase.DUMPING,
-        Phase.TRANSFERRING,
-        Phase.RESTORING,
-        Phase.LAZY_PAGES,
-        Phase.COMMITTED,
-        Phase.CLEANING_UP,
-        Phase.DONE,
-    ),
+    "cold": _path(precopy=False, lazy=False),
+    "precopy": _path(precopy=True, lazy=False),
+    "postcopy": _path(precopy=False, lazy=True),
+    "hybrid": _path(precopy=True, lazy=True),
 }
 
 
