@@ -23,8 +23,8 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from fogmig.device_sim.events import NETWORK_ERROR, Outcome
-from fogmig.platform.errors import ConfigError, SetupError
-from fogmig.platform.proc import NETNS_DIR
+from fogmig.platform.base.errors import ConfigError, SetupError
+from fogmig.platform.base.proc import NETNS_DIR
 from fogmig.services.sensor import CONTENT_FORMAT_JSON
 
 CLONE_NEWNET = 0x40000000

@@ -25,9 +25,9 @@ from fogmig.device_sim.device import DeviceConfig, RequestSettings
 from fogmig.device_sim.events import ContinuityCheck, FleetEvent, MigrationSeen, Outage, Roam
 from fogmig.device_sim.roaming import Cycle, RandomWalk, Roaming, Static, parse_schedule
 from fogmig.device_sim.summary import FleetSummary, format_summary
-from fogmig.platform import paths
-from fogmig.platform.errors import ConfigError
-from fogmig.platform.proc import NETNS_DIR
+from fogmig.platform.base import paths
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.proc import NETNS_DIR
 
 console = Console()
 err_console = Console(stderr=True)
@@ -95,7 +95,7 @@ def reexec_argv(netns: str, args: argparse.Namespace) -> list[str]:
         # -P: never let the current directory (a checkout with its own `platform/`) shadow stdlib.
         "-P",
         "-m",
-        "fogmig.platform.cli",
+        "fogmig.platform.cli.main",
     ]
     argv += ["-v"] * min(getattr(args, "verbose", 0), 2)
     argv += ["device-sim", *option_argv(args)]
@@ -177,7 +177,7 @@ def _describe(event: FleetEvent) -> str | None:
 
 @contextlib.asynccontextmanager
 async def _device_bus(state: Any) -> AsyncIterator[Any]:
-    from fogmig.platform.bus import Bus
+    from fogmig.platform.bus.client import Bus
     from fogmig.platform.testbed.credentials import load_credentials
 
     creds = load_credentials()
@@ -195,7 +195,7 @@ async def _device_bus(state: Any) -> AsyncIterator[Any]:
 
 async def service_locations(bus: Any, services: set[str]) -> dict[str, str]:
     """Where each of ``services`` runs now, from the agents' retained presence messages."""
-    from fogmig.platform.schemas import ServicePresence, topics
+    from fogmig.platform.bus.schemas import ServicePresence, topics
 
     found: dict[str, str] = {}
     async with bus.subscribe(topics.service()) as sub:
@@ -278,7 +278,7 @@ def _live_view(event: FleetEvent) -> None:
 
 
 def _cmd_device_sim(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli import run_async
+    from fogmig.platform.cli.main import run_async
     from fogmig.platform.testbed.state import load_state
 
     if args.devices < 1:

@@ -26,9 +26,9 @@ from fogmig.device_sim.device import Device, DeviceConfig, RequestSettings
 from fogmig.device_sim.events import FleetEvent, MigrationSeen, RequestRecord, event_dict
 from fogmig.device_sim.summary import FleetSummary, build_summary
 from fogmig.device_sim.timeline import TimelineWriter
-from fogmig.platform.bus import Bus
-from fogmig.platform.errors import BusError, ConfigError
-from fogmig.platform.schemas import DeviceAttach, MigrationDone, SchemaError, topics
+from fogmig.platform.base.errors import BusError, ConfigError
+from fogmig.platform.bus.client import Bus
+from fogmig.platform.bus.schemas import DeviceAttach, MigrationDone, SchemaError, topics
 
 log = logging.getLogger(__name__)
 

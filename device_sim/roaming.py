@@ -13,8 +13,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from fogmig.platform.errors import ConfigError
-from fogmig.platform.nodes import check_node_name
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.nodes import check_node_name
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import IO, Final
 
 from fogmig.device_sim.events import Outage, Outcome, RequestKind, RequestRecord
-from fogmig.platform.errors import ConfigError
+from fogmig.platform.base.errors import ConfigError
 
 CSV_FIELDS: Final = (
     "device",

@@ -20,7 +20,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fogmig.platform.agent_commands import agents_down, agents_up, request_migration
+from fogmig.platform.cli.agent import agents_down, agents_up, request_migration
 from fogmig.platform.migration.record import TECHNIQUES, MigrationRecord, save_record
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.profiles import LinkProfile, load_profile
@@ -156,7 +156,7 @@ def summary_table(records: Sequence[MigrationRecord]) -> Table:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli import run_async
+    from fogmig.platform.cli.main import run_async
 
     plan = ExperimentPlan(
         configurations=args.configurations.split(","),

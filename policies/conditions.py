@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from fogmig.platform.errors import ConfigError
+from fogmig.platform.base.errors import ConfigError
 
 MB = 1_000_000
 """The paper's megabyte (decimal, as rsync and iperf3 report it)."""
@@ -132,7 +132,7 @@ class LinkConditions:
 
 @dataclass(frozen=True, slots=True)
 class NodeCapabilities:
-    """What a node's CRIU can do (see ``fogmig.platform.capabilities``).
+    """What a node's CRIU can do (see ``fogmig.platform.runtime.capabilities``).
 
     ``postcopy``: lazy restore with userfaultfd works. ``native_predump``: CRIU's own pre-dump
     (soft-dirty tracking) works; without it pre-copy rounds are full leave-running checkpoints

@@ -18,7 +18,7 @@ from typing import Any, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fogmig.platform.errors import ServiceError
+from fogmig.platform.base.errors import ServiceError
 from fogmig.services.sensor import (
     CONTENT_FORMAT_JSON,
     DEFAULT_PORT,

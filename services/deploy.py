@@ -21,9 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fogmig.platform import paths
-from fogmig.platform.bundle import make_bundle, read_config
-from fogmig.platform.errors import (
+from fogmig.platform.base import paths
+from fogmig.platform.base.errors import (
     ConfigError,
     ContainerNotFoundError,
     FogmigError,
@@ -31,11 +30,12 @@ from fogmig.platform.errors import (
     TestbedError,
     UnknownNodeError,
 )
-from fogmig.platform.nodes import check_node_name, check_service_name, netns_name, runc_root
-from fogmig.platform.proc import NETNS_DIR, run
-from fogmig.platform.runtime import ContainerState, NodeRuntime
+from fogmig.platform.base.nodes import check_node_name, check_service_name, netns_name, runc_root
+from fogmig.platform.base.proc import NETNS_DIR, run
+from fogmig.platform.runtime.bundle import make_bundle, read_config
+from fogmig.platform.runtime.node import ContainerState, NodeRuntime
+from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.platform.testbed.state import load_state
-from fogmig.platform.workdir import remove_tree
 from fogmig.services.client import ServiceState, ServiceUnreachableError
 from fogmig.services.image import SENSOR_IN_IMAGE, ensure_image
 from fogmig.services.sensor import DEFAULT_DIRTY_KBPS, DEFAULT_PORT, DEFAULT_STATE_MB

@@ -21,9 +21,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fogmig.platform import paths
-from fogmig.platform.errors import FogmigError, RuntimeToolError, SetupError
-from fogmig.platform.proc import run
+from fogmig.platform.base import paths
+from fogmig.platform.base.errors import FogmigError, RuntimeToolError, SetupError
+from fogmig.platform.base.proc import run
 
 log = logging.getLogger(__name__)
 

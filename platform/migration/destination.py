@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fogmig.platform.bundle import make_bundle
-from fogmig.platform.errors import ConfigError, ContainerNotFoundError, FogmigError, MigrationError
-from fogmig.platform.migration import lazypages, pagedelta
-from fogmig.platform.nodes import check_service_name, netns_name
-from fogmig.platform.runtime import NodeRuntime
-from fogmig.platform.workdir import remove_tree
+from fogmig.platform.base.errors import (
+    ConfigError,
+    ContainerNotFoundError,
+    FogmigError,
+    MigrationError,
+)
+from fogmig.platform.base.nodes import check_service_name, netns_name
+from fogmig.platform.migration.delta import pagedelta
+from fogmig.platform.migration.lazy import pages as lazypages
+from fogmig.platform.runtime.bundle import make_bundle
+from fogmig.platform.runtime.node import NodeRuntime
+from fogmig.platform.runtime.workdir import remove_tree
 
 log = logging.getLogger(__name__)
 

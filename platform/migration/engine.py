@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fogmig.platform.errors import FogmigError, MigrationError
+from fogmig.platform.base.errors import FogmigError, MigrationError
 from fogmig.platform.migration.ports import PeerPort, ProgressFn, SentResult, SourcePort
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.platform.migration.states import MigrationStateMachine, Phase

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from fogmig.platform.migration import pagedelta
+from fogmig.platform.migration.delta import pagedelta
 from fogmig.platform.migration.engine import MigrationContext
 from fogmig.platform.migration.postcopy import lazy_dump, restore_and_fault_in
 from fogmig.platform.migration.precopy import precopy_rounds

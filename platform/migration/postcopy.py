@@ -13,8 +13,8 @@ import asyncio
 import time
 from pathlib import Path
 
-from fogmig.platform.migration import lazypages
 from fogmig.platform.migration.engine import MigrationContext, timed
+from fogmig.platform.migration.lazy import pages as lazypages
 from fogmig.platform.migration.states import Phase
 
 LAZY_POLL_S = 0.5

@@ -15,21 +15,22 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fogmig.platform.bundle import read_config
-from fogmig.platform.errors import ContainerNotFoundError, FogmigError, MigrationError
-from fogmig.platform.migration import cold, hybrid, lazypages, postcopy, precopy
+from fogmig.platform.base.errors import ContainerNotFoundError, FogmigError, MigrationError
+from fogmig.platform.migration import cold, hybrid, postcopy, precopy
 from fogmig.platform.migration.engine import (
     MigrationContext,
     ProgressEvent,
     Technique,
     run_migration,
 )
+from fogmig.platform.migration.lazy import pages as lazypages
 from fogmig.platform.migration.ports import DumpResult, ProgressFn, SentResult
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.platform.migration.record import Technique as TechniqueName
-from fogmig.platform.runtime import NodeRuntime
-from fogmig.platform.transfer import TransferClient
-from fogmig.platform.workdir import remove_tree
+from fogmig.platform.runtime.bundle import read_config
+from fogmig.platform.runtime.node import NodeRuntime
+from fogmig.platform.runtime.workdir import remove_tree
+from fogmig.platform.transfer.channel import TransferClient
 from fogmig.policies.conditions import PrecopyStopRules
 
 log = logging.getLogger(__name__)

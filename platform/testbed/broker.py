@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from fogmig.platform.errors import TestbedError
-from fogmig.platform.proc import in_netns, run
+from fogmig.platform.base.errors import TestbedError
+from fogmig.platform.base.proc import in_netns, run
 from fogmig.platform.testbed import pids
 from fogmig.platform.testbed.credentials import TestbedCredentials
 from fogmig.platform.testbed.state import BrokerInfo, TestbedState, load_state, update_state

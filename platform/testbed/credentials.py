@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fogmig.platform.errors import TestbedError, UnknownNodeError
+from fogmig.platform.base.errors import TestbedError, UnknownNodeError
 from fogmig.platform.testbed.state import testbed_state_dir
 
 SECRET_BYTES = 32

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from fogmig.platform import paths
-from fogmig.platform.capabilities import has_netem
-from fogmig.platform.errors import ConfigError, SetupError, TestbedError
-from fogmig.platform.nodes import NETNS_PREFIX, check_node_name, runc_root
-from fogmig.platform.proc import run
+from fogmig.platform.base import paths
+from fogmig.platform.base.errors import ConfigError, SetupError, TestbedError
+from fogmig.platform.base.nodes import NETNS_PREFIX, check_node_name, runc_root
+from fogmig.platform.base.proc import run
+from fogmig.platform.runtime.capabilities import has_netem
 from fogmig.platform.testbed import broker, netem, netns, pids, topology
 from fogmig.platform.testbed.credentials import (
     generate_credentials,
@@ -175,7 +175,7 @@ def _spawn_linkd(state: TestbedState) -> tuple[int, Path, Path]:
     config_path.write_text(linkd_config(state).model_dump_json(indent=2) + "\n")
     socket_path.unlink(missing_ok=True)
     env = {**os.environ, "PYTHONSAFEPATH": "1"}
-    argv = [sys.executable, "-m", "fogmig.platform.cli", "-v", "testbed", "linkd", "--config"]
+    argv = [sys.executable, "-m", "fogmig.platform.cli.main", "-v", "testbed", "linkd", "--config"]
     log_path = Path(linkd.log_path)
     pid = pids.spawn_detached([*argv, str(config_path)], log_path=log_path, env=env)
     pids.write_pidfile(_linkd_pidfile(), pid)

@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 from pathlib import Path
 
-from fogmig.platform.errors import ConfigError, TestbedError
+from fogmig.platform.base.errors import ConfigError, TestbedError
 from fogmig.platform.testbed import netem
 from fogmig.platform.testbed.linkd import ControlRequest, ControlResponse, LinkRuntime
 from fogmig.platform.testbed.state import LinkInfo, TestbedState, load_state, update_state

@@ -7,7 +7,7 @@ userspace emulator does.
 
 from __future__ import annotations
 
-from fogmig.platform.proc import run
+from fogmig.platform.base.proc import run
 from fogmig.platform.testbed.linkemu import queue_bytes_for
 from fogmig.platform.testbed.state import LinkInfo, TestbedState
 

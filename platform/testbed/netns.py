@@ -16,9 +16,9 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
-from fogmig.platform.errors import TestbedError
-from fogmig.platform.nodes import NETNS_PREFIX
-from fogmig.platform.proc import NETNS_DIR, run
+from fogmig.platform.base.errors import TestbedError
+from fogmig.platform.base.nodes import NETNS_PREFIX
+from fogmig.platform.base.proc import NETNS_DIR, run
 
 CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA

@@ -16,8 +16,8 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 
-from fogmig.platform.errors import TestbedError
-from fogmig.platform.proc import in_netns
+from fogmig.platform.base.errors import TestbedError
+from fogmig.platform.base.proc import in_netns
 from fogmig.platform.testbed.netns import socket_in_netns
 from fogmig.platform.testbed.state import LinkInfo, NodeInfo, TestbedState
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fogmig.platform.errors import ConfigError
+from fogmig.platform.base.errors import ConfigError
 
 DEFAULT_PROFILE = "mobility"
 

@@ -17,8 +17,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from fogmig.platform import paths
-from fogmig.platform.errors import TestbedError, UnknownNodeError
+from fogmig.platform.base import paths
+from fogmig.platform.base.errors import TestbedError, UnknownNodeError
 from fogmig.platform.testbed.profiles import LinkProfile
 
 STATE_VERSION = 1

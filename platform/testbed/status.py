@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from fogmig.platform.errors import FogmigError
-from fogmig.platform.nodes import runc_root
-from fogmig.platform.proc import run
+from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.nodes import runc_root
+from fogmig.platform.base.proc import run
 from fogmig.platform.testbed import broker, netns, pids
 from fogmig.platform.testbed.links import link_runtime
 from fogmig.platform.testbed.state import TestbedState, load_state

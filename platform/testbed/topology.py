@@ -9,8 +9,8 @@ from __future__ import annotations
 import itertools
 from typing import Literal
 
-from fogmig.platform.errors import ConfigError
-from fogmig.platform.nodes import check_node_name, netns_name
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.nodes import check_node_name, netns_name
 from fogmig.platform.testbed.profiles import LinkProfile
 from fogmig.platform.testbed.state import (
     BrokerInfo,

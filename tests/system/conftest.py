@@ -18,7 +18,7 @@ def fogmig(
 ) -> subprocess.CompletedProcess[str]:
     """Run the CLI as a newcomer would (``-P``: the checkout never shadows the stdlib)."""
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "fogmig.platform.cli", *args],
+        [sys.executable, "-P", "-m", "fogmig.platform.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

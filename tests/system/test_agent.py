@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.bus import Bus, CommandRejectedError, CommandTimeoutError
-from fogmig.platform.controller import Controller, ControllerEvent, EventKind
-from fogmig.platform.controller_commands import config_for_testbed, open_testbed_bus
-from fogmig.platform.schemas import (
+from fogmig.platform.bus.client import Bus, CommandRejectedError, CommandTimeoutError
+from fogmig.platform.bus.schemas import (
     CommandAck,
     DeployCommand,
     MigrateCommand,
@@ -24,6 +22,8 @@ from fogmig.platform.schemas import (
     UndeployCommand,
     topics,
 )
+from fogmig.platform.cli.controller import config_for_testbed, open_testbed_bus
+from fogmig.platform.controller.core import Controller, ControllerEvent, EventKind
 from fogmig.platform.testbed.broker import restart_broker
 from fogmig.platform.testbed.credentials import load_credentials
 from fogmig.platform.testbed.state import TestbedState, load_state

@@ -23,17 +23,15 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.bus import (
+from fogmig.platform.base.errors import BusError, ServiceError, UnknownNodeError
+from fogmig.platform.bus.client import (
     Bus,
     CommandRejectedError,
     CommandTimeoutError,
     Received,
     Subscription,
 )
-from fogmig.platform.errors import BusError, ServiceError, UnknownNodeError
-from fogmig.platform.migration.record import Outcome
-from fogmig.platform.migration.states import Phase
-from fogmig.platform.schemas import (
+from fogmig.platform.bus.schemas import (
     BusMessage,
     Cleared,
     CommandAck,
@@ -57,6 +55,8 @@ from fogmig.platform.schemas import (
     reject,
     topics,
 )
+from fogmig.platform.migration.record import Outcome
+from fogmig.platform.migration.states import Phase
 from fogmig.platform.testbed.broker import CONTROLLER_USER, acl_rules, render_acl
 
 pytestmark = [
@@ -288,8 +288,8 @@ async def test_round_trip_of_every_model(broker: Broker) -> None:
 
 WILL_CLIENT = """
 import asyncio, sys, time
-from fogmig.platform.bus import Bus
-from fogmig.platform.schemas import NodeCapabilities, NodeStatus, topics
+from fogmig.platform.bus.client import Bus
+from fogmig.platform.bus.schemas import NodeCapabilities, NodeStatus, topics
 
 def status(online):
     return NodeStatus(node="gw1", online=online, at=time.time(), load=0.1, mem_total_bytes=1,

@@ -21,11 +21,11 @@ from typing import Any
 
 import pytest
 
-from fogmig.platform.bus import Bus
-from fogmig.platform.controller import Controller, ControllerConfig, ControllerEvent, EventKind
-from fogmig.platform.controller_commands import config_for_testbed, drain_node, open_testbed_bus
-from fogmig.platform.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
-from fogmig.platform.schemas import Decision, DeviceAttach, MigrateCommand, topics
+from fogmig.platform.apps.bench.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
+from fogmig.platform.bus.client import Bus
+from fogmig.platform.bus.schemas import Decision, DeviceAttach, MigrateCommand, topics
+from fogmig.platform.cli.controller import config_for_testbed, drain_node, open_testbed_bus
+from fogmig.platform.controller.core import Controller, ControllerConfig, ControllerEvent, EventKind
 from fogmig.platform.testbed.broker import CONTROLLER_USER
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.policies.choice import choose_technique

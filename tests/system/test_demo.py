@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform import paths
-from fogmig.platform.errors import TestbedError
+from fogmig.platform.base import paths
+from fogmig.platform.base.errors import TestbedError
 from fogmig.platform.testbed.broker import restart_broker
 from fogmig.platform.testbed.state import exclusive_use, state_path
 
@@ -32,7 +32,7 @@ pytestmark = [
 ]
 
 ENV = {**os.environ, "PYTHONSAFEPATH": "1"}
-DEMO = [sys.executable, "-m", "fogmig.platform.cli", "demo", "--no-lease", "--no-live"]
+DEMO = [sys.executable, "-m", "fogmig.platform.cli.main", "demo", "--no-lease", "--no-live"]
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def leftovers() -> list[str]:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"fogmig.platform.cli" in argv and (b"agent" in argv or b"linkd" in argv):
+        if b"fogmig.platform.cli.main" in argv and (b"agent" in argv or b"linkd" in argv):
             found.append(f"process {proc.name}: {b' '.join(argv).decode(errors='replace')}")
     if state_path().exists():
         found.append(f"testbed state {state_path()}")

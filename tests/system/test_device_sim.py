@@ -27,10 +27,10 @@ from fogmig.device_sim.events import FleetEvent, Outcome, RequestKind, RequestRe
 from fogmig.device_sim.fleet import DeviceFleet
 from fogmig.device_sim.roaming import Hop, Schedule
 from fogmig.device_sim.timeline import read_timeline
-from fogmig.platform.bus import Bus, Subscription
-from fogmig.platform.errors import TestbedError
-from fogmig.platform.proc import in_netns, run
-from fogmig.platform.schemas import DeviceAttach, topics
+from fogmig.platform.base.errors import TestbedError
+from fogmig.platform.base.proc import in_netns, run
+from fogmig.platform.bus.client import Bus, Subscription
+from fogmig.platform.bus.schemas import DeviceAttach, topics
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.broker import CONTROLLER_USER
 from fogmig.platform.testbed.credentials import load_credentials
@@ -122,7 +122,7 @@ async def test_cli_device_all_ok_and_announced(testbed: TestbedState, tmp_path: 
         bus.subscribe(topics.attach()) as sub,
     ):
         proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "fogmig.platform.cli", "device-sim", "--devices", "1",
+            sys.executable, "-m", "fogmig.platform.cli.main", "device-sim", "--devices", "1",
             "--duration", "5", "--check-every", "2", "--json", "--out", str(tmp_path),
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, env=ENV, cwd="/",
         )  # fmt: skip
@@ -234,7 +234,7 @@ async def test_fleet_measures_a_migration_as_its_device_sees_it(
     # The device moves to gw2 as the service is migrated there (cold): it sees the service
     # from its last answer on gw1 to its first answer on gw2, which contains the platform's
     # downtime (dump + transfer + resume) and more.
-    from fogmig.platform.agent_commands import agents_down, agents_up, request_migration
+    from fogmig.platform.cli.agent import agents_down, agents_up, request_migration
 
     gateways = {n.name: n.data_ip for n in testbed.nodes}
     device = DeviceConfig("d1", "s1", PORT + 1, "gw1", Schedule((Hop(1.5, "gw2"),)))

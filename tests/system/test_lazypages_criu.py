@@ -23,9 +23,9 @@ from typing import Any
 
 import pytest
 
-from fogmig.platform.capabilities import criu_capabilities
-from fogmig.platform.errors import CriuError, TransferError
-from fogmig.platform.migration.lazypages import (
+from fogmig.platform.base.errors import CriuError, TransferError
+from fogmig.platform.base.proc import run, run_sync
+from fogmig.platform.migration.lazy.pages import (
     LayeredPages,
     LazyLayoutStats,
     LazyPagesDaemon,
@@ -38,9 +38,9 @@ from fogmig.platform.migration.lazypages import (
     RemotePages,
     convert_to_lazy_layout,
 )
-from fogmig.platform.migration.pagemap import PAGE_SIZE, load_pages, read_pagemaps
-from fogmig.platform.proc import run, run_sync
-from fogmig.platform.workdir import remove_tree
+from fogmig.platform.runtime.capabilities import criu_capabilities
+from fogmig.platform.runtime.pagemap import PAGE_SIZE, load_pages, read_pagemaps
+from fogmig.platform.runtime.workdir import remove_tree
 
 pytestmark = [
     pytest.mark.system,

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from fogmig.platform.agent_commands import _agents_dir, agents_up, request_migration
+from fogmig.platform.cli.agent import _agents_dir, agents_up, request_migration
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.platform.testbed.links import cut_link, restore_link
 from fogmig.platform.testbed.state import TestbedState

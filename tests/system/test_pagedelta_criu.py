@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.errors import CriuError
-from fogmig.platform.migration.pagedelta import (
+from fogmig.platform.base.errors import CriuError
+from fogmig.platform.base.paths import cache_dir
+from fogmig.platform.base.proc import run
+from fogmig.platform.migration.delta.pagedelta import (
     PageDelta,
     PagemapDelta,
     apply_delta,
@@ -35,9 +37,7 @@ from fogmig.platform.migration.pagedelta import (
     write_delta,
     write_lazy_source,
 )
-from fogmig.platform.migration.pagemap import PAGE_SIZE, read_pagemaps
-from fogmig.platform.paths import cache_dir
-from fogmig.platform.proc import run
+from fogmig.platform.runtime.pagemap import PAGE_SIZE, read_pagemaps
 
 pytestmark = [
     pytest.mark.system,

@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.bundle import make_bundle
-from fogmig.platform.errors import (
+from fogmig.platform.base.errors import (
     ContainerNotFoundError,
     CriuError,
     ServiceError,
     UnknownNodeError,
 )
-from fogmig.platform.runtime import NodeRuntime
-from fogmig.platform.workdir import mounts_below, remove_tree
+from fogmig.platform.runtime.bundle import make_bundle
+from fogmig.platform.runtime.node import NodeRuntime
+from fogmig.platform.runtime.workdir import mounts_below, remove_tree
 from fogmig.services.client import ServiceState, encode_reading
 from fogmig.services.deploy import (
     ServiceSpec,
@@ -448,7 +448,7 @@ def test_remove_tree_unmounts_before_deleting(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:
-    code = "import sys\nfrom fogmig.platform.cli import main\nsys.exit(main())\n"
+    code = "import sys\nfrom fogmig.platform.cli.main import main\nsys.exit(main())\n"
     return subprocess.run(
         [sys.executable, "-c", code, *args],
         capture_output=True,

@@ -49,7 +49,7 @@ def test_setup_from_a_fresh_clone_is_idempotent(tmp_path: Path) -> None:
 
 def test_doctor_explains_the_machine() -> None:
     done = subprocess.run(
-        [sys.executable, "-P", "-m", "fogmig.platform.cli", "doctor", "--json"],
+        [sys.executable, "-P", "-m", "fogmig.platform.cli.main", "doctor", "--json"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -70,7 +70,7 @@ def test_doctor_explains_the_machine() -> None:
 
 def test_doctor_table_and_failure_exit(tmp_path: Path) -> None:
     table = subprocess.run(
-        [sys.executable, "-P", "-m", "fogmig.platform.cli", "doctor"],
+        [sys.executable, "-P", "-m", "fogmig.platform.cli.main", "doctor"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -81,7 +81,7 @@ def test_doctor_table_and_failure_exit(tmp_path: Path) -> None:
     # Without CRIU on the PATH the platform cannot run, and the doctor says so.
     env = {**os.environ, "PATH": str(tmp_path)}
     broken = subprocess.run(
-        [sys.executable, "-P", "-m", "fogmig.platform.cli", "doctor", "--json"],
+        [sys.executable, "-P", "-m", "fogmig.platform.cli.main", "doctor", "--json"],
         capture_output=True,
         text=True,
         timeout=120,

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform import paths
+from fogmig.platform.base import paths
 from fogmig.platform.testbed import (
     cut_link,
     load_credentials,
@@ -50,7 +50,7 @@ def fogmig(
     *args: str, timeout: float = 120, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "fogmig.platform.cli", *args],
+        [sys.executable, "-m", "fogmig.platform.cli.main", *args],
         capture_output=True,
         text=True,
         timeout=timeout,

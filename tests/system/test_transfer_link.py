@@ -35,8 +35,8 @@ DRIVER = textwrap.dedent(
     """
     import asyncio, json, sys, time
     from pathlib import Path
-    from fogmig.platform.errors import ConfigError
-    from fogmig.platform.transfer import TransferClient, TransferServer
+    from fogmig.platform.base.errors import ConfigError
+    from fogmig.platform.transfer.channel import TransferClient, TransferServer
 
     SECRET = sys.argv[2].encode()
 

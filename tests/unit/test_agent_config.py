@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.agent import AgentConfig
-from fogmig.platform.agent_config import load_agent_config, parse_agent_config
-from fogmig.platform.cli import build_parser
-from fogmig.platform.errors import ConfigError
+from fogmig.platform.agent.app import AgentConfig
+from fogmig.platform.agent.config import load_agent_config, parse_agent_config
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.cli.main import build_parser
 
 SECRET = "0123456789abcdef" * 4
 

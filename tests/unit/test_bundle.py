@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.bundle import (
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.runtime.bundle import (
     CRIU_CONFIG_ANNOTATION,
     RESTORE_CONF_NAME,
     bundle_config,
@@ -16,7 +17,6 @@ from fogmig.platform.bundle import (
     read_config,
     restore_conf_text,
 )
-from fogmig.platform.errors import ConfigError
 
 ARGS = ["python3", "/opt/fogmig/sensor.py", "--state-mb", "8"]
 

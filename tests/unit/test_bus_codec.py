@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fogmig.platform.bus import Bus, Received, Subscription, backoff_delay
-from fogmig.platform.errors import BusError, ConfigError
-from fogmig.platform.schemas import (
+from fogmig.platform.base.errors import BusError, ConfigError
+from fogmig.platform.bus.client import Bus, Received, Subscription, backoff_delay
+from fogmig.platform.bus.schemas import (
     PREFIX,
     Cleared,
     CommandAck,

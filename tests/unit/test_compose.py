@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from fogmig.platform.agent_config import AgentSettings, parse_agent_config
-from fogmig.platform.cli import build_parser
+from fogmig.platform.agent.config import AgentSettings, parse_agent_config
+from fogmig.platform.cli.main import build_parser
 from fogmig.platform.testbed.broker import acl_rules, render_acl
 from fogmig.platform.testbed.state import TestbedState
 
@@ -83,7 +83,7 @@ def test_services_and_profiles(compose: dict[str, Any]) -> None:
 
 def test_every_command_is_a_real_fogmig_subcommand(compose: dict[str, Any]) -> None:
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
-    assert scripts["fogmig"] == "fogmig.platform.cli:main"
+    assert scripts["fogmig"] == "fogmig.platform.cli.main:main"
     parser = build_parser()
     checked = 0
     for name, service in compose["services"].items():

@@ -9,18 +9,8 @@ from typing import Any
 
 import pytest
 
-from fogmig.platform.controller import (
-    Action,
-    ControllerConfig,
-    ControllerCore,
-    ControllerEvent,
-    EventKind,
-    Launch,
-)
-from fogmig.platform.controller_commands import DrainWatch
-from fogmig.platform.errors import ConfigError
-from fogmig.platform.migration.record import MigrationRecord, Outcome
-from fogmig.platform.schemas import (
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.bus.schemas import (
     CommandAck,
     Decision,
     DeviceAttach,
@@ -35,6 +25,16 @@ from fogmig.platform.schemas import (
     encode,
     topics,
 )
+from fogmig.platform.cli.controller import DrainWatch
+from fogmig.platform.controller.core import (
+    Action,
+    ControllerConfig,
+    ControllerCore,
+    ControllerEvent,
+    EventKind,
+    Launch,
+)
+from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.policies.choice import choose_technique
 from fogmig.policies.conditions import LinkConditions, Objective, ServiceConditions
 from fogmig.policies.conditions import NodeCapabilities as PolicyCaps

@@ -11,10 +11,10 @@ import pytest
 from rich.console import Console
 
 from fogmig.device_sim.events import ContinuityCheck, Outcome, RequestKind, RequestRecord, Roam
-from fogmig.platform.controller import ControllerEvent, EventKind
-from fogmig.platform.demo import DemoOptions, plan_devices, roam_window
-from fogmig.platform.demo_view import DemoModel
-from fogmig.platform.errors import ConfigError
+from fogmig.platform.apps.demo.run import DemoOptions, plan_devices, roam_window
+from fogmig.platform.apps.demo.view import DemoModel
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.controller.core import ControllerEvent, EventKind
 
 GATEWAYS = ["gw1", "gw2", "gw3"]
 

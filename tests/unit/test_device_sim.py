@@ -56,9 +56,9 @@ from fogmig.device_sim.timeline import (
     percentile,
     read_timeline,
 )
-from fogmig.platform.errors import ConfigError
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.bus.schemas import MigrationDone
 from fogmig.platform.migration.record import Outcome as MigrationOutcome
-from fogmig.platform.schemas import MigrationDone
 from fogmig.services import sensor
 from fogmig.services.client import DeviceSummary, PostResult, ServiceState
 from fogmig.services.sensor import SensorState, validate_reading
@@ -790,7 +790,7 @@ def test_reexec_keeps_every_option(tmp_path: Path) -> None:
     args.verbose = 1
     full = commands.reexec_argv("fm-dev", args)
     assert full[:3] == ["nsenter", "--net=/var/run/netns/fm-dev", "--"]
-    assert full[4:8] == ["-P", "-m", "fogmig.platform.cli", "-v"]
+    assert full[4:8] == ["-P", "-m", "fogmig.platform.cli.main", "-v"]
     again = vars(parser.parse_args(full[full.index("device-sim") :]))
     original = vars(args)
     original.pop("verbose")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fogmig.platform.forwarding import Location, changed_ports, forwarding_rules
+from fogmig.platform.agent.forwarding import Location, changed_ports, forwarding_rules
 
 
 def test_services_elsewhere_are_forwarded_local_ones_are_not() -> None:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.services import commands, image
+from fogmig.platform.cli import services as commands
+from fogmig.services import image
 
 DEB822 = """\
 Types: deb

@@ -10,16 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.criu_image import (
-    IMG_COMMON_MAGIC,
-    PAGEMAP_MAGIC,
-    decode_message,
-    encode_message,
-    parse_image,
-    write_image,
-)
-from fogmig.platform.errors import TransferError
-from fogmig.platform.migration.lazypages import (
+from fogmig.platform.base.errors import TransferError
+from fogmig.platform.migration.lazy.pages import (
     AddressEvent,
     LayeredPages,
     LazyLayoutError,
@@ -39,7 +31,7 @@ from fogmig.platform.migration.lazypages import (
     parse_lazy_pages_log,
     released_and_missing,
 )
-from fogmig.platform.migration.pageserver_protocol import (
+from fogmig.platform.migration.lazy.protocol import (
     CLOSE_STATUS_OK,
     IOV_SIZE,
     PAGE_SIZE,
@@ -51,6 +43,14 @@ from fogmig.platform.migration.pageserver_protocol import (
     ProtocolError,
     get_request,
     pages_reply_header,
+)
+from fogmig.platform.runtime.image import (
+    IMG_COMMON_MAGIC,
+    PAGEMAP_MAGIC,
+    decode_message,
+    encode_message,
+    parse_image,
+    write_image,
 )
 
 P = PAGE_SIZE

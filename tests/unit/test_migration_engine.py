@@ -14,14 +14,14 @@ from typing import Any
 import numpy as np
 import pytest
 
-from fogmig.platform.errors import TransferError
+from fogmig.platform.base.errors import TransferError
 from fogmig.platform.migration import cold, hybrid, postcopy, precopy
+from fogmig.platform.migration.delta.pagedelta import apply_delta
 from fogmig.platform.migration.engine import MigrationContext, Technique, run_migration
-from fogmig.platform.migration.pagedelta import apply_delta
-from fogmig.platform.migration.pagemap import PAGE_SIZE, Pagemap, entries_from_pages, write_pagemap
 from fogmig.platform.migration.ports import DumpResult, ProgressFn, SentResult
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.platform.migration.states import Phase
+from fogmig.platform.runtime.pagemap import PAGE_SIZE, Pagemap, entries_from_pages, write_pagemap
 from fogmig.policies.conditions import PrecopyStopRules
 
 BASE = 0x7F0000000000

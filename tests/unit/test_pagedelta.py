@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fogmig.platform.migration.pagedelta import (
+from fogmig.platform.migration.delta.pagedelta import (
     MANIFEST_NAME,
     PARENT_LINK,
     DeltaError,
@@ -25,7 +25,7 @@ from fogmig.platform.migration.pagedelta import (
     write_delta,
     write_lazy_source,
 )
-from fogmig.platform.migration.pagemap import (
+from fogmig.platform.runtime.pagemap import (
     PAGE_SIZE,
     PE_LAZY,
     PE_PARENT,

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fogmig.platform.criu_image import (
+from fogmig.platform.runtime.image import (
     ImageFormatError,
     encode_message,
     write_image,
 )
-from fogmig.platform.migration.pagemap import (
+from fogmig.platform.runtime.pagemap import (
     MAX_ENTRY_PAGES,
     PAGE_SIZE,
     PAGEMAP_MAGICS,

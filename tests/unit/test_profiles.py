@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.errors import ConfigError, TestbedError, UnknownNodeError
+from fogmig.platform.base.errors import ConfigError, TestbedError, UnknownNodeError
 from fogmig.platform.testbed import state as state_mod
 from fogmig.platform.testbed.broker import (
     CONTROLLER_USER,

@@ -12,7 +12,14 @@ import pytest
 from rich.console import Console
 
 from fogmig.device_sim.events import ContinuityCheck, Outcome, RequestKind, RequestRecord, Roam
-from fogmig.platform.demo_results import (
+from fogmig.platform.apps.demo.report import (
+    DOWNTIME_DIV,
+    TIMELINE_DIV,
+    ReportInput,
+    render_report,
+    write_report,
+)
+from fogmig.platform.apps.demo.results import (
     DemoSummary,
     continuity_totals,
     decision_rows,
@@ -21,16 +28,9 @@ from fogmig.platform.demo_results import (
     request_totals,
     write_migrations_csv,
 )
-from fogmig.platform.demo_view import summary_renderable
+from fogmig.platform.apps.demo.view import summary_renderable
+from fogmig.platform.bus.schemas import MigrationDone
 from fogmig.platform.migration.record import Outcome as MigrationOutcome
-from fogmig.platform.report import (
-    DOWNTIME_DIV,
-    TIMELINE_DIV,
-    ReportInput,
-    render_report,
-    write_report,
-)
-from fogmig.platform.schemas import MigrationDone
 
 T0 = 1_700_000_000.0
 DEVICES = {"d0": "s0", "d1": "s1"}

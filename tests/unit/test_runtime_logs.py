@@ -6,8 +6,13 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.errors import CriuError
-from fogmig.platform.runtime import criu_log_errors, criu_log_seconds, judge_lazy, uffd_transfers
+from fogmig.platform.base.errors import CriuError
+from fogmig.platform.runtime.node import (
+    criu_log_errors,
+    criu_log_seconds,
+    judge_lazy,
+    uffd_transfers,
+)
 
 RESTORE_LOG = """\
 (00.000000) Version: 4.2.1 (gitid 0)

@@ -7,10 +7,8 @@ from typing import Any
 
 import pytest
 
-from fogmig.platform.errors import ConfigError
-from fogmig.platform.migration.record import Outcome
-from fogmig.platform.migration.states import Phase
-from fogmig.platform.schemas import (
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.bus.schemas import (
     MAX_PAYLOAD_BYTES,
     BusMessage,
     Cleared,
@@ -39,6 +37,8 @@ from fogmig.platform.schemas import (
     reject,
     topics,
 )
+from fogmig.platform.migration.record import Outcome
+from fogmig.platform.migration.states import Phase
 
 KNOWN = frozenset({"gw1", "gw2", "gw3"})
 AT = 1_700_000_000.5

@@ -23,8 +23,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fogmig.platform.errors import ConfigError, FogmigError, TransferError
-from fogmig.platform.transfer import (
+from fogmig.platform.base.errors import ConfigError, FogmigError, TransferError
+from fogmig.platform.transfer.channel import (
     AuthError,
     CallReply,
     IntegrityError,
@@ -38,7 +38,7 @@ from fogmig.platform.transfer import (
     TransferSession,
     remove_migration_dir,
 )
-from fogmig.platform.transfer_protocol import (
+from fogmig.platform.transfer.wire import (
     CHUNK_SIZE,
     FRAME_OF,
     HEADER,
@@ -568,7 +568,7 @@ async def test_corrupted_files_are_rejected_and_removed(
 async def test_integrity_error_reaches_the_client(
     server: TransferServer, recv_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fogmig.platform import transfer
+    from fogmig.platform.transfer import channel as transfer
 
     f = tmp_path / "core.img"
     f.write_bytes(os.urandom(100_000))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.workdir import WorkdirError, mount_points, mounts_below, remove_tree
+from fogmig.platform.runtime.workdir import WorkdirError, mount_points, mounts_below, remove_tree
 
 MOUNTS = """\
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0

@@ -1,0 +1,160 @@
+"""An agent's configuration from a TOML file, for fog nodes that are real machines.
+
+On the embedded testbed an agent learns everything from the testbed's state; on a real gateway
+``fogmig agent --config FILE`` reads its name, data address, peers, broker and the paths of its
+two secrets (MQTT password, transfer secret) from a file like ``compose/agent-gw1.toml``.
+Relative secret paths are taken from the configuration file's folder.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.nodes import check_node_name
+
+DEFAULT_BROKER_PORT = 1883
+DEFAULT_TRANSFER_PORT = 7700
+MIN_SECRET_BYTES = 16
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class BrokerSection(_Model):
+    host: str = Field(min_length=1)
+    port: Port = DEFAULT_BROKER_PORT
+    username: str | None = None
+    """Defaults to the node's name (the broker's ACL lets a node write under its own name)."""
+    password_file: Path
+
+
+class TransferSection(_Model):
+    secret_file: Path
+    """The transfer channel's shared secret, hex; the same on every node."""
+    port: Port = DEFAULT_TRANSFER_PORT
+
+
+class AgentFile(_Model):
+    """The file's shape, before the secrets are read."""
+
+    node: str
+    data_ip: str
+    peers: dict[str, str] = Field(default_factory=dict)
+    """Every other node: name -> data IP."""
+    broker: BrokerSection
+    transfer: TransferSection
+    status_interval_s: float = Field(default=5.0, gt=0, le=3600)
+    fence_timeout_s: float = Field(default=20.0, gt=0, le=3600)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSettings:
+    """A validated agent configuration with its secrets read."""
+
+    node: str
+    data_ip: str
+    peers: dict[str, str]
+    broker_host: str
+    broker_port: int
+    mqtt_username: str
+    mqtt_password: str
+    secret: bytes
+    transfer_port: int
+    status_interval_s: float
+    fence_timeout_s: float
+
+
+def _ip(value: str, what: str, source: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ConfigError(f"{source}: {what} {value!r} is not an IP address") from None
+
+
+def _read_secret(path: Path, what: str, source: str) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(
+            f"{source}: cannot read the {what} file {path}: {exc.strerror}",
+            hint="create it (readable by root only) or fix the path",
+        ) from None
+    if not text:
+        raise ConfigError(f"{source}: the {what} file {path} is empty")
+    return text
+
+
+def parse_agent_config(
+    text: str, *, source: str = "agent config", base: Path | None = None
+) -> AgentSettings:
+    """Parse and validate a configuration's text; ``base`` resolves relative secret paths."""
+    try:
+        doc: dict[str, Any] = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source} is not valid TOML: {exc}") from exc
+    try:
+        raw = AgentFile.model_validate(doc)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+            for e in exc.errors(include_url=False)
+        )
+        raise ConfigError(f"invalid {source}: {problems}") from None
+    node = check_node_name(raw.node)
+    data_ip = _ip(raw.data_ip, "data_ip", source)
+    peers: dict[str, str] = {}
+    for name, ip in raw.peers.items():
+        check_node_name(name)
+        if name == node:
+            raise ConfigError(f"{source}: node {node} lists itself as a peer")
+        peers[name] = _ip(ip, f"the data IP of peer {name}", source)
+    if data_ip in peers.values():
+        raise ConfigError(f"{source}: a peer has this node's own data IP {data_ip}")
+    root = base or Path.cwd()
+    password = _read_secret(root / raw.broker.password_file, "MQTT password", source)
+    secret_hex = _read_secret(root / raw.transfer.secret_file, "transfer secret", source)
+    try:
+        secret = bytes.fromhex(secret_hex)
+    except ValueError:
+        raise ConfigError(
+            f"{source}: the transfer secret in {raw.transfer.secret_file} is not hex",
+            hint="e.g. `openssl rand -hex 32`",
+        ) from None
+    if len(secret) < MIN_SECRET_BYTES:
+        raise ConfigError(
+            f"{source}: the transfer secret has {len(secret)} bytes; use at least "
+            f"{MIN_SECRET_BYTES}",
+            hint="e.g. `openssl rand -hex 32`",
+        )
+    return AgentSettings(
+        node=node,
+        data_ip=data_ip,
+        peers=peers,
+        broker_host=raw.broker.host,
+        broker_port=raw.broker.port,
+        mqtt_username=raw.broker.username or node,
+        mqtt_password=password,
+        secret=secret,
+        transfer_port=raw.transfer.port,
+        status_interval_s=raw.status_interval_s,
+        fence_timeout_s=raw.fence_timeout_s,
+    )
+
+
+def load_agent_config(path: Path) -> AgentSettings:
+    """Read ``path`` (TOML) and validate it; secrets relative to its folder."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the agent configuration {path}: {exc.strerror}") from None
+    return parse_agent_config(text, source=str(path), base=path.resolve().parent)

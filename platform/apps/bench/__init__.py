@@ -1,0 +1,1 @@
+"""Benchmarks that print measured figures: the controller's reaction and the transfer channel."""

@@ -1,0 +1,363 @@
+"""Surroundings for exercising the controller alone: a private Mosquitto on loopback (own port,
+passwords and ACL, stopped by its own PID) and scripted nodes that answer commands like agents.
+
+The benchmark and the system tests use them where the controller, not a migration, is measured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+from fogmig.platform.base.errors import FogmigError, ServiceError, TestbedError
+from fogmig.platform.base.proc import run
+from fogmig.platform.bus.client import Bus
+from fogmig.platform.bus.schemas import (
+    Command,
+    DrainCommand,
+    MigrateCommand,
+    MigrationDone,
+    NodeCapabilities,
+    NodeStatus,
+    ServiceInfo,
+    ServicePresence,
+    accept,
+    reject,
+    topics,
+)
+from fogmig.platform.migration.record import MigrationRecord, Outcome
+from fogmig.platform.testbed.broker import BROKER_USER, CONTROLLER_USER, acl_rules, render_acl
+
+DEVICE_HOST = "dev"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class LocalBroker:
+    """Mosquitto on 127.0.0.1 with the testbed's authentication and ACL rules.
+
+    Users: ``controller``, one per node, and the device host ``dev``. Use as
+    ``async with LocalBroker(nodes=[...]) as broker: broker.bus("gw1")``.
+    """
+
+    def __init__(self, *, nodes: Sequence[str], nodelay: bool = True) -> None:
+        self.nodes = tuple(nodes)
+        self.host = "127.0.0.1"
+        self.port = 0
+        self.passwords = {
+            user: uuid.uuid4().hex for user in (CONTROLLER_USER, DEVICE_HOST, *self.nodes)
+        }
+        self.folder: Path | None = None
+        self._nodelay = nodelay
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def log_path(self) -> Path:
+        assert self.folder is not None
+        return self.folder / "mosquitto.log"
+
+    async def __aenter__(self) -> Self:
+        if shutil.which("mosquitto") is None:
+            raise TestbedError("mosquitto is not installed")
+        self.folder = Path(tempfile.mkdtemp(prefix="fmctl-broker-"))
+        try:
+            await self._write_files(self.folder)
+            await self._start()
+        except BaseException:
+            await self._stop()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._stop()
+
+    async def _write_files(self, folder: Path) -> None:
+        self.port = free_port()
+        passwd = folder / "passwd"
+        fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.writelines(f"{user}:{pw}\n" for user, pw in self.passwords.items())
+        await run(["mosquitto_passwd", "-U", str(passwd)], what="hash the broker passwords")
+        (folder / "acl").write_text(
+            render_acl(acl_rules(self.nodes, device_host=DEVICE_HOST, controller=CONTROLLER_USER))
+        )
+        lines = [
+            "per_listener_settings false",
+            "allow_anonymous false",
+            f"password_file {passwd}",
+            f"acl_file {folder / 'acl'}",
+            f"listener {self.port} {self.host}",
+            "persistence false",
+            f"log_dest file {self.log_path}",
+            "log_type error",
+            "log_type warning",
+        ]
+        if self._nodelay:
+            lines.append("set_tcp_nodelay true")
+        (folder / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+        with contextlib.suppress(KeyError):
+            # Started as root, Mosquitto drops to its own user and must still read its files.
+            entry = pwd.getpwnam(BROKER_USER)
+            for p in [folder, *folder.iterdir()]:
+                os.chown(p, entry.pw_uid, entry.pw_gid)
+
+    async def _start(self) -> None:
+        assert self.folder is not None
+        self._proc = await asyncio.create_subprocess_exec(
+            "mosquitto",
+            "-c",
+            str(self.folder / "mosquitto.conf"),
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.DEVNULL,
+            stderr=asyncio.subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                _, writer = await asyncio.open_connection(self.host, self.port)
+            except OSError:
+                if self._proc.returncode is not None or time.monotonic() > deadline:
+                    raise TestbedError(
+                        f"mosquitto did not start on {self.host}:{self.port}",
+                        hint=f"see {self.log_path}",
+                    ) from None
+                await asyncio.sleep(0.05)
+                continue
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+            return
+
+    async def _stop(self) -> None:
+        proc, self._proc = self._proc, None
+        if proc is not None and proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 5.0)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        if self.folder is not None:
+            shutil.rmtree(self.folder, ignore_errors=True)
+            self.folder = None
+
+    def bus(self, user: str, **kwargs: Any) -> Bus:
+        """A bus client of ``user`` on this broker (its client id is unique)."""
+        return Bus(
+            host=self.host,
+            port=self.port,
+            username=user,
+            password=self.passwords[user],
+            client_id=f"{user}-{uuid.uuid4().hex[:8]}",
+            **kwargs,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """A command as a simulated node received it (``at``: monotonic clock)."""
+
+    command: Command
+    at: float
+
+
+class SimulatedNode:
+    """A node that answers commands like an agent, without containers.
+
+    It acknowledges a MigrateCommand (or rejects the next ``reject`` of them), then hands the
+    service to the destination node after ``migrate_delay_s`` and reports MigrationDone with a
+    record; it acknowledges a DrainCommand and reports ``draining`` from then on. Every command
+    is kept in ``received`` and offered on :meth:`next_command`.
+    """
+
+    def __init__(
+        self,
+        bus: Bus,
+        node: str,
+        *,
+        data_ip: str = "127.0.0.1",
+        load: float = 0.1,
+        postcopy: bool = True,
+        reject: int = 0,
+        migrate_delay_s: float = 0.0,
+        downtime_s: float = 0.3,
+    ) -> None:
+        self.bus = bus
+        self.node = node
+        self.data_ip = data_ip
+        self.load = load
+        self.postcopy = postcopy
+        self.reject = reject
+        self.migrate_delay_s = migrate_delay_s
+        self.downtime_s = downtime_s
+        self.draining = False
+        self.services: dict[str, ServiceInfo] = {}
+        self.peers: dict[str, SimulatedNode] = {}
+        self.received: list[Received] = []
+        self.done: asyncio.Queue[MigrationDone] = asyncio.Queue()
+        self._commands: asyncio.Queue[Received] = asyncio.Queue()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._serving: asyncio.Task[None] | None = None
+        self._subscribed = asyncio.Event()
+
+    def add_service(
+        self, name: str, *, state_bytes: int = 4 << 20, dirty: float = 1e4, port: int = 5683
+    ) -> None:
+        self.services[name] = ServiceInfo(
+            name=name,
+            state_bytes=state_bytes,
+            dirty_rate_bytes_per_s=dirty,
+            data_ip=self.data_ip,
+            port=port,
+        )
+
+    def status(self) -> NodeStatus:
+        return NodeStatus(
+            node=self.node,
+            online=True,
+            at=time.time(),
+            load=self.load,
+            mem_total_bytes=8 << 30,
+            mem_free_bytes=4 << 30,
+            services=list(self.services.values()),
+            capabilities=NodeCapabilities(
+                criu_version="4.2.1", postcopy=self.postcopy, native_predump=False
+            ),
+            draining=self.draining,
+        )
+
+    async def publish_status(self) -> None:
+        await self.bus.publish(topics.status(self.node), self.status(), retain=True)
+
+    async def announce(self, service: str) -> None:
+        info = self.services[service]
+        await self.bus.publish(
+            topics.service(self.node, service),
+            ServicePresence(
+                service=service,
+                node=self.node,
+                data_ip=info.data_ip,
+                port=info.port,
+                present=True,
+                at=time.time(),
+            ),
+            retain=True,
+        )
+
+    async def start(self, *, presence: bool = True) -> None:
+        """Publish status (and presence of each service), then serve commands."""
+        self._serving = asyncio.create_task(self._serve(), name=f"sim:{self.node}")
+        await self._subscribed.wait()
+        await self.publish_status()
+        if presence:
+            for service in list(self.services):
+                await self.announce(service)
+
+    async def stop(self) -> None:
+        """Stop serving and clear what this node left retained on the broker."""
+        tasks = [t for t in (self._serving, *self._tasks) if t is not None]
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await t
+        with contextlib.suppress(FogmigError):
+            for s in self.services:
+                await self.bus.clear(topics.service(self.node, s), timeout=2.0)
+            await self.bus.clear(topics.status(self.node), timeout=2.0)
+
+    async def next_command(self, timeout: float = 10.0) -> Received:
+        return await asyncio.wait_for(self._commands.get(), timeout)
+
+    async def _serve(self) -> None:
+        async with self.bus.subscribe(topics.cmd(self.node)) as sub:
+            self._subscribed.set()
+            async for _, msg in sub:
+                received = Received(msg, time.monotonic())  # type: ignore[arg-type]
+                await self._handle(received)
+
+    async def _handle(self, received: Received) -> None:
+        cmd = received.command
+        self.received.append(received)
+        self._commands.put_nowait(received)
+        events = topics.events(self.node)
+        match cmd:
+            case MigrateCommand():
+                if self.reject > 0:
+                    self.reject -= 1
+                    await self.bus.publish(events, reject(self.node, cmd.command_id, "busy"))
+                elif cmd.service not in self.services:
+                    error = ServiceError(f"{cmd.service} does not run on {self.node}")
+                    await self.bus.publish(events, reject(self.node, cmd.command_id, error))
+                else:
+                    await self.bus.publish(events, accept(self.node, cmd.command_id))
+                    task = asyncio.create_task(self._migrate(cmd))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+            case DrainCommand():
+                await self.bus.publish(events, accept(self.node, cmd.command_id))
+                self.draining = True
+                await self.publish_status()
+            case _:
+                await self.bus.publish(
+                    events, reject(self.node, cmd.command_id, f"{cmd.kind} is not simulated")
+                )
+
+    async def _migrate(self, cmd: MigrateCommand) -> None:
+        await asyncio.sleep(self.migrate_delay_s)
+        peer = self.peers[cmd.destination]
+        info = self.services.pop(cmd.service)
+        started = time.time()
+        peer.services[cmd.service] = info.model_copy(update={"data_ip": peer.data_ip})
+        await peer.announce(cmd.service)
+        await peer.publish_status()
+        await self.bus.clear(topics.service(self.node, cmd.service))
+        await self.publish_status()
+        record = MigrationRecord(
+            migration_id=f"sim-{cmd.command_id}",
+            service=cmd.service,
+            source=self.node,
+            destination=cmd.destination,
+            technique=cmd.technique,
+            outcome=Outcome.COMPLETED,
+            dump_time_s=self.downtime_s / 2,
+            dump_transfer_time_s=self.downtime_s / 2,
+            dump_bytes=info.state_bytes,
+            state_bytes=info.state_bytes,
+            started_at=started,
+            finished_at=time.time(),
+        )
+        done = MigrationDone(
+            node=self.node,
+            command_id=cmd.command_id,
+            migration_id=record.migration_id,
+            service=cmd.service,
+            outcome=Outcome.COMPLETED,
+            record=record.model_dump(mode="json"),
+        )
+        await self.bus.publish(topics.events(self.node), done)
+        self.done.put_nowait(done)

@@ -1,0 +1,628 @@
+"""``fogmig demo``: the whole platform at work on the embedded testbed, measured and reported.
+
+It brings up the testbed and the node agents, deploys one sensor service per device on the
+device's first gateway, runs the controller in-process and the device fleet in the device
+host's namespace, lets the devices roam so the controller migrates their services, and ends
+with a summary, the raw files and an HTML report. It always cleans up what it started (also on
+an error or an interrupt); the run passes only when every migration completed and every
+continuity check held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import random
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rich.console import Console
+
+from fogmig.device_sim.device import DeviceConfig, RequestSettings
+from fogmig.device_sim.events import (
+    ContinuityCheck,
+    FleetEvent,
+    RequestKind,
+    RequestRecord,
+    Roam,
+)
+from fogmig.device_sim.fleet import DeviceFleet
+from fogmig.device_sim.roaming import Hop, Schedule
+from fogmig.platform.apps.demo.report import ReportInput, write_report
+from fogmig.platform.apps.demo.results import (
+    DemoSummary,
+    continuity_totals,
+    decision_rows,
+    migration_rows,
+    problems,
+    request_totals,
+    write_migrations_csv,
+)
+from fogmig.platform.apps.demo.view import DemoModel, DemoView
+from fogmig.platform.base import paths
+from fogmig.platform.base.errors import ConfigError, FogmigError, TestbedError
+from fogmig.platform.bus.client import Bus
+from fogmig.platform.bus.schemas import MigrationDone, ServicePresence, topics
+from fogmig.platform.controller.core import (
+    OBJECTIVES,
+    Controller,
+    ControllerEvent,
+    EventKind,
+    ObjectiveName,
+)
+from fogmig.platform.testbed.state import TestbedState
+from fogmig.services.deploy import Deployment, ServiceSpec
+
+log = logging.getLogger(__name__)
+
+MIN_DURATION_S = 15.0
+MIN_ROAM_SPACING_S = 2.0
+"""Roams of different devices at least this far apart: a migration needs its turn on a node."""
+MAX_ROAMS = 2
+READY_TIMEOUT_S = 15.0
+SETTLE_POLL_S = 0.25
+REFRESH_S = 0.25
+
+RoamKind = Literal["schedule", "random"]
+
+
+class DemoInterruptedError(FogmigError):
+    """The demo was interrupted before it ran; everything it had started is cleaned up."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DemoOptions:
+    """One demo run; every field but ``out`` has the documented default."""
+
+    out: Path
+    duration_s: float = 60.0
+    devices: int = 3
+    nodes: int = 3
+    profile: str = "orchestration"
+    state_mb: int = 8
+    dirty_kbps: float = 10.0
+    interval_s: float = 1.0
+    debounce_s: float = 1.5
+    objective: ObjectiveName = "downtime"
+    roam: RoamKind = "schedule"
+    roams: int | None = None
+    """Roams per device; None: as many as fit the duration (one or two)."""
+    seed: int = 0
+    port_base: int = 5700
+    check_every_s: float = 10.0
+    settle_timeout_s: float = 60.0
+    """After the duration: how long to wait for migrations under way to finish."""
+
+    def __post_init__(self) -> None:
+        if self.duration_s < MIN_DURATION_S:
+            raise ConfigError(
+                f"--duration must be at least {MIN_DURATION_S:g} s (devices need time to roam "
+                f"and their services to follow), got {self.duration_s:g}"
+            )
+        if self.devices < 1:
+            raise ConfigError("--devices must be at least 1")
+        if self.nodes < 2:
+            raise ConfigError("--nodes must be at least 2: a device needs somewhere to roam")
+        if self.state_mb < 0 or self.dirty_kbps < 0:
+            raise ConfigError("--state-mb and --dirty-kbps must not be negative")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"unknown objective {self.objective!r}")
+        if self.roams is not None and not 1 <= self.roams <= 10:
+            raise ConfigError("--roams must be between 1 and 10")
+        if not 0 < self.port_base <= 65535 - self.devices:
+            raise ConfigError(f"invalid port base {self.port_base}")
+        if self.interval_s <= 0 or self.settle_timeout_s < 0:
+            raise ConfigError("the interval must be positive and the settle timeout not negative")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["out"] = str(self.out)
+        return out
+
+
+# --- the devices and their plans --------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DevicePlan:
+    """Device ``name`` uses ``service`` on ``port``; it starts on ``start`` and roams."""
+
+    name: str
+    service: str
+    port: int
+    start: str
+    roaming: Schedule
+
+
+def roam_window(duration_s: float) -> tuple[float, float]:
+    """When devices roam: after a short lead (baselines) and before a tail long enough for the
+    last migration and the final continuity checks."""
+    lead = min(5.0, 0.15 * duration_s)
+    tail = max(8.0, 0.25 * duration_s)
+    return lead, duration_s - tail
+
+
+def plan_devices(
+    devices: int,
+    gateways: Sequence[str],
+    duration_s: float,
+    *,
+    roams: int | None = None,
+    kind: RoamKind = "schedule",
+    seed: int = 0,
+    port_base: int = 5700,
+) -> list[DevicePlan]:
+    """Device ``d<i>`` uses service ``s<i>`` on port ``port_base + i`` and starts on gateway
+    ``i mod N``; every device roams ``roams`` times within the roam window.
+
+    ``schedule`` staggers the roams evenly over the window (devices take turns, each moves to
+    the next gateway in order); ``random`` draws the times in the window and the gateways from
+    a seeded generator (the same seed gives the same walk).
+    """
+    if len(gateways) < 2:
+        raise ConfigError("devices need at least two gateways to roam between")
+    start, end = roam_window(duration_s)
+    window = end - start
+    if window <= 0:
+        raise ConfigError(f"a {duration_s:g} s run leaves no time to roam")
+    if roams is None:
+        roams = int(max(1, min(MAX_ROAMS, window // (devices * MIN_ROAM_SPACING_S))))
+    slots = roams * devices
+    rng = random.Random(seed)
+    plans = []
+    for i in range(devices):
+        first = gateways[i % len(gateways)]
+        hops: list[Hop] = []
+        current = first
+        if kind == "schedule":
+            for k in range(roams):
+                at = start + (k * devices + i) * window / slots
+                current = gateways[(gateways.index(current) + 1) % len(gateways)]
+                hops.append(Hop(round(at, 3), current))
+        else:
+            times = sorted(rng.uniform(start, end) for _ in range(roams))
+            for at in times:
+                current = rng.choice([g for g in gateways if g != current])
+                hops.append(Hop(round(at, 3), current))
+        plans.append(
+            DevicePlan(
+                name=f"d{i}",
+                service=f"s{i}",
+                port=port_base + i,
+                start=first,
+                roaming=Schedule(tuple(hops)),
+            )
+        )
+    return plans
+
+
+def default_out_dir() -> Path:
+    return Path("results") / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+# --- the run ----------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _Collected:
+    """What the run gathers for the summary and the raw files."""
+
+    events: list[dict[str, Any]] = field(default_factory=list)
+    done: dict[str, MigrationDone] = field(default_factory=dict)
+
+
+Phase = Literal["idle", "setup", "running", "cleanup", "finished"]
+
+
+class Demo:
+    """One run of the demo: ``summary = await Demo(options, console=...).run()``.
+
+    :meth:`interrupt` (wired to SIGINT and SIGTERM by the CLI) ends a run early but still
+    summarises it; during the set-up it abandons the set-up. Either way :meth:`run` cleans up
+    everything it started before it returns or raises.
+    """
+
+    def __init__(
+        self, options: DemoOptions, *, console: Console | None = None, live: bool | None = None
+    ) -> None:
+        self.options = options
+        self.console = console or Console()
+        self.phase: Phase = "idle"
+        self.interrupted = False
+        self.model = DemoModel(devices={}, duration_s=options.duration_s)
+        self.view = DemoView(self.model, self.console, live=live)
+        self.collected = _Collected()
+        self.deployments: list[Deployment] = []
+        self.plans: list[DevicePlan] = []
+        self._services: list[str] = []
+        self._agents = False
+        self._testbed = False
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[Any] | None = None
+
+    def say(self, text: str) -> None:
+        self.view.say(text)
+
+    def interrupt(self) -> None:
+        """Stop the run as soon as possible (and still clean up)."""
+        if self.phase == "setup":
+            self.interrupted = True
+            self.say("interrupted: abandoning the set-up and cleaning up")
+            if self._task is not None:
+                self._task.cancel()
+        elif self.phase == "running":
+            if not self.interrupted:
+                self.say("interrupted: ending the run (a second interrupt is not needed)")
+            self.interrupted = True
+            self._stop.set()
+        elif self.phase == "cleanup":
+            self.say("cleaning up, please wait")
+
+    async def run(self) -> DemoSummary:
+        self._task = asyncio.current_task()
+        self.phase = "setup"
+        try:
+            state = await self._setup()
+            self.phase = "running"
+            return await self._run(state)
+        except asyncio.CancelledError:
+            if self._task is None or not self.interrupted:
+                raise
+            self._task.uncancel()
+            raise DemoInterruptedError("the demo was interrupted during its set-up") from None
+        finally:
+            self.phase = "cleanup"
+            await self._cleanup()
+            self.phase = "finished"
+
+    # --- set-up -------------------------------------------------------------------------------
+
+    async def _setup(self) -> TestbedState:
+        from fogmig.platform.cli.agent import agents_up
+        from fogmig.platform.testbed import lifecycle
+        from fogmig.platform.testbed.profiles import load_profile
+        from fogmig.platform.testbed.state import state_path
+        from fogmig.services.deploy import deploy
+        from fogmig.services.image import ensure_image
+
+        o = self.options
+        if state_path().exists():
+            raise TestbedError(
+                "the testbed is already up; the demo brings up its own and tears it down",
+                hint="`fogmig testbed down` first (if nobody else is using it)",
+            )
+        profile = load_profile(o.profile)
+        await ensure_image(progress=self.say)
+        self.say(f"testbed: {o.nodes} gateways, {profile.describe()}")
+        result = await lifecycle.up(profile, o.nodes, progress=self.say)
+        self._testbed = True
+        state = result.state
+        self._agents = True
+        pids = await agents_up()
+        self.say(f"agents: {', '.join(f'{n} (pid {p})' for n, p in pids.items())}")
+        plans = plan_devices(
+            o.devices,
+            state.node_names,
+            o.duration_s,
+            roams=o.roams,
+            kind=o.roam,
+            seed=o.seed,
+            port_base=o.port_base,
+        )
+        self.plans = plans
+        self._services = [p.service for p in plans]
+        specs = [
+            ServiceSpec(name=p.service, state_mb=o.state_mb, dirty_kbps=o.dirty_kbps, port=p.port)
+            for p in plans
+        ]
+        self.say(
+            f"deploying {', '.join(f'{p.service} on {p.start}:{p.port}' for p in plans)} "
+            f"({o.state_mb} MB state, {o.dirty_kbps:g} KB/s dirtied)"
+        )
+        try:
+            async with asyncio.TaskGroup() as tg:
+                tasks = [
+                    tg.create_task(deploy(spec, node=p.start))
+                    for spec, p in zip(specs, plans, strict=True)
+                ]
+        except* FogmigError as group:
+            raise group.exceptions[0] from None
+        self.deployments = [t.result() for t in tasks]
+        return state
+
+    # --- the run ------------------------------------------------------------------------------
+
+    @contextlib.asynccontextmanager
+    async def _buses(self, state: TestbedState) -> AsyncIterator[tuple[Bus, Bus]]:
+        from fogmig.platform.cli.controller import open_testbed_bus
+        from fogmig.platform.testbed.credentials import load_credentials
+
+        device_user = state.device_host.name
+        async with (
+            open_testbed_bus("demo-controller") as controller_bus,
+            Bus(
+                host=state.broker.ip,
+                port=state.broker.port,
+                username=device_user,
+                password=load_credentials().password(device_user),
+                client_id=f"demo-devices-{uuid.uuid4().hex[:8]}",
+                known_nodes=state.node_names,
+            ) as device_bus,
+        ):
+            yield controller_bus, device_bus
+
+    async def _announce(self, bus: Bus) -> None:
+        """Say where each freshly deployed service runs, so every gateway forwards to it from
+        the first reading on (its node says the same at its next status report)."""
+        for d in self.deployments:
+            data_ip = d.addresses[0] if d.addresses else None
+            if data_ip is None:
+                continue
+            await bus.publish(
+                topics.service(d.node, d.name),
+                ServicePresence(
+                    service=d.name,
+                    node=d.node,
+                    data_ip=data_ip,
+                    port=d.port,
+                    present=True,
+                    at=time.time(),
+                ),
+                retain=True,
+            )
+
+    def _on_controller_event(self, event: ControllerEvent) -> None:
+        if event.kind is not EventKind.PROGRESS:
+            self.collected.events.append(event.to_dict())
+        self.view.controller_event(event)
+
+    def _on_fleet_event(self, event: FleetEvent) -> None:
+        self.view.fleet_event(event)
+
+    async def _collect_done(self, bus: Bus) -> None:
+        async with bus.subscribe(topics.events()) as events:
+            async for _, msg in events:
+                if isinstance(msg, MigrationDone):
+                    self.collected.done.setdefault(msg.migration_id, msg)
+
+    def _settled(self, controller: Controller, fleet: DeviceFleet) -> bool:
+        core = controller.core
+        reg = core.registry
+        if core.inflight or core.pending:
+            return False
+        if not all(a.settled for a in reg.attachments.values()):
+            return False
+        return all(reg.location(d.service) == d.gateway for d in fleet.devices)
+
+    @staticmethod
+    def _answered_since(fleet: DeviceFleet, since: float) -> bool:
+        """Every device had a reading acknowledged that it sent after ``since``: the last
+        migration's forwarding changes have reached the devices, so the final continuity
+        checks meet services that answer."""
+        for device in fleet.devices:
+            posts = [r for r in device.records[-4:] if r.request is RequestKind.POST]
+            if not posts or not posts[-1].ok or posts[-1].sent_at < since:
+                return False
+        return True
+
+    async def _wait_stop(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), max(0.0, seconds))
+
+    async def _run(self, state: TestbedState) -> DemoSummary:
+        from fogmig.platform.cli.controller import config_for_testbed, single_instance
+
+        o = self.options
+        out = o.out
+        out.mkdir(parents=True, exist_ok=True)
+        plans = self.plans
+        devices = {p.name: p.service for p in plans}
+        self.model.set_devices(devices)
+        config = config_for_testbed(
+            debounce_s=o.debounce_s,
+            objective=o.objective,
+            decision_log=out / "controller-events.jsonl",
+        )
+        started = time.time()
+        with single_instance(paths.run_dir() / "controller.lock"):
+            async with self._buses(state) as (controller_bus, device_bus):
+                await self._announce(controller_bus)
+                controller = Controller(config, controller_bus, on_event=self._on_controller_event)
+                registry = controller.core.registry
+                self.model.nodes_source = lambda: registry.nodes
+                self.model.location = registry.location
+                fleet = DeviceFleet(
+                    devices=[
+                        DeviceConfig(
+                            name=p.name,
+                            service=p.service,
+                            port=p.port,
+                            gateway=p.start,
+                            roaming=p.roaming,
+                        )
+                        for p in plans
+                    ],
+                    gateways={n.name: n.data_ip for n in state.nodes},
+                    bus=device_bus,
+                    out=out / "devices",
+                    settings=RequestSettings(
+                        interval_s=o.interval_s, check_every_s=o.check_every_s
+                    ),
+                    on_event=self._on_fleet_event,
+                    netns=state.device_host.netns,
+                    seed=o.seed,
+                )
+                settled = await self._drive(controller, controller_bus, fleet)
+        finished = time.time()
+        return self._finish(
+            state=state,
+            fleet=fleet,
+            controller=controller,
+            started=started,
+            finished=finished,
+            settled=settled,
+        )
+
+    async def _drive(self, controller: Controller, bus: Bus, fleet: DeviceFleet) -> bool:
+        """Run the controller and the fleet for the duration, then until things settle."""
+        o = self.options
+        stop_controller = asyncio.Event()
+        settled = False
+        try:
+            with self.view:
+                async with asyncio.TaskGroup() as tg:
+                    collector = tg.create_task(self._collect_done(bus), name="demo:done")
+                    painter = tg.create_task(self.view.refresh_every(REFRESH_S), name="demo:view")
+                    ctl = tg.create_task(controller.run(stop_controller), name="demo:controller")
+                    async with asyncio.timeout(READY_TIMEOUT_S):
+                        await controller.ready.wait()
+                    self.model.start_clock()
+                    self.view.set_phase("running")
+                    devices = tg.create_task(fleet.run(None), name="demo:devices")
+                    await self._wait_stop(o.duration_s)
+                    self.view.set_phase("settling")
+                    deadline = time.monotonic() + o.settle_timeout_s
+                    since: float | None = None
+                    while not self._stop.is_set() and time.monotonic() < deadline:
+                        if not self._settled(controller, fleet):
+                            since = None
+                        elif since is None:
+                            since = time.time()
+                        elif self._answered_since(fleet, since):
+                            settled = True
+                            break
+                        await self._wait_stop(SETTLE_POLL_S)
+                    self.view.set_phase("final checks")
+                    fleet.stop()
+                    await devices
+                    stop_controller.set()
+                    await ctl
+                    collector.cancel()
+                    painter.cancel()
+                self.view.refresh()
+        except* FogmigError as group:
+            raise group.exceptions[0] from None
+        except* TimeoutError:
+            raise FogmigError(
+                f"the controller did not subscribe within {READY_TIMEOUT_S:g} s",
+                hint="is the broker up? see the testbed's mosquitto.log",
+            ) from None
+        return settled
+
+    # --- results ------------------------------------------------------------------------------
+
+    def _finish(
+        self,
+        *,
+        state: TestbedState,
+        fleet: DeviceFleet,
+        controller: Controller,
+        started: float,
+        finished: float,
+        settled: bool,
+    ) -> DemoSummary:
+        o = self.options
+        out = o.out
+        devices = {d.name: d.service for d in fleet.devices}
+        records: list[RequestRecord] = sorted(
+            (r for d in fleet.devices for r in d.records), key=lambda r: r.sent_at
+        )
+        checks: list[ContinuityCheck] = [c for d in fleet.devices for c in d.checks]
+        roams: list[Roam] = sorted((r for d in fleet.devices for r in d.roams), key=lambda r: r.at)
+        events = self.collected.events
+        decisions = decision_rows(events)
+        done = list(self.collected.done.values())
+        migrations = migration_rows(done, decisions, records, devices)
+        continuity = continuity_totals(checks, devices)
+        found = problems(
+            decisions=decisions,
+            migrations=migrations,
+            continuity=continuity,
+            controller_events=events,
+            interrupted=self.interrupted,
+        )
+        summary = DemoSummary(
+            started_at=started,
+            finished_at=finished,
+            duration_s=round(finished - started, 3),
+            profile=state.profile.describe(),
+            nodes=state.node_names,
+            devices=devices,
+            options=o.to_dict(),
+            decisions=decisions,
+            migrations=migrations,
+            requests=request_totals(records, checks),
+            continuity=continuity,
+            settled=settled,
+            interrupted=self.interrupted,
+            controller=controller.counters(),
+            problems=found,
+            ok=not found,
+        )
+        files = self._write_files(out, summary, done)
+        write_report(
+            out / "report.html",
+            ReportInput(summary=summary, records=records, roams=roams, files=files),
+        )
+        return summary
+
+    def _write_files(
+        self, out: Path, summary: DemoSummary, done: Sequence[MigrationDone]
+    ) -> dict[str, str]:
+        (out / "summary.json").write_text(summary.model_dump_json(indent=2) + "\n")
+        with (out / "decisions.jsonl").open("w") as fh:
+            for d in summary.decisions:
+                fh.write(d.model_dump_json() + "\n")
+        records = [dict(m.record) for m in done]
+        (out / "migrations.json").write_text(json.dumps(records, indent=2) + "\n")
+        write_migrations_csv(out / "migrations.csv", summary.migrations)
+        return {
+            "summary.json": "this run's summary (the verdict and its reasons)",
+            "decisions.jsonl": "the controller's decisions with the fate of each command",
+            "controller-events.jsonl": "every controller event",
+            "migrations.json": "the nodes' full migration records",
+            "migrations.csv": "per migration: predicted, measured and observed figures",
+            "devices/timeline.csv": "one row per device request",
+            "devices/events.jsonl": "device roams, outages, continuity checks",
+            "devices/summary.json": "the device simulator's own summary",
+        }
+
+    # --- clean-up -----------------------------------------------------------------------------
+
+    async def _cleanup(self) -> None:
+        from fogmig.platform.cli.agent import agents_down
+        from fogmig.platform.testbed import lifecycle
+        from fogmig.services.deploy import find_service, undeploy
+
+        if self._services:
+            self.say(f"removing services {', '.join(self._services)}")
+        for name in self._services:
+            try:
+                if await find_service(name):
+                    await undeploy(name, grace=2.0)
+            except FogmigError as exc:
+                self.say(f"could not remove {name}: {exc}")
+        if self._agents:
+            try:
+                stopped = await agents_down()
+                self.say(f"agents stopped: {', '.join(stopped) or 'none'}")
+            except FogmigError as exc:
+                self.say(f"could not stop the agents: {exc}")
+        if self._testbed:
+            try:
+                await lifecycle.down()
+                self.say("testbed down")
+            except FogmigError as exc:
+                self.say(f"could not take the testbed down: {exc} (run `fogmig testbed down`)")
+        self._services, self._agents, self._testbed = [], False, False
+
+
+async def run_demo(options: DemoOptions, *, console: Console | None = None) -> DemoSummary:
+    """Run the demo once (library entry point; no signal handling)."""
+    return await Demo(options, console=console).run()

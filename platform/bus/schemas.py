@@ -1,0 +1,605 @@
+"""The MQTT bus's wire contract: one versioned topic tree and a typed pydantic model per payload.
+
+Pure values, no I/O: :func:`encode` and :func:`decode` turn a topic and a model into bytes and
+back, and reject anything malformed, oversized, of an unknown version or kind, addressed to the
+wrong topic or naming an unknown node with a :class:`SchemaError` that says why.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import math
+import re
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Annotated, Any, Literal, NamedTuple, TypeAlias
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    StringConstraints,
+    TypeAdapter,
+    ValidationError,
+)
+
+from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.nodes import NODE_NAME, SERVICE_NAME
+from fogmig.platform.migration.record import Outcome, Technique
+from fogmig.platform.migration.states import Phase
+from fogmig.policies.conditions import PrecopyStopRules
+
+PREFIX = "fogmig/v1"
+VERSION = 1
+MAX_PAYLOAD_BYTES = 64 * 1024
+WILDCARD = "+"
+
+# Devices are named by whoever runs them; keep the names safe as one MQTT topic level.
+DEVICE_NAME_PATTERN = r"^[a-z0-9][a-z0-9_-]{0,62}$"
+
+
+class Rejection(StrEnum):
+    """Why a payload or topic was rejected (``SchemaError.reason``)."""
+
+    OVERSIZE = "oversize"
+    MALFORMED = "malformed"  # not JSON, or JSON but not an object
+    UNKNOWN_VERSION = "unknown_version"
+    UNKNOWN_KIND = "unknown_kind"
+    INVALID = "invalid"  # JSON object that fails the model's validation
+    UNKNOWN_TOPIC = "unknown_topic"
+    TOPIC_MISMATCH = "topic_mismatch"  # the payload does not belong on that topic
+    UNKNOWN_NODE = "unknown_node"
+
+
+class SchemaError(FogmigError):
+    """A topic or payload that breaks the bus contract; ``reason`` says which rule."""
+
+    def __init__(self, reason: Rejection, message: str, *, topic: str | None = None) -> None:
+        self.reason = reason
+        self.topic = topic
+        where = f" on {topic}" if topic is not None else ""
+        super().__init__(f"rejected payload{where} ({reason}): {message}")
+
+
+# --- field types -------------------------------------------------------------------------
+
+
+def _check_ip(value: str) -> str:
+    return str(ipaddress.ip_address(value))
+
+
+NodeName = Annotated[str, StringConstraints(pattern=NODE_NAME.pattern)]
+ServiceName = Annotated[str, StringConstraints(pattern=SERVICE_NAME.pattern)]
+DeviceName = Annotated[str, StringConstraints(pattern=DEVICE_NAME_PATTERN)]
+IpAddress = Annotated[str, AfterValidator(_check_ip)]
+UnixTime = Annotated[float, Field(ge=0)]
+Count = Annotated[int, Field(ge=0)]
+Rate = Annotated[float, Field(ge=0)]
+Port = Annotated[int, Field(ge=1, le=65535)]
+Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+Text = Annotated[str, StringConstraints(max_length=4096)]
+
+
+class _Model(BaseModel):
+    # Frozen and strict about unknown fields: a typo on the wire is an error, not a silent
+    # default. No NaN/inf: they are not JSON and would poison the policies' arithmetic.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+
+class _Message(_Model):
+    version: Literal[1] = 1
+
+
+# --- node status -------------------------------------------------------------------------
+
+
+class ServiceInfo(_Model):
+    """One service running on a node, as its agent measures it."""
+
+    name: ServiceName
+    state_bytes: Count
+    dirty_rate_bytes_per_s: Rate
+    data_ip: IpAddress
+    port: Port
+
+
+class NodeCapabilities(_Model):
+    """What the node's CRIU can do (decides which techniques may target it)."""
+
+    criu_version: str | None
+    postcopy: bool
+    native_predump: bool
+
+
+class LinkMeasurement(_Model):
+    """The last measurement of the data link from this node to ``peer``."""
+
+    peer: NodeName
+    rtt_s: Rate
+    throughput_bytes_per_s: Rate
+    at: UnixTime
+
+
+class NodeStatus(_Message):
+    """A node's retained status; its last-will is the same with ``online=False``."""
+
+    node: NodeName
+    online: bool
+    at: UnixTime
+    load: Annotated[float, Field(ge=0, description="1-min load / cores, or the CPU share")]
+    mem_total_bytes: Count
+    mem_free_bytes: Count
+    services: list[ServiceInfo] = Field(default_factory=list)
+    capabilities: NodeCapabilities
+    links: list[LinkMeasurement] = Field(default_factory=list)
+    draining: bool = False
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+_STOP_DEFAULTS = PrecopyStopRules()
+
+
+class PrecopyRules(_Model):
+    """When pre-copy stops iterating and takes the final dump (defaults: the policies')."""
+
+    max_rounds: Annotated[int, Field(ge=1, le=100)] = _STOP_DEFAULTS.max_rounds
+    min_changed_bytes: Count = int(_STOP_DEFAULTS.min_changed_bytes)
+    stop_when_not_shrinking: bool = _STOP_DEFAULTS.stop_when_not_shrinking
+
+
+class MigrateCommand(_Message):
+    kind: Literal["migrate"] = "migrate"
+    command_id: Id
+    service: ServiceName
+    destination: NodeName
+    technique: Technique
+    compression: bool = False
+    precopy: PrecopyRules = Field(default_factory=PrecopyRules)
+    reason: Text = ""
+
+
+class DeployCommand(_Message):
+    kind: Literal["deploy"] = "deploy"
+    command_id: Id
+    service: ServiceName
+    state_mb: Annotated[float, Field(ge=0)]
+    dirty_kbps: Annotated[float, Field(ge=0)]
+
+
+class UndeployCommand(_Message):
+    kind: Literal["undeploy"] = "undeploy"
+    command_id: Id
+    service: ServiceName
+
+
+class DrainCommand(_Message):
+    kind: Literal["drain"] = "drain"
+    command_id: Id
+
+
+Command: TypeAlias = Annotated[
+    MigrateCommand | DeployCommand | UndeployCommand | DrainCommand,
+    Field(discriminator="kind"),
+]
+
+# --- events ------------------------------------------------------------------------------
+
+
+class CommandAck(_Message):
+    """The end-to-end answer to a command (a broker drops a denied publish silently)."""
+
+    kind: Literal["ack"] = "ack"
+    node: NodeName  # who answers: must be the node of the events topic
+    command_id: Id
+    accepted: bool
+    reason: Text | None = None
+    error_type: Annotated[str, StringConstraints(max_length=128)] | None = None
+
+
+class MigrationProgress(_Message):
+    kind: Literal["progress"] = "progress"
+    node: NodeName
+    command_id: Id
+    migration_id: Id
+    service: ServiceName
+    phase: Phase
+    bytes_done: Count
+    bytes_total: Count
+    rate_bytes_per_s: Rate
+    at: UnixTime
+
+
+class MigrationDone(_Message):
+    kind: Literal["done"] = "done"
+    node: NodeName
+    command_id: Id
+    migration_id: Id
+    service: ServiceName
+    outcome: Outcome
+    record: dict[str, JsonValue] = Field(description="the migration record's JSON")
+    error: Text | None = None
+
+
+Event: TypeAlias = Annotated[
+    CommandAck | MigrationProgress | MigrationDone, Field(discriminator="kind")
+]
+
+# --- service location, devices, controller -----------------------------------------------
+
+
+class ServicePresence(_Message):
+    """Where a service runs now (retained; an empty retained payload clears it)."""
+
+    service: ServiceName
+    node: NodeName
+    data_ip: IpAddress
+    port: Port
+    present: bool
+    at: UnixTime
+
+
+class DeviceAttach(_Message):
+    """A device attached to a gateway and uses ``service`` there."""
+
+    device: DeviceName
+    gateway: NodeName
+    at: UnixTime
+    service: ServiceName
+
+
+class Decision(_Message):
+    """A controller decision with the reason and the numbers it predicted."""
+
+    service: ServiceName
+    source: NodeName
+    destination: NodeName
+    technique: Technique
+    reason: Text
+    predicted: dict[str, JsonValue] = Field(default_factory=dict)
+    trigger: Literal["mobility", "load", "drain", "manual"]
+    at: UnixTime
+
+
+BusMessage: TypeAlias = (
+    NodeStatus
+    | MigrateCommand
+    | DeployCommand
+    | UndeployCommand
+    | DrainCommand
+    | CommandAck
+    | MigrationProgress
+    | MigrationDone
+    | ServicePresence
+    | DeviceAttach
+    | Decision
+)
+
+# --- topics ------------------------------------------------------------------------------
+
+
+class TopicKind(StrEnum):
+    STATUS = "status"
+    CMD = "cmd"
+    EVENTS = "events"
+    SERVICE = "service"
+    ATTACH = "attach"
+    DECISIONS = "decisions"
+
+
+class TopicRef(NamedTuple):
+    """A parsed topic: its kind and the names it carries (``None`` where it has none)."""
+
+    kind: TopicKind
+    node: str | None = None
+    service: str | None = None
+    device: str | None = None
+
+
+def _level(value: str, pattern: str, what: str, *, wildcard: bool, topic: str | None = None) -> str:
+    if wildcard and value == WILDCARD:
+        return value
+    if not re.match(pattern, value):
+        raise SchemaError(Rejection.UNKNOWN_TOPIC, f"invalid {what} name {value!r}", topic=topic)
+    return value
+
+
+class Topics:
+    """Builders of the topic tree; pass ``"+"`` as a name for a subscription pattern."""
+
+    @staticmethod
+    def status(node: str = WILDCARD) -> str:
+        return f"{PREFIX}/nodes/{_level(node, NODE_NAME.pattern, 'node', wildcard=True)}/status"
+
+    @staticmethod
+    def cmd(node: str = WILDCARD) -> str:
+        return f"{PREFIX}/nodes/{_level(node, NODE_NAME.pattern, 'node', wildcard=True)}/cmd"
+
+    @staticmethod
+    def events(node: str = WILDCARD) -> str:
+        return f"{PREFIX}/nodes/{_level(node, NODE_NAME.pattern, 'node', wildcard=True)}/events"
+
+    @staticmethod
+    def service(node: str = WILDCARD, service: str = WILDCARD) -> str:
+        n = _level(node, NODE_NAME.pattern, "node", wildcard=True)
+        s = _level(service, SERVICE_NAME.pattern, "service", wildcard=True)
+        return f"{PREFIX}/nodes/{n}/services/{s}"
+
+    @staticmethod
+    def attach(device: str = WILDCARD) -> str:
+        d = _level(device, DEVICE_NAME_PATTERN, "device", wildcard=True)
+        return f"{PREFIX}/devices/{d}/attach"
+
+    @staticmethod
+    def decisions() -> str:
+        return f"{PREFIX}/controller/decisions"
+
+    @staticmethod
+    def everything() -> str:
+        return f"{PREFIX}/#"
+
+
+topics = Topics
+
+
+def parse_topic(topic: str) -> TopicRef:
+    """Split a concrete topic of the tree into its kind and names; reject anything else."""
+    parts = topic.split("/")
+    if parts[:2] != PREFIX.split("/"):
+        raise SchemaError(Rejection.UNKNOWN_TOPIC, f"not under {PREFIX}/", topic=topic)
+
+    def name(value: str, pattern: str, what: str) -> str:
+        return _level(value, pattern, what, wildcard=False, topic=topic)
+
+    match parts[2:]:
+        case ["nodes", node, "status"]:
+            return TopicRef(TopicKind.STATUS, node=name(node, NODE_NAME.pattern, "node"))
+        case ["nodes", node, "cmd"]:
+            return TopicRef(TopicKind.CMD, node=name(node, NODE_NAME.pattern, "node"))
+        case ["nodes", node, "events"]:
+            return TopicRef(TopicKind.EVENTS, node=name(node, NODE_NAME.pattern, "node"))
+        case ["nodes", node, "services", service]:
+            return TopicRef(
+                TopicKind.SERVICE,
+                node=name(node, NODE_NAME.pattern, "node"),
+                service=name(service, SERVICE_NAME.pattern, "service"),
+            )
+        case ["devices", device, "attach"]:
+            return TopicRef(TopicKind.ATTACH, device=name(device, DEVICE_NAME_PATTERN, "device"))
+        case ["controller", "decisions"]:
+            return TopicRef(TopicKind.DECISIONS)
+    raise SchemaError(Rejection.UNKNOWN_TOPIC, "no such topic in the tree", topic=topic)
+
+
+# --- codec -------------------------------------------------------------------------------
+
+_ADAPTERS: dict[TopicKind, TypeAdapter[Any]] = {
+    TopicKind.STATUS: TypeAdapter(NodeStatus),
+    TopicKind.CMD: TypeAdapter(Command),
+    TopicKind.EVENTS: TypeAdapter(Event),
+    TopicKind.SERVICE: TypeAdapter(ServicePresence),
+    TopicKind.ATTACH: TypeAdapter(DeviceAttach),
+    TopicKind.DECISIONS: TypeAdapter(Decision),
+}
+
+_MODELS: dict[TopicKind, tuple[type[BaseModel], ...]] = {
+    TopicKind.STATUS: (NodeStatus,),
+    TopicKind.CMD: (MigrateCommand, DeployCommand, UndeployCommand, DrainCommand),
+    TopicKind.EVENTS: (CommandAck, MigrationProgress, MigrationDone),
+    TopicKind.SERVICE: (ServicePresence,),
+    TopicKind.ATTACH: (DeviceAttach,),
+    TopicKind.DECISIONS: (Decision,),
+}
+
+# Topics whose retained message may be cleared with an empty payload.
+RETAINED_KINDS = frozenset({TopicKind.STATUS, TopicKind.SERVICE})
+
+
+def _kinds(kind: TopicKind) -> frozenset[str]:
+    found = set()
+    for model in _MODELS[kind]:
+        field = model.model_fields.get("kind")
+        if field is not None:
+            found.add(str(field.default))
+    return frozenset(found)
+
+
+_KINDS = {kind: _kinds(kind) for kind in TopicKind}
+
+
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """An empty retained payload: whatever was retained on ``topic`` is gone."""
+
+    topic: TopicRef
+
+
+def _node_names(ref: TopicRef, msg: BusMessage) -> Iterator[tuple[str, str]]:
+    """Every (field, node name) the topic and the payload mention."""
+    if ref.node is not None:
+        yield "topic", ref.node
+    match msg:
+        case NodeStatus():
+            yield "node", msg.node
+            for link in msg.links:
+                yield "links.peer", link.peer
+        case MigrateCommand():
+            yield "destination", msg.destination
+        case CommandAck() | MigrationProgress() | MigrationDone() | ServicePresence():
+            yield "node", msg.node
+        case DeviceAttach():
+            yield "gateway", msg.gateway
+        case Decision():
+            yield "source", msg.source
+            yield "destination", msg.destination
+        case _:
+            pass
+
+
+def check_fits(
+    topic: str, msg: BusMessage, *, known_nodes: Collection[str] | None = None
+) -> TopicRef:
+    """Check that ``msg`` belongs on ``topic`` and names only known nodes; return the topic."""
+    ref = parse_topic(topic)
+    if not isinstance(msg, _MODELS[ref.kind]):
+        raise SchemaError(
+            Rejection.TOPIC_MISMATCH,
+            f"a {type(msg).__name__} does not belong on a {ref.kind} topic",
+            topic=topic,
+        )
+    mismatch: str | None = None
+    match msg:
+        case NodeStatus() | CommandAck() | MigrationProgress() | MigrationDone():
+            if msg.node != ref.node:
+                mismatch = f"payload node {msg.node!r} != topic node {ref.node!r}"
+        case ServicePresence():
+            if msg.node != ref.node or msg.service != ref.service:
+                mismatch = (
+                    f"payload {msg.service!r}@{msg.node!r} != topic {ref.service!r}@{ref.node!r}"
+                )
+        case DeviceAttach():
+            if msg.device != ref.device:
+                mismatch = f"payload device {msg.device!r} != topic device {ref.device!r}"
+        case MigrateCommand():
+            if msg.destination == ref.node:
+                mismatch = f"node {ref.node!r} cannot migrate {msg.service!r} to itself"
+        case Decision():
+            if msg.source == msg.destination:
+                mismatch = f"source and destination are both {msg.source!r}"
+        case _:
+            pass
+    if mismatch is not None:
+        raise SchemaError(Rejection.TOPIC_MISMATCH, mismatch, topic=topic)
+    if known_nodes is not None:
+        for where, name in _node_names(ref, msg):
+            if name not in known_nodes:
+                raise SchemaError(
+                    Rejection.UNKNOWN_NODE,
+                    f"unknown node {name!r} ({where}); known: {', '.join(sorted(known_nodes))}",
+                    topic=topic,
+                )
+    return ref
+
+
+def encode(topic: str, msg: BusMessage, *, known_nodes: Collection[str] | None = None) -> bytes:
+    """The JSON bytes of ``msg`` for ``topic``, after the same checks a receiver applies."""
+    check_fits(topic, msg, known_nodes=known_nodes)
+    data = msg.model_dump_json().encode()
+    if len(data) > MAX_PAYLOAD_BYTES:
+        raise SchemaError(
+            Rejection.OVERSIZE,
+            f"{len(data)} bytes > {MAX_PAYLOAD_BYTES}",
+            topic=topic,
+        )
+    return data
+
+
+def _reject_constant(name: str) -> float:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _finite(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{value} does not fit a float")
+    return number
+
+
+def decode(
+    topic: str, payload: bytes, *, known_nodes: Collection[str] | None = None
+) -> BusMessage | Cleared:
+    """Parse and validate the payload received on ``topic``; raise :class:`SchemaError`."""
+    # The size check comes first so that a huge payload costs nothing to reject.
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise SchemaError(
+            Rejection.OVERSIZE, f"{len(payload)} bytes > {MAX_PAYLOAD_BYTES}", topic=topic
+        )
+    ref = parse_topic(topic)
+    if not payload:
+        if ref.kind in RETAINED_KINDS:
+            return Cleared(ref)
+        raise SchemaError(Rejection.MALFORMED, "empty payload", topic=topic)
+    try:
+        obj = json.loads(
+            payload.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite
+        )
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise SchemaError(Rejection.MALFORMED, f"not JSON: {exc}", topic=topic) from None
+    if not isinstance(obj, dict):
+        raise SchemaError(
+            Rejection.MALFORMED, f"a JSON object is expected, got {type(obj).__name__}", topic=topic
+        )
+    version = obj.get("version")
+    if type(version) is not int or version != VERSION:
+        raise SchemaError(
+            Rejection.UNKNOWN_VERSION,
+            f"version {version!r}, this node speaks version {VERSION}",
+            topic=topic,
+        )
+    kinds = _KINDS[ref.kind]
+    kind = obj.get("kind")
+    if kinds and not (isinstance(kind, str) and kind in kinds):
+        raise SchemaError(
+            Rejection.UNKNOWN_KIND,
+            f"kind {kind!r} on a {ref.kind} topic; expected one of {sorted(kinds)}",
+            topic=topic,
+        )
+    try:
+        # Strict JSON validation: "5683" is not a port and "true" is not a bool on this bus.
+        msg: BusMessage = _ADAPTERS[ref.kind].validate_json(payload, strict=True)
+    except ValidationError as exc:
+        raise SchemaError(Rejection.INVALID, _summary(exc), topic=topic) from None
+    check_fits(topic, msg, known_nodes=known_nodes)
+    return msg
+
+
+def _summary(exc: ValidationError) -> str:
+    errors = exc.errors(include_url=False, include_input=False)
+    parts = [f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in errors[:5]]
+    more = f" (+{len(errors) - 5} more)" if len(errors) > 5 else ""
+    return "; ".join(parts) + more
+
+
+# --- acknowledgements ----------------------------------------------------------------------
+
+
+def accept(node: str, command_id: str) -> CommandAck:
+    return CommandAck(node=node, command_id=command_id, accepted=True)
+
+
+def reject(node: str, command_id: str, error: BaseException | str) -> CommandAck:
+    """The typed rejection of a command: the error's class and message, on the wire."""
+    reason = str(error) if isinstance(error, BaseException) else error
+    error_type = type(error).__name__ if isinstance(error, BaseException) else None
+    return CommandAck(
+        node=node,
+        command_id=command_id,
+        accepted=False,
+        reason=reason[:4000] or "rejected",
+        error_type=error_type,
+    )
+
+
+def command_id_of(payload: bytes) -> str | None:
+    """Best effort: the ``command_id`` of a command that failed validation, or None.
+
+    Lets a node answer even an invalid command with a rejection, so the sender learns why at
+    once instead of waiting for its timeout.
+    """
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        return None
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        return None
+    if not isinstance(obj, dict):
+        return None
+    value = obj.get("command_id")
+    if isinstance(value, str) and 0 < len(value) <= 128:
+        return value
+    return None

@@ -1,0 +1,1 @@
+"""The agent-to-agent channel: wire format, authenticated connection, server and client."""

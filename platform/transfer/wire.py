@@ -1,0 +1,528 @@
+"""Wire format of the agent-to-agent transfer channel: frames, messages, auth proofs, paths.
+
+Pure code without I/O: bytes in, typed frames and messages out, and the rules that decide what
+a receiver may accept (frame limits, frame order, path confinement, file integrity), so all of
+it is testable and fuzzable without sockets. ``fogmig.platform.transfer.channel`` does the I/O.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import hmac
+import re
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import PurePosixPath
+from typing import Any, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fogmig.platform.base import nodes
+from fogmig.platform.base.errors import ConfigError, TransferError
+
+PROTOCOL_VERSION = 1
+
+# [u32 big-endian length of type + payload][u8 type][payload]
+HEADER = struct.Struct(">IB")
+HEADER_SIZE = HEADER.size
+
+CHUNK_SIZE = 256 * 1024
+# A data frame may carry a little more than a chunk (zlib can expand incompressible data).
+MAX_DATA_PAYLOAD = 1024 * 1024
+# JSON control frames: calls, results and errors stay small; big data goes as files.
+MAX_CONTROL_PAYLOAD = 64 * 1024
+MAX_FILE_SIZE = 1 << 40
+MAX_RELATIVE_PATH = 1024
+
+NONCE_SIZE = 32
+MIN_SECRET_SIZE = 16
+
+MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+OP_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
+HEX_DIGEST = r"^[0-9a-f]{64}$"
+NODE_NAME = nodes.NODE_NAME.pattern
+
+# The receiver writes into a hidden temporary name first; senders may not use that pattern.
+PARTIAL_SUFFIX = ".fmtx-part"
+
+
+# --- errors -----------------------------------------------------------------------------------
+
+
+class AuthError(TransferError):
+    """The peer does not hold the testbed's secret, or is not the node it claims to be."""
+
+    hint = "check that both nodes were given the same testbed secret"
+
+
+class IntegrityError(TransferError):
+    """A received file does not match the size or SHA-256 its sender declared."""
+
+
+class PathError(TransferError):
+    """A file path or migration id would leave the migration's own directory."""
+
+
+class NoSpaceError(TransferError):
+    """The receiving node ran out of disk space; the partial file was removed."""
+
+    hint = "free space on the destination node's state directory"
+
+
+class PeerError(TransferError):
+    """The peer vanished, went silent, or broke the protocol."""
+
+
+class ProtocolError(PeerError):
+    """A frame was malformed, too large, unknown, or not allowed at this point."""
+
+
+class RemoteError(TransferError):
+    """The peer's handler refused or failed an operation; ``code`` and ``error_type`` say how."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        code: str,
+        error_type: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.code = code
+        self.error_type = error_type
+        super().__init__(message, hint=hint)
+
+
+# --- frames -----------------------------------------------------------------------------------
+
+
+class FrameType(enum.IntEnum):
+    HELLO = 1
+    CHALLENGE = 2
+    AUTH = 3
+    AUTH_OK = 4
+    CALL = 16
+    RESULT = 17
+    ERROR = 18
+    KEEPALIVE = 19
+    PING = 20
+    PONG = 21
+    FILE_BEGIN = 32
+    FILE_DATA = 33
+    FILE_END = 34
+    FILE_ABORT = 35
+    FILE_OK = 36
+
+
+_FRAME_TYPES = {int(t) for t in FrameType}
+
+
+def max_payload(ftype: FrameType) -> int:
+    return MAX_DATA_PAYLOAD if ftype is FrameType.FILE_DATA else MAX_CONTROL_PAYLOAD
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    type: FrameType
+    payload: bytes
+
+
+def encode_header(ftype: FrameType, payload_size: int) -> bytes:
+    """The 5-byte frame header; send it followed by the payload (no copy of big payloads)."""
+    if payload_size > max_payload(ftype):
+        raise ProtocolError(f"{ftype.name} payload of {payload_size} bytes exceeds the limit")
+    return HEADER.pack(payload_size + 1, ftype)
+
+
+def encode_frame(ftype: FrameType, payload: bytes = b"") -> bytes:
+    return encode_header(ftype, len(payload)) + payload
+
+
+def decode_header(header: bytes) -> tuple[FrameType, int]:
+    """Check a frame header and return its type and payload size.
+
+    Limits are checked here, before the payload is read, so a peer cannot make the receiver
+    buffer an arbitrary amount of data.
+    """
+    if len(header) != HEADER_SIZE:
+        raise ProtocolError(f"truncated frame header ({len(header)} bytes)")
+    length, raw_type = HEADER.unpack(header)
+    if raw_type not in _FRAME_TYPES:
+        raise ProtocolError(f"unknown frame type {raw_type}")
+    if length < 1:
+        raise ProtocolError("frame length 0 is invalid")
+    ftype = FrameType(raw_type)
+    size = length - 1
+    if size > max_payload(ftype):
+        raise ProtocolError(f"{ftype.name} frame of {size} bytes exceeds the limit")
+    return ftype, size
+
+
+class FrameDecoder:
+    """Incremental decoder: feed bytes as they arrive, take out complete frames."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buffer += data
+        frames: list[Frame] = []
+        while len(self._buffer) >= HEADER_SIZE:
+            ftype, size = decode_header(bytes(self._buffer[:HEADER_SIZE]))
+            end = HEADER_SIZE + size
+            if len(self._buffer) < end:
+                break
+            frames.append(Frame(ftype, bytes(self._buffer[HEADER_SIZE:end])))
+            del self._buffer[:end]
+        return frames
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame still buffered (non-zero at EOF means truncation)."""
+        return len(self._buffer)
+
+
+# --- messages ---------------------------------------------------------------------------------
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Hello(Message):
+    version: int
+    node: str = Field(pattern=NODE_NAME)
+    peer: str = Field(pattern=NODE_NAME)
+    nonce: str = Field(pattern=HEX_DIGEST)
+
+
+class Challenge(Message):
+    node: str = Field(pattern=NODE_NAME)
+    nonce: str = Field(pattern=HEX_DIGEST)
+    proof: str = Field(pattern=HEX_DIGEST)
+
+
+class Auth(Message):
+    proof: str = Field(pattern=HEX_DIGEST)
+
+
+class AuthOk(Message):
+    pass
+
+
+class Call(Message):
+    id: int = Field(ge=0)
+    op: str = Field(pattern=OP_NAME.pattern)
+    params: dict[str, Any] = Field(default_factory=dict)
+
+
+class Result(Message):
+    id: int = Field(ge=0)
+    result: dict[str, Any] = Field(default_factory=dict)
+    # Bytes of binary data that follow in one FILE_DATA frame (memory pages for a lazy
+    # restore): base64 in JSON would cost a third more on a slow link.
+    data_size: int = Field(default=0, ge=0, le=MAX_DATA_PAYLOAD)
+
+
+ErrorCode = Literal[
+    "auth", "protocol", "integrity", "path", "no_space", "aborted", "remote", "internal"
+]
+
+
+class ErrorReply(Message):
+    code: ErrorCode
+    message: str = Field(max_length=4096)
+    call_id: int | None = None
+    seq: int | None = None
+    path: str | None = None
+    error_type: str | None = Field(default=None, max_length=128)
+    hint: str | None = Field(default=None, max_length=1024)
+
+
+Compression = Literal["none", "zlib"]
+
+
+class FileBegin(Message):
+    seq: int = Field(ge=0)
+    migration_id: str = Field(pattern=MIGRATION_ID.pattern)
+    path: str = Field(min_length=1, max_length=MAX_RELATIVE_PATH)
+    size: int = Field(ge=0, le=MAX_FILE_SIZE)
+    mode: int = Field(default=0o600, ge=0, le=0o777)
+    compression: Compression = "none"
+
+
+class FileEnd(Message):
+    seq: int = Field(ge=0)
+    sha256: str = Field(pattern=HEX_DIGEST)
+
+
+class FileAbort(Message):
+    seq: int = Field(ge=0)
+    reason: str = Field(default="", max_length=1024)
+
+
+class FileOk(Message):
+    seq: int = Field(ge=0)
+    size: int = Field(ge=0)
+
+
+M = TypeVar("M", bound=Message)
+
+MESSAGE_OF: dict[FrameType, type[Message]] = {
+    FrameType.HELLO: Hello,
+    FrameType.CHALLENGE: Challenge,
+    FrameType.AUTH: Auth,
+    FrameType.AUTH_OK: AuthOk,
+    FrameType.CALL: Call,
+    FrameType.RESULT: Result,
+    FrameType.ERROR: ErrorReply,
+    FrameType.FILE_BEGIN: FileBegin,
+    FrameType.FILE_END: FileEnd,
+    FrameType.FILE_ABORT: FileAbort,
+    FrameType.FILE_OK: FileOk,
+}
+FRAME_OF: dict[type[Message], FrameType] = {m: t for t, m in MESSAGE_OF.items()}
+
+
+def encode_message(message: Message) -> bytes:
+    """A complete frame carrying ``message`` as JSON."""
+    payload = message.model_dump_json().encode()
+    return encode_frame(FRAME_OF[type(message)], payload)
+
+
+def decode_message(frame: Frame, expected: type[M]) -> M:
+    """Parse and validate the JSON payload of ``frame`` as ``expected``."""
+    if MESSAGE_OF.get(frame.type) is not expected:
+        raise ProtocolError(f"expected a {FRAME_OF[expected].name} frame, got {frame.type.name}")
+    try:
+        return expected.model_validate_json(frame.payload)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "payload"
+        raise ProtocolError(f"malformed {frame.type.name} frame: {where}: {first['msg']}") from exc
+
+
+# --- authentication ---------------------------------------------------------------------------
+
+
+def check_secret(secret: bytes) -> bytes:
+    if len(secret) < MIN_SECRET_SIZE:
+        raise ConfigError(
+            f"the testbed secret must be at least {MIN_SECRET_SIZE} bytes, got {len(secret)}"
+        )
+    return secret
+
+
+def auth_proof(
+    secret: bytes,
+    *,
+    role: Literal["client", "server"],
+    client: str,
+    server: str,
+    client_nonce: bytes,
+    server_nonce: bytes,
+) -> str:
+    """HMAC-SHA256 that proves knowledge of ``secret`` for this pair of nodes and nonces.
+
+    The role is part of the input so a proof seen from one side can never be replayed as the
+    other side's; both node names are, so a proof for one pair is useless for another.
+    """
+    message = b"\0".join(
+        [
+            b"fogmig-transfer/%d" % PROTOCOL_VERSION,
+            role.encode(),
+            client.encode(),
+            server.encode(),
+            client_nonce,
+            server_nonce,
+        ]
+    )
+    return hmac.new(secret, message, hashlib.sha256).hexdigest()
+
+
+def proof_matches(expected: str, received: str) -> bool:
+    return hmac.compare_digest(expected.encode(), received.encode())
+
+
+# --- paths ------------------------------------------------------------------------------------
+
+
+def check_migration_id(migration_id: str) -> str:
+    if not MIGRATION_ID.match(migration_id):
+        raise PathError(
+            f"invalid migration id {migration_id!r}: use letters, digits, '.', '_' and '-', "
+            "starting with a letter or digit, at most 128 characters"
+        )
+    return migration_id
+
+
+def check_relative_path(path: str, *, allow_empty: bool = False) -> tuple[str, ...]:
+    """Split a sender-given relative path into safe components, or raise :class:`PathError`.
+
+    Rejected: absolute paths, '.', '..', empty components (``a//b``), NUL and other control
+    characters, backslashes, over-long names and the receiver's own temporary-file suffix.
+    Symlinks cannot be judged here; the receiver refuses to follow them while opening.
+    """
+    if path == "" and allow_empty:
+        return ()
+    if not path or len(path) > MAX_RELATIVE_PATH:
+        raise PathError(f"invalid relative path {path!r}: empty or too long")
+    if path.startswith("/"):
+        raise PathError(f"invalid relative path {path!r}: absolute paths are not allowed")
+    parts = tuple(path.split("/"))
+    for part in parts:
+        if part in ("", ".", ".."):
+            raise PathError(f"invalid relative path {path!r}: component {part!r} is not allowed")
+        if any(ord(ch) < 0x20 or ch in "\\\x7f" for ch in part):
+            raise PathError(f"invalid relative path {path!r}: control characters or backslash")
+        if len(part.encode()) > 255:
+            raise PathError(f"invalid relative path {path!r}: component too long")
+        if part.endswith(PARTIAL_SUFFIX):
+            raise PathError(f"invalid relative path {path!r}: reserved suffix")
+    return parts
+
+
+def join_relative(*paths: str) -> str:
+    """Join relative paths ('' is the empty path) with '/' after checking each one."""
+    parts: list[str] = []
+    for p in paths:
+        parts.extend(check_relative_path(p, allow_empty=True))
+    if not parts:
+        raise PathError("empty relative path")
+    return str(PurePosixPath(*parts))
+
+
+# --- file integrity ---------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class IncomingFile:
+    """What the receiver knows about one file while it arrives.
+
+    ``feed`` turns FILE_DATA payloads into the plain bytes to write (decompressing if asked,
+    never producing more than the declared size); ``finish`` checks size and SHA-256 before the
+    file may be renamed into place.
+    """
+
+    begin: FileBegin
+    received: int = 0
+    wire_bytes: int = 0
+    _hash: Any = field(default_factory=hashlib.sha256)
+    _inflater: Any = None
+
+    def __post_init__(self) -> None:
+        if self.begin.compression == "zlib":
+            self._inflater = zlib.decompressobj()
+
+    def _integrity(self, what: str) -> IntegrityError:
+        return IntegrityError(f"{self.begin.path} (migration {self.begin.migration_id}): {what}")
+
+    def feed(self, payload: bytes) -> list[bytes]:
+        self.wire_bytes += len(payload)
+        pieces = [payload] if self._inflater is None else self._inflate(payload)
+        for piece in pieces:
+            self.received += len(piece)
+            if self.received > self.begin.size:
+                raise self._integrity(f"more than the declared {self.begin.size} bytes arrived")
+            self._hash.update(piece)
+        return pieces
+
+    def _inflate(self, payload: bytes) -> list[bytes]:
+        pieces: list[bytes] = []
+        data = payload
+        remaining = self.begin.size - self.received
+        try:
+            while data:
+                if self._inflater.eof:
+                    raise self._integrity("data after the end of the compressed stream")
+                # Bounded output per step: a small frame must not inflate into gigabytes.
+                out = self._inflater.decompress(data, min(CHUNK_SIZE, remaining + 1))
+                data = self._inflater.unconsumed_tail
+                if self._inflater.unused_data:
+                    raise self._integrity("data after the end of the compressed stream")
+                if out:
+                    pieces.append(out)
+                    remaining -= len(out)
+                    if remaining < 0:
+                        break
+                elif data:
+                    # No output with input left: only possible with max_length 0; give up.
+                    raise self._integrity("compressed stream does not progress")
+        except zlib.error as exc:
+            raise self._integrity(f"corrupt compressed data ({exc})") from exc
+        return pieces
+
+    def finish(self, end: FileEnd) -> str:
+        """Verify the complete file; return its SHA-256 (hex)."""
+        if self._inflater is not None and not self._inflater.eof:
+            raise self._integrity("the compressed stream is truncated")
+        if self.received != self.begin.size:
+            raise self._integrity(
+                f"got {self.received} bytes, the sender declared {self.begin.size}"
+            )
+        digest = self._hash.hexdigest()
+        if not hmac.compare_digest(digest, end.sha256):
+            raise self._integrity(f"SHA-256 mismatch (got {digest}, declared {end.sha256})")
+        return str(digest)
+
+
+# --- receive order ----------------------------------------------------------------------------
+
+
+class ReceiverState(enum.Enum):
+    """Where the receiving side of an authenticated session is."""
+
+    IDLE = "idle"  # waiting for a call or a file
+    IN_FILE = "in_file"  # between FILE_BEGIN and FILE_END/FILE_ABORT
+    DISCARDING = "discarding"  # the file was refused; its data is dropped until it ends
+
+
+_ALLOWED: dict[ReceiverState, frozenset[FrameType]] = {
+    ReceiverState.IDLE: frozenset(
+        {FrameType.CALL, FrameType.PING, FrameType.KEEPALIVE, FrameType.FILE_BEGIN}
+    ),
+    ReceiverState.IN_FILE: frozenset(
+        {FrameType.FILE_DATA, FrameType.FILE_END, FrameType.FILE_ABORT, FrameType.KEEPALIVE}
+    ),
+    ReceiverState.DISCARDING: frozenset(
+        {FrameType.FILE_DATA, FrameType.FILE_END, FrameType.FILE_ABORT, FrameType.KEEPALIVE}
+    ),
+}
+
+
+@dataclass(slots=True)
+class ReceiverOrder:
+    """Frame order rules of the receiving side: which frame may come next, and which file.
+
+    The server feeds each frame type here before acting on it; a frame that is not allowed in
+    the current state is a :class:`ProtocolError` and ends the connection.
+    """
+
+    state: ReceiverState = ReceiverState.IDLE
+    seq: int | None = None
+    last_seq: int = -1
+
+    def check(self, ftype: FrameType) -> None:
+        if ftype not in _ALLOWED[self.state]:
+            raise ProtocolError(f"{ftype.name} frame not allowed while {self.state.value}")
+
+    def begin(self, seq: int) -> None:
+        self.check(FrameType.FILE_BEGIN)
+        if seq <= self.last_seq:
+            raise ProtocolError(f"file sequence number {seq} does not increase")
+        self.state, self.seq, self.last_seq = ReceiverState.IN_FILE, seq, seq
+
+    def refuse(self) -> None:
+        """The current file failed; drop the rest of it."""
+        if self.state is ReceiverState.IN_FILE:
+            self.state = ReceiverState.DISCARDING
+
+    def end(self, seq: int) -> bool:
+        """A FILE_END or FILE_ABORT for ``seq``; True if the file was still being received."""
+        if self.state is ReceiverState.IDLE or seq != self.seq:
+            raise ProtocolError(f"end of file {seq} that is not the open file ({self.seq})")
+        was_open = self.state is ReceiverState.IN_FILE
+        self.state, self.seq = ReceiverState.IDLE, None
+        return was_open
