@@ -131,13 +131,6 @@ def pipe_sysctls_ok() -> bool:
     return s["pipe-max-size"] >= 8388608 and s["pipe-user-pages-soft"] == 0
 
 
-def ensure_pipe_sysctls() -> None:
-    """Raise the pipe limits if a previous boot reset them (needs root)."""
-    if pipe_sysctls()["pipe-max-size"] < 8388608:
-        Path("/proc/sys/fs/pipe-max-size").write_text("8388608\n")
-    Path("/proc/sys/fs/pipe-user-pages-soft").write_text("0\n")
-
-
 def writable_tmp() -> bool:
     try:
         with tempfile.TemporaryFile():
