@@ -51,7 +51,7 @@ from fogmig.platform.migration.record import save_record
 from fogmig.platform.migration.source import migrate_service
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.capabilities import criu_capabilities
-from fogmig.platform.runtime.node import NodeRuntime
+from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.transfer.channel import (
     CallReply,
     TransferClient,

@@ -26,7 +26,7 @@ from fogmig.platform.base.errors import (
     UnknownNodeError,
 )
 from fogmig.platform.runtime.bundle import make_bundle
-from fogmig.platform.runtime.node import NodeRuntime
+from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import mounts_below, remove_tree
 from fogmig.services.client import ServiceState, encode_reading
 from fogmig.services.deploy import (

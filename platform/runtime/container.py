@@ -1,6 +1,6 @@
 """The container runtime of one fog node: runc and CRIU behind one typed asyncio interface.
 
-Everything PLATFORM-NOTES.md says about options, network locks, logs and mounts lives here once:
+Everything docs/platform.md says about options, network locks, logs and mounts lives here once:
 every command runs under ``nsenter --net=<node netns>``; restore-only CRIU options reach CRIU
 through the destination bundle's ``org.criu.config`` file and are kept away from dumps; no
 CRIU network lock survives a dump.
@@ -16,136 +16,36 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal as signal_module
 import subprocess
 import time
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
-from typing import Any
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 from fogmig.platform.base.errors import (
-    ConfigError,
     ContainerNotFoundError,
     CriuError,
     RuntimeToolError,
 )
 from fogmig.platform.base.proc import Completed, in_netns, run
 from fogmig.platform.runtime import bundle as bundle_mod
+from fogmig.platform.runtime.cgroups import bundle_cgroups_path, prune_cgroup
+from fogmig.platform.runtime.criu_logs import DUMP_LOG, RESTORE_LOG, criu_error, read_log
 from fogmig.platform.runtime.image import read_stats
+from fogmig.platform.runtime.results import (
+    CheckpointResult,
+    ContainerState,
+    RestoreResult,
+    parse_state,
+)
 from fogmig.platform.runtime.workdir import WorkdirError, unmount_below
 
 log = logging.getLogger(__name__)
 
-DUMP_LOG = "dump.log"
-RESTORE_LOG = "restore.log"
 RUNC_LOG = "runc.log"
-CGROUP_ROOT = Path("/sys/fs/cgroup")
 PARKED_SUFFIX = ".parked"
 CRIU_LOCK_CHAIN = "CRIU"
-# Logged by every CRIU run here (no CAP_SYS_RESOURCE) and harmless: never the explanation.
-HARMLESS_ERRORS = ("rlimit: Can't setup RLIMIT_NOFILE",)
-LOG_PREFIX = re.compile(r"^\(\s*[\d.]+\)\s*")
-
-
-# ---- results ---------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class ContainerState:
-    """What runc reports about one container."""
-
-    id: str
-    status: str  # created, running, paused or stopped
-    pid: int
-    bundle: Path | None = None
-    annotations: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def running(self) -> bool:
-        return self.status == "running"
-
-
-def _ms(stats: dict[str, int], key: str) -> float | None:
-    value = stats.get(key)
-    return None if value is None else value / 1000.0
-
-
-@dataclass(frozen=True, slots=True)
-class CheckpointResult:
-    """One finished dump: where it is, how long it took, and CRIU's own figures."""
-
-    container: str
-    image_dir: Path
-    work_dir: Path
-    leave_running: bool
-    wall_s: float
-    image_bytes: int
-    stats: dict[str, int]  # stats-dump, times in microseconds
-
-    @property
-    def freezing_ms(self) -> float | None:
-        return _ms(self.stats, "freezing_time_us")
-
-    @property
-    def frozen_ms(self) -> float | None:
-        return _ms(self.stats, "frozen_time_us")
-
-    @property
-    def memdump_ms(self) -> float | None:
-        return _ms(self.stats, "memdump_time_us")
-
-    @property
-    def memwrite_ms(self) -> float | None:
-        return _ms(self.stats, "memwrite_time_us")
-
-    @property
-    def pages_written(self) -> int | None:
-        return self.stats.get("pages_written")
-
-
-@dataclass(frozen=True, slots=True)
-class RestoreResult:
-    """One finished restore: the new init pid, timings, and CRIU's stats-restore."""
-
-    container: str
-    pid: int
-    wall_s: float
-    stats: dict[str, int]  # stats-restore, times in microseconds
-
-    @property
-    def restore_ms(self) -> float | None:
-        return _ms(self.stats, "restore_time_us")
-
-    @property
-    def forking_ms(self) -> float | None:
-        return _ms(self.stats, "forking_time_us")
-
-    @property
-    def pages_restored(self) -> int | None:
-        return self.stats.get("pages_restored")
-
-
-# ---- CRIU log reading (pure) -----------------------------------------------------------------
-
-
-def criu_log_errors(text: str, limit: int = 3) -> list[str]:
-    """The last ``limit`` meaningful "Error" lines of a CRIU log, without their timestamps."""
-    lines = [
-        LOG_PREFIX.sub("", line).strip()
-        for line in text.splitlines()
-        if "Error" in line and not any(h in line for h in HARMLESS_ERRORS)
-    ]
-    return lines[-limit:]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
 
 
 def _tree_bytes(path: Path) -> int:
@@ -157,52 +57,10 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def _parse_state(data: dict[str, Any]) -> ContainerState:
-    bundle = data.get("bundle")
-    return ContainerState(
-        id=str(data["id"]),
-        status=str(data.get("status", "unknown")),
-        pid=int(data.get("pid") or 0),
-        bundle=Path(bundle) if bundle else None,
-        annotations={str(k): str(v) for k, v in (data.get("annotations") or {}).items()},
-    )
-
-
 def _criu_config(state: ContainerState) -> Path | None:
     """The CRIU config file the container's ``org.criu.config`` annotation names."""
     value = state.annotations.get(bundle_mod.CRIU_CONFIG_ANNOTATION)
     return Path(value) if value else None
-
-
-def _cgroups_path(state: ContainerState) -> str | None:
-    if state.bundle is None:
-        return None
-    try:
-        value = bundle_mod.read_config(state.bundle)["linux"]["cgroupsPath"]
-    except (ConfigError, KeyError, TypeError):
-        return None
-    return str(value) if value else None
-
-
-def prune_cgroup(cgroups_path: str | None, *, root: Path = CGROUP_ROOT) -> None:
-    """Remove a container's cgroup and its parents (``/fogmig/<node>``, ...) where empty.
-
-    runc removes only a container's own cgroup, and not at all after a failed restore.
-    ``rmdir`` on cgroupfs refuses a cgroup with children or tasks, so whatever a live
-    container still uses stays.
-    """
-    if not cgroups_path or not cgroups_path.startswith("/"):
-        return
-    path = PurePosixPath(cgroups_path)
-    chain = [path, *list(path.parents)[:-1]]  # deepest first, never "/"
-    for hierarchy in root.iterdir() if root.is_dir() else []:
-        for cgroup in chain:
-            try:
-                (hierarchy / cgroup.relative_to("/")).rmdir()
-            except FileNotFoundError:
-                continue
-            except OSError:
-                break  # still in use: so are its parents
 
 
 def _absolute(*paths: Path, create: bool = False) -> tuple[Path, ...]:
@@ -279,7 +137,7 @@ class NodeRuntime:
         """Run a runc command whose container inherits its stdio: give it /dev/null.
 
         A container's stdio must not be a pipe or file of ours: CRIU cannot dump fds that
-        point outside the container (PLATFORM-NOTES.md), and a pipe would never reach EOF.
+        point outside the container (docs/platform.md), and a pipe would never reach EOF.
         """
         full = in_netns(self.netns, argv)
         log.debug("run: %s", " ".join(full))
@@ -301,21 +159,6 @@ class NodeRuntime:
             raise
         return rc, full
 
-    def criu_error(
-        self,
-        message: str,
-        *,
-        cmd: Sequence[str],
-        returncode: int | None,
-        stderr: str,
-        log_path: Path,
-    ) -> CriuError:
-        """A :class:`CriuError` whose message carries the last Error lines of ``log_path``."""
-        errors = criu_log_errors(_read_text(log_path))
-        if errors:
-            message = f"{message}: {' | '.join(errors)}"
-        return CriuError(message, cmd=cmd, returncode=returncode, stderr=stderr, log_path=log_path)
-
     # -- container lifecycle --
 
     async def run(self, cid: str, bundle: Path, *, timeout: float = 60.0) -> ContainerState:
@@ -336,7 +179,7 @@ class NodeRuntime:
                 f"cannot start container {cid} on {self.node}",
                 cmd=full,
                 returncode=rc,
-                stderr=_read_text(runc_log),
+                stderr=read_log(runc_log),
                 log_path=runc_log,
             )
         state = await self.state(cid)
@@ -352,7 +195,7 @@ class NodeRuntime:
             raise RuntimeToolError(
                 f"runc state {cid}", cmd=done.argv, returncode=done.returncode, stderr=done.stderr
             )
-        return _parse_state(json.loads(done.stdout))
+        return parse_state(json.loads(done.stdout))
 
     async def exists(self, cid: str) -> bool:
         try:
@@ -367,7 +210,7 @@ class NodeRuntime:
             return []
         done = await self._runc("list", "--format", "json", what="runc list")
         data = json.loads(done.stdout or "null") or []
-        return [_parse_state(item) for item in data]
+        return [parse_state(item) for item in data]
 
     async def kill(self, cid: str, sig: str | int = "TERM") -> None:
         """Send a signal to the container's init process."""
@@ -384,7 +227,7 @@ class NodeRuntime:
 
     async def delete(self, cid: str, *, force: bool = False) -> None:
         """Delete the container (``force`` kills it first if it still runs)."""
-        cgroup = _cgroups_path(await self.state(cid))
+        cgroup = bundle_cgroups_path((await self.state(cid)).bundle)
         args = ["delete", *(["--force"] if force else []), cid]
         done = await self._runc(*args, check=False)
         if done.returncode != 0:
@@ -485,7 +328,7 @@ class NodeRuntime:
             done = await self._runc(*args, cid, check=False, timeout=timeout)
             wall = time.monotonic() - t0
         if done.returncode != 0:
-            raise self.criu_error(
+            raise criu_error(
                 f"checkpoint of {cid} on {self.node} failed",
                 cmd=done.argv,
                 returncode=done.returncode,
@@ -493,7 +336,7 @@ class NodeRuntime:
                 log_path=work_dir / DUMP_LOG,
             )
         if not leave_running:
-            prune_cgroup(_cgroups_path(state))
+            prune_cgroup(bundle_cgroups_path(state.bundle))
         result = CheckpointResult(
             cid,
             image_dir,
@@ -519,8 +362,7 @@ class NodeRuntime:
         """After a failed restore: no half-made container or cgroup, nothing mounted."""
         with contextlib.suppress(ContainerNotFoundError, RuntimeToolError):
             await self.delete(cid, force=True)
-        with contextlib.suppress(ConfigError, KeyError, TypeError):
-            prune_cgroup(bundle_mod.read_config(bundle)["linux"]["cgroupsPath"])
+        prune_cgroup(bundle_cgroups_path(bundle))
         try:
             unmount_below(work_dir)
         except WorkdirError as exc:
@@ -565,11 +407,11 @@ class NodeRuntime:
         wall = time.monotonic() - t0
         if rc != 0:
             await self.cleanup_failed_restore(cid, bundle, work_dir)
-            raise self.criu_error(
+            raise criu_error(
                 f"restore of {cid} on {self.node} failed",
                 cmd=full,
                 returncode=rc,
-                stderr=_read_text(work_dir / RUNC_LOG),
+                stderr=read_log(work_dir / RUNC_LOG),
                 log_path=work_dir / RESTORE_LOG,
             )
         state = await self.state(cid)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fogmig.platform.runtime.node import criu_log_errors
+from fogmig.platform.runtime.criu_logs import criu_log_errors
 
 RESTORE_LOG = """\
 (00.000000) Version: 4.2.1 (gitid 0)
