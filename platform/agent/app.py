@@ -52,9 +52,9 @@ from fogmig.platform.migration.source import migrate_service
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.capabilities import criu_capabilities
 from fogmig.platform.runtime.container import NodeRuntime
-from fogmig.platform.transfer.channel import (
+from fogmig.platform.transfer.client import TransferClient
+from fogmig.platform.transfer.server import (
     CallReply,
-    TransferClient,
     TransferServer,
     TransferSession,
     remove_migration_dir,

@@ -18,13 +18,8 @@ from pathlib import Path
 from typing import Any
 
 from fogmig.platform.base.errors import ConfigError
-from fogmig.platform.transfer.channel import (
-    TransferClient,
-    TransferServer,
-    TransferSession,
-    TransferStats,
-    remove_migration_dir,
-)
+from fogmig.platform.transfer.client import TransferClient, TransferStats
+from fogmig.platform.transfer.server import TransferServer, TransferSession, remove_migration_dir
 
 
 class _NoCalls:
