@@ -119,7 +119,7 @@ def has_netem() -> bool:
 
 
 def pipe_sysctls() -> dict[str, int]:
-    """The two pipe limits the lazy page server needs raised (PLATFORM-NOTES.md)."""
+    """The two pipe limits the lazy page server needs raised (docs/platform.md)."""
     out: dict[str, int] = {}
     for name in ("pipe-max-size", "pipe-user-pages-soft"):
         out[name] = int(Path(f"/proc/sys/fs/{name}").read_text().strip())
