@@ -21,6 +21,7 @@ from typing import Literal
 
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, SetupError, TestbedError
+from fogmig.platform.base.mounts import mounts_below
 from fogmig.platform.base.nodes import NETNS_PREFIX, check_node_name, runc_root
 from fogmig.platform.base.proc import run
 from fogmig.platform.runtime.capabilities import has_netem
@@ -364,13 +365,8 @@ async def _remove_containers(node: str, report: DownReport) -> None:
         report.containers.append(f"{node}/{cid}")
 
 
-def _mounts_below(prefixes: list[Path]) -> list[Path]:
-    found: list[Path] = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = Path(line.split()[4].encode().decode("unicode_escape"))
-        if any(point.is_relative_to(p) and point != p for p in prefixes):
-            found.append(point)
-    return found
+def _mounts_below(prefix: Path) -> list[Path]:
+    return [p for p in mounts_below(prefix) if p != prefix]
 
 
 async def _unmount_criu(nodes: list[str], report: DownReport) -> None:
@@ -379,7 +375,7 @@ async def _unmount_criu(nodes: list[str], report: DownReport) -> None:
     node_roots = [paths.node_dir(n) for n in nodes] + [state_root / "testbed"]
     points = [
         p
-        for p in _mounts_below([state_root])
+        for p in _mounts_below(state_root)
         if ".criu" in str(p) or any(p.is_relative_to(r) for r in node_roots)
     ]
     # Deepest first, so a parent is never unmounted under a child.

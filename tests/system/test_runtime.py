@@ -25,9 +25,10 @@ from fogmig.platform.base.errors import (
     ServiceError,
     UnknownNodeError,
 )
+from fogmig.platform.base.mounts import mounts_below
 from fogmig.platform.runtime.bundle import make_bundle
 from fogmig.platform.runtime.container import NodeRuntime
-from fogmig.platform.runtime.workdir import mounts_below, remove_tree
+from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.services.client import ServiceState, encode_reading
 from fogmig.services.deploy import (
     ServiceSpec,
@@ -163,7 +164,7 @@ class Nodes:
 
 
 def _mounts(path: Path) -> list[Path]:
-    return mounts_below(path, Path("/proc/mounts").read_text())
+    return mounts_below(path)
 
 
 def _iptables(netns: str) -> str:
