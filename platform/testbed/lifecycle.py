@@ -1,9 +1,9 @@
 """Bringing the testbed up and tearing it down.
 
 ``up`` builds what :func:`topology.plan` describes (namespaces, management bridge, data links,
-broker, link daemon) and writes the state file last; if any step fails it tears down what it
-made. ``down`` removes everything, with or without a state file, so it also cleans up after a
-crashed run; running it twice is harmless.
+secrets and certificates, broker, link daemon) and writes the state file last; if any step
+fails it tears down what it made. ``down`` removes everything, with or without a state file,
+so it also cleans up after a crashed run; running it twice is harmless.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from fogmig.platform.testbed.credentials import (
 )
 from fogmig.platform.testbed.linkd import ControlRequest, LinkdConfig, LinkdLink, TunEnd
 from fogmig.platform.testbed.links import linkd_request
+from fogmig.platform.testbed.pki import create_pki, pki_dir, remove_pki
 from fogmig.platform.testbed.probe import measure_rtt
 from fogmig.platform.testbed.profiles import LinkProfile
 from fogmig.platform.testbed.state import (
@@ -282,6 +283,8 @@ async def up(profile: LinkProfile, n_nodes: int, *, progress: Progress = _quiet)
         users = [*state.node_names, state.device_host.name, broker.CONTROLLER_USER]
         creds = generate_credentials(users)
         save_credentials(creds)
+        issued = create_pki(state)
+        progress(f"site CA and {len(issued)} certificates in {pki_dir()}")
         await broker.write_broker_files(state, creds)
         state.broker.pid = await broker.start_broker(state.broker)
         if backend == "tun":
@@ -454,4 +457,6 @@ async def down(state: TestbedState | None = None, *, progress: Progress = _quiet
             report.files.append(str(entry))
     remove_state()
     remove_credentials()
+    if remove_pki():
+        report.files.append(str(pki_dir()))
     return report
