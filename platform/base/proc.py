@@ -24,7 +24,7 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
     """Prefix ``argv`` so it runs in the named network namespace.
 
     ``nsenter --net`` rather than ``ip netns exec``: the latter remounts /sys, hides the cgroup
-    tree, and CRIU then cannot find the freezer (PLATFORM-NOTES.md).
+    tree, and CRIU then cannot find the freezer (docs/platform.md).
     """
     if netns is None:
         return list(argv)
