@@ -258,7 +258,8 @@ def _json_message(code: Any, doc: dict[str, Any]) -> Any:
 
 
 def build_site(service: Service) -> Any:
-    """The CoAP resource tree: POST /sensor, GET /state (aiocoap answers 4.04 and 4.05)."""
+    """The CoAP resource tree: POST /sensor, GET /state, GET /ping (aiocoap answers 4.04 and
+    4.05)."""
     import aiocoap
     import aiocoap.error
     import aiocoap.resource
@@ -289,9 +290,17 @@ def build_site(service: Service) -> Any:
         async def render_get(self, request: Any) -> Any:
             return _json_message(aiocoap.CONTENT, service.state_json())
 
+    class PingResource(aiocoap.resource.Resource):  # type: ignore[misc]
+        """An empty 2.05 for probes that send many requests a second: it reads no state and
+        counts nothing, so probing leaves ``/state`` and the devices' ledgers as they were."""
+
+        async def render_get(self, request: Any) -> Any:
+            return aiocoap.Message(code=aiocoap.CONTENT)
+
     site = aiocoap.resource.Site()
     site.add_resource(["sensor"], SensorResource())
     site.add_resource(["state"], StateResource())
+    site.add_resource(["ping"], PingResource())
     return site
 
 

@@ -229,6 +229,24 @@ async def test_site_posts_and_state(service_port: int) -> None:
     assert ledger.verify(st, exclusive=True).matches
 
 
+async def test_ping_answers_empty_and_leaves_the_state_alone(service_port: int) -> None:
+    ledger = DeviceLedger("dev-p")
+    async with SensorClient(port=service_port, timeout=3) as c:
+        res = await c.post_reading("::1", ledger.next_reading(value=1))
+        assert ledger.record(res)
+        before = await c.get_state("::1")
+        pings = [await c.request("::1", method="GET", path="ping") for _ in range(5)]
+        refused = await c.request("::1", method="POST", path="ping")
+        after = await c.get_state("::1")
+    assert {(p.code, p.payload) for p in pings} == {("2.05", b"")}
+    assert refused.code == "4.05"
+    # Only what moves with time may differ: pings count as nothing.
+    moving = {"uptime_s", "rss_kb", "dirty_kbps_measured", "dirtied_pages"}
+    assert after.model_dump(exclude=moving) == before.model_dump(exclude=moving)
+    assert after.requests == 1
+    assert ledger.verify(after, exclusive=True).matches
+
+
 @pytest.mark.parametrize(
     ("kwargs", "code"),
     [
