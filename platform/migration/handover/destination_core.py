@@ -67,6 +67,7 @@ from fogmig.platform.migration.handover.ownership import Timing
 from fogmig.platform.migration.handover.recovery import DestinationAction, recover_destination
 
 SETTLED_STATES = frozenset({"committed", *TOMBSTONES})
+ANSWERED_KEPT = 256
 
 
 @dataclass(slots=True)
@@ -109,7 +110,10 @@ class DestinationCore:
         self.owners: dict[str, int] = {}
         """Service -> the epoch at which this node became its owner."""
         self._seq = 0
-        self._steps: dict[int, tuple[str, StepKind, int | None]] = {}
+        self._in_flight: set[int] = set()
+        self._answered: dict[int, Reply | Refused] = {}
+        """Recent replies by call id: a repeated call gets the same answer."""
+        self._steps: dict[int, tuple[str, StepKind, int | None, Request | None]] = {}
 
     # ------------------------------------------------------------------ restart
 
@@ -193,6 +197,15 @@ class DestinationCore:
         return []
 
     def _on_call(self, call: CallIn, now: float) -> list[Action]:
+        key = call.call_id
+        if key in self._in_flight:
+            return []  # a repeat of a call still being performed: one answer will do
+        if key in self._answered:
+            return [SendReply(key, self._answered[key])]
+        self._in_flight.add(key)
+        return self._dispatch(call, now)
+
+    def _dispatch(self, call: CallIn, now: float) -> list[Action]:
         req = call.request
         if isinstance(req, Prepare):
             return self._prepare(call, req, now)
@@ -230,8 +243,8 @@ class DestinationCore:
         if isinstance(req, LazyStatus):
             if rec.state == "running":
                 done = rec.lazy_done or not rec.lazy
-                reply = LazyStatusOk(migration_id=mid, ticket=self._ticket(rec, now), done=done)
-                return [*actions, self._reply(call.call_id, reply)]
+                lazy = LazyStatusOk(migration_id=mid, ticket=self._ticket(rec, now), done=done)
+                return [*actions, self._reply(call.call_id, lazy)]
             return actions + self._by_state(rec, call.call_id, req.op)
         if isinstance(req, Commit):
             return actions + self._commit(rec, call.call_id, req)
@@ -324,7 +337,7 @@ class DestinationCore:
         found = self._steps.pop(done.step_id, None)
         if found is None:
             return []
-        mid, kind, call_id = found
+        mid, kind, call_id, request = found
         rec = self.records[mid]
         if kind == "apply":
             rec.applying = False
@@ -333,9 +346,9 @@ class DestinationCore:
             if not done.ok:
                 return [self._refuse(call_id, mid, "invalid", done.detail)]
             reply: Reply = (
-                ApplyDeltaOk(migration_id=mid, ticket=self._ticket(rec, now))
-                if done.call is None or isinstance(done.call, ApplyDelta)
-                else SendFilesOk(migration_id=mid, ticket=self._ticket(rec, now))
+                SendFilesOk(migration_id=mid, ticket=self._ticket(rec, now))
+                if isinstance(request, SendFiles)
+                else ApplyDeltaOk(migration_id=mid, ticket=self._ticket(rec, now))
             )
             return [self._reply(call_id, reply)]
         if kind == "restore":
@@ -445,11 +458,17 @@ class DestinationCore:
         self, kind: StepKind, rec: Incoming, call_id: int | None = None, call: Request | None = None
     ) -> RunStep:
         step = self.ids.step()
-        self._steps[step] = (rec.migration_id, kind, call_id)
+        self._steps[step] = (rec.migration_id, kind, call_id, call)
         return RunStep(step, kind, rec.migration_id, call)
 
     def _reply(self, call_id: int, reply: Reply | Refused) -> SendReply:
+        if call_id in self._in_flight:
+            self._in_flight.discard(call_id)
+            self._answered[call_id] = reply
+            while len(self._answered) > ANSWERED_KEPT:
+                del self._answered[next(iter(self._answered))]
         return SendReply(call_id, reply)
 
     def _refuse(self, call_id: int, mid: str, state: str, detail: str) -> SendReply:
-        return SendReply(call_id, Refused(migration_id=mid, state=state, detail=detail[:512]))  # type: ignore[arg-type]
+        refusal = Refused(migration_id=mid, state=state, detail=detail[:512])  # type: ignore[arg-type]
+        return self._reply(call_id, refusal)

@@ -34,7 +34,11 @@ StepKind = Literal[
 
 @dataclass(frozen=True, slots=True)
 class CallIn:
-    """A call arrived from ``peer`` (at the destination)."""
+    """A call arrived from ``peer`` (at the destination).
+
+    ``call_id`` is unique on this node while the call may be repeated: the driver numbers
+    calls per connection and keeps the numbers of different peers and restarts apart.
+    """
 
     call_id: int
     request: Request
