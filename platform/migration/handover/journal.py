@@ -1,0 +1,264 @@
+"""The agent's append-only migration journal: typed entries, one fsynced JSON line each.
+
+An agent writes an entry BEFORE every irreversible step (freeze, restore, commit, resume,
+deletion), so that after a stop or a crash :mod:`recovery` can tell from the journal what may
+have happened. A torn last line (the crash hit the write) is ignored and cut off; damage
+anywhere else is a :class:`JournalError`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.migration.handover.messages import (
+    Count,
+    Detail,
+    Epoch,
+    MigrationId,
+    NodeName,
+    ServiceName,
+    TechniqueName,
+)
+
+Outcome = Literal["completed", "rolled_back", "failed"]
+
+
+class JournalError(FogmigError):
+    """The journal cannot be read or written."""
+
+    hint = "the journal is in the node's state directory; keep it, it says what to recover"
+
+
+class Entry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+class MigrationEntry(Entry):
+    migration_id: MigrationId
+
+
+# --- source side -------------------------------------------------------------------------------
+
+
+class Begin(MigrationEntry):
+    """An accepted migration of ``service``, owned here at ``epoch``."""
+
+    kind: Literal["begin"] = "begin"
+    service: ServiceName
+    epoch: Epoch
+    destination: NodeName
+    technique: TechniqueName
+
+
+class Freezing(MigrationEntry):
+    """The service is about to be frozen and dumped (its copy here stops)."""
+
+    kind: Literal["freezing"] = "freezing"
+
+
+class RestoreSent(MigrationEntry):
+    """``restore`` is about to be sent: a copy may run at the destination from now on."""
+
+    kind: Literal["restore_sent"] = "restore_sent"
+
+
+class CommitSent(MigrationEntry):
+    """``commit`` is about to be sent: the fence no longer proves anything."""
+
+    kind: Literal["commit_sent"] = "commit_sent"
+
+
+class HandedOver(MigrationEntry):
+    """The destination owns the service at ``epoch``; the copy here is about to be deleted."""
+
+    kind: Literal["handed_over"] = "handed_over"
+    epoch: Epoch
+
+
+class Resuming(MigrationEntry):
+    """The copy here is about to resume as the owner at ``epoch``; ``reason`` is the proof."""
+
+    kind: Literal["resuming"] = "resuming"
+    epoch: Epoch
+    reason: Detail
+
+
+class Finished(MigrationEntry):
+    """The one terminal outcome of the migration."""
+
+    kind: Literal["finished"] = "finished"
+    outcome: Outcome
+    reason: Detail = ""
+
+
+class Published(MigrationEntry):
+    """The terminal event left the agent."""
+
+    kind: Literal["published"] = "published"
+
+
+# --- destination side --------------------------------------------------------------------------
+
+
+class Boot(Entry):
+    """The agent started; its lease tickets carry ``incarnation``."""
+
+    kind: Literal["boot"] = "boot"
+    incarnation: Count
+
+
+class Prepared(MigrationEntry):
+    """A migration of ``service`` from ``source`` that would own it at ``epoch``."""
+
+    kind: Literal["prepared"] = "prepared"
+    service: ServiceName
+    epoch: Epoch
+    source: NodeName
+    technique: TechniqueName
+
+
+class Restoring(MigrationEntry):
+    """A restore is about to start under the fence."""
+
+    kind: Literal["restoring"] = "restoring"
+
+
+class Committed(MigrationEntry):
+    """This node owns ``service`` at ``epoch``: written before ``commit`` is answered."""
+
+    kind: Literal["committed"] = "committed"
+    service: ServiceName
+    epoch: Epoch
+
+
+class Tombstoned(MigrationEntry):
+    """The migration is dead here: its copy never runs again (written before saying so)."""
+
+    kind: Literal["tombstoned"] = "tombstoned"
+    reason: Literal["aborted", "fenced", "stale"]
+    detail: Detail = ""
+
+
+SourceEntry = Begin | Freezing | RestoreSent | CommitSent | HandedOver | Resuming | Finished
+DestinationEntry = Prepared | Restoring | Committed | Tombstoned
+AnyEntry = Annotated[
+    Begin
+    | Freezing
+    | RestoreSent
+    | CommitSent
+    | HandedOver
+    | Resuming
+    | Finished
+    | Published
+    | Boot
+    | Prepared
+    | Restoring
+    | Committed
+    | Tombstoned,
+    Field(discriminator="kind"),
+]
+_ENTRY: TypeAdapter[AnyEntry] = TypeAdapter(AnyEntry)
+
+
+def parse_entry(line: str | bytes) -> AnyEntry:
+    return _ENTRY.validate_json(line)
+
+
+def by_migration(entries: Iterable[AnyEntry]) -> dict[str, list[MigrationEntry]]:
+    """The entries of each migration, in journal order."""
+    out: dict[str, list[MigrationEntry]] = {}
+    for entry in entries:
+        if isinstance(entry, MigrationEntry):
+            out.setdefault(entry.migration_id, []).append(entry)
+    return out
+
+
+def incarnation(entries: Iterable[AnyEntry]) -> int:
+    """The incarnation of the next start: one more than the last ``Boot``."""
+    return 1 + max((e.incarnation for e in entries if isinstance(e, Boot)), default=0)
+
+
+class Journal:
+    """One agent's journal file; every :meth:`append` is on disk when it returns."""
+
+    def __init__(self, *, path: Path) -> None:
+        self.path = path
+        """The JSON-lines file (created with its directory on first use)."""
+        self._fd: int | None = None
+
+    def read(self) -> list[AnyEntry]:
+        """Every entry; a torn last line is cut off the file so appends start clean."""
+        try:
+            data = self.path.read_bytes()
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise JournalError(f"cannot read journal {self.path}: {exc}") from exc
+        *whole, tail = data.split(b"\n")
+        entries: list[AnyEntry] = []
+        for number, line in enumerate(whole, start=1):
+            try:
+                entries.append(parse_entry(line))
+            except ValidationError as exc:
+                raise JournalError(f"journal {self.path}: line {number} is damaged") from exc
+        if tail:
+            # Only the line a crash interrupted may be incomplete: the last, unterminated one.
+            try:
+                entries.append(parse_entry(tail))
+                self._fix_tail(b"\n", keep=len(data))
+            except ValidationError:
+                self._fix_tail(b"", keep=len(data) - len(tail))
+        return entries
+
+    def _fix_tail(self, suffix: bytes, *, keep: int) -> None:
+        try:
+            with self.path.open("r+b") as fh:
+                fh.truncate(keep)
+                fh.seek(keep)
+                fh.write(suffix)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            raise JournalError(f"cannot repair journal {self.path}: {exc}") from exc
+
+    def append(self, entry: AnyEntry) -> None:
+        """Write ``entry`` as one line and fsync it before returning."""
+        line = entry.model_dump_json().encode() + b"\n"
+        try:
+            if self._fd is None:
+                created = not self.path.exists()
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+                if created:
+                    _fsync_dir(self.path.parent)
+            written = os.write(self._fd, line)
+            if written != len(line):
+                raise OSError(f"short write ({written} of {len(line)} bytes)")
+            os.fsync(self._fd)
+        except OSError as exc:
+            raise JournalError(f"cannot append to journal {self.path}: {exc}") from exc
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def dump_lines(entries: Iterable[AnyEntry]) -> str:
+    """Entries as journal text (for tests and for an operator's `fogmig` inspection)."""
+    return "".join(json.dumps(e.model_dump(mode="json")) + "\n" for e in entries)
