@@ -25,18 +25,28 @@ import pytest
 
 from fogmig.platform.base.errors import CriuError, TransferError
 from fogmig.platform.base.proc import run, run_sync
-from fogmig.platform.migration.lazy.pages import (
-    LayeredPages,
-    LazyLayoutStats,
+from fogmig.platform.migration.lazy.daemon import (
     LazyPagesDaemon,
-    LazyPageServer,
+)
+from fogmig.platform.migration.lazy.errors import (
     LazyPagesFailed,
-    LazyPagesOutcome,
+)
+from fogmig.platform.migration.lazy.layout import (
+    LazyLayoutStats,
+    convert_to_lazy_layout,
+)
+from fogmig.platform.migration.lazy.server import (
+    LazyPageServer,
     LazyServeStats,
+)
+from fogmig.platform.migration.lazy.sources import (
+    LayeredPages,
     LocalImagePages,
     PageSource,
     RemotePages,
-    convert_to_lazy_layout,
+)
+from fogmig.platform.migration.lazy.verdict import (
+    LazyPagesOutcome,
 )
 from fogmig.platform.runtime.capabilities import criu_capabilities
 from fogmig.platform.runtime.pagemap import PAGE_SIZE, load_pages, read_pagemaps

@@ -11,25 +11,14 @@ from pathlib import Path
 import pytest
 
 from fogmig.platform.base.errors import TransferError
-from fogmig.platform.migration.lazy.pages import (
-    AddressEvent,
-    LayeredPages,
+from fogmig.platform.migration.lazy.errors import (
     LazyLayoutError,
-    LazyPageServer,
     LazyPagesFailed,
-    LazyPagesOutcome,
-    LocalImagePages,
     PageNotFoundError,
     PageServerError,
-    PageTally,
-    PrefetchedPages,
-    RemotePages,
-    TaskTransfer,
+)
+from fogmig.platform.migration.lazy.layout import (
     convert_to_lazy_layout,
-    listen_socket,
-    parse_lazy_pages_events,
-    parse_lazy_pages_log,
-    released_and_missing,
 )
 from fogmig.platform.migration.lazy.protocol import (
     CLOSE_STATUS_OK,
@@ -43,6 +32,25 @@ from fogmig.platform.migration.lazy.protocol import (
     ProtocolError,
     get_request,
     pages_reply_header,
+)
+from fogmig.platform.migration.lazy.server import (
+    LazyPageServer,
+    listen_socket,
+)
+from fogmig.platform.migration.lazy.sources import (
+    LayeredPages,
+    LocalImagePages,
+    PageTally,
+    PrefetchedPages,
+    RemotePages,
+)
+from fogmig.platform.migration.lazy.verdict import (
+    AddressEvent,
+    LazyPagesOutcome,
+    TaskTransfer,
+    parse_lazy_pages_events,
+    parse_lazy_pages_log,
+    released_and_missing,
 )
 from fogmig.platform.runtime.image import (
     IMG_COMMON_MAGIC,
