@@ -128,8 +128,6 @@ class Destination:
         if op == "abort":
             await self.abort(mig, "aborted by the source")
             return {"aborted": True}
-        if op == "keepalive":
-            return {}
         raise MigrationError(f"unknown operation {op!r}", phase=op, migration_id=mid)
 
     # ------------------------------------------------------------------ operations
@@ -225,8 +223,7 @@ class Destination:
             source = mig.prefetch
         # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on
         # the node can read the service's memory.
-        mig.page_server = LazyPageServer(host=None, source=source)
-        await mig.page_server.start()
+        mig.page_server = LazyPageServer(source=source)
         mig.lazy = LazyPagesDaemon(
             image_dir=images, work_dir=work, channel=await mig.page_server.channel()
         )

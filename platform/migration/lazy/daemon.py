@@ -17,7 +17,6 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
-from fogmig.platform.base.proc import in_netns
 from fogmig.platform.migration.lazy.errors import LazyPagesFailed
 from fogmig.platform.migration.lazy.layout import lazy_vaddrs
 from fogmig.platform.migration.lazy.server import LazyPageServer
@@ -36,15 +35,14 @@ class LazyPagesDaemon:
     """``criu lazy-pages --page-server`` at the destination, fed from a local page server.
 
     The daemon reaches the server through ``channel`` (from :meth:`LazyPageServer.channel`:
-    nothing listens, nothing else can connect) or through TCP ``address:port`` in ``netns``
-    (the namespace where the server listens). The daemon talks to ``restore --lazy-pages``
-    through ``lazy-pages.socket`` in ``work_dir``, not the network, so it need not share the
-    restored service's namespace.
+    nothing listens, nothing else can connect). It talks to ``restore --lazy-pages`` through
+    ``lazy-pages.socket`` in ``work_dir``, not the network, so it need not share the restored
+    service's namespace.
 
     Entering starts the daemon and returns once that socket exists, so the restore (with the
     same work directory) can run. :meth:`wait` returns the outcome; leaving kills a daemon that
-    is still running. Over TCP the daemon exits about 0.2 s after its last page (it sends its
-    close on a corked socket): time the transfer with the server's ``last_page_at``.
+    is still running. Time the transfer with the server's ``last_page_at``, not the daemon's
+    exit.
     """
 
     def __init__(
@@ -52,36 +50,24 @@ class LazyPagesDaemon:
         *,
         image_dir: Path,
         work_dir: Path,
-        channel: socket.socket | None = None,
-        port: int | None = None,
-        address: str = "127.0.0.1",
-        netns: str | None = None,
+        channel: socket.socket,
         criu: str = "criu",
         log_name: str = "lazy-pages.log",
         expected_tasks: int | None = None,
         start_timeout: float = 10.0,
     ) -> None:
-        if (channel is None) == (port is None):
-            raise ValueError("give the daemon either a channel or a port")
         self.image_dir = image_dir
         self.work_dir = work_dir
         self.log_path = work_dir / log_name
         self.expected_tasks = expected_tasks
         self._start_timeout = start_timeout
         self._channel = channel
-        if channel is not None:
-            # CRIU's --ps-socket: talk over an inherited, already connected socket.
-            server_args = ["--ps-socket", str(channel.fileno())]
-        else:
-            server_args = ["--address", address, "--port", str(port)]
-        # -v4: the per-task "UFFD transferred pages" summary is a debug line.
-        self.argv = in_netns(
-            netns,
-            [
-                *(criu, "lazy-pages", "--page-server", *server_args),
-                *("-D", str(image_dir), "-W", str(work_dir), "-v4", "--log-file", log_name),
-            ],
-        )
+        # CRIU's --ps-socket: talk over an inherited, already connected socket. -v4: the
+        # per-task "UFFD transferred pages" summary is a debug line.
+        self.argv = [
+            *(criu, "lazy-pages", "--page-server", "--ps-socket", str(channel.fileno())),
+            *("-D", str(image_dir), "-W", str(work_dir), "-v4", "--log-file", log_name),
+        ]
         self._proc: asyncio.subprocess.Process | None = None
 
     @property
@@ -107,15 +93,14 @@ class LazyPagesDaemon:
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.DEVNULL,
                 stderr=asyncio.subprocess.DEVNULL,
-                pass_fds=() if self._channel is None else (self._channel.fileno(),),
+                pass_fds=(self._channel.fileno(),),
             )
         except FileNotFoundError as exc:
             raise self._error("criu not found", None) from exc
         finally:
             # The daemon holds its own copy; ours would keep the server from seeing the
             # daemon go away.
-            if self._channel is not None:
-                self._channel.close()
+            self._channel.close()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self._start_timeout
         while not self.socket_path.exists():

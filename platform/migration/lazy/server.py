@@ -9,20 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
-import ipaddress
 import logging
-import os
 import socket
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
-from fogmig.platform.base.proc import NETNS_DIR
 from fogmig.platform.migration.lazy.errors import PageServerError
 from fogmig.platform.migration.lazy.protocol import (
     CLOSE_STATUS_OK,
@@ -84,108 +78,32 @@ class _Counters:
     error: str | None = None
 
 
-_CLONE_NEWNET = 0x40000000
-
-
-def _setns(fd: int) -> None:
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    if libc.setns(fd, _CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-def listen_socket(host: str, port: int, netns: str | None = None) -> socket.socket:
-    """A listening TCP socket bound in the named network namespace (or this one).
-
-    ``setns`` switches only the calling thread, so a short-lived thread enters the namespace,
-    creates the socket and ends; the socket stays in that namespace and the event loop's thread
-    never leaves its own.
-    """
-    family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
-
-    def make() -> socket.socket:
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.bind((host, port))
-            sock.listen(4)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
-        return sock
-
-    if netns is None:
-        return make()
-    made: list[socket.socket] = []
-    failed: list[BaseException] = []
-
-    def in_namespace() -> None:
-        try:
-            own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                target = os.open(NETNS_DIR / netns, os.O_RDONLY | os.O_CLOEXEC)
-                try:
-                    _setns(target)
-                    try:
-                        made.append(make())
-                    finally:
-                        _setns(own)
-                finally:
-                    os.close(target)
-            finally:
-                os.close(own)
-        except BaseException as exc:  # handed to the caller's thread below
-            failed.append(exc)
-
-    thread = threading.Thread(target=in_namespace, name=f"listen-{netns}")
-    thread.start()
-    thread.join()
-    if failed:
-        raise PageServerError(
-            f"cannot listen on {host}:{port} in network namespace {netns}: {failed[0]}"
-        ) from failed[0]
-    return made[0]
-
-
 class LazyPageServer:
     """CRIU's page-server protocol, lazy side, answered from a :class:`PageSource`.
 
-    The daemon reaches it through :meth:`channel` (a socket pair, preferred: nothing listens)
-    or over TCP on ``host:port`` (port 0 picks a free one, see :attr:`port`) in network
-    namespace ``netns``; ``host=None`` opens no listener. Over TCP only loopback makes sense:
-    the protocol has no authentication. One session at a time; further connections are
-    refused. Requests are read ahead and fetched concurrently (up to ``max_in_flight``),
-    replies go out in request order as the daemon expects. A request the source cannot answer
-    ends the session, which makes the daemon fail: never a silent hole in restored memory.
+    The daemon reaches it through :meth:`channel`, a connected socket pair: nothing listens,
+    so nothing else on the node can read the service's memory (the protocol has no
+    authentication). One session at a time; a further channel is refused. Requests are read
+    ahead and fetched concurrently (up to ``max_in_flight``), replies go out in request order
+    as the daemon expects. A request the source cannot answer ends the session, which makes
+    the daemon fail: never a silent hole in restored memory.
     """
 
     def __init__(
         self,
         *,
-        host: str | None = "127.0.0.1",
-        port: int = 0,
         source: PageSource,
-        netns: str | None = None,
         max_in_flight: int = 16,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.host = host
-        self._port = port
         self.source = source
-        self.netns = netns
         self._max_in_flight = max_in_flight
         self._clock = clock
         self._counters = _Counters()
         self._served: dict[int, list[tuple[int, int]]] = {}
-        self._server: asyncio.Server | None = None
         self._session: asyncio.Task[None] | None = None
         self._channel_sessions: set[asyncio.Task[None]] = set()
         self._session_done = asyncio.Event()
-
-    @property
-    def port(self) -> int:
-        return self._port
 
     @property
     def stats(self) -> LazyServeStats:
@@ -216,19 +134,6 @@ class LazyPageServer:
             for pid, ranges in self._served.items()
         }
 
-    async def start(self) -> None:
-        if self.host is None:
-            return  # channel only
-        sock = listen_socket(self.host, self._port, self.netns)
-        self._port = sock.getsockname()[1]
-        self._server = await asyncio.start_server(self._on_connect, sock=sock)
-        log.info(
-            "lazy page server on %s:%d%s",
-            self.host,
-            self._port,
-            f" in {self.netns}" if self.netns else "",
-        )
-
     async def channel(self) -> socket.socket:
         """A connected socket for the daemon's ``--ps-socket``; its session starts now.
 
@@ -242,14 +147,10 @@ class LazyPageServer:
             ours.close()
             theirs.close()
             raise
-        self._channel_sessions.add(asyncio.create_task(self._on_connect(reader, writer)))
+        self._channel_sessions.add(asyncio.create_task(self._run_session(reader, writer)))
         return theirs
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
         pending = [t for t in (self._session, *self._channel_sessions) if t is not None]
         for task in pending:
             task.cancel()
@@ -257,7 +158,6 @@ class LazyPageServer:
         self._channel_sessions.clear()
 
     async def __aenter__(self) -> Self:
-        await self.start()
         return self
 
     async def __aexit__(
@@ -274,9 +174,11 @@ class LazyPageServer:
             await self._session_done.wait()
         return self.stats
 
-    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _run_session(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
         if self._session is not None and not self._session.done():
-            log.warning("refused a second page-server connection from %s", _peer(writer))
+            log.warning("refused a second lazy-pages session while one is running")
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -284,11 +186,7 @@ class LazyPageServer:
         self._session_done.clear()
         self._session = asyncio.current_task()
         self._counters.connections += 1
-        log.info("lazy-pages daemon connected from %s", _peer(writer))
-        sock = writer.get_extra_info("socket")
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        log.info("lazy-pages daemon connected")
         try:
             await self._serve(reader, writer)
         except asyncio.CancelledError:
@@ -389,11 +287,6 @@ class LazyPageServer:
         await writer.drain()
         self._counters.closed_cleanly = True
         log.debug("session closed by the daemon, status sent")
-        # The daemon closes its end after reading the status; wait for it (no TIME_WAIT here).
+        # The daemon closes its end after reading the status; wait for it.
         with contextlib.suppress(OSError, TimeoutError):
             await asyncio.wait_for(reader.read(1), timeout=5.0)
-
-
-def _peer(writer: asyncio.StreamWriter) -> str:
-    peer = writer.get_extra_info("peername")
-    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
