@@ -4,18 +4,13 @@ Each round is a full dump; :func:`compute_delta` compares it page by page (keyed
 vaddr) with the previous round, :func:`save_delta` lays out what must cross the link as a
 directory (:func:`write_delta` does both), and :func:`apply_delta` rebuilds the complete image
 set at the destination.
-For hybrid migration, :func:`save_delta` can leave the changed lazy pages out and
-:func:`build_hybrid_images` writes an image set whose unchanged pages CRIU reads from the
-previous round (a ``parent`` link) while the changed ones arrive on page faults from
-``criu page-server --lazy-pages`` serving the final dump (:func:`write_lazy_source`).
 
-Delta directory layout (format version 1):
+Delta directory layout (format version 2):
 
 - ``delta.json``: the manifest (:class:`DeltaManifest`).
 - every non-page file of the dump as it is, pagemaps included (``descriptors.json``,
   ``cgroup.img``, ``core-*.img``, ...).
 - ``delta-pages-<image id>.img`` per pagemap: the shipped pages as runs with their bytes.
-- ``delta-lazy-<image id>.img`` (lazy mode only): runs of changed pages left to post-copy.
 
 A runs file is ``b"FMPDRUN1"``, u32 flags (bit 0: page bytes follow), u32 run count, u64 page
 count, then per run u64 vaddr and u64 page count, then the pages, all little-endian.
@@ -24,12 +19,10 @@ count, then per run u64 vaddr and u64 page count, then the pages, all little-end
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import struct
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -42,29 +35,21 @@ from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.runtime.image import ImageFormatError
 from fogmig.platform.runtime.pagemap import (
     PAGE_SIZE,
-    PE_LAZY,
-    PE_PARENT,
-    PE_PRESENT,
     Pagemap,
-    PagemapEntry,
     Vaddrs,
     decode_pagemap,
-    entries_from_pages,
     is_pages_file,
     load_pages,
     read_pagemaps,
-    write_pagemap,
 )
 
 __all__ = [
     "DELTA_FORMAT_VERSION",
     "MANIFEST_NAME",
     "PAGE_SIZE",
-    "PARENT_LINK",
     "DeltaError",
     "DeltaManifest",
     "DeltaStats",
-    "HybridStats",
     "PageDelta",
     "PageRuns",
     "PagemapDelta",
@@ -72,21 +57,17 @@ __all__ = [
     "RebuildStats",
     "WrittenDelta",
     "apply_delta",
-    "build_hybrid_images",
     "compute_delta",
     "read_manifest",
     "read_runs",
     "runs_of",
     "save_delta",
     "write_delta",
-    "write_lazy_source",
 ]
 
 MANIFEST_NAME = "delta.json"
-DELTA_FORMAT_VERSION = 1
+DELTA_FORMAT_VERSION = 2
 DELTA_PAGES_PREFIX = "delta-pages-"
-DELTA_LAZY_PREFIX = "delta-lazy-"
-PARENT_LINK = "parent"  # the name CRIU looks for in an image directory (criu/image.c)
 
 RUNS_MAGIC = b"FMPDRUN1"
 _RUNS_HEAD = struct.Struct("<8sIIQ")
@@ -201,7 +182,7 @@ def _check_full_dump(pm: Pagemap, directory: Path) -> None:
     raise DeltaError(
         f"{directory / pm.file_name} is a lazy dump: page {e.vaddr:#x} has no bytes in the "
         "image, so what changed cannot be known",
-        hint="for hybrid, take a full final dump and use save_delta(..., lazy=True)",
+        hint="compare complete dumps: checkpoint without --lazy-pages",
     )
 
 
@@ -307,20 +288,15 @@ def _expand_runs(runs: npt.NDArray[np.void]) -> Vaddrs:
 
 
 def _write_runs(
-    path: Path,
-    vaddrs: Vaddrs,
-    pages: npt.NDArray[np.uint8] | None,
-    index: npt.NDArray[np.int64] | None,
+    path: Path, vaddrs: Vaddrs, pages: npt.NDArray[np.uint8], index: npt.NDArray[np.int64]
 ) -> None:
-    """Write a runs file; with ``pages`` the bytes of ``pages[index]`` follow, in that order."""
+    """Write a runs file of ``vaddrs`` followed by the bytes of ``pages[index]``, in order."""
     runs = runs_of(vaddrs)
-    flags = _RUNS_WITH_DATA if pages is not None else 0
     with path.open("wb") as f:
-        f.write(_RUNS_HEAD.pack(RUNS_MAGIC, flags, runs.size, int(vaddrs.size)))
+        f.write(_RUNS_HEAD.pack(RUNS_MAGIC, _RUNS_WITH_DATA, runs.size, int(vaddrs.size)))
         f.write(runs.tobytes())
-        if pages is not None and index is not None:
-            for s in range(0, index.size, _COMPARE_CHUNK):
-                f.write(np.ascontiguousarray(pages[index[s : s + _COMPARE_CHUNK]]).tobytes())
+        for s in range(0, index.size, _COMPARE_CHUNK):
+            f.write(np.ascontiguousarray(pages[index[s : s + _COMPARE_CHUNK]]).tobytes())
 
 
 @dataclass(frozen=True, slots=True)
@@ -380,13 +356,11 @@ class PagemapRecord(BaseModel):
     pages: str | None
     present_pages: int
     shipped_pages: int
-    lazy_pages: int
     delta_pages: str
-    lazy_runs: str | None
     base_pagemap_sha256: str | None
     pages_sha256: str | None
 
-    @field_validator("pagemap", "pages", "delta_pages", "lazy_runs")
+    @field_validator("pagemap", "pages", "delta_pages")
     @classmethod
     def _plain_name(cls, v: str | None) -> str | None:
         return _check_name(v) if v is not None else None
@@ -398,8 +372,7 @@ class DeltaManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["fogmig-page-delta"] = "fogmig-page-delta"
-    version: Literal[1] = 1
-    mode: Literal["eager", "lazy"]
+    version: Literal[2] = 2
     files: list[str]
     pagemaps: list[PagemapRecord]
     pages_total: int
@@ -449,12 +422,8 @@ class WrittenDelta:
 
     @property
     def pages_changed(self) -> int:
-        """Pages new or different since the previous round (carried or left lazy)."""
+        """Pages new or different since the previous round: the pages carried."""
         return self.stats.pages_shipped
-
-    @property
-    def pages_lazy(self) -> int:
-        return sum(r.lazy_pages for r in self.manifest.pagemaps)
 
 
 def _copied_files(cur_dir: Path) -> list[str]:
@@ -467,7 +436,7 @@ def _copied_files(cur_dir: Path) -> list[str]:
     for p in sorted(cur_dir.iterdir()):
         if p.is_symlink() or not p.is_file() or is_pages_file(p.name) or p.suffix == ".log":
             continue
-        if p.name == MANIFEST_NAME or p.name.startswith((DELTA_PAGES_PREFIX, DELTA_LAZY_PREFIX)):
+        if p.name == MANIFEST_NAME or p.name.startswith(DELTA_PAGES_PREFIX):
             raise DeltaError(f"{cur_dir} already holds delta files: not a plain dump directory")
         names.append(_check_name(p.name))
     return names
@@ -491,22 +460,18 @@ def write_delta(
     cur_dir: Path,
     out_dir: Path,
     *,
-    lazy: bool = False,
     digest: bool = True,
 ) -> WrittenDelta:
     """Compare two rounds and lay out the delta in ``out_dir``: :func:`compute_delta` then
     :func:`save_delta`."""
-    return save_delta(compute_delta(prev_dir, cur_dir), out_dir, lazy=lazy, digest=digest)
+    return save_delta(compute_delta(prev_dir, cur_dir), out_dir, digest=digest)
 
 
-def save_delta(
-    delta: PageDelta, out_dir: Path, *, lazy: bool = False, digest: bool = True
-) -> WrittenDelta:
+def save_delta(delta: PageDelta, out_dir: Path, *, digest: bool = True) -> WrittenDelta:
     """Lay out ``delta`` in ``out_dir`` (created, must be empty) for the transfer channel.
 
-    With ``lazy`` (hybrid), changed pages that CRIU may restore lazily are listed but not
-    carried: the destination fetches them on fault. ``digest`` records a SHA-256 of every
-    final pages file so that :func:`apply_delta` proves its rebuild byte-identical.
+    ``digest`` records a SHA-256 of every final pages file so that :func:`apply_delta` proves
+    its rebuild byte-identical.
     """
     _prepare_out(out_dir)
     cur_dir = delta.cur_dir
@@ -517,14 +482,6 @@ def save_delta(
         pages = load_pages(cur_dir, pm)
         vaddrs = d.shipped_vaddrs()
         index = d.shipped
-        lazy_name: str | None = None
-        n_lazy = 0
-        if lazy:
-            lazy_mask = _lazy_mask(pm, vaddrs)
-            lazy_name = _check_name(f"{DELTA_LAZY_PREFIX}{pm.image_id}.img")
-            _write_runs(out_dir / lazy_name, vaddrs[lazy_mask], None, None)
-            n_lazy = int(lazy_mask.sum())
-            vaddrs, index = vaddrs[~lazy_mask], index[~lazy_mask]
         delta_name = _check_name(f"{DELTA_PAGES_PREFIX}{pm.image_id}.img")
         _write_runs(out_dir / delta_name, vaddrs, pages, index)
         records.append(
@@ -534,9 +491,7 @@ def save_delta(
                 pages=pm.pages_file_name,
                 present_pages=pm.present_pages,
                 shipped_pages=int(index.size),
-                lazy_pages=n_lazy,
                 delta_pages=delta_name,
-                lazy_runs=lazy_name,
                 base_pagemap_sha256=d.base_digest,
                 pages_sha256=_sha256_pages(pages) if digest else None,
             )
@@ -545,7 +500,6 @@ def save_delta(
         shutil.copyfile(cur_dir / name, out_dir / name)
     s = delta.stats
     manifest = DeltaManifest(
-        mode="lazy" if lazy else "eager",
         files=files,
         pagemaps=records,
         pages_total=s.pages_total,
@@ -557,12 +511,6 @@ def save_delta(
     (out_dir / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
     total = sum(p.stat().st_size for p in out_dir.iterdir() if p.is_file())
     return WrittenDelta(out_dir, manifest, s, total)
-
-
-def _lazy_mask(pm: Pagemap, vaddrs: Vaddrs) -> npt.NDArray[np.bool_]:
-    """Which of ``vaddrs`` (present pages of ``pm``) sit in entries flagged PE_LAZY."""
-    lazy_v = pm.vaddrs_with(PE_LAZY | PE_PRESENT)
-    return np.isin(vaddrs, lazy_v, assume_unique=True)
 
 
 # ---------------------------------------------------------------- applying a delta
@@ -638,10 +586,6 @@ def apply_delta(base_dir: Path | None, delta_dir: Path, out_dir: Path) -> Rebuil
     """
     started = time.perf_counter()
     manifest = read_manifest(delta_dir)
-    if manifest.mode != "eager":
-        raise DeltaError(
-            f"{delta_dir} leaves pages to post-copy; rebuild it with build_hybrid_images()"
-        )
     _prepare_out(out_dir)
     from_delta = from_base = written = 0
     for rec in manifest.pagemaps:
@@ -742,142 +686,3 @@ def _load(directory: Path, pm: Pagemap) -> npt.NDArray[np.uint8]:
         return load_pages(directory, pm)
     except ImageFormatError as exc:
         raise DeltaError(str(exc)) from exc
-
-
-# ---------------------------------------------------------------- hybrid (lazy) images
-
-
-@dataclass(frozen=True, slots=True)
-class HybridStats:
-    """How the pages of a hybrid image set will be restored."""
-
-    pages_parent: int  # read locally from the previous round through the ``parent`` link
-    pages_present: int  # carried in the delta, written into this image set
-    pages_lazy: int  # fetched on fault from the source's page server
-
-
-def _page_flags(entries: tuple[PagemapEntry, ...]) -> Iterator[tuple[int, int]]:
-    for e in entries:
-        for i in range(e.nr_pages):
-            yield e.vaddr + i * PAGE_SIZE, e.flags
-
-
-def build_hybrid_images(
-    base_dir: Path, delta_dir: Path, out_dir: Path, *, parent: Path | None = None
-) -> HybridStats:
-    """Write an image set for ``criu restore --lazy-pages`` on top of the previous round.
-
-    Every page of the final pagemap becomes PE_PARENT when the delta did not ship it (CRIU
-    reads it from ``base_dir`` through the ``parent`` link), PE_PRESENT (with its bytes, and
-    without PE_LAZY, so the restore itself writes it) when the delta carries it, and PE_LAZY
-    (no bytes) when the delta left it to post-copy. ``parent`` is the link's target; by
-    default ``base_dir`` relative to ``out_dir``: CRIU opens the link from the restored task
-    after it entered the container's root, where an absolute host path does not resolve
-    (runc restore: "Can't open parent path"), while a relative one walks from the image dir.
-
-    With an eager delta nothing is lazy and a plain ``criu restore`` of ``out_dir`` works: the
-    pre-copy final round then skips :func:`apply_delta`'s full rewrite of the pages (75 MB:
-    about 20 ms instead of 250 ms at the destination, inside the downtime).
-
-    Sequence verified with CRIU 4.2.1 (restore.c reads PE_PARENT pages through the link;
-    uffd.c registers only PE_LAZY ones): the source takes a FULL final dump (a lazy dump has
-    no page bytes to compare), ships ``save_delta(..., lazy=True)`` and runs ``criu
-    page-server --lazy-pages -D <write_lazy_source dir> --address IP --port P`` (it binds IP,
-    serves one session, exits). Here: ``criu lazy-pages --page-server --address IP --port P
-    -D out_dir -W W``, then ``criu restore --lazy-pages -D out_dir -W W`` (same ``W``). Judge
-    by the daemon's exit code and its ``UFFD transferred pages: (N/N)`` (logged at -v4).
-    """
-    manifest = read_manifest(delta_dir)
-    _prepare_out(out_dir)
-    n_parent = n_present = n_lazy = 0
-    for rec in manifest.pagemaps:
-        pm = _checked_pagemap(delta_dir, rec)
-        base_pm = _base_pagemap(base_dir, rec)
-        shipped = read_runs(delta_dir / rec.delta_pages)
-        assert shipped.pages is not None
-        lazy_v = (
-            read_runs(delta_dir / rec.lazy_runs).vaddrs
-            if rec.lazy_runs is not None
-            else np.empty(0, dtype=np.int64)
-        )
-        present = [(v, f) for v, f in _page_flags(pm.entries) if f & PE_PRESENT]
-        if not present:
-            write_pagemap(out_dir, pm)
-            continue
-        order = sorted(present)
-        vaddrs = np.fromiter((v for v, _ in order), dtype=np.int64, count=len(order))
-        _, is_shipped = _locate(shipped.vaddrs, vaddrs)
-        _, is_lazy = _locate(lazy_v, vaddrs)
-        if int(is_shipped.sum()) != shipped.vaddrs.size or int(is_lazy.sum()) != lazy_v.size:
-            raise DeltaError(f"the delta of {rec.pagemap} lists pages the pagemap does not")
-        from_parent = ~(is_shipped | is_lazy)
-        if from_parent.any():
-            base_v = (
-                np.sort(np.concatenate((base_pm.present_vaddrs(), base_pm.vaddrs_with(PE_PARENT))))
-                if base_pm is not None
-                else np.empty(0, dtype=np.int64)
-            )
-            _, found = _locate(base_v, vaddrs[from_parent])
-            if not found.all():
-                missing = int(vaddrs[from_parent][~found][0])
-                raise DeltaError(
-                    f"page {missing:#x} of {rec.pagemap} is neither shipped, lazy, nor in "
-                    f"the base {base_dir}"
-                )
-        flags = np.where(is_shipped, PE_PRESENT, np.where(is_lazy, PE_LAZY, PE_PARENT))
-        entries = entries_from_pages(vaddrs, flags.astype(np.int64))
-        # Keep the final dump's non-present entries (none in CRIU's own dumps) as they are.
-        entries += [e for e in pm.entries if not e.present]
-        entries.sort(key=lambda e: e.vaddr)
-        out_pm = Pagemap(pm.image_id, pm.pages_id, tuple(entries))
-        write_pagemap(out_dir, out_pm)
-        if out_pm.pages_file_name is not None:
-            # Present pages in vaddr order, which is the order of the entries just written.
-            with (out_dir / out_pm.pages_file_name).open("wb") as f:
-                f.write(np.ascontiguousarray(shipped.pages).data)
-        n_parent += int(from_parent.sum())
-        n_present += int(is_shipped.sum())
-        n_lazy += int(is_lazy.sum())
-    for name in manifest.files:
-        if name in {r.pagemap for r in manifest.pagemaps}:
-            continue
-        src = delta_dir / name
-        if not src.is_file():
-            raise DeltaError(f"{src} is listed in {MANIFEST_NAME} but missing")
-        shutil.copyfile(src, out_dir / name)
-    target = (
-        parent
-        if parent is not None
-        else Path(os.path.relpath(base_dir.resolve(), out_dir.resolve()))
-    )
-    os.symlink(target, out_dir / PARENT_LINK)
-    return HybridStats(n_parent, n_present, n_lazy)
-
-
-def write_lazy_source(delta: PageDelta, out_dir: Path) -> int:
-    """Write the image set that ``criu page-server --lazy-pages -D out_dir`` serves for hybrid.
-
-    Only the changed lazy pages are kept (flags LAZY|PRESENT, which is what the page server
-    loads into its pipes), so the source holds a few pages in memory, not the whole state.
-    Returns the number of pages served.
-    """
-    _prepare_out(out_dir)
-    served = 0
-    for d in delta.pagemaps:
-        pm = d.pagemap
-        vaddrs = d.shipped_vaddrs()
-        mask = _lazy_mask(pm, vaddrs)
-        keep_v, keep_i = vaddrs[mask], d.shipped[mask]
-        entries = entries_from_pages(keep_v, np.full(keep_v.size, PE_LAZY | PE_PRESENT))
-        out_pm = Pagemap(pm.image_id, pm.pages_id, tuple(entries))
-        write_pagemap(out_dir, out_pm)
-        if out_pm.pages_file_name is not None:
-            pages = load_pages(delta.cur_dir, pm)
-            with (out_dir / out_pm.pages_file_name).open("wb") as f:
-                for s in range(0, keep_i.size, _COMPARE_CHUNK):
-                    f.write(np.ascontiguousarray(pages[keep_i[s : s + _COMPARE_CHUNK]]).data)
-        served += int(keep_v.size)
-    for name in _copied_files(delta.cur_dir):
-        if not (out_dir / name).exists():
-            shutil.copyfile(delta.cur_dir / name, out_dir / name)
-    return served
