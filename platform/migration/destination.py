@@ -27,7 +27,7 @@ from fogmig.platform.base.errors import (
     MigrationError,
 )
 from fogmig.platform.base.nodes import check_service_name, netns_name
-from fogmig.platform.migration.delta import pagedelta
+from fogmig.platform.migration.delta import apply as delta_apply
 from fogmig.platform.migration.lazy.daemon import LazyPagesDaemon
 from fogmig.platform.migration.lazy.layout import lazy_vaddrs
 from fogmig.platform.migration.lazy.server import LazyPageServer
@@ -183,7 +183,7 @@ class Destination:
         base = self._sub(mig, params.get("base"))
         delta = self._sub(mig, params.get("delta"))
         out = self._sub(mig, params.get("out"))
-        stats = await asyncio.to_thread(pagedelta.apply_delta, base, delta, out)
+        stats = await asyncio.to_thread(delta_apply.apply_delta, base, delta, out)
         await asyncio.to_thread(shutil.rmtree, delta)
         if base != out:
             await asyncio.to_thread(shutil.rmtree, base)

@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fogmig.platform.migration.delta import pagedelta
+from fogmig.platform.migration.delta.save import WrittenDelta, write_delta
 from fogmig.platform.migration.engine import MigrationContext, stop_after, timed
 from fogmig.platform.migration.ports import DumpResult
 from fogmig.platform.migration.record import Round
@@ -39,9 +39,7 @@ async def precopy_rounds(ctx: MigrationContext) -> Path:
             pages_total = pages_changed = dump.image_bytes // PAGE_SIZE
         else:
             started = time.monotonic()
-            delta = pagedelta.write_delta(
-                previous.image_dir, dump.image_dir, ctx.workdir / f"d{index}"
-            )
+            delta = write_delta(previous.image_dir, dump.image_dir, ctx.workdir / f"d{index}")
             round_dump_time += time.monotonic() - started
             sent = await ctx.send(delta.directory, f"d{index}", Phase.PRECOPY)
             apply_time = await timed(
@@ -79,12 +77,12 @@ async def precopy_rounds(ctx: MigrationContext) -> Path:
             return dump.image_dir
 
 
-async def final_delta(ctx: MigrationContext, last_round: Path) -> pagedelta.WrittenDelta:
+async def final_delta(ctx: MigrationContext, last_round: Path) -> WrittenDelta:
     """Freeze and dump the service; compute what changed since the last round (downtime)."""
     record = ctx.record
     dump = await ctx.source.checkpoint(ctx.workdir / "final", leave_running=False)
     started = time.monotonic()
-    delta = pagedelta.write_delta(last_round, dump.image_dir, ctx.workdir / "dfinal")
+    delta = write_delta(last_round, dump.image_dir, ctx.workdir / "dfinal")
     record.dump_time_s = dump.duration_s + (time.monotonic() - started)
     record.rounds.append(
         Round(

@@ -24,11 +24,15 @@ import pytest
 
 from fogmig.platform.base.errors import CriuError
 from fogmig.platform.base.proc import run
-from fogmig.platform.migration.delta.pagedelta import (
+from fogmig.platform.migration.delta.apply import (
+    apply_delta,
+)
+from fogmig.platform.migration.delta.compute import (
     PageDelta,
     PagemapDelta,
-    apply_delta,
     compute_delta,
+)
+from fogmig.platform.migration.delta.save import (
     save_delta,
     write_delta,
 )

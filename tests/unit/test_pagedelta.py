@@ -10,14 +10,20 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fogmig.platform.migration.delta.pagedelta import (
+from fogmig.platform.migration.delta.apply import (
+    apply_delta,
+)
+from fogmig.platform.migration.delta.compute import (
+    compute_delta,
+)
+from fogmig.platform.migration.delta.layout import (
     MANIFEST_NAME,
     DeltaError,
-    apply_delta,
-    compute_delta,
     read_manifest,
     read_runs,
     runs_of,
+)
+from fogmig.platform.migration.delta.save import (
     save_delta,
     write_delta,
 )
