@@ -3,8 +3,8 @@
 Without soft-dirty tracking (this kernel, arm64 fog nodes) every round is a leave-running
 checkpoint; the first round ships every page, later rounds and the final dump ship only the
 pages whose content changed since the previous round, and the destination rebuilds the
-complete image set before it restores (design: docs/architecture.md, "Pre-copy without
-soft-dirty tracking"; the kernel facts behind it: docs/platform.md).
+complete image set before it restores (design: docs/architecture.md, "Pre-copy"; the kernel
+facts behind it: docs/platform.md, "No soft-dirty tracking: pre-copy by page delta").
 """
 
 from __future__ import annotations
