@@ -27,8 +27,17 @@ from fogmig.platform.base.errors import (
     MigrationError,
 )
 from fogmig.platform.base.nodes import check_service_name, netns_name
-from fogmig.platform.migration.delta import pagedelta
-from fogmig.platform.migration.lazy import pages as lazypages
+from fogmig.platform.migration.delta import apply as delta_apply
+from fogmig.platform.migration.lazy.daemon import LazyPagesDaemon
+from fogmig.platform.migration.lazy.layout import lazy_vaddrs
+from fogmig.platform.migration.lazy.server import LazyPageServer
+from fogmig.platform.migration.lazy.sources import (
+    LayeredPages,
+    LocalImagePages,
+    PageSource,
+    PrefetchedPages,
+    RemotePages,
+)
 from fogmig.platform.runtime.bundle import make_bundle
 from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import remove_tree
@@ -52,9 +61,9 @@ class Incoming:
     directory: Path
     bundle: Path
     started_container: bool = False
-    lazy: lazypages.LazyPagesDaemon | None = None
-    page_server: lazypages.LazyPageServer | None = None
-    prefetch: lazypages.PrefetchedPages | None = None
+    lazy: LazyPagesDaemon | None = None
+    page_server: LazyPageServer | None = None
+    prefetch: PrefetchedPages | None = None
     close_fetch: Callable[[], Awaitable[None]] | None = None
     lazy_task: asyncio.Task[dict[str, Any]] | None = None
     restored_at: float = 0.0
@@ -119,8 +128,6 @@ class Destination:
         if op == "abort":
             await self.abort(mig, "aborted by the source")
             return {"aborted": True}
-        if op == "keepalive":
-            return {}
         raise MigrationError(f"unknown operation {op!r}", phase=op, migration_id=mid)
 
     # ------------------------------------------------------------------ operations
@@ -176,7 +183,7 @@ class Destination:
         base = self._sub(mig, params.get("base"))
         delta = self._sub(mig, params.get("delta"))
         out = self._sub(mig, params.get("out"))
-        stats = await asyncio.to_thread(pagedelta.apply_delta, base, delta, out)
+        stats = await asyncio.to_thread(delta_apply.apply_delta, base, delta, out)
         await asyncio.to_thread(shutil.rmtree, delta)
         if base != out:
             await asyncio.to_thread(shutil.rmtree, base)
@@ -199,9 +206,9 @@ class Destination:
             raise ConfigError(f"unknown restore mode {mode!r}")
         demand, ahead, close = await self._fetch_factory(mig.source, mig.migration_id)
         mig.close_fetch = close
-        remote = lazypages.RemotePages(demand)
+        remote = RemotePages(demand)
         base_name = params.get("base")
-        source: lazypages.PageSource
+        source: PageSource
         if base_name:
             # Hybrid: unchanged pages from the last pre-copy round here, changed ones remote.
             base = self._sub(mig, base_name)
@@ -209,16 +216,15 @@ class Destination:
             changed = {
                 int(pid): vaddrs for pid, vaddrs in json.loads(changed_file.read_text()).items()
             }
-            mig.prefetch = lazypages.PrefetchedPages(remote, ahead, changed)
-            source = lazypages.LayeredPages(lazypages.LocalImagePages(base), mig.prefetch, changed)
+            mig.prefetch = PrefetchedPages(remote, ahead, changed)
+            source = LayeredPages(LocalImagePages(base), mig.prefetch, changed)
         else:
-            mig.prefetch = lazypages.PrefetchedPages(remote, ahead, lazypages.lazy_vaddrs(images))
+            mig.prefetch = PrefetchedPages(remote, ahead, lazy_vaddrs(images))
             source = mig.prefetch
         # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on
         # the node can read the service's memory.
-        mig.page_server = lazypages.LazyPageServer(host=None, source=source)
-        await mig.page_server.start()
-        mig.lazy = lazypages.LazyPagesDaemon(
+        mig.page_server = LazyPageServer(source=source)
+        mig.lazy = LazyPagesDaemon(
             image_dir=images, work_dir=work, channel=await mig.page_server.channel()
         )
         await mig.lazy.start()

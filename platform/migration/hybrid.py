@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from fogmig.platform.migration.delta import pagedelta
+from fogmig.platform.migration.delta.compute import compute_delta
 from fogmig.platform.migration.engine import MigrationContext
 from fogmig.platform.migration.postcopy import lazy_dump, restore_and_fault_in
 from fogmig.platform.migration.precopy import precopy_rounds
@@ -32,7 +32,7 @@ async def migrate(ctx: MigrationContext) -> None:
     ctx.enter(Phase.DUMPING)
     lazy_dir = await lazy_dump(ctx)
     started = time.monotonic()
-    delta = pagedelta.compute_delta(last, ctx.workdir / "final")
+    delta = compute_delta(last, ctx.workdir / "final")
     changed = {d.pagemap.image_id: d.shipped_vaddrs().tolist() for d in delta.pagemaps}
     (lazy_dir / CHANGED_FILE).write_text(json.dumps(changed))
     record.dump_time_s += time.monotonic() - started

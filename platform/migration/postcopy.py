@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 from fogmig.platform.migration.engine import MigrationContext, timed
-from fogmig.platform.migration.lazy import pages as lazypages
+from fogmig.platform.migration.lazy.errors import LazyPagesError
+from fogmig.platform.migration.lazy.layout import convert_to_lazy_layout
 from fogmig.platform.migration.states import Phase
 
 LAZY_POLL_S = 0.5
@@ -25,7 +26,7 @@ async def lazy_dump(ctx: MigrationContext) -> Path:
     dump = await ctx.source.checkpoint(ctx.workdir / "final", leave_running=False)
     started = time.monotonic()
     lazy_dir = ctx.workdir / "lazy"
-    await lazypages.convert_to_lazy_layout(dump.image_dir, lazy_dir)
+    await convert_to_lazy_layout(dump.image_dir, lazy_dir)
     ctx.record.dump_time_s += dump.duration_s + (time.monotonic() - started)
     ctx.source.serve_pages(ctx.migration_id, dump.image_dir)
     return lazy_dir
@@ -56,9 +57,7 @@ async def restore_and_fault_in(ctx: MigrationContext, restore_params: dict[str, 
             )
         await asyncio.sleep(LAZY_POLL_S)
     if not status.get("ok"):
-        raise lazypages.LazyPagesError(
-            f"destination reports the lazy transfer failed: {status.get('error')}"
-        )
+        raise LazyPagesError(f"destination reports the lazy transfer failed: {status.get('error')}")
     record.faulted_pages_transfer_time_s = float(str(status.get("seconds", 0.0)))
     record.faulted_pages_bytes = int(str(status.get("remote_bytes", 0)))
     record.faulted_pages_remote = int(str(status.get("remote_pages", 0)))

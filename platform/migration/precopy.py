@@ -3,7 +3,8 @@
 Without soft-dirty tracking (this kernel, arm64 fog nodes) every round is a leave-running
 checkpoint; the first round ships every page, later rounds and the final dump ship only the
 pages whose content changed since the previous round, and the destination rebuilds the
-complete image set before it restores (DESIGN.md, "Pre-copy without soft-dirty tracking").
+complete image set before it restores (design: docs/architecture.md, "Pre-copy"; the kernel
+facts behind it: docs/platform.md, "No soft-dirty tracking: pre-copy by page delta").
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from fogmig.platform.migration.delta import pagedelta
+from fogmig.platform.migration.delta.save import WrittenDelta, write_delta
 from fogmig.platform.migration.engine import MigrationContext, stop_after, timed
 from fogmig.platform.migration.ports import DumpResult
 from fogmig.platform.migration.record import Round
@@ -39,9 +40,7 @@ async def precopy_rounds(ctx: MigrationContext) -> Path:
             pages_total = pages_changed = dump.image_bytes // PAGE_SIZE
         else:
             started = time.monotonic()
-            delta = pagedelta.write_delta(
-                previous.image_dir, dump.image_dir, ctx.workdir / f"d{index}"
-            )
+            delta = write_delta(previous.image_dir, dump.image_dir, ctx.workdir / f"d{index}")
             round_dump_time += time.monotonic() - started
             sent = await ctx.send(delta.directory, f"d{index}", Phase.PRECOPY)
             apply_time = await timed(
@@ -79,12 +78,12 @@ async def precopy_rounds(ctx: MigrationContext) -> Path:
             return dump.image_dir
 
 
-async def final_delta(ctx: MigrationContext, last_round: Path) -> pagedelta.WrittenDelta:
+async def final_delta(ctx: MigrationContext, last_round: Path) -> WrittenDelta:
     """Freeze and dump the service; compute what changed since the last round (downtime)."""
     record = ctx.record
     dump = await ctx.source.checkpoint(ctx.workdir / "final", leave_running=False)
     started = time.monotonic()
-    delta = pagedelta.write_delta(last_round, dump.image_dir, ctx.workdir / "dfinal")
+    delta = write_delta(last_round, dump.image_dir, ctx.workdir / "dfinal")
     record.dump_time_s = dump.duration_s + (time.monotonic() - started)
     record.rounds.append(
         Round(

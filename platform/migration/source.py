@@ -23,7 +23,7 @@ from fogmig.platform.migration.engine import (
     Technique,
     run_migration,
 )
-from fogmig.platform.migration.lazy import pages as lazypages
+from fogmig.platform.migration.lazy.sources import LocalImagePages
 from fogmig.platform.migration.ports import DumpResult, ProgressFn, SentResult
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.platform.migration.record import Technique as TechniqueName
@@ -98,7 +98,7 @@ class RuntimeSource:
         remove_tree(self.bundle)
 
     def serve_pages(self, migration_id: str, image_dir: Path) -> None:
-        self._pages[migration_id] = lazypages.LocalImagePages(image_dir)
+        self._pages[migration_id] = LocalImagePages(image_dir)
 
     def stop_serving_pages(self, migration_id: str) -> None:
         pages = self._pages.pop(migration_id, None)

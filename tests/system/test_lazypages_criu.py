@@ -19,24 +19,33 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from fogmig.platform.base.errors import CriuError, TransferError
 from fogmig.platform.base.proc import run, run_sync
-from fogmig.platform.migration.lazy.pages import (
-    LayeredPages,
-    LazyLayoutStats,
+from fogmig.platform.migration.lazy.daemon import (
     LazyPagesDaemon,
-    LazyPageServer,
+)
+from fogmig.platform.migration.lazy.errors import (
     LazyPagesFailed,
-    LazyPagesOutcome,
+)
+from fogmig.platform.migration.lazy.layout import (
+    LazyLayoutStats,
+    convert_to_lazy_layout,
+)
+from fogmig.platform.migration.lazy.server import (
+    LazyPageServer,
     LazyServeStats,
+)
+from fogmig.platform.migration.lazy.sources import (
+    LayeredPages,
     LocalImagePages,
     PageSource,
     RemotePages,
-    convert_to_lazy_layout,
+)
+from fogmig.platform.migration.lazy.verdict import (
+    LazyPagesOutcome,
 )
 from fogmig.platform.runtime.capabilities import criu_capabilities
 from fogmig.platform.runtime.pagemap import PAGE_SIZE, load_pages, read_pagemaps
@@ -226,26 +235,21 @@ async def lazy_restore(
     full: Path,
     source: PageSource,
     netns: str,
-    *,
-    tcp: bool = False,
 ) -> LazyRun:
     """Convert, serve and restore lazily; returns once the daemon has exited.
 
     The restore runs in ``netns`` (the "node"); the daemon gets a socket-pair channel to the
-    server, or with ``tcp`` connects to it on loopback inside ``netns``.
+    server, so it needs no network of its own.
     """
     lazy = scratch / "lazy"
     work = scratch / "lazy-work"
     layout = await convert_to_lazy_layout(full, lazy)
-    async with LazyPageServer(source=source, netns=netns, host="127.0.0.1" if tcp else None) as (
-        server
-    ):
-        if tcp:
-            link: dict[str, Any] = {"port": server.port, "netns": netns}
-        else:
-            link = {"channel": await server.channel()}
+    async with LazyPageServer(source=source) as server:
         async with LazyPagesDaemon(
-            image_dir=lazy, work_dir=work, expected_tasks=layout.tasks, **link
+            image_dir=lazy,
+            work_dir=work,
+            channel=await server.channel(),
+            expected_tasks=layout.tasks,
         ) as daemon:
             started = time.monotonic()
             await run(
@@ -276,16 +280,13 @@ def _report(label: str, r: LazyRun) -> None:
     )
 
 
-@pytest.mark.parametrize("tcp", [False, True], ids=["channel", "tcp"])
-async def test_postcopy_from_local_image(
-    scratch: Path, workload: Workload, netns: str, tcp: bool
-) -> None:
+async def test_postcopy_from_local_image(scratch: Path, workload: Workload, netns: str) -> None:
     full = scratch / "full"
     await workload.dump(full)
     at_dump = workload.counter()
     with LocalImagePages(full) as source:
-        r = await lazy_restore(scratch, full, source, netns, tcp=tcp)
-    _report(f"post-copy over {'tcp' if tcp else 'channel'}", r)
+        r = await lazy_restore(scratch, full, source, netns)
+    _report("post-copy", r)
 
     r.outcome.raise_for_failure()
     assert r.outcome.ok

@@ -1,4 +1,4 @@
-"""Page delta pre-copy and hybrid with real CRIU on a plain process (no runc).
+"""Page delta pre-copy with real CRIU on a plain process (no runc).
 
 A worker keeps private and shared random memory with a checksum per page and rewrites whole
 pages at a set rate. Leave-running rounds and a final dump are turned into deltas, rebuilt at
@@ -9,35 +9,34 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from fogmig.platform.base.errors import CriuError
-from fogmig.platform.base.paths import cache_dir
 from fogmig.platform.base.proc import run
-from fogmig.platform.migration.delta.pagedelta import (
+from fogmig.platform.migration.delta.apply import (
+    apply_delta,
+)
+from fogmig.platform.migration.delta.compute import (
     PageDelta,
     PagemapDelta,
-    apply_delta,
-    build_hybrid_images,
     compute_delta,
+)
+from fogmig.platform.migration.delta.save import (
     save_delta,
     write_delta,
-    write_lazy_source,
 )
-from fogmig.platform.runtime.pagemap import PAGE_SIZE, read_pagemaps
+from fogmig.platform.runtime.pagemap import PAGE_SIZE
 
 pytestmark = [
     pytest.mark.system,
@@ -212,12 +211,8 @@ async def criu_dump(worker: Worker, images: Path, *, leave_running: bool) -> Non
         worker.popen.wait(timeout=10)  # reap it so the restore can take the pid back
 
 
-async def criu_restore(
-    images: Path, work: Path, worker: Worker, *, lazy: bool = False, pids: Path
-) -> None:
+async def criu_restore(images: Path, work: Path, worker: Worker, *, pids: Path) -> None:
     argv = ["criu", "restore", "-d", "-D", str(images), "-W", str(work), "-o", "restore.log"]
-    if lazy:
-        argv.append("--lazy-pages")
     await _wait_gone(worker.pid)
     os.makedirs(work, exist_ok=True)
     await run(argv, error=CriuError, log_path=work / "restore.log", what="criu restore")
@@ -271,24 +266,6 @@ async def test_precopy_rounds_rebuild_and_restore(workspace: Path) -> None:
         assert w2.pages_total > 0
 
 
-async def test_final_round_restores_through_the_parent_link(workspace: Path) -> None:
-    """Pre-copy without the rebuild: CRIU reads unchanged pages from the previous round."""
-    root = workspace
-    async with started_worker(root) as worker:
-        await criu_dump(worker, root / "d1", leave_running=True)
-        await asyncio.sleep(1.0)
-        await criu_dump(worker, root / "d2", leave_running=False)
-        final_counter = worker.counter()
-        write_delta(None, root / "d1", root / "x1")
-        apply_delta(None, root / "x1", root / "r1")
-        write_delta(root / "d1", root / "d2", root / "x2")
-        linked = build_hybrid_images(root / "r1", root / "x2", root / "l2")
-        assert linked.pages_lazy == 0
-        assert linked.pages_parent > 10 * linked.pages_present > 0
-        await criu_restore(root / "l2", root / "rw", worker, pids=root / "pids")
-        assert await _restored_and_verified(worker, final_counter) == 0
-
-
 def _drop_private_pages(delta: PageDelta, region: tuple[int, int]) -> tuple[PageDelta, int]:
     """A delta that leaves out the changed pages of the worker's private region."""
     start, n = region
@@ -331,200 +308,3 @@ async def test_a_delta_missing_pages_is_caught_by_the_worker(workspace: Path) ->
         assert _pages_files(root / "r2") != _pages_files(root / "d2")
         await criu_restore(root / "r2", root / "rw", worker, pids=root / "pids")
         assert await _restored_and_verified(worker, final_counter) == dropped
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-async def test_hybrid_faults_in_only_the_changed_pages(workspace: Path) -> None:
-    root = workspace
-    async with started_worker(root) as worker:
-        await criu_dump(worker, root / "d1", leave_running=True)
-        await asyncio.sleep(1.5)
-        await criu_dump(worker, root / "d2", leave_running=False)
-        final_counter = worker.counter()
-
-        served = _prepare_hybrid(root)
-        # The daemon and the restore must share one work dir: the socket lives there.
-        await lazy_restore(
-            root,
-            served,
-            lambda work: criu_restore(root / "h2", work, worker, lazy=True, pids=root / "pids"),
-        )
-        assert await _restored_and_verified(worker, final_counter) == 0
-
-
-def _prepare_hybrid(root: Path) -> int:
-    """From rounds d1 and d2: the destination's h2 on top of r1, the source's serve dir."""
-    # Pre-copy phase: the destination holds round 1 in full.
-    write_delta(None, root / "d1", root / "x1")
-    apply_delta(None, root / "x1", root / "r1")
-    # After the freeze the source ships only execution state and non-lazy changed pages,
-    # and serves the changed lazy pages from a trimmed image set.
-    delta = compute_delta(root / "d1", root / "d2")
-    shipped = save_delta(delta, root / "x2", lazy=True)
-    served = write_lazy_source(delta, root / "serve")
-    assert served == shipped.pages_lazy > 10
-    hybrid = build_hybrid_images(root / "r1", root / "x2", root / "h2")
-    assert hybrid.pages_lazy == served
-    assert hybrid.pages_parent > 10 * hybrid.pages_lazy
-    total = sum(pm.present_pages for pm in read_pagemaps(root / "d2").values())
-    assert hybrid.pages_parent + hybrid.pages_present + hybrid.pages_lazy == total
-    return served
-
-
-async def lazy_restore(root: Path, served: int, restore: Callable[[Path], Awaitable[None]]) -> None:
-    """Source page server, destination lazy-pages daemon, then ``restore(work dir)``."""
-    port = _free_port()
-    server = await asyncio.create_subprocess_exec(
-        *["criu", "page-server", "--lazy-pages", "-D", str(root / "serve")],
-        *["--address", "127.0.0.1", "--port", str(port), "-o", "ps.log"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    lazy_work = root / "lazy-work"
-    os.mkdir(lazy_work)
-    daemon = None
-    try:
-        await _wait_listening(port, server)
-        daemon = await asyncio.create_subprocess_exec(
-            *["criu", "lazy-pages", "--page-server", "--address", "127.0.0.1"],
-            *["--port", str(port), "-D", str(root / "h2"), "-W", str(lazy_work)],
-            # "UFFD transferred pages" is logged at debug level only.
-            *["-o", "lazy-pages.log", "-v4"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while not _exists(lazy_work / "lazy-pages.socket"):
-            assert daemon.returncode is None, "the lazy-pages daemon died"
-            assert time.monotonic() < deadline, "no lazy-pages.socket"
-            await asyncio.sleep(0.02)
-        await restore(lazy_work)
-        # Judge a lazy restore by the destination daemon, never by the source.
-        assert await asyncio.wait_for(daemon.wait(), 30) == 0
-        assert await asyncio.wait_for(server.wait(), 30) == 0
-    finally:
-        for p in (daemon, server):
-            if p is not None and p.returncode is None:
-                p.kill()
-                await p.wait()
-    log = _read(lazy_work / "lazy-pages.log")
-    assert f"UFFD transferred pages: ({served}/{served})" in log
-
-
-def _read(path: Path) -> str:
-    return path.read_text(errors="replace")
-
-
-def _tcp_table() -> list[str]:
-    return Path("/proc/net/tcp").read_text().splitlines()[1:]
-
-
-async def _wait_listening(port: int, server: asyncio.subprocess.Process) -> None:
-    """The page server takes one connection only, so poll /proc/net/tcp, never connect."""
-    want = f":{port:04X} "
-    deadline = time.monotonic() + 10
-    while True:
-        if any(want in line and line.split()[3] == "0A" for line in _tcp_table()):
-            return
-        assert server.returncode is None, "the page server exited"
-        assert time.monotonic() < deadline, "the page server does not listen"
-        await asyncio.sleep(0.02)
-
-
-def _python_rootfs() -> Path | None:
-    """A service rootfs with python3 from the image cache, if one was built on this node."""
-    for rootfs in sorted((cache_dir() / "images").glob("*/rootfs")):
-        if (rootfs / "usr" / "bin" / "python3").exists():
-            return rootfs
-    return None
-
-
-def _bundle(root: Path, name: str, rootfs: Path, *, restore_conf: Path | None) -> Path:
-    bundle = root / name
-    bundle.mkdir()
-    subprocess.run(["runc", "spec", "--bundle", str(bundle)], check=True)
-    config = json.loads((bundle / "config.json").read_text())
-    config["root"] = {"path": str(rootfs), "readonly": True}
-    config["process"]["terminal"] = False
-    config["process"]["args"] = [
-        *["python3", "/share/worker.py", str(PRIVATE_MB), str(SHARED_MB), str(RATE_KBS)],
-        "/share/state",
-    ]
-    config["mounts"].append(
-        {"destination": "/share", "type": "bind", "source": str(root), "options": ["rbind", "rw"]}
-    )
-    if restore_conf is not None:
-        # Bind mounts restore only in mntns-compat-mode, which the dump rejects: the option
-        # goes to the destination bundle only.
-        config.setdefault("annotations", {})["org.criu.config"] = str(restore_conf)
-    (bundle / "config.json").write_text(json.dumps(config))
-    return bundle
-
-
-@pytest.mark.skipif(shutil.which("runc") is None, reason="runc is not installed")
-async def test_hybrid_under_runc(workspace: Path) -> None:
-    """The same hybrid restore through runc: the parent link must resolve in the container."""
-    rootfs = _python_rootfs()
-    if rootfs is None:
-        pytest.skip("no service rootfs with python3 in the image cache")
-    root = workspace
-    (root / "worker.py").write_text(WORKER)
-    (root / "state").mkdir()
-    (root / "restore.conf").write_text("mntns-compat-mode\n")
-    src = _bundle(root, "bundle-src", rootfs, restore_conf=None)
-    dst = _bundle(root, "bundle-dst", rootfs, restore_conf=root / "restore.conf")
-    name = f"fmpd-{os.getpid()}"
-    runc = ["runc", "--root", str(root / "runc")]
-    worker = Worker(0, root / "state", None)
-    try:
-        # Not proc.run: a detached container inherits runc's stdio, so pipes would never close.
-        started = await asyncio.create_subprocess_exec(
-            *runc,
-            *["run", "-d", "--bundle", str(src), name],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        assert await asyncio.wait_for(started.wait(), 30) == 0, "runc run failed"
-        deadline = time.monotonic() + 20
-        while not _exists(root / "state" / "counter"):
-            assert time.monotonic() < deadline, "the containerised worker did not start"
-            await asyncio.sleep(0.05)
-        for images, extra in (("d1", ["--leave-running"]), ("d2", [])):
-            if images == "d2":
-                await asyncio.sleep(1.5)
-            await run(
-                [
-                    *runc,
-                    *["checkpoint", *extra, "--image-path", str(root / images)],
-                    *["--work-path", str(root / f"{images}-work"), name],
-                ],
-                error=CriuError,
-                log_path=root / f"{images}-work" / "dump.log",
-                what="runc checkpoint",
-            )
-        final_counter = worker.counter()
-        served = _prepare_hybrid(root)
-        assert os.readlink(root / "h2" / "parent") == "../r1"
-
-        async def restore(work: Path) -> None:
-            await run(
-                [
-                    *runc,
-                    *["restore", "-d", "--lazy-pages", "--image-path", str(root / "h2")],
-                    *["--work-path", str(work), "--bundle", str(dst), name],
-                ],
-                error=CriuError,
-                log_path=work / "restore.log",
-                what="runc restore",
-            )
-
-        await lazy_restore(root, served, restore)
-        assert await _restored_and_verified(worker, final_counter) == 0
-    finally:
-        await run([*runc, "delete", "-f", name], check=False)

@@ -11,25 +11,14 @@ from pathlib import Path
 import pytest
 
 from fogmig.platform.base.errors import TransferError
-from fogmig.platform.migration.lazy.pages import (
-    AddressEvent,
-    LayeredPages,
+from fogmig.platform.migration.lazy.errors import (
     LazyLayoutError,
-    LazyPageServer,
     LazyPagesFailed,
-    LazyPagesOutcome,
-    LocalImagePages,
     PageNotFoundError,
     PageServerError,
-    PageTally,
-    PrefetchedPages,
-    RemotePages,
-    TaskTransfer,
+)
+from fogmig.platform.migration.lazy.layout import (
     convert_to_lazy_layout,
-    listen_socket,
-    parse_lazy_pages_events,
-    parse_lazy_pages_log,
-    released_and_missing,
 )
 from fogmig.platform.migration.lazy.protocol import (
     CLOSE_STATUS_OK,
@@ -43,6 +32,24 @@ from fogmig.platform.migration.lazy.protocol import (
     ProtocolError,
     get_request,
     pages_reply_header,
+)
+from fogmig.platform.migration.lazy.server import (
+    LazyPageServer,
+)
+from fogmig.platform.migration.lazy.sources import (
+    LayeredPages,
+    LocalImagePages,
+    PageTally,
+    PrefetchedPages,
+    RemotePages,
+)
+from fogmig.platform.migration.lazy.verdict import (
+    AddressEvent,
+    LazyPagesOutcome,
+    TaskTransfer,
+    parse_lazy_pages_events,
+    parse_lazy_pages_log,
+    released_and_missing,
 )
 from fogmig.platform.runtime.image import (
     IMG_COMMON_MAGIC,
@@ -405,7 +412,7 @@ class FakeClock:
 async def served(full_dump: Path) -> AsyncIterator[tuple[LazyPageServer, FakeDaemon]]:
     with LocalImagePages(full_dump) as source:
         async with LazyPageServer(source=source, clock=FakeClock()) as server:
-            reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+            reader, writer = await asyncio.open_connection(sock=await server.channel())
             daemon = FakeDaemon(reader, writer)
             try:
                 yield server, daemon
@@ -476,13 +483,13 @@ async def test_server_treats_hang_up_without_close_as_failure(
     assert "hung up" in stats.error
 
 
-async def test_server_refuses_a_second_connection(
+async def test_server_refuses_a_second_session(
     served: tuple[LazyPageServer, FakeDaemon],
 ) -> None:
     server, daemon = served
     await daemon.ask(7, 0x40000, 1)
     await daemon.answer()
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    reader, writer = await asyncio.open_connection(sock=await server.channel())
     assert await reader.read() == b""
     writer.close()
     await writer.wait_closed()
@@ -498,7 +505,7 @@ async def test_server_keeps_request_order_when_answers_finish_out_of_order() -> 
     # The first request is the slowest to answer; replies must still come in request order.
     source = DictPages(pages, delays={0x1000: 0.05, 0x2000: 0.02})
     async with LazyPageServer(source=source, max_in_flight=4) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        reader, writer = await asyncio.open_connection(sock=await server.channel())
         daemon = FakeDaemon(reader, writer)
         for i in range(1, 6):
             await daemon.ask(1, 0x1000 * i, 1)
@@ -516,7 +523,7 @@ async def test_server_reports_a_failing_remote_source() -> None:
         raise TransferError("source node unreachable")
 
     async with LazyPageServer(source=RemotePages(fetch)) as server:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+        reader, writer = await asyncio.open_connection(sock=await server.channel())
         daemon = FakeDaemon(reader, writer)
         await daemon.ask(1, 0x1000, 1)
         assert await reader.read() == b""
@@ -530,7 +537,7 @@ async def test_server_reports_a_failing_remote_source() -> None:
 
 async def test_server_over_a_channel_without_listening(full_dump: Path) -> None:
     with LocalImagePages(full_dump) as source:
-        async with LazyPageServer(source=source, host=None) as server:
+        async with LazyPageServer(source=source) as server:
             sock = await server.channel()
             reader, writer = await asyncio.open_connection(sock=sock)
             daemon = FakeDaemon(reader, writer)
@@ -541,14 +548,6 @@ async def test_server_over_a_channel_without_listening(full_dump: Path) -> None:
             stats = await server.wait_session(timeout=5)
     assert stats.closed_cleanly
     assert stats.pages_served == 2
-
-
-def test_listen_socket_picks_a_free_port() -> None:
-    sock = listen_socket("127.0.0.1", 0)
-    try:
-        assert sock.getsockname()[1] > 0
-    finally:
-        sock.close()
 
 
 # --------------------------------------------------------------------------- verdict

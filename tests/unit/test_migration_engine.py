@@ -16,7 +16,7 @@ import pytest
 
 from fogmig.platform.base.errors import TransferError
 from fogmig.platform.migration import cold, hybrid, postcopy, precopy
-from fogmig.platform.migration.delta.pagedelta import apply_delta
+from fogmig.platform.migration.delta.apply import apply_delta
 from fogmig.platform.migration.engine import MigrationContext, Technique, run_migration
 from fogmig.platform.migration.ports import DumpResult, ProgressFn, SentResult
 from fogmig.platform.migration.record import MigrationRecord, Outcome

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -11,19 +10,22 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from fogmig.platform.migration.delta.pagedelta import (
-    MANIFEST_NAME,
-    PARENT_LINK,
-    DeltaError,
+from fogmig.platform.migration.delta.apply import (
     apply_delta,
-    build_hybrid_images,
+)
+from fogmig.platform.migration.delta.compute import (
     compute_delta,
+)
+from fogmig.platform.migration.delta.layout import (
+    MANIFEST_NAME,
+    DeltaError,
     read_manifest,
     read_runs,
     runs_of,
+)
+from fogmig.platform.migration.delta.save import (
     save_delta,
     write_delta,
-    write_lazy_source,
 )
 from fogmig.platform.runtime.pagemap import (
     PAGE_SIZE,
@@ -33,7 +35,6 @@ from fogmig.platform.runtime.pagemap import (
     Pagemap,
     PagemapEntry,
     load_pages,
-    read_pagemap,
     read_pagemaps,
     write_pagemap,
 )
@@ -356,78 +357,6 @@ def test_runs_file_round_trip_and_damage(tmp_path: Path) -> None:
     path.write_bytes(b"NOTRUNS!" + data[8:])
     with pytest.raises(DeltaError, match="not a page runs file"):
         read_runs(path)
-
-
-def test_hybrid_images_take_unchanged_pages_from_the_parent(tmp_path: Path) -> None:
-    prev = base_pages()
-    cur = dict(prev)
-    cur[HEAP + 2 * PAGE_SIZE] = (ANON, page(4002))  # changed, lazy
-    cur[HEAP + 3 * PAGE_SIZE] = (ANON, page(4003))  # changed, lazy
-    cur[HEAP + 50 * PAGE_SIZE] = (ANON, page(4050))  # new, lazy
-    cur[STACK_TOP + PAGE_SIZE] = (STACK, page(4999))  # changed stack page: must be carried
-    del cur[HEAP + 20 * PAGE_SIZE]
-    d1 = make_dump(tmp_path / "d1", {"1": (2, prev)})
-    d2 = make_dump(tmp_path / "d2", {"1": (2, cur)}, tag="final")
-
-    delta = compute_delta(d1, d2)
-    w = save_delta(delta, tmp_path / "delta", lazy=True)
-    assert w.pages_lazy == 3
-    assert read_manifest(tmp_path / "delta").mode == "lazy"
-    with pytest.raises(DeltaError, match="build_hybrid_images"):
-        apply_delta(d1, tmp_path / "delta", tmp_path / "r")
-
-    out = tmp_path / "hybrid"
-    stats = build_hybrid_images(d1, tmp_path / "delta", out)
-    assert (stats.pages_parent, stats.pages_present, stats.pages_lazy) == (38, 1, 3)
-    assert os.readlink(out / PARENT_LINK) == "../d1"  # relative: resolves inside containers
-    assert (out / PARENT_LINK).resolve() == d1.resolve()
-    pm = read_pagemap(out / "pagemap-1.img")
-    flags_of = {e.vaddr + i * PAGE_SIZE: e.flags for e in pm.entries for i in range(e.nr_pages)}
-    assert set(flags_of) == set(cur)  # the vanished page is not resurrected
-    assert flags_of[HEAP] == PE_PARENT
-    assert flags_of[HEAP + 2 * PAGE_SIZE] == PE_LAZY
-    assert flags_of[HEAP + 50 * PAGE_SIZE] == PE_LAZY
-    assert flags_of[STACK_TOP] == PE_PARENT
-    assert flags_of[STACK_TOP + PAGE_SIZE] == PE_PRESENT
-    assert (out / "pages-2.img").read_bytes() == page(4999)
-    assert (out / "core-1.img").read_bytes() == (d2 / "core-1.img").read_bytes()
-
-    src = tmp_path / "source"
-    assert write_lazy_source(delta, src) == 3
-    served = read_pagemap(src / "pagemap-1.img")
-    assert [(e.vaddr, e.nr_pages, e.flags) for e in served.entries] == [
-        (HEAP + 2 * PAGE_SIZE, 2, ANON),
-        (HEAP + 50 * PAGE_SIZE, 1, ANON),
-    ]
-    assert (src / "pages-2.img").read_bytes() == page(4002) + page(4003) + page(4050)
-    assert (src / "core-1.img").exists()
-
-
-def test_linked_images_from_an_eager_delta_have_nothing_lazy(tmp_path: Path) -> None:
-    prev = base_pages()
-    cur = dict(prev)
-    cur[HEAP + 7 * PAGE_SIZE] = (ANON, page(3007))
-    d1 = make_dump(tmp_path / "d1", {"1": (2, prev)})
-    d2 = make_dump(tmp_path / "d2", {"1": (2, cur)})
-    write_delta(d1, d2, tmp_path / "delta")
-    stats = build_hybrid_images(d1, tmp_path / "delta", tmp_path / "linked")
-    assert (stats.pages_parent, stats.pages_present, stats.pages_lazy) == (41, 1, 0)
-    pm = read_pagemap(tmp_path / "linked" / "pagemap-1.img")
-    assert {e.flags for e in pm.entries} == {PE_PARENT, PE_PRESENT}
-    assert (tmp_path / "linked" / "pages-2.img").read_bytes() == page(3007)
-
-
-def test_hybrid_refuses_pages_the_parent_lacks(tmp_path: Path) -> None:
-    d1 = make_dump(tmp_path / "d1", {"1": (2, base_pages())})
-    d2 = make_dump(tmp_path / "d2", {"1": (2, base_pages())})
-    write_delta(d1, d2, tmp_path / "delta", lazy=True)
-    # Swap in a base with a page missing but the same pagemap digest is impossible, so drop
-    # the digest and point at a smaller base.
-    m = json.loads((tmp_path / "delta" / MANIFEST_NAME).read_text())
-    m["pagemaps"][0]["base_pagemap_sha256"] = None
-    (tmp_path / "delta" / MANIFEST_NAME).write_text(json.dumps(m))
-    with pytest.raises(DeltaError, match="neither shipped, lazy, nor in the base"):
-        build_hybrid_images(d1, tmp_path / "delta", tmp_path / "h")
 
 
 @settings(

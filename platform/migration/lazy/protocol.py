@@ -1,7 +1,7 @@
 """The wire format of CRIU's page-server protocol as the lazy-pages daemon speaks it.
 
 Pure codec and connection logic, no I/O: bytes in, events and bytes out. The asyncio server in
-``fogmig.platform.migration.lazy.pages`` does the reading and writing around it.
+``fogmig.platform.migration.lazy.server`` does the reading and writing around it.
 """
 
 from __future__ import annotations

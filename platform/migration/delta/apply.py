@@ -1,0 +1,208 @@
+"""Applying a page delta at the destination: rebuilding the complete image set of a round.
+
+Pages come from the delta where it carries them, else from the previous round's rebuilt
+images; sizes and, where the delta carries them, SHA-256 digests prove the rebuild.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from fogmig.platform.migration.delta.layout import (
+    CHUNK_PAGES,
+    MANIFEST_NAME,
+    DeltaError,
+    DeltaManifest,
+    PagemapRecord,
+    gather,
+    prepare_out,
+    read_manifest,
+    read_runs,
+)
+from fogmig.platform.runtime.image import ImageFormatError
+from fogmig.platform.runtime.pagemap import (
+    PAGE_SIZE,
+    Pagemap,
+    Vaddrs,
+    decode_pagemap,
+    load_pages,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RebuildStats:
+    """What :func:`apply_delta` assembled."""
+
+    pages_total: int
+    pages_from_delta: int
+    pages_from_base: int
+    bytes_written: int
+    seconds: float
+
+
+def _checked_pagemap(delta_dir: Path, rec: PagemapRecord) -> Pagemap:
+    try:
+        pm = decode_pagemap((delta_dir / rec.pagemap).read_bytes(), rec.image_id)
+    except (ImageFormatError, OSError) as exc:
+        raise DeltaError(f"{delta_dir / rec.pagemap}: {exc}") from exc
+    if pm.pages_file_name != rec.pages or pm.present_pages != rec.present_pages:
+        raise DeltaError(f"{delta_dir / rec.pagemap} disagrees with {MANIFEST_NAME}")
+    return pm
+
+
+def _base_pagemap(base_dir: Path | None, rec: PagemapRecord) -> Pagemap | None:
+    if rec.base_pagemap_sha256 is None:
+        return None
+    if base_dir is None:
+        raise DeltaError(f"the delta for {rec.pagemap} needs a base (the previous round)")
+    path = base_dir / rec.pagemap
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise DeltaError(f"base {base_dir} lacks {rec.pagemap}") from exc
+    if hashlib.sha256(data).hexdigest() != rec.base_pagemap_sha256:
+        raise DeltaError(
+            f"base {path} is not the round this delta was computed against",
+            hint="apply the rounds in order onto the images rebuilt from the previous round",
+        )
+    try:
+        return decode_pagemap(data, rec.image_id)
+    except ImageFormatError as exc:
+        raise DeltaError(f"{path}: {exc}") from exc
+
+
+def _locate(
+    sorted_from: Vaddrs, wanted: Vaddrs
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """Index of each ``wanted`` vaddr in ascending ``sorted_from``, and whether it is there."""
+    if sorted_from.size == 0:
+        return np.zeros(wanted.size, dtype=np.int64), np.zeros(wanted.size, dtype=np.bool_)
+    pos = np.minimum(np.searchsorted(sorted_from, wanted), sorted_from.size - 1)
+    return pos.astype(np.int64), sorted_from[pos] == wanted
+
+
+def _copy_listed(delta_dir: Path, out_dir: Path, manifest: DeltaManifest) -> None:
+    for name in manifest.files:
+        src = delta_dir / name
+        if not src.is_file():
+            raise DeltaError(f"{src} is listed in {MANIFEST_NAME} but missing")
+        shutil.copyfile(src, out_dir / name)
+
+
+def apply_delta(base_dir: Path | None, delta_dir: Path, out_dir: Path) -> RebuildStats:
+    """Rebuild the complete image set of the delta's dump in ``out_dir`` (created, empty).
+
+    Pages come in the final pagemap's order, from the delta where shipped, else from
+    ``base_dir`` (the previous round's rebuilt images) at the same vaddr; pages the final dump
+    no longer has are never carried over. The size of each rebuilt pages file is checked
+    against its pagemap and, where the delta carries one, its SHA-256 against the source's.
+    """
+    started = time.perf_counter()
+    manifest = read_manifest(delta_dir)
+    prepare_out(out_dir)
+    from_delta = from_base = written = 0
+    for rec in manifest.pagemaps:
+        pm = _checked_pagemap(delta_dir, rec)
+        base_pm = _base_pagemap(base_dir, rec)
+        shipped = read_runs(delta_dir / rec.delta_pages)
+        assert shipped.pages is not None
+        final_v = pm.present_vaddrs()
+        # Where each final page comes from: its slot in the delta, else in the base.
+        d_pos, in_delta = _locate(shipped.vaddrs, final_v)
+        if int(in_delta.sum()) != shipped.vaddrs.size:
+            raise DeltaError(f"{rec.delta_pages} carries pages that {rec.pagemap} does not list")
+        need = np.flatnonzero(~in_delta)
+        base_pages = np.empty((0, PAGE_SIZE), dtype=np.uint8)
+        b_pos = np.zeros(final_v.size, dtype=np.int64)
+        if need.size:
+            if base_pm is None or base_dir is None:
+                raise DeltaError(
+                    f"{rec.pagemap} needs {need.size} pages from a base, but the delta has none"
+                )
+            base_pages = _load(base_dir, base_pm)
+            base_v = base_pm.present_vaddrs()
+            order = np.argsort(base_v, kind="stable")
+            pos, found = _locate(base_v[order], final_v[need])
+            if not found.all():
+                missing = int(final_v[need][~found][0])
+                raise DeltaError(
+                    f"page {missing:#x} of {rec.pagemap} is neither in the delta nor in "
+                    f"the base {base_dir}"
+                )
+            b_pos[need] = order[pos]
+        if rec.pages is not None:
+            path = out_dir / rec.pages
+            digest = _write_rebuilt(
+                path,
+                in_delta=in_delta,
+                d_pos=d_pos,
+                delta_pages=shipped.pages,
+                b_pos=b_pos,
+                base_pages=base_pages,
+                digest=rec.pages_sha256 is not None,
+            )
+            size = path.stat().st_size
+            if size != pm.pages_size:
+                raise DeltaError(
+                    f"rebuilt {path} has {size} bytes, {rec.pagemap} needs {pm.pages_size}"
+                )
+            written += size
+            if rec.pages_sha256 is not None and digest != rec.pages_sha256:
+                raise DeltaError(
+                    f"rebuilt {path} differs from the source's final pages (SHA-256 mismatch)",
+                    hint="the base is not the previous round's complete image set",
+                )
+        have = np.flatnonzero(in_delta)
+        from_delta += int(have.size)
+        from_base += int(need.size)
+    _copy_listed(delta_dir, out_dir, manifest)
+    return RebuildStats(
+        pages_total=from_delta + from_base,
+        pages_from_delta=from_delta,
+        pages_from_base=from_base,
+        bytes_written=written,
+        seconds=time.perf_counter() - started,
+    )
+
+
+def _write_rebuilt(
+    path: Path,
+    *,
+    in_delta: npt.NDArray[np.bool_],
+    d_pos: npt.NDArray[np.int64],
+    delta_pages: npt.NDArray[np.uint8],
+    b_pos: npt.NDArray[np.int64],
+    base_pages: npt.NDArray[np.uint8],
+    digest: bool,
+) -> str | None:
+    """Write the final pages chunk by chunk (bounded memory); their SHA-256 if asked."""
+    h = hashlib.sha256() if digest else None
+    with path.open("wb") as f:
+        for s in range(0, in_delta.size, CHUNK_PAGES):
+            e = min(s + CHUNK_PAGES, in_delta.size)
+            sel = in_delta[s:e]
+            chunk = np.empty((e - s, PAGE_SIZE), dtype=np.uint8)
+            rows = np.flatnonzero(sel)
+            if rows.size:
+                chunk[rows] = gather(delta_pages, d_pos[s:e][rows])
+            rows = np.flatnonzero(~sel)
+            if rows.size:
+                chunk[rows] = gather(base_pages, b_pos[s:e][rows])
+            f.write(chunk.data)
+            if h is not None:
+                h.update(chunk.data)
+    return h.hexdigest() if h is not None else None
+
+
+def _load(directory: Path, pm: Pagemap) -> npt.NDArray[np.uint8]:
+    try:
+        return load_pages(directory, pm)
+    except ImageFormatError as exc:
+        raise DeltaError(str(exc)) from exc

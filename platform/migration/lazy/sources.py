@@ -1,0 +1,424 @@
+"""Page sources: where the lazy page server gets the bytes of the pages it hands out.
+
+The image on this node's disk (:class:`LocalImagePages`), the remote source node
+(:class:`RemotePages`, optionally pulled ahead by :class:`PrefetchedPages`), or both for
+hybrid (:class:`LayeredPages`). Log level WARNING for a prefetch that stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import contextlib
+import logging
+import os
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, Self
+
+from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.migration.lazy.errors import (
+    LazyLayoutError,
+    PageNotFoundError,
+    PageServerError,
+)
+from fogmig.platform.migration.lazy.layout import task_id
+from fogmig.platform.migration.lazy.protocol import PAGE_SIZE
+from fogmig.platform.runtime.image import ImageFormatError
+from fogmig.platform.runtime.pagemap import PagemapEntry, read_pagemaps
+
+log = logging.getLogger(__name__)
+
+# Reads above this size leave the event loop so a fault's single page is never stuck behind
+# a 4 MiB background chunk coming off the disk.
+_THREAD_READ_BYTES = 256 * 1024
+
+
+@dataclass(slots=True)
+class PageTally:
+    """Pages a source handed out, by where they came from."""
+
+    local_pages: int = 0
+    local_bytes: int = 0
+    remote_pages: int = 0
+    remote_bytes: int = 0
+    remote_requests: int = 0
+
+    def add_local(self, nbytes: int) -> None:
+        self.local_pages += nbytes // PAGE_SIZE
+        self.local_bytes += nbytes
+
+    def add_remote(self, nbytes: int) -> None:
+        self.remote_pages += nbytes // PAGE_SIZE
+        self.remote_bytes += nbytes
+        self.remote_requests += 1
+
+
+class PageSource(Protocol):
+    """Where the page server gets the bytes of pages.
+
+    ``read`` returns the pages starting at ``vaddr`` of task ``pid_id``: at least one and at
+    most ``nr_pages`` (a shorter, contiguous prefix is fine, the daemon asks again for the
+    rest), or raises :class:`PageNotFoundError` if it has no page at ``vaddr``.
+    """
+
+    @property
+    def tally(self) -> PageTally: ...
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes: ...
+
+
+@dataclass(frozen=True, slots=True)
+class _Run:
+    vaddr: int
+    nr_pages: int
+    offset: int  # in the pages file
+
+
+class _TaskPages:
+    """The present pages of one task: sorted runs and the open pages file."""
+
+    def __init__(self, path: Path, entries: list[PagemapEntry]) -> None:
+        self.path = path
+        runs: list[_Run] = []
+        offset = 0
+        for e in entries:
+            if not e.present:
+                continue
+            runs.append(_Run(e.vaddr, e.nr_pages, offset))
+            offset += e.nr_pages * PAGE_SIZE
+        runs.sort(key=lambda r: r.vaddr)
+        self.runs = runs
+        self.starts = [r.vaddr for r in runs]
+        self.size = offset
+        self.fd: int | None = None
+
+    def pieces(self, vaddr: int, nr_pages: int) -> list[tuple[int, int]]:
+        """(file offset, length) pieces of the contiguous present pages from ``vaddr``."""
+        i = bisect.bisect_right(self.starts, vaddr) - 1
+        pieces: list[tuple[int, int]] = []
+        want = nr_pages
+        addr = vaddr
+        while want > 0 and 0 <= i < len(self.runs):
+            run = self.runs[i]
+            end = run.vaddr + run.nr_pages * PAGE_SIZE
+            if not run.vaddr <= addr < end:
+                break
+            n = min(want, (end - addr) // PAGE_SIZE)
+            offset = run.offset + (addr - run.vaddr)
+            length = n * PAGE_SIZE
+            if pieces and pieces[-1][0] + pieces[-1][1] == offset:
+                pieces[-1] = (pieces[-1][0], pieces[-1][1] + length)
+            else:
+                pieces.append((offset, length))
+            want -= n
+            addr += length
+            i += 1
+        return pieces
+
+
+class LocalImagePages:
+    """Pages read from a complete image set on this node's disk.
+
+    The source serves the destination's remote requests from it, and the destination serves
+    post-copy from it when the complete image was shipped ahead, or the unchanged pages of a
+    hybrid migration from the pre-copy base.
+    """
+
+    def __init__(self, image_dir: Path) -> None:
+        self.image_dir = image_dir
+        self._tally = PageTally()
+        try:
+            pagemaps = read_pagemaps(image_dir)
+        except ImageFormatError as exc:
+            raise LazyLayoutError(f"{image_dir}: {exc}") from exc
+        self._tasks: dict[int, _TaskPages] = {}
+        for pagemap in pagemaps.values():
+            task = task_id(pagemap)
+            if task is None or pagemap.pages_file_name is None:
+                continue
+            pages = _TaskPages(image_dir / pagemap.pages_file_name, list(pagemap.entries))
+            try:
+                size = pages.path.stat().st_size
+            except FileNotFoundError as exc:
+                raise LazyLayoutError(f"{pages.path} is missing") from exc
+            if size != pages.size:
+                raise LazyLayoutError(
+                    f"{pages.path} holds {size} bytes, {pagemap.file_name} lists {pages.size}"
+                )
+            self._tasks[task] = pages
+
+    @property
+    def tally(self) -> PageTally:
+        return self._tally
+
+    @property
+    def task_ids(self) -> list[int]:
+        return sorted(self._tasks)
+
+    def _read_sync(self, pages: _TaskPages, pieces: list[tuple[int, int]]) -> bytes:
+        if pages.fd is None:
+            pages.fd = os.open(pages.path, os.O_RDONLY | os.O_CLOEXEC)
+        chunks: list[bytes] = []
+        for offset, length in pieces:
+            chunk = os.pread(pages.fd, length, offset)
+            if len(chunk) != length:
+                raise PageServerError(f"{pages.path}: short read at offset {offset}")
+            chunks.append(chunk)
+        # Most answers are one piece: hand that buffer on without another copy.
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+        pages = self._tasks.get(pid_id)
+        if pages is None:
+            raise PageNotFoundError(pid_id, vaddr)
+        pieces = pages.pieces(vaddr, nr_pages)
+        if not pieces:
+            raise PageNotFoundError(pid_id, vaddr)
+        total = sum(length for _, length in pieces)
+        if total > _THREAD_READ_BYTES:
+            data = await asyncio.to_thread(self._read_sync, pages, pieces)
+        else:
+            data = self._read_sync(pages, pieces)
+        self._tally.add_local(len(data))
+        return data
+
+    def close(self) -> None:
+        for pages in self._tasks.values():
+            if pages.fd is not None:
+                os.close(pages.fd)
+                pages.fd = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+Fetch = Callable[[int, int, int], Awaitable[bytes]]
+
+
+class RemotePages:
+    """Pages fetched from the source node through ``fetch(pid_id, vaddr, nr_pages)``.
+
+    The migration engine plugs the agents' authenticated transfer channel in here, so every
+    request costs a real round trip over the data link. ``fetch`` returns the pages (a prefix
+    is allowed), empty bytes when the source has none there, or raises (a lost source).
+    """
+
+    def __init__(self, fetch: Fetch) -> None:
+        self._fetch = fetch
+        self._tally = PageTally()
+
+    @property
+    def tally(self) -> PageTally:
+        return self._tally
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+        data = await self._fetch(pid_id, vaddr, nr_pages)
+        if not data:
+            raise PageNotFoundError(pid_id, vaddr)
+        if len(data) % PAGE_SIZE or len(data) > nr_pages * PAGE_SIZE:
+            raise PageServerError(
+                f"source answered {len(data)} bytes for {nr_pages} pages at {vaddr:#x} "
+                f"of task {pid_id}"
+            )
+        self._tally.add_remote(len(data))
+        return data
+
+
+class PrefetchedPages:
+    """Remote pages pulled ahead over a second channel while faults go to the source first.
+
+    CRIU's lazy-pages daemon asks for one chunk per round trip and falls back to 64 KiB after
+    every fault, so on a slow, long link the faulted-pages phase is bound by the round trip.
+    Here a background task pulls every page in ``wanted`` in large chunks (``prefetch``, its
+    own connection), and a request the cache can answer returns at once; a page not yet
+    there is fetched on demand through ``demand`` (the fault path). Pages already handed to
+    the daemon are not prefetched again.
+    """
+
+    def __init__(
+        self,
+        demand: PageSource,
+        prefetch: Fetch,
+        wanted: Mapping[int, Collection[int]],
+        *,
+        chunk_pages: int = 256,
+    ) -> None:
+        self.demand = demand
+        self._prefetch = prefetch
+        self._wanted = {pid: sorted(v) for pid, v in wanted.items()}
+        self._chunk = chunk_pages
+        self._cache: dict[tuple[int, int], bytes] = {}
+        self._served: set[tuple[int, int]] = set()
+        self._tally = PageTally()
+        self._task: asyncio.Task[None] | None = None
+        self._inflight: tuple[int, int, int, asyncio.Future[None]] | None = None
+        self.error: BaseException | None = None
+
+    @property
+    def tally(self) -> PageTally:
+        d = self.demand.tally
+        t = self._tally
+        return PageTally(
+            local_pages=d.local_pages,
+            local_bytes=d.local_bytes,
+            remote_pages=d.remote_pages + t.remote_pages,
+            remote_bytes=d.remote_bytes + t.remote_bytes,
+            remote_requests=d.remote_requests + t.remote_requests,
+        )
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="prefetch-pages")
+
+    async def close(self) -> None:
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    def _chunks(self) -> Iterator[tuple[int, int, int]]:
+        """(pid, vaddr, pages) of contiguous runs of wanted pages, at most a chunk each."""
+        for pid, vaddrs in self._wanted.items():
+            start, count = 0, 0
+            for v in vaddrs:
+                if count and (v != start + count * PAGE_SIZE or count == self._chunk):
+                    yield pid, start, count
+                    count = 0
+                if not count:
+                    start = v
+                count += 1
+            if count:
+                yield pid, start, count
+
+    async def _run(self) -> None:
+        try:
+            for pid, first, pages in self._chunks():
+                await self._pull(pid, first, pages)
+        except (FogmigError, OSError) as exc:
+            # Faults still reach the source on their own path; only the head start is lost.
+            self.error = exc
+            log.warning("page prefetch stopped: %s", exc)
+
+    async def _pull(self, pid: int, vaddr: int, count: int) -> None:
+        # Skip the head of the run the daemon already has.
+        while count and (pid, vaddr) in self._served:
+            vaddr += PAGE_SIZE
+            count -= 1
+        while count:
+            # Only the run up to the next page the daemon already has: a fault may have
+            # fetched pages inside this chunk since it was planned.
+            run = 1
+            while run < count and (pid, vaddr + run * PAGE_SIZE) not in self._served:
+                run += 1
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._inflight = (pid, vaddr, run, done)
+            try:
+                data = await self._prefetch(pid, vaddr, run)
+            finally:
+                self._inflight = None
+                done.set_result(None)
+            if not data:
+                return
+            self._tally.add_remote(len(data))
+            n = len(data) // PAGE_SIZE
+            for i in range(n):
+                key = (pid, vaddr + i * PAGE_SIZE)
+                if key not in self._served:
+                    self._cache[key] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+            vaddr += n * PAGE_SIZE
+            count -= n
+            while count and (pid, vaddr) in self._served:
+                vaddr += PAGE_SIZE
+                count -= 1
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+        inflight = self._inflight
+        if inflight is not None:
+            pid, start, count, done = inflight
+            if pid == pid_id and start <= vaddr < start + count * PAGE_SIZE:
+                # The page is on its way already: wait for it rather than fetch it twice.
+                await asyncio.shield(done)
+        pieces: list[bytes] = []
+        addr = vaddr
+        while len(pieces) < nr_pages:
+            page = self._cache.pop((pid_id, addr), None)
+            if page is None:
+                break
+            pieces.append(page)
+            addr += PAGE_SIZE
+        if pieces:
+            data = b"".join(pieces)
+        else:
+            data = await self.demand.read(pid_id, vaddr, nr_pages)
+        for i in range(len(data) // PAGE_SIZE):
+            self._served.add((pid_id, vaddr + i * PAGE_SIZE))
+        return data
+
+
+class LayeredPages:
+    """Hybrid: pages in ``remote_vaddrs[pid_id]`` come from ``remote``, the rest from ``local``.
+
+    ``local`` is the pre-copy base already at the destination; ``remote_vaddrs`` lists, per
+    task, the page addresses whose content changed (or appeared) since that base, as the source
+    computed them. A request that mixes both is split into runs; remote runs are fetched
+    concurrently.
+    """
+
+    def __init__(
+        self,
+        local: PageSource,
+        remote: PageSource,
+        remote_vaddrs: Mapping[int, Collection[int]],
+    ) -> None:
+        self.local = local
+        self.remote = remote
+        self._remote_vaddrs = {pid: frozenset(v) for pid, v in remote_vaddrs.items()}
+        self._tally = PageTally()
+
+    @property
+    def tally(self) -> PageTally:
+        return self._tally
+
+    @property
+    def remote_page_count(self) -> int:
+        return sum(len(v) for v in self._remote_vaddrs.values())
+
+    def _runs(self, pid_id: int, vaddr: int, nr_pages: int) -> list[tuple[bool, int, int]]:
+        """(remote?, vaddr, nr_pages) runs covering the request in address order."""
+        changed = self._remote_vaddrs.get(pid_id, frozenset())
+        runs: list[tuple[bool, int, int]] = []
+        for i in range(nr_pages):
+            addr = vaddr + i * PAGE_SIZE
+            remote = addr in changed
+            if runs and runs[-1][0] == remote:
+                runs[-1] = (remote, runs[-1][1], runs[-1][2] + 1)
+            else:
+                runs.append((remote, addr, 1))
+        return runs
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+        runs = self._runs(pid_id, vaddr, nr_pages)
+
+        async def one(remote: bool, addr: int, n: int) -> bytes:
+            return await (self.remote if remote else self.local).read(pid_id, addr, n)
+
+        results = await asyncio.gather(*(one(*run) for run in runs), return_exceptions=True)
+        answer: list[tuple[bool, bytes]] = []
+        for (remote, addr, n), result in zip(runs, results, strict=True):
+            if isinstance(result, PageNotFoundError) and addr != vaddr:
+                break  # the data ends here: answer with the prefix before it
+            if isinstance(result, BaseException):
+                raise result
+            answer.append((remote, result))
+            if len(result) < n * PAGE_SIZE:
+                break  # a short run ends the contiguous prefix
+        for remote, data in answer:
+            if remote:
+                self._tally.add_remote(len(data))
+            else:
+                self._tally.add_local(len(data))
+        return b"".join(data for _, data in answer)
