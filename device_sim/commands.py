@@ -278,7 +278,7 @@ def _live_view(event: FleetEvent) -> None:
 
 
 def _cmd_device_sim(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli.main import run_async
+    from fogmig.platform.base.aio import run_async
     from fogmig.platform.testbed.state import load_state
 
     if args.devices < 1:

@@ -156,7 +156,7 @@ def summary_table(records: Sequence[MigrationRecord]) -> Table:
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli.main import run_async
+    from fogmig.platform.base.aio import run_async
 
     plan = ExperimentPlan(
         configurations=args.configurations.split(","),

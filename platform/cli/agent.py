@@ -63,7 +63,7 @@ def _agent_argv(node: str, *, link_probe_interval_s: float | None = None) -> lis
 
 def _cmd_agent(args: argparse.Namespace) -> int:
     from fogmig.platform.agent.app import AgentConfig, run_agent
-    from fogmig.platform.cli.main import run_async
+    from fogmig.platform.base.aio import run_async
 
     if args.config is not None:
         # A real node: its own network, its configuration from the file.
@@ -145,7 +145,7 @@ async def agents_down() -> list[str]:
 
 
 def _cmd_agents(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli.main import run_async
+    from fogmig.platform.base.aio import run_async
 
     if args.action == "up":
         started = run_async(agents_up)
@@ -246,7 +246,7 @@ def _summary(record: dict[str, Any]) -> str:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli.main import run_async
+    from fogmig.platform.base.aio import run_async
 
     with Progress(
         TextColumn("{task.description}"),

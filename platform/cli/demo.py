@@ -51,7 +51,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         default_out_dir,
     )
     from fogmig.platform.apps.demo.view import summary_renderable
-    from fogmig.platform.cli.main import run_async
+    from fogmig.platform.base.aio import run_async
 
     options = DemoOptions(
         out=Path(args.out) if args.out else default_out_dir(),
@@ -99,7 +99,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from fogmig.platform.controller.core import OBJECTIVES
+    from fogmig.platform.controller.config import OBJECTIVES
 
     p = sub.add_parser(
         "demo",

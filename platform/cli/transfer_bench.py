@@ -77,7 +77,7 @@ async def _send(
 
 
 def _cmd(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli.main import run_async
+    from fogmig.platform.base.aio import run_async
 
     if args.size_mb < 1 or args.files < 1 or args.repeat < 1:
         raise ConfigError("--size-mb, --files and --repeat must be at least 1")
