@@ -20,7 +20,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fogmig.platform.cli.agent import agents_down, agents_up, request_migration
+from fogmig.platform.agent.launcher import agents_down, agents_up
+from fogmig.platform.agent.remote import request_migration
 from fogmig.platform.migration.record import TECHNIQUES, MigrationRecord, save_record
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.profiles import LinkProfile, load_profile

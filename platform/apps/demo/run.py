@@ -280,7 +280,7 @@ class Demo:
     # --- set-up -------------------------------------------------------------------------------
 
     async def _setup(self) -> TestbedState:
-        from fogmig.platform.cli.agent import agents_up
+        from fogmig.platform.agent.launcher import agents_up
         from fogmig.platform.testbed import lifecycle
         from fogmig.platform.testbed.profiles import load_profile
         from fogmig.platform.testbed.state import state_path
@@ -593,7 +593,7 @@ class Demo:
     # --- clean-up -----------------------------------------------------------------------------
 
     async def _cleanup(self) -> None:
-        from fogmig.platform.cli.agent import agents_down
+        from fogmig.platform.agent.launcher import agents_down
         from fogmig.platform.testbed import lifecycle
         from fogmig.services.deploy import find_service, undeploy
 
