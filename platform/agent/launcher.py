@@ -7,7 +7,6 @@ Each agent runs ``fogmig agent --node NODE`` under ``nsenter``; its PID file and
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,14 +21,6 @@ from fogmig.platform.base.proc import NETNS_DIR, run
 def agents_dir() -> Path:
     """Where the agents' PID files and logs are."""
     return paths.run_dir() / "agents"
-
-
-def in_netns(netns: str) -> bool:
-    """This process runs in the network namespace ``netns``."""
-    try:
-        return os.stat("/proc/self/ns/net").st_ino == os.stat(NETNS_DIR / netns).st_ino
-    except OSError:
-        return False
 
 
 def agent_argv(node: str, *, link_probe_interval_s: float | None = None) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,14 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
     if netns is None:
         return list(argv)
     return ["nsenter", f"--net={NETNS_DIR / netns}", "--", *argv]
+
+
+def running_in_netns(netns: str) -> bool:
+    """This process already runs in the named network namespace (no need to re-enter it)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat(NETNS_DIR / netns).st_ino
+    except OSError:
+        return False
 
 
 @dataclass(frozen=True, slots=True)

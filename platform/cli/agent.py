@@ -17,10 +17,12 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
-from fogmig.platform.agent.launcher import agent_argv, agents_down, agents_up, in_netns
+from fogmig.platform.agent.launcher import agent_argv, agents_down, agents_up
 from fogmig.platform.agent.remote import request_migration
+from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.base.nodes import netns_name
+from fogmig.platform.base.proc import running_in_netns
 
 console = Console()
 
@@ -28,7 +30,6 @@ console = Console()
 def _cmd_agent(args: argparse.Namespace) -> int:
     from fogmig.platform.agent.app import run_agent
     from fogmig.platform.agent.config import AgentConfig
-    from fogmig.platform.base.aio import run_async
 
     if args.config is not None:
         # A real node: its own network, its configuration from the file.
@@ -42,7 +43,7 @@ def _cmd_agent(args: argparse.Namespace) -> int:
     if args.node is None:
         raise ConfigError("give --node NODE (on the testbed) or --config FILE (a real node)")
     netns = netns_name(args.node)
-    if not in_netns(netns):
+    if not running_in_netns(netns):
         os.execvp("nsenter", agent_argv(args.node, link_probe_interval_s=args.link_probe_interval))
     config = AgentConfig.from_testbed(args.node)
     if args.link_probe_interval is not None:
@@ -52,8 +53,6 @@ def _cmd_agent(args: argparse.Namespace) -> int:
 
 
 def _cmd_agents(args: argparse.Namespace) -> int:
-    from fogmig.platform.base.aio import run_async
-
     if args.action == "up":
         started = run_async(agents_up)
         for node, pid in started.items():
@@ -92,8 +91,6 @@ def _summary(record: dict[str, Any]) -> str:
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
-    from fogmig.platform.base.aio import run_async
-
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),

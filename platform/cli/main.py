@@ -27,8 +27,8 @@ COMMAND_MODULES = (
     "fogmig.platform.cli.transfer_bench",
     "fogmig.platform.cli.agent",
     "fogmig.platform.cli.controller",
-    "fogmig.experiments.paper",
-    "fogmig.device_sim.commands",
+    "fogmig.platform.cli.experiment",
+    "fogmig.platform.cli.device_sim",
     "fogmig.platform.cli.demo",
 )
 
