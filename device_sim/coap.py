@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import ctypes
 import functools
 import ipaddress
-import os
 import threading
 import time
 from collections.abc import AsyncIterator, Coroutine
@@ -24,10 +22,9 @@ from typing import Any, Protocol, TypeVar
 
 from fogmig.device_sim.events import NETWORK_ERROR, Outcome
 from fogmig.platform.base.errors import ConfigError, SetupError
-from fogmig.platform.base.proc import NETNS_DIR
+from fogmig.platform.base.netns import enter_netns
 from fogmig.services.sensor import CONTENT_FORMAT_JSON
 
-CLONE_NEWNET = 0x40000000
 T = TypeVar("T")
 
 
@@ -108,23 +105,6 @@ def transport_tuning(ack_timeout_s: float, timeout_s: float) -> Any:
         },
     )
     return tuning_class()
-
-
-def enter_netns(netns: str) -> None:
-    """Move the calling thread (only it) into network namespace ``netns`` for good."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    try:
-        fd = os.open(NETNS_DIR / netns, os.O_RDONLY)
-    except OSError as exc:
-        raise SetupError(
-            f"cannot open network namespace {netns}: {exc}", hint="is the testbed up?"
-        ) from exc
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            err = ctypes.get_errno()
-            raise SetupError(f"cannot enter network namespace {netns}: {os.strerror(err)}")
-    finally:
-        os.close(fd)
 
 
 class CoapThread:

@@ -33,7 +33,8 @@ from fogmig.platform.base.errors import (
 from fogmig.platform.base.nodes import check_node_name, check_service_name, netns_name, runc_root
 from fogmig.platform.base.proc import NETNS_DIR, run
 from fogmig.platform.runtime.bundle import make_bundle, read_config
-from fogmig.platform.runtime.node import ContainerState, NodeRuntime
+from fogmig.platform.runtime.container import NodeRuntime
+from fogmig.platform.runtime.results import ContainerState
 from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.platform.testbed.state import load_state
 from fogmig.services.client import ServiceState, ServiceUnreachableError

@@ -23,6 +23,7 @@ from typing import Any
 
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import FogmigError, RuntimeToolError, SetupError
+from fogmig.platform.base.mounts import mounts_below
 from fogmig.platform.base.proc import run
 
 log = logging.getLogger(__name__)
@@ -231,27 +232,9 @@ def apt_mirror(suite: str = SUITE) -> str:
 # ---- file system helpers --------------------------------------------------------------------
 
 
-def _mounts_below(path: Path) -> list[Path]:
-    prefix = str(path.resolve()).rstrip("/") + "/"
-    found = []
-    try:
-        lines = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        fields = line.split()
-        if len(fields) < 2:
-            continue
-        # /proc/mounts escapes spaces and friends as octal.
-        mp = fields[1].encode().decode("unicode_escape")
-        if mp.startswith(prefix):
-            found.append(Path(mp))
-    return found
-
-
 async def _remove_tree(path: Path) -> None:
     """Remove a build directory; unmount what debootstrap may have left mounted below it."""
-    for mp in sorted(_mounts_below(path), key=lambda p: len(p.parts), reverse=True):
+    for mp in mounts_below(path.resolve()):
         await run(["umount", "-l", str(mp)], check=False)
     await run(["rm", "-rf", "--one-file-system", str(path)], timeout=300)
 

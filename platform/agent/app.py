@@ -28,9 +28,9 @@ from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import Cleared, ServicePresence, topics
 from fogmig.platform.migration.destination import Destination, Fetch
-from fogmig.platform.transfer.channel import (
+from fogmig.platform.transfer.client import TransferClient
+from fogmig.platform.transfer.server import (
     CallReply,
-    TransferClient,
     TransferServer,
     TransferSession,
     remove_migration_dir,

@@ -19,7 +19,7 @@ from fogmig.platform.agent.state import AgentState
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.bus.schemas import LinkMeasurement
-from fogmig.platform.transfer.channel import TransferClient
+from fogmig.platform.transfer.client import TransferClient
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from fogmig.platform.base.nodes import check_node_name, runc_root
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import LinkMeasurement
 from fogmig.platform.migration.destination import Destination
-from fogmig.platform.runtime.node import NodeRuntime
+from fogmig.platform.runtime.container import NodeRuntime
 
 
 class AgentState:

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 
 def meminfo() -> tuple[int, int]:
+    """(total, available) memory of the machine in bytes."""
     fields: dict[str, int] = {}
     for line in Path("/proc/meminfo").read_text().splitlines():
         key, _, rest = line.partition(":")

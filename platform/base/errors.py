@@ -102,3 +102,18 @@ class MigrationError(FogmigError):
 
 class BusError(FogmigError):
     """The MQTT bus rejected, dropped or could not deliver a message."""
+
+
+class SecurityError(FogmigError):
+    """Key or certificate material is missing, unreadable or kept unsafely."""
+
+    hint = "on the testbed, `fogmig testbed down` then `fogmig testbed up` issues it afresh"
+
+
+class IdentityError(SecurityError):
+    """A peer could not prove an identity, or proved one other than the expected principal."""
+
+    hint = (
+        "check that both ends hold certificates of the same site CA and that the address "
+        "reaches the intended principal; `fogmig testbed up` issues the testbed's certificates"
+    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -25,19 +24,11 @@ def in_netns(netns: str | None, argv: Sequence[str]) -> list[str]:
     """Prefix ``argv`` so it runs in the named network namespace.
 
     ``nsenter --net`` rather than ``ip netns exec``: the latter remounts /sys, hides the cgroup
-    tree, and CRIU then cannot find the freezer (PLATFORM-NOTES.md).
+    tree, and CRIU then cannot find the freezer (docs/platform.md).
     """
     if netns is None:
         return list(argv)
     return ["nsenter", f"--net={NETNS_DIR / netns}", "--", *argv]
-
-
-def running_in_netns(netns: str) -> bool:
-    """This process already runs in the named network namespace (no need to re-enter it)."""
-    try:
-        return os.stat("/proc/self/ns/net").st_ino == os.stat(NETNS_DIR / netns).st_ino
-    except OSError:
-        return False
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,8 +21,8 @@ from fogmig.platform.agent.launcher import agent_argv, agents_down, agents_up
 from fogmig.platform.agent.remote import request_migration
 from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.netns import running_in_netns
 from fogmig.platform.base.nodes import netns_name
-from fogmig.platform.base.proc import running_in_netns
 
 console = Console()
 

@@ -20,11 +20,11 @@ from rich.markup import escape
 from fogmig.platform.base import paths
 from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 from fogmig.platform.controller.config import OBJECTIVES, config_for_testbed
 from fogmig.platform.controller.drain import drain_node
 from fogmig.platform.controller.runner import run_controller
-from fogmig.platform.testbed.access import open_testbed_bus
 
 console = Console()
 

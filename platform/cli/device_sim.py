@@ -28,7 +28,8 @@ from fogmig.device_sim.run import (
 from fogmig.device_sim.summary import format_summary
 from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
-from fogmig.platform.base.proc import NETNS_DIR, running_in_netns
+from fogmig.platform.base.netns import running_in_netns
+from fogmig.platform.base.proc import NETNS_DIR
 
 console = Console()
 

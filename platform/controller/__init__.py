@@ -2,5 +2,5 @@
 
 config (how it decides), registry (what it knows), core (decisions: messages in, actions out),
 actions (what the core hands back), decide (technique and command for one move), runner (the
-core on the bus), drain (emptying a node).
+core on the bus), drain (emptying a node), access (the testbed's broker as the controller).
 """

@@ -38,6 +38,7 @@ from fogmig.platform.bus.schemas import (
     TopicKind,
     topics,
 )
+from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.controller.actions import (
     WARNINGS,
     Action,
@@ -47,7 +48,6 @@ from fogmig.platform.controller.actions import (
 )
 from fogmig.platform.controller.config import ControllerConfig
 from fogmig.platform.controller.core import ControllerCore
-from fogmig.platform.testbed.access import open_testbed_bus
 
 log = logging.getLogger(__name__)
 

@@ -30,7 +30,7 @@ from fogmig.platform.base.nodes import check_service_name, netns_name
 from fogmig.platform.migration.delta import pagedelta
 from fogmig.platform.migration.lazy import pages as lazypages
 from fogmig.platform.runtime.bundle import make_bundle
-from fogmig.platform.runtime.node import NodeRuntime
+from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import remove_tree
 
 log = logging.getLogger(__name__)

@@ -28,9 +28,9 @@ from fogmig.platform.migration.ports import DumpResult, ProgressFn, SentResult
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.platform.migration.record import Technique as TechniqueName
 from fogmig.platform.runtime.bundle import read_config
-from fogmig.platform.runtime.node import NodeRuntime
+from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import remove_tree
-from fogmig.platform.transfer.channel import TransferClient
+from fogmig.platform.transfer.client import TransferClient
 from fogmig.policies.conditions import PrecopyStopRules
 
 log = logging.getLogger(__name__)

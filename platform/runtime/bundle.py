@@ -2,7 +2,7 @@
 
 The rootfs is the shared, read-only service image; the container joins its node's network
 namespace and owns its pid, ipc, uts and mount namespaces. CRIU's restore-only options travel in
-a per-bundle config file named by the ``org.criu.config`` annotation (PLATFORM-NOTES.md).
+a per-bundle config file named by the ``org.criu.config`` annotation (docs/platform.md).
 """
 
 from __future__ import annotations

@@ -119,7 +119,7 @@ def has_netem() -> bool:
 
 
 def pipe_sysctls() -> dict[str, int]:
-    """The two pipe limits the lazy page server needs raised (PLATFORM-NOTES.md)."""
+    """The two pipe limits the lazy page server needs raised (docs/platform.md)."""
     out: dict[str, int] = {}
     for name in ("pipe-max-size", "pipe-user-pages-soft"):
         out[name] = int(Path(f"/proc/sys/fs/{name}").read_text().strip())
@@ -129,13 +129,6 @@ def pipe_sysctls() -> dict[str, int]:
 def pipe_sysctls_ok() -> bool:
     s = pipe_sysctls()
     return s["pipe-max-size"] >= 8388608 and s["pipe-user-pages-soft"] == 0
-
-
-def ensure_pipe_sysctls() -> None:
-    """Raise the pipe limits if a previous boot reset them (needs root)."""
-    if pipe_sysctls()["pipe-max-size"] < 8388608:
-        Path("/proc/sys/fs/pipe-max-size").write_text("8388608\n")
-    Path("/proc/sys/fs/pipe-user-pages-soft").write_text("0\n")
 
 
 def writable_tmp() -> bool:

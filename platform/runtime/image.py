@@ -1,7 +1,7 @@
 """Reading CRIU image files without CRIU's generated protobuf modules.
 
 A CRIU image is two little-endian u32 magics followed by records ``[u32 length][protobuf]``
-(PLATFORM-NOTES.md). Every message we read (pagemap, stats) uses only varint and
+(docs/platform.md). Every message we read (pagemap, stats) uses only varint and
 length-delimited fields, so a small decoder is enough and keeps ``crit`` off the node.
 """
 

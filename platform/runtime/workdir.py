@@ -16,57 +16,16 @@ import stat
 from pathlib import Path
 
 from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.mounts import mounts_below
 
 log = logging.getLogger(__name__)
 
 MNT_DETACH = 2
-PROC_MOUNTS = Path("/proc/mounts")
+PROC_MOUNTS = Path("/proc/self/mounts")
 
 
 class WorkdirError(FogmigError):
     """A work directory could not be unmounted or removed completely."""
-
-
-def _unescape(field: str) -> str:
-    # /proc/mounts escapes space, tab, newline and backslash as \ooo octal.
-    out: list[str] = []
-    i = 0
-    while i < len(field):
-        code = field[i + 1 : i + 4]
-        if field[i] == "\\" and len(code) == 3 and all(c in "01234567" for c in code):
-            out.append(chr(int(code, 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_points(mounts_text: str) -> list[Path]:
-    """Every mount point listed in a ``/proc/mounts`` text, in the order listed."""
-    points: list[Path] = []
-    for line in mounts_text.splitlines():
-        fields = line.split()
-        if len(fields) >= 2:
-            points.append(Path(_unescape(fields[1])))
-    return points
-
-
-def mounts_below(path: Path, mounts_text: str) -> list[Path]:
-    """Mount points at or below ``path``, deepest first, each once, in unmount order.
-
-    A point mounted several times (stacked) appears once per mount, since each needs its own
-    unmount; later mounts come first because they sit on top.
-    """
-    root = Path(os.path.normpath(path))
-    found = [
-        (index, point)
-        for index, point in enumerate(mount_points(mounts_text))
-        if point == root or root in point.parents
-    ]
-    # Deepest first; among equals, the most recent (topmost) mount first.
-    found.sort(key=lambda item: (len(item[1].parts), item[0]), reverse=True)
-    return [point for _, point in found]
 
 
 def _libc() -> ctypes.CDLL:
@@ -91,11 +50,11 @@ def _umount(point: Path) -> None:
 
 def unmount_below(path: Path, *, proc_mounts: Path = PROC_MOUNTS) -> list[Path]:
     """Unmount everything mounted at or below ``path``; return what was unmounted."""
-    points = mounts_below(path, proc_mounts.read_text())
+    points = mounts_below(path, proc_mounts.read_bytes())
     for point in points:
         log.info("unmounting %s", point)
         _umount(point)
-    left = mounts_below(path, proc_mounts.read_text())
+    left = mounts_below(path, proc_mounts.read_bytes())
     if left:
         raise WorkdirError(
             f"still mounted below {path} after unmounting: {', '.join(map(str, left))}",

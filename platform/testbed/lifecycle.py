@@ -1,9 +1,9 @@
 """Bringing the testbed up and tearing it down.
 
 ``up`` builds what :func:`topology.plan` describes (namespaces, management bridge, data links,
-broker, link daemon) and writes the state file last; if any step fails it tears down what it
-made. ``down`` removes everything, with or without a state file, so it also cleans up after a
-crashed run; running it twice is harmless.
+secrets and certificates, broker, link daemon) and writes the state file last; if any step
+fails it tears down what it made. ``down`` removes everything, with or without a state file,
+so it also cleans up after a crashed run; running it twice is harmless.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from typing import Literal
 
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, SetupError, TestbedError
+from fogmig.platform.base.mounts import mounts_below
 from fogmig.platform.base.nodes import NETNS_PREFIX, check_node_name, runc_root
 from fogmig.platform.base.proc import run
 from fogmig.platform.runtime.capabilities import has_netem
@@ -32,6 +33,7 @@ from fogmig.platform.testbed.credentials import (
 )
 from fogmig.platform.testbed.linkd import ControlRequest, LinkdConfig, LinkdLink, TunEnd
 from fogmig.platform.testbed.links import linkd_request
+from fogmig.platform.testbed.pki import create_pki, pki_dir, remove_pki
 from fogmig.platform.testbed.probe import measure_rtt
 from fogmig.platform.testbed.profiles import LinkProfile
 from fogmig.platform.testbed.state import (
@@ -281,6 +283,8 @@ async def up(profile: LinkProfile, n_nodes: int, *, progress: Progress = _quiet)
         users = [*state.node_names, state.device_host.name, broker.CONTROLLER_USER]
         creds = generate_credentials(users)
         save_credentials(creds)
+        issued = create_pki(state)
+        progress(f"site CA and {len(issued)} certificates in {pki_dir()}")
         await broker.write_broker_files(state, creds)
         state.broker.pid = await broker.start_broker(state.broker)
         if backend == "tun":
@@ -364,13 +368,8 @@ async def _remove_containers(node: str, report: DownReport) -> None:
         report.containers.append(f"{node}/{cid}")
 
 
-def _mounts_below(prefixes: list[Path]) -> list[Path]:
-    found: list[Path] = []
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        point = Path(line.split()[4].encode().decode("unicode_escape"))
-        if any(point.is_relative_to(p) and point != p for p in prefixes):
-            found.append(point)
-    return found
+def _mounts_below(prefix: Path) -> list[Path]:
+    return [p for p in mounts_below(prefix) if p != prefix]
 
 
 async def _unmount_criu(nodes: list[str], report: DownReport) -> None:
@@ -379,7 +378,7 @@ async def _unmount_criu(nodes: list[str], report: DownReport) -> None:
     node_roots = [paths.node_dir(n) for n in nodes] + [state_root / "testbed"]
     points = [
         p
-        for p in _mounts_below([state_root])
+        for p in _mounts_below(state_root)
         if ".criu" in str(p) or any(p.is_relative_to(r) for r in node_roots)
     ]
     # Deepest first, so a parent is never unmounted under a child.
@@ -458,4 +457,6 @@ async def down(state: TestbedState | None = None, *, progress: Progress = _quiet
             report.files.append(str(entry))
     remove_state()
     remove_credentials()
+    if remove_pki():
+        report.files.append(str(pki_dir()))
     return report

@@ -1,66 +1,26 @@
 """Network namespaces, the management bridge, veth pairs and TUN devices of the testbed.
 
-Thin wrappers over ``ip`` (batched per namespace), plus entering a namespace from Python for
-one thread (``setns``), which is how the link emulator opens its TUN devices and how the probe
-makes sockets inside a node.
+Thin wrappers over ``ip`` (batched per namespace), and TUN devices opened inside a namespace
+(:mod:`fogmig.platform.base.netns` enters it for one thread).
 """
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import os
 import socket
 import struct
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from pathlib import Path
 
 from fogmig.platform.base.errors import TestbedError
+from fogmig.platform.base.netns import entered_netns, netns_path
 from fogmig.platform.base.nodes import NETNS_PREFIX
 from fogmig.platform.base.proc import NETNS_DIR, run
 
-CLONE_NEWNET = 0x40000000
 TUNSETIFF = 0x400454CA
 IFF_TUN = 0x0001
 IFF_NO_PI = 0x1000
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def netns_path(netns: str) -> Path:
-    return NETNS_DIR / netns
-
-
-def _setns(fd: int) -> None:
-    if _libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-
-
-@contextmanager
-def entered_netns(netns: str) -> Iterator[None]:
-    """Move the calling thread into ``netns`` for the block, then back.
-
-    Sockets and TUN devices opened inside stay in that namespace afterwards. Only the calling
-    thread moves, so the block must not await: run it to completion without yielding.
-    """
-    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        try:
-            target = os.open(netns_path(netns), os.O_RDONLY)
-        except FileNotFoundError:
-            raise TestbedError(f"network namespace {netns} does not exist") from None
-        try:
-            _setns(target)
-        finally:
-            os.close(target)
-        try:
-            yield
-        finally:
-            _setns(own)
-    finally:
-        os.close(own)
 
 
 def open_tun(netns: str, ifname: str) -> int:

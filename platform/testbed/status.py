@@ -6,6 +6,7 @@ import json
 from dataclasses import dataclass, field
 
 from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.netns import netns_path
 from fogmig.platform.base.nodes import runc_root
 from fogmig.platform.base.proc import run
 from fogmig.platform.testbed import broker, netns, pids
@@ -22,7 +23,7 @@ async def healthy(state: TestbedState) -> list[str]:
     """What is wrong with a running testbed (empty when everything is in place)."""
     problems: list[str] = []
     for host in [*state.hosts]:
-        if not netns.netns_path(host.netns).exists():
+        if not netns_path(host.netns).exists():
             problems.append(f"namespace {host.netns} is missing")
     if not netns.link_exists(state.bridge):
         problems.append(f"bridge {state.bridge} is missing")

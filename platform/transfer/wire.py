@@ -2,7 +2,8 @@
 
 Pure code without I/O: bytes in, typed frames and messages out, and the rules that decide what
 a receiver may accept (frame limits, frame order, path confinement, file integrity), so all of
-it is testable and fuzzable without sockets. ``fogmig.platform.transfer.channel`` does the I/O.
+it is testable and fuzzable without sockets. ``connection``, ``server`` and ``client`` (in
+``fogmig.platform.transfer``) do the I/O.
 """
 
 from __future__ import annotations
@@ -158,30 +159,6 @@ def decode_header(header: bytes) -> tuple[FrameType, int]:
     if size > max_payload(ftype):
         raise ProtocolError(f"{ftype.name} frame of {size} bytes exceeds the limit")
     return ftype, size
-
-
-class FrameDecoder:
-    """Incremental decoder: feed bytes as they arrive, take out complete frames."""
-
-    def __init__(self) -> None:
-        self._buffer = bytearray()
-
-    def feed(self, data: bytes) -> list[Frame]:
-        self._buffer += data
-        frames: list[Frame] = []
-        while len(self._buffer) >= HEADER_SIZE:
-            ftype, size = decode_header(bytes(self._buffer[:HEADER_SIZE]))
-            end = HEADER_SIZE + size
-            if len(self._buffer) < end:
-                break
-            frames.append(Frame(ftype, bytes(self._buffer[HEADER_SIZE:end])))
-            del self._buffer[:end]
-        return frames
-
-    @property
-    def pending(self) -> int:
-        """Bytes of an incomplete frame still buffered (non-zero at EOF means truncation)."""
-        return len(self._buffer)
 
 
 # --- messages ---------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ from fogmig.platform.base.errors import (
     ServiceError,
     UnknownNodeError,
 )
+from fogmig.platform.base.mounts import mounts_below
 from fogmig.platform.runtime.bundle import make_bundle
-from fogmig.platform.runtime.node import NodeRuntime
-from fogmig.platform.runtime.workdir import mounts_below, remove_tree
+from fogmig.platform.runtime.container import NodeRuntime
+from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.services.client import ServiceState, encode_reading
 from fogmig.services.deploy import (
     ServiceSpec,
@@ -47,7 +48,6 @@ pytestmark = [
 
 STATE_MB = 6
 PORT = 5683
-PAGE_SERVER_PORT = 27123
 CGROUP_MEMORY = Path("/sys/fs/cgroup/memory")
 
 
@@ -164,7 +164,7 @@ class Nodes:
 
 
 def _mounts(path: Path) -> list[Path]:
-    return mounts_below(path, Path("/proc/mounts").read_text())
+    return mounts_below(path)
 
 
 def _iptables(netns: str) -> str:
@@ -196,7 +196,6 @@ async def nodes(net: Net, image: Path, tmp_path: Path) -> AsyncIterator[Nodes]:
     for ns in (net.a, net.b):
         rules = _iptables(ns)
         assert "CRIU" not in rules, rules
-        assert "FMPS" not in rules, rules
         assert not (CGROUP_MEMORY / "fogmig-test" / ns).exists(), "cgroup left behind"
 
 
@@ -284,101 +283,6 @@ async def test_leave_running_keeps_the_original_and_the_image_clones(nodes: Node
     _assert_state(await probe_state(nodes.net.b), nodes.expected(upto=2))
     _assert_state(await probe_state(nodes.net.a), nodes.expected())
     print(f"\nleave-running freeze {ck.frozen_ms:.1f} ms, wall {ck.wall_s:.3f} s")
-
-
-async def test_lazy_migration_between_nodes(nodes: Nodes) -> None:
-    net = nodes.net
-    await nodes.start(nodes.a, "svc")
-    for _ in range(3):
-        nodes.post(nodes.a)
-    src_images, src_work = nodes.dirs("lazy-src")
-    dst_images, dst_work = nodes.dirs("lazy-dst")
-
-    handle = await nodes.a.checkpoint_lazy(
-        "svc",
-        image_dir=src_images,
-        work_dir=src_work,
-        listen_ip=net.a_ip,
-        port=PAGE_SERVER_PORT,
-        allow_ip=net.b_ip,
-    )
-    try:
-        await handle.ready(timeout=60)
-        rules = _iptables(net.a)
-        assert f"-s {net.b_ip}/32 -j ACCEPT" in rules
-        assert f"--dport {PAGE_SERVER_PORT}" in rules
-        # Anyone but the destination is dropped (here: node a itself, from its own address).
-        probe = _sh(
-            "python3",
-            "-c",
-            "import socket,sys\n"
-            "try:\n"
-            f"    socket.create_connection(('{net.a_ip}', {PAGE_SERVER_PORT}), timeout=1)\n"
-            "    print('connected')\n"
-            "except OSError:\n"
-            "    print('refused')\n",
-            netns=net.a,
-        )
-        assert probe.strip() == "refused"
-
-        shutil.copytree(src_images, dst_images)  # what the transfer channel does for real
-        restore = await nodes.b.restore_lazy(
-            "svc",
-            bundle=nodes.bundle(nodes.b, "svc"),
-            image_dir=dst_images,
-            work_dir=dst_work,
-            page_server_ip=net.a_ip,
-            port=PAGE_SERVER_PORT,
-        )
-        restored = await restore.restored()
-        assert restored.pid > 0
-        _assert_state(await probe_state(net.b, timeout=10), nodes.expected())
-        lazy = await restore.pages_done(timeout=120)
-        source = await handle.wait(timeout=60)
-    except BaseException:
-        await handle.abort()
-        raise
-
-    assert lazy.ok, lazy
-    assert lazy.pages_total > STATE_MB * 256
-    assert lazy.pages_transferred == lazy.pages_total
-    assert lazy.log_path == dst_work / "lazy-pages.log"
-    assert source.returncode == 0
-    assert not await nodes.a.exists("svc")
-    rules = _iptables(net.a)
-    assert "FMPS" not in rules
-    assert "CRIU" not in rules
-    nodes.post(nodes.b)
-    _assert_state(await probe_state(net.b), nodes.expected())
-    print(
-        f"\nlazy: ready {source.ready_s:.3f} s, restored {restored.wall_s:.3f} s, "
-        f"{lazy.pages_total} pages in {lazy.duration:.3f} s"
-    )
-
-
-async def test_lazy_abort_before_the_restore_resumes_the_source(nodes: Nodes) -> None:
-    net = nodes.net
-    await nodes.start(nodes.a, "svc")
-    nodes.post(nodes.a)
-    images, work = nodes.dirs("lazy-abort")
-    handle = await nodes.a.checkpoint_lazy(
-        "svc",
-        image_dir=images,
-        work_dir=work,
-        listen_ip=net.a_ip,
-        port=PAGE_SERVER_PORT + 1,
-        allow_ip=net.b_ip,
-    )
-    await handle.ready(timeout=60)
-
-    await handle.abort()
-
-    # Nobody fetched a page: with CRIU gone the frozen service goes on, state intact.
-    assert (await nodes.a.state("svc")).running
-    _assert_state(await probe_state(net.a), nodes.expected())
-    nodes.post(nodes.a)
-    _assert_state(await probe_state(net.a), nodes.expected())
-    assert "FMPS" not in _iptables(net.a)
 
 
 async def test_failed_restore_names_its_log_and_leaves_nothing(nodes: Nodes) -> None:

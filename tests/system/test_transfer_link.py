@@ -36,7 +36,8 @@ DRIVER = textwrap.dedent(
     import asyncio, json, sys, time
     from pathlib import Path
     from fogmig.platform.base.errors import ConfigError
-    from fogmig.platform.transfer.channel import TransferClient, TransferServer
+    from fogmig.platform.transfer.client import TransferClient
+    from fogmig.platform.transfer.server import TransferServer
 
     SECRET = sys.argv[2].encode()
 

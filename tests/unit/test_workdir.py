@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.runtime.workdir import WorkdirError, mount_points, mounts_below, remove_tree
+from fogmig.platform.base.mounts import mount_points, mounts_below
+from fogmig.platform.runtime.workdir import WorkdirError, remove_tree
 
-MOUNTS = """\
+MOUNTS = b"""\
 sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
 proc /proc proc rw,relatime 0 0
 /dev/vda / ext4 rw,relatime 0 0
@@ -49,6 +50,11 @@ def test_mounts_below_deepest_first_and_only_below() -> None:
     assert found[-1] == work
     # A point mounted twice is unmounted twice.
     assert found.count(work / "stacked") == 2
+
+
+def test_non_ascii_mount_points_come_back_exactly() -> None:
+    table = "tmpfs /srv/caf\u00e9/x\\040y tmpfs rw 0 0\n".encode()
+    assert mount_points(table) == [Path("/srv/caf\u00e9/x y")]
 
 
 def test_mounts_below_normalises_the_path() -> None:

@@ -19,13 +19,8 @@ from typing import Any
 
 from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
-from fogmig.platform.transfer.channel import (
-    TransferClient,
-    TransferServer,
-    TransferSession,
-    TransferStats,
-    remove_migration_dir,
-)
+from fogmig.platform.transfer.client import TransferClient, TransferStats
+from fogmig.platform.transfer.server import TransferServer, TransferSession, remove_migration_dir
 
 
 @dataclass(frozen=True, slots=True)

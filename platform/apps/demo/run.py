@@ -336,7 +336,7 @@ class Demo:
 
     @contextlib.asynccontextmanager
     async def _buses(self, state: TestbedState) -> AsyncIterator[tuple[Bus, Bus]]:
-        from fogmig.platform.testbed.access import open_testbed_bus
+        from fogmig.platform.controller.access import open_testbed_bus
         from fogmig.platform.testbed.credentials import load_credentials
 
         device_user = state.device_host.name

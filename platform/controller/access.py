@@ -1,7 +1,7 @@
-"""Access to the testbed's broker: a bus client with the controller's credentials.
+"""The testbed's broker as the controller principal: a bus client with its credentials.
 
-The controller, ``fogmig drain``, ``fogmig migrate`` and the demo all speak to the agents as the
-testbed's ``controller`` principal (the broker's ACL lets it command every node).
+The controller, ``fogmig drain`` and the demo speak to the agents as the testbed's
+``controller`` principal (the broker's ACL lets it command every node).
 """
 
 from __future__ import annotations
