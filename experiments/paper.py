@@ -9,18 +9,16 @@ needs for the bytes moved (state bytes / link rate).
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from fogmig.platform.cli.agent import agents_down, agents_up, request_migration
+from fogmig.platform.agent.launcher import agents_down, agents_up
+from fogmig.platform.agent.remote import request_migration
 from fogmig.platform.migration.record import TECHNIQUES, MigrationRecord, save_record
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.profiles import LinkProfile, load_profile
@@ -153,38 +151,3 @@ def summary_table(records: Sequence[MigrationRecord]) -> Table:
             r.outcome.value,
         )
     return table
-
-
-def _cmd(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli.main import run_async
-
-    plan = ExperimentPlan(
-        configurations=args.configurations.split(","),
-        techniques=args.techniques.split(","),
-        state_mb=args.state_mb,
-        repeat=args.repeat,
-        out=Path(args.out),
-    )
-    for c in plan.configurations:
-        if c not in PAPER_CONFIGURATIONS:
-            console.print(f"[red]unknown configuration {c}; use A, B, C, D[/]")
-            return 2
-    records = run_async(lambda: run_plan(plan))
-    console.print(summary_table(records))
-    if args.json:
-        print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
-    failed = [r for r in records if r.outcome.value != "completed"]
-    return 1 if failed else 0
-
-
-def register(sub: Any) -> None:
-    p = sub.add_parser(
-        "experiment", help="reproduce the paper's evaluation (configurations A-D) on the testbed"
-    )
-    p.add_argument("--configurations", default="A,B,C,D", help="comma-separated, of A,B,C,D")
-    p.add_argument("--techniques", default=",".join(TECHNIQUES))
-    p.add_argument("--state-mb", type=int, default=75)
-    p.add_argument("--repeat", type=int, default=1)
-    p.add_argument("--out", default="results/paper")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(func=_cmd)

@@ -1,9 +1,9 @@
-"""An agent's configuration from a TOML file, for fog nodes that are real machines.
+"""An agent's configuration: :class:`AgentConfig`, from a TOML file or from the testbed.
 
 On the embedded testbed an agent learns everything from the testbed's state; on a real gateway
-``fogmig agent --config FILE`` reads its name, data address, peers, broker and the paths of its
-two secrets (MQTT password, transfer secret) from a file like ``compose/agent-gw1.toml``.
-Relative secret paths are taken from the configuration file's folder.
+(a fog node that is a real machine) ``fogmig agent --config FILE`` reads its name, data address,
+peers, broker and the paths of its two secrets (MQTT password, transfer secret) from a file like
+``compose/agent-gw1.toml``. Relative secret paths are taken from the configuration file's folder.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.errors import ConfigError, UnknownNodeError
 from fogmig.platform.base.nodes import check_node_name
 
 DEFAULT_BROKER_PORT = 1883
@@ -158,3 +158,66 @@ def load_agent_config(path: Path) -> AgentSettings:
     except OSError as exc:
         raise ConfigError(f"cannot read the agent configuration {path}: {exc.strerror}") from None
     return parse_agent_config(text, source=str(path), base=path.resolve().parent)
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything one node's agent needs to know about itself and its peers."""
+
+    node: str
+    data_ip: str
+    peers: dict[str, str]  # node -> data IP
+    broker_host: str
+    broker_port: int
+    mqtt_username: str
+    mqtt_password: str
+    secret: bytes
+    transfer_port: int = DEFAULT_TRANSFER_PORT
+    status_interval_s: float = 5.0
+    fence_timeout_s: float = 20.0
+    link_probe_interval_s: float = 60.0
+    link_probe_bytes: int = 2 * 1024 * 1024
+
+    @classmethod
+    def from_file(cls, path: Path) -> AgentConfig:
+        """The configuration of a real node from a TOML file (see ``compose/``)."""
+        s = load_agent_config(path)
+        return cls(
+            node=s.node,
+            data_ip=s.data_ip,
+            peers=dict(s.peers),
+            broker_host=s.broker_host,
+            broker_port=s.broker_port,
+            mqtt_username=s.mqtt_username,
+            mqtt_password=s.mqtt_password,
+            secret=s.secret,
+            transfer_port=s.transfer_port,
+            status_interval_s=s.status_interval_s,
+            fence_timeout_s=s.fence_timeout_s,
+        )
+
+    @classmethod
+    def from_testbed(cls, node: str) -> AgentConfig:
+        """The configuration of ``node`` on the embedded testbed."""
+        from fogmig.platform.testbed.credentials import load_credentials
+        from fogmig.platform.testbed.state import load_state
+
+        state = load_state()
+        creds = load_credentials()
+        nodes = {n.name: n for n in state.nodes}
+        if node not in nodes:
+            raise UnknownNodeError(
+                f"the testbed has no node {node!r}; nodes: {', '.join(sorted(nodes))}"
+            )
+        if node not in creds.mqtt:
+            raise ConfigError(f"no MQTT credential for {node} in the testbed's credentials")
+        return cls(
+            node=node,
+            data_ip=nodes[node].data_ip,
+            peers={n: info.data_ip for n, info in nodes.items() if n != node},
+            broker_host=state.broker.ip,
+            broker_port=state.broker.port,
+            mqtt_username=node,
+            mqtt_password=creds.mqtt[node],
+            secret=bytes.fromhex(creds.transfer_secret_hex),
+        )

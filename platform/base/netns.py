@@ -28,6 +28,14 @@ def netns_path(netns: str) -> Path:
     return NETNS_DIR / netns
 
 
+def running_in_netns(netns: str) -> bool:
+    """This process already runs in the named network namespace (no need to re-enter it)."""
+    try:
+        return os.stat("/proc/self/ns/net").st_ino == os.stat(netns_path(netns)).st_ino
+    except OSError:
+        return False
+
+
 def _setns(fd: int, what: str) -> None:
     if _libc.setns(fd, CLONE_NEWNET) != 0:
         err = ctypes.get_errno()

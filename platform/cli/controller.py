@@ -9,15 +9,8 @@ controller has moved every service off it.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
-import fcntl
 import json
-import os
-import signal
 import time
-import uuid
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,26 +18,13 @@ from rich.console import Console
 from rich.markup import escape
 
 from fogmig.platform.base import paths
-from fogmig.platform.base.errors import ConfigError, FogmigError
-from fogmig.platform.bus.client import Bus, CommandRejectedError, Subscription
-from fogmig.platform.bus.schemas import (
-    BusMessage,
-    Cleared,
-    CommandAck,
-    Decision,
-    DrainCommand,
-    MigrateCommand,
-    MigrationDone,
-    NodeStatus,
-    topics,
-)
-from fogmig.platform.controller.core import (
-    OBJECTIVES,
-    Controller,
-    ControllerConfig,
-    ControllerEvent,
-    EventKind,
-)
+from fogmig.platform.base.aio import run_async
+from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.controller.access import open_testbed_bus
+from fogmig.platform.controller.actions import ControllerEvent, EventKind
+from fogmig.platform.controller.config import OBJECTIVES, config_for_testbed
+from fogmig.platform.controller.drain import drain_node
+from fogmig.platform.controller.runner import run_controller
 
 console = Console()
 
@@ -62,53 +42,6 @@ _STYLES = {
 
 def default_decision_log() -> Path:
     return paths.state_dir() / "controller" / "decisions.jsonl"
-
-
-@contextlib.contextmanager
-def single_instance(path: Path) -> Iterator[None]:
-    """One controller per machine: two would send competing commands for the same services."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-            raise ConfigError(
-                f"another controller is running (pid {other})", hint=f"lock file {path}"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield
-    finally:
-        os.close(fd)
-
-
-def config_for_testbed(**overrides: Any) -> ControllerConfig:
-    """The controller's configuration on the testbed: links default to the testbed's profile."""
-    from fogmig.platform.testbed.state import load_state
-    from fogmig.policies.conditions import LinkConditions
-
-    profile = load_state().profile
-    link = LinkConditions.from_mbit(profile.rate_mbit, profile.rtt_ms)
-    return ControllerConfig(default_link=link, **overrides)
-
-
-def open_testbed_bus(client: str) -> Bus:
-    """A bus client with the controller's credentials on the testbed's broker."""
-    from fogmig.platform.testbed.broker import CONTROLLER_USER
-    from fogmig.platform.testbed.credentials import load_credentials
-    from fogmig.platform.testbed.state import load_state
-
-    state = load_state()
-    return Bus(
-        host=state.broker.ip,
-        port=state.broker.port,
-        username=CONTROLLER_USER,
-        password=load_credentials().password(CONTROLLER_USER),
-        client_id=f"{client}-{uuid.uuid4().hex[:8]}",
-        known_nodes=state.node_names,
-    )
 
 
 class LiveView:
@@ -131,21 +64,7 @@ class LiveView:
         self.out.print(f"[dim]{stamp}[/] {kind} {escape(event.message)}", highlight=False)
 
 
-async def run_controller(config: ControllerConfig, *, on_event: LiveView | None = None) -> None:
-    """Run the controller on the testbed until SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    with single_instance(paths.run_dir() / "controller.lock"):
-        async with open_testbed_bus("controller") as bus:
-            controller = Controller(config, bus, on_event=on_event)
-            await controller.run(stop)
-
-
 def _cmd_controller(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli.main import run_async
-
     threshold = args.load_threshold
     target = args.load_target if args.load_target is not None else round(threshold * 0.75, 3)
     config = config_for_testbed(
@@ -169,126 +88,7 @@ def _cmd_controller(args: argparse.Namespace) -> int:
 # --- drain --------------------------------------------------------------------------------
 
 
-class DrainWatch:
-    """Follows a draining node from its status, its commands and its events.
-
-    The node is empty once it reports draining with no service and every migration off it has
-    ended: after a post-copy the source still serves memory pages when its container is gone.
-    """
-
-    def __init__(self, node: str) -> None:
-        self.node = node
-        self.draining = False
-        self.services: list[str] | None = None
-        self.migrating: dict[str, str] = {}  # command id -> service
-        self._told: list[str] | None = None
-
-    @property
-    def empty(self) -> bool:
-        return self.draining and self.services == [] and not self.migrating
-
-    def update(self, msg: BusMessage | Cleared) -> list[str]:
-        """Take one message; return what is worth telling the user."""
-        match msg:
-            case NodeStatus() if msg.node == self.node:
-                if not msg.online:
-                    return [f"{self.node} is offline"]
-                self.draining = msg.draining
-                names = sorted(s.name for s in msg.services)
-                self.services = names
-                if self.draining and names and names != self._told:
-                    self._told = names
-                    return [f"{self.node} still runs {len(names)}: {', '.join(names)}"]
-            case MigrateCommand():
-                self.migrating[msg.command_id] = msg.service
-            case CommandAck(accepted=False):
-                self.migrating.pop(msg.command_id, None)
-            case MigrationDone() if msg.node == self.node:
-                self.migrating.pop(msg.command_id, None)
-                where = msg.record.get("destination", "?")
-                return [f"{msg.service} left {self.node} for {where}: {msg.outcome.value}"]
-            case Decision() if msg.source == self.node:
-                return [f"moving {msg.service} to {msg.destination} by {msg.technique}"]
-            case _:
-                pass
-        return []
-
-    def describe(self) -> str:
-        parts = []
-        if not self.draining:
-            parts.append("it does not report draining")
-        if self.services:
-            parts.append(f"it still runs {', '.join(self.services)}")
-        if self.migrating:
-            parts.append(f"migrations of {', '.join(sorted(self.migrating.values()))} not ended")
-        return "; ".join(parts) or "no status from it"
-
-
-async def drain_node(
-    bus: Bus,
-    node: str,
-    *,
-    timeout: float = 600.0,
-    on_update: Callable[[str], None] | None = None,
-) -> float:
-    """Ask ``node`` to drain and wait until it is empty (see :class:`DrainWatch`).
-
-    Returns the seconds it took. The node's agent stops accepting services; the controller
-    moves the ones it has. Raises :class:`FogmigError` if the node refuses or is still not
-    empty after ``timeout``.
-    """
-    say = on_update or (lambda _line: None)
-    started = time.monotonic()
-    watch = DrainWatch(node)
-    inbox: asyncio.Queue[BusMessage | Cleared | None] = asyncio.Queue()
-    async with contextlib.AsyncExitStack() as stack:
-        pumps = []
-        for pattern in (
-            topics.status(node),
-            topics.cmd(node),
-            topics.events(node),
-            topics.decisions(),
-        ):
-            sub = await stack.enter_async_context(bus.subscribe(pattern))
-            pumps.append(asyncio.create_task(_pump(sub, inbox)))
-        try:
-            try:
-                await bus.request(node, DrainCommand(command_id=uuid.uuid4().hex[:12]), 15.0)
-            except CommandRejectedError as exc:
-                raise FogmigError(
-                    f"{node} refused to drain: {exc.ack.reason}",
-                    hint="does this node's agent handle drain commands?",
-                ) from exc
-            say(f"{node} accepted the drain command")
-            async with asyncio.timeout(timeout):
-                while not watch.empty:
-                    msg = await inbox.get()
-                    if msg is None:
-                        raise FogmigError("the bus closed before the node was empty")
-                    for line in watch.update(msg):
-                        say(line)
-            return time.monotonic() - started
-        except TimeoutError:
-            raise FogmigError(
-                f"{node} is not empty after {timeout:g} s: {watch.describe()}",
-                hint="is `fogmig controller` running? It moves the services off a draining node",
-            ) from None
-        finally:
-            for task in pumps:
-                task.cancel()
-            for task in pumps:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-
-
-async def _pump(sub: Subscription, inbox: asyncio.Queue[BusMessage | Cleared | None]) -> None:
-    async for _, msg in sub:
-        inbox.put_nowait(msg)
-    inbox.put_nowait(None)
-
-
 def _cmd_drain(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli.main import run_async
     from fogmig.platform.testbed.state import load_state
 
     state = load_state()
@@ -311,7 +111,6 @@ def _cmd_drain(args: argparse.Namespace) -> int:
 
 def _cmd_bench(args: argparse.Namespace) -> int:
     from fogmig.platform.apps.bench.controller import BenchOptions, format_report, run_bench
-    from fogmig.platform.cli.main import run_async
 
     rates = [0 if p.strip() == "max" else int(p) for p in args.rates.split(",")]
     options = BenchOptions(

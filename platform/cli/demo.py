@@ -8,36 +8,18 @@ migration completed and every continuity check held (1 otherwise, 130 when inter
 from __future__ import annotations
 
 import argparse
-import contextlib
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from fogmig.platform.base.errors import TestbedError
+from fogmig.platform.base.aio import run_async
+from fogmig.platform.testbed.lease import hold_testbed_lease
 
 console = Console()
 
 INTERRUPTED = 130
-
-
-@contextlib.contextmanager
-def hold_testbed_lease(timeout: float, *, take: bool = True) -> Iterator[None]:
-    """Hold the testbed's lease for the block (say so when someone else has it first)."""
-    from fogmig.platform.testbed.state import exclusive_use
-
-    with contextlib.ExitStack() as stack:
-        if take:
-            try:
-                stack.enter_context(exclusive_use(timeout=0))
-            except TestbedError:
-                console.print(
-                    f"the testbed is in use; waiting up to {timeout:g} s for it", highlight=False
-                )
-                stack.enter_context(exclusive_use(timeout=timeout))
-        yield
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -51,7 +33,6 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         default_out_dir,
     )
     from fogmig.platform.apps.demo.view import summary_renderable
-    from fogmig.platform.cli.main import run_async
 
     options = DemoOptions(
         out=Path(args.out) if args.out else default_out_dir(),
@@ -83,7 +64,11 @@ def _cmd_demo(args: argparse.Namespace) -> int:
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(sig)
 
-    with hold_testbed_lease(args.lease_timeout, take=not args.no_lease):
+    with hold_testbed_lease(
+        args.lease_timeout,
+        take=not args.no_lease,
+        on_wait=lambda line: console.print(line, highlight=False),
+    ):
         try:
             summary = run_async(main)
         except DemoInterruptedError as exc:
@@ -99,7 +84,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def register(sub: Any) -> None:
-    from fogmig.platform.controller.core import OBJECTIVES
+    from fogmig.platform.controller.config import OBJECTIVES
 
     p = sub.add_parser(
         "demo",

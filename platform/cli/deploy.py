@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fogmig.platform.cli.main import run_async
+from fogmig.platform.base.aio import run_async
 from fogmig.services import deploy as dep
 from fogmig.services.sensor import DEFAULT_DIRTY_KBPS, DEFAULT_STATE_MB
 

@@ -11,15 +11,12 @@ import argparse
 import importlib
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 from rich.console import Console
 
 from fogmig import __version__
 from fogmig.platform.base.errors import FogmigError
-
-T = TypeVar("T")
 
 # Modules that contribute subcommands, in the order `fogmig --help` lists them.
 COMMAND_MODULES = (
@@ -30,25 +27,12 @@ COMMAND_MODULES = (
     "fogmig.platform.cli.transfer_bench",
     "fogmig.platform.cli.agent",
     "fogmig.platform.cli.controller",
-    "fogmig.experiments.paper",
-    "fogmig.device_sim.commands",
+    "fogmig.platform.cli.experiment",
+    "fogmig.platform.cli.device_sim",
     "fogmig.platform.cli.demo",
 )
 
 err_console = Console(stderr=True)
-
-
-def run_async(main: Callable[[], Awaitable[T]]) -> T:
-    """Run a coroutine function on uvloop (the fastest loop for our many small sockets)."""
-    import asyncio
-
-    import uvloop
-
-    async def wrapper() -> T:
-        return await main()
-
-    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(wrapper())
 
 
 def build_parser() -> argparse.ArgumentParser:

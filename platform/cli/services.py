@@ -12,7 +12,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fogmig.platform.cli.main import run_async
+from fogmig.platform.base.aio import run_async
 from fogmig.services import image
 
 console = Console(highlight=False, soft_wrap=True)

@@ -13,7 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
-from fogmig.platform.cli.main import run_async
+from fogmig.platform.base.aio import run_async
 from fogmig.platform.testbed.profiles import DEFAULT_PROFILE, load_profile
 
 console = Console()

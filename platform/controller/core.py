@@ -1,252 +1,45 @@
-"""The fog controller: follows devices, relieves overloaded nodes and drains nodes by migrating.
+"""The controller's core: follows devices, relieves overloaded nodes and drains nodes.
 
 :class:`ControllerCore` holds the registry and every decision as plain values (messages and a
-clock reading in, actions out), so it is tested without a broker; :class:`Controller` wires it
-to the bus, sends the commands, and writes the JSON-lines decision log.
-
-Log levels: INFO decisions, accepted commands, finished migrations (predicted against measured),
-drains; WARNING rejected or unanswered commands, rollbacks, migrations given up or lost;
-DEBUG holds (a move that cannot happen now, and why).
+clock reading in, actions out), so it is tested without a broker; the asyncio side that wires it
+to the bus lives in ``fogmig.platform.controller.runner``.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import heapq
 import itertools
-import json
-import logging
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from enum import StrEnum
-from pathlib import Path
-from typing import IO, Any, Final, Literal
+from typing import Any, Final
 
-from fogmig.platform.base.errors import BusError, ConfigError, FogmigError
-from fogmig.platform.bus.client import Bus, CommandRejectedError, Subscription
+from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.bus.schemas import (
-    BusMessage,
-    Cleared,
-    Decision,
     DeviceAttach,
-    MigrateCommand,
     MigrationDone,
-    MigrationProgress,
     NodeStatus,
-    PrecopyRules,
     ServicePresence,
-    TopicKind,
-    topics,
 )
+from fogmig.platform.controller.actions import (
+    Action,
+    ControllerEvent,
+    EventKind,
+    InFlight,
+    Launch,
+    PendingMove,
+)
+from fogmig.platform.controller.config import OBJECTIVES, ControllerConfig, Trigger
+from fogmig.platform.controller.decide import decide_move
 from fogmig.platform.controller.registry import Registry
-from fogmig.platform.migration.record import Outcome, Technique
+from fogmig.platform.migration.record import Outcome
 from fogmig.policies import placement
-from fogmig.policies.choice import Decision as TechniqueDecision
-from fogmig.policies.choice import choose_technique
-from fogmig.policies.conditions import (
-    LinkConditions,
-    NodeCapabilities,
-    Objective,
-    PrecopyStopRules,
-    ServiceConditions,
-)
-from fogmig.policies.conditions import Technique as PolicyTechnique
-from fogmig.policies.costmodel import Prediction
-
-log = logging.getLogger(__name__)
-
-Trigger = Literal["mobility", "load", "drain"]
-ObjectiveName = Literal["downtime", "total", "bytes"]
-
-OBJECTIVES: Final[dict[str, Callable[[], Objective]]] = {
-    "downtime": Objective.least_downtime,
-    "total": Objective.least_total_time,
-    "bytes": Objective.least_bytes,
-}
 
 _TRIGGERS: Final[dict[placement.MoveReason, Trigger]] = {
     placement.MoveReason.FOLLOW_DEVICE: "mobility",
     placement.MoveReason.LOAD_BALANCE: "load",
     placement.MoveReason.DRAIN: "drain",
 }
-
-_WIRE_TECHNIQUE: Final[dict[PolicyTechnique, Technique]] = {
-    PolicyTechnique.COLD: "cold",
-    PolicyTechnique.PRECOPY: "precopy",
-    PolicyTechnique.POSTCOPY: "postcopy",
-    PolicyTechnique.HYBRID: "hybrid",
-}
-
-_TEXT_MAX = 4096  # the bus's limit for free text
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class ControllerConfig:
-    """How the controller decides; every field has a working default."""
-
-    debounce_s: float = 1.5
-    """An attachment must stay on one gateway this long before its service follows it."""
-    load_threshold: float = 0.8
-    """A node above this load (fraction of capacity) for ``load_reports`` reports in a row is
-    overloaded."""
-    load_target: float = 0.6
-    """A node taking a service for load reasons must stay at or below this load afterwards."""
-    load_reports: int = 3
-    objective: ObjectiveName = "downtime"
-    default_link: LinkConditions = field(
-        default_factory=lambda: LinkConditions.from_mbit(11.34, 122.95)
-    )
-    """The data link assumed between two nodes that have not measured it (the profile's)."""
-    default_state_bytes: int = 4 << 20
-    """State size assumed for a service its node does not (yet) report."""
-    stop_rules: PrecopyStopRules = field(default_factory=PrecopyStopRules)
-    compression: bool = False
-    mem_reserve_bytes: int = 64 << 20
-    max_migrations_per_node: int = 1
-    """Migrations one node takes part in at once (as source or destination): the cost model
-    assumes a migration has the data link to itself."""
-    ack_timeout_s: float = 10.0
-    done_timeout_s: float = 900.0
-    """An accepted migration with no MigrationDone after this long is given up as lost."""
-    retry_initial_s: float = 1.0
-    retry_max_s: float = 30.0
-    max_attempts: int = 8
-    decision_log: Path | None = None
-
-    def __post_init__(self) -> None:
-        if self.debounce_s < 0:
-            raise ConfigError(f"debounce must be >= 0 s, got {self.debounce_s}")
-        if not 0 <= self.load_target < self.load_threshold:
-            raise ConfigError(
-                f"need 0 <= load target ({self.load_target}) < load threshold "
-                f"({self.load_threshold})"
-            )
-        if self.load_reports < 1 or self.max_attempts < 1 or self.max_migrations_per_node < 1:
-            raise ConfigError("load_reports, max_attempts and max_migrations_per_node must be >= 1")
-        if self.objective not in OBJECTIVES:
-            raise ConfigError(
-                f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}"
-            )
-        if not 0 < self.retry_initial_s <= self.retry_max_s:
-            raise ConfigError("need 0 < retry_initial_s <= retry_max_s")
-        if self.ack_timeout_s <= 0 or self.done_timeout_s <= 0:
-            raise ConfigError("timeouts must be > 0")
-
-    def retry_delay(self, attempts: int) -> float:
-        """The pause before attempt ``attempts + 1`` (exponential, capped)."""
-        return float(min(self.retry_max_s, self.retry_initial_s * 2.0 ** max(attempts - 1, 0)))
-
-
-# --- actions ------------------------------------------------------------------------------
-
-
-class EventKind(StrEnum):
-    """What a :class:`ControllerEvent` reports."""
-
-    DECISION = "decision"
-    ACCEPTED = "accepted"
-    REJECTED = "rejected"
-    SEND_FAILED = "send_failed"
-    GAVE_UP = "gave_up"
-    DONE = "done"
-    LOST = "lost"
-    HOLD = "hold"
-    DRAIN_STARTED = "drain_started"
-    DRAIN_ENDED = "drain_ended"
-    NODE_EMPTY = "node_empty"
-    PROGRESS = "progress"
-
-
-_WARNINGS = frozenset(
-    {EventKind.REJECTED, EventKind.SEND_FAILED, EventKind.GAVE_UP, EventKind.LOST}
-)
-
-
-@dataclass(frozen=True, slots=True)
-class ControllerEvent:
-    """Something the controller decided or saw, for the log, the decision file and a live view."""
-
-    kind: EventKind
-    at: float
-    message: str
-    service: str | None = None
-    node: str | None = None
-    data: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "at": self.at,
-            "event": self.kind.value,
-            "service": self.service,
-            "node": self.node,
-            "message": self.message,
-            **self.data,
-        }
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"), default=str)
-
-
-@dataclass(frozen=True, slots=True)
-class Launch:
-    """Send ``command`` to ``source`` (and publish ``decision`` first)."""
-
-    source: str
-    command: MigrateCommand
-    decision: Decision
-
-
-Action = Launch | ControllerEvent
-
-
-@dataclass(slots=True)
-class PendingMove:
-    """A move waiting for its turn: the service's current migration, a node's capacity or a
-    retry's backoff. A newer move of the same service replaces its target."""
-
-    service: str
-    target: str
-    trigger: Trigger
-    detail: str
-    not_before: float
-    attempts: int = 0
-
-
-@dataclass(slots=True)
-class InFlight:
-    """A migration command sent and not finished."""
-
-    serial: int
-    source: str
-    command: MigrateCommand
-    decision: Decision
-    trigger: Trigger
-    detail: str
-    attempts: int
-    sent_at: float
-    acked: bool = False
-
-    @property
-    def destination(self) -> str:
-        return self.command.destination
-
-
-def _caps(status: NodeStatus) -> NodeCapabilities:
-    return NodeCapabilities(
-        postcopy=status.capabilities.postcopy,
-        native_predump=status.capabilities.native_predump,
-    )
-
-
-def _numbers(p: Prediction) -> dict[str, float]:
-    return {
-        "downtime_s": p.downtime,
-        "total_time_s": p.total_time,
-        "transferred_bytes": float(p.transferred_bytes),
-    }
 
 
 def _measured(record: dict[str, Any]) -> dict[str, float | None]:
@@ -279,10 +72,6 @@ def _fmt_time(x: float | None) -> str:
 
 def _fmt_bytes(x: float | None) -> str:
     return "?" if x is None else f"{x / 1e6:.1f} MB"
-
-
-def _clip(text: str) -> str:
-    return text if len(text) <= _TEXT_MAX else text[: _TEXT_MAX - 3] + "..."
 
 
 class ControllerCore:
@@ -651,7 +440,17 @@ class ControllerCore:
         if busy.get(source, 0) >= limit or busy.get(target, 0) >= limit:
             return []  # waits for a migration on the same node to finish
         try:
-            command, decision, choice = self._decide(move, source, src, dst)
+            command, decision, choice = decide_move(
+                move,
+                source,
+                src,
+                dst,
+                info=reg.service_info(service, source),
+                config=cfg,
+                objective=self._objective,
+                new_id=self._new_id,
+                wall=self._wall,
+            )
         except (FogmigError, ValueError) as exc:  # a policy's or a model's validation error
             del self.pending[service]
             return self._hold(service, source, f"cannot decide how to move {service}: {exc}")
@@ -682,68 +481,6 @@ class ControllerCore:
             choice=choice.to_dict(),
         )
         return [Launch(source, command, decision), event]
-
-    def _decide(
-        self, move: PendingMove, source: str, src: NodeStatus, dst: NodeStatus
-    ) -> tuple[MigrateCommand, Decision, TechniqueDecision]:
-        """The technique for ``move`` and the command and decision that carry it."""
-        reg, cfg = self.registry, self.config
-        service, target = move.service, move.target
-        info = reg.service_info(service, source)
-        conditions = ServiceConditions(
-            state_bytes=info.state_bytes if info is not None else cfg.default_state_bytes,
-            dirty_rate_bytes_per_s=info.dirty_rate_bytes_per_s if info is not None else 0.0,
-        )
-        link, link_source = cfg.default_link, "profile"
-        for m in src.links:
-            if m.peer == target and m.throughput_bytes_per_s > 0:
-                link = LinkConditions(
-                    throughput_bytes_per_s=m.throughput_bytes_per_s, rtt_s=m.rtt_s
-                )
-                link_source = "measured"
-        choice = choose_technique(
-            conditions, link, _caps(src), _caps(dst), self._objective, cfg.stop_rules
-        )
-        reason = _clip(f"{move.detail}; {choice.reason}")
-        predicted: dict[str, Any] = {
-            **_numbers(choice.prediction),
-            "objective": self._objective.name,
-            "ranking": [t.value for t in choice.ranking],
-            "alternatives": {t.value: _numbers(p) for t, p in choice.predictions.items()},
-            "excluded": {t.value: why for t, why in choice.excluded.items()},
-            "inputs": {
-                **conditions.to_dict(),
-                **link.to_dict(),
-                "link_source": link_source,
-                "service_source": "status" if info is not None else "default",
-            },
-        }
-        technique = _WIRE_TECHNIQUE[choice.technique]
-        rules = cfg.stop_rules
-        command = MigrateCommand(
-            command_id=self._new_id(),
-            service=service,
-            destination=target,
-            technique=technique,
-            compression=cfg.compression,
-            precopy=PrecopyRules(
-                max_rounds=min(rules.max_rounds, 100),
-                min_changed_bytes=rules.min_changed_bytes,
-                stop_when_not_shrinking=rules.stop_when_not_shrinking,
-            ),
-            reason=reason,
-        )
-        decision = Decision(
-            service=service,
-            source=source,
-            destination=target,
-            technique=technique,
-            reason=reason,
-            predicted=predicted,
-            trigger=move.trigger,
-            at=self._wall(),
-        )
-        return command, decision, choice
 
     def _failed(
         self, kind: EventKind, service: str, command_id: str, why: str, now: float
@@ -826,243 +563,3 @@ class ControllerCore:
         **data: Any,
     ) -> ControllerEvent:
         return ControllerEvent(kind, self._wall(), message, service, node, data)
-
-
-# --- the asyncio side ---------------------------------------------------------------------
-
-EventCallback = Callable[[ControllerEvent], None]
-
-
-@dataclass(slots=True)
-class ControllerStats:
-    """Counters of what the controller has processed (for the benchmark and a live view)."""
-
-    attach_events: int = 0
-    status_events: int = 0
-    presence_events: int = 0
-    done_events: int = 0
-    decisions: int = 0
-    accepted: int = 0
-    rejected: int = 0
-    send_failed: int = 0
-    dropped: int = 0
-    """Messages the bus dropped because the controller did not keep up."""
-
-    def to_dict(self) -> dict[str, int]:
-        return {
-            "attach_events": self.attach_events,
-            "status_events": self.status_events,
-            "presence_events": self.presence_events,
-            "done_events": self.done_events,
-            "decisions": self.decisions,
-            "accepted": self.accepted,
-            "rejected": self.rejected,
-            "send_failed": self.send_failed,
-            "dropped": self.dropped,
-        }
-
-
-class _Stopped(Exception):
-    """Ends the controller's task group on a requested stop."""
-
-
-class Controller:
-    """The controller on a bus: ``await Controller(config, bus).run(stop)``.
-
-    ``on_event`` receives every :class:`ControllerEvent` (decisions, outcomes, holds, drain
-    progress and migration progress) for a live view; ``ready`` is set once the subscriptions
-    are in place.
-    """
-
-    def __init__(
-        self,
-        config: ControllerConfig,
-        bus: Bus,
-        *,
-        on_event: EventCallback | None = None,
-        clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
-    ) -> None:
-        self.config = config
-        self.bus = bus
-        self.core = ControllerCore(config, wall_clock=wall_clock)
-        self.stats = ControllerStats()
-        self.ready = asyncio.Event()
-        self._on_event = on_event
-        self._clock = clock
-        self._wall = wall_clock
-        self._wake = asyncio.Event()
-        self._sleep_until: float | None = None
-        self._tg: asyncio.TaskGroup | None = None
-        self._log_file: IO[str] | None = None
-        self._subs: list[Subscription] = []
-        self._halt = asyncio.Event()
-        self._error: FogmigError | None = None
-
-    def counters(self) -> dict[str, int]:
-        """The counters now, including messages the bus had to drop so far."""
-        if self._subs:
-            self.stats.dropped = sum(s.dropped for s in self._subs)
-        return self.stats.to_dict()
-
-    async def run(self, stop: asyncio.Event) -> None:
-        """Run until ``stop`` is set; raises :class:`BusError` if the bus closes under it."""
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                if self.config.decision_log is not None:
-                    path = self.config.decision_log
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    self._log_file = stack.enter_context(path.open("a", buffering=1))
-                # Status and presence first: their retained messages give the picture the
-                # first attach events are judged against.
-                for pattern in (
-                    topics.status(),
-                    topics.service(),
-                    topics.events(),
-                    topics.attach(),
-                ):
-                    sub = await stack.enter_async_context(self.bus.subscribe(pattern))
-                    self._subs.append(sub)
-                async with asyncio.TaskGroup() as tg:
-                    self._tg = tg
-                    for sub in self._subs:
-                        tg.create_task(self._read(sub, stop), name=f"controller:{sub.pattern}")
-                    tg.create_task(self._clock_loop(), name="controller:clock")
-                    stopped = tg.create_task(stop.wait())
-                    halted = tg.create_task(self._halt.wait())
-                    self.ready.set()
-                    await asyncio.wait({stopped, halted}, return_when=asyncio.FIRST_COMPLETED)
-                    raise _Stopped
-        except* _Stopped:
-            pass
-        finally:
-            self._tg = None
-            self.stats.dropped = sum(s.dropped for s in self._subs)
-            self._subs.clear()
-            self._log_file = None
-        if self._error is not None:
-            raise self._error
-
-    # --- input -------------------------------------------------------------------------
-
-    async def _read(self, sub: Subscription, stop: asyncio.Event) -> None:
-        async for topic, msg in sub:
-            now = self._clock()
-            try:
-                actions = self._dispatch(topic, msg, now)
-                actions += self.core.tick(now)
-            except FogmigError as exc:
-                log.warning("controller: could not handle %s: %s", topic, exc)
-                continue
-            self._apply(actions)
-            self._rearm()
-        if not stop.is_set() and self._error is None:
-            self._error = BusError("the bus closed under the controller")
-            self._halt.set()
-
-    def _dispatch(self, topic: str, msg: BusMessage | Cleared, now: float) -> list[Action]:
-        core, stats = self.core, self.stats
-        match msg:
-            case DeviceAttach():
-                stats.attach_events += 1
-                return core.on_attach(msg, now)
-            case NodeStatus():
-                stats.status_events += 1
-                return core.on_status(msg, now)
-            case ServicePresence():
-                stats.presence_events += 1
-                return core.on_presence(msg, now)
-            case MigrationDone():
-                stats.done_events += 1
-                return core.on_done(msg, now)
-            case MigrationProgress():
-                self._emit(
-                    ControllerEvent(
-                        EventKind.PROGRESS,
-                        self._wall(),
-                        f"{msg.service}: {msg.phase} {msg.bytes_done}/{msg.bytes_total} B",
-                        msg.service,
-                        msg.node,
-                        msg.model_dump(mode="json"),
-                    )
-                )
-            case Cleared(ref) if ref.kind is TopicKind.STATUS and ref.node is not None:
-                return core.on_status_cleared(ref.node, now)
-            case Cleared(ref) if ref.node is not None and ref.service is not None:
-                stats.presence_events += 1
-                return core.on_presence_cleared(ref.node, ref.service, now)
-            case _:
-                pass
-        return []
-
-    # --- output ------------------------------------------------------------------------
-
-    def _apply(self, actions: list[Action]) -> None:
-        for action in actions:
-            if isinstance(action, Launch):
-                self.stats.decisions += 1
-                assert self._tg is not None
-                self._tg.create_task(self._send(action), name=f"send:{action.command.service}")
-            else:
-                self._emit(action)
-
-    async def _send(self, launch: Launch) -> None:
-        cmd = launch.command
-        assert self._tg is not None
-        # Published alongside, not before: the command must not wait for the decision's PUBACK.
-        self._tg.create_task(self._publish_decision(launch.decision))
-        try:
-            await self.bus.request(launch.source, cmd, self.config.ack_timeout_s)
-        except CommandRejectedError as exc:
-            self.stats.rejected += 1
-            actions = self.core.on_rejected(
-                cmd.service, cmd.command_id, exc.ack.reason or "no reason given", self._clock()
-            )
-        except FogmigError as exc:
-            self.stats.send_failed += 1
-            actions = self.core.on_send_failed(cmd.service, cmd.command_id, str(exc), self._clock())
-        else:
-            self.stats.accepted += 1
-            actions = self.core.on_ack(cmd.service, cmd.command_id, self._clock())
-        actions += self.core.tick(self._clock())
-        self._apply(actions)
-        self._rearm()
-
-    async def _publish_decision(self, decision: Decision) -> None:
-        try:
-            await self.bus.publish(topics.decisions(), decision)
-        except FogmigError as exc:
-            log.warning("controller: decision on %s not published: %s", decision.service, exc)
-
-    def _emit(self, event: ControllerEvent) -> None:
-        if event.kind is not EventKind.PROGRESS:
-            level = logging.WARNING if event.kind in _WARNINGS else logging.INFO
-            if event.kind is EventKind.HOLD:
-                level = logging.DEBUG
-            log.log(level, "controller %s: %s", event.kind.value, event.message)
-            if self._log_file is not None:
-                self._log_file.write(event.to_json() + "\n")
-        if self._on_event is not None:
-            try:
-                self._on_event(event)
-            except Exception:
-                log.exception("the controller's event callback failed")
-
-    # --- timers ------------------------------------------------------------------------
-
-    def _rearm(self) -> None:
-        """Wake the clock loop if the core now has work earlier than the loop sleeps."""
-        due = self.core.next_due()
-        if due is not None and (self._sleep_until is None or due < self._sleep_until):
-            self._wake.set()
-
-    async def _clock_loop(self) -> None:
-        while True:
-            self._wake.clear()
-            now = self._clock()
-            self._apply(self.core.tick(now))
-            due = self.core.next_due()
-            self._sleep_until = due
-            timeout = None if due is None else max(0.0, due - self._clock())
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)

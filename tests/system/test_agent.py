@@ -22,8 +22,10 @@ from fogmig.platform.bus.schemas import (
     UndeployCommand,
     topics,
 )
-from fogmig.platform.cli.controller import config_for_testbed, open_testbed_bus
-from fogmig.platform.controller.core import Controller, ControllerEvent, EventKind
+from fogmig.platform.controller.access import open_testbed_bus
+from fogmig.platform.controller.actions import ControllerEvent, EventKind
+from fogmig.platform.controller.config import config_for_testbed
+from fogmig.platform.controller.runner import Controller
 from fogmig.platform.testbed.broker import restart_broker
 from fogmig.platform.testbed.credentials import load_credentials
 from fogmig.platform.testbed.state import TestbedState, load_state

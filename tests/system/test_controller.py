@@ -24,8 +24,11 @@ import pytest
 from fogmig.platform.apps.bench.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import Decision, DeviceAttach, MigrateCommand, topics
-from fogmig.platform.cli.controller import config_for_testbed, drain_node, open_testbed_bus
-from fogmig.platform.controller.core import Controller, ControllerConfig, ControllerEvent, EventKind
+from fogmig.platform.controller.access import open_testbed_bus
+from fogmig.platform.controller.actions import ControllerEvent, EventKind
+from fogmig.platform.controller.config import ControllerConfig, config_for_testbed
+from fogmig.platform.controller.drain import drain_node
+from fogmig.platform.controller.runner import Controller
 from fogmig.platform.testbed.broker import CONTROLLER_USER
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.policies.choice import choose_technique

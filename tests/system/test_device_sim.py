@@ -234,7 +234,8 @@ async def test_fleet_measures_a_migration_as_its_device_sees_it(
     # The device moves to gw2 as the service is migrated there (cold): it sees the service
     # from its last answer on gw1 to its first answer on gw2, which contains the platform's
     # downtime (dump + transfer + resume) and more.
-    from fogmig.platform.cli.agent import agents_down, agents_up, request_migration
+    from fogmig.platform.agent.launcher import agents_down, agents_up
+    from fogmig.platform.agent.remote import request_migration
 
     gateways = {n.name: n.data_ip for n in testbed.nodes}
     device = DeviceConfig("d1", "s1", PORT + 1, "gw1", Schedule((Hop(1.5, "gw2"),)))

@@ -16,7 +16,8 @@ from typing import Any
 
 import pytest
 
-from fogmig.platform.cli.agent import _agents_dir, agents_up, request_migration
+from fogmig.platform.agent.launcher import agents_dir, agents_up
+from fogmig.platform.agent.remote import request_migration
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.platform.testbed.links import cut_link, restore_link
 from fogmig.platform.testbed.state import TestbedState
@@ -176,7 +177,7 @@ async def test_destination_agent_killed_before_commit_leaves_service_on_source(
     async with service(testbed, "killdst", state_mb=24) as device:
         task = asyncio.create_task(migrate(device.service, "gw2", "cold"))
         await asyncio.sleep(0.8)  # frozen and transferring 24 MB at 72 Mbit/s (~3 s)
-        pid = int((_agents_dir() / "gw2.pid").read_text())
+        pid = int((agents_dir() / "gw2.pid").read_text())
         os.kill(pid, signal.SIGKILL)
         record = await task
         assert record.outcome is Outcome.ROLLED_BACK, record

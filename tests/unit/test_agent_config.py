@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.agent.app import AgentConfig
-from fogmig.platform.agent.config import load_agent_config, parse_agent_config
+from fogmig.platform.agent.config import AgentConfig, load_agent_config, parse_agent_config
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.cli.main import build_parser
 

@@ -25,15 +25,10 @@ from fogmig.platform.bus.schemas import (
     encode,
     topics,
 )
-from fogmig.platform.cli.controller import DrainWatch
-from fogmig.platform.controller.core import (
-    Action,
-    ControllerConfig,
-    ControllerCore,
-    ControllerEvent,
-    EventKind,
-    Launch,
-)
+from fogmig.platform.controller.actions import Action, ControllerEvent, EventKind, Launch
+from fogmig.platform.controller.config import ControllerConfig
+from fogmig.platform.controller.core import ControllerCore
+from fogmig.platform.controller.drain import DrainWatch
 from fogmig.platform.migration.record import MigrationRecord, Outcome
 from fogmig.policies.choice import choose_technique
 from fogmig.policies.conditions import LinkConditions, Objective, ServiceConditions

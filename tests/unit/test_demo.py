@@ -14,7 +14,7 @@ from fogmig.device_sim.events import ContinuityCheck, Outcome, RequestKind, Requ
 from fogmig.platform.apps.demo.run import DemoOptions, plan_devices, roam_window
 from fogmig.platform.apps.demo.view import DemoModel
 from fogmig.platform.base.errors import ConfigError
-from fogmig.platform.controller.core import ControllerEvent, EventKind
+from fogmig.platform.controller.actions import ControllerEvent, EventKind
 
 GATEWAYS = ["gw1", "gw2", "gw3"]
 

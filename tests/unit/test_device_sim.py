@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from fogmig.device_sim import commands
+from fogmig.device_sim import run as sim_run
 from fogmig.device_sim.coap import Answer, coap_uri, retransmission_plan, transport_tuning
 from fogmig.device_sim.device import Device, DeviceConfig, RequestSettings, ResumedLedger
 from fogmig.device_sim.events import (
@@ -58,6 +58,7 @@ from fogmig.device_sim.timeline import (
 )
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.bus.schemas import MigrationDone
+from fogmig.platform.cli import device_sim as device_sim_cli
 from fogmig.platform.migration.record import Outcome as MigrationOutcome
 from fogmig.services import sensor
 from fogmig.services.client import DeviceSummary, PostResult, ServiceState
@@ -754,27 +755,27 @@ def test_retransmissions_end_within_the_timeout(
 
 
 def test_device_services() -> None:
-    assert commands.device_services(3, prefix="s", port_base=5700) == [
+    assert sim_run.device_services(3, prefix="s", port_base=5700) == [
         ("s0", 5700), ("s1", 5701), ("s2", 5702),
     ]  # fmt: skip
-    assert commands.device_services(2, explicit=["cam:6000"], prefix="s", port_base=5700) == [
+    assert sim_run.device_services(2, explicit=["cam:6000"], prefix="s", port_base=5700) == [
         ("cam", 6000), ("s1", 5701),
     ]  # fmt: skip
     with pytest.raises(ConfigError):
-        commands.device_services(1, explicit=["a:1", "b:2"], prefix="s", port_base=5700)
+        sim_run.device_services(1, explicit=["a:1", "b:2"], prefix="s", port_base=5700)
     with pytest.raises(ConfigError):
-        commands.parse_service("s0")
+        sim_run.parse_service("s0")
 
 
 def test_roaming_plans_from_options() -> None:
     gws = ["gw1", "gw2"]
-    assert commands.roaming_plan("none", gateways=gws, dwell_s=5, schedule=None, seed=0) == Static()
-    assert commands.roaming_plan("schedule", gateways=gws, dwell_s=5, schedule=None, seed=0) == (
+    assert sim_run.roaming_plan("none", gateways=gws, dwell_s=5, schedule=None, seed=0) == Static()
+    assert sim_run.roaming_plan("schedule", gateways=gws, dwell_s=5, schedule=None, seed=0) == (
         Cycle(("gw1", "gw2"), 5)
     )
-    plan = commands.roaming_plan("schedule", gateways=gws, dwell_s=5, schedule="3:gw2", seed=0)
+    plan = sim_run.roaming_plan("schedule", gateways=gws, dwell_s=5, schedule="3:gw2", seed=0)
     assert plan == Schedule((Hop(3, "gw2"),))
-    assert commands.roaming_plan("random", gateways=gws, dwell_s=5, schedule=None, seed=4) == (
+    assert sim_run.roaming_plan("random", gateways=gws, dwell_s=5, schedule=None, seed=4) == (
         RandomWalk(("gw1", "gw2"), 5, 4)
     )
 
@@ -782,13 +783,13 @@ def test_roaming_plans_from_options() -> None:
 def test_reexec_keeps_every_option(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     sub = parser.add_subparsers()
-    commands.register(sub)
+    device_sim_cli.register(sub)
     argv = ["device-sim", "--devices", "3", "--duration", "7.5", "--roam", "random",
             "--dwell", "4", "--service", "a:6000", "--gateway", "gw2", "--json",
             "--out", str(tmp_path / "o"), "--check-every", "0", "--no-bus"]  # fmt: skip
     args = parser.parse_args(argv)
     args.verbose = 1
-    full = commands.reexec_argv("fm-dev", args)
+    full = device_sim_cli.reexec_argv("fm-dev", args)
     assert full[:3] == ["nsenter", "--net=/var/run/netns/fm-dev", "--"]
     assert full[4:8] == ["-P", "-m", "fogmig.platform.cli.main", "-v"]
     again = vars(parser.parse_args(full[full.index("device-sim") :]))

@@ -31,7 +31,8 @@ import numpy as np
 from fogmig.platform.apps.bench.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.bus.schemas import DeviceAttach, MigrateCommand, encode, topics
-from fogmig.platform.controller.core import Controller, ControllerConfig
+from fogmig.platform.controller.config import ControllerConfig
+from fogmig.platform.controller.runner import Controller
 from fogmig.platform.testbed.broker import CONTROLLER_USER
 
 log = logging.getLogger(__name__)
@@ -493,7 +494,7 @@ def main(argv: list[str]) -> int:
             "usage: python -m fogmig.platform.apps.bench.controller serve CONFIG", file=sys.stderr
         )
         return 2
-    from fogmig.platform.cli.main import run_async
+    from fogmig.platform.base.aio import run_async
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     run_async(lambda: _serve(Path(argv[1])))

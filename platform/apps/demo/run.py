@@ -49,13 +49,9 @@ from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, TestbedError
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import MigrationDone, ServicePresence, topics
-from fogmig.platform.controller.core import (
-    OBJECTIVES,
-    Controller,
-    ControllerEvent,
-    EventKind,
-    ObjectiveName,
-)
+from fogmig.platform.controller.actions import ControllerEvent, EventKind
+from fogmig.platform.controller.config import OBJECTIVES, ObjectiveName
+from fogmig.platform.controller.runner import Controller
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.services.deploy import Deployment, ServiceSpec
 
@@ -284,7 +280,7 @@ class Demo:
     # --- set-up -------------------------------------------------------------------------------
 
     async def _setup(self) -> TestbedState:
-        from fogmig.platform.cli.agent import agents_up
+        from fogmig.platform.agent.launcher import agents_up
         from fogmig.platform.testbed import lifecycle
         from fogmig.platform.testbed.profiles import load_profile
         from fogmig.platform.testbed.state import state_path
@@ -340,7 +336,7 @@ class Demo:
 
     @contextlib.asynccontextmanager
     async def _buses(self, state: TestbedState) -> AsyncIterator[tuple[Bus, Bus]]:
-        from fogmig.platform.cli.controller import open_testbed_bus
+        from fogmig.platform.controller.access import open_testbed_bus
         from fogmig.platform.testbed.credentials import load_credentials
 
         device_user = state.device_host.name
@@ -416,7 +412,8 @@ class Demo:
             await asyncio.wait_for(self._stop.wait(), max(0.0, seconds))
 
     async def _run(self, state: TestbedState) -> DemoSummary:
-        from fogmig.platform.cli.controller import config_for_testbed, single_instance
+        from fogmig.platform.controller.config import config_for_testbed
+        from fogmig.platform.controller.runner import single_instance
 
         o = self.options
         out = o.out
@@ -596,7 +593,7 @@ class Demo:
     # --- clean-up -----------------------------------------------------------------------------
 
     async def _cleanup(self) -> None:
-        from fogmig.platform.cli.agent import agents_down
+        from fogmig.platform.agent.launcher import agents_down
         from fogmig.platform.testbed import lifecycle
         from fogmig.services.deploy import find_service, undeploy
 

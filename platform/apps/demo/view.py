@@ -32,7 +32,7 @@ from fogmig.device_sim.events import (
 )
 from fogmig.platform.apps.demo.results import DemoSummary
 from fogmig.platform.bus.schemas import NodeStatus
-from fogmig.platform.controller.core import ControllerEvent, EventKind
+from fogmig.platform.controller.actions import ControllerEvent, EventKind
 
 RECENT_LINES = 8
 

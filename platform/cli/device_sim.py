@@ -8,81 +8,30 @@ the timeline, in the output directory.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import os
-import signal
 import sys
 import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from fogmig.device_sim.device import DeviceConfig, RequestSettings
 from fogmig.device_sim.events import ContinuityCheck, FleetEvent, MigrationSeen, Outage, Roam
-from fogmig.device_sim.roaming import Cycle, RandomWalk, Roaming, Static, parse_schedule
-from fogmig.device_sim.summary import FleetSummary, format_summary
-from fogmig.platform.base import paths
+from fogmig.device_sim.run import (
+    DEFAULT_DEVICE_PREFIX,
+    DEFAULT_PORT_BASE,
+    DEFAULT_SERVICE_PREFIX,
+    SimOptions,
+    default_out_dir,
+    run_device_sim,
+)
+from fogmig.device_sim.summary import format_summary
+from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.netns import running_in_netns
 from fogmig.platform.base.proc import NETNS_DIR
 
 console = Console()
-err_console = Console(stderr=True)
-
-DEFAULT_SERVICE_PREFIX = "s"
-DEFAULT_PORT_BASE = 5700
-DEFAULT_DEVICE_PREFIX = "d"
-PRESENCE_WAIT_S = 1.0
-
-
-def parse_service(text: str) -> tuple[str, int]:
-    """``"s0:5700"`` -> ("s0", 5700)."""
-    name, sep, port = text.rpartition(":")
-    if not sep or not name or not port.isdigit():
-        raise ConfigError(f"bad --service {text!r}", hint="write SERVICE:PORT, e.g. s0:5700")
-    return name, int(port)
-
-
-def device_services(
-    n: int, *, explicit: Sequence[str] = (), prefix: str, port_base: int
-) -> list[tuple[str, int]]:
-    """The (service, port) of each of ``n`` devices: the i-th ``--service``, else
-    ``<prefix><i>`` on ``port_base + i``."""
-    if len(explicit) > n:
-        raise ConfigError(f"{len(explicit)} --service options for {n} device(s)")
-    given = [parse_service(s) for s in explicit]
-    return given + [(f"{prefix}{i}", port_base + i) for i in range(len(given), n)]
-
-
-def roaming_plan(
-    kind: str,
-    *,
-    gateways: Sequence[str],
-    dwell_s: float,
-    schedule: str | None,
-    seed: int,
-) -> Roaming:
-    if kind == "none":
-        return Static()
-    if kind == "schedule":
-        return parse_schedule(schedule) if schedule else Cycle(tuple(gateways), dwell_s)
-    if kind == "random":
-        return RandomWalk(tuple(gateways), dwell_s, seed)
-    raise ConfigError(f"unknown roaming kind {kind!r}")
-
-
-def default_out_dir() -> Path:
-    return paths.state_dir() / "device-sim" / time.strftime("%Y%m%d-%H%M%S")
-
-
-def _in_netns(netns: str) -> bool:
-    try:
-        return os.stat("/proc/self/ns/net").st_ino == os.stat(NETNS_DIR / netns).st_ino
-    except OSError:
-        return False
 
 
 def reexec_argv(netns: str, args: argparse.Namespace) -> list[str]:
@@ -175,102 +124,6 @@ def _describe(event: FleetEvent) -> str | None:
     return None
 
 
-@contextlib.asynccontextmanager
-async def _device_bus(state: Any) -> AsyncIterator[Any]:
-    from fogmig.platform.bus.client import Bus
-    from fogmig.platform.testbed.credentials import load_credentials
-
-    creds = load_credentials()
-    user = state.device_host.name
-    async with Bus(
-        host=state.broker.ip,
-        port=state.broker.port,
-        username=user,
-        password=creds.password(user),
-        client_id=f"device-sim-{uuid.uuid4().hex[:8]}",
-        known_nodes=state.node_names,
-    ) as bus:
-        yield bus
-
-
-async def service_locations(bus: Any, services: set[str]) -> dict[str, str]:
-    """Where each of ``services`` runs now, from the agents' retained presence messages."""
-    from fogmig.platform.bus.schemas import ServicePresence, topics
-
-    found: dict[str, str] = {}
-    async with bus.subscribe(topics.service()) as sub:
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(PRESENCE_WAIT_S):
-                async for _, msg in sub:
-                    if isinstance(msg, ServicePresence) and msg.service in services:
-                        if msg.present:
-                            found[msg.service] = msg.node
-                        if set(found) == services:
-                            break
-    return found
-
-
-async def run_device_sim(args: argparse.Namespace) -> FleetSummary:
-    from fogmig.device_sim.fleet import DeviceFleet
-    from fogmig.platform.testbed.state import load_state
-
-    state = load_state()
-    gateways = {n.name: n.data_ip for n in state.nodes}
-    names = list(gateways)
-    services = device_services(
-        args.devices, explicit=args.service, prefix=args.service_prefix, port_base=args.port_base
-    )
-    settings = RequestSettings(
-        interval_s=args.interval,
-        timeout_s=args.timeout,
-        ack_timeout_s=args.ack_timeout,
-        check_every_s=args.check_every or None,
-    )
-    out = Path(args.out)
-    async with contextlib.AsyncExitStack() as stack:
-        bus = None if args.no_bus else await stack.enter_async_context(_device_bus(state))
-        located: dict[str, str] = {}
-        if bus is not None and args.gateway is None:
-            located = await service_locations(bus, {s for s, _ in services})
-        devices = []
-        for i, (service, port) in enumerate(services):
-            start = args.gateway or located.get(service) or names[i % len(names)]
-            plan = roaming_plan(
-                args.roam,
-                gateways=names,
-                dwell_s=args.dwell,
-                schedule=args.schedule,
-                seed=args.seed + i,
-            )
-            devices.append(
-                DeviceConfig(
-                    name=f"{args.device_prefix}{i}",
-                    service=service,
-                    port=port,
-                    gateway=start,
-                    roaming=plan,
-                )
-            )
-        show = (lambda _e: None) if args.json else _live_view
-        fleet = DeviceFleet(
-            devices=devices,
-            gateways=gateways,
-            bus=bus,
-            out=out,
-            settings=settings,
-            on_event=show,
-            seed=args.seed,
-        )
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, fleet.stop)
-        try:
-            return await fleet.run(args.duration or None)
-        finally:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                loop.remove_signal_handler(sig)
-
-
 def _live_view(event: FleetEvent) -> None:
     line = _describe(event)
     if line is not None:
@@ -278,7 +131,6 @@ def _live_view(event: FleetEvent) -> None:
 
 
 def _cmd_device_sim(args: argparse.Namespace) -> int:
-    from fogmig.platform.cli.main import run_async
     from fogmig.platform.testbed.state import load_state
 
     if args.devices < 1:
@@ -286,10 +138,30 @@ def _cmd_device_sim(args: argparse.Namespace) -> int:
     if args.out is None:
         args.out = str(default_out_dir())
     netns = load_state().device_host.netns
-    if not _in_netns(netns):
+    if not running_in_netns(netns):
         argv = reexec_argv(netns, args)
         os.execvp(argv[0], argv)
-    summary = run_async(lambda: run_device_sim(args))
+    options = SimOptions(
+        devices=args.devices,
+        out=Path(args.out),
+        duration_s=args.duration,
+        interval_s=args.interval,
+        timeout_s=args.timeout,
+        ack_timeout_s=args.ack_timeout,
+        roam=args.roam,
+        dwell_s=args.dwell,
+        schedule=args.schedule,
+        gateway=args.gateway,
+        services=tuple(args.service),
+        service_prefix=args.service_prefix,
+        port_base=args.port_base,
+        device_prefix=args.device_prefix,
+        check_every_s=args.check_every,
+        seed=args.seed,
+        bus=not args.no_bus,
+    )
+    show = None if args.json else _live_view
+    summary = run_async(lambda: run_device_sim(options, on_event=show))
     if args.json:
         print(summary.model_dump_json(indent=2))
     else:

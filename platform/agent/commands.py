@@ -1,0 +1,210 @@
+"""The commands a node's agent takes over the bus: migrate, deploy, undeploy and drain.
+
+Each is acknowledged end to end; a malformed or impossible one gets a typed rejection. An
+accepted migration runs as a task of its own and ends with a MigrationDone event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from fogmig.platform.agent.linkprobe import LinkProbing
+from fogmig.platform.agent.status import StatusReporting, rss, service_params
+from fogmig.platform.base import paths
+from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
+from fogmig.platform.bus.schemas import (
+    Command,
+    DeployCommand,
+    DrainCommand,
+    MigrateCommand,
+    MigrationDone,
+    MigrationProgress,
+    SchemaError,
+    UndeployCommand,
+    accept,
+    command_id_of,
+    reject,
+    topics,
+)
+from fogmig.platform.migration.record import save_record
+from fogmig.platform.migration.source import migrate_service
+from fogmig.platform.runtime.capabilities import criu_capabilities
+from fogmig.policies.conditions import PrecopyStopRules
+
+log = logging.getLogger(__name__)
+
+
+class CommandHandling(StatusReporting, LinkProbing):
+    """Taking commands from the bus and driving the migrations they ask for."""
+
+    async def _command_loop(self, stop: asyncio.Event) -> None:
+        assert self.bus is not None
+        async with self.bus.subscribe(topics.cmd(self.node)) as commands:
+            async for _, command in commands:
+                await self._on_command(command)  # type: ignore[arg-type]
+
+    def _on_invalid(self, topic: str, payload: bytes, error: SchemaError) -> None:
+        """A malformed command gets a typed rejection when it names its id; the agent goes on."""
+        if topic != topics.cmd(self.node) or self.bus is None:
+            return
+        command_id = command_id_of(payload)
+        log.warning("agent %s: invalid command %s: %s", self.node, command_id, error)
+        if command_id is None:
+            return
+        task = asyncio.ensure_future(
+            self.bus.publish(topics.events(self.node), reject(self.node, command_id, error))
+        )
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _on_command(self, command: Command) -> None:
+        assert self.bus is not None
+        try:
+            if isinstance(command, DrainCommand):
+                # From now on the node reports draining; the controller moves its services
+                # off and never onto it, and the node reports empty when they are gone.
+                self.draining = True
+                await self.bus.publish(
+                    topics.events(self.node), accept(self.node, command.command_id)
+                )
+                await self._publish_status()
+                return
+            if isinstance(command, DeployCommand | UndeployCommand):
+                await self._deploy_command(command)
+                return
+            await self._check_migrate(command)
+        except FogmigError as exc:
+            log.warning("agent %s: rejected %s: %s", self.node, command.command_id, exc)
+            await self.bus.publish(
+                topics.events(self.node), reject(self.node, command.command_id, exc)
+            )
+            return
+        await self.bus.publish(topics.events(self.node), accept(self.node, command.command_id))
+        self.migrating[command.service] = asyncio.create_task(
+            self._migrate(command), name=f"migrate-{command.service}"
+        )
+
+    async def _deploy_command(self, cmd: DeployCommand | UndeployCommand) -> None:
+        """Start or stop a service on this node; acknowledged once it answers (or is gone)."""
+        from fogmig.services.deploy import ServiceSpec, deploy, undeploy
+
+        assert self.bus is not None
+        if cmd.service in self.migrating:
+            raise MigrationError(f"{cmd.service} is migrating", phase="pending", migration_id="-")
+        if isinstance(cmd, DeployCommand):
+            spec = ServiceSpec(
+                name=cmd.service, state_mb=int(cmd.state_mb), dirty_kbps=cmd.dirty_kbps
+            )
+            await deploy(spec, node=self.node)
+        else:
+            await undeploy(cmd.service)
+        await self.bus.publish(topics.events(self.node), accept(self.node, cmd.command_id))
+        await self._publish_status()
+
+    async def _check_migrate(self, cmd: MigrateCommand) -> None:
+        if cmd.destination == self.node:
+            raise ConfigError(f"{cmd.service} already runs on {self.node}")
+        if cmd.destination not in self.config.peers:
+            raise UnknownNodeError(f"{self.node} has no data link to node {cmd.destination!r}")
+        if cmd.service in self.migrating:
+            raise MigrationError(
+                f"{cmd.service} is already migrating", phase="pending", migration_id="-"
+            )
+        if not await self.runtime.exists(cmd.service):
+            raise MigrationError(
+                f"{cmd.service} does not run on {self.node}", phase="pending", migration_id="-"
+            )
+        if cmd.technique in ("postcopy", "hybrid") and not criu_capabilities().postcopy:
+            raise ConfigError(f"{self.node} cannot do {cmd.technique}: no userfaultfd")
+
+    async def _migrate(self, cmd: MigrateCommand) -> None:
+        assert self.bus is not None
+        bus = self.bus
+        last = 0.0
+        mid_holder: dict[str, str] = {}
+
+        def progress(phase: str, done: int, total: int, rate: float) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if done and now - last < 0.5:
+                return  # at most two progress events a second
+            last = now
+            event = MigrationProgress(
+                node=self.node,
+                command_id=cmd.command_id,
+                migration_id=mid_holder.get("id", cmd.command_id),
+                service=cmd.service,
+                phase=phase,  # type: ignore[arg-type]
+                bytes_done=done,
+                bytes_total=total,
+                rate_bytes_per_s=rate,
+                at=time.time(),
+            )
+            task = asyncio.ensure_future(bus.publish(topics.events(self.node), event))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+        from fogmig.platform.migration.source import new_migration_id
+
+        mid = new_migration_id(cmd.service)
+        mid_holder["id"] = mid
+        try:
+            state = await self.runtime.state(cmd.service)
+            _, dirty_kbps, _ = service_params(state.bundle)
+            record = await migrate_service(
+                runtime=self.runtime,
+                service=cmd.service,
+                destination=cmd.destination,
+                destination_ip=self.config.peers[cmd.destination],
+                transfer_port=self.config.transfer_port,
+                secret=self.config.secret,
+                technique=cmd.technique,
+                workdir_root=paths.node_dir(self.node) / "outgoing",
+                pages_registry=self.pages,
+                rules=PrecopyStopRules(
+                    max_rounds=cmd.precopy.max_rounds,
+                    min_changed_bytes=cmd.precopy.min_changed_bytes,
+                    stop_when_not_shrinking=cmd.precopy.stop_when_not_shrinking,
+                ),
+                compression=cmd.compression,
+                on_progress=progress,
+                migration_id=mid,
+                fence_timeout_s=self.config.fence_timeout_s,
+                record_extra={
+                    "state_bytes": rss(state.pid),
+                    "dirty_rate_bytes_per_s": dirty_kbps * 1024,
+                    **self._link_conditions(cmd.destination),
+                },
+            )
+            save_record(record, paths.records_dir())
+            log.info(
+                "agent %s: migration %s of %s to %s: %s",
+                self.node,
+                mid,
+                cmd.service,
+                cmd.destination,
+                record.outcome.value,
+            )
+            if record.outcome.value == "rolled_back":
+                await self._owned(cmd.service)
+            else:
+                await bus.clear(topics.service(self.node, cmd.service))
+                self._published.discard(cmd.service)
+            await bus.publish(
+                topics.events(self.node),
+                MigrationDone(
+                    node=self.node,
+                    command_id=cmd.command_id,
+                    migration_id=mid,
+                    service=cmd.service,
+                    outcome=record.outcome.value,  # type: ignore[arg-type]
+                    record=record.model_dump(mode="json"),
+                    error=record.error,
+                ),
+            )
+        except FogmigError as exc:
+            log.warning("agent %s: migration of %s failed: %s", self.node, cmd.service, exc)
+        finally:
+            self.migrating.pop(cmd.service, None)

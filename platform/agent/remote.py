@@ -1,0 +1,74 @@
+"""Asking an agent to migrate one of its services, from outside the platform's controller.
+
+:func:`request_migration` finds the node that runs the service, sends it a migrate command as
+the testbed's controller principal and follows the migration's events until it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from fogmig.platform.base.errors import MigrationError, ServiceError
+
+
+async def request_migration(
+    service: str,
+    destination: str,
+    technique: str,
+    *,
+    compression: bool = False,
+    max_rounds: int | None = None,
+    on_progress: Any = None,
+    timeout: float = 900.0,
+) -> dict[str, Any]:
+    """Ask the node running ``service`` to migrate it; wait for and return the done event."""
+    from fogmig.platform.bus.client import Bus
+    from fogmig.platform.bus.schemas import MigrateCommand, MigrationDone, MigrationProgress, topics
+    from fogmig.platform.bus.schemas import PrecopyRules as BusPrecopyRules
+    from fogmig.platform.testbed.broker import CONTROLLER_USER
+    from fogmig.platform.testbed.credentials import load_credentials
+    from fogmig.platform.testbed.state import load_state
+    from fogmig.services.deploy import find_service
+
+    state = load_state()
+    placements = await find_service(service)
+    running = [p for p in placements if p.container.running]
+    if not running:
+        raise ServiceError(
+            f"service {service} runs on no node", hint="`fogmig services` lists what runs where"
+        )
+    source = running[0].node
+    creds = load_credentials()
+    rules = BusPrecopyRules() if max_rounds is None else BusPrecopyRules(max_rounds=max_rounds)
+    command = MigrateCommand(
+        command_id=uuid.uuid4().hex[:12],
+        service=service,
+        destination=destination,
+        technique=technique,  # type: ignore[arg-type]
+        compression=compression,
+        precopy=rules,
+        reason="requested on the command line",
+    )
+    async with (
+        Bus(
+            host=state.broker.ip,
+            port=state.broker.port,
+            username=CONTROLLER_USER,
+            password=creds.mqtt[CONTROLLER_USER],
+            client_id=f"cli-{uuid.uuid4().hex[:8]}",
+            known_nodes=state.node_names,
+        ) as bus,
+        bus.subscribe(topics.events(source)) as events,
+    ):
+        await bus.request(source, command, timeout=15.0)
+        async with asyncio.timeout(timeout):
+            async for _, msg in events:
+                if getattr(msg, "command_id", None) != command.command_id:
+                    continue
+                if isinstance(msg, MigrationProgress) and on_progress is not None:
+                    on_progress(msg)
+                if isinstance(msg, MigrationDone):
+                    return dict(msg.record)
+    raise MigrationError("the bus closed before the migration ended", phase="?", migration_id="?")

@@ -1,0 +1,43 @@
+"""What every part of a node's agent shares: its configuration, runtime, bus and the
+migrations under way.
+
+The agent is built in layers on :class:`AgentState`: link probing (``linkprobe``), the node's
+status and presence (``status``), commands and migrations (``commands``) and the daemon itself
+(``app``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fogmig.platform.agent.config import AgentConfig
+from fogmig.platform.agent.forwarding import Forwarder, Location
+from fogmig.platform.base.nodes import check_node_name, runc_root
+from fogmig.platform.bus.client import Bus
+from fogmig.platform.bus.schemas import LinkMeasurement
+from fogmig.platform.migration.destination import Destination
+from fogmig.platform.runtime.container import NodeRuntime
+
+
+class AgentState:
+    """The state of one node's agent; the layers above add behaviour, :class:`Agent` the daemon."""
+
+    destination: Destination
+    """Serves incoming migrations (set by the daemon, which supplies its callbacks)."""
+
+    def __init__(self, config: AgentConfig) -> None:
+        check_node_name(config.node)
+        self.config = config
+        self.node = config.node
+        self.runtime = NodeRuntime(node=config.node, netns=None, runc_root=runc_root(config.node))
+        self.pages: dict[str, Any] = {}  # migration id -> LocalImagePages offered to a peer
+        self.migrating: dict[str, asyncio.Task[None]] = {}
+        self._background: set[asyncio.Future[None]] = set()
+        self.draining = False
+        self.forwarder = Forwarder(node=config.node, data_ip=config.data_ip)
+        self._presence: dict[tuple[str, str], Location] = {}  # (node, service) -> location
+        self.links: dict[str, LinkMeasurement] = {}
+        self._published: set[str] = set()  # services whose presence this node announced
+        self._cpu_sample: tuple[float, int] | None = None  # (monotonic s, cpuacct ns)
+        self.bus: Bus | None = None

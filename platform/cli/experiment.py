@@ -1,0 +1,55 @@
+"""``fogmig experiment``: the paper's evaluation (configurations A-D) on the embedded testbed.
+
+Parses the plan, runs it (see ``fogmig.experiments.paper``), prints the summary table and, with
+``--json``, every record; exits 1 when a migration did not complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from fogmig.experiments.paper import (
+    PAPER_CONFIGURATIONS,
+    ExperimentPlan,
+    console,
+    run_plan,
+    summary_table,
+)
+from fogmig.platform.base.aio import run_async
+from fogmig.platform.migration.record import TECHNIQUES
+
+
+def _cmd(args: argparse.Namespace) -> int:
+    plan = ExperimentPlan(
+        configurations=args.configurations.split(","),
+        techniques=args.techniques.split(","),
+        state_mb=args.state_mb,
+        repeat=args.repeat,
+        out=Path(args.out),
+    )
+    for c in plan.configurations:
+        if c not in PAPER_CONFIGURATIONS:
+            console.print(f"[red]unknown configuration {c}; use A, B, C, D[/]")
+            return 2
+    records = run_async(lambda: run_plan(plan))
+    console.print(summary_table(records))
+    if args.json:
+        print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
+    failed = [r for r in records if r.outcome.value != "completed"]
+    return 1 if failed else 0
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "experiment", help="reproduce the paper's evaluation (configurations A-D) on the testbed"
+    )
+    p.add_argument("--configurations", default="A,B,C,D", help="comma-separated, of A,B,C,D")
+    p.add_argument("--techniques", default=",".join(TECHNIQUES))
+    p.add_argument("--state-mb", type=int, default=75)
+    p.add_argument("--repeat", type=int, default=1)
+    p.add_argument("--out", default="results/paper")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd)

@@ -1,0 +1,90 @@
+"""The controller's configuration: how it decides, with a working default for every field.
+
+:func:`config_for_testbed` loads the one the embedded testbed needs (its link profile as the
+assumed link between nodes that have not measured theirs).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from fogmig.platform.base.errors import ConfigError
+from fogmig.policies.conditions import LinkConditions, Objective, PrecopyStopRules
+
+Trigger = Literal["mobility", "load", "drain"]
+ObjectiveName = Literal["downtime", "total", "bytes"]
+
+OBJECTIVES: Final[dict[str, Callable[[], Objective]]] = {
+    "downtime": Objective.least_downtime,
+    "total": Objective.least_total_time,
+    "bytes": Objective.least_bytes,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ControllerConfig:
+    """How the controller decides; every field has a working default."""
+
+    debounce_s: float = 1.5
+    """An attachment must stay on one gateway this long before its service follows it."""
+    load_threshold: float = 0.8
+    """A node above this load (fraction of capacity) for ``load_reports`` reports in a row is
+    overloaded."""
+    load_target: float = 0.6
+    """A node taking a service for load reasons must stay at or below this load afterwards."""
+    load_reports: int = 3
+    objective: ObjectiveName = "downtime"
+    default_link: LinkConditions = field(
+        default_factory=lambda: LinkConditions.from_mbit(11.34, 122.95)
+    )
+    """The data link assumed between two nodes that have not measured it (the profile's)."""
+    default_state_bytes: int = 4 << 20
+    """State size assumed for a service its node does not (yet) report."""
+    stop_rules: PrecopyStopRules = field(default_factory=PrecopyStopRules)
+    compression: bool = False
+    mem_reserve_bytes: int = 64 << 20
+    max_migrations_per_node: int = 1
+    """Migrations one node takes part in at once (as source or destination): the cost model
+    assumes a migration has the data link to itself."""
+    ack_timeout_s: float = 10.0
+    done_timeout_s: float = 900.0
+    """An accepted migration with no MigrationDone after this long is given up as lost."""
+    retry_initial_s: float = 1.0
+    retry_max_s: float = 30.0
+    max_attempts: int = 8
+    decision_log: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.debounce_s < 0:
+            raise ConfigError(f"debounce must be >= 0 s, got {self.debounce_s}")
+        if not 0 <= self.load_target < self.load_threshold:
+            raise ConfigError(
+                f"need 0 <= load target ({self.load_target}) < load threshold "
+                f"({self.load_threshold})"
+            )
+        if self.load_reports < 1 or self.max_attempts < 1 or self.max_migrations_per_node < 1:
+            raise ConfigError("load_reports, max_attempts and max_migrations_per_node must be >= 1")
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(
+                f"unknown objective {self.objective!r}; use one of {', '.join(OBJECTIVES)}"
+            )
+        if not 0 < self.retry_initial_s <= self.retry_max_s:
+            raise ConfigError("need 0 < retry_initial_s <= retry_max_s")
+        if self.ack_timeout_s <= 0 or self.done_timeout_s <= 0:
+            raise ConfigError("timeouts must be > 0")
+
+    def retry_delay(self, attempts: int) -> float:
+        """The pause before attempt ``attempts + 1`` (exponential, capped)."""
+        return float(min(self.retry_max_s, self.retry_initial_s * 2.0 ** max(attempts - 1, 0)))
+
+
+def config_for_testbed(**overrides: Any) -> ControllerConfig:
+    """The controller's configuration on the testbed: links default to the testbed's profile."""
+    from fogmig.platform.testbed.state import load_state
+
+    profile = load_state().profile
+    link = LinkConditions.from_mbit(profile.rate_mbit, profile.rtt_ms)
+    return ControllerConfig(default_link=link, **overrides)
