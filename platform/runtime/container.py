@@ -381,7 +381,7 @@ class NodeRuntime:
         """Restore ``cid`` from ``image_dir`` into this node, detached.
 
         With ``lazy_pages`` the memory comes from a lazy-pages daemon that the caller started
-        on the same ``work_dir`` (fogmig's own page server feeds it, see migration.lazy.pages).
+        on the same ``work_dir`` (fogmig's own page server feeds it, see migration.lazy.server).
         """
         argv, image_dir, work_dir = self._restore_argv(
             cid, bundle, image_dir, work_dir, lazy=lazy_pages
