@@ -3,7 +3,8 @@
 It runs inside the node's network namespace, publishes the node's status (retained, with a
 last-will), takes migration commands for its services over MQTT (acknowledging each end to end,
 refusing malformed or impossible ones with a typed rejection), drives outgoing migrations, and
-serves incoming ones and lazy page requests over the authenticated transfer channel. Its parts:
+serves incoming ones and lazy page requests over the transfer channel (mutual TLS with the
+node's certificate). Its parts:
 ``status`` (status and presence), ``commands`` (commands and migrations), ``linkprobe`` (link
 measurements); this module is the daemon's lifecycle, forwarding and transfer calls.
 
@@ -69,8 +70,7 @@ class Agent(CommandHandling):
             TransferServer(
                 host=cfg.data_ip,
                 port=cfg.transfer_port,
-                secret=cfg.secret,
-                node=self.node,
+                security=self.channel,
                 root=paths.node_dir(self.node) / "incoming",
                 handler=self,
             ),
@@ -167,8 +167,7 @@ class Agent(CommandHandling):
                     TransferClient.connect(
                         ip,
                         self.config.transfer_port,
-                        secret=self.config.secret,
-                        node=self.node,
+                        security=self.channel,
                         peer=source,
                     )
                 )

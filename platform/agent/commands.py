@@ -159,7 +159,7 @@ class CommandHandling(StatusReporting, LinkProbing):
                 destination=cmd.destination,
                 destination_ip=self.config.peers[cmd.destination],
                 transfer_port=self.config.transfer_port,
-                secret=self.config.secret,
+                security=self.channel,
                 technique=cmd.technique,
                 workdir_root=paths.node_dir(self.node) / "outgoing",
                 pages_registry=self.pages,

@@ -2,8 +2,9 @@
 
 On the embedded testbed an agent learns everything from the testbed's state; on a real gateway
 (a fog node that is a real machine) ``fogmig agent --config FILE`` reads its name, data address,
-peers, broker and the paths of its two secrets (MQTT password, transfer secret) from a file like
-``compose/agent-gw1.toml``. Relative secret paths are taken from the configuration file's folder.
+peers, broker, the path of its MQTT password and those of its transfer identity (the node's
+certificate and key, and the site CA's certificate) from a file like ``compose/agent-gw1.toml``.
+Relative paths are taken from the configuration file's folder.
 """
 
 from __future__ import annotations
@@ -16,12 +17,13 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from fogmig.platform.base.errors import ConfigError, UnknownNodeError
+from fogmig.platform.base.errors import ConfigError, SecurityError, UnknownNodeError
 from fogmig.platform.base.nodes import check_node_name
+from fogmig.platform.security.identity import Identity
+from fogmig.platform.security.pki import IdentityFiles, certificate_identity, load_certificate
 
 DEFAULT_BROKER_PORT = 1883
 DEFAULT_TRANSFER_PORT = 7700
-MIN_SECRET_BYTES = 16
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 
@@ -39,8 +41,12 @@ class BrokerSection(_Model):
 
 
 class TransferSection(_Model):
-    secret_file: Path
-    """The transfer channel's shared secret, hex; the same on every node."""
+    cert_file: Path
+    """This node's certificate (PEM), issued by the site CA for ``fogmig:node:<node>``."""
+    key_file: Path
+    """Its private key (PEM), readable by the agent only."""
+    ca_file: Path
+    """The site CA's certificate (PEM): peers must present a certificate it issued."""
     port: Port = DEFAULT_TRANSFER_PORT
 
 
@@ -68,7 +74,7 @@ class AgentSettings:
     broker_port: int
     mqtt_username: str
     mqtt_password: str
-    secret: bytes
+    identity: IdentityFiles
     transfer_port: int
     status_interval_s: float
     fence_timeout_s: float
@@ -94,10 +100,44 @@ def _read_secret(path: Path, what: str, source: str) -> str:
     return text
 
 
+def _transfer_identity(
+    section: TransferSection, node: str, root: Path, source: str
+) -> IdentityFiles:
+    """The node's key material for the transfer channel; its certificate must name ``node``."""
+    files = IdentityFiles(
+        identity=Identity.node(node),
+        cert=root / section.cert_file,
+        key=root / section.key_file,
+        ca=root / section.ca_file,
+    )
+    for what, path in (
+        ("certificate", files.cert),
+        ("key", files.key),
+        ("CA certificate", files.ca),
+    ):
+        if not path.is_file():
+            raise ConfigError(
+                f"{source}: the transfer {what} {path} does not exist",
+                hint="make the site's CA and node certificates with compose/make-secrets.sh, "
+                "or fix the path",
+            )
+    try:
+        named = certificate_identity(load_certificate(files.cert))
+    except SecurityError as exc:
+        raise ConfigError(f"{source}: the transfer certificate {files.cert}: {exc}") from None
+    if named != files.identity:
+        raise ConfigError(
+            f"{source}: the transfer certificate {files.cert} is for {named}, not this node "
+            f"({files.identity})",
+            hint=f"give node {node} its own certificate",
+        )
+    return files
+
+
 def parse_agent_config(
     text: str, *, source: str = "agent config", base: Path | None = None
 ) -> AgentSettings:
-    """Parse and validate a configuration's text; ``base`` resolves relative secret paths."""
+    """Parse and validate a configuration's text; ``base`` resolves relative paths."""
     try:
         doc: dict[str, Any] = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -122,20 +162,7 @@ def parse_agent_config(
         raise ConfigError(f"{source}: a peer has this node's own data IP {data_ip}")
     root = base or Path.cwd()
     password = _read_secret(root / raw.broker.password_file, "MQTT password", source)
-    secret_hex = _read_secret(root / raw.transfer.secret_file, "transfer secret", source)
-    try:
-        secret = bytes.fromhex(secret_hex)
-    except ValueError:
-        raise ConfigError(
-            f"{source}: the transfer secret in {raw.transfer.secret_file} is not hex",
-            hint="e.g. `openssl rand -hex 32`",
-        ) from None
-    if len(secret) < MIN_SECRET_BYTES:
-        raise ConfigError(
-            f"{source}: the transfer secret has {len(secret)} bytes; use at least "
-            f"{MIN_SECRET_BYTES}",
-            hint="e.g. `openssl rand -hex 32`",
-        )
+    identity = _transfer_identity(raw.transfer, node, root, source)
     return AgentSettings(
         node=node,
         data_ip=data_ip,
@@ -144,7 +171,7 @@ def parse_agent_config(
         broker_port=raw.broker.port,
         mqtt_username=raw.broker.username or node,
         mqtt_password=password,
-        secret=secret,
+        identity=identity,
         transfer_port=raw.transfer.port,
         status_interval_s=raw.status_interval_s,
         fence_timeout_s=raw.fence_timeout_s,
@@ -152,7 +179,7 @@ def parse_agent_config(
 
 
 def load_agent_config(path: Path) -> AgentSettings:
-    """Read ``path`` (TOML) and validate it; secrets relative to its folder."""
+    """Read ``path`` (TOML) and validate it; paths relative to its folder."""
     try:
         text = path.read_text()
     except OSError as exc:
@@ -171,7 +198,8 @@ class AgentConfig:
     broker_port: int
     mqtt_username: str
     mqtt_password: str
-    secret: bytes
+    identity: IdentityFiles
+    """The node's certificate, key and the site CA's certificate (transfer channel)."""
     transfer_port: int = DEFAULT_TRANSFER_PORT
     status_interval_s: float = 5.0
     fence_timeout_s: float = 20.0
@@ -190,7 +218,7 @@ class AgentConfig:
             broker_port=s.broker_port,
             mqtt_username=s.mqtt_username,
             mqtt_password=s.mqtt_password,
-            secret=s.secret,
+            identity=s.identity,
             transfer_port=s.transfer_port,
             status_interval_s=s.status_interval_s,
             fence_timeout_s=s.fence_timeout_s,
@@ -200,6 +228,7 @@ class AgentConfig:
     def from_testbed(cls, node: str) -> AgentConfig:
         """The configuration of ``node`` on the embedded testbed."""
         from fogmig.platform.testbed.credentials import load_credentials
+        from fogmig.platform.testbed.pki import node_identity
         from fogmig.platform.testbed.state import load_state
 
         state = load_state()
@@ -219,5 +248,5 @@ class AgentConfig:
             broker_port=state.broker.port,
             mqtt_username=node,
             mqtt_password=creds.mqtt[node],
-            secret=bytes.fromhex(creds.transfer_secret_hex),
+            identity=node_identity(node),
         )

@@ -51,7 +51,7 @@ class LinkProbing(AgentState):
     async def _measure_link(self, peer: str) -> LinkMeasurement:
         cfg = self.config
         async with TransferClient.connect(
-            cfg.peers[peer], cfg.transfer_port, secret=cfg.secret, node=self.node, peer=peer
+            cfg.peers[peer], cfg.transfer_port, security=self.channel, peer=peer
         ) as client:
             rtt = statistics.median([await client.ping() for _ in range(5)])
             probe_id = f"probe-{self.node}"

@@ -18,6 +18,7 @@ from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import LinkMeasurement
 from fogmig.platform.migration.destination import Destination
 from fogmig.platform.runtime.container import NodeRuntime
+from fogmig.platform.transfer.protection import ChannelSecurity
 
 
 class AgentState:
@@ -30,6 +31,8 @@ class AgentState:
         check_node_name(config.node)
         self.config = config
         self.node = config.node
+        self.channel = ChannelSecurity.from_files(config.identity)
+        """The node's TLS contexts for the transfer channel, loaded once."""
         self.runtime = NodeRuntime(node=config.node, netns=None, runc_root=runc_root(config.node))
         self.pages: dict[str, Any] = {}  # migration id -> LocalImagePages offered to a peer
         self.migrating: dict[str, asyncio.Task[None]] = {}

@@ -1,8 +1,10 @@
 """``fogmig transfer-bench``: how fast the state transfer channel moves an image directory.
 
 Runs a receiving node in a child process and a sending node here, both on loopback, and
-streams a directory of random data (the worst case for compression) a few times; the
-measurement is ``fogmig.platform.apps.bench.transfer``, this prints it.
+streams a directory of random data (the worst case for compression) a few times, over mutual
+TLS as between agents; ``--plaintext`` measures the unprotected baseline instead, ``--security
+both`` both in the same run with the cost of TLS. The measurement is
+``fogmig.platform.apps.bench.transfer``, this prints it.
 """
 
 from __future__ import annotations
@@ -12,13 +14,21 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from fogmig.platform.apps.bench.transfer import ModeRuns, run_transfer_bench
+from fogmig.platform.apps.bench.transfer import ModeRuns, Security, run_transfer_bench
+
+
+def _label(result: ModeRuns) -> str:
+    compression = "zlib level 1" if result.compress else "uncompressed"
+    return f"{result.security}, {compression}"
+
+
+def _median(result: ModeRuns) -> float:
+    return statistics.median(r.mbytes_per_second for r in result.runs)
 
 
 def _print_mode(result: ModeRuns) -> None:
     runs = result.runs
-    rates = [r.mbytes_per_second for r in runs]
-    label = "zlib level 1" if result.compress else "uncompressed"
+    label = _label(result)
     for r in runs:
         print(
             f"{label}: {r.files} files, {r.bytes / 1e6:.1f} MB in {r.seconds:.3f} s"
@@ -26,21 +36,44 @@ def _print_mode(result: ModeRuns) -> None:
             f" ({r.wire_bytes / 1e6:.1f} MB on the wire)"
         )
     print(
-        f"{label}: median {statistics.median(rates):.1f} MB/s, "
-        f"best {max(rates):.1f} MB/s over {len(runs)} runs"
+        f"{label}: median {_median(result):.1f} MB/s, "
+        f"best {max(r.mbytes_per_second for r in runs):.1f} MB/s over {len(runs)} runs"
     )
+
+
+def print_tls_cost(results: list[ModeRuns]) -> None:
+    """For each compression mode run both ways: TLS's median against plaintext's."""
+    for compress in sorted({r.compress for r in results}):
+        by = {r.security: r for r in results if r.compress is compress}
+        if "tls" not in by or "plaintext" not in by:
+            continue
+        tls, plain = _median(by["tls"]), _median(by["plaintext"])
+        print(
+            f"cost of TLS ({'zlib level 1' if compress else 'uncompressed'}): median "
+            f"{tls:.1f} MB/s with TLS, {plain:.1f} MB/s plaintext "
+            f"({(1 - tls / plain) * 100:+.1f} % slower)"
+        )
 
 
 def _cmd(args: argparse.Namespace) -> int:
     modes = {"off": [False], "on": [True], "both": [False, True]}[args.compress]
-    run_transfer_bench(
+    choice = "plaintext" if args.plaintext else args.security
+    choices: dict[str, list[Security]] = {
+        "tls": ["tls"],
+        "plaintext": ["plaintext"],
+        "both": ["plaintext", "tls"],
+    }
+    securities = choices[choice]
+    results = run_transfer_bench(
         size_mb=args.size_mb,
         files=args.files,
         repeat=args.repeat,
         modes=modes,
+        securities=securities,
         work_dir=args.dir,
         on_mode=_print_mode,
     )
+    print_tls_cost(results)
     return 0
 
 
@@ -53,6 +86,17 @@ def register(sub: Any) -> None:
     p.add_argument("--repeat", type=int, default=5, help="transfers per mode")
     p.add_argument(
         "--compress", choices=["off", "on", "both"], default="both", help="which modes to run"
+    )
+    p.add_argument(
+        "--security",
+        choices=["tls", "plaintext", "both"],
+        default="tls",
+        help="mutual TLS as between agents (default), the plaintext baseline, or both",
+    )
+    p.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="only the plaintext baseline (no TLS; agents never run so)",
     )
     p.add_argument("--dir", type=Path, default=None, help="where to put the data (default: TMPDIR)")
     p.set_defaults(func=_cmd)

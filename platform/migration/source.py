@@ -15,7 +15,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fogmig.platform.base.errors import ContainerNotFoundError, FogmigError, MigrationError
+from fogmig.platform.base.errors import (
+    ConfigError,
+    ContainerNotFoundError,
+    FogmigError,
+    MigrationError,
+)
 from fogmig.platform.migration import cold, hybrid, postcopy, precopy
 from fogmig.platform.migration.engine import (
     MigrationContext,
@@ -31,6 +36,7 @@ from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.platform.transfer.client import TransferClient
+from fogmig.platform.transfer.protection import ChannelSecurity
 from fogmig.policies.conditions import PrecopyStopRules
 
 log = logging.getLogger(__name__)
@@ -135,7 +141,7 @@ async def migrate_service(
     destination: str,
     destination_ip: str,
     transfer_port: int,
-    secret: bytes,
+    security: ChannelSecurity,
     technique: TechniqueName,
     workdir_root: Path,
     pages_registry: dict[str, Any],
@@ -147,7 +153,16 @@ async def migrate_service(
     fence_timeout_s: float = 20.0,
     connect_timeout: float = 10.0,
 ) -> MigrationRecord:
-    """Migrate ``service`` from this node to ``destination`` and return the record."""
+    """Migrate ``service`` from this node to ``destination`` and return the record.
+
+    ``security`` is this node's identity on the transfer channel; the destination must present
+    the certificate of node ``destination``.
+    """
+    if security.node != runtime.node:
+        raise ConfigError(
+            f"the transfer identity is node {security.node}'s, this is {runtime.node}",
+            hint="give the agent its own node's certificate",
+        )
     try:
         state = await runtime.state(service)
     except ContainerNotFoundError:
@@ -178,8 +193,7 @@ async def migrate_service(
         async with TransferClient.connect(
             destination_ip,
             transfer_port,
-            secret=secret,
-            node=runtime.node,
+            security=security,
             peer=destination,
             timeout=connect_timeout,
         ) as client:

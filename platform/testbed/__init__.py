@@ -1,7 +1,7 @@
 """The embedded testbed: the whole fog on one machine (namespaces, emulated links, broker).
 
 What other components use: :func:`load_state` (where everything is), :func:`load_credentials`
-(MQTT passwords, transfer secret), :func:`load_identity` and :func:`node_identity`
+(MQTT passwords), :func:`load_identity` and :func:`node_identity`
 (certificates of the site CA), the link controls and :func:`restart_broker`.
 """
 

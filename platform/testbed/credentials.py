@@ -1,7 +1,8 @@
-"""Secrets of the testbed: an MQTT password per principal and the agent-to-agent secret.
+"""Secrets of the testbed: an MQTT password per principal.
 
 Generated at random by ``testbed up`` and kept, readable by root only, in
 ``state_dir()/testbed/credentials.json``; agents, the controller and the device host read them.
+The agents authenticate each other with their certificates (``testbed.pki``), not a secret.
 """
 
 from __future__ import annotations
@@ -16,21 +17,14 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from fogmig.platform.base.errors import TestbedError, UnknownNodeError
 from fogmig.platform.testbed.state import testbed_state_dir
 
-SECRET_BYTES = 32
-
 
 class TestbedCredentials(BaseModel):
-    """MQTT user -> password, and the shared secret of the transfer channel (hex)."""
+    """MQTT user -> password."""
 
     __test__ = False  # not a pytest test class despite the name
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     mqtt: dict[str, str]
-    transfer_secret_hex: str
-
-    @property
-    def transfer_secret(self) -> bytes:
-        return bytes.fromhex(self.transfer_secret_hex)
 
     def password(self, user: str) -> str:
         try:
@@ -46,7 +40,6 @@ def credentials_path() -> Path:
 def generate_credentials(users: Iterable[str]) -> TestbedCredentials:
     return TestbedCredentials(
         mqtt={u: secrets.token_urlsafe(18) for u in users},
-        transfer_secret_hex=secrets.token_bytes(SECRET_BYTES).hex(),
     )
 
 

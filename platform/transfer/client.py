@@ -1,6 +1,7 @@
 """The sending end of the transfer channel: authenticated calls and streamed, verified files.
 
-The source agent connects with :meth:`TransferClient.connect`, calls operations on the
+The source agent connects with :meth:`TransferClient.connect` over mutual TLS 1.3, makes sure
+the server is the node it wanted (the certificate names it), calls operations on the
 destination agent and streams CRIU image directories into the destination's migration
 directory, where :class:`~fogmig.platform.transfer.server.TransferServer` verifies every file
 before it appears under its name.
@@ -15,6 +16,7 @@ import contextlib
 import itertools
 import logging
 import secrets
+import ssl
 import stat
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -24,8 +26,11 @@ from typing import Any
 
 from pydantic_core import PydanticSerializationError
 
-from fogmig.platform.base.errors import TransferError
+from fogmig.platform.base.errors import IdentityError, TransferError
 from fogmig.platform.base.nodes import check_node_name
+from fogmig.platform.security.identity import Identity
+from fogmig.platform.security.pki import IdentityFiles
+from fogmig.platform.security.tls import check_peer, stream_tls
 from fogmig.platform.transfer.connection import (
     DEFAULT_IDLE_TIMEOUT,
     READ_LIMIT,
@@ -39,16 +44,13 @@ from fogmig.platform.transfer.outgoing import (
     lstat_regular,
     read_ahead,
 )
+from fogmig.platform.transfer.protection import ChannelSecurity
 from fogmig.platform.transfer.wire import (
     CHUNK_SIZE,
     MAX_DATA_PAYLOAD,
-    NONCE_SIZE,
     PROTOCOL_VERSION,
-    Auth,
     AuthError,
-    AuthOk,
     Call,
-    Challenge,
     ErrorReply,
     FileAbort,
     FileBegin,
@@ -60,16 +62,14 @@ from fogmig.platform.transfer.wire import (
     PeerError,
     ProtocolError,
     Result,
-    auth_proof,
+    Welcome,
     check_migration_id,
     check_relative_path,
-    check_secret,
     decode_message,
     encode_frame,
     encode_header,
     encode_message,
     join_relative,
-    proof_matches,
 )
 
 log = logging.getLogger(__name__)
@@ -116,63 +116,52 @@ class TransferClient:
         host: str,
         port: int,
         *,
-        secret: bytes,
-        node: str,
+        security: ChannelSecurity | IdentityFiles,
         peer: str,
         timeout: float = DEFAULT_CONNECT_TIMEOUT,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
     ) -> AsyncIterator[TransferClient]:
-        """Connect to node ``peer`` at host:port as node ``node`` and authenticate both ways."""
-        check_secret(secret)
-        check_node_name(node)
+        """Connect to node ``peer`` at host:port as the node ``security`` names; both ends
+        authenticate with their certificates (:class:`AuthError` when one is refused)."""
+        if isinstance(security, IdentityFiles):
+            security = ChannelSecurity.from_files(security)
+        node = security.node
         check_node_name(peer)
         label = f"node {node}: peer {peer} ({host}:{port})"
-        try:
-            async with asyncio.timeout(timeout):
-                reader, writer = await asyncio.open_connection(host, port, limit=READ_LIMIT)
-        except (OSError, TimeoutError) as exc:
-            raise PeerError(f"{label}: cannot connect: {exc}") from exc
+        reader, writer = await _open(
+            host, port, security=security, peer=peer, label=label, timeout=timeout
+        )
         conn = Connection(reader, writer, label=label, idle_timeout=idle_timeout)
         client = cls(conn, node=node, peer=peer)
         try:
-            await client._handshake(secret, timeout)
+            await client._handshake(security, timeout)
             yield client
         finally:
             await conn.close(abort=client._broken is not None)
 
-    async def _handshake(self, secret: bytes, timeout: float) -> None:
-        client_nonce = secrets.token_bytes(NONCE_SIZE)
+    async def _handshake(self, security: ChannelSecurity, timeout: float) -> None:
         await self._conn.send_message(
-            Hello(
-                version=PROTOCOL_VERSION, node=self.node, peer=self.peer, nonce=client_nonce.hex()
-            )
+            Hello(version=PROTOCOL_VERSION, node=self.node, peer=self.peer)
         )
-        frame = await self._conn.expect(timeout)
+        try:
+            frame = await self._conn.expect(timeout)
+        except PeerError as exc:
+            if security.plaintext:
+                raise
+            # In TLS 1.3 the server judges our certificate after our side of the handshake
+            # is done; it drops a client it refuses, often without telling why.
+            raise AuthError(
+                f"{self._conn.label}: the peer ended the connection instead of accepting this "
+                f"node: it probably refused this node's certificate {security.cert} ({exc})",
+                hint=security.hint,
+            ) from exc
         if frame.type is FrameType.ERROR:
             raise remote_error(decode_message(frame, ErrorReply), self.peer)
-        challenge = decode_message(frame, Challenge)
-        if challenge.node != self.peer:
+        welcome = decode_message(frame, Welcome)
+        if welcome.node != self.peer:
             raise AuthError(
-                f"{self._conn.label}: the node there is {challenge.node}, not {self.peer}"
+                f"{self._conn.label}: the node there is {welcome.node}, not {self.peer}"
             )
-        server_nonce = bytes.fromhex(challenge.nonce)
-        names = {"client": self.node, "server": self.peer}
-        expected = auth_proof(
-            secret, role="server", client_nonce=client_nonce, server_nonce=server_nonce, **names
-        )
-        if not proof_matches(expected, challenge.proof):
-            raise AuthError(
-                f"{self._conn.label}: the peer failed to prove it holds the testbed secret "
-                "(impostor or wrong secret)"
-            )
-        proof = auth_proof(
-            secret, role="client", client_nonce=client_nonce, server_nonce=server_nonce, **names
-        )
-        await self._conn.send_message(Auth(proof=proof))
-        frame = await self._conn.expect(timeout)
-        if frame.type is FrameType.ERROR:
-            raise remote_error(decode_message(frame, ErrorReply), self.peer)
-        decode_message(frame, AuthOk)
 
     def _check_usable(self) -> None:
         if self._broken is not None:
@@ -433,6 +422,40 @@ class TransferClient:
                 await self._conn.send_message(FileEnd(seq=seq, sha256=source.sha256))
                 before += item.size
         return wire
+
+
+async def _open(
+    host: str, port: int, *, security: ChannelSecurity, peer: str, label: str, timeout: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection to host:port, over TLS with ``peer`` unless in plaintext mode."""
+    try:
+        async with asyncio.timeout(timeout):
+            reader, writer = await asyncio.open_connection(
+                host,
+                port,
+                limit=READ_LIMIT,
+                ssl=security.client,
+                ssl_handshake_timeout=timeout if security.client is not None else None,
+            )
+    except ssl.SSLError as exc:
+        why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+        if isinstance(exc, ssl.SSLCertVerificationError):
+            why += f": its certificate is not of the site CA in {security.ca}"
+        raise AuthError(f"{label}: TLS handshake failed: {why}", hint=security.hint) from exc
+    except (OSError, TimeoutError) as exc:
+        raise PeerError(f"{label}: cannot connect: {str(exc) or type(exc).__name__}") from exc
+    if security.plaintext:
+        return reader, writer
+    try:
+        check_peer(stream_tls(writer), Identity.node(peer))
+    except IdentityError as exc:
+        writer.transport.abort()
+        raise AuthError(
+            f"{label}: refused the server: {exc}",
+            hint=f"the address this node has for {peer} reaches another principal; check the "
+            "peers in its configuration (or what redirects the traffic)",
+        ) from exc
+    return reader, writer
 
 
 class _AckCollector:

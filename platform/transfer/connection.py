@@ -1,7 +1,8 @@
 """One TCP connection of the transfer channel: frames in and out, every link failure typed.
 
-A dead peer, a cut link or a stalled reader becomes a :class:`PeerError` naming the peer; an
-ERROR frame from the peer becomes the matching local exception (:func:`remote_error`).
+A dead peer, a cut link or a stalled reader becomes a :class:`PeerError` naming the peer, a
+TLS record that fails its integrity check a :class:`TlsError`; an ERROR frame from the peer
+becomes the matching local exception (:func:`remote_error`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
 from typing import Any
 
 from fogmig.platform.base.errors import TransferError
@@ -26,6 +28,7 @@ from fogmig.platform.transfer.wire import (
     PeerError,
     ProtocolError,
     RemoteError,
+    TlsError,
     decode_header,
     encode_message,
 )
@@ -34,6 +37,21 @@ DEFAULT_IDLE_TIMEOUT = 30.0
 # StreamReader stops reading from the socket above twice this limit; keep a few chunks in flight.
 READ_LIMIT = 4 * CHUNK_SIZE
 WRITE_HIGH_WATER = 4 * CHUNK_SIZE
+
+
+def tls_failure(label: str, exc: ssl.SSLError) -> PeerError:
+    """The channel's error for a TLS failure once the session is established."""
+    if isinstance(exc, ssl.SSLEOFError):
+        # The peer vanished without closing TLS: a crash or a cut, not tampering.
+        return PeerError(f"{label}: connection closed by the peer without ending TLS")
+    reason = exc.reason or exc.__class__.__name__
+    if reason in ("DECRYPTION_FAILED_OR_BAD_RECORD_MAC", "BAD_RECORD_MAC", "DECRYPTION_FAILED"):
+        what = (
+            "a TLS record failed its integrity check (bad record MAC): it was altered on the link"
+        )
+    else:
+        what = f"TLS refused what arrived ({reason}): it was altered, injected or is not TLS"
+    return TlsError(f"{label}: {what}; the connection is closed and nothing of it was used")
 
 
 def tune_socket(sock: Any, *, user_timeout: float) -> None:
@@ -93,6 +111,8 @@ class Connection:
             raise PeerError(
                 f"{self.label}: nothing received for {timeout:.0f} s (peer hung or link cut)"
             ) from exc
+        except ssl.SSLError as exc:
+            raise tls_failure(self.label, exc) from exc
         except OSError as exc:
             raise PeerError(f"{self.label}: connection lost ({exc})") from exc
         self.frames_read += 1
@@ -119,6 +139,8 @@ class Connection:
                 f"{self.label}: the peer took nothing for {self.idle_timeout:.0f} s "
                 "(peer hung or link cut)"
             ) from exc
+        except ssl.SSLError as exc:
+            raise tls_failure(self.label, exc) from exc
         except OSError as exc:
             raise PeerError(f"{self.label}: connection lost ({exc})") from exc
 

@@ -1,7 +1,9 @@
 """The receiving end of the transfer channel: authenticates peers, answers calls, stores files.
 
-Files of a migration land in ``root/<migration_id>/<relative path>`` and appear under their name
-only once verified (``fogmig.platform.transfer.incoming``). The wire format lives in
+Every connection starts with a mutual TLS 1.3 handshake; the peer's name is the node that its
+certificate names, and its HELLO must claim that same name. Files of a migration land in
+``root/<migration_id>/<relative path>`` and appear under their name only once verified
+(``fogmig.platform.transfer.incoming``). The wire format lives in
 ``fogmig.platform.transfer.wire``.
 
 Logging: WARNING for refused peers and rejected files, INFO per session, DEBUG per file.
@@ -13,15 +15,16 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
+import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from fogmig.platform.base.errors import FogmigError, TransferError
-from fogmig.platform.base.nodes import check_node_name
+from fogmig.platform.base.errors import FogmigError, SecurityError, TransferError
 from fogmig.platform.runtime.workdir import remove_tree
+from fogmig.platform.security.pki import IdentityFiles
+from fogmig.platform.security.tls import peer_identity, stream_tls
 from fogmig.platform.transfer.connection import (
     DEFAULT_IDLE_TIMEOUT,
     READ_LIMIT,
@@ -29,15 +32,12 @@ from fogmig.platform.transfer.connection import (
     error_code,
 )
 from fogmig.platform.transfer.incoming import FileWriter, IncomingWrite
+from fogmig.platform.transfer.protection import ChannelSecurity
 from fogmig.platform.transfer.wire import (
     MAX_CONTROL_PAYLOAD,
-    NONCE_SIZE,
     PROTOCOL_VERSION,
-    Auth,
     AuthError,
-    AuthOk,
     Call,
-    Challenge,
     ErrorReply,
     FileAbort,
     FileBegin,
@@ -51,13 +51,11 @@ from fogmig.platform.transfer.wire import (
     ReceiverOrder,
     ReceiverState,
     Result,
-    auth_proof,
+    Welcome,
     check_migration_id,
-    check_secret,
     decode_message,
     encode_frame,
     encode_message,
-    proof_matches,
 )
 
 log = logging.getLogger(__name__)
@@ -72,6 +70,7 @@ class TransferSession:
     """An authenticated connection as the handler sees it."""
 
     peer: str
+    """The node at the other end: the name its certificate carries (trust decisions use it)."""
     node: str
     address: str
     root: Path
@@ -105,8 +104,10 @@ class CallHandler(Protocol):
 class TransferServer:
     """The receiving end: authenticates peers, answers calls, stores verified files.
 
-    Files of a migration land in ``root/<migration_id>/<relative path>``. Use as an async
-    context manager; leaving it stops listening, ends the sessions and removes partial files.
+    ``security`` is the node's identity (its certificate files, or contexts already loaded);
+    the node's name is the one it names. Files of a migration land in
+    ``root/<migration_id>/<relative path>``. Use as an async context manager; leaving it stops
+    listening, ends the sessions and removes partial files.
     """
 
     def __init__(
@@ -114,8 +115,7 @@ class TransferServer:
         *,
         host: str,
         port: int,
-        secret: bytes,
-        node: str,
+        security: ChannelSecurity | IdentityFiles,
         root: Path,
         handler: CallHandler,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
@@ -125,8 +125,10 @@ class TransferServer:
     ) -> None:
         self.host = host
         self._port = port
-        self._secret = check_secret(secret)
-        self.node = check_node_name(node)
+        if isinstance(security, IdentityFiles):
+            security = ChannelSecurity.from_files(security)
+        self.security = security
+        self.node = security.node
         self.root = root
         self._handler = handler
         self._idle_timeout = idle_timeout
@@ -179,6 +181,17 @@ class TransferServer:
         self._sessions.add(task)
         peername = writer.get_extra_info("peername")
         address = f"{peername[0]}:{peername[1]}" if peername else "?"
+        try:
+            certified = await self._start_tls(writer, address)
+        except AuthError as exc:
+            log.warning("%s (hint: %s)", exc, exc.hint)
+            writer.transport.abort()
+            self._sessions.discard(task)
+            return
+        except asyncio.CancelledError:
+            writer.transport.abort()
+            self._sessions.discard(task)
+            return
         conn = Connection(
             reader,
             writer,
@@ -187,7 +200,7 @@ class TransferServer:
         )
         incoming: list[IncomingWrite] = []
         try:
-            session = await self._handshake(conn, address)
+            session = await self._handshake(conn, address, certified)
             conn.label = f"node {self.node}: peer {session.peer} ({address})"
             log.info("node %s: session with %s from %s", self.node, session.peer, address)
             await self._session_loop(conn, session, incoming)
@@ -195,7 +208,13 @@ class TransferServer:
             log.warning("%s", exc)
             if not isinstance(exc, PeerError) or isinstance(exc, ProtocolError):
                 with contextlib.suppress(TransferError):
-                    await conn.send_message(ErrorReply(code=error_code(exc), message=str(exc)))
+                    await conn.send_message(
+                        ErrorReply(
+                            code=error_code(exc),
+                            message=str(exc)[:4096],
+                            hint=exc.hint[:1024] if exc.hint else None,
+                        )
+                    )
         except Exception:
             # A bug must cost this session only, never the server or its other sessions.
             log.exception("%s: session failed", conn.label)
@@ -209,44 +228,59 @@ class TransferServer:
             await conn.close()
             self._sessions.discard(task)
 
-    async def _handshake(self, conn: Connection, address: str) -> TransferSession:
+    async def _start_tls(self, writer: asyncio.StreamWriter, address: str) -> str | None:
+        """The TLS handshake; the node that the client's certificate names (None: plaintext)."""
+        context = self.security.server
+        if context is None:
+            return None
+        try:
+            await writer.start_tls(context, ssl_handshake_timeout=self._idle_timeout)
+            identity = peer_identity(stream_tls(writer))
+        except ssl.SSLError as exc:
+            why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
+            if "CERTIFICATE" in (exc.reason or ""):
+                why += f" (its certificate is missing or not of the site CA in {self.security.ca})"
+            raise AuthError(
+                f"node {self.node}: refused the TLS handshake of {address}: {why}",
+                hint=self.security.hint,
+            ) from exc
+        except (OSError, TimeoutError) as exc:
+            raise AuthError(
+                f"node {self.node}: TLS handshake of {address} did not complete: "
+                f"{str(exc) or type(exc).__name__}",
+                hint=self.security.hint,
+            ) from exc
+        except SecurityError as exc:
+            raise AuthError(
+                f"node {self.node}: refused {address}: {exc}", hint=self.security.hint
+            ) from exc
+        if identity.kind != "node" or identity.name is None:
+            raise AuthError(
+                f"node {self.node}: refused {address}: its certificate is for {identity}, "
+                "not a node (only nodes may use the transfer channel)",
+                hint=self.security.hint,
+            )
+        return identity.name
+
+    async def _handshake(
+        self, conn: Connection, address: str, certified: str | None
+    ) -> TransferSession:
         hello = decode_message(await conn.expect(self._idle_timeout), Hello)
         if hello.version != PROTOCOL_VERSION:
             raise ProtocolError(f"peer speaks version {hello.version}, this is {PROTOCOL_VERSION}")
+        if certified is not None and hello.node != certified:
+            raise AuthError(
+                f"node {self.node}: the peer at {address} claims to be {hello.node} but its "
+                f"certificate names {certified}",
+                hint="a node may only speak as the node its certificate names; "
+                + self.security.hint,
+            )
         if hello.peer != self.node:
             raise AuthError(
-                f"{hello.node} at {address} wants node {hello.peer}, this is {self.node}"
+                f"{hello.node} at {address} wants node {hello.peer}, this is {self.node}",
+                hint="the peer's configuration gives this address to another node",
             )
-        client_nonce = bytes.fromhex(hello.nonce)
-        server_nonce = secrets.token_bytes(NONCE_SIZE)
-        names = {"client": hello.node, "server": self.node}
-        await conn.send_message(
-            Challenge(
-                node=self.node,
-                nonce=server_nonce.hex(),
-                proof=auth_proof(
-                    self._secret,
-                    role="server",
-                    client_nonce=client_nonce,
-                    server_nonce=server_nonce,
-                    **names,
-                ),
-            )
-        )
-        auth = decode_message(await conn.expect(self._idle_timeout), Auth)
-        expected = auth_proof(
-            self._secret,
-            role="client",
-            client_nonce=client_nonce,
-            server_nonce=server_nonce,
-            **names,
-        )
-        if not proof_matches(expected, auth.proof):
-            raise AuthError(
-                f"node {self.node}: {hello.node} at {address} failed to prove it holds the "
-                "testbed secret"
-            )
-        await conn.send_message(AuthOk())
+        await conn.send_message(Welcome(node=self.node))
         return TransferSession(peer=hello.node, node=self.node, address=address, root=self.root)
 
     async def _session_loop(

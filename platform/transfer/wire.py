@@ -1,9 +1,10 @@
-"""Wire format of the agent-to-agent transfer channel: frames, messages, auth proofs, paths.
+"""Wire format of the agent-to-agent transfer channel: frames, messages, paths, file integrity.
 
 Pure code without I/O: bytes in, typed frames and messages out, and the rules that decide what
 a receiver may accept (frame limits, frame order, path confinement, file integrity), so all of
 it is testable and fuzzable without sockets. ``connection``, ``server`` and ``client`` (in
-``fogmig.platform.transfer``) do the I/O.
+``fogmig.platform.transfer``) do the I/O. The frames travel inside mutual TLS 1.3 (see
+``protection``): who the peer is comes from its certificate, and TLS guards every byte.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fogmig.platform.base import nodes
-from fogmig.platform.base.errors import ConfigError, TransferError
+from fogmig.platform.base.errors import TransferError
 
-PROTOCOL_VERSION = 1
+# 2: mutual TLS 1.3 carries the frames; the HELLO names the nodes and WELCOME accepts them.
+PROTOCOL_VERSION = 2
 
 # [u32 big-endian length of type + payload][u8 type][payload]
 HEADER = struct.Struct(">IB")
@@ -36,9 +38,6 @@ MAX_DATA_PAYLOAD = 1024 * 1024
 MAX_CONTROL_PAYLOAD = 64 * 1024
 MAX_FILE_SIZE = 1 << 40
 MAX_RELATIVE_PATH = 1024
-
-NONCE_SIZE = 32
-MIN_SECRET_SIZE = 16
 
 MIGRATION_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 OP_NAME = re.compile(r"^[a-z][a-z0-9_.-]{0,63}$")
@@ -53,9 +52,12 @@ PARTIAL_SUFFIX = ".fmtx-part"
 
 
 class AuthError(TransferError):
-    """The peer does not hold the testbed's secret, or is not the node it claims to be."""
+    """The peer's certificate is refused, or it is not the node it claims or was wanted."""
 
-    hint = "check that both nodes were given the same testbed secret"
+    hint = (
+        "both nodes need a certificate of the same site CA naming them as nodes; on the "
+        "testbed, `fogmig testbed down` then `fogmig testbed up` issues them afresh"
+    )
 
 
 class IntegrityError(TransferError):
@@ -80,6 +82,18 @@ class ProtocolError(PeerError):
     """A frame was malformed, too large, unknown, or not allowed at this point."""
 
 
+class TlsError(PeerError):
+    """TLS refused what arrived: a record failed its integrity check, or was not TLS at all.
+
+    Whatever was altered or injected on the link, nothing of it reached a file or a handler.
+    """
+
+    hint = (
+        "something between the nodes altered the traffic (a middlebox, a proxy, an attacker) "
+        "or a peer speaks another protocol; check the data link between the two nodes"
+    )
+
+
 class RemoteError(TransferError):
     """The peer's handler refused or failed an operation; ``code`` and ``error_type`` say how."""
 
@@ -101,9 +115,8 @@ class RemoteError(TransferError):
 
 class FrameType(enum.IntEnum):
     HELLO = 1
-    CHALLENGE = 2
-    AUTH = 3
-    AUTH_OK = 4
+    # 2 and 3 carried protocol 1's HMAC challenge and proof; never reused.
+    WELCOME = 4
     CALL = 16
     RESULT = 17
     ERROR = 18
@@ -169,24 +182,20 @@ class Message(BaseModel):
 
 
 class Hello(Message):
+    """The client's first frame: its version, who it is and which node it wants.
+
+    With TLS the server compares ``node`` with the client's certificate and refuses a mismatch.
+    """
+
     version: int
     node: str = Field(pattern=NODE_NAME)
     peer: str = Field(pattern=NODE_NAME)
-    nonce: str = Field(pattern=HEX_DIGEST)
 
 
-class Challenge(Message):
+class Welcome(Message):
+    """The server accepts the session (else it answers with an ERROR frame)."""
+
     node: str = Field(pattern=NODE_NAME)
-    nonce: str = Field(pattern=HEX_DIGEST)
-    proof: str = Field(pattern=HEX_DIGEST)
-
-
-class Auth(Message):
-    proof: str = Field(pattern=HEX_DIGEST)
-
-
-class AuthOk(Message):
-    pass
 
 
 class Call(Message):
@@ -249,9 +258,7 @@ M = TypeVar("M", bound=Message)
 
 MESSAGE_OF: dict[FrameType, type[Message]] = {
     FrameType.HELLO: Hello,
-    FrameType.CHALLENGE: Challenge,
-    FrameType.AUTH: Auth,
-    FrameType.AUTH_OK: AuthOk,
+    FrameType.WELCOME: Welcome,
     FrameType.CALL: Call,
     FrameType.RESULT: Result,
     FrameType.ERROR: ErrorReply,
@@ -279,48 +286,6 @@ def decode_message(frame: Frame, expected: type[M]) -> M:
         first = exc.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "payload"
         raise ProtocolError(f"malformed {frame.type.name} frame: {where}: {first['msg']}") from exc
-
-
-# --- authentication ---------------------------------------------------------------------------
-
-
-def check_secret(secret: bytes) -> bytes:
-    if len(secret) < MIN_SECRET_SIZE:
-        raise ConfigError(
-            f"the testbed secret must be at least {MIN_SECRET_SIZE} bytes, got {len(secret)}"
-        )
-    return secret
-
-
-def auth_proof(
-    secret: bytes,
-    *,
-    role: Literal["client", "server"],
-    client: str,
-    server: str,
-    client_nonce: bytes,
-    server_nonce: bytes,
-) -> str:
-    """HMAC-SHA256 that proves knowledge of ``secret`` for this pair of nodes and nonces.
-
-    The role is part of the input so a proof seen from one side can never be replayed as the
-    other side's; both node names are, so a proof for one pair is useless for another.
-    """
-    message = b"\0".join(
-        [
-            b"fogmig-transfer/%d" % PROTOCOL_VERSION,
-            role.encode(),
-            client.encode(),
-            server.encode(),
-            client_nonce,
-            server_nonce,
-        ]
-    )
-    return hmac.new(secret, message, hashlib.sha256).hexdigest()
-
-
-def proof_matches(expected: str, received: str) -> bool:
-    return hmac.compare_digest(expected.encode(), received.encode())
 
 
 # --- paths ------------------------------------------------------------------------------------

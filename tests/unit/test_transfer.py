@@ -1,7 +1,9 @@
 """Transfer channel on loopback: round trips, auth both ways, integrity, confinement, timeouts.
 
-A "raw" peer built from the codec stands in for a misbehaving or malicious node, so the
-server's checks are exercised with exactly the bytes an attacker could send.
+Both ends run mutual TLS 1.3 with certificates of a CA made for the test session. A "raw" peer
+built from the codec (over TLS, with a valid certificate) stands in for a misbehaving or
+malicious node, so the server's checks are exercised with exactly the bytes an authenticated
+attacker could send; proxies between the ends alter, inject or redirect what crosses the link.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import posixpath
+import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -24,8 +27,19 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fogmig.platform.base.errors import ConfigError, FogmigError, TransferError
+from fogmig.platform.security.identity import Identity
+from fogmig.platform.security.pki import (
+    IdentityFiles,
+    create_ca,
+    identity_files,
+    issue,
+    save_ca,
+    save_identity,
+)
+from fogmig.platform.security.tls import client_context
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.outgoing import ChunkSource
+from fogmig.platform.transfer.protection import ChannelSecurity
 from fogmig.platform.transfer.server import (
     CallReply,
     TransferServer,
@@ -38,13 +52,11 @@ from fogmig.platform.transfer.wire import (
     HEADER,
     HEADER_SIZE,
     MESSAGE_OF,
-    NONCE_SIZE,
     PARTIAL_SUFFIX,
     PROTOCOL_VERSION,
-    Auth,
     AuthError,
-    Challenge,
     ErrorReply,
+    FileAbort,
     FileBegin,
     FileEnd,
     FileOk,
@@ -60,7 +72,8 @@ from fogmig.platform.transfer.wire import (
     ReceiverOrder,
     ReceiverState,
     RemoteError,
-    auth_proof,
+    TlsError,
+    Welcome,
     check_migration_id,
     check_relative_path,
     decode_header,
@@ -70,8 +83,38 @@ from fogmig.platform.transfer.wire import (
     encode_message,
 )
 
-SECRET = b"fmtx-testbed-secret-0123456789"
 MID = "fmtx-m1"
+
+SEC: dict[str, ChannelSecurity] = {}
+"""Identities of the session: ``gwa``, ``gwb``, ``gwc`` of the site CA, ``rogue-gwa`` and
+``rogue-gwb`` of another CA (filled by the ``identities`` fixture)."""
+FILES: dict[str, IdentityFiles] = {}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def identities(tmp_path_factory: pytest.TempPathFactory) -> dict[str, ChannelSecurity]:
+    """A site CA with three nodes and a device; another CA with two nodes of the same names."""
+    base = tmp_path_factory.mktemp("pki")
+    for prefix, ca_name, names in (
+        ("", "fogmig test site CA", ("gwa", "gwb", "gwc")),
+        ("rogue-", "another CA", ("gwa", "gwb")),
+    ):
+        folder = base / (prefix.rstrip("-") or "site")
+        ca = create_ca(name=ca_name)
+        save_ca(ca, folder)
+        for name in names:
+            files = save_identity(issue(ca, Identity.node(name)), folder)
+            FILES[prefix + name] = files
+            SEC[prefix + name] = ChannelSecurity.from_files(files)
+        if not prefix:
+            FILES["device"] = save_identity(issue(ca, Identity.device("d1")), folder)
+    # Someone who trusts the site CA but presents a certificate of its own CA.
+    rogue = FILES["rogue-gwa"]
+    FILES["forged-gwa"] = IdentityFiles(
+        identity=rogue.identity, cert=rogue.cert, key=rogue.key, ca=FILES["gwa"].ca
+    )
+    SEC["forged-gwa"] = ChannelSecurity.from_files(FILES["forged-gwa"])
+    return SEC
 
 
 class Handler:
@@ -137,8 +180,7 @@ async def server(recv_root: Path, handler: Handler) -> AsyncIterator[TransferSer
     async with TransferServer(
         host="127.0.0.1",
         port=0,
-        secret=SECRET,
-        node="gwb",
+        security=SEC["gwb"],
         root=recv_root,
         handler=handler,
         idle_timeout=2.0,
@@ -148,7 +190,7 @@ async def server(recv_root: Path, handler: Handler) -> AsyncIterator[TransferSer
 
 
 def connect(port: int, **kw: Any) -> Any:
-    args: dict[str, Any] = {"secret": SECRET, "node": "gwa", "peer": "gwb", "timeout": 5.0}
+    args: dict[str, Any] = {"security": SEC["gwa"], "peer": "gwb", "timeout": 5.0}
     args.update(kw)
     return TransferClient.connect("127.0.0.1", port, **args)
 
@@ -175,25 +217,22 @@ async def read_frame(reader: asyncio.StreamReader, timeout: float = 5.0) -> Fram
         return Frame(ftype, await reader.readexactly(size) if size else b"")
 
 
-async def raw_session(
-    port: int, *, secret: bytes = SECRET
+async def raw_tls(
+    port: int, context: ssl.SSLContext | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    nonce = os.urandom(NONCE_SIZE)
-    writer.write(
-        encode_message(Hello(version=PROTOCOL_VERSION, node="gwa", peer="gwb", nonce=nonce.hex()))
+    """A TLS connection with ``context`` (default: node gwa's) and nothing sent yet."""
+    return await asyncio.open_connection(
+        "127.0.0.1", port, ssl=context or SEC["gwa"].client, limit=2**20
     )
-    challenge = decode_message(await read_frame(reader), Challenge)
-    proof = auth_proof(
-        secret,
-        role="client",
-        client="gwa",
-        server="gwb",
-        client_nonce=nonce,
-        server_nonce=bytes.fromhex(challenge.nonce),
-    )
-    writer.write(encode_message(Auth(proof=proof)))
-    assert (await read_frame(reader)).type is FrameType.AUTH_OK
+
+
+async def raw_session(
+    port: int, *, node: str = "gwa", peer: str = "gwb"
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A session opened by hand as node gwa: TLS, then HELLO and the server's WELCOME."""
+    reader, writer = await raw_tls(port)
+    writer.write(encode_message(Hello(version=PROTOCOL_VERSION, node=node, peer=peer)))
+    assert decode_message(await read_frame(reader), Welcome).node == peer
     return reader, writer
 
 
@@ -221,7 +260,7 @@ async def closed_by_peer(reader: asyncio.StreamReader, timeout: float = 5.0) -> 
     try:
         async with asyncio.timeout(timeout):
             return await reader.read() == b""
-    except ConnectionResetError:
+    except (ConnectionResetError, ssl.SSLError):
         return True
 
 
@@ -463,76 +502,279 @@ async def test_unreadable_local_file_fails_cleanly(
 # --- authentication ------------------------------------------------------------------------------
 
 
-async def test_client_with_wrong_secret_is_refused(
-    server: TransferServer, recv_root: Path, handler: Handler
+async def test_client_whose_certificate_names_another_node_than_its_hello_is_refused(
+    server: TransferServer, recv_root: Path, handler: Handler, caplog: pytest.LogCaptureFixture
 ) -> None:
-    with pytest.raises(AuthError):
-        async with connect(server.port, secret=b"another-secret-of-enough-length"):
-            pass
-    assert handler.calls == []
-    # A raw client that skips the client proof gets nothing either.
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    writer.write(encode_message(Hello(version=1, node="gwa", peer="gwb", nonce="00" * 32)))
-    await read_frame(reader)
-    writer.write(file_frames("x.img", b"data"))
+    # Node gwc holds a valid certificate of the site CA, but speaks as gwa.
+    reader, writer = await raw_tls(server.port, SEC["gwc"].client)
+    writer.write(encode_message(Hello(version=PROTOCOL_VERSION, node="gwa", peer="gwb")))
     error = await expect_error(reader)
-    assert error.code == "protocol"
+    assert error.code == "auth"
+    assert "claims to be gwa" in error.message
+    assert "names gwc" in error.message
+    assert error.hint
+    writer.write(file_frames("x.img", b"data"))
     assert await closed_by_peer(reader)
     writer.close()
+    assert handler.calls == []
+    assert entries(recv_root) == []
+    assert "claims to be gwa" in caplog.text
+
+
+async def test_the_session_peer_is_the_certificate_identity(server: TransferServer) -> None:
+    async with connect(server.port, security=SEC["gwc"]) as ch:
+        assert (await ch.call("echo", {}))["peer"] == "gwc"
+
+
+async def test_server_that_is_not_the_expected_node_is_refused(
+    recv_root: Path, handler: Handler
+) -> None:
+    # A node with valid credentials answers at the address the client has for gwb.
+    async with TransferServer(
+        host="127.0.0.1", port=0, security=SEC["gwc"], root=recv_root, handler=handler
+    ) as other:
+        with pytest.raises(
+            AuthError, match="fogmig:node:gwc, not the expected fogmig:node:gwb"
+        ) as e:
+            async with connect(other.port):
+                pass
+        assert "gwb" in str(e.value.hint)
+    assert handler.calls == []
+
+
+async def test_client_certificate_from_another_ca_is_refused(
+    server: TransferServer, recv_root: Path, handler: Handler, caplog: pytest.LogCaptureFixture
+) -> None:
+    with pytest.raises(AuthError, match="refused this node's certificate") as refused:
+        async with connect(server.port, security=SEC["forged-gwa"]):
+            pass
+    assert str(FILES["forged-gwa"].cert) in str(refused.value)
+    assert str(FILES["forged-gwa"].ca) in str(refused.value.hint)
+    await wait_until(lambda: "refused the TLS handshake" in caplog.text, 5)
+    assert str(FILES["gwb"].ca) in caplog.text  # the server says which CA it trusts
+    assert handler.calls == []
     assert entries(recv_root) == []
 
 
-async def test_impostor_server_is_detected_by_the_client(recv_root: Path, handler: Handler) -> None:
+async def test_server_certificate_from_another_ca_is_refused(
+    recv_root: Path, handler: Handler
+) -> None:
     async with TransferServer(
-        host="127.0.0.1",
-        port=0,
-        secret=b"impostor-secret-that-is-long-enough",
-        node="gwb",
-        root=recv_root,
-        handler=handler,
-    ) as impostor:
-        with pytest.raises(AuthError, match="failed to prove"):
-            async with connect(impostor.port):
+        host="127.0.0.1", port=0, security=SEC["rogue-gwb"], root=recv_root, handler=handler
+    ) as rogue:
+        with pytest.raises(AuthError, match=r"TLS handshake failed.*not of the site CA") as e:
+            async with connect(rogue.port):
                 pass
+        assert str(FILES["gwa"].ca) in str(e.value)
+    assert handler.calls == []
+
+
+async def test_clients_without_a_node_certificate_are_refused(
+    server: TransferServer, recv_root: Path, handler: Handler, caplog: pytest.LogCaptureFixture
+) -> None:
+    # No TLS at all: a plaintext HELLO is not a TLS handshake.
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(encode_message(Hello(version=PROTOCOL_VERSION, node="gwa", peer="gwb")))
+    assert await closed_by_peer(reader)
+    writer.close()
+    # TLS without a client certificate.
+    bare = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    bare.check_hostname = False
+    bare.load_verify_locations(cafile=str(FILES["gwb"].ca))
+    reader, writer = await raw_tls(server.port, bare)
+    writer.write(encode_message(Hello(version=PROTOCOL_VERSION, node="gwa", peer="gwb")))
+    assert await closed_by_peer(reader)
+    writer.close()
+    # A certificate of the site CA, but for a device, not a node.
+    reader, writer = await raw_tls(server.port, client_context(FILES["device"]))
+    writer.write(encode_message(Hello(version=PROTOCOL_VERSION, node="gwa", peer="gwb")))
+    assert await closed_by_peer(reader)
+    writer.close()
+    await wait_until(lambda: "fogmig:device:d1, not a node" in caplog.text, 5)
+    assert handler.calls == []
+    assert entries(recv_root) == []
 
 
 async def test_node_names_are_bound(server: TransferServer) -> None:
-    with pytest.raises(AuthError, match="wants node gwc"):
+    # The client checks the server's certificate before it says anything.
+    with pytest.raises(AuthError, match="not the expected fogmig:node:gwc"):
         async with connect(server.port, peer="gwc"):
             pass
-    # A proof made for another client name does not authenticate this one.
-    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-    nonce = os.urandom(NONCE_SIZE)
-    writer.write(encode_message(Hello(version=1, node="gwa", peer="gwb", nonce=nonce.hex())))
-    challenge = decode_message(await read_frame(reader), Challenge)
-    proof = auth_proof(
-        SECRET,
-        role="client",
-        client="gwz",
-        server="gwb",
-        client_nonce=nonce,
-        server_nonce=bytes.fromhex(challenge.nonce),
-    )
-    writer.write(encode_message(Auth(proof=proof)))
-    assert (await expect_error(reader)).code == "auth"
+    # A client that asks for another node than the one it reached is refused by the server.
+    reader, writer = await raw_tls(server.port)
+    writer.write(encode_message(Hello(version=PROTOCOL_VERSION, node="gwa", peer="gwc")))
+    error = await expect_error(reader)
+    assert error.code == "auth"
+    assert "wants node gwc" in error.message
     assert await closed_by_peer(reader)
     writer.close()
 
 
-async def test_short_secret_and_bad_names_are_config_errors(
-    recv_root: Path, handler: Handler, server: TransferServer
+async def test_bad_names_and_identities_are_config_errors(
+    server: TransferServer, recv_root: Path, handler: Handler
 ) -> None:
-    with pytest.raises(ConfigError):
-        TransferServer(
-            host="127.0.0.1", port=0, secret=b"short", node="gwb", root=recv_root, handler=handler
-        )
-    with pytest.raises(ConfigError):
-        TransferServer(
-            host="127.0.0.1", port=0, secret=SECRET, node="GW B", root=recv_root, handler=handler
-        )
     with pytest.raises(ConfigError):
         async with connect(server.port, peer="../gwb"):
             pass
+    with pytest.raises(ConfigError):
+        ChannelSecurity.plaintext_for_benchmarks("GW B")
+    with pytest.raises(ConfigError, match="needs a node's certificate"):
+        ChannelSecurity.from_files(FILES["device"])
+    missing = identity_files(recv_root, Identity.node("gwz"))
+    with pytest.raises(FogmigError, match="missing"):
+        TransferServer(host="127.0.0.1", port=0, security=missing, root=recv_root, handler=handler)
+
+
+async def test_identity_files_can_be_given_directly(
+    recv_root: Path, handler: Handler, tmp_path: Path
+) -> None:
+    src = make_source(tmp_path)
+    async with (
+        TransferServer(
+            host="127.0.0.1", port=0, security=FILES["gwb"], root=recv_root, handler=handler
+        ) as srv,
+        TransferClient.connect("127.0.0.1", srv.port, security=FILES["gwa"], peer="gwb") as ch,
+    ):
+        await ch.send_dir(MID, src)
+    assert tree(recv_root / MID) == tree(src)
+
+
+async def test_plaintext_for_benchmarks_only_talks_to_plaintext(
+    recv_root: Path, handler: Handler, server: TransferServer, tmp_path: Path
+) -> None:
+    src = make_source(tmp_path)
+    plain_b = ChannelSecurity.plaintext_for_benchmarks("gwb")
+    plain_a = ChannelSecurity.plaintext_for_benchmarks("gwa")
+    assert plain_a.plaintext
+    assert not SEC["gwa"].plaintext
+    async with TransferServer(
+        host="127.0.0.1", port=0, security=plain_b, root=recv_root, handler=handler
+    ) as srv:
+        async with TransferClient.connect(
+            "127.0.0.1", srv.port, security=plain_a, peer="gwb"
+        ) as ch:
+            await ch.send_dir(MID, src)
+        # A TLS client never falls back to plaintext.
+        with pytest.raises(AuthError):
+            async with connect(srv.port):
+                pass
+    assert tree(recv_root / MID) == tree(src)
+    # Nor does a TLS server accept a plaintext client.
+    with pytest.raises(PeerError):
+        async with TransferClient.connect(
+            "127.0.0.1", server.port, security=plain_a, peer="gwb", timeout=2.0
+        ):
+            pass
+
+
+# --- tampering on the link -----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def altering_proxy(
+    target_port: int, alter: Callable[[int, bytes], bytes]
+) -> AsyncIterator[int]:
+    """A TCP relay that passes what the client sends through ``alter(offset, chunk)``.
+
+    The server's replies pass unchanged. Yields its port; on exit everything is closed.
+    """
+    writers: list[asyncio.StreamWriter] = []
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pump(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, change: bool
+    ) -> None:
+        offset = 0
+        with contextlib.suppress(OSError):
+            while data := await reader.read(1 << 16):
+                out = alter(offset, data) if change else data
+                offset += len(data)
+                writer.write(out)
+                await writer.drain()
+            writer.close()
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        tasks.add(task)
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target_port)
+        writers.extend([writer, up_writer])
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.gather(pump(reader, up_writer, True), pump(up_reader, writer, False))
+
+    proxy = await asyncio.start_server(relay, "127.0.0.1", 0)
+    try:
+        yield int(proxy.sockets[0].getsockname()[1])
+    finally:
+        proxy.close()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for writer in writers:
+            writer.transport.abort()
+        await proxy.wait_closed()
+        await asyncio.sleep(0)
+
+
+def flip_byte_at(position: int) -> Callable[[int, bytes], bytes]:
+    def alter(offset: int, data: bytes) -> bytes:
+        if offset <= position < offset + len(data):
+            i = position - offset
+            return data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1 :]
+        return data
+
+    return alter
+
+
+def inject_at(position: int, extra: bytes) -> Callable[[int, bytes], bytes]:
+    def alter(offset: int, data: bytes) -> bytes:
+        if offset <= position < offset + len(data):
+            i = position - offset
+            return data[:i] + extra + data[i:]
+        return data
+
+    return alter
+
+
+@pytest.mark.parametrize(
+    "alter",
+    [
+        flip_byte_at(2 * CHUNK_SIZE),
+        # A forged abort of file 0 in the channel's own framing, between two TLS records or
+        # inside one: either way it is not a valid TLS record.
+        inject_at(2 * CHUNK_SIZE, encode_message(FileAbort(seq=0, reason="forged"))),
+    ],
+    ids=["flipped-byte", "injected-frame"],
+)
+async def test_data_altered_on_the_link_is_detected_and_nothing_is_stored(
+    server: TransferServer,
+    recv_root: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    alter: Callable[[int, bytes], bytes],
+) -> None:
+    big = tmp_path / "pages-1.img"
+    big.write_bytes(os.urandom(6 * CHUNK_SIZE))
+    async with altering_proxy(server.port, alter) as port, connect(port, idle_timeout=2.0) as ch:
+        with pytest.raises(PeerError):
+            await ch.send_file(MID, big)
+    await wait_until(lambda: "TLS" in caplog.text and "nothing of it was used" in caplog.text, 5)
+    assert not (recv_root / MID / "pages-1.img").exists()
+    await wait_until(lambda: not partials(recv_root), 5)
+
+
+async def test_a_tls_failure_mid_session_is_a_typed_tls_error() -> None:
+    from fogmig.platform.transfer.connection import tls_failure
+
+    mac = ssl.SSLError(1, "[SSL: DECRYPTION_FAILED_OR_BAD_RECORD_MAC] decryption failed")
+    mac.reason = "DECRYPTION_FAILED_OR_BAD_RECORD_MAC"
+    error = tls_failure("node gwb: peer gwa", mac)
+    assert isinstance(error, TlsError)
+    assert isinstance(error, PeerError)
+    assert "bad record MAC" in str(error)
+    assert error.hint
+    eof = tls_failure("node gwb: peer gwa", ssl.SSLEOFError(8, "EOF"))
+    assert not isinstance(eof, TlsError)
 
 
 # --- integrity -----------------------------------------------------------------------------------
@@ -755,8 +997,7 @@ async def test_silent_sender_times_out_and_partial_is_removed(
     async with TransferServer(
         host="127.0.0.1",
         port=0,
-        secret=SECRET,
-        node="gwb",
+        security=SEC["gwb"],
         root=recv_root,
         handler=handler,
         idle_timeout=0.5,
@@ -778,25 +1019,14 @@ async def fake_peer(
     """A server that authenticates like a real one, then does what ``behaviour`` says."""
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        hello = decode_message(await read_frame(reader), Hello)
-        nonce = os.urandom(NONCE_SIZE)
-        proof = auth_proof(
-            SECRET,
-            role="server",
-            client=hello.node,
-            server="gwb",
-            client_nonce=bytes.fromhex(hello.nonce),
-            server_nonce=nonce,
-        )
-        writer.write(encode_message(Challenge(node="gwb", nonce=nonce.hex(), proof=proof)))
-        await read_frame(reader)
-        writer.write(encode_frame(FrameType.AUTH_OK, b"{}"))
+        decode_message(await read_frame(reader), Hello)
+        writer.write(encode_message(Welcome(node="gwb")))
         try:
             await behaviour(reader, writer)
         finally:
             writer.transport.abort()
 
-    return await asyncio.start_server(serve, "127.0.0.1", 0)
+    return await asyncio.start_server(serve, "127.0.0.1", 0, ssl=SEC["gwb"].server)
 
 
 async def test_receiver_dying_mid_stream_fails_the_sender(tmp_path: Path) -> None:
@@ -910,8 +1140,7 @@ async def test_disk_full_is_reported_and_partial_removed(
         TransferServer(
             host="127.0.0.1",
             port=0,
-            secret=SECRET,
-            node="gwb",
+            security=SEC["gwb"],
             root=recv_root,
             handler=handler,
             file_writer=filling_writer(CHUNK_SIZE),
@@ -940,8 +1169,7 @@ async def test_a_bug_in_one_session_spares_the_server(
     async with TransferServer(
         host="127.0.0.1",
         port=0,
-        secret=SECRET,
-        node="gwb",
+        security=SEC["gwb"],
         root=recv_root,
         handler=handler,
         file_writer=broken_writer,
@@ -976,7 +1204,7 @@ async def test_remove_migration_dir_stays_inside(tmp_path: Path, recv_root: Path
 
 async def test_server_stop_ends_sessions_and_cleans_up(recv_root: Path, handler: Handler) -> None:
     async with TransferServer(
-        host="127.0.0.1", port=0, secret=SECRET, node="gwb", root=recv_root, handler=handler
+        host="127.0.0.1", port=0, security=SEC["gwb"], root=recv_root, handler=handler
     ) as srv:
         reader, writer = await raw_session(srv.port)
         begin = FileBegin(seq=0, migration_id=MID, path="p.img", size=10 * CHUNK_SIZE)
@@ -1125,21 +1353,3 @@ def test_receiver_order_rules() -> None:
         order.begin(0)
     order.begin(1)
     assert order.end(1) is True
-
-
-def test_auth_proofs_bind_role_names_and_nonces() -> None:
-    base = {
-        "client": "gwa",
-        "server": "gwb",
-        "client_nonce": b"c" * NONCE_SIZE,
-        "server_nonce": b"s" * NONCE_SIZE,
-    }
-    proof = auth_proof(SECRET, role="client", **base)  # type: ignore[arg-type]
-    assert proof == auth_proof(SECRET, role="client", **base)  # type: ignore[arg-type]
-    variants = [
-        auth_proof(SECRET, role="server", **base),  # type: ignore[arg-type]
-        auth_proof(SECRET + b"x", role="client", **base),  # type: ignore[arg-type]
-        auth_proof(SECRET, role="client", **{**base, "client": "gwc"}),  # type: ignore[arg-type]
-        auth_proof(SECRET, role="client", **{**base, "server_nonce": b"t" * 32}),  # type: ignore[arg-type]
-    ]
-    assert proof not in variants
