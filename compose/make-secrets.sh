@@ -2,10 +2,12 @@
 # Makes the site's secrets in ./secrets (readable by root only), on the control machine:
 #   <user>.password   an MQTT password per gateway, for the device host "dev" and "controller"
 #   passwd            the broker's password file (hashed, by mosquitto_passwd)
-#   transfer.secret   the gateways' shared migration-channel secret (hex)
 #   credentials.json  the controller's MQTT password, in the embedded testbed's format
+#   ca.pem, ca.key, node-<gateway>.pem/.key  the site CA and the gateways' certificates for
+#                     the migration channel (mutual TLS), made by make-certs.sh
 # Usage: ./make-secrets.sh gw1 gw2 gw3   (the gateways' names; default gw1 gw2 gw3).
-# Copy <gateway>.password and transfer.secret to each gateway's compose/secrets/ afterwards.
+# Copy <gateway>.password, node-<gateway>.pem, node-<gateway>.key and ca.pem (never ca.key) to
+# each gateway's compose/secrets/ afterwards.
 set -euo pipefail
 cd "$(dirname "$0")"
 nodes=("$@")
@@ -16,7 +18,6 @@ mkdir -p secrets
 
 random_hex() { od -An -N"$1" -tx1 /dev/urandom | tr -d ' \n'; }
 
-[ -s secrets/transfer.secret ] || random_hex 32 > secrets/transfer.secret
 for u in "${users[@]}"; do
     [ -s "secrets/$u.password" ] || random_hex 18 > "secrets/$u.password"
 done
@@ -34,6 +35,7 @@ for u in "${users[@]}"; do hash_password "$u" "secrets/$u.password"; done
 # The broker reads it as its own user (uid 1883 in the eclipse-mosquitto image).
 chown 1883:1883 secrets/passwd 2>/dev/null || chmod 0644 secrets/passwd
 
-printf '{"mqtt": {"controller": "%s"}, "transfer_secret_hex": "%s"}\n' \
-    "$(cat secrets/controller.password)" "$(cat secrets/transfer.secret)" > secrets/credentials.json
+printf '{"mqtt": {"controller": "%s"}}\n' "$(cat secrets/controller.password)" \
+    > secrets/credentials.json
+./make-certs.sh "${nodes[@]}"
 echo "secrets for ${users[*]} in $PWD/secrets"

@@ -1,11 +1,15 @@
 """The compose files for real machines, checked without a Docker engine: every command is a
 real ``fogmig`` subcommand (parsed by the CLI's own parser), every mounted configuration file
 exists (secrets come from make-secrets.sh), the agents get the privileges runc and CRIU need,
-and the site description, the agents' files and the broker's ACL agree."""
+the site description, the agents' files and the broker's ACL agree, and the certificates that
+make-certs.sh issues with openssl carry the agents' mutual TLS."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import shutil
+import subprocess
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -15,6 +19,8 @@ import yaml
 
 from fogmig.platform.agent.config import AgentSettings, parse_agent_config
 from fogmig.platform.cli.main import build_parser
+from fogmig.platform.security.identity import Identity
+from fogmig.platform.security.pki import create_ca, issue, save_ca, save_identity
 from fogmig.platform.testbed.broker import acl_rules, render_acl
 from fogmig.platform.testbed.state import TestbedState
 
@@ -162,7 +168,11 @@ def agent_settings(path: Path, tmp_path: Path) -> AgentSettings:
     secrets.mkdir(exist_ok=True)
     for node in ("gw1", "gw2", "gw3"):
         (secrets / f"{node}.password").write_text(f"pw-{node}\n")
-    (secrets / "transfer.secret").write_text("ab" * 32 + "\n")
+    if not (secrets / "ca.pem").exists():
+        ca = create_ca()
+        save_ca(ca, secrets)
+        for node in ("gw1", "gw2", "gw3"):
+            save_identity(issue(ca, Identity.node(node)), secrets)
     return parse_agent_config(path.read_text(), source=path.name, base=tmp_path)
 
 
@@ -184,3 +194,54 @@ def test_site_agents_and_acl_agree(site: TestbedState, tmp_path: Path) -> None:
         return [line for line in text.splitlines() if line and not line.startswith("#")]
 
     assert rules((COMPOSE / "mosquitto" / "acl").read_text()) == rules(want)
+
+
+def test_make_secrets_makes_the_certificates_the_agents_name() -> None:
+    script = (COMPOSE / "make-secrets.sh").read_text()
+    assert "./make-certs.sh" in script
+    for path in sorted(COMPOSE.glob("agent-*.toml")):
+        node = path.stem.removeprefix("agent-")
+        transfer = tomllib.loads(path.read_text())["transfer"]
+        assert transfer["cert_file"] == f"secrets/node-{node}.pem"
+        assert transfer["key_file"] == f"secrets/node-{node}.key"
+        assert transfer["ca_file"] == "secrets/ca.pem"
+
+
+@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs openssl")
+def test_make_certs_issues_certificates_the_transfer_channel_accepts(tmp_path: Path) -> None:
+    from fogmig.platform.transfer.client import TransferClient
+    from fogmig.platform.transfer.server import TransferServer
+
+    shutil.copy(COMPOSE / "make-certs.sh", tmp_path)
+    subprocess.run([str(tmp_path / "make-certs.sh"), "gw1", "gw2"], check=True, capture_output=True)
+    secrets = tmp_path / "secrets"
+    assert secrets.stat().st_mode & 0o777 == 0o700
+    assert (secrets / "node-gw1.key").stat().st_mode & 0o077 == 0
+    (tmp_path / "pw").mkdir()
+    settings = {}
+    for node in ("gw1", "gw2"):
+        (tmp_path / "pw" / f"{node}.password").write_text("x")
+        text = (COMPOSE / f"agent-{node}.toml").read_text()
+        text = text.replace('password_file = "secrets/', 'password_file = "pw/')
+        settings[node] = parse_agent_config(text, base=tmp_path)
+
+    class Echo:
+        async def on_call(self, session: Any, op: str, params: dict[str, Any]) -> dict[str, Any]:
+            return {"peer": session.peer}
+
+    async def talk() -> str:
+        async with (
+            TransferServer(
+                host="127.0.0.1",
+                port=0,
+                security=settings["gw2"].identity,
+                root=tmp_path,
+                handler=Echo(),
+            ) as server,
+            TransferClient.connect(
+                "127.0.0.1", server.port, security=settings["gw1"].identity, peer="gw2"
+            ) as client,
+        ):
+            return str((await client.call("echo"))["peer"])
+
+    assert asyncio.run(talk()) == "gw1"
