@@ -1,6 +1,7 @@
 """Transfer channel between two network namespaces over a real, shaped veth link.
 
-Each side is its own process inside its own namespace, as two agents would be. Checked with
+Each side is its own process inside its own namespace, as two agents would be, each with its
+certificate of a CA made for the test (mutual TLS 1.3, as between agents). Checked with
 real kernel parts: a rate-limited link (tbf), a real tiny tmpfs that fills up, and a link that
 goes down in the middle of a transfer (both sides must notice within their idle timeouts).
 """
@@ -21,12 +22,14 @@ from typing import Any
 
 import pytest
 
+from fogmig.platform.security.identity import Identity
+from fogmig.platform.security.pki import create_ca, issue, save_ca, save_identity
+
 pytestmark = [
     pytest.mark.system,
     pytest.mark.skipif(os.geteuid() != 0, reason="namespaces, tc and tmpfs need root"),
 ]
 
-SECRET = "fmtx-system-test-secret-0123456789"
 A_IP = "10.232.0.1"
 B_IP = "10.232.0.2"
 
@@ -36,10 +39,12 @@ DRIVER = textwrap.dedent(
     import asyncio, json, sys, time
     from pathlib import Path
     from fogmig.platform.base.errors import ConfigError
+    from fogmig.platform.security.identity import Identity
+    from fogmig.platform.security.pki import identity_files
     from fogmig.platform.transfer.client import TransferClient
     from fogmig.platform.transfer.server import TransferServer
 
-    SECRET = sys.argv[2].encode()
+    PKI = Path(sys.argv[2])
 
     class Handler:
         async def on_call(self, session, op, params):
@@ -49,7 +54,8 @@ DRIVER = textwrap.dedent(
             raise ConfigError(f"no op {op}")
 
     async def serve(root, host, idle):
-        async with TransferServer(host=host, port=0, secret=SECRET, node="fmtxb",
+        me = identity_files(PKI, Identity.node("fmtxb"))
+        async with TransferServer(host=host, port=0, security=me,
                                   root=Path(root), handler=Handler(), idle_timeout=idle) as srv:
             print(json.dumps({"port": srv.port}), flush=True)
             await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
@@ -57,7 +63,8 @@ DRIVER = textwrap.dedent(
     async def send(host, port, src, idle):
         start = time.monotonic()
         try:
-            async with TransferClient.connect(host, port, secret=SECRET, node="fmtxa",
+            me = identity_files(PKI, Identity.node("fmtxa"))
+            async with TransferClient.connect(host, port, security=me,
                                               peer="fmtxb", idle_timeout=idle) as ch:
                 rtt = await ch.ping()
                 print(json.dumps({"connected": True}), flush=True)
@@ -160,6 +167,17 @@ class Side:
 
 
 @pytest.fixture
+def pki(tmp_path: Path) -> str:
+    """A CA of the test and both ends' node certificates."""
+    folder = tmp_path / "pki"
+    ca = create_ca()
+    save_ca(ca, folder)
+    for node in ("fmtxa", "fmtxb"):
+        save_identity(issue(ca, Identity.node(node)), folder)
+    return str(folder)
+
+
+@pytest.fixture
 def driver(tmp_path: Path) -> Path:
     path = tmp_path / "driver.py"
     path.write_text(DRIVER)
@@ -191,15 +209,15 @@ def make_source(base: Path, big_mb: int) -> Path:
 
 
 def test_transfer_between_namespaces_over_a_shaped_link(
-    link: Link, driver: Path, tmp_path: Path
+    link: Link, driver: Path, tmp_path: Path, pki: str
 ) -> None:
     root = tmp_path / "recv"
     root.mkdir()
     src = make_source(tmp_path, 4)
-    server = Side(link.b, driver, "serve", SECRET, str(root), B_IP, "5")
+    server = Side(link.b, driver, "serve", pki, str(root), B_IP, "5")
     try:
         port = server.line()["port"]
-        sender = Side(link.a, driver, "send", SECRET, B_IP, str(port), str(src), "5")
+        sender = Side(link.a, driver, "send", pki, B_IP, str(port), str(src), "5")
         try:
             assert sender.line() == {"connected": True}
             result = sender.line()
@@ -216,13 +234,13 @@ def test_transfer_between_namespaces_over_a_shaped_link(
 
 
 def test_disk_full_on_a_real_tmpfs(
-    link: Link, driver: Path, tmp_path: Path, small_tmpfs: Path
+    link: Link, driver: Path, tmp_path: Path, small_tmpfs: Path, pki: str
 ) -> None:
     src = make_source(tmp_path, 3)
-    server = Side(link.b, driver, "serve", SECRET, str(small_tmpfs), B_IP, "5")
+    server = Side(link.b, driver, "serve", pki, str(small_tmpfs), B_IP, "5")
     try:
         port = server.line()["port"]
-        sender = Side(link.a, driver, "send", SECRET, B_IP, str(port), str(src), "5")
+        sender = Side(link.a, driver, "send", pki, B_IP, str(port), str(src), "5")
         try:
             sender.line()
             result = sender.line()
@@ -238,7 +256,7 @@ def test_disk_full_on_a_real_tmpfs(
             assert data == (src / Path(name).relative_to("fmtx-m1")).read_bytes()
         # The destination still serves the next sender.
         (src / "pages-1.img").unlink()
-        sender = Side(link.a, driver, "send", SECRET, B_IP, str(port), str(src), "5")
+        sender = Side(link.a, driver, "send", pki, B_IP, str(port), str(src), "5")
         try:
             sender.line()
             assert sender.line()["ok"]
@@ -249,16 +267,16 @@ def test_disk_full_on_a_real_tmpfs(
 
 
 def test_link_down_mid_transfer_fails_both_sides_in_time(
-    link: Link, driver: Path, tmp_path: Path
+    link: Link, driver: Path, tmp_path: Path, pki: str
 ) -> None:
     root = tmp_path / "recv"
     root.mkdir()
     src = make_source(tmp_path, 40)  # about 8 s at 40 Mbit/s
     idle = 2.0
-    server = Side(link.b, driver, "serve", SECRET, str(root), B_IP, str(idle))
+    server = Side(link.b, driver, "serve", pki, str(root), B_IP, str(idle))
     try:
         port = server.line()["port"]
-        sender = Side(link.a, driver, "send", SECRET, B_IP, str(port), str(src), str(idle))
+        sender = Side(link.a, driver, "send", pki, B_IP, str(port), str(src), str(idle))
         try:
             sender.line()
             under_way = time.monotonic() + 5
