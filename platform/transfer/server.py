@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import ssl
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -135,62 +136,86 @@ class TransferServer:
         self._session_timeout = session_timeout
         self._keepalive_interval = keepalive_interval
         self._file_writer = file_writer
-        self._server: asyncio.Server | None = None
+        self._listener: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
         self._sessions: set[asyncio.Task[None]] = set()
         self._executor: ThreadPoolExecutor | None = None
 
     @property
     def port(self) -> int:
         """The listening port (the one the kernel chose when started with port 0)."""
-        if self._server is None or not self._server.sockets:
+        if self._listener is None:
             return self._port
-        return int(self._server.sockets[0].getsockname()[1])
+        return int(self._listener.getsockname()[1])
 
     async def __aenter__(self) -> TransferServer:
         if not self.root.is_dir():
             raise TransferError(f"node {self.node}: transfer root {self.root} is not a directory")
+        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         try:
-            self._server = await asyncio.start_server(
-                self._serve, self.host, self._port, limit=READ_LIMIT
-            )
+            self._listener = socket.create_server((self.host, self._port), family=family)
         except OSError as exc:
             raise TransferError(
                 f"node {self.node}: cannot listen on {self.host}:{self._port}: {exc.strerror}"
             ) from exc
+        self._listener.setblocking(False)
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="fogmig-transfer")
+        self._accepting = asyncio.create_task(self._accept_loop(), name="transfer-accept")
         log.info("node %s: transfer server on %s:%d", self.node, self.host, self.port)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._server is not None:
-            self._server.close()
+        if self._accepting is not None:
+            self._accepting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._accepting
+            self._accepting = None
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
         for task in list(self._sessions):
             task.cancel()
         if self._sessions:
             await asyncio.gather(*self._sessions, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._sessions.add(task)
-        peername = writer.get_extra_info("peername")
-        address = f"{peername[0]}:{peername[1]}" if peername else "?"
+    async def _accept_loop(self) -> None:
+        """Accept connections; each one's TLS handshake and session run in a task of its own.
+
+        The loop accepts the sockets itself, rather than ``asyncio.start_server``, so that a
+        refused TLS handshake is seen here (and logged with its reason) and so that no byte
+        of the handshake is read by anything but TLS.
+        """
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                sock, _ = await loop.sock_accept(self._listener)
+            except OSError as exc:
+                # Out of file descriptors, or a connection reset while queued: keep serving.
+                log.warning("node %s: accept failed: %s", self.node, exc)
+                await asyncio.sleep(0.1)
+                continue
+            task = loop.create_task(self._serve(sock), name="transfer-session")
+            self._sessions.add(task)
+            task.add_done_callback(self._sessions.discard)
+
+    async def _serve(self, sock: socket.socket) -> None:
         try:
-            certified = await self._start_tls(writer, address)
+            peername = sock.getpeername()
+            address = f"{peername[0]}:{peername[1]}"
+        except OSError:
+            address = "?"  # already gone
+        try:
+            reader, writer, certified = await self._open(sock, address)
         except AuthError as exc:
             log.warning("%s (hint: %s)", exc, exc.hint)
-            writer.transport.abort()
-            self._sessions.discard(task)
+            sock.close()
             return
         except asyncio.CancelledError:
-            writer.transport.abort()
-            self._sessions.discard(task)
+            sock.close()
             return
         conn = Connection(
             reader,
@@ -219,23 +244,29 @@ class TransferServer:
             # A bug must cost this session only, never the server or its other sessions.
             log.exception("%s: session failed", conn.label)
         except asyncio.CancelledError:
-            # The server is stopping. End normally: Python 3.11's stream callback reports a
-            # cancelled connection task as an unhandled error and leaks its socket.
+            # The server is stopping; the session ends here like any other.
             log.info("%s: session ended by server shutdown", conn.label)
         finally:
             for item in incoming:
                 item.discard()
             await conn.close()
-            self._sessions.discard(task)
 
-    async def _start_tls(self, writer: asyncio.StreamWriter, address: str) -> str | None:
-        """The TLS handshake; the node that the client's certificate names (None: plaintext)."""
+    async def _open(
+        self, sock: socket.socket, address: str
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str | None]:
+        """Streams over ``sock`` after the TLS handshake, and the node that the client's
+        certificate names (None in the benchmarks' plaintext mode)."""
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=READ_LIMIT, loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
         context = self.security.server
-        if context is None:
-            return None
         try:
-            await writer.start_tls(context, ssl_handshake_timeout=self._idle_timeout)
-            identity = peer_identity(stream_tls(writer))
+            transport, _ = await loop.connect_accepted_socket(
+                lambda: protocol,
+                sock,
+                ssl=context,
+                ssl_handshake_timeout=self._idle_timeout if context is not None else None,
+            )
         except ssl.SSLError as exc:
             why = getattr(exc, "verify_message", None) or exc.reason or str(exc)
             if "CERTIFICATE" in (exc.reason or ""):
@@ -250,17 +281,24 @@ class TransferServer:
                 f"{str(exc) or type(exc).__name__}",
                 hint=self.security.hint,
             ) from exc
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        if context is None:
+            return reader, writer, None
+        try:
+            identity = peer_identity(stream_tls(writer))
         except SecurityError as exc:
+            transport.abort()
             raise AuthError(
                 f"node {self.node}: refused {address}: {exc}", hint=self.security.hint
             ) from exc
         if identity.kind != "node" or identity.name is None:
+            transport.abort()
             raise AuthError(
                 f"node {self.node}: refused {address}: its certificate is for {identity}, "
                 "not a node (only nodes may use the transfer channel)",
                 hint=self.security.hint,
             )
-        return identity.name
+        return reader, writer, identity.name
 
     async def _handshake(
         self, conn: Connection, address: str, certified: str | None

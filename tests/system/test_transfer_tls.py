@@ -10,6 +10,7 @@ to drive a migration whose source is gw1. Each client runs inside a node's names
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import shutil
@@ -31,6 +32,7 @@ from fogmig.platform.security.pki import identity_files, issue, load_ca, save_id
 from fogmig.platform.testbed.pki import node_identity, pki_dir
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.platform.transfer.wire import FileAbort, encode_message
+from fogmig.services.image import ensure_image, find_image
 
 pytestmark = [pytest.mark.system, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -137,7 +139,6 @@ def image_dir(base: Path, size: int) -> Path:
     src = base / "src"
     src.mkdir()
     (src / "pages-1.img").write_bytes(os.urandom(size))
-    (src / "core-1.img").write_bytes(os.urandom(20_000))
     return src
 
 
@@ -186,15 +187,15 @@ def test_data_altered_between_the_agents_fails_the_transfer_and_stores_nothing(
 
 
 def test_a_node_that_is_not_the_wanted_peer_is_refused(testbed: TestbedState) -> None:
-    # gw1 wants gw2, but the address leads to a node with a valid certificate: gw1's own agent.
+    # gw2 wants gw3, but the address it has leads to a node with a valid certificate: gw1.
     result = run_peer(
         testbed,
-        "gw1",
-        {**as_node("gw1"), "peer": "gw2", "target": endpoint(testbed, "gw1"), "actions": []},
+        "gw2",
+        {**as_node("gw2"), "peer": "gw3", "target": endpoint(testbed, "gw1"), "actions": []},
     )
     assert result["connected"] is False
     assert result["error"]["error"] == "AuthError", result
-    assert "is fogmig:node:gw1, not the expected fogmig:node:gw2" in result["error"]["message"]
+    assert "is fogmig:node:gw1, not the expected fogmig:node:gw3" in result["error"]["message"]
     assert result["error"]["hint"]
 
 
@@ -219,8 +220,15 @@ def test_a_certificate_cannot_speak_for_another_node(
     log.wait_for("claims to be gw1 but its certificate names gw9")
 
 
+@pytest.fixture(scope="module")
+def image() -> Path:
+    """The service image: the destination makes a bundle from it at ``prepare``."""
+    found = find_image()
+    return found if found is not None else asyncio.run(ensure_image())
+
+
 def test_only_the_source_of_a_migration_may_call_its_operations(
-    testbed: TestbedState, outsider: dict[str, Any], mid: str
+    testbed: TestbedState, outsider: dict[str, Any], mid: str, image: Path
 ) -> None:
     service = f"fmtls-{uuid.uuid4().hex[:6]}"
     prepare = {

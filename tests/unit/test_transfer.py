@@ -610,6 +610,26 @@ async def test_node_names_are_bound(server: TransferServer) -> None:
     writer.close()
 
 
+def test_many_concurrent_sessions_on_uvloop(recv_root: Path, handler: Handler) -> None:
+    # The agents run on uvloop, whose transports read as soon as a connection is made: no
+    # byte of a client's TLS handshake may be taken by anything but TLS.
+    import uvloop
+
+    async def one(port: int, i: int) -> str:
+        async with connect(port, security=SEC["gwa" if i % 2 else "gwc"]) as ch:
+            return str((await ch.call("echo", {"i": i}))["peer"])
+
+    async def main() -> list[str]:
+        async with TransferServer(
+            host="127.0.0.1", port=0, security=SEC["gwb"], root=recv_root, handler=handler
+        ) as srv:
+            return await asyncio.gather(*(one(srv.port, i) for i in range(40)))
+
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        peers = runner.run(main())
+    assert peers == ["gwa" if i % 2 else "gwc" for i in range(40)]
+
+
 async def test_bad_names_and_identities_are_config_errors(
     server: TransferServer, recv_root: Path, handler: Handler
 ) -> None:
