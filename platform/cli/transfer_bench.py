@@ -51,7 +51,7 @@ def print_tls_cost(results: list[ModeRuns]) -> None:
         print(
             f"cost of TLS ({'zlib level 1' if compress else 'uncompressed'}): median "
             f"{tls:.1f} MB/s with TLS, {plain:.1f} MB/s plaintext "
-            f"({(1 - tls / plain) * 100:+.1f} % slower)"
+            f"(TLS changes the rate by {(tls / plain - 1) * 100:+.1f} %)"
         )
 
 
