@@ -90,6 +90,15 @@ class MigrationRecord(BaseModel):
     finished_at: float = 0.0
     phases: list[PhaseTimestamp] = Field(default_factory=list)
 
+    # What a probe device saw from started_at to finished_at; None: no probe ran.
+    device_downtime_s: float | None = Field(
+        default=None, description="longest gap between the probe's answers, minus its interval"
+    )
+    probe_rate_hz: float | None = None
+    probe_sent: int | None = Field(default=None, description="probe requests sent in the window")
+    probe_answered: int | None = None
+    probe_lost: int | None = None
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def total_time_s(self) -> float:
