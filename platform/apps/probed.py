@@ -43,7 +43,7 @@ def observe(record: MigrationRecord, timeline: ProbeTimeline) -> WindowObservati
     if record.started_at <= 0 or record.finished_at < record.started_at:
         return None
     seen = timeline.window_wall(record.started_at, record.finished_at)
-    record.device_downtime_s = seen.downtime_s
+    record.device_downtime_s = None if seen.downtime_s is None else round(seen.downtime_s, 6)
     record.probe_rate_hz = round(1.0 / timeline.interval_s, 6)
     record.probe_sent = seen.sent
     record.probe_answered = seen.answered

@@ -251,7 +251,7 @@ def probe_seen(timeline: ProbeTimeline | None, start: float, end: float) -> Prob
         return None
     seen = timeline.window_wall(start, end)
     return ProbeSeen(
-        downtime_s=seen.downtime_s,
+        downtime_s=None if seen.downtime_s is None else round(seen.downtime_s, 6),
         rate_hz=round(1.0 / timeline.interval_s, 6),
         sent=seen.sent,
         answered=seen.answered,
