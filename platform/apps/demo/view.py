@@ -380,7 +380,7 @@ def _s(value: float | None) -> str:
 def _probe(m: MigrationRow) -> str:
     if m.probe is None:
         return "-"
-    return f"{_s(m.probe.downtime_s)} ({m.probe.lost}/{m.probe.sent} lost)"
+    return f"{_s(m.probe.downtime_s)}, {m.probe.lost} lost"
 
 
 def summary_renderable(summary: DemoSummary) -> RenderableType:
