@@ -92,3 +92,14 @@ def test_device_observed_figures_are_absent_until_a_probe_ran(tmp_path: Path) ->
     assert rows[1]["probe_sent"] == "30"
     assert rows[1]["probe_answered"] == "12"
     assert rows[1]["downtime_s"] == rows[0]["downtime_s"]
+
+
+def test_a_csv_with_other_columns_is_kept_aside(tmp_path: Path) -> None:
+    old = "migration_id,service,downtime_s\nm0,s,1.0\n"
+    (tmp_path / "migrations.csv").write_text(old)
+    save_record(_record(), tmp_path)
+    (aside,) = tmp_path.glob("migrations-*.csv")
+    assert aside.read_text() == old
+    header, row = (tmp_path / "migrations.csv").read_text().splitlines()
+    assert header.startswith("migration_id,service,source,")
+    assert row.startswith("m1,s,gw1,")
