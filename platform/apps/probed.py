@@ -4,7 +4,8 @@ A probe (:mod:`fogmig.device_sim.probe`) in the device host's namespace asks the
 service through a gateway before, during and after the migration; the record gets what the
 probe saw between its start and finish (``device_downtime_s`` and the probe's counts). The
 gateway is one that neither runs the service before nor after (if the testbed has one) or the
-source, so the probe's traffic is forwarded once the service has left.
+source, so the probe's traffic is forwarded once the service has left (or the source itself, if
+the third gateway does not forward the service yet).
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.testbed.state import TestbedState, load_state
 from fogmig.services.deploy import find_service
 
-LEAD_TIMEOUT_S: Final = 3.0
-"""How long to wait for the probe's first answer before asking for the migration."""
+LEAD_TIMEOUT_S: Final = 6.0
+"""How long to wait for the probe's first answer before asking for the migration: a third
+gateway forwards a freshly deployed service once its node has said where it runs (at its next
+status report, every 5 s by default); without an answer the probe asks the source itself."""
 TAIL_TIMEOUT_S: Final = 5.0
 """How long after the migration to wait for an answer that closes the window."""
 POLL_S: Final = 0.05
@@ -85,7 +88,8 @@ async def migrate_probed(
             f"service {service} runs on no node (or its port is unknown)",
             hint="`fogmig services` lists what runs where",
         )
-    gateway = probe_gateway(state.node_names, running[0].node, destination)
+    source = running[0].node
+    gateway = probe_gateway(state.node_names, source, destination)
     async with Probe.running(
         address=state.node(gateway).data_ip,
         port=port,
@@ -93,7 +97,9 @@ async def migrate_probed(
         netns=state.device_host.netns,
     ) as probe:
         # Answers before the window bound it from below; without them the downtime is None.
-        await _wait_answer(probe, -math.inf, LEAD_TIMEOUT_S)
+        if not await _wait_answer(probe, -math.inf, LEAD_TIMEOUT_S) and gateway != source:
+            probe.retarget(state.node(source).data_ip)
+            await _wait_answer(probe, -math.inf, LEAD_TIMEOUT_S)
         doc = await request_migration(service, destination, technique, **request)
         record = MigrationRecord.model_validate(doc)
         end = record.finished_at - probe.timeline().wall_offset_s

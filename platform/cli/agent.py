@@ -97,7 +97,7 @@ def _summary(record: dict[str, Any]) -> str:
         )
     if record.get("error"):
         rows.append(("error", f"{record['error']} (in {record.get('failed_phase')})"))
-    return "\n".join(f"{k:>14}: {v}" for k, v in rows)
+    return "\n".join(f"{k:>15}: {v}" for k, v in rows)
 
 
 async def _migrate_probed(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
