@@ -3,8 +3,10 @@
 For each link profile (Table 2) the testbed is brought up with two fog nodes, the sensor service
 is deployed with the configured state and each dirty rate, and each technique moves it between
 the nodes (alternating direction) while it keeps dirtying memory; every record is printed and
-appended to a CSV. Cold migration is also compared with its physical floor: the time the link
-needs for the bytes moved (state bytes / link rate).
+appended to a CSV. A probe device pings the service through a gateway during every migration
+(``probe_hz``, 0: none), so each record also holds the downtime a device saw, and its requests go
+to ``<migration id>.probe.csv`` beside the records. Cold migration is also compared with its
+physical floor: the time the link needs for the bytes moved (state bytes / link rate).
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from fogmig.device_sim.probe import ProbeSettings, write_csv
 from fogmig.platform.agent.launcher import agents_down, agents_up
 from fogmig.platform.agent.remote import request_migration
+from fogmig.platform.apps.probed import migrate_probed
 from fogmig.platform.migration.record import TECHNIQUES, MigrationRecord, save_record
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.profiles import LinkProfile, load_profile
@@ -45,6 +49,8 @@ class ExperimentPlan:
     out: Path = Path("results/paper")
     service: str = "bench"
     port: int = 5690
+    probe_hz: float = 20.0
+    """Rate of the probe device during every migration; 0: no probe."""
     records: list[MigrationRecord] = field(default_factory=list)
 
 
@@ -98,9 +104,16 @@ async def _run_configuration(
                 there = nodes[1] if here == nodes[0] else nodes[0]
                 console.print(f"[bold]{config}[/] {technique}: {here} -> {there}")
                 started = time.monotonic()
-                doc = await request_migration(plan.service, there, technique)
-                # Derived totals in the document are recomputed, not read back.
-                record = MigrationRecord.model_validate(doc)
+                if plan.probe_hz > 0:
+                    settings = ProbeSettings(rate_hz=plan.probe_hz)
+                    record, timeline = await migrate_probed(
+                        plan.service, there, technique, settings=settings
+                    )
+                    write_csv(timeline, plan.out / config / f"{record.migration_id}.probe.csv")
+                else:
+                    doc = await request_migration(plan.service, there, technique)
+                    # Derived totals in the document are recomputed, not read back.
+                    record = MigrationRecord.model_validate(doc)
                 record.link_rate_bit_per_s = link.rate_mbit * 1e6
                 record.link_rtt_s = link.rtt_ms / 1000
                 record.dirty_rate_bytes_per_s = dirty_kbps * 1024
@@ -116,7 +129,8 @@ async def _run_configuration(
 def _print_record(config: str, r: MigrationRecord, wall: float) -> None:
     floor = link_floor_s(r)
     console.print(
-        f"  {r.outcome.value}: total {r.total_time_s:.2f} s, downtime {r.downtime_s:.2f} s, "
+        f"  {r.outcome.value}: total {r.total_time_s:.2f} s, downtime {r.downtime_s:.2f} s"
+        f" (device {_s(r.device_downtime_s)}), "
         f"pre-dump {r.pre_dump_bytes / 1e6:.2f} MB, dump {r.dump_bytes / 1e6:.2f} MB, "
         f"faulted {r.faulted_pages_bytes / 1e6:.2f} MB, rounds {len(r.rounds)}, wall {wall:.1f} s"
         + (f", cold/floor {r.total_time_s / floor:.2f}" if r.technique == "cold" and floor else "")
@@ -125,12 +139,26 @@ def _print_record(config: str, r: MigrationRecord, wall: float) -> None:
         console.print(f"  [red]{r.error}[/]")
 
 
+def _s(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} s"
+
+
+def device_downtime(r: MigrationRecord) -> str:
+    """The probe's downtime and how many of its requests the window lost (``-``: no probe,
+    ``?``: the probe did not see the service on both sides of the migration)."""
+    if r.probe_rate_hz is None:
+        return "-"
+    seen = "?" if r.device_downtime_s is None else f"{r.device_downtime_s:.2f}"
+    return f"{seen} ({r.probe_lost}/{r.probe_sent} lost)"
+
+
 def summary_table(records: Sequence[MigrationRecord]) -> Table:
     table = Table(title="migrations")
     for col in (
         "technique",
         "total s",
         "downtime s",
+        "device downtime s",
         "pre-dump MB",
         "dump MB",
         "faulted MB",
@@ -144,6 +172,7 @@ def summary_table(records: Sequence[MigrationRecord]) -> Table:
             r.technique,
             f"{r.total_time_s:.2f}",
             f"{r.downtime_s:.2f}",
+            device_downtime(r),
             f"{r.pre_dump_bytes / 1e6:.2f}",
             f"{r.dump_bytes / 1e6:.2f}",
             f"{r.faulted_pages_bytes / 1e6:.2f}",

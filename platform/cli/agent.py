@@ -85,9 +85,34 @@ def _summary(record: dict[str, Any]) -> str:
         ),
         ("rounds", str(len(record.get("rounds", [])))),
     ]
+    if record.get("probe_rate_hz") is not None:
+        seen = record.get("device_downtime_s")
+        rows.append(("device downtime", "-" if seen is None else f"{seen:.3f} s"))
+        rows.append(
+            (
+                "probe",
+                f"{record.get('probe_sent')} sent, {record.get('probe_answered')} answered, "
+                f"{record.get('probe_lost')} lost at {record['probe_rate_hz']:g} Hz",
+            )
+        )
     if record.get("error"):
         rows.append(("error", f"{record['error']} (in {record.get('failed_phase')})"))
-    return "\n".join(f"{k:>14}: {v}" for k, v in rows)
+    return "\n".join(f"{k:>15}: {v}" for k, v in rows)
+
+
+async def _migrate_probed(args: argparse.Namespace, request: dict[str, Any]) -> dict[str, Any]:
+    from fogmig.device_sim.probe import ProbeSettings
+    from fogmig.platform.apps.probed import migrate_probed
+
+    record, _ = await migrate_probed(
+        args.service,
+        args.to,
+        args.technique,
+        settings=ProbeSettings(rate_hz=args.probe_hz),
+        csv_path=args.probe_csv,
+        **request,
+    )
+    return record.model_dump(mode="json")
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -106,16 +131,17 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             total = msg.bytes_total or None
             bar.update(task, description=msg.phase, completed=msg.bytes_done, total=total)
 
-        record = run_async(
-            lambda: request_migration(
-                args.service,
-                args.to,
-                args.technique,
-                compression=args.compression,
-                max_rounds=args.max_rounds,
-                on_progress=show,
+        request: dict[str, Any] = {
+            "compression": args.compression,
+            "max_rounds": args.max_rounds,
+            "on_progress": show,
+        }
+        if args.probe:
+            record = run_async(lambda: _migrate_probed(args, request))
+        else:
+            record = run_async(
+                lambda: request_migration(args.service, args.to, args.technique, **request)
             )
-        )
     if args.json:
         print(json.dumps(record, indent=2))
     else:
@@ -147,4 +173,12 @@ def register(sub: Any) -> None:
     p.add_argument("--compression", action="store_true", help="zlib on the state transfer")
     p.add_argument("--max-rounds", type=int, default=None, help="pre-copy rounds at most")
     p.add_argument("--json", action="store_true", help="print the migration record as JSON")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="ping the service from the device host through a gateway during the migration "
+        "and report the downtime a device sees",
+    )
+    p.add_argument("--probe-hz", type=float, default=20.0, metavar="HZ", help="probe rate")
+    p.add_argument("--probe-csv", type=Path, metavar="FILE", help="write the probe's requests")
     p.set_defaults(func=_cmd_migrate)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from fogmig.device_sim.probe import MAX_RATE_HZ
 from fogmig.experiments.paper import (
     PAPER_CONFIGURATIONS,
     ExperimentPlan,
@@ -29,7 +30,11 @@ def _cmd(args: argparse.Namespace) -> int:
         state_mb=args.state_mb,
         repeat=args.repeat,
         out=Path(args.out),
+        probe_hz=args.probe_hz,
     )
+    if not 0 <= args.probe_hz <= MAX_RATE_HZ:
+        console.print(f"[red]--probe-hz must be between 0 and {MAX_RATE_HZ:g}[/]")
+        return 2
     for c in plan.configurations:
         if c not in PAPER_CONFIGURATIONS:
             console.print(f"[red]unknown configuration {c}; use A, B, C, D[/]")
@@ -51,5 +56,12 @@ def register(sub: Any) -> None:
     p.add_argument("--state-mb", type=int, default=75)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", default="results/paper")
+    p.add_argument(
+        "--probe-hz",
+        type=float,
+        default=20.0,
+        metavar="HZ",
+        help="a probe device pings the service at this rate during every migration (0: none)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import time
 from enum import StrEnum
 from pathlib import Path
 from typing import Literal
@@ -90,6 +91,15 @@ class MigrationRecord(BaseModel):
     finished_at: float = 0.0
     phases: list[PhaseTimestamp] = Field(default_factory=list)
 
+    # What a probe device saw from started_at to finished_at; None: no probe ran.
+    device_downtime_s: float | None = Field(
+        default=None, description="longest gap between the probe's answers, minus its interval"
+    )
+    probe_rate_hz: float | None = None
+    probe_sent: int | None = Field(default=None, description="probe requests sent in the window")
+    probe_answered: int | None = None
+    probe_lost: int | None = None
+
     @computed_field  # type: ignore[prop-decorator]
     @property
     def total_time_s(self) -> float:
@@ -142,6 +152,12 @@ def save_record(record: MigrationRecord, directory: Path) -> Path:
     path.write_text(record.to_json())
     row = record.csv_row()
     csv_path = directory / "migrations.csv"
+    if csv_path.exists():
+        with csv_path.open(newline="") as fh:
+            header = next(csv.reader(fh), None)
+        if header != list(row):
+            # Written with other columns (by an older fogmig): kept aside, not misaligned.
+            csv_path.replace(directory / f"migrations-{time.strftime('%Y%m%dT%H%M%S')}.csv")
     new = not csv_path.exists()
     with csv_path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(row))

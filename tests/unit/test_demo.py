@@ -28,7 +28,16 @@ def test_options_defaults_and_limits(tmp_path: Path) -> None:
         "orchestration",
         8,
     )
-    for bad in ({"nodes": 1}, {"devices": 0}, {"duration_s": 5.0}, {"state_mb": -1}):
+    assert o.probe_hz == 20.0
+    assert DemoOptions(out=tmp_path, probe_hz=0).probe_hz == 0  # no probes
+    for bad in (
+        {"nodes": 1},
+        {"devices": 0},
+        {"duration_s": 5.0},
+        {"state_mb": -1},
+        {"probe_hz": -1.0},
+        {"probe_hz": 1000.0},
+    ):
         with pytest.raises(ConfigError):
             DemoOptions(out=tmp_path, **bad)
 

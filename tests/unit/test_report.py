@@ -12,6 +12,7 @@ import pytest
 from rich.console import Console
 
 from fogmig.device_sim.events import ContinuityCheck, Outcome, RequestKind, RequestRecord, Roam
+from fogmig.device_sim.observed import ProbeRecord, ProbeTimeline
 from fogmig.platform.apps.demo.report import (
     DOWNTIME_DIV,
     TIMELINE_DIV,
@@ -117,14 +118,45 @@ def check(
     )  # fmt: skip
 
 
+def probe_run(down: tuple[float, float] = (10.5, 11.5)) -> ProbeTimeline:
+    """s0's probe at 20 Hz for 30 s (monotonic 0 is T0 on the wall clock), sending at
+    0.01 s past each beat; requests sent while the service is ``down`` get no answer."""
+    records = []
+    for i in range(600):
+        t = i * 0.05 + 0.01
+        dead = down[0] <= t < down[1]
+        records.append(
+            ProbeRecord(
+                seq=i + 1,
+                address="10.79.0.1",
+                sent_at=t,
+                answered_at=None if dead else t + 0.002,
+                outcome=Outcome.TIMEOUT if dead else Outcome.OK,
+                code="" if dead else "2.05",
+            )
+        )
+    return ProbeTimeline(
+        address="10.79.0.1",
+        port=5700,
+        path="ping",
+        interval_s=0.05,
+        timeout_s=1.0,
+        started_at=0.01,
+        stopped_at=30.0,
+        wall_offset_s=T0,
+        records=tuple(records),
+    )
+
+
 def summary_of(
     events: list[dict[str, Any]],
     dones: list[MigrationDone],
     checks: list[ContinuityCheck],
     records: list[RequestRecord],
+    probes: dict[str, ProbeTimeline] | None = None,
 ) -> DemoSummary:
     decisions = decision_rows(events)
-    migrations = migration_rows(dones, decisions, records, DEVICES)
+    migrations = migration_rows(dones, decisions, records, DEVICES, probes=probes)
     continuity = continuity_totals(checks, DEVICES)
     found = problems(
         decisions=decisions,
@@ -140,7 +172,7 @@ def summary_of(
         profile="orchestration (72.41 Mbit/s, 6.94 ms RTT)",
         nodes=["gw1", "gw2"],
         devices=DEVICES,
-        options={},
+        options={"probe_hz": 20.0} if probes else {},
         decisions=decisions,
         migrations=migrations,
         requests=request_totals(records, checks),
@@ -153,7 +185,7 @@ def summary_of(
     )
 
 
-def good_run() -> tuple[DemoSummary, list[RequestRecord]]:
+def good_run(*, probed: bool = False) -> tuple[DemoSummary, list[RequestRecord]]:
     events = [
         decision_event("c1"),
         {"event": "accepted", "command_id": "c1"},
@@ -161,7 +193,8 @@ def good_run() -> tuple[DemoSummary, list[RequestRecord]]:
     ]
     records = timeline()
     checks = [check("d0", 29.5), check("d1", 29.6)]
-    return summary_of(events, [done("c1")], checks, records), records
+    probes = {"s0": probe_run(), "s1": probe_run(down=(0.0, 0.0))} if probed else None
+    return summary_of(events, [done("c1")], checks, records, probes), records
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -186,6 +219,34 @@ def test_results_join_decision_record_and_device_view() -> None:
     r = summary.requests
     assert (r.sent, r.ok, r.failed, r.timeouts) == (60, 57, 3, 3)
     assert r.p50_ms == pytest.approx(4.0)
+
+
+def test_the_probe_view_of_a_migration() -> None:
+    summary, _ = good_run(probed=True)
+    (m,) = summary.migrations
+    assert m.probe is not None
+    # Migration 10.2..11.9 s; pings sent in [10.5, 11.5) went unanswered: the last answer
+    # before came at 10.462, the first after at 11.512, a 1.05 s gap at 20 Hz.
+    assert m.probe.downtime_s == pytest.approx(1.0)
+    assert m.probe.rate_hz == pytest.approx(20.0)
+    # Sent 10.21 .. 11.86 (34), of them 10.51 .. 11.46 (20) lost.
+    assert (m.probe.sent, m.probe.answered, m.probe.lost) == (34, 14, 20)
+    # The devices' own view of the same migration is untouched by the probe.
+    assert m.observed_downtime_s == {"d0": pytest.approx(4.0)}
+    assert summary.ok
+
+
+def test_a_migration_without_a_probe_or_not_bracketed_by_it() -> None:
+    summary, _ = good_run()
+    assert summary.migrations[0].probe is None
+    # The probe never saw the service answer after the migration: no bound, so None.
+    records, checks = timeline(), [check("d0", 29.5), check("d1", 29.6)]
+    events = [decision_event("c1"), {"event": "accepted", "command_id": "c1"}]
+    s = summary_of(events, [done("c1")], checks, records, {"s0": probe_run(down=(10.5, 31.0))})
+    probe = s.migrations[0].probe
+    assert probe is not None
+    assert probe.downtime_s is None
+    assert probe.sent == probe.lost + probe.answered == 34
 
 
 def test_verdict_fails_on_rollback_mismatch_and_unfinished() -> None:
@@ -231,7 +292,13 @@ def test_migrations_csv(tmp_path: Path) -> None:
     header, row = path.read_text().splitlines()
     assert header.startswith("migration_id,service,source,destination,technique")
     assert row.startswith("m-c1,s0,gw1,gw2,precopy,mobility,completed")
-    assert ",0.35,0.42,4.0," in row
+    assert ",0.35,0.42,4.0,,,," in row
+    summary, _ = good_run(probed=True)
+    write_migrations_csv(path, summary.migrations)
+    header, row = path.read_text().splitlines()
+    assert ",downtime_s,observed_downtime_s,probe_downtime_s,probe_sent,probe_lost," in header
+    assert ",0.35,0.42,4.0,1.0" in row
+    assert ",34,20," in row
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -273,6 +340,16 @@ def test_report_has_plots_tables_and_no_cdn(tmp_path: Path) -> None:
         assert needle in text, needle
     assert "<script>alert(1)</script>" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    # No probe ran: no probe bars, a dash in its column.
+    assert '"name":"observed (probe)"' not in text
+
+
+def test_report_shows_the_probe_beside_node_and_devices() -> None:
+    summary, records = good_run(probed=True)
+    text = render_report(ReportInput(summary=summary, records=records))
+    for name in ("measured (node)", "observed (probe)", "observed (device)"):
+        assert f'"name":"{name}"' in text, name
+    assert "1.00 s (20/34 lost)" in text
 
 
 def test_report_of_a_failed_run_without_migrations() -> None:
@@ -294,6 +371,13 @@ def test_summary_renderable_says_why_a_run_failed() -> None:
     assert "PASSED" in text
     assert "precopy" in text
     assert "d0 4.00 s" in text
+    assert "probe:" not in text
+    probed, _ = good_run(probed=True)
+    console = Console(record=True, width=250)
+    console.print(summary_renderable(probed))
+    text = console.export_text()
+    assert "1.00 s, 20 lost" in text
+    assert "20 Hz pings" in text
     failed = summary.model_copy(update={"ok": False, "problems": ["no migration completed"]})
     console = Console(record=True, width=200)
     console.print(summary_renderable(failed))

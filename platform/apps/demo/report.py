@@ -70,6 +70,10 @@ def fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
+def probe_downtime(m: MigrationRow) -> float | None:
+    return m.probe.downtime_s if m.probe else None
+
+
 def worst_observed(m: MigrationRow) -> float | None:
     seen = [v for v in m.observed_downtime_s.values() if v is not None]
     return max(seen) if seen else None
@@ -169,7 +173,8 @@ def timeline_figure(data: ReportInput) -> Any:
 
 
 def downtime_figure(migrations: Sequence[MigrationRow]) -> Any:
-    """Predicted, platform-measured and device-observed downtime of every migration."""
+    """Predicted, platform-measured, probe-observed and device-observed downtime of every
+    migration."""
     import plotly.graph_objects as go
 
     labels = [
@@ -180,11 +185,15 @@ def downtime_figure(migrations: Sequence[MigrationRow]) -> Any:
     for name, values in (
         ("predicted", [m.predicted_downtime_s for m in migrations]),
         ("measured (node)", [m.downtime_s for m in migrations]),
+        ("observed (probe)", [probe_downtime(m) for m in migrations]),
         ("observed (device)", [worst_observed(m) for m in migrations]),
     ):
+        if name == "observed (probe)" and not any(m.probe for m in migrations):
+            continue
         fig.add_trace(go.Bar(name=name, x=labels, y=values))
     fig.update_layout(
-        title="Downtime per migration: predicted, measured by the node, observed by the device",
+        title="Downtime per migration: predicted, measured by the node, observed by a probe "
+        "and by the devices",
         barmode="group",
         yaxis_title="seconds",
         height=420,
@@ -230,6 +239,12 @@ def _summary_section(s: DemoSummary) -> str:
     return out
 
 
+def _probe_cell(m: MigrationRow) -> str:
+    if m.probe is None:
+        return "-"
+    return f"{fmt_s(m.probe.downtime_s)} ({m.probe.lost}/{m.probe.sent} lost)"
+
+
 def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
     headers = [
         "#",
@@ -241,6 +256,7 @@ def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
         "outcome",
         "downtime predicted",
         "downtime measured",
+        "downtime probe",
         "downtime observed",
         "total predicted",
         "total measured",
@@ -264,6 +280,7 @@ def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
                 _t(outcome, outcome_cls),
                 _t(fmt_s(m.predicted_downtime_s), "num"),
                 _t(fmt_s(m.downtime_s), "num"),
+                _t(_probe_cell(m), "num"),
                 _t(seen, "num"),
                 _t(fmt_s(m.predicted_total_time_s), "num"),
                 _t(fmt_s(m.total_time_s), "num"),
@@ -352,9 +369,11 @@ def render_report(data: ReportInput) -> str:
         "<h2>Migrations</h2>",
         migrations_table(s.migrations, t0),
         '<p class="muted">Downtime measured: the node\'s (dump + dump transfer + resume). '
-        "Observed: the longest gap between acknowledged readings around the migration, as "
-        f"the device saw it; readings go out every {_e(_interval(s))}, so that spacing "
-        "means no visible interruption.</p>",
+        "Probe: the longest gap between answers to a probe device's pings of the service "
+        "through its device's gateway, minus one ping interval, with the pings lost during "
+        "the migration. Observed: the longest gap between acknowledged readings around the "
+        f"migration, as the device saw it; readings go out every {_e(_interval(s))}, so that "
+        "spacing means no visible interruption.</p>",
         downtime,
         "<h2>Controller decisions</h2>",
         decisions_table(s.decisions, t0),

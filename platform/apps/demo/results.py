@@ -1,8 +1,8 @@
 """What a ``fogmig demo`` run produced, as plain values: decisions, migrations, requests, checks.
 
-Pure functions over the controller's events, the nodes' migration records and the devices'
-requests and continuity checks; the demo, its report and its tests all read the same
-:class:`DemoSummary`, whose ``problems`` decide the exit code.
+Pure functions over the controller's events, the nodes' migration records, the devices'
+requests and continuity checks and the probes' timelines; the demo, its report and its tests
+all read the same :class:`DemoSummary`, whose ``problems`` decide the exit code.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestRecord
+from fogmig.device_sim.observed import ProbeTimeline
 from fogmig.device_sim.timeline import observed_downtime, percentile
 from fogmig.platform.bus.schemas import MigrationDone
 
@@ -44,6 +45,18 @@ class DecisionRow(_Model):
     ``lost`` or ``unfinished``."""
 
 
+class ProbeSeen(_Model):
+    """What the service's probe device saw from a migration's start to its finish."""
+
+    downtime_s: float | None
+    """Longest gap between the probe's answers overlapping the migration, minus one probe
+    interval; None when the probe did not see the service up on both sides."""
+    rate_hz: float
+    sent: int
+    answered: int
+    lost: int
+
+
 class MigrationRow(_Model):
     """One migration a node ran, predicted against measured against what the devices saw."""
 
@@ -68,6 +81,8 @@ class MigrationRow(_Model):
     transferred_bytes: float | None
     observed_downtime_s: dict[str, float | None]
     """Per device of the service: longest gap between good answers around the migration."""
+    probe: ProbeSeen | None = None
+    """What the service's probe saw (None: no probe ran for it)."""
 
 
 class RequestTotals(_Model):
@@ -175,12 +190,15 @@ def migration_rows(
     decisions: Sequence[DecisionRow],
     records: Sequence[RequestRecord],
     devices: Mapping[str, str],
+    probes: Mapping[str, ProbeTimeline] | None = None,
 ) -> list[MigrationRow]:
     """One row per finished migration of the demo's services, in the order they started.
 
     ``devices`` maps each device to its service; the device-observed downtime of a migration
-    comes from the requests of the devices that use the migrated service.
+    comes from the requests of the devices that use the migrated service, the probe's from
+    ``probes`` (service -> its probe's timeline).
     """
+    probes = probes or {}
     by_command = {d.command_id: d for d in decisions}
     by_device: dict[str, list[RequestRecord]] = {name: [] for name in devices}
     for r in records:
@@ -220,10 +238,25 @@ def migration_rows(
                 total_time_s=_num(rec.get("total_time_s")),
                 transferred_bytes=_num(rec.get("transferred_bytes")),
                 observed_downtime_s=observed,
+                probe=probe_seen(probes.get(msg.service), started, finished),
             )
         )
     rows.sort(key=lambda m: m.started_at)
     return rows
+
+
+def probe_seen(timeline: ProbeTimeline | None, start: float, end: float) -> ProbeSeen | None:
+    """The probe's view of the window ``[start, end]`` (UNIX times)."""
+    if timeline is None or end < start:
+        return None
+    seen = timeline.window_wall(start, end)
+    return ProbeSeen(
+        downtime_s=None if seen.downtime_s is None else round(seen.downtime_s, 6),
+        rate_hz=round(1.0 / timeline.interval_s, 6),
+        sent=seen.sent,
+        answered=seen.answered,
+        lost=seen.lost,
+    )
 
 
 def request_totals(
@@ -327,6 +360,9 @@ MIGRATION_CSV_FIELDS = (
     "predicted_downtime_s",
     "downtime_s",
     "observed_downtime_s",
+    "probe_downtime_s",
+    "probe_sent",
+    "probe_lost",
     "predicted_total_time_s",
     "total_time_s",
     "predicted_bytes",
@@ -336,7 +372,8 @@ MIGRATION_CSV_FIELDS = (
 
 
 def write_migrations_csv(path: Path, rows: Sequence[MigrationRow]) -> None:
-    """One row per migration; the observed downtime is the worst over the service's devices."""
+    """One row per migration; the observed downtime is the worst over the service's devices,
+    the probe's columns are empty where no probe ran."""
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MIGRATION_CSV_FIELDS)
         writer.writeheader()
@@ -344,4 +381,7 @@ def write_migrations_csv(path: Path, rows: Sequence[MigrationRow]) -> None:
             seen = [v for v in m.observed_downtime_s.values() if v is not None]
             row = m.model_dump(include=set(MIGRATION_CSV_FIELDS) - {"observed_downtime_s"})
             row["observed_downtime_s"] = max(seen) if seen else None
+            row["probe_downtime_s"] = m.probe.downtime_s if m.probe else None
+            row["probe_sent"] = m.probe.sent if m.probe else None
+            row["probe_lost"] = m.probe.lost if m.probe else None
             writer.writerow({k: "" if v is None else v for k, v in row.items()})

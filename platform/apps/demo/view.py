@@ -30,7 +30,7 @@ from fogmig.device_sim.events import (
     RequestRecord,
     Roam,
 )
-from fogmig.platform.apps.demo.results import DemoSummary
+from fogmig.platform.apps.demo.results import DemoSummary, MigrationRow
 from fogmig.platform.bus.schemas import NodeStatus
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 
@@ -377,6 +377,12 @@ def _s(value: float | None) -> str:
     return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
 
 
+def _probe(m: MigrationRow) -> str:
+    if m.probe is None:
+        return "-"
+    return f"{_s(m.probe.downtime_s)}, {m.probe.lost} lost"
+
+
 def summary_renderable(summary: DemoSummary) -> RenderableType:
     """The end-of-run summary: migrations (technique, why, downtime predicted against measured
     against observed), requests, continuity checks, the verdict."""
@@ -390,6 +396,7 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
         "outcome",
         "downtime predicted",
         "measured",
+        "probe",
         "observed by device",
         "total",
         "sent",
@@ -407,6 +414,7 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
             outcome,
             _s(m.predicted_downtime_s),
             _s(m.downtime_s),
+            _probe(m),
             seen,
             _s(m.total_time_s),
             "-" if m.transferred_bytes is None else _mb(m.transferred_bytes),
@@ -437,9 +445,18 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
     else:
         verdict = Text("FAILED: " + "; ".join(summary.problems), "bold red")
     interval = summary.options.get("interval_s", 1.0)
+    probe_hz = summary.options.get("probe_hz") or 0
+    probe = (
+        f"; probe: the longest gap between answers to a device's {probe_hz:g} Hz pings "
+        "through its gateway, minus one interval (requests lost in the migration)"
+        if probe_hz
+        else ""
+    )
     note = Text(
-        "measured: the node's downtime (dump + transfer + resume); observed: the longest gap "
-        f"between acknowledged readings around the migration (one reading every {interval} s)",
+        "measured: the node's downtime (dump + transfer + resume)"
+        + probe
+        + "; observed: the longest gap between acknowledged readings around the migration "
+        f"(one reading every {interval} s)",
         style="dim",
     )
     parts: list[RenderableType] = [t, note, why, lines]
