@@ -15,8 +15,8 @@ from fogmig.device_sim.events import (
     ContinuityCheck,
     MigrationSeen,
     Outage,
-    Outcome,
     RequestKind,
+    RequestOutcome,
     RequestRecord,
     Roam,
 )
@@ -129,12 +129,12 @@ def request_stats(records: Iterable[RequestRecord]) -> RequestStats:
     posts = [r for r in records if r.request is RequestKind.POST]
     ok = [r for r in posts if r.ok]
     latencies = [r.latency_s * 1000 for r in ok]
-    errors = Counter(r.code for r in posts if r.outcome is Outcome.ERROR)
+    errors = Counter(r.code for r in posts if r.outcome is RequestOutcome.ERROR)
     return RequestStats(
         requests=len(posts),
         ok=len(ok),
         failed=len(posts) - len(ok),
-        timeouts=sum(1 for r in posts if r.outcome is Outcome.TIMEOUT),
+        timeouts=sum(1 for r in posts if r.outcome is RequestOutcome.TIMEOUT),
         errors=dict(sorted(errors.items())),
         retries=sum(1 for r in posts if r.attempt > 1),
         duplicates=sum(1 for r in ok if r.applied is False),

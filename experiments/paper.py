@@ -19,7 +19,8 @@ from rich.table import Table
 
 from fogmig.platform.agent.launcher import agents_down, agents_up
 from fogmig.platform.agent.remote import request_migration
-from fogmig.platform.migration.record import TECHNIQUES, MigrationRecord, save_record
+from fogmig.platform.base.vocabulary import Outcome, Technique
+from fogmig.platform.migration.record import MigrationRecord, save_record
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.profiles import LinkProfile, load_profile
 from fogmig.platform.testbed.state import exclusive_use
@@ -39,7 +40,7 @@ PAPER_CONFIGURATIONS = {
 @dataclass(slots=True)
 class ExperimentPlan:
     configurations: Sequence[str] = ("A", "B", "C", "D")
-    techniques: Sequence[str] = TECHNIQUES
+    techniques: Sequence[Technique] = tuple(Technique)
     state_mb: int = 75
     repeat: int = 1
     out: Path = Path("results/paper")
@@ -98,16 +99,14 @@ async def _run_configuration(
                 there = nodes[1] if here == nodes[0] else nodes[0]
                 console.print(f"[bold]{config}[/] {technique}: {here} -> {there}")
                 started = time.monotonic()
-                doc = await request_migration(plan.service, there, technique)
-                # Derived totals in the document are recomputed, not read back.
-                record = MigrationRecord.model_validate(doc)
+                record = await request_migration(plan.service, there, technique)
                 record.link_rate_bit_per_s = link.rate_mbit * 1e6
                 record.link_rtt_s = link.rtt_ms / 1000
                 record.dirty_rate_bytes_per_s = dirty_kbps * 1024
                 plan.records.append(record)
                 save_record(record, plan.out / config)
                 _print_record(config, record, time.monotonic() - started)
-                if record.outcome.value == "completed":
+                if record.outcome is Outcome.COMPLETED:
                     here = there
     finally:
         await undeploy(plan.service)
@@ -119,7 +118,11 @@ def _print_record(config: str, r: MigrationRecord, wall: float) -> None:
         f"  {r.outcome.value}: total {r.total_time_s:.2f} s, downtime {r.downtime_s:.2f} s, "
         f"pre-dump {r.pre_dump_bytes / 1e6:.2f} MB, dump {r.dump_bytes / 1e6:.2f} MB, "
         f"faulted {r.faulted_pages_bytes / 1e6:.2f} MB, rounds {len(r.rounds)}, wall {wall:.1f} s"
-        + (f", cold/floor {r.total_time_s / floor:.2f}" if r.technique == "cold" and floor else "")
+        + (
+            f", cold/floor {r.total_time_s / floor:.2f}"
+            if r.technique is Technique.COLD and floor
+            else ""
+        )
     )
     if r.error:
         console.print(f"  [red]{r.error}[/]")

@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fogmig.platform.base.vocabulary import NodeCapabilities, Technique
 from fogmig.policies.conditions import (
     LinkConditions,
     Metric,
-    NodeCapabilities,
     Objective,
     PrecopyStopRules,
     ServiceConditions,
-    Technique,
 )
 from fogmig.policies.costmodel import CostConstants, Prediction, predict_all
 from fogmig.policies.rules import Recommendation, RuleThresholds, recommend
@@ -82,7 +81,7 @@ def feasible_techniques(
     excluded: dict[Technique, str] = {}
     if missing:
         why = f"needs userfaultfd lazy pages on both nodes; missing on the {' and '.join(missing)}"
-        excluded = {Technique.POSTCOPY: why, Technique.HYBRID: why}
+        excluded = {t: why for t in Technique if t.lazy}
     return [t for t in Technique if t not in excluded], excluded
 
 

@@ -15,15 +15,13 @@ from typing import Any
 
 import numpy as np
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE, NodeCapabilities, Technique
 from fogmig.policies.conditions import (
-    PAGE_SIZE,
     InvalidConditionsError,
     LinkConditions,
-    NodeCapabilities,
     PrecopyStopRules,
     ServiceConditions,
     StopReason,
-    Technique,
 )
 
 GIB = float(1 << 30)
@@ -604,7 +602,7 @@ def fit_constants(
             dump_rows.append(([1.0, _gib(written), _gib(compared)], m.dump_time))
         if m.resume_time > 0:
             resume_rows.append(([1.0, _gib(eager), _gib(rebuilt)], m.resume_time))
-        if smp.technique.has_precopy_phase and m.pre_dump_time > 0:
+        if smp.technique.precopy_rounds and m.pre_dump_time > 0:
             n = max(1, smp.precopy_rounds)
             if native:
                 dump_rows.append(([float(n), _gib(m.pre_dump_bytes), 0.0], m.pre_dump_time))
@@ -640,7 +638,7 @@ def fit_constants(
     faults: list[int] = []
     for smp in items:
         m, link = smp.measured, smp.link
-        if not smp.technique.needs_lazy_pages or m.faulted_pages_bytes <= 0 or link.rtt_s <= 0:
+        if not smp.technique.lazy or m.faulted_pages_bytes <= 0 or link.rtt_s <= 0:
             continue
         stream = m.faulted_pages_bytes / (link.throughput_bytes_per_s * k_eff.throughput_efficiency)
         extra = m.faulted_pages_transfer_time - stream

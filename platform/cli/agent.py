@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,8 @@ from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.base.netns import running_in_netns
 from fogmig.platform.base.nodes import netns_name
+from fogmig.platform.base.vocabulary import Outcome, Technique
+from fogmig.platform.migration.record import MigrationRecord
 
 console = Console()
 
@@ -63,30 +64,28 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
-def _phase(record: dict[str, Any], name: str) -> str:
-    return (
-        f"{record[name + '_time_s']:.3f} s + transfer {record[name + '_transfer_time_s']:.3f} s,"
-        f" {record[name + '_bytes']:,} B"
-    )
+def _phase(time_s: float, transfer_time_s: float, nbytes: int) -> str:
+    return f"{time_s:.3f} s + transfer {transfer_time_s:.3f} s, {nbytes:,} B"
 
 
-def _summary(record: dict[str, Any]) -> str:
+def _summary(record: MigrationRecord) -> str:
+    r = record
     rows = [
-        ("technique", record["technique"]),
-        ("outcome", record["outcome"]),
-        ("total time", f"{record['total_time_s']:.3f} s"),
-        ("downtime", f"{record['downtime_s']:.3f} s"),
-        ("pre-dump", _phase(record, "pre_dump")),
-        ("dump", _phase(record, "dump")),
-        ("resume", f"{record['resume_time_s']:.3f} s"),
+        ("technique", r.technique.value),
+        ("outcome", r.outcome.value),
+        ("total time", f"{r.total_time_s:.3f} s"),
+        ("downtime", f"{r.downtime_s:.3f} s"),
+        ("pre-dump", _phase(r.pre_dump_time_s, r.pre_dump_transfer_time_s, r.pre_dump_bytes)),
+        ("dump", _phase(r.dump_time_s, r.dump_transfer_time_s, r.dump_bytes)),
+        ("resume", f"{r.resume_time_s:.3f} s"),
         (
             "faulted pages",
-            f"{record['faulted_pages_transfer_time_s']:.3f} s, {record['faulted_pages_bytes']:,} B",
+            f"{r.faulted_pages_transfer_time_s:.3f} s, {r.faulted_pages_bytes:,} B",
         ),
-        ("rounds", str(len(record.get("rounds", [])))),
+        ("rounds", str(len(r.rounds))),
     ]
-    if record.get("error"):
-        rows.append(("error", f"{record['error']} (in {record.get('failed_phase')})"))
+    if r.error:
+        rows.append(("error", f"{r.error} (in {r.failed_phase})"))
     return "\n".join(f"{k:>14}: {v}" for k, v in rows)
 
 
@@ -117,10 +116,10 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             )
         )
     if args.json:
-        print(json.dumps(record, indent=2))
+        print(record.model_dump_json(indent=2))
     else:
         console.print(_summary(record))
-    return 0 if record["outcome"] == "completed" else 1
+    return 0 if record.outcome is Outcome.COMPLETED else 1
 
 
 def register(sub: Any) -> None:
@@ -143,7 +142,7 @@ def register(sub: Any) -> None:
     p = sub.add_parser("migrate", help="migrate a running service to another node")
     p.add_argument("service")
     p.add_argument("--to", required=True, metavar="NODE")
-    p.add_argument("--technique", required=True, choices=["cold", "precopy", "postcopy", "hybrid"])
+    p.add_argument("--technique", required=True, type=Technique, choices=list(Technique))
     p.add_argument("--compression", action="store_true", help="zlib on the state transfer")
     p.add_argument("--max-rounds", type=int, default=None, help="pre-copy rounds at most")
     p.add_argument("--json", action="store_true", help="print the migration record as JSON")

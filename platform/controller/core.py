@@ -15,6 +15,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.vocabulary import Outcome
 from fogmig.platform.bus.schemas import (
     DeviceAttach,
     MigrationDone,
@@ -32,7 +33,7 @@ from fogmig.platform.controller.actions import (
 from fogmig.platform.controller.config import OBJECTIVES, ControllerConfig, Trigger
 from fogmig.platform.controller.decide import decide_move
 from fogmig.platform.controller.registry import Registry
-from fogmig.platform.migration.record import Outcome
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.policies import placement
 
 _TRIGGERS: Final[dict[placement.MoveReason, Trigger]] = {
@@ -42,12 +43,12 @@ _TRIGGERS: Final[dict[placement.MoveReason, Trigger]] = {
 }
 
 
-def _measured(record: dict[str, Any]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for key in ("downtime_s", "total_time_s", "transferred_bytes"):
-        value = record.get(key)
-        out[key] = float(value) if isinstance(value, int | float) else None
-    return out
+def _measured(record: MigrationRecord) -> dict[str, float | None]:
+    return {
+        "downtime_s": record.downtime_s,
+        "total_time_s": record.total_time_s,
+        "transferred_bytes": float(record.transferred_bytes),
+    }
 
 
 def _compare(predicted: dict[str, Any], measured: dict[str, float | None]) -> dict[str, Any]:
@@ -187,9 +188,9 @@ class ControllerCore:
         service = msg.service
         f = self.inflight.get(service)
         mine = f is not None and f.command.command_id == msg.command_id
-        record: dict[str, Any] = dict(msg.record)
-        destination = f.destination if f is not None and mine else record.get("destination")
-        if msg.outcome is Outcome.COMPLETED and isinstance(destination, str):
+        record = msg.record
+        destination = f.destination if f is not None and mine else record.destination
+        if msg.outcome is Outcome.COMPLETED:
             self.registry.note_moved(service, destination, self._wall())
         self._recheck.add(service)
         measured = _measured(record)

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fogmig.platform.base.errors import BusError, ServiceError, UnknownNodeError
+from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome, Phase
 from fogmig.platform.bus.client import (
     Bus,
     CommandRejectedError,
@@ -43,7 +44,6 @@ from fogmig.platform.bus.schemas import (
     MigrateCommand,
     MigrationDone,
     MigrationProgress,
-    NodeCapabilities,
     NodeStatus,
     Rejection,
     SchemaError,
@@ -55,8 +55,6 @@ from fogmig.platform.bus.schemas import (
     reject,
     topics,
 )
-from fogmig.platform.migration.record import Outcome
-from fogmig.platform.migration.states import Phase
 from fogmig.platform.testbed.broker import CONTROLLER_USER, acl_rules, render_acl
 
 pytestmark = [

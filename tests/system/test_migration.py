@@ -18,7 +18,8 @@ import pytest
 
 from fogmig.platform.agent.launcher import agents_dir, agents_up
 from fogmig.platform.agent.remote import request_migration
-from fogmig.platform.migration.record import MigrationRecord, Outcome
+from fogmig.platform.base.vocabulary import Outcome, Technique
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.testbed.links import cut_link, restore_link
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.services.client import DeviceLedger, SensorClient, ServiceUnreachableError
@@ -104,8 +105,7 @@ async def service(
 
 
 async def migrate(name: str, to: str, technique: str, **kw: Any) -> MigrationRecord:
-    doc = await request_migration(name, to, technique, **kw)
-    return MigrationRecord.model_validate(doc)
+    return await request_migration(name, to, Technique(technique), **kw)
 
 
 async def running_on(name: str) -> list[str]:

@@ -8,17 +8,15 @@ import math
 
 import pytest
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE, NodeCapabilities, Technique
 from fogmig.policies.conditions import (
     MB,
-    PAGE_SIZE,
     PAPER_CONFIGURATIONS,
     InvalidConditionsError,
     LinkConditions,
-    NodeCapabilities,
     PrecopyStopRules,
     ServiceConditions,
     StopReason,
-    Technique,
 )
 from fogmig.policies.costmodel import (
     CalibrationSample,

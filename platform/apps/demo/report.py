@@ -17,14 +17,15 @@ from typing import Any
 
 from fogmig.device_sim.events import RequestKind, RequestRecord, Roam
 from fogmig.platform.apps.demo.results import DecisionRow, DemoSummary, MigrationRow
+from fogmig.platform.base.vocabulary import Technique
 
 TIMELINE_DIV = "fogmig-timeline"
 DOWNTIME_DIV = "fogmig-downtime"
-_TECHNIQUE_COLOURS = {
-    "cold": "#7f7f7f",
-    "precopy": "#1f77b4",
-    "postcopy": "#d62728",
-    "hybrid": "#9467bd",
+_TECHNIQUE_COLOURS: dict[Technique, str] = {
+    Technique.COLD: "#7f7f7f",
+    Technique.PRECOPY: "#1f77b4",
+    Technique.POSTCOPY: "#d62728",
+    Technique.HYBRID: "#9467bd",
 }
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict
 
 from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestRecord
 from fogmig.device_sim.timeline import observed_downtime, percentile
+from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.schemas import MigrationDone
 
 COMPLETED = "completed"
@@ -52,10 +53,10 @@ class MigrationRow(_Model):
     service: str
     source: str
     destination: str
-    technique: str
+    technique: Technique
     trigger: str
     reason: str
-    outcome: str
+    outcome: Outcome
     error: str | None
     started_at: float
     finished_at: float
@@ -192,8 +193,8 @@ def migration_rows(
             continue
         rec = msg.record
         decision = by_command.get(msg.command_id)
-        started = _num(rec.get("started_at")) or 0.0
-        finished = _num(rec.get("finished_at")) or started
+        started = rec.started_at
+        finished = rec.finished_at or started
         observed = {
             device: observed_downtime(by_device.get(device, []), start=started, end=finished)
             for device, service in sorted(devices.items())
@@ -204,21 +205,21 @@ def migration_rows(
                 migration_id=msg.migration_id,
                 command_id=msg.command_id,
                 service=msg.service,
-                source=_str(rec.get("source"), msg.node),
-                destination=_str(rec.get("destination")),
-                technique=_str(rec.get("technique")),
+                source=rec.source,
+                destination=rec.destination,
+                technique=rec.technique,
                 trigger=decision.trigger if decision else "manual",
                 reason=decision.reason if decision else "",
-                outcome=msg.outcome.value,
+                outcome=msg.outcome,
                 error=msg.error,
                 started_at=started,
                 finished_at=finished,
                 predicted_downtime_s=decision.predicted_downtime_s if decision else None,
                 predicted_total_time_s=decision.predicted_total_time_s if decision else None,
                 predicted_bytes=decision.predicted_bytes if decision else None,
-                downtime_s=_num(rec.get("downtime_s")),
-                total_time_s=_num(rec.get("total_time_s")),
-                transferred_bytes=_num(rec.get("transferred_bytes")),
+                downtime_s=rec.downtime_s,
+                total_time_s=rec.total_time_s,
+                transferred_bytes=rec.transferred_bytes,
                 observed_downtime_s=observed,
             )
         )
