@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import ConfigDict, Field
 
@@ -75,6 +75,9 @@ class Outcome(StrEnum):
     def terminal(self) -> bool:
         return self is not Outcome.RUNNING
 
+
+TerminalOutcome = Literal[Outcome.COMPLETED, Outcome.ROLLED_BACK, Outcome.FAILED_AFTER_COMMIT]
+"""How a migration that has ended ended (as a field type, it also accepts the plain names)."""
 
 CriuVersion = Annotated[str, Field(max_length=64)]
 

@@ -17,7 +17,7 @@ from typing import Any
 
 from fogmig.device_sim.events import RequestKind, RequestRecord, Roam
 from fogmig.platform.apps.demo.results import DecisionRow, DemoSummary, MigrationRow
-from fogmig.platform.base.vocabulary import Technique
+from fogmig.platform.base.vocabulary import Outcome, Technique
 
 TIMELINE_DIV = "fogmig-timeline"
 DOWNTIME_DIV = "fogmig-downtime"
@@ -199,7 +199,7 @@ def downtime_figure(migrations: Sequence[MigrationRow]) -> Any:
 
 def _summary_section(s: DemoSummary) -> str:
     verdict = '<span class="ok">PASSED</span>' if s.ok else '<span class="bad">FAILED</span>'
-    completed = sum(1 for m in s.migrations if m.outcome == "completed")
+    completed = sum(1 for m in s.migrations if m.outcome is Outcome.COMPLETED)
     r, c = s.requests, s.continuity
     rows = [
         ("verdict", verdict),
@@ -252,7 +252,7 @@ def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
     rows = []
     for i, m in enumerate(migrations):
         seen = ", ".join(f"{d} {fmt_s(v)}" for d, v in m.observed_downtime_s.items()) or "-"
-        outcome_cls = "ok" if m.outcome == "completed" else "bad"
+        outcome_cls = "ok" if m.outcome is Outcome.COMPLETED else "bad"
         outcome = m.outcome + (f": {m.error}" if m.error else "")
         rows.append(
             [
@@ -288,7 +288,7 @@ def decisions_table(decisions: Sequence[DecisionRow], t0: float) -> str:
             _t(d.technique),
             _t(d.trigger),
             _t(fmt_s(d.predicted_downtime_s), "num"),
-            _t(d.fate, "ok" if d.fate == "completed" else "bad"),
+            _t(d.fate, "ok" if d.fate == Outcome.COMPLETED else "bad"),
             _t(d.reason, "reason"),
         ]
         for d in decisions

@@ -14,12 +14,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestRecord
+from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestOutcome, RequestRecord
 from fogmig.device_sim.timeline import observed_downtime, percentile
 from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.schemas import MigrationDone
-
-COMPLETED = "completed"
 
 
 class _Model(BaseModel):
@@ -239,7 +237,7 @@ def request_totals(
         sent=len(posts),
         ok=len(ok),
         failed=len(posts) - len(ok),
-        timeouts=sum(1 for r in posts if r.outcome.value == "timeout"),
+        timeouts=sum(1 for r in posts if r.outcome is RequestOutcome.TIMEOUT),
         retries=sum(1 for r in posts if r.attempt > 1),
         lost_readings=max((c.lost for c in verified), default=0),
         doubled_readings=max((c.doubled for c in verified), default=0),
@@ -287,7 +285,7 @@ def problems(
     if interrupted:
         out.append("the run was interrupted")
     for m in migrations:
-        if m.outcome != COMPLETED:
+        if m.outcome is not Outcome.COMPLETED:
             out.append(
                 f"migration {m.migration_id} of {m.service} {m.source} -> {m.destination} "
                 f"({m.technique}) ended {m.outcome}" + (f": {m.error}" if m.error else "")
@@ -304,7 +302,7 @@ def problems(
     for e in controller_events:
         if e.get("event") == "gave_up":
             out.append(f"controller gave up: {e.get('message')}")
-    if not any(m.outcome == COMPLETED for m in migrations):
+    if not any(m.outcome is Outcome.COMPLETED for m in migrations):
         out.append("no migration completed")
     out += [f"continuity check failed: {f}" for f in continuity.failures]
     for device, good in sorted(continuity.final.items()):

@@ -31,6 +31,7 @@ from fogmig.device_sim.events import (
     Roam,
 )
 from fogmig.platform.apps.demo.results import DemoSummary
+from fogmig.platform.base.vocabulary import Outcome
 from fogmig.platform.bus.schemas import NodeStatus
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 
@@ -133,7 +134,7 @@ class DemoModel:
             case EventKind.DONE:
                 if service is not None and not data.get("foreign"):
                     self.migrating.pop(service, None)
-                if data.get("outcome") == "completed":
+                if data.get("outcome") == Outcome.COMPLETED:
                     self.completed += 1
                     line = (event.message, "green")
                 else:
@@ -397,7 +398,7 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
         t.add_column(col)
     for i, m in enumerate(summary.migrations):
         seen = ", ".join(f"{d} {_s(v)}" for d, v in m.observed_downtime_s.items()) or "-"
-        outcome = m.outcome if m.outcome == "completed" else f"[red]{m.outcome}[/]"
+        outcome = m.outcome if m.outcome is Outcome.COMPLETED else f"[red]{m.outcome}[/]"
         t.add_row(
             str(i + 1),
             m.service,
