@@ -19,6 +19,7 @@ from rich.table import Table
 
 from fogmig.platform.agent.launcher import agents_down, agents_up
 from fogmig.platform.agent.remote import request_migration
+from fogmig.platform.base import fmt
 from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.migration.record import MigrationRecord, save_record
 from fogmig.platform.testbed import lifecycle
@@ -115,9 +116,12 @@ async def _run_configuration(
 def _print_record(config: str, r: MigrationRecord, wall: float) -> None:
     floor = link_floor_s(r)
     console.print(
-        f"  {r.outcome.value}: total {r.total_time_s:.2f} s, downtime {r.downtime_s:.2f} s, "
-        f"pre-dump {r.pre_dump_bytes / 1e6:.2f} MB, dump {r.dump_bytes / 1e6:.2f} MB, "
-        f"faulted {r.faulted_pages_bytes / 1e6:.2f} MB, rounds {len(r.rounds)}, wall {wall:.1f} s"
+        f"  {r.outcome.value}: total {fmt.seconds(r.total_time_s, digits=2)}, "
+        f"downtime {fmt.seconds(r.downtime_s, digits=2)}, "
+        f"pre-dump {fmt.megabytes(r.pre_dump_bytes, digits=2)}, "
+        f"dump {fmt.megabytes(r.dump_bytes, digits=2)}, "
+        f"faulted {fmt.megabytes(r.faulted_pages_bytes, digits=2)}, rounds {len(r.rounds)}, "
+        f"wall {fmt.seconds(wall, digits=1)}"
         + (
             f", cold/floor {r.total_time_s / floor:.2f}"
             if r.technique is Technique.COLD and floor

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fogmig.platform.base import fmt
 from fogmig.platform.base.vocabulary import NodeCapabilities, Technique
 from fogmig.policies.conditions import (
     LinkConditions,
@@ -114,14 +115,10 @@ def _rank(
     return head + tail, tied
 
 
-def _fmt_s(x: float) -> str:
-    return f"{x:.1f} s" if x >= 1 else f"{x * 1000:.0f} ms"
-
-
 def _summary(p: Prediction) -> str:
     return (
-        f"{p.technique.value}: downtime {_fmt_s(p.downtime)}, total {_fmt_s(p.total_time)}, "
-        f"{p.transferred_bytes / 1e6:.1f} MB"
+        f"{p.technique.value}: downtime {fmt.duration(p.downtime, digits=1)}, "
+        f"total {fmt.duration(p.total_time, digits=1)}, {fmt.megabytes(p.transferred_bytes)}"
     )
 
 

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from fogmig.platform.agent.launcher import agent_argv, agents_down, agents_up
 from fogmig.platform.agent.remote import request_migration
+from fogmig.platform.base import fmt
 from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.base.netns import running_in_netns
@@ -65,7 +66,9 @@ def _cmd_agents(args: argparse.Namespace) -> int:
 
 
 def _phase(time_s: float, transfer_time_s: float, nbytes: int) -> str:
-    return f"{time_s:.3f} s + transfer {transfer_time_s:.3f} s, {nbytes:,} B"
+    return (
+        f"{fmt.seconds(time_s)} + transfer {fmt.seconds(transfer_time_s)}, {fmt.byte_count(nbytes)}"
+    )
 
 
 def _summary(record: MigrationRecord) -> str:
@@ -73,14 +76,15 @@ def _summary(record: MigrationRecord) -> str:
     rows = [
         ("technique", r.technique.value),
         ("outcome", r.outcome.value),
-        ("total time", f"{r.total_time_s:.3f} s"),
-        ("downtime", f"{r.downtime_s:.3f} s"),
+        ("total time", fmt.seconds(r.total_time_s)),
+        ("downtime", fmt.seconds(r.downtime_s)),
         ("pre-dump", _phase(r.pre_dump_time_s, r.pre_dump_transfer_time_s, r.pre_dump_bytes)),
         ("dump", _phase(r.dump_time_s, r.dump_transfer_time_s, r.dump_bytes)),
-        ("resume", f"{r.resume_time_s:.3f} s"),
+        ("resume", fmt.seconds(r.resume_time_s)),
         (
             "faulted pages",
-            f"{r.faulted_pages_transfer_time_s:.3f} s, {r.faulted_pages_bytes:,} B",
+            f"{fmt.seconds(r.faulted_pages_transfer_time_s)}, "
+            f"{fmt.byte_count(r.faulted_pages_bytes)}",
         ),
         ("rounds", str(len(r.rounds))),
     ]

@@ -17,6 +17,7 @@ from typing import Any
 
 from fogmig.device_sim.events import RequestKind, RequestRecord, Roam
 from fogmig.platform.apps.demo.results import DecisionRow, DemoSummary, MigrationRow
+from fogmig.platform.base import fmt
 from fogmig.platform.base.vocabulary import Outcome, Technique
 
 TIMELINE_DIV = "fogmig-timeline"
@@ -55,20 +56,6 @@ class ReportInput:
 
 def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
-
-
-def fmt_s(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
-
-
-def fmt_bytes(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1e6:.1f} MB"
-
-
-def fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
 
 
 def worst_observed(m: MigrationRow) -> float | None:
@@ -213,7 +200,8 @@ def _summary_section(s: DemoSummary) -> str:
             "requests",
             _e(
                 f"{r.sent} sent, {r.ok} ok, {r.failed} failed ({r.timeouts} timeouts), "
-                f"{r.retries} retries; latency p50 {fmt_ms(r.p50_ms)}, p99 {fmt_ms(r.p99_ms)}"
+                f"{r.retries} retries; "
+                f"latency p50 {fmt.millis(r.p50_ms)}, p99 {fmt.millis(r.p99_ms)}"
             ),
         ),
         ("readings lost / doubled", _e(f"{r.lost_readings} / {r.doubled_readings}")),
@@ -251,7 +239,7 @@ def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
     ]
     rows = []
     for i, m in enumerate(migrations):
-        seen = ", ".join(f"{d} {fmt_s(v)}" for d, v in m.observed_downtime_s.items()) or "-"
+        seen = ", ".join(f"{d} {fmt.duration(v)}" for d, v in m.observed_downtime_s.items()) or "-"
         outcome_cls = "ok" if m.outcome is Outcome.COMPLETED else "bad"
         outcome = m.outcome + (f": {m.error}" if m.error else "")
         rows.append(
@@ -263,13 +251,13 @@ def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
                 _t(m.technique),
                 _t(m.trigger),
                 _t(outcome, outcome_cls),
-                _t(fmt_s(m.predicted_downtime_s), "num"),
-                _t(fmt_s(m.downtime_s), "num"),
+                _t(fmt.duration(m.predicted_downtime_s), "num"),
+                _t(fmt.duration(m.downtime_s), "num"),
                 _t(seen, "num"),
-                _t(fmt_s(m.predicted_total_time_s), "num"),
-                _t(fmt_s(m.total_time_s), "num"),
-                _t(fmt_bytes(m.predicted_bytes), "num"),
-                _t(fmt_bytes(m.transferred_bytes), "num"),
+                _t(fmt.duration(m.predicted_total_time_s), "num"),
+                _t(fmt.duration(m.total_time_s), "num"),
+                _t(fmt.megabytes(m.predicted_bytes), "num"),
+                _t(fmt.megabytes(m.transferred_bytes), "num"),
                 _t(m.reason, "reason"),
             ]
         )
@@ -287,7 +275,7 @@ def decisions_table(decisions: Sequence[DecisionRow], t0: float) -> str:
             _t(f"{d.source} → {d.destination}"),
             _t(d.technique),
             _t(d.trigger),
-            _t(fmt_s(d.predicted_downtime_s), "num"),
+            _t(fmt.duration(d.predicted_downtime_s), "num"),
             _t(d.fate, "ok" if d.fate == Outcome.COMPLETED else "bad"),
             _t(d.reason, "reason"),
         ]
@@ -369,7 +357,7 @@ def render_report(data: ReportInput) -> str:
 
 def _interval(s: DemoSummary) -> str:
     value = s.options.get("interval_s")
-    return fmt_s(float(value)) if isinstance(value, int | float) else "interval"
+    return fmt.duration(float(value)) if isinstance(value, int | float) else "interval"
 
 
 def write_report(path: Path, data: ReportInput) -> Path:
