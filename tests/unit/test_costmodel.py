@@ -9,6 +9,7 @@ import math
 import pytest
 
 from fogmig.platform.base.vocabulary import PAGE_SIZE, NodeCapabilities, Technique
+from fogmig.policies.calibration import CalibrationSample, fit_constants
 from fogmig.policies.conditions import (
     MB,
     PAPER_CONFIGURATIONS,
@@ -19,11 +20,9 @@ from fogmig.policies.conditions import (
     StopReason,
 )
 from fogmig.policies.costmodel import (
-    CalibrationSample,
     CostConstants,
     MigrationComponents,
     Prediction,
-    fit_constants,
     lazy_requests,
     predict,
     predict_all,
