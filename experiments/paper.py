@@ -23,7 +23,9 @@ from fogmig.device_sim.probe import ProbeSettings, write_csv
 from fogmig.platform.agent.launcher import agents_down, agents_up
 from fogmig.platform.agent.remote import request_migration
 from fogmig.platform.apps.probed import migrate_probed
-from fogmig.platform.migration.record import TECHNIQUES, MigrationRecord, save_record
+from fogmig.platform.base import fmt
+from fogmig.platform.base.vocabulary import Outcome, Technique
+from fogmig.platform.migration.record import MigrationRecord, save_record
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.profiles import LinkProfile, load_profile
 from fogmig.platform.testbed.state import exclusive_use
@@ -43,7 +45,7 @@ PAPER_CONFIGURATIONS = {
 @dataclass(slots=True)
 class ExperimentPlan:
     configurations: Sequence[str] = ("A", "B", "C", "D")
-    techniques: Sequence[str] = TECHNIQUES
+    techniques: Sequence[Technique] = tuple(Technique)
     state_mb: int = 75
     repeat: int = 1
     out: Path = Path("results/paper")
@@ -111,16 +113,14 @@ async def _run_configuration(
                     )
                     write_csv(timeline, plan.out / config / f"{record.migration_id}.probe.csv")
                 else:
-                    doc = await request_migration(plan.service, there, technique)
-                    # Derived totals in the document are recomputed, not read back.
-                    record = MigrationRecord.model_validate(doc)
+                    record = await request_migration(plan.service, there, technique)
                 record.link_rate_bit_per_s = link.rate_mbit * 1e6
                 record.link_rtt_s = link.rtt_ms / 1000
                 record.dirty_rate_bytes_per_s = dirty_kbps * 1024
                 plan.records.append(record)
                 save_record(record, plan.out / config)
                 _print_record(config, record, time.monotonic() - started)
-                if record.outcome.value == "completed":
+                if record.outcome is Outcome.COMPLETED:
                     here = there
     finally:
         await undeploy(plan.service)
@@ -129,18 +129,21 @@ async def _run_configuration(
 def _print_record(config: str, r: MigrationRecord, wall: float) -> None:
     floor = link_floor_s(r)
     console.print(
-        f"  {r.outcome.value}: total {r.total_time_s:.2f} s, downtime {r.downtime_s:.2f} s"
-        f" (device {_s(r.device_downtime_s)}), "
-        f"pre-dump {r.pre_dump_bytes / 1e6:.2f} MB, dump {r.dump_bytes / 1e6:.2f} MB, "
-        f"faulted {r.faulted_pages_bytes / 1e6:.2f} MB, rounds {len(r.rounds)}, wall {wall:.1f} s"
-        + (f", cold/floor {r.total_time_s / floor:.2f}" if r.technique == "cold" and floor else "")
+        f"  {r.outcome.value}: total {fmt.seconds(r.total_time_s, digits=2)}, "
+        f"downtime {fmt.seconds(r.downtime_s, digits=2)} "
+        f"(device {fmt.seconds(r.device_downtime_s, digits=2, missing='-')}), "
+        f"pre-dump {fmt.megabytes(r.pre_dump_bytes, digits=2)}, "
+        f"dump {fmt.megabytes(r.dump_bytes, digits=2)}, "
+        f"faulted {fmt.megabytes(r.faulted_pages_bytes, digits=2)}, rounds {len(r.rounds)}, "
+        f"wall {fmt.seconds(wall, digits=1)}"
+        + (
+            f", cold/floor {r.total_time_s / floor:.2f}"
+            if r.technique is Technique.COLD and floor
+            else ""
+        )
     )
     if r.error:
         console.print(f"  [red]{r.error}[/]")
-
-
-def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f} s"
 
 
 def device_downtime(r: MigrationRecord) -> str:

@@ -21,6 +21,7 @@ from fogmig.device_sim.observed import ProbeTimeline, WindowObservation
 from fogmig.device_sim.probe import Probe, ProbeSettings, write_csv
 from fogmig.platform.agent.remote import request_migration
 from fogmig.platform.base.errors import ServiceError
+from fogmig.platform.base.vocabulary import Technique
 from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.testbed.state import TestbedState, load_state
 from fogmig.services.deploy import find_service
@@ -70,7 +71,7 @@ async def _wait_answer(probe: Probe, after: float, timeout: float) -> bool:
 async def migrate_probed(
     service: str,
     destination: str,
-    technique: str,
+    technique: Technique,
     *,
     settings: ProbeSettings | None = None,
     csv_path: Path | None = None,
@@ -100,8 +101,7 @@ async def migrate_probed(
         if not await _wait_answer(probe, -math.inf, LEAD_TIMEOUT_S) and gateway != source:
             probe.retarget(state.node(source).data_ip)
             await _wait_answer(probe, -math.inf, LEAD_TIMEOUT_S)
-        doc = await request_migration(service, destination, technique, **request)
-        record = MigrationRecord.model_validate(doc)
+        record = await request_migration(service, destination, technique, **request)
         end = record.finished_at - probe.timeline().wall_offset_s
         await _wait_answer(probe, end, TAIL_TIMEOUT_S)
     timeline = probe.timeline()

@@ -20,13 +20,21 @@ from fogmig.experiments.paper import (
     summary_table,
 )
 from fogmig.platform.base.aio import run_async
-from fogmig.platform.migration.record import TECHNIQUES
+from fogmig.platform.base.vocabulary import Outcome, Technique
+
+
+def _techniques(text: str) -> list[Technique]:
+    try:
+        return [Technique(name) for name in text.split(",")]
+    except ValueError:
+        known = ", ".join(Technique)
+        raise argparse.ArgumentTypeError(f"a comma-separated list of {known}") from None
 
 
 def _cmd(args: argparse.Namespace) -> int:
     plan = ExperimentPlan(
         configurations=args.configurations.split(","),
-        techniques=args.techniques.split(","),
+        techniques=args.techniques,
         state_mb=args.state_mb,
         repeat=args.repeat,
         out=Path(args.out),
@@ -43,7 +51,7 @@ def _cmd(args: argparse.Namespace) -> int:
     console.print(summary_table(records))
     if args.json:
         print(json.dumps([r.model_dump(mode="json") for r in records], indent=2))
-    failed = [r for r in records if r.outcome.value != "completed"]
+    failed = [r for r in records if r.outcome is not Outcome.COMPLETED]
     return 1 if failed else 0
 
 
@@ -52,7 +60,7 @@ def register(sub: Any) -> None:
         "experiment", help="reproduce the paper's evaluation (configurations A-D) on the testbed"
     )
     p.add_argument("--configurations", default="A,B,C,D", help="comma-separated, of A,B,C,D")
-    p.add_argument("--techniques", default=",".join(TECHNIQUES))
+    p.add_argument("--techniques", type=_techniques, default=list(Technique))
     p.add_argument("--state-mb", type=int, default=75)
     p.add_argument("--repeat", type=int, default=1)
     p.add_argument("--out", default="results/paper")

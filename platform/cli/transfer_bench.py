@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fogmig.platform.apps.bench.transfer import ModeRuns, run_transfer_bench
+from fogmig.platform.base import fmt
 
 
 def _print_mode(result: ModeRuns) -> None:
@@ -21,9 +22,9 @@ def _print_mode(result: ModeRuns) -> None:
     label = "zlib level 1" if result.compress else "uncompressed"
     for r in runs:
         print(
-            f"{label}: {r.files} files, {r.bytes / 1e6:.1f} MB in {r.seconds:.3f} s"
+            f"{label}: {r.files} files, {fmt.megabytes(r.bytes)} in {fmt.seconds(r.seconds)}"
             f" = {r.mbytes_per_second:.1f} MB/s"
-            f" ({r.wire_bytes / 1e6:.1f} MB on the wire)"
+            f" ({fmt.megabytes(r.wire_bytes)} on the wire)"
         )
     print(
         f"{label}: median {statistics.median(rates):.1f} MB/s, "

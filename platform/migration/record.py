@@ -10,23 +10,11 @@ from __future__ import annotations
 import csv
 import json
 import time
-from enum import StrEnum
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-Technique = Literal["cold", "precopy", "postcopy", "hybrid"]
-TECHNIQUES: tuple[Technique, ...] = ("cold", "precopy", "postcopy", "hybrid")
-
-
-class Outcome(StrEnum):
-    """How a migration ended."""
-
-    COMPLETED = "completed"  # the destination owns the service, the source is clean
-    ROLLED_BACK = "rolled_back"  # failed before the point of no return: service kept on source
-    FAILED_AFTER_COMMIT = "failed_after_commit"  # failed after it: see ``error``
-    RUNNING = "running"
+from fogmig.platform.base.vocabulary import Outcome, Phase, Technique
 
 
 class Round(BaseModel):
@@ -48,7 +36,7 @@ class Round(BaseModel):
 class PhaseTimestamp(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    phase: str
+    phase: Phase
     at: float = Field(description="UNIX time when the phase began")
 
 
@@ -63,6 +51,7 @@ class MigrationRecord(BaseModel):
     outcome: Outcome = Outcome.RUNNING
     error: str | None = None
     failed_phase: str | None = None
+    """The phase the failure happened in (or ``connect``: before the first phase's call)."""
     compression: bool = False
 
     # The paper's nine metrics.
@@ -132,7 +121,7 @@ class MigrationRecord(BaseModel):
             return 0.0
         return self.finished_at - self.started_at
 
-    def mark(self, phase: str, at: float) -> None:
+    def mark(self, phase: Phase, at: float) -> None:
         self.phases.append(PhaseTimestamp(phase=phase, at=at))
 
     def to_json(self) -> str:

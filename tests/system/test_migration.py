@@ -22,7 +22,8 @@ from fogmig.device_sim.probe import ProbeSettings
 from fogmig.platform.agent.launcher import agents_dir, agents_up
 from fogmig.platform.agent.remote import request_migration
 from fogmig.platform.apps.probed import migrate_probed
-from fogmig.platform.migration.record import MigrationRecord, Outcome
+from fogmig.platform.base.vocabulary import Outcome, Technique
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.testbed.links import cut_link, restore_link
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.services.client import DeviceLedger, SensorClient, ServiceUnreachableError
@@ -112,11 +113,10 @@ async def migrate(
 ) -> MigrationRecord:
     if probe:
         record, _ = await migrate_probed(
-            name, to, technique, settings=ProbeSettings(rate_hz=20.0), **kw
+            name, to, Technique(technique), settings=ProbeSettings(rate_hz=20.0), **kw
         )
         return record
-    doc = await request_migration(name, to, technique, **kw)
-    return MigrationRecord.model_validate(doc)
+    return await request_migration(name, to, Technique(technique), **kw)
 
 
 async def running_on(name: str) -> list[str]:

@@ -24,6 +24,7 @@ import pytest
 
 from fogmig.platform.base.errors import CriuError
 from fogmig.platform.base.proc import run
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.delta.apply import (
     apply_delta,
 )
@@ -36,7 +37,6 @@ from fogmig.platform.migration.delta.save import (
     save_delta,
     write_delta,
 )
-from fogmig.platform.runtime.pagemap import PAGE_SIZE
 
 pytestmark = [
     pytest.mark.system,

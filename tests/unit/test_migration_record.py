@@ -7,13 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.migration.record import (
-    MigrationRecord,
-    Outcome,
-    Round,
-    load_record,
-    save_record,
-)
+from fogmig.platform.base.vocabulary import Outcome
+from fogmig.platform.migration.record import MigrationRecord, Round, load_record, save_record
 
 
 def _record() -> MigrationRecord:

@@ -7,7 +7,7 @@ import re
 import pytest
 from rich.console import Console
 
-from fogmig.device_sim.events import Outcome
+from fogmig.device_sim.events import RequestOutcome
 from fogmig.device_sim.observed import ProbeRecord, ProbeTimeline
 from fogmig.experiments.paper import summary_table
 from fogmig.platform.apps.probed import observe, probe_gateway
@@ -30,7 +30,7 @@ def probe_run(down: tuple[float, float]) -> ProbeTimeline:
                 address="10.79.0.3",
                 sent_at=t,
                 answered_at=None if dead else t + 0.003,
-                outcome=Outcome.TIMEOUT if dead else Outcome.OK,
+                outcome=RequestOutcome.TIMEOUT if dead else RequestOutcome.OK,
             )
         )
     return ProbeTimeline(

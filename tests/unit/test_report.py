@@ -11,7 +11,13 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from fogmig.device_sim.events import ContinuityCheck, Outcome, RequestKind, RequestRecord, Roam
+from fogmig.device_sim.events import (
+    ContinuityCheck,
+    RequestKind,
+    RequestOutcome,
+    RequestRecord,
+    Roam,
+)
 from fogmig.device_sim.observed import ProbeRecord, ProbeTimeline
 from fogmig.platform.apps.demo.report import (
     DOWNTIME_DIV,
@@ -30,15 +36,20 @@ from fogmig.platform.apps.demo.results import (
     write_migrations_csv,
 )
 from fogmig.platform.apps.demo.view import summary_renderable
+from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.schemas import MigrationDone
-from fogmig.platform.migration.record import Outcome as MigrationOutcome
+from fogmig.platform.migration.record import MigrationRecord
 
 T0 = 1_700_000_000.0
 DEVICES = {"d0": "s0", "d1": "s1"}
 
 
 def request(
-    device: str, at: float, latency: float = 0.004, outcome: Outcome = Outcome.OK, seq: int = 0
+    device: str,
+    at: float,
+    latency: float = 0.004,
+    outcome: RequestOutcome = RequestOutcome.OK,
+    seq: int = 0,
 ) -> RequestRecord:
     return RequestRecord(
         device=device,
@@ -50,9 +61,9 @@ def request(
         address="10.79.0.1",
         port=5700,
         sent_at=T0 + at,
-        latency_s=latency if outcome is Outcome.OK else 2.0,
+        latency_s=latency if outcome is RequestOutcome.OK else 2.0,
         outcome=outcome,
-        code="2.04" if outcome is Outcome.OK else "",
+        code="2.04" if outcome is RequestOutcome.OK else "",
     )
 
 
@@ -62,7 +73,9 @@ def timeline(gap: tuple[float, float] = (10.0, 12.5)) -> list[RequestRecord]:
     for i in range(30):
         t = float(i)
         lost = gap[0] <= t < gap[1]
-        out.append(request("d0", t, outcome=Outcome.TIMEOUT if lost else Outcome.OK, seq=i))
+        out.append(
+            request("d0", t, outcome=RequestOutcome.TIMEOUT if lost else RequestOutcome.OK, seq=i)
+        )
         out.append(request("d1", t + 0.5, seq=i))
     return out
 
@@ -88,24 +101,28 @@ def decision_event(cid: str, service: str = "s0", technique: str = "precopy") ->
     }
 
 
-def done(cid: str, outcome: MigrationOutcome = MigrationOutcome.COMPLETED) -> MigrationDone:
+def done(cid: str, outcome: Outcome = Outcome.COMPLETED) -> MigrationDone:
     return MigrationDone(
         node="gw1",
         command_id=cid,
         migration_id=f"m-{cid}",
         service="s0",
         outcome=outcome,
-        record={
-            "source": "gw1",
-            "destination": "gw2",
-            "technique": "precopy",
-            "started_at": T0 + 10.2,
-            "finished_at": T0 + 11.9,
-            "downtime_s": 0.42,
-            "total_time_s": 1.7,
-            "transferred_bytes": 8_800_000,
-        },
-        error=None if outcome is MigrationOutcome.COMPLETED else "dump failed",
+        record=MigrationRecord(
+            migration_id=f"m-{cid}",
+            service="s0",
+            source="gw1",
+            destination="gw2",
+            technique=Technique.PRECOPY,
+            outcome=outcome,
+            started_at=T0 + 10.2,
+            finished_at=T0 + 11.9,
+            pre_dump_time_s=1.7 - 0.42,  # total 1.7 s
+            dump_time_s=0.42,  # downtime 0.42 s
+            pre_dump_bytes=8_000_000,
+            dump_bytes=800_000,  # 8.8 MB in all
+        ),
+        error=None if outcome is Outcome.COMPLETED else "dump failed",
     )
 
 
@@ -131,7 +148,7 @@ def probe_run(down: tuple[float, float] = (10.5, 11.5)) -> ProbeTimeline:
                 address="10.79.0.1",
                 sent_at=t,
                 answered_at=None if dead else t + 0.002,
-                outcome=Outcome.TIMEOUT if dead else Outcome.OK,
+                outcome=RequestOutcome.TIMEOUT if dead else RequestOutcome.OK,
                 code="" if dead else "2.05",
             )
         )
@@ -259,7 +276,7 @@ def test_verdict_fails_on_rollback_mismatch_and_unfinished() -> None:
         {"event": "accepted", "command_id": "c2"},
     ]
     checks = [check("d0", 29.5, matches=False), check("d1", 20.0, reason="outage")]
-    s = summary_of(events, [done("c1", MigrationOutcome.ROLLED_BACK)], checks, records)
+    s = summary_of(events, [done("c1", Outcome.ROLLED_BACK)], checks, records)
     assert not s.ok
     text = "\n".join(s.problems)
     assert "ended rolled_back: dump failed" in text

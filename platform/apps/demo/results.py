@@ -14,12 +14,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestRecord
+from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestOutcome, RequestRecord
 from fogmig.device_sim.observed import ProbeTimeline
 from fogmig.device_sim.timeline import observed_downtime, percentile
+from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.schemas import MigrationDone
-
-COMPLETED = "completed"
 
 
 class _Model(BaseModel):
@@ -65,10 +64,10 @@ class MigrationRow(_Model):
     service: str
     source: str
     destination: str
-    technique: str
+    technique: Technique
     trigger: str
     reason: str
-    outcome: str
+    outcome: Outcome
     error: str | None
     started_at: float
     finished_at: float
@@ -210,8 +209,8 @@ def migration_rows(
             continue
         rec = msg.record
         decision = by_command.get(msg.command_id)
-        started = _num(rec.get("started_at")) or 0.0
-        finished = _num(rec.get("finished_at")) or started
+        started = rec.started_at
+        finished = rec.finished_at or started
         observed = {
             device: observed_downtime(by_device.get(device, []), start=started, end=finished)
             for device, service in sorted(devices.items())
@@ -222,21 +221,21 @@ def migration_rows(
                 migration_id=msg.migration_id,
                 command_id=msg.command_id,
                 service=msg.service,
-                source=_str(rec.get("source"), msg.node),
-                destination=_str(rec.get("destination")),
-                technique=_str(rec.get("technique")),
+                source=rec.source,
+                destination=rec.destination,
+                technique=rec.technique,
                 trigger=decision.trigger if decision else "manual",
                 reason=decision.reason if decision else "",
-                outcome=msg.outcome.value,
+                outcome=msg.outcome,
                 error=msg.error,
                 started_at=started,
                 finished_at=finished,
                 predicted_downtime_s=decision.predicted_downtime_s if decision else None,
                 predicted_total_time_s=decision.predicted_total_time_s if decision else None,
                 predicted_bytes=decision.predicted_bytes if decision else None,
-                downtime_s=_num(rec.get("downtime_s")),
-                total_time_s=_num(rec.get("total_time_s")),
-                transferred_bytes=_num(rec.get("transferred_bytes")),
+                downtime_s=rec.downtime_s,
+                total_time_s=rec.total_time_s,
+                transferred_bytes=rec.transferred_bytes,
                 observed_downtime_s=observed,
                 probe=probe_seen(probes.get(msg.service), started, finished),
             )
@@ -271,7 +270,7 @@ def request_totals(
         sent=len(posts),
         ok=len(ok),
         failed=len(posts) - len(ok),
-        timeouts=sum(1 for r in posts if r.outcome.value == "timeout"),
+        timeouts=sum(1 for r in posts if r.outcome is RequestOutcome.TIMEOUT),
         retries=sum(1 for r in posts if r.attempt > 1),
         lost_readings=max((c.lost for c in verified), default=0),
         doubled_readings=max((c.doubled for c in verified), default=0),
@@ -319,7 +318,7 @@ def problems(
     if interrupted:
         out.append("the run was interrupted")
     for m in migrations:
-        if m.outcome != COMPLETED:
+        if m.outcome is not Outcome.COMPLETED:
             out.append(
                 f"migration {m.migration_id} of {m.service} {m.source} -> {m.destination} "
                 f"({m.technique}) ended {m.outcome}" + (f": {m.error}" if m.error else "")
@@ -336,7 +335,7 @@ def problems(
     for e in controller_events:
         if e.get("event") == "gave_up":
             out.append(f"controller gave up: {e.get('message')}")
-    if not any(m.outcome == COMPLETED for m in migrations):
+    if not any(m.outcome is Outcome.COMPLETED for m in migrations):
         out.append("no migration completed")
     out += [f"continuity check failed: {f}" for f in continuity.failures]
     for device, good in sorted(continuity.final.items()):

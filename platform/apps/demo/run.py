@@ -624,7 +624,7 @@ class Demo:
         with (out / "decisions.jsonl").open("w") as fh:
             for d in summary.decisions:
                 fh.write(d.model_dump_json() + "\n")
-        records = [dict(m.record) for m in done]
+        records = [m.record.model_dump(mode="json") for m in done]
         (out / "migrations.json").write_text(json.dumps(records, indent=2) + "\n")
         write_migrations_csv(out / "migrations.csv", summary.migrations)
         for service, timeline in self.collected.probes.items():

@@ -31,6 +31,8 @@ from fogmig.device_sim.events import (
     Roam,
 )
 from fogmig.platform.apps.demo.results import DemoSummary, MigrationRow
+from fogmig.platform.base import fmt
+from fogmig.platform.base.vocabulary import Outcome
 from fogmig.platform.bus.schemas import NodeStatus
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 
@@ -61,10 +63,6 @@ class MigrationView:
     bytes_done: int = 0
     bytes_total: int = 0
     rate_bytes_per_s: float = 0.0
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 class DemoModel:
@@ -133,7 +131,7 @@ class DemoModel:
             case EventKind.DONE:
                 if service is not None and not data.get("foreign"):
                     self.migrating.pop(service, None)
-                if data.get("outcome") == "completed":
+                if data.get("outcome") == Outcome.COMPLETED:
                     self.completed += 1
                     line = (event.message, "green")
                 else:
@@ -213,7 +211,7 @@ class DemoModel:
                 name,
                 "yes" if s.online else "[red]no[/]",
                 f"{s.load:.2f}",
-                _mb(s.mem_free_bytes),
+                fmt.megabytes(s.mem_free_bytes),
                 ", ".join(sorted(i.name for i in s.services)) or "-",
                 "[magenta]yes[/]" if s.draining else "no",
             )
@@ -267,13 +265,13 @@ class DemoModel:
         for col in ("service", "move", "technique", "phase", "bytes", "rate"):
             t.add_column(col)
         for m in self.migrating.values():
-            total = f" / {_mb(m.bytes_total)}" if m.bytes_total else ""
+            total = f" / {fmt.megabytes(m.bytes_total)}" if m.bytes_total else ""
             t.add_row(
                 m.service,
                 f"{m.source} -> {m.destination}",
                 m.technique,
                 m.phase,
-                f"{_mb(m.bytes_done)}{total}",
+                f"{fmt.megabytes(m.bytes_done)}{total}",
                 f"{m.rate_bytes_per_s * 8 / 1e6:.1f} Mbit/s" if m.rate_bytes_per_s else "-",
             )
         if not self.migrating:
@@ -371,16 +369,10 @@ class DemoView:
 # --- the summary at the end ---------------------------------------------------------------------
 
 
-def _s(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
-
-
 def _probe(m: MigrationRow) -> str:
     if m.probe is None:
         return "-"
-    return f"{_s(m.probe.downtime_s)}, {m.probe.lost} lost"
+    return f"{fmt.duration(m.probe.downtime_s)}, {m.probe.lost} lost"
 
 
 def summary_renderable(summary: DemoSummary) -> RenderableType:
@@ -403,8 +395,8 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
     ):
         t.add_column(col)
     for i, m in enumerate(summary.migrations):
-        seen = ", ".join(f"{d} {_s(v)}" for d, v in m.observed_downtime_s.items()) or "-"
-        outcome = m.outcome if m.outcome == "completed" else f"[red]{m.outcome}[/]"
+        seen = ", ".join(f"{d} {fmt.duration(v)}" for d, v in m.observed_downtime_s.items()) or "-"
+        outcome = m.outcome if m.outcome is Outcome.COMPLETED else f"[red]{m.outcome}[/]"
         t.add_row(
             str(i + 1),
             m.service,
@@ -412,12 +404,12 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
             m.technique,
             m.trigger,
             outcome,
-            _s(m.predicted_downtime_s),
-            _s(m.downtime_s),
+            fmt.duration(m.predicted_downtime_s),
+            fmt.duration(m.downtime_s),
             _probe(m),
             seen,
-            _s(m.total_time_s),
-            "-" if m.transferred_bytes is None else _mb(m.transferred_bytes),
+            fmt.duration(m.total_time_s),
+            "-" if m.transferred_bytes is None else fmt.megabytes(m.transferred_bytes),
         )
     why = Text()
     techniques: dict[str, int] = {}
