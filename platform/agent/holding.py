@@ -92,6 +92,8 @@ class HoldSettings:
     """How long to wait for a socket of the service on the port before dropping the rest."""
     stall_timeout_s: float = 2.0
     """How long the service may leave its queue full before the rest is dropped."""
+    release_timeout_s: float = 30.0
+    """The longest a release may take; what is still held then is dropped."""
 
     def __post_init__(self) -> None:
         if self.max_count < 1 or self.max_bytes < 1 or self.burst < 1 or self.queue_limit < 1:
@@ -455,6 +457,13 @@ class HoldRelay:
             raise ServiceError(f"hold of port {self.port} is {self.state}, cannot release it")
         self.state = "releasing"
         started = self.clock()
+
+        def running() -> bool:
+            return (
+                self.state == "releasing"
+                and self.clock() - started < self.settings.release_timeout_s
+            )
+
         sender = self._sender = _TransparentSender(
             port=self.port, netns=self.netns, own_inodes=self._own_inodes
         )
@@ -462,7 +471,7 @@ class HoldRelay:
             self._fence()
             self._on_readable()
             deadline: float | None = None
-            while self.state == "releasing":
+            while running():
                 before = self.stats.released
                 await relay_pending(
                     self._buffer,
@@ -471,14 +480,14 @@ class HoldRelay:
                     settings=self.settings,
                     stats=self.stats,
                     clock=self.clock,
-                    running=lambda: self.state == "releasing",
+                    running=running,
                 )
                 if self.stats.released != before:
                     self.stats.release_s = self.clock() - started
                 if deadline is None:
                     deadline = self.clock() + self.settings.linger_s
                 remaining = deadline - self.clock()
-                if self.state != "releasing" or (remaining <= 0 and not len(self._buffer)):
+                if not running() or (remaining <= 0 and not len(self._buffer)):
                     break
                 self._arrived.clear()
                 if not len(self._buffer):
