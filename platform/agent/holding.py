@@ -10,10 +10,11 @@ that talks to this node itself); :meth:`HoldRelay.discard` is the rollback.
 What the release relies on (measured on Linux 6.18 in network namespaces; no sysctl and no
 extra route is needed, ``rp_filter`` does not apply to datagrams sent to a local address):
 
-- The hold socket binds with SO_REUSEADDR+SO_REUSEPORT so that the restored service (aiocoap:
-  an AF_INET6 dual-stack socket with SO_REUSEPORT) can bind the port beside it. While both are
-  bound the kernel prefers the AF_INET socket: every IPv4 datagram lands in the hold socket.
-  (Two AF_INET sockets of one reuseport group share the flows by hash instead.)
+- The hold socket (IPv4, as the nodes' addresses are) binds with SO_REUSEADDR+SO_REUSEPORT,
+  so that the restored service can bind the port beside it: aiocoap binds an AF_INET6
+  dual-stack socket with SO_REUSEPORT, and CRIU sets both options before it binds a restored
+  socket. While both are bound the kernel prefers the AF_INET socket: every IPv4 datagram
+  lands in the hold socket. (Two AF_INET sockets of one reuseport group share flows by hash.)
 - Fence first: :meth:`~HoldRelay.release` connects the hold socket to a peer that never sends
   (:data:`FENCE_PEER`), which takes it out of the port's lookup at once while what it already
   queued stays readable. Without the fence a relayed datagram, having the same addresses as

@@ -91,6 +91,12 @@ def topology() -> Iterator[None]:
         for ns in (DEVICE_NS, GATEWAY_NS, DEST_NS):
             ip("netns", "add", ns)
             ip("-n", ns, "link", "set", "lo", "up")
+        # Strict reverse-path filtering at the destination: relayed datagrams must pass it.
+        subprocess.run(
+            ["nsenter", f"--net={netns_path(DEST_NS)}", "--", "sysctl", "-q", "-w"]
+            + [f"net.ipv4.conf.{c}.rp_filter=1" for c in ("all", "default", "lo")],
+            check=True,
+        )
         link((DEST_NS, "fhd-dev", DEST_IP), (DEVICE_NS, "fhv-dst", DEVICE_IP))
         link((DEST_NS, "fhd-gw", DEST_IP), (GATEWAY_NS, "fhg-dst", GATEWAY_IP))
         link((GATEWAY_NS, "fhg-dev", GATEWAY_IP), (DEVICE_NS, "fhv-gw", DEVICE_IP))

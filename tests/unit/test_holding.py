@@ -241,3 +241,22 @@ async def test_a_stalled_service_gets_the_rest_dropped() -> None:
     stats = await run_relay(service, 20, settings)
     assert (stats.released, stats.dropped_unrelayable) == (4, 16)
     assert stats.dropped == 16
+
+
+async def test_relaying_stops_when_told_to() -> None:
+    service = FakeService()
+    stats = HoldStats()
+    buffer = HoldBuffer(max_count=100, max_bytes=10_000, stats=stats)
+    for n in range(20):
+        buffer.push(datagram(n))
+    await relay_pending(
+        buffer,
+        service,
+        target_ip=None,
+        settings=HoldSettings(burst=4),
+        stats=stats,
+        clock=service.clock,
+        sleep=service.sleep,
+        running=lambda: stats.released < 8,
+    )
+    assert (stats.released, len(buffer)) == (8, 12)
