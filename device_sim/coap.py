@@ -20,7 +20,7 @@ from collections.abc import AsyncIterator, Coroutine
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from fogmig.device_sim.events import NETWORK_ERROR, Outcome
+from fogmig.device_sim.events import NETWORK_ERROR, RequestOutcome
 from fogmig.platform.base.errors import ConfigError, SetupError
 from fogmig.platform.base.netns import enter_netns
 from fogmig.services.sensor import CONTENT_FORMAT_JSON
@@ -32,7 +32,7 @@ T = TypeVar("T")
 class Answer:
     """The result of one request: an outcome, the CoAP code if any, the payload, the time."""
 
-    outcome: Outcome
+    outcome: RequestOutcome
     code: str
     payload: bytes
     latency_s: float
@@ -233,16 +233,16 @@ class AiocoapPort:
             # only guards against a loop too busy to run aiocoap's timer in time.
             resp = await asyncio.wait_for(self._ctx.request(msg).response, timeout + MARGIN_S)
         except (TimeoutError, aiocoap.error.TimeoutError):
-            return Answer(Outcome.TIMEOUT, "", b"", time.monotonic() - t0)
+            return Answer(RequestOutcome.TIMEOUT, "", b"", time.monotonic() - t0)
         except aiocoap.error.Error as exc:
             # aiocoap's str() of a network error hides the reason; its cause carries it.
             reason = exc.__cause__ or (exc.args[0] if exc.args else type(exc).__name__)
             return Answer(
-                Outcome.ERROR, NETWORK_ERROR, b"", time.monotonic() - t0, detail=str(reason)
+                RequestOutcome.ERROR, NETWORK_ERROR, b"", time.monotonic() - t0, detail=str(reason)
             )
         latency = time.monotonic() - t0
         code = str(resp.code.dotted)
-        outcome = Outcome.OK if code.startswith("2.") else Outcome.ERROR
+        outcome = RequestOutcome.OK if code.startswith("2.") else RequestOutcome.ERROR
         body = bytes(resp.payload)
-        detail = "" if outcome is Outcome.OK else body[:200].decode("utf-8", "replace")
+        detail = "" if outcome is RequestOutcome.OK else body[:200].decode("utf-8", "replace")
         return Answer(outcome, code, body, latency, detail=detail)

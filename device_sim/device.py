@@ -25,8 +25,8 @@ from fogmig.device_sim.events import (
     ContinuityCheck,
     FleetEvent,
     Outage,
-    Outcome,
     RequestKind,
+    RequestOutcome,
     RequestRecord,
     Roam,
 )
@@ -121,7 +121,7 @@ class ResumedLedger(DeviceLedger):
 
 
 def _post_result(answer: Answer) -> PostResult:
-    if answer.outcome is not Outcome.OK:
+    if answer.outcome is not RequestOutcome.OK:
         return PostResult(answer.code or "timeout", answer.latency_s, message=answer.detail)
     try:
         body = json.loads(answer.payload)
@@ -217,7 +217,7 @@ class Device:
             timeout=self.settings.timeout_s,
         )
         applied = None
-        if kind is RequestKind.POST and answer.outcome is Outcome.OK:
+        if kind is RequestKind.POST and answer.outcome is RequestOutcome.OK:
             applied = _post_result(answer).applied
         record = RequestRecord(
             device=self.name,
@@ -242,7 +242,7 @@ class Device:
     async def _read_state(self) -> ServiceState | str:
         """The service's state, or why it could not be read."""
         _, answer = await self._send(RequestKind.STATE, "GET", "state", b"", None)
-        if answer.outcome is not Outcome.OK:
+        if answer.outcome is not RequestOutcome.OK:
             return answer.detail or answer.code or "timeout"
         try:
             return ServiceState.model_validate_json(answer.payload)
@@ -273,7 +273,7 @@ class Device:
         self._attempt = 1 if fresh else self._attempt + 1
         seq = ledger.next_seq
         record, answer = await self._send(RequestKind.POST, "POST", "sensor", payload, seq)
-        if answer.outcome is Outcome.OK:
+        if answer.outcome is RequestOutcome.OK:
             ledger.record(_post_result(answer))
         elif answer.code in PERMANENT_CODES:
             log.warning("device %s: reading %d refused (%s), dropped", self.name, seq, answer.code)

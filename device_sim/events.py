@@ -11,8 +11,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, ClassVar, TypeAlias
 
+from fogmig.platform.base.vocabulary import Outcome, Technique
 
-class Outcome(StrEnum):
+
+class RequestOutcome(StrEnum):
     """How a request ended: a 2.xx answer, no answer in time, or an error (code or network)."""
 
     OK = "ok"
@@ -48,7 +50,7 @@ class RequestRecord:
     """UNIX time the request left."""
     latency_s: float
     """Until the answer came, or until the device gave up (a timeout)."""
-    outcome: Outcome
+    outcome: RequestOutcome
     code: str = ""
     """CoAP code ``"c.dd"``, :data:`NETWORK_ERROR`, or empty for a timeout."""
     applied: bool | None = None
@@ -57,7 +59,7 @@ class RequestRecord:
 
     @property
     def ok(self) -> bool:
-        return self.outcome is Outcome.OK
+        return self.outcome is RequestOutcome.OK
 
     @property
     def answered_at(self) -> float | None:
@@ -132,10 +134,10 @@ class MigrationSeen:
 
     migration_id: str
     service: str
-    technique: str
+    technique: Technique
     source: str
     destination: str
-    outcome: str
+    outcome: Outcome
     started_at: float
     finished_at: float
     downtime_s: float

@@ -40,25 +40,20 @@ ATTACH_TIMEOUT_S = 5.0
 EventHandler = Callable[[FleetEvent], None]
 
 
-def _float(record: Mapping[str, Any], key: str) -> float:
-    value = record.get(key)
-    return float(value) if isinstance(value, int | float) else 0.0
-
-
 def migration_seen(done: MigrationDone) -> MigrationSeen:
     """The device-side view of a node's MigrationDone event."""
     record = done.record
     return MigrationSeen(
         migration_id=done.migration_id,
         service=done.service,
-        technique=str(record.get("technique", "?")),
-        source=str(record.get("source", done.node)),
-        destination=str(record.get("destination", "?")),
-        outcome=str(done.outcome),
-        started_at=_float(record, "started_at"),
-        finished_at=_float(record, "finished_at"),
-        downtime_s=_float(record, "downtime_s"),
-        total_time_s=_float(record, "total_time_s"),
+        technique=record.technique,
+        source=record.source,
+        destination=record.destination,
+        outcome=done.outcome,
+        started_at=record.started_at,
+        finished_at=record.finished_at,
+        downtime_s=record.downtime_s,
+        total_time_s=record.total_time_s,
     )
 
 

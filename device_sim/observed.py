@@ -11,7 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from fogmig.device_sim.events import Outcome
+from fogmig.device_sim.events import RequestOutcome
 from fogmig.platform.base.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ class ProbeRecord:
     """Monotonic time (``time.monotonic()``) the request left."""
     answered_at: float | None
     """Monotonic time a 2.xx answer came; None for a timeout or an error answer."""
-    outcome: Outcome
+    outcome: RequestOutcome
     code: str = ""
     """CoAP code ``"c.dd"``, ``"network"`` for an error below CoAP, empty for a timeout."""
 

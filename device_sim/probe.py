@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Final, Self
 
 from fogmig.device_sim.coap import CoapThread, coap_uri
-from fogmig.device_sim.events import NETWORK_ERROR, Outcome
+from fogmig.device_sim.events import NETWORK_ERROR, RequestOutcome
 from fogmig.device_sim.observed import ProbeRecord, ProbeTimeline
 from fogmig.platform.base.errors import ConfigError, SetupError
 
@@ -248,14 +248,14 @@ class Probe:
         try:
             resp = await asyncio.wait_for(self._ctx.request(msg).response, self.settings.timeout_s)
         except (TimeoutError, aiocoap.error.TimeoutError):
-            outcome = Outcome.TIMEOUT
+            outcome = RequestOutcome.TIMEOUT
         except aiocoap.error.Error:
-            outcome, code = Outcome.ERROR, NETWORK_ERROR
+            outcome, code = RequestOutcome.ERROR, NETWORK_ERROR
         else:
             at = time.monotonic()
             code = str(resp.code.dotted)
-            outcome = Outcome.OK if code.startswith("2.") else Outcome.ERROR
-            answered_at = at if outcome is Outcome.OK else None
+            outcome = RequestOutcome.OK if code.startswith("2.") else RequestOutcome.ERROR
+            answered_at = at if outcome is RequestOutcome.OK else None
         self._records.append(
             ProbeRecord(
                 seq=seq,

@@ -15,12 +15,13 @@ from fogmig.device_sim.events import (
     ContinuityCheck,
     MigrationSeen,
     Outage,
-    Outcome,
     RequestKind,
+    RequestOutcome,
     RequestRecord,
     Roam,
 )
 from fogmig.device_sim.timeline import observed_downtime, percentile
+from fogmig.platform.base import fmt
 
 
 class _Model(BaseModel):
@@ -129,12 +130,12 @@ def request_stats(records: Iterable[RequestRecord]) -> RequestStats:
     posts = [r for r in records if r.request is RequestKind.POST]
     ok = [r for r in posts if r.ok]
     latencies = [r.latency_s * 1000 for r in ok]
-    errors = Counter(r.code for r in posts if r.outcome is Outcome.ERROR)
+    errors = Counter(r.code for r in posts if r.outcome is RequestOutcome.ERROR)
     return RequestStats(
         requests=len(posts),
         ok=len(ok),
         failed=len(posts) - len(ok),
-        timeouts=sum(1 for r in posts if r.outcome is Outcome.TIMEOUT),
+        timeouts=sum(1 for r in posts if r.outcome is RequestOutcome.TIMEOUT),
         errors=dict(sorted(errors.items())),
         retries=sum(1 for r in posts if r.attempt > 1),
         duplicates=sum(1 for r in ok if r.applied is False),
@@ -257,14 +258,6 @@ def build_summary(
     )
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
-
-
-def _s(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f} s"
-
-
 def format_summary(s: FleetSummary) -> str:
     """A few readable lines for the terminal."""
     st, c = s.stats, s.continuity
@@ -274,18 +267,18 @@ def format_summary(s: FleetSummary) -> str:
         f"requests {st.requests}: ok {st.ok}, failed {st.failed} "
         f"(timeouts {st.timeouts}, errors {errors}), retries {st.retries}, "
         f"duplicates {st.duplicates}",
-        f"latency p50 {_ms(st.latency.p50_ms)}, p99 {_ms(st.latency.p99_ms)}, "
-        f"max {_ms(st.latency.max_ms)}",
-        f"outages {len(s.outages)}, longest {_s(s.max_downtime_s)}; roams {s.roams} "
+        f"latency p50 {fmt.millis(st.latency.p50_ms)}, p99 {fmt.millis(st.latency.p99_ms)}, "
+        f"max {fmt.millis(st.latency.max_ms)}",
+        f"outages {len(s.outages)}, longest {fmt.seconds(s.max_downtime_s)}; roams {s.roams} "
         f"(attach published {s.attach_published}, failed {s.attach_failed})",
         f"continuity checks: passed {c.passed}, failed {c.failed}, unverified {c.unverified}"
         f" (lost {c.lost}, doubled {c.doubled})",
     ]
     for m in s.migrations:
-        seen = ", ".join(f"{d} {_s(v)}" for d, v in m.observed_downtime_s.items()) or "-"
+        seen = ", ".join(f"{d} {fmt.seconds(v)}" for d, v in m.observed_downtime_s.items()) or "-"
         lines.append(
             f"migration {m.service} {m.source}->{m.destination} {m.technique} ({m.outcome}): "
-            f"platform downtime {_s(m.platform_downtime_s)}, devices saw {seen}"
+            f"platform downtime {fmt.seconds(m.platform_downtime_s)}, devices saw {seen}"
         )
     lines += [f"FAILED {f}" for f in c.failures]
     return "\n".join(lines)

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import IO, Final
 
-from fogmig.device_sim.events import Outage, Outcome, RequestKind, RequestRecord
+from fogmig.device_sim.events import Outage, RequestKind, RequestOutcome, RequestRecord
 from fogmig.platform.base.errors import ConfigError
 
 CSV_FIELDS: Final = (
@@ -166,7 +166,7 @@ def _parse_row(row: dict[str, str]) -> RequestRecord:
         port=int(row["port"]),
         sent_at=float(row["sent_at"]),
         latency_s=float(row["latency_ms"]) / 1000,
-        outcome=Outcome(row["outcome"]),
+        outcome=RequestOutcome(row["outcome"]),
         code=row["code"],
         applied=applied,
         detail=row["detail"],

@@ -10,14 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from fogmig.platform.base import fmt
+from fogmig.platform.base.vocabulary import NodeCapabilities, Technique
 from fogmig.policies.conditions import (
     LinkConditions,
     Metric,
-    NodeCapabilities,
     Objective,
     PrecopyStopRules,
     ServiceConditions,
-    Technique,
 )
 from fogmig.policies.costmodel import CostConstants, Prediction, predict_all
 from fogmig.policies.rules import Recommendation, RuleThresholds, recommend
@@ -82,7 +82,7 @@ def feasible_techniques(
     excluded: dict[Technique, str] = {}
     if missing:
         why = f"needs userfaultfd lazy pages on both nodes; missing on the {' and '.join(missing)}"
-        excluded = {Technique.POSTCOPY: why, Technique.HYBRID: why}
+        excluded = {t: why for t in Technique if t.lazy}
     return [t for t in Technique if t not in excluded], excluded
 
 
@@ -115,14 +115,10 @@ def _rank(
     return head + tail, tied
 
 
-def _fmt_s(x: float) -> str:
-    return f"{x:.1f} s" if x >= 1 else f"{x * 1000:.0f} ms"
-
-
 def _summary(p: Prediction) -> str:
     return (
-        f"{p.technique.value}: downtime {_fmt_s(p.downtime)}, total {_fmt_s(p.total_time)}, "
-        f"{p.transferred_bytes / 1e6:.1f} MB"
+        f"{p.technique.value}: downtime {fmt.duration(p.downtime, digits=1)}, "
+        f"total {fmt.duration(p.total_time, digits=1)}, {fmt.megabytes(p.transferred_bytes)}"
     )
 
 

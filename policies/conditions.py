@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
+
+from pydantic import ConfigDict, Field
 
 from fogmig.platform.base.errors import ConfigError
 
@@ -17,29 +19,10 @@ MB = 1_000_000
 """The paper's megabyte (decimal, as rsync and iperf3 report it)."""
 
 MIB = 1 << 20
-PAGE_SIZE = 4096
 
 
 class InvalidConditionsError(ConfigError):
     """A condition handed to the policies is out of range (negative size, zero throughput ...)."""
-
-
-class Technique(StrEnum):
-    """The four stateful migration techniques of the paper (section 4, Table 1)."""
-
-    COLD = "cold"
-    PRECOPY = "precopy"
-    POSTCOPY = "postcopy"
-    HYBRID = "hybrid"
-
-    @property
-    def needs_lazy_pages(self) -> bool:
-        """Post-copy and hybrid restore with userfaultfd and fetch pages on demand."""
-        return self in (Technique.POSTCOPY, Technique.HYBRID)
-
-    @property
-    def has_precopy_phase(self) -> bool:
-        return self in (Technique.PRECOPY, Technique.HYBRID)
 
 
 def _finite(name: str, value: float, *, minimum: float = 0.0, strict: bool = False) -> None:
@@ -130,26 +113,6 @@ class LinkConditions:
         )
 
 
-@dataclass(frozen=True, slots=True)
-class NodeCapabilities:
-    """What a node's CRIU can do (see ``fogmig.platform.runtime.capabilities``).
-
-    ``postcopy``: lazy restore with userfaultfd works. ``native_predump``: CRIU's own pre-dump
-    (soft-dirty tracking) works; without it pre-copy rounds are full leave-running checkpoints
-    whose changed pages are found by comparing images.
-    """
-
-    postcopy: bool
-    native_predump: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"postcopy": self.postcopy, "native_predump": self.native_predump}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> NodeCapabilities:
-        return cls(postcopy=bool(data["postcopy"]), native_predump=bool(data["native_predump"]))
-
-
 class StopReason(StrEnum):
     """Why the pre-copy phase ended and the final dump was taken."""
 
@@ -162,25 +125,40 @@ class StopReason(StrEnum):
     """Another round would push the pre-copy traffic past ``max_precopy_bytes_factor`` x S."""
 
 
+MAX_ROUNDS = 100
+MAX_PRECOPY_BYTES_FACTOR = 1000.0
+
+
 @dataclass(frozen=True, slots=True)
 class PrecopyStopRules:
     """When iterative pre-copy stops and takes the final dump.
 
     Round 1 always ships the whole state. After round i the rules look at what round i+1 would
     ship (the bytes dirtied during round i) and stop when any of them fires. The migration
-    engine evaluates the same rules on measured bytes through ``stop_reason``.
+    engine evaluates the same rules on measured bytes through ``stop_reason``; a migrate
+    command carries them on the bus, whose schemas validate them within the bounds below.
     """
 
-    max_rounds: int = 4
-    min_changed_bytes: int = 512 * 1024
+    # A typo on the wire is an error, not a silent default (the bus schemas validate it).
+    __pydantic_config__ = ConfigDict(extra="forbid")
+
+    max_rounds: Annotated[int, Field(ge=1, le=MAX_ROUNDS)] = 4
+    min_changed_bytes: Annotated[int, Field(ge=0)] = 512 * 1024
     stop_when_not_shrinking: bool = True
-    max_precopy_bytes_factor: float = 3.0
+    max_precopy_bytes_factor: Annotated[float, Field(ge=1.0, le=MAX_PRECOPY_BYTES_FACTOR)] = 3.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_rounds, int) or self.max_rounds < 1:
-            raise InvalidConditionsError(f"max_rounds must be an int >= 1, got {self.max_rounds!r}")
+        if not isinstance(self.max_rounds, int) or not 1 <= self.max_rounds <= MAX_ROUNDS:
+            raise InvalidConditionsError(
+                f"max_rounds must be an int in 1..{MAX_ROUNDS}, got {self.max_rounds!r}"
+            )
         _finite("min_changed_bytes", self.min_changed_bytes)
         _finite("max_precopy_bytes_factor", self.max_precopy_bytes_factor, minimum=1.0)
+        if self.max_precopy_bytes_factor > MAX_PRECOPY_BYTES_FACTOR:
+            raise InvalidConditionsError(
+                f"max_precopy_bytes_factor must be <= {MAX_PRECOPY_BYTES_FACTOR}, "
+                f"got {self.max_precopy_bytes_factor!r}"
+            )
 
     @classmethod
     def single_round(cls) -> PrecopyStopRules:

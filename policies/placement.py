@@ -15,11 +15,17 @@ from fogmig.policies.conditions import InvalidConditionsError
 
 
 @dataclass(frozen=True, slots=True)
-class NodeStatus:
-    """A fog node as its agent last reported it.
+class NodeSnapshot:
+    """A fog node as placement sees it: the input the policies decide from.
 
     ``load`` is the node's utilisation as a fraction of its capacity (1.0 = saturated).
     ``accepting`` is false for a node being drained or otherwise closed to new services.
+
+    Not the bus's ``NodeStatus``: that is the wire message one agent publishes about itself
+    (memory, measured links, per-service figures, capabilities, version, with bounds for
+    untrusted input). The controller's registry turns each node's last status into one
+    snapshot holding only what placement weighs (``accepting`` folds in ``online`` and
+    ``draining``), so the policies stay free of the wire format.
     """
 
     name: str
@@ -51,7 +57,7 @@ class ServicePlacement:
     """Where one service runs and what it needs.
 
     ``mem_bytes``: memory it needs on a target. ``load``: its share of its node's load, in
-    the same units as ``NodeStatus.load``; ``None`` when unknown (then the node's load is
+    the same units as ``NodeSnapshot.load``; ``None`` when unknown (then the node's load is
     assumed to be shared equally by its services). ``device``: the device it serves, if any.
     """
 
@@ -154,7 +160,7 @@ class _Plan:
     mem: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, nodes: Iterable[NodeStatus]) -> _Plan:
+    def of(cls, nodes: Iterable[NodeSnapshot]) -> _Plan:
         plan = cls()
         for n in nodes:
             plan.load[n.name] = n.load
@@ -168,8 +174,8 @@ class _Plan:
         self.mem[target] -= p.mem_bytes
 
 
-def _index(nodes: Iterable[NodeStatus]) -> dict[str, NodeStatus]:
-    out: dict[str, NodeStatus] = {}
+def _index(nodes: Iterable[NodeSnapshot]) -> dict[str, NodeSnapshot]:
+    out: dict[str, NodeSnapshot] = {}
     for n in nodes:
         if n.name in out:
             raise InvalidConditionsError(f"node {n.name} reported twice")
@@ -178,7 +184,7 @@ def _index(nodes: Iterable[NodeStatus]) -> dict[str, NodeStatus]:
 
 
 def _share(
-    p: ServicePlacement, nodes: Mapping[str, NodeStatus], placements: Sequence[ServicePlacement]
+    p: ServicePlacement, nodes: Mapping[str, NodeSnapshot], placements: Sequence[ServicePlacement]
 ) -> float:
     if p.load is not None:
         return p.load
@@ -190,7 +196,7 @@ def _share(
 
 
 def _why_not(
-    node: NodeStatus | None,
+    node: NodeSnapshot | None,
     *,
     name: str,
     p: ServicePlacement,
@@ -215,7 +221,7 @@ def _why_not(
 
 
 def _least_loaded(
-    candidates: Iterable[NodeStatus],
+    candidates: Iterable[NodeSnapshot],
     p: ServicePlacement,
     share: float,
     plan: _Plan,
@@ -243,7 +249,7 @@ def _least_loaded(
 def follow_device(
     placement: ServicePlacement,
     gateway: str,
-    nodes: Iterable[NodeStatus],
+    nodes: Iterable[NodeSnapshot],
     *,
     policy: LoadPolicy | None = None,
     busy: frozenset[str] = frozenset(),
@@ -297,7 +303,7 @@ def follow_device(
 
 
 def balance_load(
-    nodes: Iterable[NodeStatus],
+    nodes: Iterable[NodeSnapshot],
     placements: Sequence[ServicePlacement],
     *,
     policy: LoadPolicy | None = None,
@@ -391,7 +397,7 @@ def balance_load(
 
 def drain(
     node: str,
-    nodes: Iterable[NodeStatus],
+    nodes: Iterable[NodeSnapshot],
     placements: Sequence[ServicePlacement],
     *,
     policy: LoadPolicy | None = None,
@@ -441,6 +447,6 @@ def drain(
     return out
 
 
-def mark_draining(nodes: Iterable[NodeStatus], node: str) -> list[NodeStatus]:
+def mark_draining(nodes: Iterable[NodeSnapshot], node: str) -> list[NodeSnapshot]:
     """The same snapshot with ``node`` closed to new services (for evaluations during a drain)."""
     return [replace(n, accepting=False) if n.name == node else n for n in nodes]

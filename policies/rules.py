@@ -11,14 +11,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from fogmig.policies.conditions import (
-    LinkConditions,
-    Metric,
-    NodeCapabilities,
-    Objective,
-    ServiceConditions,
-    Technique,
-)
+from fogmig.platform.base.vocabulary import NodeCapabilities, Technique
+from fogmig.policies.conditions import LinkConditions, Metric, Objective, ServiceConditions
 
 
 class DirtyRegime(StrEnum):

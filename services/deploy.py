@@ -110,6 +110,11 @@ class Placement:
     def live(self) -> bool:
         return self.container.status in LIVE
 
+    @property
+    def port(self) -> int | None:
+        """The service's CoAP port, read from its bundle (None if unreadable)."""
+        return _service_port(self.container)
+
 
 @dataclass(frozen=True, slots=True)
 class Deployment:

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-PAGE_SIZE = 4096
+PAGE_SIZE = 4096  # fogmig.platform.base.vocabulary.PAGE_SIZE: this file runs without fogmig
 INITIAL_HASH = "0" * 64
 CONTENT_FORMAT_JSON = 50
 MAX_PAYLOAD = 1024

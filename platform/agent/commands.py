@@ -14,6 +14,7 @@ from fogmig.platform.agent.linkprobe import LinkProbing
 from fogmig.platform.agent.status import StatusReporting, rss, service_params
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
+from fogmig.platform.base.vocabulary import Outcome, Phase
 from fogmig.platform.bus.schemas import (
     Command,
     DeployCommand,
@@ -31,7 +32,6 @@ from fogmig.platform.bus.schemas import (
 from fogmig.platform.migration.record import save_record
 from fogmig.platform.migration.source import migrate_service
 from fogmig.platform.runtime.capabilities import criu_capabilities
-from fogmig.policies.conditions import PrecopyStopRules
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class CommandHandling(StatusReporting, LinkProbing):
             raise MigrationError(
                 f"{cmd.service} does not run on {self.node}", phase="pending", migration_id="-"
             )
-        if cmd.technique in ("postcopy", "hybrid") and not criu_capabilities().postcopy:
+        if cmd.technique.lazy and not criu_capabilities().postcopy:
             raise ConfigError(f"{self.node} cannot do {cmd.technique}: no userfaultfd")
 
     async def _migrate(self, cmd: MigrateCommand) -> None:
@@ -125,7 +125,7 @@ class CommandHandling(StatusReporting, LinkProbing):
         last = 0.0
         mid_holder: dict[str, str] = {}
 
-        def progress(phase: str, done: int, total: int, rate: float) -> None:
+        def progress(phase: Phase, done: int, total: int, rate: float) -> None:
             nonlocal last
             now = time.monotonic()
             if done and now - last < 0.5:
@@ -136,7 +136,7 @@ class CommandHandling(StatusReporting, LinkProbing):
                 command_id=cmd.command_id,
                 migration_id=mid_holder.get("id", cmd.command_id),
                 service=cmd.service,
-                phase=phase,  # type: ignore[arg-type]
+                phase=phase,
                 bytes_done=done,
                 bytes_total=total,
                 rate_bytes_per_s=rate,
@@ -163,11 +163,7 @@ class CommandHandling(StatusReporting, LinkProbing):
                 technique=cmd.technique,
                 workdir_root=paths.node_dir(self.node) / "outgoing",
                 pages_registry=self.pages,
-                rules=PrecopyStopRules(
-                    max_rounds=cmd.precopy.max_rounds,
-                    min_changed_bytes=cmd.precopy.min_changed_bytes,
-                    stop_when_not_shrinking=cmd.precopy.stop_when_not_shrinking,
-                ),
+                rules=cmd.precopy,
                 compression=cmd.compression,
                 on_progress=progress,
                 migration_id=mid,
@@ -187,7 +183,7 @@ class CommandHandling(StatusReporting, LinkProbing):
                 cmd.destination,
                 record.outcome.value,
             )
-            if record.outcome.value == "rolled_back":
+            if record.outcome is Outcome.ROLLED_BACK:
                 await self._owned(cmd.service)
             else:
                 await bus.clear(topics.service(self.node, cmd.service))
@@ -199,8 +195,8 @@ class CommandHandling(StatusReporting, LinkProbing):
                     command_id=cmd.command_id,
                     migration_id=mid,
                     service=cmd.service,
-                    outcome=record.outcome.value,  # type: ignore[arg-type]
-                    record=record.model_dump(mode="json"),
+                    outcome=record.outcome,
+                    record=record,
                     error=record.error,
                 ),
             )

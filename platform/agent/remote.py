@@ -11,25 +11,27 @@ import uuid
 from typing import Any
 
 from fogmig.platform.base.errors import MigrationError, ServiceError
+from fogmig.platform.base.vocabulary import Technique
+from fogmig.platform.migration.record import MigrationRecord
 
 
 async def request_migration(
     service: str,
     destination: str,
-    technique: str,
+    technique: Technique,
     *,
     compression: bool = False,
     max_rounds: int | None = None,
     on_progress: Any = None,
     timeout: float = 900.0,
-) -> dict[str, Any]:
-    """Ask the node running ``service`` to migrate it; wait for and return the done event."""
+) -> MigrationRecord:
+    """Ask the node running ``service`` to migrate it; wait for the end and return its record."""
     from fogmig.platform.bus.client import Bus
     from fogmig.platform.bus.schemas import MigrateCommand, MigrationDone, MigrationProgress, topics
-    from fogmig.platform.bus.schemas import PrecopyRules as BusPrecopyRules
     from fogmig.platform.testbed.broker import CONTROLLER_USER
     from fogmig.platform.testbed.credentials import load_credentials
     from fogmig.platform.testbed.state import load_state
+    from fogmig.policies.conditions import PrecopyStopRules
     from fogmig.services.deploy import find_service
 
     state = load_state()
@@ -41,12 +43,12 @@ async def request_migration(
         )
     source = running[0].node
     creds = load_credentials()
-    rules = BusPrecopyRules() if max_rounds is None else BusPrecopyRules(max_rounds=max_rounds)
+    rules = PrecopyStopRules() if max_rounds is None else PrecopyStopRules(max_rounds=max_rounds)
     command = MigrateCommand(
         command_id=uuid.uuid4().hex[:12],
         service=service,
         destination=destination,
-        technique=technique,  # type: ignore[arg-type]
+        technique=technique,
         compression=compression,
         precopy=rules,
         reason="requested on the command line",
@@ -70,5 +72,5 @@ async def request_migration(
                 if isinstance(msg, MigrationProgress) and on_progress is not None:
                     on_progress(msg)
                 if isinstance(msg, MigrationDone):
-                    return dict(msg.record)
+                    return msg.record
     raise MigrationError("the bus closed before the migration ended", phase="?", migration_id="?")

@@ -16,13 +16,8 @@ from pathlib import Path
 
 from fogmig.platform.agent.state import AgentState
 from fogmig.platform.base.errors import FogmigError
-from fogmig.platform.bus.schemas import (
-    NodeCapabilities,
-    NodeStatus,
-    ServiceInfo,
-    ServicePresence,
-    topics,
-)
+from fogmig.platform.base.vocabulary import NodeCapabilities
+from fogmig.platform.bus.schemas import NodeStatus, ServiceInfo, ServicePresence, topics
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.capabilities import criu_capabilities
 

@@ -117,3 +117,15 @@ class IdentityError(SecurityError):
         "check that both ends hold certificates of the same site CA and that the address "
         "reaches the intended principal; `fogmig testbed up` issues the testbed's certificates"
     )
+
+
+class FenceError(FogmigError):
+    """A migration's fence could not be armed, extended, disarmed or read."""
+
+    hint = "see the node's fence log (<run dir>/nodes/<node>/fence.log)"
+
+
+class FenceFiredError(FenceError):
+    """The fence fired, or its lease ran out: the copy it guards is dead and must stay dead."""
+
+    hint = "the migration cannot commit any more; tombstone it (fenced)"

@@ -20,7 +20,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, NamedTuple, Self, TypeVar
+from typing import Any, Final, Self, TypeVar
 
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
@@ -30,7 +30,6 @@ from fogmig.platform.bus.schemas import (
     PREFIX,
     RETAINED_KINDS,
     BusMessage,
-    Cleared,
     Command,
     CommandAck,
     NodeStatus,
@@ -40,6 +39,9 @@ from fogmig.platform.bus.schemas import (
     parse_topic,
     topics,
 )
+from fogmig.platform.bus.subscription import Received, Subscription
+
+__all__ = ["Bus", "Received", "Subscription", "backoff_delay"]
 
 log = logging.getLogger(__name__)
 
@@ -90,20 +92,6 @@ class CommandTimeoutError(BusError):
         )
 
 
-class Received(NamedTuple):
-    """One valid message from a subscription."""
-
-    topic: str
-    message: BusMessage | Cleared
-
-
-class _End:
-    """Marks the end of a subscription's stream."""
-
-
-_END: Final = _End()
-
-
 @dataclass(slots=True)
 class _Connection:
     client: aiomqtt.Client
@@ -112,78 +100,6 @@ class _Connection:
 
 class _Lost(Exception):
     """The connection went away under a call; the caller retries on the next one."""
-
-
-class Subscription:
-    """A stream of valid messages on one topic pattern (an async iterator and context manager).
-
-    QoS 1 is at-least-once: a message may arrive twice (and retained ones again after a
-    reconnection), so consumers treat messages as idempotent updates.
-    """
-
-    def __init__(self, bus: Bus, pattern: str, maxsize: int) -> None:
-        self.pattern = pattern
-        self.dropped = 0
-        self._bus = bus
-        self._queue: asyncio.Queue[Received | _End] = asyncio.Queue(maxsize)
-        self._opened = False
-        self._closed = False
-
-    async def open(self) -> Self:
-        """Subscribe at the broker; returns once the broker has acknowledged it."""
-        if not self._opened:
-            self._opened = True
-            await self._bus._add(self)
-        return self
-
-    async def close(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._end()
-            if self._opened:
-                await self._bus._remove(self)
-
-    async def __aenter__(self) -> Self:
-        return await self.open()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        await self.close()
-
-    def __aiter__(self) -> Self:
-        return self
-
-    async def __anext__(self) -> Received:
-        if not self._opened:
-            await self.open()
-        item = await self._queue.get()
-        if isinstance(item, _End):
-            self._end()  # keep the marker for any later reader
-            raise StopAsyncIteration
-        return item
-
-    def _deliver(self, item: Received) -> None:
-        if self._closed:
-            return
-        if self._queue.full():
-            # A stalled consumer must not stall the whole bus: drop its oldest message.
-            with contextlib.suppress(asyncio.QueueEmpty):
-                self._queue.get_nowait()
-            self.dropped += 1
-            log.warning("subscription %s is full: dropped its oldest message", self.pattern)
-        self._queue.put_nowait(item)
-
-    def _end(self) -> None:
-        while True:
-            try:
-                self._queue.put_nowait(_END)
-                return
-            except asyncio.QueueFull:
-                self._queue.get_nowait()
 
 
 class Bus:

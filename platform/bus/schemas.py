@@ -29,9 +29,9 @@ from pydantic import (
 
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.nodes import NODE_NAME, SERVICE_NAME
-from fogmig.platform.migration.record import Outcome, Technique
-from fogmig.platform.migration.states import Phase
-from fogmig.policies.conditions import PrecopyStopRules
+from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome, Phase, Technique
+from fogmig.platform.migration.record import MigrationRecord
+from fogmig.policies.conditions import InvalidConditionsError, PrecopyStopRules
 
 PREFIX = "fogmig/v1"
 VERSION = 1
@@ -107,14 +107,6 @@ class ServiceInfo(_Model):
     port: Port
 
 
-class NodeCapabilities(_Model):
-    """What the node's CRIU can do (decides which techniques may target it)."""
-
-    criu_version: str | None
-    postcopy: bool
-    native_predump: bool
-
-
 class LinkMeasurement(_Model):
     """The last measurement of the data link from this node to ``peer``."""
 
@@ -142,17 +134,6 @@ class NodeStatus(_Message):
 # --- commands ----------------------------------------------------------------------------
 
 
-_STOP_DEFAULTS = PrecopyStopRules()
-
-
-class PrecopyRules(_Model):
-    """When pre-copy stops iterating and takes the final dump (defaults: the policies')."""
-
-    max_rounds: Annotated[int, Field(ge=1, le=100)] = _STOP_DEFAULTS.max_rounds
-    min_changed_bytes: Count = int(_STOP_DEFAULTS.min_changed_bytes)
-    stop_when_not_shrinking: bool = _STOP_DEFAULTS.stop_when_not_shrinking
-
-
 class MigrateCommand(_Message):
     kind: Literal["migrate"] = "migrate"
     command_id: Id
@@ -160,7 +141,7 @@ class MigrateCommand(_Message):
     destination: NodeName
     technique: Technique
     compression: bool = False
-    precopy: PrecopyRules = Field(default_factory=PrecopyRules)
+    precopy: PrecopyStopRules = Field(default_factory=PrecopyStopRules)
     reason: Text = ""
 
 
@@ -222,7 +203,8 @@ class MigrationDone(_Message):
     migration_id: Id
     service: ServiceName
     outcome: Outcome
-    record: dict[str, JsonValue] = Field(description="the migration record's JSON")
+    record: MigrationRecord
+    """The whole record; on the wire its JSON, derived totals included (and ignored on input)."""
     error: Text | None = None
 
 
@@ -554,6 +536,9 @@ def decode(
         msg: BusMessage = _ADAPTERS[ref.kind].validate_json(payload, strict=True)
     except ValidationError as exc:
         raise SchemaError(Rejection.INVALID, _summary(exc), topic=topic) from None
+    except InvalidConditionsError as exc:
+        # The policies' own checks of a value the bounds above let through.
+        raise SchemaError(Rejection.INVALID, str(exc), topic=topic) from None
     check_fits(topic, msg, known_nodes=known_nodes)
     return msg
 

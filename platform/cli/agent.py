@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -19,10 +18,13 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 
 from fogmig.platform.agent.launcher import agent_argv, agents_down, agents_up
 from fogmig.platform.agent.remote import request_migration
+from fogmig.platform.base import fmt
 from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.base.netns import running_in_netns
 from fogmig.platform.base.nodes import netns_name
+from fogmig.platform.base.vocabulary import Outcome, Technique
+from fogmig.platform.migration.record import MigrationRecord
 
 console = Console()
 
@@ -63,31 +65,56 @@ def _cmd_agents(args: argparse.Namespace) -> int:
     return 0
 
 
-def _phase(record: dict[str, Any], name: str) -> str:
+def _phase(time_s: float, transfer_time_s: float, nbytes: int) -> str:
     return (
-        f"{record[name + '_time_s']:.3f} s + transfer {record[name + '_transfer_time_s']:.3f} s,"
-        f" {record[name + '_bytes']:,} B"
+        f"{fmt.seconds(time_s)} + transfer {fmt.seconds(transfer_time_s)}, {fmt.byte_count(nbytes)}"
     )
 
 
-def _summary(record: dict[str, Any]) -> str:
+def _summary(record: MigrationRecord) -> str:
+    r = record
     rows = [
-        ("technique", record["technique"]),
-        ("outcome", record["outcome"]),
-        ("total time", f"{record['total_time_s']:.3f} s"),
-        ("downtime", f"{record['downtime_s']:.3f} s"),
-        ("pre-dump", _phase(record, "pre_dump")),
-        ("dump", _phase(record, "dump")),
-        ("resume", f"{record['resume_time_s']:.3f} s"),
+        ("technique", r.technique.value),
+        ("outcome", r.outcome.value),
+        ("total time", fmt.seconds(r.total_time_s)),
+        ("downtime", fmt.seconds(r.downtime_s)),
+        ("pre-dump", _phase(r.pre_dump_time_s, r.pre_dump_transfer_time_s, r.pre_dump_bytes)),
+        ("dump", _phase(r.dump_time_s, r.dump_transfer_time_s, r.dump_bytes)),
+        ("resume", fmt.seconds(r.resume_time_s)),
         (
             "faulted pages",
-            f"{record['faulted_pages_transfer_time_s']:.3f} s, {record['faulted_pages_bytes']:,} B",
+            f"{fmt.seconds(r.faulted_pages_transfer_time_s)}, "
+            f"{fmt.byte_count(r.faulted_pages_bytes)}",
         ),
-        ("rounds", str(len(record.get("rounds", [])))),
+        ("rounds", str(len(r.rounds))),
     ]
-    if record.get("error"):
-        rows.append(("error", f"{record['error']} (in {record.get('failed_phase')})"))
-    return "\n".join(f"{k:>14}: {v}" for k, v in rows)
+    if r.probe_rate_hz is not None:
+        rows.append(("device downtime", fmt.seconds(r.device_downtime_s)))
+        rows.append(
+            (
+                "probe",
+                f"{r.probe_sent} sent, {r.probe_answered} answered, "
+                f"{r.probe_lost} lost at {r.probe_rate_hz:g} Hz",
+            )
+        )
+    if r.error:
+        rows.append(("error", f"{r.error} (in {r.failed_phase})"))
+    return "\n".join(f"{k:>15}: {v}" for k, v in rows)
+
+
+async def _migrate_probed(args: argparse.Namespace, request: dict[str, Any]) -> MigrationRecord:
+    from fogmig.device_sim.probe import ProbeSettings
+    from fogmig.platform.apps.probed import migrate_probed
+
+    record, _ = await migrate_probed(
+        args.service,
+        args.to,
+        args.technique,
+        settings=ProbeSettings(rate_hz=args.probe_hz),
+        csv_path=args.probe_csv,
+        **request,
+    )
+    return record
 
 
 def _cmd_migrate(args: argparse.Namespace) -> int:
@@ -106,21 +133,22 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
             total = msg.bytes_total or None
             bar.update(task, description=msg.phase, completed=msg.bytes_done, total=total)
 
-        record = run_async(
-            lambda: request_migration(
-                args.service,
-                args.to,
-                args.technique,
-                compression=args.compression,
-                max_rounds=args.max_rounds,
-                on_progress=show,
+        request: dict[str, Any] = {
+            "compression": args.compression,
+            "max_rounds": args.max_rounds,
+            "on_progress": show,
+        }
+        if args.probe:
+            record = run_async(lambda: _migrate_probed(args, request))
+        else:
+            record = run_async(
+                lambda: request_migration(args.service, args.to, args.technique, **request)
             )
-        )
     if args.json:
-        print(json.dumps(record, indent=2))
+        print(record.model_dump_json(indent=2))
     else:
         console.print(_summary(record))
-    return 0 if record["outcome"] == "completed" else 1
+    return 0 if record.outcome is Outcome.COMPLETED else 1
 
 
 def register(sub: Any) -> None:
@@ -143,8 +171,16 @@ def register(sub: Any) -> None:
     p = sub.add_parser("migrate", help="migrate a running service to another node")
     p.add_argument("service")
     p.add_argument("--to", required=True, metavar="NODE")
-    p.add_argument("--technique", required=True, choices=["cold", "precopy", "postcopy", "hybrid"])
+    p.add_argument("--technique", required=True, type=Technique, choices=list(Technique))
     p.add_argument("--compression", action="store_true", help="zlib on the state transfer")
     p.add_argument("--max-rounds", type=int, default=None, help="pre-copy rounds at most")
     p.add_argument("--json", action="store_true", help="print the migration record as JSON")
+    p.add_argument(
+        "--probe",
+        action="store_true",
+        help="ping the service from the device host through a gateway during the migration "
+        "and report the downtime a device sees",
+    )
+    p.add_argument("--probe-hz", type=float, default=20.0, metavar="HZ", help="probe rate")
+    p.add_argument("--probe-csv", type=Path, metavar="FILE", help="write the probe's requests")
     p.set_defaults(func=_cmd_migrate)

@@ -49,6 +49,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         roams=args.roams,
         seed=args.seed,
         settle_timeout_s=args.settle_timeout,
+        probe_hz=args.probe_hz,
     )
     if not console.is_terminal:
         console.width = max(console.width, 120)  # a log or a pipe: room for the tables
@@ -116,6 +117,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--roams", type=int, default=None, metavar="N", help="per device")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--probe-hz",
+        type=float,
+        default=20.0,
+        metavar="HZ",
+        help="pings a second of each service's probe device (0: no probes), default 20",
+    )
     p.add_argument(
         "--settle-timeout",
         type=float,

@@ -26,6 +26,7 @@ from fogmig.device_sim.run import (
     run_device_sim,
 )
 from fogmig.device_sim.summary import format_summary
+from fogmig.platform.base import fmt
 from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.base.netns import running_in_netns
@@ -102,7 +103,7 @@ def _describe(event: FleetEvent) -> str | None:
             return f"{event.device} roamed {event.from_gateway} -> {event.to_gateway}"
         case Outage():
             return (
-                f"{event.device} saw {event.service} down {event.downtime_s:.3f} s "
+                f"{event.device} saw {event.service} down {fmt.seconds(event.downtime_s)} "
                 f"({event.failed} failed request(s), {event.gateway_before} -> "
                 f"{event.gateway_after})"
             )
@@ -119,7 +120,7 @@ def _describe(event: FleetEvent) -> str | None:
         case MigrationSeen():
             return (
                 f"migration of {event.service} {event.source} -> {event.destination} "
-                f"({event.technique}): {event.outcome}, downtime {event.downtime_s:.3f} s"
+                f"({event.technique}): {event.outcome}, downtime {fmt.seconds(event.downtime_s)}"
             )
     return None
 

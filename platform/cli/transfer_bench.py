@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from fogmig.platform.apps.bench.transfer import ModeRuns, Security, run_transfer_bench
+from fogmig.platform.base import fmt
 
 
 def _label(result: ModeRuns) -> str:
@@ -31,9 +32,9 @@ def _print_mode(result: ModeRuns) -> None:
     label = _label(result)
     for r in runs:
         print(
-            f"{label}: {r.files} files, {r.bytes / 1e6:.1f} MB in {r.seconds:.3f} s"
+            f"{label}: {r.files} files, {fmt.megabytes(r.bytes)} in {fmt.seconds(r.seconds)}"
             f" = {r.mbytes_per_second:.1f} MB/s"
-            f" ({r.wire_bytes / 1e6:.1f} MB on the wire)"
+            f" ({fmt.megabytes(r.wire_bytes)} on the wire)"
         )
     print(
         f"{label}: median {_median(result):.1f} MB/s, "

@@ -7,6 +7,7 @@ to the bus lives in ``fogmig.platform.controller.runner``.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import time
@@ -14,7 +15,9 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
+from fogmig.platform.base import fmt
 from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.vocabulary import Outcome
 from fogmig.platform.bus.schemas import (
     DeviceAttach,
     MigrationDone,
@@ -32,7 +35,7 @@ from fogmig.platform.controller.actions import (
 from fogmig.platform.controller.config import OBJECTIVES, ControllerConfig, Trigger
 from fogmig.platform.controller.decide import decide_move
 from fogmig.platform.controller.registry import Registry
-from fogmig.platform.migration.record import Outcome
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.policies import placement
 
 _TRIGGERS: Final[dict[placement.MoveReason, Trigger]] = {
@@ -42,12 +45,17 @@ _TRIGGERS: Final[dict[placement.MoveReason, Trigger]] = {
 }
 
 
-def _measured(record: dict[str, Any]) -> dict[str, float | None]:
-    out: dict[str, float | None] = {}
-    for key in ("downtime_s", "total_time_s", "transferred_bytes"):
-        value = record.get(key)
-        out[key] = float(value) if isinstance(value, int | float) else None
-    return out
+def _measured(record: MigrationRecord) -> dict[str, float | None]:
+    return {
+        "downtime_s": record.downtime_s,
+        "total_time_s": record.total_time_s,
+        "transferred_bytes": float(record.transferred_bytes),
+    }
+
+
+# A figure the decision did not predict reads "?" in the controller's lines.
+_time = functools.partial(fmt.duration, missing="?")
+_size = functools.partial(fmt.megabytes, missing="?")
 
 
 def _compare(predicted: dict[str, Any], measured: dict[str, float | None]) -> dict[str, Any]:
@@ -62,16 +70,6 @@ def _compare(predicted: dict[str, Any], measured: dict[str, float | None]) -> di
             "ratio": None if p is None or m is None or p == 0 else m / p,
         }
     return out
-
-
-def _fmt_time(x: float | None) -> str:
-    if x is None:
-        return "?"
-    return f"{x:.2f} s" if x >= 1 else f"{x * 1000:.0f} ms"
-
-
-def _fmt_bytes(x: float | None) -> str:
-    return "?" if x is None else f"{x / 1e6:.1f} MB"
 
 
 class ControllerCore:
@@ -187,9 +185,9 @@ class ControllerCore:
         service = msg.service
         f = self.inflight.get(service)
         mine = f is not None and f.command.command_id == msg.command_id
-        record: dict[str, Any] = dict(msg.record)
-        destination = f.destination if f is not None and mine else record.get("destination")
-        if msg.outcome is Outcome.COMPLETED and isinstance(destination, str):
+        record = msg.record
+        destination = f.destination if f is not None and mine else record.destination
+        if msg.outcome is Outcome.COMPLETED:
             self.registry.note_moved(service, destination, self._wall())
         self._recheck.add(service)
         measured = _measured(record)
@@ -212,13 +210,13 @@ class ControllerCore:
         comparison = _compare(predicted, measured)
         line = (
             f"{service} {f.source} -> {f.destination} {f.command.technique} "
-            f"{msg.outcome.value} in {_fmt_time(measured['total_time_s'])}: downtime "
-            f"{_fmt_time(measured['downtime_s'])} (predicted "
-            f"{_fmt_time(comparison['downtime_s']['predicted'])}), total "
-            f"{_fmt_time(measured['total_time_s'])} (predicted "
-            f"{_fmt_time(comparison['total_time_s']['predicted'])}), "
-            f"{_fmt_bytes(measured['transferred_bytes'])} (predicted "
-            f"{_fmt_bytes(comparison['transferred_bytes']['predicted'])})"
+            f"{msg.outcome.value} in {_time(measured['total_time_s'])}: downtime "
+            f"{_time(measured['downtime_s'])} (predicted "
+            f"{_time(comparison['downtime_s']['predicted'])}), total "
+            f"{_time(measured['total_time_s'])} (predicted "
+            f"{_time(comparison['total_time_s']['predicted'])}), "
+            f"{_size(measured['transferred_bytes'])} (predicted "
+            f"{_size(comparison['transferred_bytes']['predicted'])})"
         )
         if msg.error:
             line += f"; error: {msg.error}"
@@ -471,8 +469,8 @@ class ControllerCore:
         event = self._event(
             EventKind.DECISION,
             f"{move.trigger}: {service} {source} -> {target} by {technique} "
-            f"(predicted downtime {_fmt_time(p.downtime)}, total {_fmt_time(p.total_time)}, "
-            f"{_fmt_bytes(p.transferred_bytes)}): {move.detail}",
+            f"(predicted downtime {_time(p.downtime)}, total {_time(p.total_time)}, "
+            f"{_size(p.transferred_bytes)}): {move.detail}",
             service=service,
             node=source,
             command_id=command.command_id,

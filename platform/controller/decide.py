@@ -8,42 +8,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Final
 
-from fogmig.platform.bus.schemas import (
-    Decision,
-    MigrateCommand,
-    NodeStatus,
-    PrecopyRules,
-    ServiceInfo,
-)
+from fogmig.platform.bus.schemas import Decision, MigrateCommand, NodeStatus, ServiceInfo
 from fogmig.platform.controller.actions import PendingMove
 from fogmig.platform.controller.config import ControllerConfig
-from fogmig.platform.migration.record import Technique
 from fogmig.policies.choice import Decision as TechniqueDecision
 from fogmig.policies.choice import choose_technique
-from fogmig.policies.conditions import (
-    LinkConditions,
-    NodeCapabilities,
-    Objective,
-    ServiceConditions,
-)
-from fogmig.policies.conditions import Technique as PolicyTechnique
+from fogmig.policies.conditions import LinkConditions, Objective, ServiceConditions
 from fogmig.policies.costmodel import Prediction
 
-_WIRE_TECHNIQUE: Final[dict[PolicyTechnique, Technique]] = {
-    PolicyTechnique.COLD: "cold",
-    PolicyTechnique.PRECOPY: "precopy",
-    PolicyTechnique.POSTCOPY: "postcopy",
-    PolicyTechnique.HYBRID: "hybrid",
-}
-
-_TEXT_MAX = 4096  # the bus's limit for free text
-
-
-def _caps(status: NodeStatus) -> NodeCapabilities:
-    return NodeCapabilities(
-        postcopy=status.capabilities.postcopy,
-        native_predump=status.capabilities.native_predump,
-    )
+_TEXT_MAX: Final = 4096  # the bus's limit for free text
 
 
 def _numbers(p: Prediction) -> dict[str, float]:
@@ -86,7 +59,9 @@ def decide_move(
         if m.peer == target and m.throughput_bytes_per_s > 0:
             link = LinkConditions(throughput_bytes_per_s=m.throughput_bytes_per_s, rtt_s=m.rtt_s)
             link_source = "measured"
-    choice = choose_technique(conditions, link, _caps(src), _caps(dst), objective, cfg.stop_rules)
+    choice = choose_technique(
+        conditions, link, src.capabilities, dst.capabilities, objective, cfg.stop_rules
+    )
     reason = _clip(f"{move.detail}; {choice.reason}")
     predicted: dict[str, Any] = {
         **_numbers(choice.prediction),
@@ -101,19 +76,14 @@ def decide_move(
             "service_source": "status" if info is not None else "default",
         },
     }
-    technique = _WIRE_TECHNIQUE[choice.technique]
-    rules = cfg.stop_rules
+    technique = choice.technique
     command = MigrateCommand(
         command_id=new_id(),
         service=service,
         destination=target,
         technique=technique,
         compression=cfg.compression,
-        precopy=PrecopyRules(
-            max_rounds=min(rules.max_rounds, 100),
-            min_changed_bytes=rules.min_changed_bytes,
-            stop_when_not_shrinking=rules.stop_when_not_shrinking,
-        ),
+        precopy=cfg.stop_rules,
         reason=reason,
     )
     decision = Decision(

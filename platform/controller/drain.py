@@ -63,7 +63,7 @@ class DrainWatch:
                 self.migrating.pop(msg.command_id, None)
             case MigrationDone() if msg.node == self.node:
                 self.migrating.pop(msg.command_id, None)
-                where = msg.record.get("destination", "?")
+                where = msg.record.destination
                 return [f"{msg.service} left {self.node} for {where}: {msg.outcome.value}"]
             case Decision() if msg.source == self.node:
                 return [f"moving {msg.service} to {msg.destination} by {msg.technique}"]

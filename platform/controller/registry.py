@@ -83,7 +83,7 @@ class Registry:
         self.attachments: dict[str, Attachment] = {}
         self._claims: dict[str, _Claims] = {}
         self._device_of: dict[str, str] = {}  # service -> the device that last named it
-        self._snapshot: list[placement.NodeStatus] | None = None
+        self._snapshot: list[placement.NodeSnapshot] | None = None
 
     # --- updates ---------------------------------------------------------------------
 
@@ -197,11 +197,11 @@ class Registry:
     def services_on(self, node: str) -> list[str]:
         return sorted(name for name in self._claims if self.location(name) == node)
 
-    def node_snapshot(self) -> list[placement.NodeStatus]:
+    def node_snapshot(self) -> list[placement.NodeSnapshot]:
         """The nodes as the placement policies see them (cached until the next status)."""
         if self._snapshot is None:
             self._snapshot = [
-                placement.NodeStatus(
+                placement.NodeSnapshot(
                     name=s.node,
                     load=s.load,
                     mem_free_bytes=s.mem_free_bytes,

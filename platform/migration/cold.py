@@ -6,8 +6,8 @@ destination resumes it.
 
 from __future__ import annotations
 
+from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.migration.engine import MigrationContext, timed
-from fogmig.platform.migration.states import Phase
 
 
 async def migrate(ctx: MigrationContext) -> None:

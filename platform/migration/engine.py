@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from fogmig.platform.base.errors import FogmigError, MigrationError
+from fogmig.platform.base.vocabulary import Outcome, Phase
 from fogmig.platform.migration.ports import PeerPort, ProgressFn, SentResult, SourcePort
-from fogmig.platform.migration.record import MigrationRecord, Outcome
-from fogmig.platform.migration.states import MigrationStateMachine, Phase
+from fogmig.platform.migration.record import MigrationRecord
+from fogmig.platform.migration.states import MigrationStateMachine
 from fogmig.policies.conditions import PrecopyStopRules, StopReason
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def stop_after(rules: PrecopyStopRules, changed: list[int]) -> StopReason | None
     )
 
 
-ProgressEvent = Callable[[str, int, int, float], None]
+ProgressEvent = Callable[[Phase, int, int, float], None]
 """(phase, bytes_done, bytes_total, rate_bytes_per_s)."""
 
 
@@ -74,10 +75,10 @@ class MigrationContext:
 
     def enter(self, phase: Phase) -> None:
         self.machine.advance(phase)
-        self.record.mark(phase.value, time.time())
+        self.record.mark(phase, time.time())
         log.info("migration %s: %s", self.migration_id, phase.value)
         if self.on_progress is not None:
-            self.on_progress(phase.value, 0, 0, 0.0)
+            self.on_progress(phase, 0, 0, 0.0)
 
     async def call(
         self, op: str, params: Mapping[str, object] | None = None, *, timeout: float | None = None
@@ -114,7 +115,7 @@ class MigrationContext:
         def report(done: int, total: int) -> None:
             if self.on_progress is not None:
                 elapsed = max(time.monotonic() - started, 1e-6)
-                self.on_progress(phase.value, done, total, done / elapsed)
+                self.on_progress(phase, done, total, done / elapsed)
 
         return report
 
@@ -125,10 +126,11 @@ async def timed(coro: Awaitable[object]) -> float:
     return time.monotonic() - started
 
 
-Technique = Callable[[MigrationContext], Awaitable[None]]
+TechniqueRun = Callable[[MigrationContext], Awaitable[None]]
+"""One technique's moves (``cold.migrate``, ``precopy.migrate`` ...), run under the engine."""
 
 
-async def run_migration(ctx: MigrationContext, technique: Technique) -> MigrationRecord:
+async def run_migration(ctx: MigrationContext, technique: TechniqueRun) -> MigrationRecord:
     """Run ``technique`` under the state machine and return the finished record.
 
     Raises nothing for a migration failure: the record's ``outcome`` says what happened
@@ -136,7 +138,7 @@ async def run_migration(ctx: MigrationContext, technique: Technique) -> Migratio
     """
     record = ctx.record
     record.started_at = time.time()
-    record.mark(Phase.PENDING.value, record.started_at)
+    record.mark(Phase.PENDING, record.started_at)
     try:
         await technique(ctx)
         if ctx.machine.phase is Phase.COMMITTED:
@@ -170,7 +172,7 @@ def _describe(exc: BaseException) -> str:
 async def _roll_back(ctx: MigrationContext) -> None:
     """Before the point of no return: destination drops its copy, service stays on source."""
     record = ctx.record
-    record.mark(Phase.ROLLING_BACK.value, time.time())
+    record.mark(Phase.ROLLING_BACK, time.time())
     try:
         # The destination kills whatever it started and removes its files.
         await ctx.call("abort", timeout=10.0)
@@ -188,7 +190,7 @@ async def _roll_back(ctx: MigrationContext) -> None:
         ctx.source.stop_serving_pages(ctx.migration_id)
         ctx.machine.rolled_back()
         record.outcome = Outcome.ROLLED_BACK
-        record.mark(Phase.ROLLED_BACK.value, time.time())
+        record.mark(Phase.ROLLED_BACK, time.time())
     except (FogmigError, OSError, TimeoutError) as exc:
         ctx.machine.fail()
         record.outcome = Outcome.FAILED_AFTER_COMMIT

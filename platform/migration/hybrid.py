@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 import time
 
+from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.migration.delta.compute import compute_delta
 from fogmig.platform.migration.engine import MigrationContext
 from fogmig.platform.migration.postcopy import lazy_dump, restore_and_fault_in
 from fogmig.platform.migration.precopy import precopy_rounds
 from fogmig.platform.migration.record import Round
-from fogmig.platform.migration.states import Phase
 
 CHANGED_FILE = "fogmig-changed-pages.json"
 

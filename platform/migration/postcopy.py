@@ -13,10 +13,10 @@ import asyncio
 import time
 from pathlib import Path
 
+from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.migration.engine import MigrationContext, timed
 from fogmig.platform.migration.lazy.errors import LazyPagesError
 from fogmig.platform.migration.lazy.layout import convert_to_lazy_layout
-from fogmig.platform.migration.states import Phase
 
 LAZY_POLL_S = 0.5
 
@@ -50,7 +50,7 @@ async def restore_and_fault_in(ctx: MigrationContext, restore_params: dict[str, 
         if ctx.on_progress is not None:
             done = int(str(status.get("remote_bytes", 0)))
             ctx.on_progress(
-                Phase.LAZY_PAGES.value,
+                Phase.LAZY_PAGES,
                 done,
                 record.state_bytes,
                 done / max(time.monotonic() - lazy_started, 1e-6),

@@ -13,12 +13,11 @@ import shutil
 import time
 from pathlib import Path
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE, Phase
 from fogmig.platform.migration.delta.save import WrittenDelta, write_delta
 from fogmig.platform.migration.engine import MigrationContext, stop_after, timed
 from fogmig.platform.migration.ports import DumpResult
 from fogmig.platform.migration.record import Round
-from fogmig.platform.migration.states import Phase
-from fogmig.platform.runtime.pagemap import PAGE_SIZE
 
 
 async def precopy_rounds(ctx: MigrationContext) -> Path:

@@ -9,23 +9,12 @@ from __future__ import annotations
 
 import csv
 import json
-from enum import StrEnum
+import time
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
-Technique = Literal["cold", "precopy", "postcopy", "hybrid"]
-TECHNIQUES: tuple[Technique, ...] = ("cold", "precopy", "postcopy", "hybrid")
-
-
-class Outcome(StrEnum):
-    """How a migration ended."""
-
-    COMPLETED = "completed"  # the destination owns the service, the source is clean
-    ROLLED_BACK = "rolled_back"  # failed before the point of no return: service kept on source
-    FAILED_AFTER_COMMIT = "failed_after_commit"  # failed after it: see ``error``
-    RUNNING = "running"
+from fogmig.platform.base.vocabulary import Outcome, Phase, Technique
 
 
 class Round(BaseModel):
@@ -47,7 +36,7 @@ class Round(BaseModel):
 class PhaseTimestamp(BaseModel):
     model_config = ConfigDict(frozen=True)
 
-    phase: str
+    phase: Phase
     at: float = Field(description="UNIX time when the phase began")
 
 
@@ -62,6 +51,7 @@ class MigrationRecord(BaseModel):
     outcome: Outcome = Outcome.RUNNING
     error: str | None = None
     failed_phase: str | None = None
+    """The phase the failure happened in (or ``connect``: before the first phase's call)."""
     compression: bool = False
 
     # The paper's nine metrics.
@@ -89,6 +79,15 @@ class MigrationRecord(BaseModel):
     started_at: float = 0.0
     finished_at: float = 0.0
     phases: list[PhaseTimestamp] = Field(default_factory=list)
+
+    # What a probe device saw from started_at to finished_at; None: no probe ran.
+    device_downtime_s: float | None = Field(
+        default=None, description="longest gap between the probe's answers, minus its interval"
+    )
+    probe_rate_hz: float | None = None
+    probe_sent: int | None = Field(default=None, description="probe requests sent in the window")
+    probe_answered: int | None = None
+    probe_lost: int | None = None
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -122,7 +121,7 @@ class MigrationRecord(BaseModel):
             return 0.0
         return self.finished_at - self.started_at
 
-    def mark(self, phase: str, at: float) -> None:
+    def mark(self, phase: Phase, at: float) -> None:
         self.phases.append(PhaseTimestamp(phase=phase, at=at))
 
     def to_json(self) -> str:
@@ -142,6 +141,12 @@ def save_record(record: MigrationRecord, directory: Path) -> Path:
     path.write_text(record.to_json())
     row = record.csv_row()
     csv_path = directory / "migrations.csv"
+    if csv_path.exists():
+        with csv_path.open(newline="") as fh:
+            header = next(csv.reader(fh), None)
+        if header != list(row):
+            # Written with other columns (by an older fogmig): kept aside, not misaligned.
+            csv_path.replace(directory / f"migrations-{time.strftime('%Y%m%dT%H%M%S')}.csv")
     new = not csv_path.exists()
     with csv_path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(row))

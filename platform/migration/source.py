@@ -21,17 +21,17 @@ from fogmig.platform.base.errors import (
     FogmigError,
     MigrationError,
 )
+from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.migration import cold, hybrid, postcopy, precopy
 from fogmig.platform.migration.engine import (
     MigrationContext,
     ProgressEvent,
-    Technique,
+    TechniqueRun,
     run_migration,
 )
 from fogmig.platform.migration.lazy.sources import LocalImagePages
 from fogmig.platform.migration.ports import DumpResult, ProgressFn, SentResult
-from fogmig.platform.migration.record import MigrationRecord, Outcome
-from fogmig.platform.migration.record import Technique as TechniqueName
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import remove_tree
@@ -41,11 +41,11 @@ from fogmig.policies.conditions import PrecopyStopRules
 
 log = logging.getLogger(__name__)
 
-TECHNIQUES: dict[TechniqueName, Technique] = {
-    "cold": cold.migrate,
-    "precopy": precopy.migrate,
-    "postcopy": postcopy.migrate,
-    "hybrid": hybrid.migrate,
+TECHNIQUES: dict[Technique, TechniqueRun] = {
+    Technique.COLD: cold.migrate,
+    Technique.PRECOPY: precopy.migrate,
+    Technique.POSTCOPY: postcopy.migrate,
+    Technique.HYBRID: hybrid.migrate,
 }
 
 
@@ -142,7 +142,7 @@ async def migrate_service(
     destination_ip: str,
     transfer_port: int,
     security: ChannelSecurity,
-    technique: TechniqueName,
+    technique: Technique,
     workdir_root: Path,
     pages_registry: dict[str, Any],
     rules: PrecopyStopRules | None = None,

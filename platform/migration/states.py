@@ -21,26 +21,8 @@ only cleans up, and a cleanup failure never brings the service back to the sourc
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import StrEnum
 
-from fogmig.platform.migration.record import Technique
-
-
-class Phase(StrEnum):
-    PENDING = "pending"
-    PREPARING = "preparing"  # destination told, directory and bundle ready
-    PRECOPY = "precopy"  # leave-running rounds (pre-copy, hybrid)
-    DUMPING = "dumping"  # service frozen and dumped on the source (downtime starts)
-    TRANSFERRING = "transferring"  # the dump crosses the link
-    RESTORING = "restoring"  # restore at the destination
-    LAZY_PAGES = "lazy_pages"  # destination runs; pages still arriving (post-copy, hybrid)
-    COMMITTED = "committed"  # point of no return passed: destination owns the service
-    CLEANING_UP = "cleaning_up"
-    DONE = "done"
-    ROLLING_BACK = "rolling_back"
-    ROLLED_BACK = "rolled_back"
-    FAILED = "failed"  # failed after the point of no return
-
+from fogmig.platform.base.vocabulary import Phase, Technique
 
 TERMINAL = frozenset({Phase.DONE, Phase.ROLLED_BACK, Phase.FAILED})
 BEFORE_COMMIT = frozenset(
@@ -73,10 +55,7 @@ def _path(*, precopy: bool, lazy: bool) -> tuple[Phase, ...]:
 
 
 _FORWARD: dict[Technique, tuple[Phase, ...]] = {
-    "cold": _path(precopy=False, lazy=False),
-    "precopy": _path(precopy=True, lazy=False),
-    "postcopy": _path(precopy=False, lazy=True),
-    "hybrid": _path(precopy=True, lazy=True),
+    t: _path(precopy=t.precopy_rounds, lazy=t.lazy) for t in Technique
 }
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.runtime.image import (
     IMG_COMMON_MAGIC,
     PAGEMAP_MAGIC,
@@ -23,7 +24,6 @@ from fogmig.platform.runtime.image import (
     write_image,
 )
 
-PAGE_SIZE = 4096
 PAGEMAP_MAGICS = (IMG_COMMON_MAGIC, PAGEMAP_MAGIC)
 
 # criu/include/pagemap.h

@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from fogmig.platform.base.errors import BusError, ServiceError, UnknownNodeError
+from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome, Phase, Technique
 from fogmig.platform.bus.client import (
     Bus,
     CommandRejectedError,
@@ -43,7 +44,6 @@ from fogmig.platform.bus.schemas import (
     MigrateCommand,
     MigrationDone,
     MigrationProgress,
-    NodeCapabilities,
     NodeStatus,
     Rejection,
     SchemaError,
@@ -55,8 +55,7 @@ from fogmig.platform.bus.schemas import (
     reject,
     topics,
 )
-from fogmig.platform.migration.record import Outcome
-from fogmig.platform.migration.states import Phase
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.testbed.broker import CONTROLLER_USER, acl_rules, render_acl
 
 pytestmark = [
@@ -246,7 +245,15 @@ async def test_round_trip_of_every_model(broker: Broker) -> None:
                 migration_id="m1",
                 service="sensor",
                 outcome=Outcome.COMPLETED,
-                record={"downtime_s": 0.5, "rounds": [{"index": 0}]},
+                record=MigrationRecord(
+                    migration_id="m1",
+                    service="sensor",
+                    source="gw1",
+                    destination="gw2",
+                    technique=Technique.COLD,
+                    outcome=Outcome.COMPLETED,
+                    dump_time_s=0.5,
+                ),
             ),
         ),
         (
@@ -289,7 +296,8 @@ async def test_round_trip_of_every_model(broker: Broker) -> None:
 WILL_CLIENT = """
 import asyncio, sys, time
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import NodeCapabilities, NodeStatus, topics
+from fogmig.platform.base.vocabulary import NodeCapabilities
+from fogmig.platform.bus.schemas import NodeStatus, topics
 
 def status(online):
     return NodeStatus(node="gw1", online=online, at=time.time(), load=0.1, mem_total_bytes=1,

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from fogmig.platform.apps.bench.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
+from fogmig.platform.base.vocabulary import NodeCapabilities
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import Decision, DeviceAttach, MigrateCommand, topics
 from fogmig.platform.controller.access import open_testbed_bus
@@ -32,7 +33,7 @@ from fogmig.platform.controller.runner import Controller
 from fogmig.platform.testbed.broker import CONTROLLER_USER
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.policies.choice import choose_technique
-from fogmig.policies.conditions import NodeCapabilities, ServiceConditions
+from fogmig.policies.conditions import ServiceConditions
 from fogmig.services.deploy import ServiceSpec, deploy, find_service, undeploy
 
 pytestmark = [

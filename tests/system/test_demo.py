@@ -121,6 +121,12 @@ async def test_short_demo_passes_and_cleans_up(lease: None, tmp_path: Path) -> N
         assert m["technique"] in ("cold", "precopy", "postcopy", "hybrid")
         assert m["downtime_s"] > 0
         assert m["predicted_downtime_s"] is not None
+        # The service's probe (20 Hz through its device's gateway) saw the service on both
+        # sides of the migration.
+        assert m["probe"]["sent"] > 0
+        assert m["probe"]["downtime_s"] is not None
+    for service in ("s0", "s1"):
+        assert (out / "probes" / f"{service}.csv").read_text().startswith("seq,")
     continuity = summary["continuity"]
     assert continuity["failed"] == 0
     assert continuity["passed"] >= 2

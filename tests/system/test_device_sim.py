@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 
 from fogmig.device_sim.device import DeviceConfig, RequestSettings
-from fogmig.device_sim.events import FleetEvent, Outcome, RequestKind, RequestRecord
+from fogmig.device_sim.events import FleetEvent, RequestKind, RequestOutcome, RequestRecord
 from fogmig.device_sim.fleet import DeviceFleet
 from fogmig.device_sim.roaming import Hop, Schedule
 from fogmig.device_sim.timeline import read_timeline
 from fogmig.platform.base.errors import TestbedError
 from fogmig.platform.base.proc import in_netns, run
+from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.client import Bus, Subscription
 from fogmig.platform.bus.schemas import DeviceAttach, topics
 from fogmig.platform.testbed import lifecycle
@@ -188,7 +189,7 @@ async def test_library_roams_away_from_the_service_and_back(
     assert 1.8 < outage.downtime_s < 3.0
     failed = [r for r in fleet.devices[0].records if r.request is RequestKind.POST and not r.ok]
     assert {r.gateway for r in failed} == {"gw2"}
-    assert all(r.outcome in (Outcome.ERROR, Outcome.TIMEOUT) for r in failed)
+    assert all(r.outcome in (RequestOutcome.ERROR, RequestOutcome.TIMEOUT) for r in failed)
     c = summary.continuity
     assert (c.failed, c.unverified) == (0, 0)
     assert c.passed >= 2  # after the outage and at the end
@@ -263,26 +264,26 @@ async def test_fleet_measures_a_migration_as_its_device_sees_it(
             )
             running = asyncio.create_task(fleet.run())
             await asyncio.sleep(1.5)
-            record = await request_migration("s1", "gw2", "cold", timeout=120)
+            record = await request_migration("s1", "gw2", Technique.COLD, timeout=120)
             await asyncio.wait_for(back_on_gw2.wait(), 15)
             await asyncio.sleep(0.5)
             fleet.stop()
             summary = await running
     finally:
         await agents_down()
-    print(json.dumps({"record_downtime_s": record["downtime_s"], "total": record["total_time_s"]}))
+    print(json.dumps({"record_downtime_s": record.downtime_s, "total": record.total_time_s}))
     print(summary.model_dump_json(include={"stats", "outages", "migrations", "continuity"}))
-    assert record["outcome"] == "completed"
+    assert record.outcome is Outcome.COMPLETED
     (seen,) = summary.migrations
     assert (seen.migration_id, seen.technique, seen.destination) == (
-        record["migration_id"],
+        record.migration_id,
         "cold",
         "gw2",
     )
-    assert seen.platform_downtime_s == pytest.approx(record["downtime_s"])
+    assert seen.platform_downtime_s == pytest.approx(record.downtime_s)
     observed = seen.observed_downtime_s["d1"]
     assert observed is not None
-    assert observed >= record["downtime_s"]
+    assert observed >= record.downtime_s
     assert summary.outages
     assert max(o.downtime_s for o in summary.outages) == pytest.approx(observed)
     c = summary.continuity

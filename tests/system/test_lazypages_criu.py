@@ -24,6 +24,7 @@ import pytest
 
 from fogmig.platform.base.errors import CriuError, TransferError
 from fogmig.platform.base.proc import run, run_sync
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.daemon import (
     LazyPagesDaemon,
 )
@@ -48,7 +49,7 @@ from fogmig.platform.migration.lazy.verdict import (
     LazyPagesOutcome,
 )
 from fogmig.platform.runtime.capabilities import criu_capabilities
-from fogmig.platform.runtime.pagemap import PAGE_SIZE, load_pages, read_pagemaps
+from fogmig.platform.runtime.pagemap import load_pages, read_pagemaps
 from fogmig.platform.runtime.workdir import remove_tree
 
 pytestmark = [

@@ -1,7 +1,9 @@
 """Live migration between testbed nodes with real runc, CRIU, agents and emulated links.
 
 A device keeps posting readings while the service moves; afterwards the service's counter and
-running hash must equal the device's own ledger: no update lost, none applied twice.
+running hash must equal the device's own ledger: no update lost, none applied twice. One
+migration also runs with a probe device pinging the service through its gateway at 20 Hz: the
+downtime it sees must stay close to the one the node measured.
 """
 
 from __future__ import annotations
@@ -16,9 +18,12 @@ from typing import Any
 
 import pytest
 
+from fogmig.device_sim.probe import ProbeSettings
 from fogmig.platform.agent.launcher import agents_dir, agents_up
 from fogmig.platform.agent.remote import request_migration
-from fogmig.platform.migration.record import MigrationRecord, Outcome
+from fogmig.platform.apps.probed import migrate_probed
+from fogmig.platform.base.vocabulary import Outcome, Technique
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.testbed.links import cut_link, restore_link
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.services.client import DeviceLedger, SensorClient, ServiceUnreachableError
@@ -103,9 +108,15 @@ async def service(
             await undeploy(name)
 
 
-async def migrate(name: str, to: str, technique: str, **kw: Any) -> MigrationRecord:
-    doc = await request_migration(name, to, technique, **kw)
-    return MigrationRecord.model_validate(doc)
+async def migrate(
+    name: str, to: str, technique: str, *, probe: bool = False, **kw: Any
+) -> MigrationRecord:
+    if probe:
+        record, _ = await migrate_probed(
+            name, to, Technique(technique), settings=ProbeSettings(rate_hz=20.0), **kw
+        )
+        return record
+    return await request_migration(name, to, Technique(technique), **kw)
 
 
 async def running_on(name: str) -> list[str]:
@@ -123,8 +134,9 @@ def assert_adds_up(r: MigrationRecord) -> None:
 async def test_technique_moves_the_service_with_its_state(
     testbed: TestbedState, technique: str
 ) -> None:
+    probed = technique == "cold"
     async with service(testbed, f"m-{technique}") as device:
-        record = await migrate(device.service, "gw2", technique)
+        record = await migrate(device.service, "gw2", technique, probe=probed)
         assert record.outcome is Outcome.COMPLETED, record.error
         await asyncio.sleep(1.0)  # the device finds the service at its new node
         assert await running_on(device.service) == ["gw2"]
@@ -143,6 +155,20 @@ async def test_technique_moves_the_service_with_its_state(
     if technique == "cold":
         assert record.dump_bytes >= state_bytes
         assert record.total_time_s == pytest.approx(record.downtime_s)
+    if probed:
+        # The probe asked the source's gateway, which forwards to gw2 once the service left.
+        print(
+            f"node downtime {record.downtime_s:.3f} s, device downtime "
+            f"{record.device_downtime_s} s, probe {record.probe_sent} sent, "
+            f"{record.probe_lost} lost"
+        )
+        assert record.probe_rate_hz == pytest.approx(20.0)
+        assert record.probe_sent is not None
+        assert record.probe_sent > 0
+        assert record.device_downtime_s is not None
+        assert record.device_downtime_s <= record.downtime_s + 1.0
+    else:
+        assert record.device_downtime_s is None
 
 
 async def test_precopy_final_dump_follows_the_dirty_rate(testbed: TestbedState) -> None:

@@ -14,12 +14,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fogmig.platform.base.errors import BusError, ConfigError
+from fogmig.platform.base.vocabulary import NodeCapabilities
 from fogmig.platform.bus.client import Bus, Received, Subscription, backoff_delay
 from fogmig.platform.bus.schemas import (
     PREFIX,
     Cleared,
     CommandAck,
-    NodeCapabilities,
     NodeStatus,
     Rejection,
     SchemaError,

@@ -6,17 +6,16 @@ import json
 
 import pytest
 
+from fogmig.platform.base.vocabulary import NodeCapabilities, Technique
 from fogmig.policies.choice import choose_technique, feasible_techniques
 from fogmig.policies.conditions import (
     MB,
     PAPER_CONFIGURATIONS,
     LinkConditions,
     Metric,
-    NodeCapabilities,
     Objective,
     PrecopyStopRules,
     ServiceConditions,
-    Technique,
     Tolerance,
 )
 from fogmig.policies.costmodel import CostConstants

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome, Technique
 from fogmig.platform.bus.schemas import (
     CommandAck,
     Decision,
@@ -17,7 +18,6 @@ from fogmig.platform.bus.schemas import (
     LinkMeasurement,
     MigrateCommand,
     MigrationDone,
-    NodeCapabilities,
     NodeStatus,
     ServiceInfo,
     ServicePresence,
@@ -29,10 +29,9 @@ from fogmig.platform.controller.actions import Action, ControllerEvent, EventKin
 from fogmig.platform.controller.config import ControllerConfig
 from fogmig.platform.controller.core import ControllerCore
 from fogmig.platform.controller.drain import DrainWatch
-from fogmig.platform.migration.record import MigrationRecord, Outcome
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.policies.choice import choose_technique
 from fogmig.policies.conditions import LinkConditions, Objective, ServiceConditions
-from fogmig.policies.conditions import NodeCapabilities as PolicyCaps
 
 MB = 1_000_000
 LINK = LinkConditions.from_mbit(11.34, 122.95)
@@ -123,7 +122,7 @@ class World:
             migration_id=record.migration_id,
             service=cmd.service,
             outcome=outcome,
-            record=record.model_dump(mode="json"),
+            record=record,
             error=None if outcome is Outcome.COMPLETED else "restore failed",
         )
         return self.core.on_done(msg, now) + self.core.tick(now)
@@ -171,8 +170,8 @@ def test_attach_to_another_gateway_migrates_after_the_debounce(world: World) -> 
     expected = choose_technique(
         ServiceConditions(state_bytes=4 * MB, dirty_rate_bytes_per_s=1e4),
         LINK,
-        PolicyCaps(postcopy=True, native_predump=False),
-        PolicyCaps(postcopy=True, native_predump=False),
+        NodeCapabilities(postcopy=True, native_predump=False),
+        NodeCapabilities(postcopy=True, native_predump=False),
         Objective.least_downtime(),
     )
     assert launch.command.technique == expected.technique.value
@@ -579,7 +578,14 @@ def test_drain_watch_waits_for_the_last_migration_to_end(world: World) -> None:
         migration_id="m1",
         service="s1",
         outcome=Outcome.COMPLETED,
-        record={"destination": "gw2"},
+        record=MigrationRecord(
+            migration_id="m1",
+            service="s1",
+            source="gw1",
+            destination="gw2",
+            technique=Technique.COLD,
+            outcome=Outcome.COMPLETED,
+        ),
     )
     assert watch.update(done) == ["s1 left gw1 for gw2: completed"]
     assert watch.empty

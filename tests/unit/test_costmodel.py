@@ -8,24 +8,21 @@ import math
 
 import pytest
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE, NodeCapabilities, Technique
+from fogmig.policies.calibration import CalibrationSample, fit_constants
 from fogmig.policies.conditions import (
     MB,
-    PAGE_SIZE,
     PAPER_CONFIGURATIONS,
     InvalidConditionsError,
     LinkConditions,
-    NodeCapabilities,
     PrecopyStopRules,
     ServiceConditions,
     StopReason,
-    Technique,
 )
 from fogmig.policies.costmodel import (
-    CalibrationSample,
     CostConstants,
     MigrationComponents,
     Prediction,
-    fit_constants,
     lazy_requests,
     predict,
     predict_all,

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from fogmig.device_sim.events import ContinuityCheck, Outcome, RequestKind, RequestRecord, Roam
+from fogmig.device_sim.events import (
+    ContinuityCheck,
+    RequestKind,
+    RequestOutcome,
+    RequestRecord,
+    Roam,
+)
 from fogmig.platform.apps.demo.run import DemoOptions, plan_devices, roam_window
 from fogmig.platform.apps.demo.view import DemoModel
 from fogmig.platform.base.errors import ConfigError
@@ -28,7 +34,16 @@ def test_options_defaults_and_limits(tmp_path: Path) -> None:
         "orchestration",
         8,
     )
-    for bad in ({"nodes": 1}, {"devices": 0}, {"duration_s": 5.0}, {"state_mb": -1}):
+    assert o.probe_hz == 20.0
+    assert DemoOptions(out=tmp_path, probe_hz=0).probe_hz == 0  # no probes
+    for bad in (
+        {"nodes": 1},
+        {"devices": 0},
+        {"duration_s": 5.0},
+        {"state_mb": -1},
+        {"probe_hz": -1.0},
+        {"probe_hz": 1000.0},
+    ):
         with pytest.raises(ConfigError):
             DemoOptions(out=tmp_path, **bad)
 
@@ -98,7 +113,7 @@ def test_model_follows_a_migration_and_the_devices() -> None:
     model.fleet_event(
         RequestRecord(
             device="d0", request=RequestKind.POST, seq=1, attempt=1, service="s0", gateway="gw2",
-            address="10.79.0.2", port=5700, sent_at=1.0, latency_s=0.006, outcome=Outcome.OK,
+            address="10.79.0.2", port=5700, sent_at=1.0, latency_s=0.006, outcome=RequestOutcome.OK,
             code="2.04",
         )
     )  # fmt: skip

@@ -29,8 +29,8 @@ from fogmig.device_sim.events import (
     FleetEvent,
     MigrationSeen,
     Outage,
-    Outcome,
     RequestKind,
+    RequestOutcome,
     RequestRecord,
     Roam,
     event_dict,
@@ -57,9 +57,10 @@ from fogmig.device_sim.timeline import (
     read_timeline,
 )
 from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.schemas import MigrationDone
 from fogmig.platform.cli import device_sim as device_sim_cli
-from fogmig.platform.migration.record import Outcome as MigrationOutcome
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.services import sensor
 from fogmig.services.client import DeviceSummary, PostResult, ServiceState
 from fogmig.services.sensor import SensorState, validate_reading
@@ -124,7 +125,7 @@ def test_walks_validate(gateways: tuple[str, ...], dwell: float) -> None:
 
 def rec(
     t: float,
-    outcome: Outcome = Outcome.OK,
+    outcome: RequestOutcome = RequestOutcome.OK,
     *,
     latency: float = 0.005,
     device: str = "d0",
@@ -136,7 +137,11 @@ def rec(
     kind: RequestKind = RequestKind.POST,
 ) -> RequestRecord:
     if code is None:
-        code = {Outcome.OK: "2.04", Outcome.TIMEOUT: "", Outcome.ERROR: "5.03"}[outcome]
+        code = {
+            RequestOutcome.OK: "2.04",
+            RequestOutcome.TIMEOUT: "",
+            RequestOutcome.ERROR: "5.03",
+        }[outcome]
     return RequestRecord(
         device=device,
         request=kind,
@@ -150,15 +155,18 @@ def rec(
         latency_s=latency,
         outcome=outcome,
         code=code,
-        applied=applied if outcome is Outcome.OK else None,
+        applied=applied if outcome is RequestOutcome.OK else None,
     )
 
 
 def migration_timeline() -> list[RequestRecord]:
     """Readings every second; the service stops answering after t=3 and is back at t=7.5."""
     out = [rec(t) for t in (0.0, 1.0, 2.0, 3.0)]
-    out += [rec(4.0, Outcome.TIMEOUT, latency=2.0), rec(6.0, Outcome.TIMEOUT, latency=2.0)]
-    out += [rec(8.0, Outcome.ERROR, code=NETWORK_ERROR, latency=0.001)]
+    out += [
+        rec(4.0, RequestOutcome.TIMEOUT, latency=2.0),
+        rec(6.0, RequestOutcome.TIMEOUT, latency=2.0),
+    ]
+    out += [rec(8.0, RequestOutcome.ERROR, code=NETWORK_ERROR, latency=0.001)]
     out += [rec(9.0, gateway="gw2", latency=0.010), rec(10.0, gateway="gw2")]
     return out
 
@@ -188,9 +196,9 @@ def test_outages_are_per_device_and_ignore_state_reads() -> None:
     records = [
         rec(0.0, device="a"),
         rec(0.5, device="b"),
-        rec(1.0, Outcome.TIMEOUT, device="a", latency=2),
+        rec(1.0, RequestOutcome.TIMEOUT, device="a", latency=2),
         rec(1.5, device="b"),
-        rec(1.6, Outcome.TIMEOUT, kind=RequestKind.STATE, device="b"),
+        rec(1.6, RequestOutcome.TIMEOUT, kind=RequestKind.STATE, device="b"),
         rec(3.0, device="a"),
         rec(3.5, device="b"),
     ]
@@ -324,9 +332,10 @@ def test_event_dicts_are_json() -> None:
 def test_migration_seen_from_a_done_event() -> None:
     done = MigrationDone(
         node="gw1", command_id="c1", migration_id="m1", service="s0",
-        outcome=MigrationOutcome.COMPLETED,
-        record={"technique": "precopy", "source": "gw1", "destination": "gw2",
-                "started_at": 10.0, "finished_at": 12.5, "downtime_s": 0.7, "total_time_s": 2.5},
+        outcome=Outcome.COMPLETED,
+        record=MigrationRecord(migration_id="m1", service="s0", technique=Technique.PRECOPY,
+                               source="gw1", destination="gw2", started_at=10.0, finished_at=12.5,
+                               pre_dump_time_s=1.8, dump_time_s=0.7),
     )  # fmt: skip
     seen = migration_seen(done)
     assert (seen.technique, seen.destination, seen.downtime_s) == ("precopy", "gw2", 0.7)
@@ -409,20 +418,20 @@ class ScriptedService:
         self.calls.append((method, address, port, path))
         await asyncio.sleep(0.001)
         if self.down:
-            return Answer(Outcome.TIMEOUT, "", b"", timeout)
+            return Answer(RequestOutcome.TIMEOUT, "", b"", timeout)
         if method == "GET":
             return Answer(
-                Outcome.OK, "2.05", state_of(self.state).model_dump_json().encode(), 0.001
+                RequestOutcome.OK, "2.05", state_of(self.state).model_dump_json().encode(), 0.001
             )
         if self.reject_next is not None:
             code, self.reject_next = self.reject_next, None
-            return Answer(Outcome.ERROR, code, b"bad", 0.001, detail="bad")
+            return Answer(RequestOutcome.ERROR, code, b"bad", 0.001, detail="bad")
         result = post(self.state, payload)
         if self.drop_answers:
             self.drop_answers -= 1
-            return Answer(Outcome.TIMEOUT, "", b"", timeout)
+            return Answer(RequestOutcome.TIMEOUT, "", b"", timeout)
         body = {"count": result.count, "hash": result.hash, "applied": result.applied}
-        return Answer(Outcome.OK, "2.04", json.dumps(body).encode(), 0.001)
+        return Answer(RequestOutcome.OK, "2.04", json.dumps(body).encode(), 0.001)
 
 
 FAST = RequestSettings(interval_s=0.02, timeout_s=0.05, check_every_s=None, gap_s=0.2)
@@ -677,7 +686,7 @@ async def test_fleet_times_out_on_a_silent_port(tmp_path: Path) -> None:
             settings=RequestSettings(interval_s=0.1, timeout_s=0.3, ack_timeout_s=0.05),
         )
         summary = await fleet.run(0.8)
-    timeouts = [r for r in fleet.devices[0].records if r.outcome is Outcome.TIMEOUT]
+    timeouts = [r for r in fleet.devices[0].records if r.outcome is RequestOutcome.TIMEOUT]
     assert len(timeouts) >= 2
     # CoAP itself gives up: one retransmission fits, so after 0.05 * (1 + 2) * 1..1.5 s.
     assert all(0.15 - 0.01 <= r.latency_s <= 0.225 + 0.05 for r in timeouts), timeouts

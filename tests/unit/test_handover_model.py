@@ -19,6 +19,7 @@ from typing import Any
 
 import pytest
 
+from fogmig.platform.base.vocabulary import Technique
 from fogmig.platform.migration.handover import journal as j
 from fogmig.platform.migration.handover.destination_core import DestinationCore
 from fogmig.platform.migration.handover.events import (
@@ -435,7 +436,7 @@ class Sim:
     outcome = ""
 
 
-TECHNIQUES = ("cold", "precopy", "postcopy", "hybrid")
+TECHNIQUES = tuple(Technique)
 
 
 def _faults(rng: random.Random) -> Faults:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from fogmig.platform.base.errors import TransferError
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.errors import (
     LazyLayoutError,
     LazyPagesFailed,
@@ -23,7 +24,6 @@ from fogmig.platform.migration.lazy.layout import (
 from fogmig.platform.migration.lazy.protocol import (
     CLOSE_STATUS_OK,
     IOV_SIZE,
-    PAGE_SIZE,
     CloseRequest,
     Command,
     GetPages,

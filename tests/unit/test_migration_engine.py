@@ -15,13 +15,13 @@ import numpy as np
 import pytest
 
 from fogmig.platform.base.errors import TransferError
+from fogmig.platform.base.vocabulary import PAGE_SIZE, Outcome, Phase
 from fogmig.platform.migration import cold, hybrid, postcopy, precopy
 from fogmig.platform.migration.delta.apply import apply_delta
-from fogmig.platform.migration.engine import MigrationContext, Technique, run_migration
+from fogmig.platform.migration.engine import MigrationContext, TechniqueRun, run_migration
 from fogmig.platform.migration.ports import DumpResult, ProgressFn, SentResult
-from fogmig.platform.migration.record import MigrationRecord, Outcome
-from fogmig.platform.migration.states import Phase
-from fogmig.platform.runtime.pagemap import PAGE_SIZE, Pagemap, entries_from_pages, write_pagemap
+from fogmig.platform.migration.record import MigrationRecord
+from fogmig.platform.runtime.pagemap import Pagemap, entries_from_pages, write_pagemap
 from fogmig.policies.conditions import PrecopyStopRules
 
 BASE = 0x7F0000000000
@@ -133,7 +133,7 @@ def _ctx(tmp_path: Path, technique: str, source: FakeSource, peer: FakePeer) -> 
     )
 
 
-TECHNIQUES: dict[str, Technique] = {
+TECHNIQUES: dict[str, TechniqueRun] = {
     "cold": cold.migrate,
     "precopy": precopy.migrate,
     "postcopy": postcopy.migrate,

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import pytest
 
-from fogmig.platform.migration.record import (
-    MigrationRecord,
-    Outcome,
-    Round,
-    load_record,
-    save_record,
-)
+from fogmig.platform.base.vocabulary import Outcome
+from fogmig.platform.migration.record import MigrationRecord, Round, load_record, save_record
 
 
 def _record() -> MigrationRecord:
@@ -64,3 +60,41 @@ def test_json_and_csv(tmp_path: Path) -> None:
     lines = (tmp_path / "migrations.csv").read_text().splitlines()
     assert len(lines) == 3
     assert "downtime_s" in lines[0]
+
+
+def test_device_observed_figures_are_absent_until_a_probe_ran(tmp_path: Path) -> None:
+    r = _record()
+    assert r.device_downtime_s is None
+    assert (r.probe_rate_hz, r.probe_sent, r.probe_answered, r.probe_lost) == (None,) * 4
+    save_record(r, tmp_path)
+    probed = r.model_copy(
+        update={
+            "migration_id": "m2",
+            "device_downtime_s": 0.85,
+            "probe_rate_hz": 20.0,
+            "probe_sent": 30,
+            "probe_answered": 12,
+            "probe_lost": 18,
+        }
+    )
+    save_record(probed, tmp_path)
+    assert load_record(tmp_path / "m2.json").device_downtime_s == pytest.approx(0.85)
+    with (tmp_path / "migrations.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert [row["device_downtime_s"] for row in rows] == ["", "0.85"]
+    assert [row["probe_lost"] for row in rows] == ["", "18"]
+    assert rows[1]["probe_rate_hz"] == "20.0"
+    assert rows[1]["probe_sent"] == "30"
+    assert rows[1]["probe_answered"] == "12"
+    assert rows[1]["downtime_s"] == rows[0]["downtime_s"]
+
+
+def test_a_csv_with_other_columns_is_kept_aside(tmp_path: Path) -> None:
+    old = "migration_id,service,downtime_s\nm0,s,1.0\n"
+    (tmp_path / "migrations.csv").write_text(old)
+    save_record(_record(), tmp_path)
+    (aside,) = tmp_path.glob("migrations-*.csv")
+    assert aside.read_text() == old
+    header, row = (tmp_path / "migrations.csv").read_text().splitlines()
+    assert header.startswith("migration_id,service,source,")
+    assert row.startswith("m1,s,gw1,")

@@ -4,16 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from fogmig.platform.migration.record import TECHNIQUES, Technique
-from fogmig.platform.migration.states import (
-    IllegalTransition,
-    MigrationStateMachine,
-    Phase,
-    forward_path,
-)
+from fogmig.platform.base.vocabulary import Phase, Technique
+from fogmig.platform.migration.states import IllegalTransition, MigrationStateMachine, forward_path
 
 
-@pytest.mark.parametrize("technique", TECHNIQUES)
+@pytest.mark.parametrize("technique", list(Technique))
 def test_forward_path_reaches_done(technique: Technique) -> None:
     sm = MigrationStateMachine(technique)
     for phase in forward_path(technique)[1:]:
@@ -36,7 +31,7 @@ def test_cold_has_no_precopy_or_lazy_phase() -> None:
     assert Phase.PRECOPY in forward_path("hybrid")
 
 
-@pytest.mark.parametrize("technique", TECHNIQUES)
+@pytest.mark.parametrize("technique", list(Technique))
 def test_every_failure_before_commit_rolls_back(technique: Technique) -> None:
     path = forward_path(technique)
     for stop in path[: path.index(Phase.COMMITTED)]:
@@ -52,7 +47,7 @@ def test_every_failure_before_commit_rolls_back(technique: Technique) -> None:
         assert sm.done
 
 
-@pytest.mark.parametrize("technique", TECHNIQUES)
+@pytest.mark.parametrize("technique", list(Technique))
 def test_failure_after_commit_leaves_destination_owner(technique: Technique) -> None:
     sm = MigrationStateMachine(technique)
     for phase in forward_path(technique)[1:]:

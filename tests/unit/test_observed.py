@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fogmig.device_sim.events import NETWORK_ERROR, Outcome
+from fogmig.device_sim.events import NETWORK_ERROR, RequestOutcome
 from fogmig.device_sim.observed import (
     ProbeRecord,
     ProbeTimeline,
@@ -19,7 +19,11 @@ INTERVAL = 0.05
 def rec(seq: int, sent: float, latency: float | None, code: str = "2.05") -> ProbeRecord:
     if latency is None:
         return ProbeRecord(
-            seq=seq, address="10.0.0.1", sent_at=sent, answered_at=None, outcome=Outcome.TIMEOUT
+            seq=seq,
+            address="10.0.0.1",
+            sent_at=sent,
+            answered_at=None,
+            outcome=RequestOutcome.TIMEOUT,
         )
     ok = code.startswith("2.")
     return ProbeRecord(
@@ -27,7 +31,7 @@ def rec(seq: int, sent: float, latency: float | None, code: str = "2.05") -> Pro
         address="10.0.0.1",
         sent_at=sent,
         answered_at=sent + latency if ok else None,
-        outcome=Outcome.OK if ok else Outcome.ERROR,
+        outcome=RequestOutcome.OK if ok else RequestOutcome.ERROR,
         code=code,
     )
 

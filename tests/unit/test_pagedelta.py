@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.delta.apply import (
     apply_delta,
 )
@@ -28,7 +29,6 @@ from fogmig.platform.migration.delta.save import (
     write_delta,
 )
 from fogmig.platform.runtime.pagemap import (
-    PAGE_SIZE,
     PE_LAZY,
     PE_PARENT,
     PE_PRESENT,

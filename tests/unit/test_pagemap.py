@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.runtime.image import (
     ImageFormatError,
     encode_message,
@@ -14,7 +15,6 @@ from fogmig.platform.runtime.image import (
 )
 from fogmig.platform.runtime.pagemap import (
     MAX_ENTRY_PAGES,
-    PAGE_SIZE,
     PAGEMAP_MAGICS,
     PE_LAZY,
     PE_PARENT,

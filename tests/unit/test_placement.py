@@ -13,7 +13,7 @@ from fogmig.policies.placement import (
     LoadPolicy,
     MoveReason,
     MoveRequest,
-    NodeStatus,
+    NodeSnapshot,
     ServicePlacement,
     balance_load,
     drain,
@@ -33,8 +33,8 @@ def node(
     services: tuple[str, ...] = (),
     online: bool = True,
     accepting: bool = True,
-) -> NodeStatus:
-    return NodeStatus(
+) -> NodeSnapshot:
+    return NodeSnapshot(
         name=name,
         load=load,
         mem_free_bytes=int(mem_gib * GIB),
@@ -61,8 +61,8 @@ def holds(out: Sequence[MoveRequest | Hold]) -> list[Hold]:
 
 
 def apply(
-    nodes: list[NodeStatus], placements: list[ServicePlacement], ms: Sequence[MoveRequest]
-) -> tuple[list[NodeStatus], list[ServicePlacement]]:
+    nodes: list[NodeSnapshot], placements: list[ServicePlacement], ms: Sequence[MoveRequest]
+) -> tuple[list[NodeSnapshot], list[ServicePlacement]]:
     """What the agents would report once the moves are done."""
     by_name = {n.name: n for n in nodes}
     places = {p.service: p for p in placements}
@@ -70,10 +70,12 @@ def apply(
         p = places[m.service]
         share = p.load or 0.0
         src, dst = by_name[m.source], by_name[m.target]
-        by_name[m.source] = NodeStatus(
+        by_name[m.source] = NodeSnapshot(
             src.name, max(0.0, src.load - share), src.mem_free_bytes + p.mem_bytes
         )
-        by_name[m.target] = NodeStatus(dst.name, dst.load + share, dst.mem_free_bytes - p.mem_bytes)
+        by_name[m.target] = NodeSnapshot(
+            dst.name, dst.load + share, dst.mem_free_bytes - p.mem_bytes
+        )
         places[m.service] = ServicePlacement(p.service, m.target, p.mem_bytes, p.load, p.device)
     return list(by_name.values()), list(places.values())
 
@@ -109,7 +111,7 @@ def test_follow_device_already_there() -> None:
         (node("gw2", 0.1, mem_gib=0.1), "MiB free"),
     ],
 )
-def test_follow_device_needs_an_able_gateway(gw: NodeStatus, expect: str) -> None:
+def test_follow_device_needs_an_able_gateway(gw: NodeSnapshot, expect: str) -> None:
     out = follow_device(svc("s", "gw1", mem_mib=100), "gw2", [node("gw1", 0.1), gw])
     assert isinstance(out, Hold)
     assert expect in out.detail
@@ -229,7 +231,7 @@ def test_invalid_policies_and_snapshots() -> None:
     with pytest.raises(InvalidConditionsError):
         LoadPolicy(moves_per_node=0)
     with pytest.raises(InvalidConditionsError):
-        NodeStatus("a", load=-0.1, mem_free_bytes=0)
+        NodeSnapshot("a", load=-0.1, mem_free_bytes=0)
     with pytest.raises(InvalidConditionsError):
         balance_load([node("a", 0.1), node("a", 0.2)], [])
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fogmig.device_sim.coap import CoapThread
-from fogmig.device_sim.events import Outcome
+from fogmig.device_sim.events import RequestOutcome
 from fogmig.device_sim.probe import MAX_RATE_HZ, Probe, ProbeSettings, write_csv
 from fogmig.platform.base.errors import ConfigError
 from fogmig.services import sensor
@@ -122,7 +122,7 @@ async def test_requests_are_non_on_the_beat_and_never_retransmitted() -> None:
     records = timeline.records
     assert 40 <= len(records) <= 55
     assert [r.seq for r in records] == list(range(1, len(records) + 1))
-    assert {r.outcome for r in records} == {Outcome.TIMEOUT}
+    assert {r.outcome for r in records} == {RequestOutcome.TIMEOUT}
     assert timeline.answered == 0
     # One datagram per request, each a NON GET to /ping with its own message ID.
     datagrams = on_v6 + on_v4

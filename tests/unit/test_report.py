@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 from rich.console import Console
 
-from fogmig.device_sim.events import ContinuityCheck, Outcome, RequestKind, RequestRecord, Roam
+from fogmig.device_sim.events import (
+    ContinuityCheck,
+    RequestKind,
+    RequestOutcome,
+    RequestRecord,
+    Roam,
+)
+from fogmig.device_sim.observed import ProbeRecord, ProbeTimeline
 from fogmig.platform.apps.demo.report import (
     DOWNTIME_DIV,
     TIMELINE_DIV,
@@ -29,15 +36,20 @@ from fogmig.platform.apps.demo.results import (
     write_migrations_csv,
 )
 from fogmig.platform.apps.demo.view import summary_renderable
+from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.schemas import MigrationDone
-from fogmig.platform.migration.record import Outcome as MigrationOutcome
+from fogmig.platform.migration.record import MigrationRecord
 
 T0 = 1_700_000_000.0
 DEVICES = {"d0": "s0", "d1": "s1"}
 
 
 def request(
-    device: str, at: float, latency: float = 0.004, outcome: Outcome = Outcome.OK, seq: int = 0
+    device: str,
+    at: float,
+    latency: float = 0.004,
+    outcome: RequestOutcome = RequestOutcome.OK,
+    seq: int = 0,
 ) -> RequestRecord:
     return RequestRecord(
         device=device,
@@ -49,9 +61,9 @@ def request(
         address="10.79.0.1",
         port=5700,
         sent_at=T0 + at,
-        latency_s=latency if outcome is Outcome.OK else 2.0,
+        latency_s=latency if outcome is RequestOutcome.OK else 2.0,
         outcome=outcome,
-        code="2.04" if outcome is Outcome.OK else "",
+        code="2.04" if outcome is RequestOutcome.OK else "",
     )
 
 
@@ -61,7 +73,9 @@ def timeline(gap: tuple[float, float] = (10.0, 12.5)) -> list[RequestRecord]:
     for i in range(30):
         t = float(i)
         lost = gap[0] <= t < gap[1]
-        out.append(request("d0", t, outcome=Outcome.TIMEOUT if lost else Outcome.OK, seq=i))
+        out.append(
+            request("d0", t, outcome=RequestOutcome.TIMEOUT if lost else RequestOutcome.OK, seq=i)
+        )
         out.append(request("d1", t + 0.5, seq=i))
     return out
 
@@ -87,24 +101,28 @@ def decision_event(cid: str, service: str = "s0", technique: str = "precopy") ->
     }
 
 
-def done(cid: str, outcome: MigrationOutcome = MigrationOutcome.COMPLETED) -> MigrationDone:
+def done(cid: str, outcome: Outcome = Outcome.COMPLETED) -> MigrationDone:
     return MigrationDone(
         node="gw1",
         command_id=cid,
         migration_id=f"m-{cid}",
         service="s0",
         outcome=outcome,
-        record={
-            "source": "gw1",
-            "destination": "gw2",
-            "technique": "precopy",
-            "started_at": T0 + 10.2,
-            "finished_at": T0 + 11.9,
-            "downtime_s": 0.42,
-            "total_time_s": 1.7,
-            "transferred_bytes": 8_800_000,
-        },
-        error=None if outcome is MigrationOutcome.COMPLETED else "dump failed",
+        record=MigrationRecord(
+            migration_id=f"m-{cid}",
+            service="s0",
+            source="gw1",
+            destination="gw2",
+            technique=Technique.PRECOPY,
+            outcome=outcome,
+            started_at=T0 + 10.2,
+            finished_at=T0 + 11.9,
+            pre_dump_time_s=1.7 - 0.42,  # total 1.7 s
+            dump_time_s=0.42,  # downtime 0.42 s
+            pre_dump_bytes=8_000_000,
+            dump_bytes=800_000,  # 8.8 MB in all
+        ),
+        error=None if outcome is Outcome.COMPLETED else "dump failed",
     )
 
 
@@ -117,14 +135,45 @@ def check(
     )  # fmt: skip
 
 
+def probe_run(down: tuple[float, float] = (10.5, 11.5)) -> ProbeTimeline:
+    """s0's probe at 20 Hz for 30 s (monotonic 0 is T0 on the wall clock), sending at
+    0.01 s past each beat; requests sent while the service is ``down`` get no answer."""
+    records = []
+    for i in range(600):
+        t = i * 0.05 + 0.01
+        dead = down[0] <= t < down[1]
+        records.append(
+            ProbeRecord(
+                seq=i + 1,
+                address="10.79.0.1",
+                sent_at=t,
+                answered_at=None if dead else t + 0.002,
+                outcome=RequestOutcome.TIMEOUT if dead else RequestOutcome.OK,
+                code="" if dead else "2.05",
+            )
+        )
+    return ProbeTimeline(
+        address="10.79.0.1",
+        port=5700,
+        path="ping",
+        interval_s=0.05,
+        timeout_s=1.0,
+        started_at=0.01,
+        stopped_at=30.0,
+        wall_offset_s=T0,
+        records=tuple(records),
+    )
+
+
 def summary_of(
     events: list[dict[str, Any]],
     dones: list[MigrationDone],
     checks: list[ContinuityCheck],
     records: list[RequestRecord],
+    probes: dict[str, ProbeTimeline] | None = None,
 ) -> DemoSummary:
     decisions = decision_rows(events)
-    migrations = migration_rows(dones, decisions, records, DEVICES)
+    migrations = migration_rows(dones, decisions, records, DEVICES, probes=probes)
     continuity = continuity_totals(checks, DEVICES)
     found = problems(
         decisions=decisions,
@@ -140,7 +189,7 @@ def summary_of(
         profile="orchestration (72.41 Mbit/s, 6.94 ms RTT)",
         nodes=["gw1", "gw2"],
         devices=DEVICES,
-        options={},
+        options={"probe_hz": 20.0} if probes else {},
         decisions=decisions,
         migrations=migrations,
         requests=request_totals(records, checks),
@@ -153,7 +202,7 @@ def summary_of(
     )
 
 
-def good_run() -> tuple[DemoSummary, list[RequestRecord]]:
+def good_run(*, probed: bool = False) -> tuple[DemoSummary, list[RequestRecord]]:
     events = [
         decision_event("c1"),
         {"event": "accepted", "command_id": "c1"},
@@ -161,7 +210,8 @@ def good_run() -> tuple[DemoSummary, list[RequestRecord]]:
     ]
     records = timeline()
     checks = [check("d0", 29.5), check("d1", 29.6)]
-    return summary_of(events, [done("c1")], checks, records), records
+    probes = {"s0": probe_run(), "s1": probe_run(down=(0.0, 0.0))} if probed else None
+    return summary_of(events, [done("c1")], checks, records, probes), records
 
 
 # --- results ---------------------------------------------------------------------------------
@@ -188,6 +238,34 @@ def test_results_join_decision_record_and_device_view() -> None:
     assert r.p50_ms == pytest.approx(4.0)
 
 
+def test_the_probe_view_of_a_migration() -> None:
+    summary, _ = good_run(probed=True)
+    (m,) = summary.migrations
+    assert m.probe is not None
+    # Migration 10.2..11.9 s; pings sent in [10.5, 11.5) went unanswered: the last answer
+    # before came at 10.462, the first after at 11.512, a 1.05 s gap at 20 Hz.
+    assert m.probe.downtime_s == pytest.approx(1.0)
+    assert m.probe.rate_hz == pytest.approx(20.0)
+    # Sent 10.21 .. 11.86 (34), of them 10.51 .. 11.46 (20) lost.
+    assert (m.probe.sent, m.probe.answered, m.probe.lost) == (34, 14, 20)
+    # The devices' own view of the same migration is untouched by the probe.
+    assert m.observed_downtime_s == {"d0": pytest.approx(4.0)}
+    assert summary.ok
+
+
+def test_a_migration_without_a_probe_or_not_bracketed_by_it() -> None:
+    summary, _ = good_run()
+    assert summary.migrations[0].probe is None
+    # The probe never saw the service answer after the migration: no bound, so None.
+    records, checks = timeline(), [check("d0", 29.5), check("d1", 29.6)]
+    events = [decision_event("c1"), {"event": "accepted", "command_id": "c1"}]
+    s = summary_of(events, [done("c1")], checks, records, {"s0": probe_run(down=(10.5, 31.0))})
+    probe = s.migrations[0].probe
+    assert probe is not None
+    assert probe.downtime_s is None
+    assert probe.sent == probe.lost + probe.answered == 34
+
+
 def test_verdict_fails_on_rollback_mismatch_and_unfinished() -> None:
     records = timeline()
     events = [
@@ -198,7 +276,7 @@ def test_verdict_fails_on_rollback_mismatch_and_unfinished() -> None:
         {"event": "accepted", "command_id": "c2"},
     ]
     checks = [check("d0", 29.5, matches=False), check("d1", 20.0, reason="outage")]
-    s = summary_of(events, [done("c1", MigrationOutcome.ROLLED_BACK)], checks, records)
+    s = summary_of(events, [done("c1", Outcome.ROLLED_BACK)], checks, records)
     assert not s.ok
     text = "\n".join(s.problems)
     assert "ended rolled_back: dump failed" in text
@@ -231,7 +309,13 @@ def test_migrations_csv(tmp_path: Path) -> None:
     header, row = path.read_text().splitlines()
     assert header.startswith("migration_id,service,source,destination,technique")
     assert row.startswith("m-c1,s0,gw1,gw2,precopy,mobility,completed")
-    assert ",0.35,0.42,4.0," in row
+    assert ",0.35,0.42,4.0,,,," in row
+    summary, _ = good_run(probed=True)
+    write_migrations_csv(path, summary.migrations)
+    header, row = path.read_text().splitlines()
+    assert ",downtime_s,observed_downtime_s,probe_downtime_s,probe_sent,probe_lost," in header
+    assert ",0.35,0.42,4.0,1.0" in row
+    assert ",34,20," in row
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -273,6 +357,16 @@ def test_report_has_plots_tables_and_no_cdn(tmp_path: Path) -> None:
         assert needle in text, needle
     assert "<script>alert(1)</script>" not in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+    # No probe ran: no probe bars, a dash in its column.
+    assert '"name":"observed (probe)"' not in text
+
+
+def test_report_shows_the_probe_beside_node_and_devices() -> None:
+    summary, records = good_run(probed=True)
+    text = render_report(ReportInput(summary=summary, records=records))
+    for name in ("measured (node)", "observed (probe)", "observed (device)"):
+        assert f'"name":"{name}"' in text, name
+    assert "1.00 s (20/34 lost)" in text
 
 
 def test_report_of_a_failed_run_without_migrations() -> None:
@@ -294,6 +388,13 @@ def test_summary_renderable_says_why_a_run_failed() -> None:
     assert "PASSED" in text
     assert "precopy" in text
     assert "d0 4.00 s" in text
+    assert "probe:" not in text
+    probed, _ = good_run(probed=True)
+    console = Console(record=True, width=250)
+    console.print(summary_renderable(probed))
+    text = console.export_text()
+    assert "1.00 s, 20 lost" in text
+    assert "20 Hz pings" in text
     failed = summary.model_copy(update={"ok": False, "problems": ["no migration completed"]})
     console = Console(record=True, width=200)
     console.print(summary_renderable(failed))

@@ -6,15 +6,14 @@ import json
 
 import pytest
 
+from fogmig.platform.base.vocabulary import NodeCapabilities, Technique
 from fogmig.policies.conditions import (
     MB,
     PAPER_APP_STATE_BYTES,
     PAPER_CONFIGURATIONS,
     LinkConditions,
-    NodeCapabilities,
     Objective,
     ServiceConditions,
-    Technique,
 )
 from fogmig.policies.rules import DirtyRegime, RuleThresholds, classify, recommend
 

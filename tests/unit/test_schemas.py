@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from fogmig.platform.base.errors import ConfigError
+from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome, Phase, Technique
 from fogmig.platform.bus.schemas import (
     MAX_PAYLOAD_BYTES,
     BusMessage,
@@ -21,9 +22,7 @@ from fogmig.platform.bus.schemas import (
     MigrateCommand,
     MigrationDone,
     MigrationProgress,
-    NodeCapabilities,
     NodeStatus,
-    PrecopyRules,
     Rejection,
     SchemaError,
     ServiceInfo,
@@ -37,8 +36,8 @@ from fogmig.platform.bus.schemas import (
     reject,
     topics,
 )
-from fogmig.platform.migration.record import Outcome
-from fogmig.platform.migration.states import Phase
+from fogmig.platform.migration.record import MigrationRecord, PhaseTimestamp, Round
+from fogmig.policies.conditions import PrecopyStopRules
 
 KNOWN = frozenset({"gw1", "gw2", "gw3"})
 AT = 1_700_000_000.5
@@ -81,7 +80,7 @@ SAMPLES: list[tuple[str, BusMessage]] = [
             destination="gw2",
             technique="precopy",
             compression=True,
-            precopy=PrecopyRules(
+            precopy=PrecopyStopRules(
                 max_rounds=3, min_changed_bytes=4096, stop_when_not_shrinking=False
             ),
             reason="device d1 roamed to gw2",
@@ -126,7 +125,27 @@ SAMPLES: list[tuple[str, BusMessage]] = [
             migration_id="m-1",
             service="sensor",
             outcome=Outcome.ROLLED_BACK,
-            record={"downtime_s": 1.5, "rounds": [{"index": 0, "final": True}], "note": None},
+            record=MigrationRecord(
+                migration_id="m-1",
+                service="sensor",
+                source="gw1",
+                destination="gw2",
+                technique=Technique.PRECOPY,
+                outcome=Outcome.ROLLED_BACK,
+                dump_time_s=1.5,
+                rounds=[
+                    Round(
+                        index=0,
+                        final=True,
+                        dump_time_s=1.5,
+                        freeze_time_s=1.5,
+                        transfer_time_s=0.0,
+                        bytes_dumped=4096,
+                        bytes_sent=4096,
+                    )
+                ],
+                phases=[PhaseTimestamp(phase=Phase.PENDING, at=AT)],
+            ),
             error="transfer failed",
         ),
     ),
@@ -349,7 +368,14 @@ def test_encode_refuses_an_oversized_model() -> None:
         migration_id="m",
         service="s",
         outcome=Outcome.COMPLETED,
-        record={"blob": "x" * MAX_PAYLOAD_BYTES},
+        record=MigrationRecord(
+            migration_id="m",
+            service="s",
+            source="gw1",
+            destination="gw2",
+            technique=Technique.COLD,
+            error="x" * MAX_PAYLOAD_BYTES,
+        ),
     )
     with pytest.raises(SchemaError) as info:
         encode(topics.events("gw1"), big)

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE as FOGMIG_PAGE_SIZE
 from fogmig.services import sensor
 from fogmig.services.client import (
     DeviceLedger,
@@ -422,3 +423,8 @@ async def test_client_times_out_on_a_silent_service() -> None:
         async with SensorClient(port=silent.getsockname()[1], timeout=0.3) as c:
             with pytest.raises(ServiceUnreachableError, match=r"within 0\.3 s"):
                 await c.post_reading("::1", {"device": "d", "seq": 1})
+
+
+def test_the_sensor_pages_are_fogmigs_pages() -> None:
+    # The sensor runs in the container without fogmig, so it keeps its own copy of the constant.
+    assert PAGE_SIZE == FOGMIG_PAGE_SIZE

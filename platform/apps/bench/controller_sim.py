@@ -24,13 +24,13 @@ from typing import Any, Self
 
 from fogmig.platform.base.errors import FogmigError, ServiceError, TestbedError
 from fogmig.platform.base.proc import run
+from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import (
     Command,
     DrainCommand,
     MigrateCommand,
     MigrationDone,
-    NodeCapabilities,
     NodeStatus,
     ServiceInfo,
     ServicePresence,
@@ -38,7 +38,7 @@ from fogmig.platform.bus.schemas import (
     reject,
     topics,
 )
-from fogmig.platform.migration.record import MigrationRecord, Outcome
+from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.testbed.broker import BROKER_USER, CONTROLLER_USER, acl_rules, render_acl
 
 DEVICE_HOST = "dev"
@@ -357,7 +357,7 @@ class SimulatedNode:
             migration_id=record.migration_id,
             service=cmd.service,
             outcome=Outcome.COMPLETED,
-            record=record.model_dump(mode="json"),
+            record=record,
         )
         await self.bus.publish(topics.events(self.node), done)
         self.done.put_nowait(done)

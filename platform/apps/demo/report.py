@@ -17,14 +17,16 @@ from typing import Any
 
 from fogmig.device_sim.events import RequestKind, RequestRecord, Roam
 from fogmig.platform.apps.demo.results import DecisionRow, DemoSummary, MigrationRow
+from fogmig.platform.base import fmt
+from fogmig.platform.base.vocabulary import Outcome, Technique
 
 TIMELINE_DIV = "fogmig-timeline"
 DOWNTIME_DIV = "fogmig-downtime"
-_TECHNIQUE_COLOURS = {
-    "cold": "#7f7f7f",
-    "precopy": "#1f77b4",
-    "postcopy": "#d62728",
-    "hybrid": "#9467bd",
+_TECHNIQUE_COLOURS: dict[Technique, str] = {
+    Technique.COLD: "#7f7f7f",
+    Technique.PRECOPY: "#1f77b4",
+    Technique.POSTCOPY: "#d62728",
+    Technique.HYBRID: "#9467bd",
 }
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
@@ -56,18 +58,8 @@ def _e(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def fmt_s(value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
-
-
-def fmt_bytes(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1e6:.1f} MB"
-
-
-def fmt_ms(value: float | None) -> str:
-    return "-" if value is None else f"{value:.1f} ms"
+def probe_downtime(m: MigrationRow) -> float | None:
+    return m.probe.downtime_s if m.probe else None
 
 
 def worst_observed(m: MigrationRow) -> float | None:
@@ -169,7 +161,8 @@ def timeline_figure(data: ReportInput) -> Any:
 
 
 def downtime_figure(migrations: Sequence[MigrationRow]) -> Any:
-    """Predicted, platform-measured and device-observed downtime of every migration."""
+    """Predicted, platform-measured, probe-observed and device-observed downtime of every
+    migration."""
     import plotly.graph_objects as go
 
     labels = [
@@ -180,11 +173,15 @@ def downtime_figure(migrations: Sequence[MigrationRow]) -> Any:
     for name, values in (
         ("predicted", [m.predicted_downtime_s for m in migrations]),
         ("measured (node)", [m.downtime_s for m in migrations]),
+        ("observed (probe)", [probe_downtime(m) for m in migrations]),
         ("observed (device)", [worst_observed(m) for m in migrations]),
     ):
+        if name == "observed (probe)" and not any(m.probe for m in migrations):
+            continue
         fig.add_trace(go.Bar(name=name, x=labels, y=values))
     fig.update_layout(
-        title="Downtime per migration: predicted, measured by the node, observed by the device",
+        title="Downtime per migration: predicted, measured by the node, observed by a probe "
+        "and by the devices",
         barmode="group",
         yaxis_title="seconds",
         height=420,
@@ -198,7 +195,7 @@ def downtime_figure(migrations: Sequence[MigrationRow]) -> Any:
 
 def _summary_section(s: DemoSummary) -> str:
     verdict = '<span class="ok">PASSED</span>' if s.ok else '<span class="bad">FAILED</span>'
-    completed = sum(1 for m in s.migrations if m.outcome == "completed")
+    completed = sum(1 for m in s.migrations if m.outcome is Outcome.COMPLETED)
     r, c = s.requests, s.continuity
     rows = [
         ("verdict", verdict),
@@ -212,7 +209,8 @@ def _summary_section(s: DemoSummary) -> str:
             "requests",
             _e(
                 f"{r.sent} sent, {r.ok} ok, {r.failed} failed ({r.timeouts} timeouts), "
-                f"{r.retries} retries; latency p50 {fmt_ms(r.p50_ms)}, p99 {fmt_ms(r.p99_ms)}"
+                f"{r.retries} retries; "
+                f"latency p50 {fmt.millis(r.p50_ms)}, p99 {fmt.millis(r.p99_ms)}"
             ),
         ),
         ("readings lost / doubled", _e(f"{r.lost_readings} / {r.doubled_readings}")),
@@ -230,6 +228,12 @@ def _summary_section(s: DemoSummary) -> str:
     return out
 
 
+def _probe_cell(m: MigrationRow) -> str:
+    if m.probe is None:
+        return "-"
+    return f"{fmt.duration(m.probe.downtime_s)} ({m.probe.lost}/{m.probe.sent} lost)"
+
+
 def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
     headers = [
         "#",
@@ -241,6 +245,7 @@ def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
         "outcome",
         "downtime predicted",
         "downtime measured",
+        "downtime probe",
         "downtime observed",
         "total predicted",
         "total measured",
@@ -250,8 +255,8 @@ def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
     ]
     rows = []
     for i, m in enumerate(migrations):
-        seen = ", ".join(f"{d} {fmt_s(v)}" for d, v in m.observed_downtime_s.items()) or "-"
-        outcome_cls = "ok" if m.outcome == "completed" else "bad"
+        seen = ", ".join(f"{d} {fmt.duration(v)}" for d, v in m.observed_downtime_s.items()) or "-"
+        outcome_cls = "ok" if m.outcome is Outcome.COMPLETED else "bad"
         outcome = m.outcome + (f": {m.error}" if m.error else "")
         rows.append(
             [
@@ -262,13 +267,14 @@ def migrations_table(migrations: Sequence[MigrationRow], t0: float) -> str:
                 _t(m.technique),
                 _t(m.trigger),
                 _t(outcome, outcome_cls),
-                _t(fmt_s(m.predicted_downtime_s), "num"),
-                _t(fmt_s(m.downtime_s), "num"),
+                _t(fmt.duration(m.predicted_downtime_s), "num"),
+                _t(fmt.duration(m.downtime_s), "num"),
+                _t(_probe_cell(m), "num"),
                 _t(seen, "num"),
-                _t(fmt_s(m.predicted_total_time_s), "num"),
-                _t(fmt_s(m.total_time_s), "num"),
-                _t(fmt_bytes(m.predicted_bytes), "num"),
-                _t(fmt_bytes(m.transferred_bytes), "num"),
+                _t(fmt.duration(m.predicted_total_time_s), "num"),
+                _t(fmt.duration(m.total_time_s), "num"),
+                _t(fmt.megabytes(m.predicted_bytes), "num"),
+                _t(fmt.megabytes(m.transferred_bytes), "num"),
                 _t(m.reason, "reason"),
             ]
         )
@@ -286,8 +292,8 @@ def decisions_table(decisions: Sequence[DecisionRow], t0: float) -> str:
             _t(f"{d.source} → {d.destination}"),
             _t(d.technique),
             _t(d.trigger),
-            _t(fmt_s(d.predicted_downtime_s), "num"),
-            _t(d.fate, "ok" if d.fate == "completed" else "bad"),
+            _t(fmt.duration(d.predicted_downtime_s), "num"),
+            _t(d.fate, "ok" if d.fate == Outcome.COMPLETED else "bad"),
             _t(d.reason, "reason"),
         ]
         for d in decisions
@@ -352,9 +358,11 @@ def render_report(data: ReportInput) -> str:
         "<h2>Migrations</h2>",
         migrations_table(s.migrations, t0),
         '<p class="muted">Downtime measured: the node\'s (dump + dump transfer + resume). '
-        "Observed: the longest gap between acknowledged readings around the migration, as "
-        f"the device saw it; readings go out every {_e(_interval(s))}, so that spacing "
-        "means no visible interruption.</p>",
+        "Probe: the longest gap between answers to a probe device's pings of the service "
+        "through its device's gateway, minus one ping interval, with the pings lost during "
+        "the migration. Observed: the longest gap between acknowledged readings around the "
+        f"migration, as the device saw it; readings go out every {_e(_interval(s))}, so that "
+        "spacing means no visible interruption.</p>",
         downtime,
         "<h2>Controller decisions</h2>",
         decisions_table(s.decisions, t0),
@@ -368,7 +376,7 @@ def render_report(data: ReportInput) -> str:
 
 def _interval(s: DemoSummary) -> str:
     value = s.options.get("interval_s")
-    return fmt_s(float(value)) if isinstance(value, int | float) else "interval"
+    return fmt.duration(float(value)) if isinstance(value, int | float) else "interval"
 
 
 def write_report(path: Path, data: ReportInput) -> Path:

@@ -1,8 +1,8 @@
 """What a ``fogmig demo`` run produced, as plain values: decisions, migrations, requests, checks.
 
-Pure functions over the controller's events, the nodes' migration records and the devices'
-requests and continuity checks; the demo, its report and its tests all read the same
-:class:`DemoSummary`, whose ``problems`` decide the exit code.
+Pure functions over the controller's events, the nodes' migration records, the devices'
+requests and continuity checks and the probes' timelines; the demo, its report and its tests
+all read the same :class:`DemoSummary`, whose ``problems`` decide the exit code.
 """
 
 from __future__ import annotations
@@ -14,11 +14,11 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestRecord
+from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestOutcome, RequestRecord
+from fogmig.device_sim.observed import ProbeTimeline
 from fogmig.device_sim.timeline import observed_downtime, percentile
+from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.schemas import MigrationDone
-
-COMPLETED = "completed"
 
 
 class _Model(BaseModel):
@@ -44,6 +44,18 @@ class DecisionRow(_Model):
     ``lost`` or ``unfinished``."""
 
 
+class ProbeSeen(_Model):
+    """What the service's probe device saw from a migration's start to its finish."""
+
+    downtime_s: float | None
+    """Longest gap between the probe's answers overlapping the migration, minus one probe
+    interval; None when the probe did not see the service up on both sides."""
+    rate_hz: float
+    sent: int
+    answered: int
+    lost: int
+
+
 class MigrationRow(_Model):
     """One migration a node ran, predicted against measured against what the devices saw."""
 
@@ -52,10 +64,10 @@ class MigrationRow(_Model):
     service: str
     source: str
     destination: str
-    technique: str
+    technique: Technique
     trigger: str
     reason: str
-    outcome: str
+    outcome: Outcome
     error: str | None
     started_at: float
     finished_at: float
@@ -68,6 +80,8 @@ class MigrationRow(_Model):
     transferred_bytes: float | None
     observed_downtime_s: dict[str, float | None]
     """Per device of the service: longest gap between good answers around the migration."""
+    probe: ProbeSeen | None = None
+    """What the service's probe saw (None: no probe ran for it)."""
 
 
 class RequestTotals(_Model):
@@ -175,12 +189,15 @@ def migration_rows(
     decisions: Sequence[DecisionRow],
     records: Sequence[RequestRecord],
     devices: Mapping[str, str],
+    probes: Mapping[str, ProbeTimeline] | None = None,
 ) -> list[MigrationRow]:
     """One row per finished migration of the demo's services, in the order they started.
 
     ``devices`` maps each device to its service; the device-observed downtime of a migration
-    comes from the requests of the devices that use the migrated service.
+    comes from the requests of the devices that use the migrated service, the probe's from
+    ``probes`` (service -> its probe's timeline).
     """
+    probes = probes or {}
     by_command = {d.command_id: d for d in decisions}
     by_device: dict[str, list[RequestRecord]] = {name: [] for name in devices}
     for r in records:
@@ -192,8 +209,8 @@ def migration_rows(
             continue
         rec = msg.record
         decision = by_command.get(msg.command_id)
-        started = _num(rec.get("started_at")) or 0.0
-        finished = _num(rec.get("finished_at")) or started
+        started = rec.started_at
+        finished = rec.finished_at or started
         observed = {
             device: observed_downtime(by_device.get(device, []), start=started, end=finished)
             for device, service in sorted(devices.items())
@@ -204,26 +221,41 @@ def migration_rows(
                 migration_id=msg.migration_id,
                 command_id=msg.command_id,
                 service=msg.service,
-                source=_str(rec.get("source"), msg.node),
-                destination=_str(rec.get("destination")),
-                technique=_str(rec.get("technique")),
+                source=rec.source,
+                destination=rec.destination,
+                technique=rec.technique,
                 trigger=decision.trigger if decision else "manual",
                 reason=decision.reason if decision else "",
-                outcome=msg.outcome.value,
+                outcome=msg.outcome,
                 error=msg.error,
                 started_at=started,
                 finished_at=finished,
                 predicted_downtime_s=decision.predicted_downtime_s if decision else None,
                 predicted_total_time_s=decision.predicted_total_time_s if decision else None,
                 predicted_bytes=decision.predicted_bytes if decision else None,
-                downtime_s=_num(rec.get("downtime_s")),
-                total_time_s=_num(rec.get("total_time_s")),
-                transferred_bytes=_num(rec.get("transferred_bytes")),
+                downtime_s=rec.downtime_s,
+                total_time_s=rec.total_time_s,
+                transferred_bytes=rec.transferred_bytes,
                 observed_downtime_s=observed,
+                probe=probe_seen(probes.get(msg.service), started, finished),
             )
         )
     rows.sort(key=lambda m: m.started_at)
     return rows
+
+
+def probe_seen(timeline: ProbeTimeline | None, start: float, end: float) -> ProbeSeen | None:
+    """The probe's view of the window ``[start, end]`` (UNIX times)."""
+    if timeline is None or end < start:
+        return None
+    seen = timeline.window_wall(start, end)
+    return ProbeSeen(
+        downtime_s=None if seen.downtime_s is None else round(seen.downtime_s, 6),
+        rate_hz=round(1.0 / timeline.interval_s, 6),
+        sent=seen.sent,
+        answered=seen.answered,
+        lost=seen.lost,
+    )
 
 
 def request_totals(
@@ -238,7 +270,7 @@ def request_totals(
         sent=len(posts),
         ok=len(ok),
         failed=len(posts) - len(ok),
-        timeouts=sum(1 for r in posts if r.outcome.value == "timeout"),
+        timeouts=sum(1 for r in posts if r.outcome is RequestOutcome.TIMEOUT),
         retries=sum(1 for r in posts if r.attempt > 1),
         lost_readings=max((c.lost for c in verified), default=0),
         doubled_readings=max((c.doubled for c in verified), default=0),
@@ -286,7 +318,7 @@ def problems(
     if interrupted:
         out.append("the run was interrupted")
     for m in migrations:
-        if m.outcome != COMPLETED:
+        if m.outcome is not Outcome.COMPLETED:
             out.append(
                 f"migration {m.migration_id} of {m.service} {m.source} -> {m.destination} "
                 f"({m.technique}) ended {m.outcome}" + (f": {m.error}" if m.error else "")
@@ -303,7 +335,7 @@ def problems(
     for e in controller_events:
         if e.get("event") == "gave_up":
             out.append(f"controller gave up: {e.get('message')}")
-    if not any(m.outcome == COMPLETED for m in migrations):
+    if not any(m.outcome is Outcome.COMPLETED for m in migrations):
         out.append("no migration completed")
     out += [f"continuity check failed: {f}" for f in continuity.failures]
     for device, good in sorted(continuity.final.items()):
@@ -327,6 +359,9 @@ MIGRATION_CSV_FIELDS = (
     "predicted_downtime_s",
     "downtime_s",
     "observed_downtime_s",
+    "probe_downtime_s",
+    "probe_sent",
+    "probe_lost",
     "predicted_total_time_s",
     "total_time_s",
     "predicted_bytes",
@@ -336,7 +371,8 @@ MIGRATION_CSV_FIELDS = (
 
 
 def write_migrations_csv(path: Path, rows: Sequence[MigrationRow]) -> None:
-    """One row per migration; the observed downtime is the worst over the service's devices."""
+    """One row per migration; the observed downtime is the worst over the service's devices,
+    the probe's columns are empty where no probe ran."""
     with path.open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MIGRATION_CSV_FIELDS)
         writer.writeheader()
@@ -344,4 +380,7 @@ def write_migrations_csv(path: Path, rows: Sequence[MigrationRow]) -> None:
             seen = [v for v in m.observed_downtime_s.values() if v is not None]
             row = m.model_dump(include=set(MIGRATION_CSV_FIELDS) - {"observed_downtime_s"})
             row["observed_downtime_s"] = max(seen) if seen else None
+            row["probe_downtime_s"] = m.probe.downtime_s if m.probe else None
+            row["probe_sent"] = m.probe.sent if m.probe else None
+            row["probe_lost"] = m.probe.lost if m.probe else None
             writer.writerow({k: "" if v is None else v for k, v in row.items()})

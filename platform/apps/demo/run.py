@@ -2,10 +2,11 @@
 
 It brings up the testbed and the node agents, deploys one sensor service per device on the
 device's first gateway, runs the controller in-process and the device fleet in the device
-host's namespace, lets the devices roam so the controller migrates their services, and ends
-with a summary, the raw files and an HTML report. It always cleans up what it started (also on
-an error or an interrupt); the run passes only when every migration completed and every
-continuity check held.
+host's namespace with a probe device per service beside them (pings through the device's
+gateway, many a second: the downtime a device sees, finer than its readings show), lets the
+devices roam so the controller migrates their services, and ends with a summary, the raw files
+and an HTML report. It always cleans up what it started (also on an error or an interrupt); the
+run passes only when every migration completed and every continuity check held.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any, Literal
 
 from rich.console import Console
 
+from fogmig.device_sim.coap import CoapThread
 from fogmig.device_sim.device import DeviceConfig, RequestSettings
 from fogmig.device_sim.events import (
     ContinuityCheck,
@@ -33,6 +35,8 @@ from fogmig.device_sim.events import (
     Roam,
 )
 from fogmig.device_sim.fleet import DeviceFleet
+from fogmig.device_sim.observed import ProbeTimeline
+from fogmig.device_sim.probe import MAX_RATE_HZ, Probe, ProbeSettings, write_csv
 from fogmig.device_sim.roaming import Hop, Schedule
 from fogmig.platform.apps.demo.report import ReportInput, write_report
 from fogmig.platform.apps.demo.results import (
@@ -92,6 +96,8 @@ class DemoOptions:
     seed: int = 0
     port_base: int = 5700
     check_every_s: float = 10.0
+    probe_hz: float = 20.0
+    """Pings a second of each service's probe device; 0: no probes."""
     settle_timeout_s: float = 60.0
     """After the duration: how long to wait for migrations under way to finish."""
 
@@ -113,6 +119,8 @@ class DemoOptions:
             raise ConfigError("--roams must be between 1 and 10")
         if not 0 < self.port_base <= 65535 - self.devices:
             raise ConfigError(f"invalid port base {self.port_base}")
+        if not 0 <= self.probe_hz <= MAX_RATE_HZ:
+            raise ConfigError(f"--probe-hz must be between 0 and {MAX_RATE_HZ:g}")
         if self.interval_s <= 0 or self.settle_timeout_s < 0:
             raise ConfigError("the interval must be positive and the settle timeout not negative")
 
@@ -211,6 +219,8 @@ class _Collected:
 
     events: list[dict[str, Any]] = field(default_factory=list)
     done: dict[str, MigrationDone] = field(default_factory=dict)
+    probes: dict[str, ProbeTimeline] = field(default_factory=dict)
+    """Service -> what its probe recorded over the whole run."""
 
 
 Phase = Literal["idle", "setup", "running", "cleanup", "finished"]
@@ -237,6 +247,8 @@ class Demo:
         self.deployments: list[Deployment] = []
         self.plans: list[DevicePlan] = []
         self._services: list[str] = []
+        self._probes: dict[str, Probe] = {}
+        self._gateway_ips: dict[str, str] = {}
         self._agents = False
         self._testbed = False
         self._stop = asyncio.Event()
@@ -379,7 +391,42 @@ class Demo:
         self.view.controller_event(event)
 
     def _on_fleet_event(self, event: FleetEvent) -> None:
+        if isinstance(event, Roam) and (probe := self._probes.get(event.service)) is not None:
+            # The probe goes where the service's device goes, as the device's traffic does.
+            probe.retarget(self._gateway_ips[event.to_gateway])
         self.view.fleet_event(event)
+
+    @contextlib.asynccontextmanager
+    async def _probing(self, state: TestbedState) -> AsyncIterator[None]:
+        """A probe per service, from the device host through its device's gateway, for the
+        block; their timelines end up in ``collected.probes``."""
+        o = self.options
+        if o.probe_hz <= 0:
+            yield
+            return
+        settings = ProbeSettings(rate_hz=o.probe_hz)
+        self._gateway_ips = {n.name: n.data_ip for n in state.nodes}
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                thread = await stack.enter_async_context(
+                    CoapThread.running(netns=state.device_host.netns)
+                )
+                for p in self.plans:
+                    self._probes[p.service] = await stack.enter_async_context(
+                        Probe.running(
+                            address=self._gateway_ips[p.start],
+                            port=p.port,
+                            settings=settings,
+                            thread=thread,
+                        )
+                    )
+                self.say(f"probes: {len(self._probes)} at {o.probe_hz:g} Hz")
+                yield
+        finally:
+            probes, self._probes = self._probes, {}
+            for service, probe in probes.items():
+                with contextlib.suppress(FogmigError):
+                    self.collected.probes[service] = probe.timeline()
 
     async def _collect_done(self, bus: Bus) -> None:
         async with bus.subscribe(topics.events()) as events:
@@ -455,7 +502,8 @@ class Demo:
                     netns=state.device_host.netns,
                     seed=o.seed,
                 )
-                settled = await self._drive(controller, controller_bus, fleet)
+                async with self._probing(state):
+                    settled = await self._drive(controller, controller_bus, fleet)
         finished = time.time()
         return self._finish(
             state=state,
@@ -535,7 +583,7 @@ class Demo:
         events = self.collected.events
         decisions = decision_rows(events)
         done = list(self.collected.done.values())
-        migrations = migration_rows(done, decisions, records, devices)
+        migrations = migration_rows(done, decisions, records, devices, probes=self.collected.probes)
         continuity = continuity_totals(checks, devices)
         found = problems(
             decisions=decisions,
@@ -576,9 +624,15 @@ class Demo:
         with (out / "decisions.jsonl").open("w") as fh:
             for d in summary.decisions:
                 fh.write(d.model_dump_json() + "\n")
-        records = [dict(m.record) for m in done]
+        records = [m.record.model_dump(mode="json") for m in done]
         (out / "migrations.json").write_text(json.dumps(records, indent=2) + "\n")
         write_migrations_csv(out / "migrations.csv", summary.migrations)
+        for service, timeline in self.collected.probes.items():
+            write_csv(timeline, out / "probes" / f"{service}.csv")
+        probes = {
+            f"probes/{service}.csv": f"one row per request of {service}'s probe (monotonic times)"
+            for service in sorted(self.collected.probes)
+        }
         return {
             "summary.json": "this run's summary (the verdict and its reasons)",
             "decisions.jsonl": "the controller's decisions with the fate of each command",
@@ -588,6 +642,7 @@ class Demo:
             "devices/timeline.csv": "one row per device request",
             "devices/events.jsonl": "device roams, outages, continuity checks",
             "devices/summary.json": "the device simulator's own summary",
+            **probes,
         }
 
     # --- clean-up -----------------------------------------------------------------------------

@@ -30,7 +30,9 @@ from fogmig.device_sim.events import (
     RequestRecord,
     Roam,
 )
-from fogmig.platform.apps.demo.results import DemoSummary
+from fogmig.platform.apps.demo.results import DemoSummary, MigrationRow
+from fogmig.platform.base import fmt
+from fogmig.platform.base.vocabulary import Outcome
 from fogmig.platform.bus.schemas import NodeStatus
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 
@@ -61,10 +63,6 @@ class MigrationView:
     bytes_done: int = 0
     bytes_total: int = 0
     rate_bytes_per_s: float = 0.0
-
-
-def _mb(n: float) -> str:
-    return f"{n / 1e6:.1f} MB"
 
 
 class DemoModel:
@@ -133,7 +131,7 @@ class DemoModel:
             case EventKind.DONE:
                 if service is not None and not data.get("foreign"):
                     self.migrating.pop(service, None)
-                if data.get("outcome") == "completed":
+                if data.get("outcome") == Outcome.COMPLETED:
                     self.completed += 1
                     line = (event.message, "green")
                 else:
@@ -213,7 +211,7 @@ class DemoModel:
                 name,
                 "yes" if s.online else "[red]no[/]",
                 f"{s.load:.2f}",
-                _mb(s.mem_free_bytes),
+                fmt.megabytes(s.mem_free_bytes),
                 ", ".join(sorted(i.name for i in s.services)) or "-",
                 "[magenta]yes[/]" if s.draining else "no",
             )
@@ -267,13 +265,13 @@ class DemoModel:
         for col in ("service", "move", "technique", "phase", "bytes", "rate"):
             t.add_column(col)
         for m in self.migrating.values():
-            total = f" / {_mb(m.bytes_total)}" if m.bytes_total else ""
+            total = f" / {fmt.megabytes(m.bytes_total)}" if m.bytes_total else ""
             t.add_row(
                 m.service,
                 f"{m.source} -> {m.destination}",
                 m.technique,
                 m.phase,
-                f"{_mb(m.bytes_done)}{total}",
+                f"{fmt.megabytes(m.bytes_done)}{total}",
                 f"{m.rate_bytes_per_s * 8 / 1e6:.1f} Mbit/s" if m.rate_bytes_per_s else "-",
             )
         if not self.migrating:
@@ -371,10 +369,10 @@ class DemoView:
 # --- the summary at the end ---------------------------------------------------------------------
 
 
-def _s(value: float | None) -> str:
-    if value is None:
+def _probe(m: MigrationRow) -> str:
+    if m.probe is None:
         return "-"
-    return f"{value:.2f} s" if value >= 1 else f"{value * 1000:.0f} ms"
+    return f"{fmt.duration(m.probe.downtime_s)}, {m.probe.lost} lost"
 
 
 def summary_renderable(summary: DemoSummary) -> RenderableType:
@@ -390,14 +388,15 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
         "outcome",
         "downtime predicted",
         "measured",
+        "probe",
         "observed by device",
         "total",
         "sent",
     ):
         t.add_column(col)
     for i, m in enumerate(summary.migrations):
-        seen = ", ".join(f"{d} {_s(v)}" for d, v in m.observed_downtime_s.items()) or "-"
-        outcome = m.outcome if m.outcome == "completed" else f"[red]{m.outcome}[/]"
+        seen = ", ".join(f"{d} {fmt.duration(v)}" for d, v in m.observed_downtime_s.items()) or "-"
+        outcome = m.outcome if m.outcome is Outcome.COMPLETED else f"[red]{m.outcome}[/]"
         t.add_row(
             str(i + 1),
             m.service,
@@ -405,11 +404,12 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
             m.technique,
             m.trigger,
             outcome,
-            _s(m.predicted_downtime_s),
-            _s(m.downtime_s),
+            fmt.duration(m.predicted_downtime_s),
+            fmt.duration(m.downtime_s),
+            _probe(m),
             seen,
-            _s(m.total_time_s),
-            "-" if m.transferred_bytes is None else _mb(m.transferred_bytes),
+            fmt.duration(m.total_time_s),
+            "-" if m.transferred_bytes is None else fmt.megabytes(m.transferred_bytes),
         )
     why = Text()
     techniques: dict[str, int] = {}
@@ -437,9 +437,18 @@ def summary_renderable(summary: DemoSummary) -> RenderableType:
     else:
         verdict = Text("FAILED: " + "; ".join(summary.problems), "bold red")
     interval = summary.options.get("interval_s", 1.0)
+    probe_hz = summary.options.get("probe_hz") or 0
+    probe = (
+        f"; probe: the longest gap between answers to a device's {probe_hz:g} Hz pings "
+        "through its gateway, minus one interval (requests lost in the migration)"
+        if probe_hz
+        else ""
+    )
     note = Text(
-        "measured: the node's downtime (dump + transfer + resume); observed: the longest gap "
-        f"between acknowledged readings around the migration (one reading every {interval} s)",
+        "measured: the node's downtime (dump + transfer + resume)"
+        + probe
+        + "; observed: the longest gap between acknowledged readings around the migration "
+        f"(one reading every {interval} s)",
         style="dim",
     )
     parts: list[RenderableType] = [t, note, why, lines]

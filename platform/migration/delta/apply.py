@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.delta.layout import (
     CHUNK_PAGES,
     MANIFEST_NAME,
@@ -27,13 +28,7 @@ from fogmig.platform.migration.delta.layout import (
     read_runs,
 )
 from fogmig.platform.runtime.image import ImageFormatError
-from fogmig.platform.runtime.pagemap import (
-    PAGE_SIZE,
-    Pagemap,
-    Vaddrs,
-    decode_pagemap,
-    load_pages,
-)
+from fogmig.platform.runtime.pagemap import Pagemap, Vaddrs, decode_pagemap, load_pages
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,15 +14,10 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.delta.layout import CHUNK_PAGES, DeltaError, gather
 from fogmig.platform.runtime.image import ImageFormatError
-from fogmig.platform.runtime.pagemap import (
-    PAGE_SIZE,
-    Pagemap,
-    Vaddrs,
-    load_pages,
-    read_pagemaps,
-)
+from fogmig.platform.runtime.pagemap import Pagemap, Vaddrs, load_pages, read_pagemaps
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,8 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fogmig.platform.base.errors import FogmigError
-from fogmig.platform.runtime.pagemap import PAGE_SIZE, Vaddrs
+from fogmig.platform.base.vocabulary import PAGE_SIZE
+from fogmig.platform.runtime.pagemap import Vaddrs
 
 MANIFEST_NAME = "delta.json"
 DELTA_FORMAT_VERSION = 2

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from fogmig.platform.migration.handover.journal import AnyEntry, Outcome
+from fogmig.platform.base.vocabulary import TerminalOutcome
+from fogmig.platform.migration.handover.journal import AnyEntry
 from fogmig.platform.migration.handover.messages import Refused, Reply, Request, TicketedRequest
 
 StepKind = Literal[
@@ -155,7 +156,7 @@ class TerminalEvent:
 
     migration_id: str
     service: str
-    outcome: Outcome
+    outcome: TerminalOutcome
     reason: str
 
 

@@ -17,6 +17,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.vocabulary import TerminalOutcome
 from fogmig.platform.migration.handover.messages import (
     Count,
     Detail,
@@ -24,10 +25,8 @@ from fogmig.platform.migration.handover.messages import (
     MigrationId,
     NodeName,
     ServiceName,
-    TechniqueName,
+    WireTechnique,
 )
-
-Outcome = Literal["completed", "rolled_back", "failed"]
 
 
 class JournalError(FogmigError):
@@ -54,7 +53,7 @@ class Begin(MigrationEntry):
     service: ServiceName
     epoch: Epoch
     destination: NodeName
-    technique: TechniqueName
+    technique: WireTechnique
 
 
 class Freezing(MigrationEntry):
@@ -94,7 +93,7 @@ class Finished(MigrationEntry):
     """The one terminal outcome of the migration."""
 
     kind: Literal["finished"] = "finished"
-    outcome: Outcome
+    outcome: TerminalOutcome
     reason: Detail = ""
 
 
@@ -121,7 +120,7 @@ class Prepared(MigrationEntry):
     service: ServiceName
     epoch: Epoch
     source: NodeName
-    technique: TechniqueName
+    technique: WireTechnique
 
 
 class Restoring(MigrationEntry):

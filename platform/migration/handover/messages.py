@@ -14,6 +14,7 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fogmig.platform.base.errors import MigrationError
+from fogmig.platform.base.vocabulary import Technique
 
 MAX_INT = 2**53  # every integer survives a round trip through any JSON implementation
 MAX_SECONDS = 1e6
@@ -26,7 +27,8 @@ Epoch = Annotated[int, Field(ge=0, le=MAX_INT)]
 Count = Annotated[int, Field(ge=0, le=MAX_INT)]
 Seconds = Annotated[float, Field(ge=0.0, le=MAX_SECONDS)]
 Detail = Annotated[str, Field(max_length=512)]
-TechniqueName = Literal["cold", "precopy", "postcopy", "hybrid"]
+# The channel hands the calls over as plain JSON values: a technique arrives as its name.
+WireTechnique = Annotated[Technique, Field(strict=False)]
 
 DestState = Literal[
     "unknown",  # no record of the migration (answered to status only)
@@ -96,7 +98,7 @@ class Prepare(Request):
     service: ServiceName
     epoch: Epoch
     source: NodeName
-    technique: TechniqueName
+    technique: WireTechnique
     args: list[Annotated[str, Field(max_length=4096)]] = Field(max_length=64)
 
 

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fogmig.platform.base.vocabulary import TerminalOutcome
 from fogmig.platform.migration.handover.events import RuntimeReport
 from fogmig.platform.migration.handover.journal import (
     AnyEntry,
@@ -21,7 +22,6 @@ from fogmig.platform.migration.handover.journal import (
     Freezing,
     HandedOver,
     MigrationEntry,
-    Outcome,
     Prepared,
     Published,
     RestoreSent,
@@ -46,7 +46,7 @@ class SourceRecovery:
     reason: str
     fence_allowed: bool = False
     """SETTLE only: whether the fence (rule 3c) may settle it (``commit`` never sent)."""
-    outcome: Outcome | None = None
+    outcome: TerminalOutcome | None = None
     """PUBLISH only: the outcome already decided."""
     resuming_written: bool = False
     """RESUME only: ``Resuming`` is already in the journal."""

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
+from fogmig.platform.base.vocabulary import Outcome, Technique, TerminalOutcome
 from fogmig.platform.migration.handover.events import (
     Action,
     CallFailed,
@@ -37,7 +38,6 @@ from fogmig.platform.migration.handover.journal import (
     Freezing,
     HandedOver,
     MigrationEntry,
-    Outcome,
     Published,
     RestoreSent,
     Resuming,
@@ -56,7 +56,6 @@ from fogmig.platform.migration.handover.messages import (
     Reply,
     Request,
     Restore,
-    TechniqueName,
     Ticket,
     TicketedReply,
     TicketedRequest,
@@ -89,7 +88,7 @@ class Plan:
     service: str
     source: str
     destination: str
-    technique: TechniqueName
+    technique: Technique
     epoch: int
     """The epoch at which this node owns the service now; the destination would own +1."""
     args: tuple[str, ...] = ()
@@ -111,7 +110,7 @@ class SourceCore:
         self.timing = timing
         self.ids = ids
         self.phase = SourcePhase.PREPARING
-        self.outcome: Outcome | None = None
+        self.outcome: TerminalOutcome | None = None
         self.reason = ""
         self._pending: tuple[int, str] | None = None  # (call id, op) awaiting a reply
         self._step: int | None = None
@@ -196,7 +195,7 @@ class SourceCore:
             core._ticket_at = now
             actions = core._settle(now, fence_allowed=decision.fence_allowed)
         else:
-            actions = core._finish("failed", decision.reason)
+            actions = core._finish(Outcome.FAILED_AFTER_COMMIT, decision.reason)
         return core, actions
 
     def handle(self, event: Event, now: float) -> list[Action]:
@@ -293,11 +292,13 @@ class SourceCore:
             return [self._run("move")]
         if phase is SourcePhase.RESUMING:
             if done.ok:
-                return self._finish("rolled_back", self.reason)
-            return self._finish("failed", f"{self.reason}; resume failed: {done.detail}")
+                return self._finish(Outcome.ROLLED_BACK, self.reason)
+            return self._finish(
+                Outcome.FAILED_AFTER_COMMIT, f"{self.reason}; resume failed: {done.detail}"
+            )
         if phase is SourcePhase.CLEANING:
             # The destination owns the service; a leftover here is only logged by the driver.
-            return self._finish("completed", "" if done.ok else f"cleanup: {done.detail}")
+            return self._finish(Outcome.COMPLETED, "" if done.ok else f"cleanup: {done.detail}")
         return []
 
     def _on_timer(self, name: str, now: float) -> list[Action]:
@@ -399,14 +400,14 @@ class SourceCore:
         actions: list[Action] = [CancelTimer(t) for t in TIMERS]
         return [*actions, WriteJournal(entry), self._run("delete_copy")]
 
-    def _finish(self, outcome: Outcome, reason: str) -> list[Action]:
+    def _finish(self, outcome: TerminalOutcome, reason: str) -> list[Action]:
         self.phase = SourcePhase.DONE
         self.outcome = outcome
         self.reason = reason
         entry = Finished(migration_id=self.plan.migration_id, outcome=outcome, reason=reason[:512])
         return [WriteJournal(entry), *self._publish(outcome, reason)]
 
-    def _publish(self, outcome: Outcome, reason: str) -> list[Action]:
+    def _publish(self, outcome: TerminalOutcome, reason: str) -> list[Action]:
         event = TerminalEvent(
             migration_id=self.plan.migration_id,
             service=self.plan.service,

@@ -13,8 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.errors import LazyLayoutError
-from fogmig.platform.migration.lazy.protocol import PAGE_SIZE, PE_LAZY, PE_PARENT, PE_PRESENT
+from fogmig.platform.migration.lazy.protocol import PE_LAZY, PE_PARENT, PE_PRESENT
 from fogmig.platform.runtime.image import ImageFormatError
 from fogmig.platform.runtime.pagemap import (
     Pagemap,

@@ -10,7 +10,7 @@ import struct
 from dataclasses import dataclass
 from enum import IntEnum
 
-PAGE_SIZE = 4096
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 
 # Pagemap entry flags (criu/include/pagemap.h).
 PE_PARENT = 1

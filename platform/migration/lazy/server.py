@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Self
 
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.errors import PageServerError
 from fogmig.platform.migration.lazy.protocol import (
     CLOSE_STATUS_OK,
-    PAGE_SIZE,
     CloseRequest,
     GetPages,
     PageServerConnection,

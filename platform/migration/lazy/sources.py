@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Protocol, Self
 
 from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.errors import (
     LazyLayoutError,
     PageNotFoundError,
     PageServerError,
 )
 from fogmig.platform.migration.lazy.layout import task_id
-from fogmig.platform.migration.lazy.protocol import PAGE_SIZE
 from fogmig.platform.runtime.image import ImageFormatError
 from fogmig.platform.runtime.pagemap import PagemapEntry, read_pagemaps
 
