@@ -24,11 +24,22 @@ from typing import Any
 from fogmig.platform.agent.commands import CommandHandling
 from fogmig.platform.agent.config import AgentConfig
 from fogmig.platform.agent.forwarding import Location
+from fogmig.platform.agent.hooks import HandoverHooks, NoHooks
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
+from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import Cleared, ServicePresence, topics
-from fogmig.platform.migration.destination import Destination, Fetch
+from fogmig.platform.migration.arrival import Fetch
+from fogmig.platform.migration.destination import Destination
+from fogmig.platform.migration.handover.messages import (
+    GetPages,
+    GetPagesOk,
+    decode_call,
+    decode_reply,
+    encode_call,
+    encode_reply,
+)
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.server import (
     CallReply,
@@ -46,16 +57,21 @@ MAX_PAGES_PER_CALL = 256  # 1 MiB: the transfer channel's limit for binary call 
 class Agent(CommandHandling):
     """One node's agent; use :meth:`run` inside the node's network namespace."""
 
-    def __init__(self, config: AgentConfig) -> None:
+    def __init__(self, config: AgentConfig, *, hooks: HandoverHooks | None = None) -> None:
         super().__init__(config)
+        self._setup_handover(hooks if hooks is not None else NoHooks())
         self.destination = Destination(
             node=config.node,
             runtime=self.runtime,
             rootfs=self._rootfs,
             bundles=paths.node_dir(config.node) / "bundles",
+            incoming=paths.node_dir(config.node) / "incoming",
             fetch_factory=self._fetch_from,
-            fence_timeout_s=config.fence_timeout_s,
-            on_owned=self._owned,
+            journal=self.journal,
+            timing=self.timing,
+            running_here=self.hook_calls.running_here,
+            gave_up=self.hook_calls.gave_up,
+            owned=self._owned_here,
         )
 
     # ------------------------------------------------------------------ lifecycle
@@ -66,6 +82,8 @@ class Agent(CommandHandling):
         will = self._status(online=False)
         for sub in ("incoming", "outgoing", "bundles"):
             (paths.node_dir(self.node) / sub).mkdir(parents=True, exist_ok=True)
+        # Incoming migrations a stopped agent left are settled before any call is served.
+        await self.destination.start()
         async with (
             TransferServer(
                 host=cfg.data_ip,
@@ -86,19 +104,22 @@ class Agent(CommandHandling):
         ):
             self.bus = bus
             log.info("agent %s: serving on %s:%d", self.node, cfg.data_ip, cfg.transfer_port)
+            await self._recover_outgoing()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._status_loop(stop), name="status")
                 tg.create_task(self._command_loop(stop), name="commands")
                 tg.create_task(self._presence_loop(), name="presence")
                 tg.create_task(self._links_loop(stop), name="links")
                 await stop.wait()
+                # While the bus and the channel still work: let migrations end or settle.
+                await self._stop_migrations()
                 raise _Stopped
         # unreachable: the TaskGroup always ends in _Stopped
 
     async def close(self) -> None:
-        for task in list(self.migrating.values()):
-            task.cancel()
+        await self._stop_migrations()
         await self.destination.close()
+        self.journal.close()
         with contextlib.suppress(FogmigError):
             await self.forwarder.remove()
 
@@ -132,24 +153,26 @@ class Agent(CommandHandling):
     async def on_call(
         self, session: TransferSession, op: str, params: dict[str, Any]
     ) -> dict[str, Any] | CallReply:
-        if op == "get_pages":
-            return await self._get_pages(params)
         if op == "drop_probe":
             remove_migration_dir(session.root, f"probe-{session.peer}")
             return {}
-        mid = str(params.get("migration_id", ""))
-        return await self.destination.handle(op, params, session.migration_dir(mid), session.peer)
+        if op == GetPages.op:
+            request = decode_call(op, params)
+            assert isinstance(request, GetPages)
+            return await self._get_pages(request)
+        return await self.destination.handle(op, params, session.peer)
 
-    async def _get_pages(self, params: dict[str, Any]) -> CallReply:
-        mid = str(params.get("migration_id", ""))
+    async def _get_pages(self, request: GetPages) -> CallReply:
+        mid = request.migration_id
         pages = self.pages.get(mid)
         if pages is None:
             raise MigrationError(
                 f"{self.node} serves no pages for {mid}", phase="lazy_pages", migration_id=mid
             )
-        nr = min(int(params["nr_pages"]), MAX_PAGES_PER_CALL)
-        data = await pages.read(int(params["pid"]), int(params["vaddr"]), nr)
-        return CallReply({}, bytes(data))
+        nr = min(request.nr_pages, MAX_PAGES_PER_CALL)
+        data = bytes(await pages.read(request.pid, request.vaddr, nr))
+        reply = GetPagesOk(migration_id=mid, nr_pages=len(data) // PAGE_SIZE)
+        return CallReply(encode_reply(GetPages.op, reply), data)
 
     async def _fetch_from(
         self, source: str, migration_id: str
@@ -180,12 +203,15 @@ class Agent(CommandHandling):
     def _page_fetcher(self, client: TransferClient, migration_id: str) -> Fetch:
         async def fetch(pid: int, vaddr: int, nr_pages: int) -> bytes:
             # A reply carries at most 1 MiB; the daemon accepts a prefix and asks again.
-            nr = min(nr_pages, MAX_PAGES_PER_CALL)
-            _, data = await client.call_data(
-                "get_pages",
-                {"migration_id": migration_id, "pid": pid, "vaddr": vaddr, "nr_pages": nr},
-                timeout=self.config.fence_timeout_s,
+            request = GetPages(
+                migration_id=migration_id,
+                pid=pid,
+                vaddr=vaddr,
+                nr_pages=min(nr_pages, MAX_PAGES_PER_CALL),
             )
+            op, params = encode_call(request)
+            result, data = await client.call_data(op, params, timeout=self.config.fence_timeout_s)
+            decode_reply(op, result)
             return data
 
         return fetch

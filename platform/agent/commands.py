@@ -1,26 +1,27 @@
 """The commands a node's agent takes over the bus: migrate, deploy, undeploy and drain.
 
-Each is acknowledged end to end; a malformed or impossible one gets a typed rejection. An
-accepted migration runs as a task of its own and ends with a MigrationDone event.
+Each is acknowledged end to end; a malformed or impossible one gets a typed rejection. A
+migration is accepted once it is journaled; it runs as a task of its own and ends with exactly
+one MigrationDone event (``handover``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 
+from fogmig.platform.agent.handover import HandoverWiring
 from fogmig.platform.agent.linkprobe import LinkProbing
-from fogmig.platform.agent.status import StatusReporting, rss, service_params
-from fogmig.platform.base import paths
+from fogmig.platform.agent.status import rss, service_params
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
-from fogmig.platform.base.vocabulary import Outcome, Phase
+from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.bus.schemas import (
     Command,
     DeployCommand,
     DrainCommand,
     MigrateCommand,
-    MigrationDone,
     MigrationProgress,
     SchemaError,
     UndeployCommand,
@@ -29,14 +30,14 @@ from fogmig.platform.bus.schemas import (
     reject,
     topics,
 )
-from fogmig.platform.migration.record import save_record
-from fogmig.platform.migration.source import migrate_service
+from fogmig.platform.migration.engine import SourceDriver
+from fogmig.platform.migration.source import begin_migration, new_migration_id
 from fogmig.platform.runtime.capabilities import criu_capabilities
 
 log = logging.getLogger(__name__)
 
 
-class CommandHandling(StatusReporting, LinkProbing):
+class CommandHandling(HandoverWiring, LinkProbing):
     """Taking commands from the bus and driving the migrations they ask for."""
 
     async def _command_loop(self, stop: asyncio.Event) -> None:
@@ -75,16 +76,26 @@ class CommandHandling(StatusReporting, LinkProbing):
                 await self._deploy_command(command)
                 return
             await self._check_migrate(command)
+            driver = await self._begin(command)
         except FogmigError as exc:
             log.warning("agent %s: rejected %s: %s", self.node, command.command_id, exc)
             await self.bus.publish(
                 topics.events(self.node), reject(self.node, command.command_id, exc)
             )
             return
-        await self.bus.publish(topics.events(self.node), accept(self.node, command.command_id))
-        self.migrating[command.service] = asyncio.create_task(
-            self._migrate(command), name=f"migrate-{command.service}"
+        # Started before the acknowledgement: the migration is journaled and must run even
+        # if the acknowledgement cannot be delivered.
+        self._start_driver(driver)
+        log.info(
+            "agent %s: migration %s of %s to %s by %s",
+            self.node,
+            driver.migration_id,
+            command.service,
+            command.destination,
+            command.technique,
         )
+        with contextlib.suppress(FogmigError):
+            await self.bus.publish(topics.events(self.node), accept(self.node, command.command_id))
 
     async def _deploy_command(self, cmd: DeployCommand | UndeployCommand) -> None:
         """Start or stop a service on this node; acknowledged once it answers (or is gone)."""
@@ -119,11 +130,13 @@ class CommandHandling(StatusReporting, LinkProbing):
         if cmd.technique.lazy and not criu_capabilities().postcopy:
             raise ConfigError(f"{self.node} cannot do {cmd.technique}: no userfaultfd")
 
-    async def _migrate(self, cmd: MigrateCommand) -> None:
+    async def _begin(self, cmd: MigrateCommand) -> SourceDriver:
+        """Everything a migration needs, then ``Begin`` in the journal: from here it is
+        accepted and ends with exactly one MigrationDone. Raises (nothing begun) otherwise."""
         assert self.bus is not None
         bus = self.bus
         last = 0.0
-        mid_holder: dict[str, str] = {}
+        mid = new_migration_id(cmd.service)
 
         def progress(phase: Phase, done: int, total: int, rate: float) -> None:
             nonlocal last
@@ -134,7 +147,7 @@ class CommandHandling(StatusReporting, LinkProbing):
             event = MigrationProgress(
                 node=self.node,
                 command_id=cmd.command_id,
-                migration_id=mid_holder.get("id", cmd.command_id),
+                migration_id=mid,
                 service=cmd.service,
                 phase=phase,
                 bytes_done=done,
@@ -146,61 +159,25 @@ class CommandHandling(StatusReporting, LinkProbing):
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
-        from fogmig.platform.migration.source import new_migration_id
-
-        mid = new_migration_id(cmd.service)
-        mid_holder["id"] = mid
-        try:
-            state = await self.runtime.state(cmd.service)
-            _, dirty_kbps, _ = service_params(state.bundle)
-            record = await migrate_service(
-                runtime=self.runtime,
-                service=cmd.service,
-                destination=cmd.destination,
-                destination_ip=self.config.peers[cmd.destination],
-                transfer_port=self.config.transfer_port,
-                security=self.channel,
-                technique=cmd.technique,
-                workdir_root=paths.node_dir(self.node) / "outgoing",
-                pages_registry=self.pages,
-                rules=cmd.precopy,
-                compression=cmd.compression,
-                on_progress=progress,
-                migration_id=mid,
-                fence_timeout_s=self.config.fence_timeout_s,
-                record_extra={
-                    "state_bytes": rss(state.pid),
-                    "dirty_rate_bytes_per_s": dirty_kbps * 1024,
-                    **self._link_conditions(cmd.destination),
-                },
-            )
-            save_record(record, paths.records_dir())
-            log.info(
-                "agent %s: migration %s of %s to %s: %s",
-                self.node,
-                mid,
-                cmd.service,
-                cmd.destination,
-                record.outcome.value,
-            )
-            if record.outcome is Outcome.ROLLED_BACK:
-                await self._owned(cmd.service)
-            else:
-                await bus.clear(topics.service(self.node, cmd.service))
-                self._published.discard(cmd.service)
-            await bus.publish(
-                topics.events(self.node),
-                MigrationDone(
-                    node=self.node,
-                    command_id=cmd.command_id,
-                    migration_id=mid,
-                    service=cmd.service,
-                    outcome=record.outcome,
-                    record=record,
-                    error=record.error,
-                ),
-            )
-        except FogmigError as exc:
-            log.warning("agent %s: migration of %s failed: %s", self.node, cmd.service, exc)
-        finally:
-            self.migrating.pop(cmd.service, None)
+        state = await self.runtime.state(cmd.service)
+        _, dirty_kbps, _ = service_params(state.bundle)
+        hooks = self.hook_calls
+        return await begin_migration(
+            self.source_node,
+            service=cmd.service,
+            destination=cmd.destination,
+            technique=cmd.technique,
+            epoch=self.epoch_for(cmd.service),
+            rules=cmd.precopy,
+            compression=cmd.compression,
+            on_progress=progress,
+            migration_id=mid,
+            command_id=cmd.command_id,
+            record_extra={
+                "state_bytes": rss(state.pid),
+                "dirty_rate_bytes_per_s": dirty_kbps * 1024,
+                **self._link_conditions(cmd.destination),
+            },
+            freezing=hooks.freezing(cmd.service, cmd.destination, mid),
+            resumed=hooks.resumed_here(cmd.service, mid),
+        )

@@ -36,7 +36,7 @@ class LinkProbing(AgentState):
             return  # measurement off (benchmarks: it would share the link)
         while not stop.is_set():
             for peer in sorted(self.config.peers):
-                if self.migrating or self.destination.incoming:
+                if self.migrating or self.destination.arrivals:
                     break
                 try:
                     self.links[peer] = await self._measure_link(peer)

@@ -1,79 +1,110 @@
-"""The destination node's side of a migration: the operations the source agent calls.
+"""The destination node's side of migrations: typed calls in, the hand-over core, the runtime.
 
-``prepare`` creates the bundle, ``apply_delta`` rebuilds a pre-copy round, ``restore`` resumes
-the service (at once, or lazily with fogmig's page server in front of CRIU's lazy-pages daemon),
-``lazy_status`` reports the faulted pages, ``commit`` makes this node the owner, ``abort``
-removes every trace. Until ``commit`` a fence timer runs: when the source falls silent for
-``fence_timeout_s`` the copy here is killed, so a cut link never leaves two live copies.
+:class:`Destination` decodes each call from a source agent (:func:`decode_call`), feeds it to the
+node's :class:`~fogmig.platform.migration.handover.destination_core.DestinationCore` and carries
+out what the core decides: journal entries, the runtime's fence (armed before the restore with
+the lease's deadline, pushed out on every ticketed call, disarmed at commit, fired on a
+tombstone), the runtime steps of each :class:`~arrival.Arrival`, and the replies. At the
+agent's start :meth:`Destination.start` recovers from the journal: committed copies stay, every
+other copy is fenced and its files removed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import shutil
+import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fogmig.platform.base.errors import (
-    ConfigError,
     ContainerNotFoundError,
+    FenceError,
     FogmigError,
     MigrationError,
 )
-from fogmig.platform.base.nodes import check_service_name, netns_name
-from fogmig.platform.migration.delta import apply as delta_apply
-from fogmig.platform.migration.lazy.daemon import LazyPagesDaemon
-from fogmig.platform.migration.lazy.layout import lazy_vaddrs
-from fogmig.platform.migration.lazy.server import LazyPageServer
-from fogmig.platform.migration.lazy.sources import (
-    LayeredPages,
-    LocalImagePages,
-    PageSource,
-    PrefetchedPages,
-    RemotePages,
+from fogmig.platform.migration.arrival import Arrival, FetchFactory
+from fogmig.platform.migration.handover.destination_core import DestinationCore
+from fogmig.platform.migration.handover.events import (
+    Action,
+    ArmFence,
+    CallIn,
+    CancelTimer,
+    Event,
+    FenceFired,
+    Ids,
+    LazyFinished,
+    RunStep,
+    RuntimeReport,
+    SendReply,
+    StartTimer,
+    StepDone,
+    TimerFired,
+    WriteJournal,
 )
-from fogmig.platform.runtime.bundle import make_bundle
+from fogmig.platform.migration.handover.journal import (
+    Begin,
+    Committed,
+    Finished,
+    Prepared,
+    Restoring,
+    SharedJournal,
+    Tombstoned,
+    incarnation,
+)
+from fogmig.platform.migration.handover.messages import (
+    ApplyDelta,
+    LazyStatusOk,
+    Prepare,
+    Refused,
+    Reply,
+    Restore,
+    RestoreOk,
+    SendFiles,
+    decode_call,
+    encode_reply,
+)
+from fogmig.platform.migration.handover.ownership import Timing
 from fogmig.platform.runtime.container import NodeRuntime
+from fogmig.platform.runtime.fence import Fence, FenceHandle
+from fogmig.platform.runtime.fence_state import FenceState
 from fogmig.platform.runtime.workdir import remove_tree
 
 log = logging.getLogger(__name__)
 
-Fetch = Callable[[int, int, int], Awaitable[bytes]]
-FetchFactory = Callable[[str, str], Awaitable[tuple[Fetch, Fetch, Callable[[], Awaitable[None]]]]]
-"""(source node, migration id) -> (fetch on fault, fetch ahead, close): two channels back to
-the source, so that faults never queue behind the prefetch."""
+Notify = Callable[[str, str], Awaitable[None]]
+"""(service, migration id): told when a copy here runs, is given up, or is owned."""
+FENCE_POLL_S = 0.05
+RECOVERY_WAIT_S = 60.0
+STOP_WAIT_S = 5.0
 
 
-@dataclass(slots=True)
-class Incoming:
-    """One migration arriving at this node."""
+async def _nothing(service: str, migration_id: str) -> None:
+    return None
 
-    migration_id: str
-    service: str
-    technique: str
-    source: str
-    directory: Path
-    bundle: Path
-    started_container: bool = False
-    lazy: LazyPagesDaemon | None = None
-    page_server: LazyPageServer | None = None
-    prefetch: PrefetchedPages | None = None
-    close_fetch: Callable[[], Awaitable[None]] | None = None
-    lazy_task: asyncio.Task[dict[str, Any]] | None = None
-    restored_at: float = 0.0
-    fence: asyncio.TimerHandle | None = None
-    committed: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
+
+def restore_running(runc_root: Path, container_id: str) -> bool:
+    """Whether a ``runc restore`` of ``container_id`` under ``runc_root`` still runs here
+    (one a crashed agent started may outlive it)."""
+    root = str(runc_root)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if "restore" in words and container_id in words and root in words:
+            return True
+    return False
 
 
 class Destination:
-    """Handles the destination operations for every migration arriving at ``node``."""
+    """Every migration arriving at ``node``; :meth:`start` before serving calls."""
 
     def __init__(
         self,
@@ -82,269 +113,435 @@ class Destination:
         runtime: NodeRuntime,
         rootfs: Callable[[], Path],
         bundles: Path,
+        incoming: Path,
         fetch_factory: FetchFactory,
-        fence_timeout_s: float = 20.0,
-        stale_timeout_s: float = 900.0,
-        on_owned: Callable[[str], Awaitable[None]] | None = None,
+        journal: SharedJournal,
+        timing: Timing,
+        running_here: Notify = _nothing,
+        gave_up: Notify = _nothing,
+        owned: Notify = _nothing,
     ) -> None:
         self.node = node
         self.runtime = runtime
         self._rootfs = rootfs
         self._bundles = bundles
+        self.incoming_dir = incoming
         self._fetch_factory = fetch_factory
-        self.fence_timeout_s = fence_timeout_s
-        self.stale_timeout_s = stale_timeout_s
-        self._on_owned = on_owned
-        self.incoming: dict[str, Incoming] = {}
+        self.journal = journal
+        self.timing = timing
+        self._running_here = running_here
+        self._gave_up = gave_up
+        self._owned = owned
+        self.core: DestinationCore | None = None
+        self.arrivals: dict[str, Arrival] = {}
+        self.fences: dict[str, FenceHandle] = {}
+        self._lock = asyncio.Lock()
+        self._replies: dict[int, asyncio.Future[Reply | Refused]] = {}
+        self._timers: dict[str, asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._restored: set[str] = set()
+        """Migrations that journaled ``Restoring``: a copy of theirs may exist."""
 
-    # ------------------------------------------------------------------ dispatch
+    # ------------------------------------------------------------------ lifecycle
 
-    async def handle(
-        self, op: str, params: dict[str, Any], directory: Path, peer: str
-    ) -> dict[str, Any]:
-        mid = str(params.get("migration_id", ""))
-        if op == "prepare":
-            return await self.prepare(mid, params, directory, peer)
-        mig = self.incoming.get(mid)
-        if mig is None:
-            raise MigrationError(
-                f"node {self.node} has no migration {mid} in progress",
-                phase=op,
-                migration_id=mid,
-            )
-        if mig.source != peer:
-            raise MigrationError(
-                f"migration {mid} belongs to {mig.source}, not {peer}", phase=op, migration_id=mid
-            )
-        self._rearm_fence(mig)
-        if op == "apply_delta":
-            return await self.apply_delta(mig, params)
-        if op == "restore":
-            return await self.restore(mig, params)
-        if op == "lazy_status":
-            return await self.lazy_status(mig)
-        if op == "commit":
-            return await self.commit(mig)
-        if op == "abort":
-            await self.abort(mig, "aborted by the source")
-            return {"aborted": True}
-        raise MigrationError(f"unknown operation {op!r}", phase=op, migration_id=mid)
-
-    # ------------------------------------------------------------------ operations
-
-    async def prepare(
-        self, mid: str, params: dict[str, Any], directory: Path, peer: str
-    ) -> dict[str, Any]:
-        spec = params.get("spec")
-        if not isinstance(spec, dict):
-            raise ConfigError("prepare needs a service spec")
-        service = check_service_name(str(spec.get("service", "")))
-        args = spec.get("args")
-        if not isinstance(args, list) or not all(isinstance(a, str) for a in args):
-            raise ConfigError("prepare needs the service's process arguments")
-        if mid in self.incoming:
-            raise MigrationError("already prepared", phase="prepare", migration_id=mid)
-        if any(m.service == service for m in self.incoming.values()):
-            raise MigrationError(
-                f"{service} is already migrating to {self.node}", phase="prepare", migration_id=mid
-            )
-        with contextlib.suppress(ContainerNotFoundError):
-            state = await self.runtime.state(service)
-            if state.running:
-                # Two copies on one node would silently share the CoAP port (SO_REUSEPORT).
-                raise MigrationError(
-                    f"{service} already runs on {self.node}", phase="prepare", migration_id=mid
-                )
-            await self.runtime.delete(service, force=True)
-        bundle = make_bundle(
-            self._bundles / service,
-            rootfs=self._rootfs(),
-            args=args,
-            netns_path=Path("/var/run/netns") / netns_name(self.node),
-            restore_conf=True,
-            cgroups_path=f"/fogmig/{self.node}/{service}",
-            hostname=service,
+    async def start(self) -> None:
+        """Recover from the journal: keep committed copies, fence and clean up the rest."""
+        entries = self.journal.entries
+        for handle in await asyncio.to_thread(Fence.recover, self.node):
+            self.fences[handle.migration_id] = handle
+        services = {e.service for e in entries if isinstance(e, Prepared)}
+        reports = {s: await self._report(s) for s in services}
+        self._restored = {e.migration_id for e in entries if isinstance(e, Restoring)}
+        base = incarnation(entries) * 1_000_000
+        core, actions = DestinationCore.recover(
+            node=self.node,
+            entries=entries,
+            runtime=reports,
+            timing=self.timing,
+            ids=Ids(next_call=base, next_step=base),
         )
-        directory.mkdir(parents=True, exist_ok=True)
-        mig = Incoming(
-            migration_id=mid,
-            service=service,
-            technique=str(params.get("technique", "")),
-            source=peer,
-            directory=directory,
-            bundle=bundle,
-        )
-        self.incoming[mid] = mig
-        self._rearm_fence(mig)
-        log.info("migration %s: %s arriving from %s", mid, service, peer)
-        return {"node": self.node}
+        async with self._lock:
+            self.core = core
+            await self._execute(actions)
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=RECOVERY_WAIT_S)
+        for mid in set(self.fences) - set(core.records):
+            log.warning("fence of %s on %s belongs to no journaled migration", mid, self.node)
 
-    async def apply_delta(self, mig: Incoming, params: dict[str, Any]) -> dict[str, Any]:
-        base = self._sub(mig, params.get("base"))
-        delta = self._sub(mig, params.get("delta"))
-        out = self._sub(mig, params.get("out"))
-        stats = await asyncio.to_thread(delta_apply.apply_delta, base, delta, out)
-        await asyncio.to_thread(shutil.rmtree, delta)
-        if base != out:
-            await asyncio.to_thread(shutil.rmtree, base)
-        return {"seconds": stats.seconds} if hasattr(stats, "seconds") else {}
-
-    async def restore(self, mig: Incoming, params: dict[str, Any]) -> dict[str, Any]:
-        images = self._sub(mig, params.get("images"))
-        work = mig.directory / "restore-work"
-        mode = params.get("mode")
-        mig.started_container = True
-        self._rearm_fence(mig)
-        started = time.monotonic()
-        if mode == "full":
-            result = await self.runtime.restore(
-                mig.service, bundle=mig.bundle, image_dir=images, work_dir=work
-            )
-            mig.restored_at = time.monotonic()
-            return {"seconds": mig.restored_at - started, "pid": result.pid}
-        if mode != "lazy":
-            raise ConfigError(f"unknown restore mode {mode!r}")
-        demand, ahead, close = await self._fetch_factory(mig.source, mig.migration_id)
-        mig.close_fetch = close
-        remote = RemotePages(demand)
-        base_name = params.get("base")
-        source: PageSource
-        if base_name:
-            # Hybrid: unchanged pages from the last pre-copy round here, changed ones remote.
-            base = self._sub(mig, base_name)
-            changed_file = images / str(params.get("changed", ""))
-            changed = {
-                int(pid): vaddrs for pid, vaddrs in json.loads(changed_file.read_text()).items()
-            }
-            mig.prefetch = PrefetchedPages(remote, ahead, changed)
-            source = LayeredPages(LocalImagePages(base), mig.prefetch, changed)
-        else:
-            mig.prefetch = PrefetchedPages(remote, ahead, lazy_vaddrs(images))
-            source = mig.prefetch
-        # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on
-        # the node can read the service's memory.
-        mig.page_server = LazyPageServer(source=source)
-        mig.lazy = LazyPagesDaemon(
-            image_dir=images, work_dir=work, channel=await mig.page_server.channel()
-        )
-        await mig.lazy.start()
-        mig.prefetch.start()
-        restored = await self.runtime.restore(
-            mig.service, bundle=mig.bundle, image_dir=images, work_dir=work, lazy_pages=True
-        )
-        mig.restored_at = time.monotonic()
-        mig.lazy_task = asyncio.create_task(self._wait_pages(mig))
-        return {"seconds": mig.restored_at - started, "pid": restored.pid}
-
-    async def _wait_pages(self, mig: Incoming) -> dict[str, Any]:
-        assert mig.lazy is not None
-        assert mig.page_server is not None
-        # Judged at the destination only: daemon exit, and every missing page accounted for.
-        result = await mig.lazy.wait(None, server=mig.page_server)
-        stats = mig.page_server.stats
-        last = stats.last_page_at or time.monotonic()
-        out: dict[str, Any] = {
-            "done": True,
-            "ok": result.ok,
-            "remote_bytes": stats.remote_bytes,
-            "remote_pages": stats.remote_pages,
-            "local_pages": stats.local_pages,
-            "seconds": max(0.0, last - mig.restored_at),
-            "error": None if result.ok else f"{result.describe()} (log {mig.lazy.log_path})",
-        }
-        if not result.ok:
-            # Fence: a copy with missing pages must never serve.
-            await self.abort(mig, "lazy page transfer failed")
-        return out
-
-    async def lazy_status(self, mig: Incoming) -> dict[str, Any]:
-        if mig.lazy_task is None:
-            raise MigrationError(
-                "no lazy restore", phase="lazy_status", migration_id=mig.migration_id
-            )
-        if not mig.lazy_task.done():
-            stats = mig.page_server.stats if mig.page_server else None
-            return {"done": False, "remote_bytes": stats.remote_bytes if stats else 0}
-        return mig.lazy_task.result()
-
-    async def commit(self, mig: Incoming) -> dict[str, Any]:
-        """The point of no return: this node owns the service from now on."""
-        mig.committed = True
-        if mig.fence is not None:
-            mig.fence.cancel()
-        state = await self.runtime.state(mig.service)
-        if not state.running:
-            raise MigrationError(
-                f"{mig.service} is not running here ({state.status})",
-                phase="commit",
-                migration_id=mig.migration_id,
-            )
-        await self._release(mig)
-        del self.incoming[mig.migration_id]
-        if self._on_owned is not None:
-            await self._on_owned(mig.service)
-        return {"owner": self.node}
-
-    async def abort(self, mig: Incoming, why: str) -> None:
-        """Remove every trace of ``mig``: its container if started, its files."""
-        if mig.committed:
-            return
-        log.warning("migration %s: aborting at %s: %s", mig.migration_id, self.node, why)
-        if mig.fence is not None:
-            mig.fence.cancel()
-        if mig.lazy is not None:
-            with contextlib.suppress(FogmigError, ProcessLookupError):
-                await mig.lazy.kill()
-        if mig.started_container:
-            with contextlib.suppress(FogmigError):
-                await self.runtime.stop(mig.service, grace=0.0)
-        await self._release(mig)
-        with contextlib.suppress(FogmigError, OSError):
-            remove_tree(mig.bundle)
-        self.incoming.pop(mig.migration_id, None)
+    async def _report(self, service: str) -> RuntimeReport:
+        try:
+            status = (await self.runtime.state(service)).status
+        except FogmigError:
+            return RuntimeReport(container="absent")
+        if status == "running":
+            return RuntimeReport(container="running")
+        return RuntimeReport(container="paused" if status == "paused" else "absent")
 
     async def close(self) -> None:
-        for mig in list(self.incoming.values()):
-            await self.abort(mig, "the agent is stopping")
-
-    # ------------------------------------------------------------------ helpers
-
-    async def _release(self, mig: Incoming) -> None:
-        if mig.prefetch is not None:
-            await mig.prefetch.close()
-            mig.prefetch = None
-        if mig.page_server is not None:
-            await mig.page_server.close()
-            mig.page_server = None
-        if mig.close_fetch is not None:
+        """The agent stops: every copy not yet owned is fenced now, the rest waits for the
+        next start (the journal has it)."""
+        core = self.core
+        if core is not None:
+            live = [
+                rec.migration_id
+                for rec in core.records.values()
+                if rec.state in ("restoring", "running") and not rec.disarming
+            ]
+            for mid in live:
+                fence = self.fences.get(mid)
+                if fence is not None:
+                    with contextlib.suppress(FenceError):
+                        await asyncio.to_thread(fence.fire)
+                await self._feed(FenceFired(mid))
+            if self._tasks:
+                await asyncio.wait(set(self._tasks), timeout=STOP_WAIT_S)
+        self.core = None
+        for timer in self._timers.values():
+            timer.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        for fut in self._replies.values():
+            if not fut.done():
+                fut.cancel()
+        for arrival in self.arrivals.values():
             with contextlib.suppress(FogmigError, OSError):
-                await mig.close_fetch()
-            mig.close_fetch = None
-        with contextlib.suppress(FogmigError, OSError):
-            remove_tree(mig.directory)
+                await arrival.release()
 
-    def _rearm_fence(self, mig: Incoming) -> None:
-        """(Re)start the timer that drops ``mig`` when its source falls silent.
+    # ------------------------------------------------------------------ calls
 
-        Until a container was started here there is nothing live to fence: only files, which
-        may take minutes to arrive on a slow link, so the timer is the long ``stale_timeout_s``.
-        From the restore on, silence for ``fence_timeout_s`` kills the copy.
-        """
-        if mig.committed:
-            return
-        if mig.fence is not None:
-            mig.fence.cancel()
-        timeout = self.fence_timeout_s if mig.started_container else self.stale_timeout_s
-        loop = asyncio.get_running_loop()
-        mig.fence = loop.call_later(
-            timeout,
-            lambda: asyncio.ensure_future(
-                self.abort(mig, f"no word from {mig.source} for {timeout:g} s")
-            ),
+    async def handle(self, op: str, params: dict[str, Any], peer: str) -> dict[str, Any]:
+        """Answer one call of the source agent ``peer`` (the transfer channel's handler)."""
+        request = decode_call(op, params)
+        core = self.core
+        if core is None:
+            raise MigrationError(
+                f"{self.node} is not serving migrations now",
+                phase=op,
+                migration_id=request.migration_id,
+                hint="the agent is starting or stopping; the source tries again",
+            )
+        mid = request.migration_id
+        if isinstance(request, Prepare) and mid not in core.records:
+            refusal = await self._check_prepare(request)
+            if refusal is not None:
+                return encode_reply(op, refusal)
+            self.arrivals[mid] = Arrival(
+                migration_id=mid,
+                service=request.service,
+                source=peer,
+                args=list(request.args),
+                directory=self.incoming_dir / mid,
+                bundle=self._bundles / request.service,
+            )
+        reply_to = asyncio.get_running_loop().create_future()
+        call_id = core.ids.call()
+        self._replies[call_id] = reply_to
+        try:
+            await self._feed(CallIn(call_id, request, peer))
+            reply = await reply_to
+        finally:
+            self._replies.pop(call_id, None)
+        return encode_reply(op, reply)
+
+    async def _check_prepare(self, request: Prepare) -> Refused | None:
+        # Two copies on one node would silently share the CoAP port (SO_REUSEPORT).
+        state = await self._report(request.service)
+        if state.container != "absent":
+            return Refused(
+                migration_id=request.migration_id,
+                state="busy",
+                detail=f"{request.service} already runs on {self.node}",
+            )
+        return None
+
+    async def _feed(self, event: Event) -> None:
+        async with self._lock:
+            if self.core is None:
+                return
+            actions = self.core.handle(event, time.monotonic())
+            await self._execute(actions)
+
+    # ------------------------------------------------------------------ actions
+
+    async def _execute(self, actions: list[Action]) -> None:
+        for action in actions:
+            if isinstance(action, WriteJournal):
+                await self.journal.append(action.entry)
+                self._journaled(action.entry)
+            elif isinstance(action, SendReply):
+                fut = self._replies.get(action.call_id)
+                if fut is not None and not fut.done():
+                    fut.set_result(self._enrich(action.reply))
+            elif isinstance(action, StartTimer):
+                self._start_timer(action.name, action.delay_s)
+            elif isinstance(action, CancelTimer):
+                timer = self._timers.pop(action.name, None)
+                if timer is not None:
+                    timer.cancel()
+            elif isinstance(action, RunStep):
+                self._spawn(self._step(action), f"step-{action.kind}")
+            elif isinstance(action, ArmFence):
+                await self._arm(action)
+            else:
+                raise AssertionError(f"a destination core asked for {action!r}")
+
+    def _journaled(self, entry: object) -> None:
+        if isinstance(entry, Restoring):
+            self._restored.add(entry.migration_id)
+        elif isinstance(entry, Committed):
+            log.info("migration %s: %s owns %s", entry.migration_id, self.node, entry.service)
+            self._spawn(self._owned(entry.service, entry.migration_id), "owned")
+        elif isinstance(entry, Tombstoned):
+            log.warning(
+                "migration %s: tombstoned at %s (%s) %s",
+                entry.migration_id,
+                self.node,
+                entry.reason,
+                entry.detail,
+            )
+
+    def _enrich(self, reply: Reply | Refused) -> Reply | Refused:
+        """Add the runtime's numbers the core does not know to a reply."""
+        arrival = self.arrivals.get(reply.migration_id)
+        if arrival is None:
+            return reply
+        if isinstance(reply, RestoreOk):
+            return reply.model_copy(update={"seconds": arrival.restore_seconds, "pid": arrival.pid})
+        if isinstance(reply, LazyStatusOk):
+            done = arrival.lazy_result
+            if reply.done and done is not None:
+                return reply.model_copy(
+                    update={
+                        "remote_bytes": done.remote_bytes,
+                        "remote_pages": done.remote_pages,
+                        "local_pages": done.local_pages,
+                        "seconds": done.seconds,
+                    }
+                )
+            stats = arrival.stats()
+            if stats is not None:
+                return reply.model_copy(
+                    update={
+                        "remote_bytes": stats.remote_bytes,
+                        "remote_pages": stats.remote_pages,
+                        "local_pages": stats.local_pages,
+                    }
+                )
+        return reply
+
+    def _start_timer(self, name: str, delay_s: float) -> None:
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+
+        def fire() -> None:
+            if self._timers.get(name) is handle:
+                del self._timers[name]
+                self._spawn(self._feed(TimerFired(name)), "timer")
+
+        handle = asyncio.get_running_loop().call_later(max(0.0, delay_s), fire)
+        self._timers[name] = handle
+
+    def _spawn(self, coro: Awaitable[None], name: str) -> None:
+        task: asyncio.Task[None] = asyncio.ensure_future(coro)
+        task.set_name(name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------------ the fence
+
+    async def _arm(self, action: ArmFence) -> None:
+        mid = action.migration_id
+        handle = self.fences.get(mid)
+        try:
+            if handle is None:
+                assert self.core is not None
+                service = self.core.records[mid].service
+                self.fences[mid] = await asyncio.to_thread(
+                    lambda: Fence.arm(
+                        node=self.node,
+                        container_id=service,
+                        runc_root=self.runtime.runc_root,
+                        migration_id=mid,
+                        deadline=action.deadline,
+                        netns=self.runtime.netns,
+                        runc=self.runtime.runc,
+                    )
+                )
+                self._spawn(self._watch(mid), f"fence-{mid}")
+            else:
+                await asyncio.to_thread(handle.extend, action.deadline)
+        except FenceError as exc:
+            # Not armed (or fired already): the restore step refuses to run, or the watch
+            # reports the firing; either way the core tombstones the migration.
+            log.warning("migration %s: fence: %s", mid, exc)
+
+    async def _watch(self, mid: str) -> None:
+        """Tell the core when the fence of ``mid`` fires (the watchdog kills on its own)."""
+        while True:
+            handle = self.fences.get(mid)
+            if handle is None:
+                return
+            try:
+                state = handle.state()
+            except FenceError:
+                return
+            if state is FenceState.FIRED:
+                await self._feed(FenceFired(mid))
+                return
+            if state is FenceState.DISARMED:
+                return
+            await asyncio.sleep(FENCE_POLL_S)
+
+    # ------------------------------------------------------------------ steps
+
+    async def _step(self, step: RunStep) -> None:
+        try:
+            done = await self._perform(step)
+        except (FogmigError, OSError, TimeoutError) as exc:
+            log.warning("migration %s: %s failed: %s", step.migration_id, step.kind, exc)
+            done = StepDone(step.step_id, False, f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # a bug must not leave a copy unfenced: the core settles it
+            log.exception("migration %s: %s failed", step.migration_id, step.kind)
+            done = StepDone(step.step_id, False, f"{type(exc).__name__}: {exc}")
+        await self._feed(done)
+
+    async def _perform(self, step: RunStep) -> StepDone:
+        mid, call = step.migration_id, step.call
+        arrival = self.arrivals.get(mid)
+        if step.kind == "apply":
+            if arrival is None:
+                return StepDone(step.step_id, False, f"{self.node} has no files of {mid}")
+            if isinstance(call, SendFiles):
+                await arrival.take_files(call)
+            elif isinstance(call, ApplyDelta):
+                await arrival.apply_delta(call)
+            return StepDone(step.step_id, True)
+        if step.kind == "restore":
+            assert isinstance(call, Restore)
+            return await self._restore(step, call, arrival)
+        if step.kind == "kill":
+            await self._kill(mid, arrival)
+            return StepDone(step.step_id, True)
+        if step.kind == "disarm":
+            return await self._disarm(step, arrival)
+        if step.kind == "delete_files":
+            await self._delete(mid, arrival)
+            return StepDone(step.step_id, True)
+        return StepDone(step.step_id, False, f"no such step here: {step.kind}")
+
+    async def _restore(self, step: RunStep, call: Restore, arrival: Arrival | None) -> StepDone:
+        mid = step.migration_id
+        handle = self.fences.get(mid)
+        if arrival is None or handle is None or handle.state() is not FenceState.ARMED:
+            return StepDone(step.step_id, False, "no armed fence: the copy may not run")
+        with contextlib.suppress(ContainerNotFoundError):
+            if (await self.runtime.state(arrival.service)).running:
+                return StepDone(step.step_id, False, f"{arrival.service} runs on {self.node}")
+            await self.runtime.delete(arrival.service, force=True)  # a stopped leftover
+        arrival.make_bundle(rootfs=self._rootfs(), node=self.node)
+        task = asyncio.ensure_future(
+            arrival.restore(call, runtime=self.runtime, fetch_factory=self._fetch_factory)
         )
+        arrival.restore_task = task
+        try:
+            await task
+        except BaseException:
+            with contextlib.suppress(FogmigError, OSError):
+                await arrival.release()
+            raise
+        if handle.state() is not FenceState.ARMED:
+            return StepDone(step.step_id, False, "the fence fired during the restore")
+        log.info("migration %s: %s runs on %s", mid, arrival.service, self.node)
+        self._spawn(self._running_here(arrival.service, mid), "running-here")
+        if call.mode == "lazy":
+            self._spawn(self._pages(arrival), f"pages-{mid}")
+        return StepDone(step.step_id, True)
 
-    @staticmethod
-    def _sub(mig: Incoming, name: object) -> Path:
-        if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-            raise ConfigError(f"invalid image directory name {name!r}")
-        return mig.directory / name
+    async def _pages(self, arrival: Arrival) -> None:
+        try:
+            result = await arrival.wait_pages()
+            ok, detail = result.ok, result.detail
+        except (FogmigError, OSError) as exc:
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        await self._feed(LazyFinished(arrival.migration_id, ok, detail))
+
+    async def _kill(self, mid: str, arrival: Arrival | None) -> None:
+        """Give the copy up for good: the fence fires and its watchdog kills the container."""
+        handle = self.fences.get(mid)
+        if handle is not None:
+            with contextlib.suppress(FenceError):
+                if handle.state() is FenceState.ARMED:
+                    await asyncio.to_thread(handle.fire)
+            await asyncio.to_thread(handle.wait_killed)
+        if arrival is not None:
+            await arrival.release()
+        if mid in self._restored:
+            service = arrival.service if arrival is not None else self._service_of(mid)
+            self._spawn(self._gave_up(service, mid), "gave-up")
+
+    async def _disarm(self, step: RunStep, arrival: Arrival | None) -> StepDone:
+        mid = step.migration_id
+        handle = self.fences.get(mid)
+        if handle is None or arrival is None:
+            return StepDone(step.step_id, False, "no fence to disarm")
+        state = await self.runtime.state(arrival.service)
+        if not state.running:
+            return StepDone(step.step_id, False, f"the copy is {state.status}")
+        try:
+            await asyncio.to_thread(handle.disarm)
+        except FenceError as exc:
+            return StepDone(step.step_id, False, str(exc))
+        self.fences.pop(mid, None)
+        return StepDone(step.step_id, True)
+
+    async def _delete(self, mid: str, arrival: Arrival | None) -> None:
+        """Remove what the migration left: files, its fence once no restore can run, and
+        the bundle it made unless this node owns the copy."""
+        assert self.core is not None
+        rec = self.core.records.get(mid)
+        owned = rec is not None and rec.state == "committed"
+        if arrival is not None and arrival.restore_task is not None:
+            with contextlib.suppress(BaseException):
+                await asyncio.shield(arrival.restore_task)
+        handle = self.fences.pop(mid, None)
+        if handle is not None:
+            service = arrival.service if arrival is not None else self._service_of(mid)
+            waited = 0.0
+            while arrival is None and restore_running(self.runtime.runc_root, service):
+                if waited > RECOVERY_WAIT_S:
+                    log.error("migration %s: a restore of %s still runs", mid, service)
+                    break
+                await asyncio.sleep(0.1)  # a restore a crashed agent started may finish
+                waited += 0.1
+            with contextlib.suppress(FenceError):
+                await asyncio.to_thread(handle.release)
+        if arrival is not None:
+            await arrival.remove(runtime=self.runtime, keep_bundle=owned)
+            self.arrivals.pop(mid, None)
+            return
+        with contextlib.suppress(FogmigError, OSError):
+            await asyncio.to_thread(remove_tree, self.incoming_dir / mid)
+        service = self._service_of(mid)
+        if owned or mid not in self._restored or self._leaving(service):
+            return
+        # Recovered: the bundle this migration made serves no container any more.
+        if not await self.runtime.exists(service):
+            with contextlib.suppress(FogmigError, OSError):
+                await asyncio.to_thread(remove_tree, self._bundles / service)
+
+    def _leaving(self, service: str) -> bool:
+        """Whether an outgoing migration of ``service`` is unfinished here (its bundle is the
+        one a rollback restores into)."""
+        begun = {
+            e.migration_id
+            for e in self.journal.entries
+            if isinstance(e, Begin) and e.service == service
+        }
+        ended = {e.migration_id for e in self.journal.entries if isinstance(e, Finished)}
+        return bool(begun - ended)
+
+    def _service_of(self, mid: str) -> str:
+        assert self.core is not None
+        rec = self.core.records.get(mid)
+        return rec.service if rec is not None else "-"

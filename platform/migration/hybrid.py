@@ -12,47 +12,74 @@ import json
 import time
 
 from fogmig.platform.base.vocabulary import Phase
+from fogmig.platform.migration.context import LAST, MigrationContext, Move
 from fogmig.platform.migration.delta.compute import compute_delta
-from fogmig.platform.migration.engine import MigrationContext
-from fogmig.platform.migration.postcopy import lazy_dump, restore_and_fault_in
-from fogmig.platform.migration.precopy import precopy_rounds
+from fogmig.platform.migration.handover.messages import Reply, Restore, SendFilesOk
+from fogmig.platform.migration.ports import SentResult
+from fogmig.platform.migration.postcopy import LazyPages, lazy_dump
+from fogmig.platform.migration.precopy import Rounds, files_call
 from fogmig.platform.migration.record import Round
 
 CHANGED_FILE = "fogmig-changed-pages.json"
 
 
-async def migrate(ctx: MigrationContext) -> None:
-    record = ctx.record
-    ctx.enter(Phase.PREPARING)
-    await ctx.prepare()
+class Hybrid:
+    """Hybrid's moves: pre-copy rounds, a stopping dump kept here, the changed pages lazy."""
 
-    ctx.enter(Phase.PRECOPY)
-    last = await precopy_rounds(ctx)
+    live = True
 
-    ctx.enter(Phase.DUMPING)
-    lazy_dir = await lazy_dump(ctx)
-    started = time.monotonic()
-    delta = compute_delta(last, ctx.workdir / "final")
-    changed = {d.pagemap.image_id: d.shipped_vaddrs().tolist() for d in delta.pagemaps}
-    (lazy_dir / CHANGED_FILE).write_text(json.dumps(changed))
-    record.dump_time_s += time.monotonic() - started
-    n_changed = delta.stats.pages_shipped
+    def __init__(self) -> None:
+        self.rounds = Rounds()
+        self._changed_pages = 0
+        self._sent: SentResult | None = None
+        self._lazy = LazyPages()
 
-    ctx.enter(Phase.TRANSFERRING)
-    sent = await ctx.send(lazy_dir, "lazy", Phase.TRANSFERRING)
-    record.dump_transfer_time_s = sent.seconds
-    record.dump_bytes = sent.bytes_sent
-    record.rounds.append(
-        Round(
-            index=len(record.rounds),
-            final=True,
-            dump_time_s=record.dump_time_s,
-            freeze_time_s=0.0,
-            transfer_time_s=sent.seconds,
-            bytes_dumped=0,
-            bytes_sent=sent.bytes_sent,
-            pages_changed=n_changed,
+    def restore_call(self, migration_id: str) -> Restore:
+        return Restore(
+            migration_id=migration_id,
+            epoch=0,
+            mode="lazy",
+            images="lazy",
+            base=LAST,
+            changed=CHANGED_FILE,
         )
-    )
 
-    await restore_and_fault_in(ctx, {"base": last.name, "changed": CHANGED_FILE})
+    async def live_move(self, ctx: MigrationContext) -> Move:
+        return await self.rounds.move(ctx)
+
+    async def freeze(self, ctx: MigrationContext) -> None:
+        assert self.rounds.last is not None
+        await lazy_dump(ctx)
+        started = time.monotonic()
+        delta = compute_delta(self.rounds.last, ctx.image_dir)
+        changed = {d.pagemap.image_id: d.shipped_vaddrs().tolist() for d in delta.pagemaps}
+        (ctx.workdir / "lazy" / CHANGED_FILE).write_text(json.dumps(changed))
+        ctx.record.dump_time_s += time.monotonic() - started
+        self._changed_pages = delta.stats.pages_shipped
+
+    async def final_move(self, ctx: MigrationContext) -> Move:
+        self._sent = await ctx.send(ctx.workdir / "lazy", "lazy", Phase.TRANSFERRING)
+        return Move(files_call(ctx.migration_id, "lazy", self._sent))
+
+    def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:
+        if ctx.machine.phase is Phase.PRECOPY:
+            self.rounds.replied(ctx, reply, seconds)
+            return
+        if isinstance(reply, SendFilesOk) and self._sent is not None:
+            record = ctx.record
+            sent, self._sent = self._sent, None
+            record.dump_transfer_time_s = sent.seconds + seconds
+            record.dump_bytes = sent.bytes_sent
+            record.rounds.append(
+                Round(
+                    index=len(record.rounds),
+                    final=True,
+                    dump_time_s=record.dump_time_s,
+                    freeze_time_s=0.0,
+                    transfer_time_s=record.dump_transfer_time_s,
+                    bytes_dumped=0,
+                    bytes_sent=sent.bytes_sent,
+                    pages_changed=self._changed_pages,
+                )
+            )
+        self._lazy.replied(ctx, reply, seconds)

@@ -1,18 +1,25 @@
-"""The two ports a migration drives: the source node's own runtime, and the destination peer.
+"""The two ports an outgoing migration drives: the source node's runtime, and the destination.
 
-The techniques (cold.py, precopy.py, postcopy.py, hybrid.py) only talk to these interfaces, so
-their phase logic and metrics can be tested with scripted fakes; the agent plugs in the real
-runc/CRIU runtime and the authenticated transfer channel.
+The techniques (cold.py, precopy.py, postcopy.py, hybrid.py) and the driver (engine.py) only
+talk to these interfaces, so the phase logic, the hand-over and the metrics can be tested with
+scripted fakes; the agent plugs in the real runc/CRIU runtime and the authenticated transfer
+channel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Literal, Protocol
+
+from fogmig.platform.migration.handover.messages import Refused, Reply, Request
 
 ProgressFn = Callable[[int, int], None]
+
+CopyState = Literal["running", "paused", "absent"]
+"""What the runtime holds of the service's copy on this node (``absent``: not running, and
+no paused process either)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +34,13 @@ class DumpResult:
 
 @dataclass(frozen=True, slots=True)
 class SentResult:
+    """One streamed directory: what crossed the link, and what the destination must hold."""
+
     bytes_sent: int
+    """Bytes on the wire (the file bytes unless compression is on)."""
     seconds: float
+    files: int = 0
+    file_bytes: int = 0
 
 
 class SourcePort(Protocol):
@@ -36,14 +48,15 @@ class SourcePort(Protocol):
 
     async def checkpoint(self, image_dir: Path, *, leave_running: bool) -> DumpResult: ...
 
-    async def restore_here(self, image_dir: Path) -> float:
-        """Roll back: restore the service on the source from its own complete image."""
+    async def copy_state(self) -> CopyState: ...
+
+    async def resume(self, image_dir: Path) -> str:
+        """Make the copy here run again: nothing if it runs, thaw it if paused, else restore
+        it from its own complete image ``image_dir``. Returns what it did."""
         ...
 
-    async def is_running(self) -> bool: ...
-
     async def forget(self) -> None:
-        """After the point of no return: delete the stopped container and its bundle."""
+        """After the hand-over: delete the stopped container and its bundle."""
         ...
 
     def serve_pages(self, migration_id: str, image_dir: Path) -> None:
@@ -56,10 +69,12 @@ class SourcePort(Protocol):
 class PeerPort(Protocol):
     """The destination agent, reached over the data link."""
 
-    async def call(
-        self, op: str, params: Mapping[str, Any], *, timeout: float | None = None
-    ) -> dict[str, Any]: ...
+    async def call(self, request: Request, *, timeout: float) -> Reply | Refused:
+        """Make one typed call; a transport failure or a remote error raises a FogmigError."""
+        ...
 
     async def send_dir(
         self, migration_id: str, local_dir: Path, subdir: str, progress: ProgressFn | None = None
     ) -> SentResult: ...
+
+    async def close(self) -> None: ...

@@ -9,73 +9,82 @@ a real round trip over the link (paper, 4.2.2).
 
 from __future__ import annotations
 
-import asyncio
 import time
-from pathlib import Path
 
 from fogmig.platform.base.vocabulary import Phase
-from fogmig.platform.migration.engine import MigrationContext, timed
-from fogmig.platform.migration.lazy.errors import LazyPagesError
+from fogmig.platform.migration.context import MigrationContext, Move
+from fogmig.platform.migration.handover.messages import (
+    LazyStatusOk,
+    Reply,
+    Restore,
+    SendFilesOk,
+)
 from fogmig.platform.migration.lazy.layout import convert_to_lazy_layout
+from fogmig.platform.migration.ports import SentResult
+from fogmig.platform.migration.precopy import files_call
 
-LAZY_POLL_S = 0.5
 
-
-async def lazy_dump(ctx: MigrationContext) -> Path:
-    """Freeze and dump to the local disk, then derive the lazy image set to ship."""
-    dump = await ctx.source.checkpoint(ctx.workdir / "final", leave_running=False)
+async def lazy_dump(ctx: MigrationContext) -> None:
+    """Freeze and dump to the local disk, derive the lazy image set to ship, offer the pages."""
+    dump = await ctx.source.checkpoint(ctx.image_dir, leave_running=False)
     started = time.monotonic()
-    lazy_dir = ctx.workdir / "lazy"
-    await convert_to_lazy_layout(dump.image_dir, lazy_dir)
+    await convert_to_lazy_layout(dump.image_dir, ctx.workdir / "lazy")
     ctx.record.dump_time_s += dump.duration_s + (time.monotonic() - started)
     ctx.source.serve_pages(ctx.migration_id, dump.image_dir)
-    return lazy_dir
 
 
-async def restore_and_fault_in(ctx: MigrationContext, restore_params: dict[str, object]) -> None:
-    """Restore lazily at the destination, then wait until every page has arrived."""
-    record = ctx.record
-    ctx.enter(Phase.RESTORING)
-    ctx.destination_started = True
-    record.resume_time_s = await timed(
-        ctx.call("restore", {"mode": "lazy", "images": "lazy", **restore_params})
-    )
-    ctx.enter(Phase.LAZY_PAGES)
-    lazy_started = time.monotonic()
-    while True:
-        # Polling doubles as the keep-alive that stops the destination from fencing itself.
-        status = await ctx.call("lazy_status", timeout=ctx.fence_timeout_s / 2)
-        if status.get("done"):
-            break
-        if ctx.on_progress is not None:
-            done = int(str(status.get("remote_bytes", 0)))
+class LazyPages:
+    """What post-copy and hybrid share after the restore: the lazy phase's numbers."""
+
+    def __init__(self) -> None:
+        self._lazy_started = 0.0
+
+    def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:
+        if not isinstance(reply, LazyStatusOk):
+            return
+        record = ctx.record
+        if not self._lazy_started:
+            self._lazy_started = time.monotonic()
+        if reply.done:
+            record.faulted_pages_transfer_time_s = reply.seconds
+            record.faulted_pages_bytes = reply.remote_bytes
+            record.faulted_pages_remote = reply.remote_pages
+            record.faulted_pages_local = reply.local_pages
+        elif ctx.on_progress is not None:
+            elapsed = max(time.monotonic() - self._lazy_started, 1e-6)
             ctx.on_progress(
                 Phase.LAZY_PAGES,
-                done,
+                reply.remote_bytes,
                 record.state_bytes,
-                done / max(time.monotonic() - lazy_started, 1e-6),
+                reply.remote_bytes / elapsed,
             )
-        await asyncio.sleep(LAZY_POLL_S)
-    if not status.get("ok"):
-        raise LazyPagesError(f"destination reports the lazy transfer failed: {status.get('error')}")
-    record.faulted_pages_transfer_time_s = float(str(status.get("seconds", 0.0)))
-    record.faulted_pages_bytes = int(str(status.get("remote_bytes", 0)))
-    record.faulted_pages_remote = int(str(status.get("remote_pages", 0)))
-    record.faulted_pages_local = int(str(status.get("local_pages", 0)))
-    await ctx.commit()
 
 
-async def migrate(ctx: MigrationContext) -> None:
-    record = ctx.record
-    ctx.enter(Phase.PREPARING)
-    await ctx.prepare()
+class Postcopy:
+    """Post-copy's moves: one stopping dump kept here, its lazy layout shipped."""
 
-    ctx.enter(Phase.DUMPING)
-    lazy_dir = await lazy_dump(ctx)
+    live = False
 
-    ctx.enter(Phase.TRANSFERRING)
-    sent = await ctx.send(lazy_dir, "lazy", Phase.TRANSFERRING)
-    record.dump_transfer_time_s = sent.seconds
-    record.dump_bytes = sent.bytes_sent
+    def __init__(self) -> None:
+        self._sent: SentResult | None = None
+        self._lazy = LazyPages()
 
-    await restore_and_fault_in(ctx, {"base": None})
+    def restore_call(self, migration_id: str) -> Restore:
+        return Restore(migration_id=migration_id, epoch=0, mode="lazy", images="lazy")
+
+    async def live_move(self, ctx: MigrationContext) -> Move:
+        raise AssertionError("post-copy has no live moves")
+
+    async def freeze(self, ctx: MigrationContext) -> None:
+        await lazy_dump(ctx)
+
+    async def final_move(self, ctx: MigrationContext) -> Move:
+        self._sent = await ctx.send(ctx.workdir / "lazy", "lazy", Phase.TRANSFERRING)
+        return Move(files_call(ctx.migration_id, "lazy", self._sent))
+
+    def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:
+        if isinstance(reply, SendFilesOk) and self._sent is not None:
+            ctx.record.dump_transfer_time_s = self._sent.seconds + seconds
+            ctx.record.dump_bytes = self._sent.bytes_sent
+            self._sent = None
+        self._lazy.replied(ctx, reply, seconds)

@@ -1,17 +1,21 @@
-"""The source node's side of a migration: the real ports, and one outgoing migration.
+"""The source node's side of a migration: the real ports, one outgoing migration, recovery.
 
-:class:`RuntimeSource` checkpoints and restores the service with runc/CRIU on this node;
-:class:`ChannelPeer` reaches the destination agent over the authenticated transfer channel.
-:func:`migrate_service` runs a whole migration and returns its record.
+:class:`RuntimeSource` checkpoints and resumes the service with runc/CRIU on this node;
+:class:`ChannelPeer` makes typed calls to the destination agent over the authenticated
+transfer channel (reconnecting after a broken connection). :func:`begin_migration` checks a
+migration, journals it and returns its driver; :func:`recover_migrations` rebuilds the drivers
+of the migrations a stopped agent left unfinished.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +26,32 @@ from fogmig.platform.base.errors import (
     MigrationError,
 )
 from fogmig.platform.base.vocabulary import Outcome, Technique
-from fogmig.platform.migration import cold, hybrid, postcopy, precopy
-from fogmig.platform.migration.engine import (
-    MigrationContext,
-    ProgressEvent,
-    TechniqueRun,
-    run_migration,
+from fogmig.platform.migration.cold import Cold
+from fogmig.platform.migration.context import MigrationContext, Moves, ProgressEvent
+from fogmig.platform.migration.engine import Deliver, Hook, JournalWriter, SourceDriver, _nothing
+from fogmig.platform.migration.handover.events import Ids, RuntimeReport
+from fogmig.platform.migration.handover.journal import (
+    AnyEntry,
+    Begin,
+    Finished,
+    MigrationEntry,
+    Published,
+    by_migration,
 )
+from fogmig.platform.migration.handover.messages import (
+    Refused,
+    Reply,
+    Request,
+    decode_reply,
+    encode_call,
+)
+from fogmig.platform.migration.handover.ownership import Timing
+from fogmig.platform.migration.handover.source_core import Plan, SourceCore
+from fogmig.platform.migration.hybrid import Hybrid
 from fogmig.platform.migration.lazy.sources import LocalImagePages
-from fogmig.platform.migration.ports import DumpResult, ProgressFn, SentResult
+from fogmig.platform.migration.ports import CopyState, DumpResult, ProgressFn, SentResult
+from fogmig.platform.migration.postcopy import Postcopy
+from fogmig.platform.migration.precopy import Precopy
 from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.container import NodeRuntime
@@ -41,11 +62,11 @@ from fogmig.policies.conditions import PrecopyStopRules
 
 log = logging.getLogger(__name__)
 
-TECHNIQUES: dict[Technique, TechniqueRun] = {
-    Technique.COLD: cold.migrate,
-    Technique.PRECOPY: precopy.migrate,
-    Technique.POSTCOPY: postcopy.migrate,
-    Technique.HYBRID: hybrid.migrate,
+TECHNIQUES: dict[Technique, Callable[[], Moves]] = {
+    Technique.COLD: Cold,
+    Technique.PRECOPY: Precopy,
+    Technique.POSTCOPY: Postcopy,
+    Technique.HYBRID: Hybrid,
 }
 
 
@@ -63,11 +84,9 @@ class RuntimeSource:
         self.service = service
         self.bundle = bundle
         self._pages = pages  # the agent's registry of images offered to lazy page servers
-        self._work_dirs: list[Path] = []
 
     async def checkpoint(self, image_dir: Path, *, leave_running: bool) -> DumpResult:
         work = image_dir.with_name(image_dir.name + ".work")
-        self._work_dirs.append(work)
         result = await self.runtime.checkpoint(
             self.service, image_dir=image_dir, work_dir=work, leave_running=leave_running
         )
@@ -79,8 +98,28 @@ class RuntimeSource:
             image_bytes=result.image_bytes,
         )
 
-    async def restore_here(self, image_dir: Path) -> float:
-        started = time.monotonic()
+    async def copy_state(self) -> CopyState:
+        try:
+            status = (await self.runtime.state(self.service)).status
+        except ContainerNotFoundError:
+            return "absent"
+        return "running" if status == "running" else "paused" if status == "paused" else "absent"
+
+    async def resume(self, image_dir: Path) -> str:
+        state = await self.copy_state()
+        if state == "running":
+            return "still running"
+        if state == "paused":
+            await self.runtime.resume(self.service)
+            return "thawed"
+        if not (image_dir / "inventory.img").exists():
+            raise MigrationError(
+                f"{self.service} neither runs on {self.runtime.node} nor has an image in "
+                f"{image_dir}",
+                phase="rolling_back",
+                migration_id=image_dir.parent.name,
+                hint="nothing is left to resume; redeploy the service",
+            )
         with contextlib.suppress(ContainerNotFoundError):
             await self.runtime.delete(self.service, force=True)
         await self.runtime.restore(
@@ -89,14 +128,7 @@ class RuntimeSource:
             image_dir=image_dir,
             work_dir=image_dir.with_name("rollback.work"),
         )
-        log.warning("%s restored on %s from %s", self.service, self.runtime.node, image_dir)
-        return time.monotonic() - started
-
-    async def is_running(self) -> bool:
-        try:
-            return (await self.runtime.state(self.service)).running
-        except ContainerNotFoundError:
-            return False
+        return f"restored from {image_dir}"
 
     async def forget(self) -> None:
         with contextlib.suppress(ContainerNotFoundError):
@@ -113,54 +145,148 @@ class RuntimeSource:
 
 
 class ChannelPeer:
-    """:class:`PeerPort` over one authenticated transfer channel to the destination."""
+    """:class:`PeerPort` over the authenticated transfer channel to the destination.
 
-    def __init__(self, client: TransferClient, *, compress: bool = False) -> None:
-        self.client = client
+    One connection at a time, opened on first use and opened again after it broke (a call
+    that timed out closes it: a late reply must never answer a later call).
+    """
+
+    def __init__(
+        self,
+        *,
+        host: str,
+        port: int,
+        security: ChannelSecurity,
+        peer: str,
+        compress: bool = False,
+        connect_timeout: float = 10.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.security = security
+        self.peer = peer
         self.compress = compress
+        self.connect_timeout = connect_timeout
+        self._client: TransferClient | None = None
+        self._stack: contextlib.AsyncExitStack | None = None
+        self._lock = asyncio.Lock()
 
-    async def call(
-        self, op: str, params: Mapping[str, Any], *, timeout: float | None = None
-    ) -> dict[str, Any]:
-        return await self.client.call(op, dict(params), timeout=timeout)
+    async def _connected(self) -> TransferClient:
+        async with self._lock:
+            if self._client is not None and self._client.usable:
+                return self._client
+            await self._drop()
+            stack = contextlib.AsyncExitStack()
+            try:
+                client = await stack.enter_async_context(
+                    TransferClient.connect(
+                        self.host,
+                        self.port,
+                        security=self.security,
+                        peer=self.peer,
+                        timeout=self.connect_timeout,
+                    )
+                )
+            except BaseException:
+                await stack.aclose()
+                raise
+            self._client, self._stack = client, stack
+            return client
+
+    async def _drop(self) -> None:
+        stack, self._stack, self._client = self._stack, None, None
+        if stack is not None:
+            with contextlib.suppress(FogmigError, OSError):
+                await stack.aclose()
+
+    async def call(self, request: Request, *, timeout: float) -> Reply | Refused:
+        op, params = encode_call(request)
+        async with asyncio.timeout(timeout):
+            client = await self._connected()
+            result = await client.call(op, params)
+        return decode_reply(op, result)
 
     async def send_dir(
         self, migration_id: str, local_dir: Path, subdir: str, progress: ProgressFn | None = None
     ) -> SentResult:
-        stats = await self.client.send_dir(
+        client = await self._connected()
+        stats = await client.send_dir(
             migration_id, local_dir, subdir, compress=self.compress, progress=progress
         )
         # What crossed the link: equal to the file bytes unless compression is on.
-        return SentResult(bytes_sent=stats.wire_bytes, seconds=stats.seconds)
+        return SentResult(
+            bytes_sent=stats.wire_bytes,
+            seconds=stats.seconds,
+            files=stats.files,
+            file_bytes=stats.bytes,
+        )
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._drop()
 
 
-async def migrate_service(
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SourceNode:
+    """What every outgoing migration of one node shares."""
+
+    runtime: NodeRuntime
+    security: ChannelSecurity
+    """This node's identity on the transfer channel."""
+    peers: Mapping[str, str]
+    """Node name -> data IP."""
+    transfer_port: int
+    workdir_root: Path
+    """``<node dir>/outgoing``: one directory per migration, its image of the freeze inside."""
+    bundles: Path
+    """Where the node's service bundles are (``<node dir>/bundles``)."""
+    pages: dict[str, Any]
+    journal: JournalWriter
+    timing: Timing
+    deliver: Deliver
+    connect_timeout: float = 10.0
+    ids: Ids = field(default_factory=Ids)
+
+
+def _peer(node: SourceNode, destination: str, compress: bool) -> ChannelPeer:
+    ip = node.peers.get(destination)
+    if ip is None:
+        raise ConfigError(f"{node.runtime.node} has no data link to node {destination!r}")
+    return ChannelPeer(
+        host=ip,
+        port=node.transfer_port,
+        security=node.security,
+        peer=destination,
+        compress=compress,
+        connect_timeout=min(node.connect_timeout, node.timing.call_timeout_s),
+    )
+
+
+async def begin_migration(
+    node: SourceNode,
     *,
-    runtime: NodeRuntime,
     service: str,
     destination: str,
-    destination_ip: str,
-    transfer_port: int,
-    security: ChannelSecurity,
     technique: Technique,
-    workdir_root: Path,
-    pages_registry: dict[str, Any],
+    epoch: int,
     rules: PrecopyStopRules | None = None,
     compression: bool = False,
     on_progress: ProgressEvent | None = None,
     migration_id: str | None = None,
+    command_id: str | None = None,
     record_extra: Mapping[str, Any] | None = None,
-    fence_timeout_s: float = 20.0,
-    connect_timeout: float = 10.0,
-) -> MigrationRecord:
-    """Migrate ``service`` from this node to ``destination`` and return the record.
+    freezing: Hook = _nothing,
+    resumed: Hook = _nothing,
+) -> SourceDriver:
+    """Check a migration of ``service``, journal it (``Begin``) and return its driver.
 
-    ``security`` is this node's identity on the transfer channel; the destination must present
-    the certificate of node ``destination``.
+    Raises a FogmigError (nothing journaled, nothing touched) when it cannot start; once this
+    returned, the migration ends with exactly one terminal event.
     """
-    if security.node != runtime.node:
+    runtime = node.runtime
+    if node.security.node != runtime.node:
         raise ConfigError(
-            f"the transfer identity is node {security.node}'s, this is {runtime.node}",
+            f"the transfer identity is node {node.security.node}'s, this is {runtime.node}",
             hint="give the agent its own node's certificate",
         )
     try:
@@ -184,39 +310,138 @@ async def migrate_service(
         compression=compression,
         **dict(record_extra or {}),
     )
-    workdir = workdir_root / mid
+    moves = TECHNIQUES[technique]()
+    plan = Plan(
+        migration_id=mid,
+        service=service,
+        source=runtime.node,
+        destination=destination,
+        technique=technique,
+        epoch=epoch,
+        args=tuple(args),
+        live_moves=moves.live,
+        restore=moves.restore_call(mid),
+        command_id=command_id,
+    )
+    workdir = node.workdir_root / mid
     workdir.mkdir(parents=True, exist_ok=True)
-    source = RuntimeSource(
-        runtime=runtime, service=service, bundle=state.bundle, pages=pages_registry
+    ctx = MigrationContext(
+        record=record,
+        source=RuntimeSource(
+            runtime=runtime, service=service, bundle=state.bundle, pages=node.pages
+        ),
+        peer=_peer(node, destination, compression),
+        workdir=workdir,
+        rules=rules or PrecopyStopRules(),
+        on_progress=on_progress,
+    )
+    driver = SourceDriver(
+        core=SourceCore(plan=plan, timing=node.timing, ids=node.ids),
+        ctx=ctx,
+        moves=moves,
+        journal=node.journal,
+        deliver=node.deliver,
+        timing=node.timing,
+        freezing=freezing,
+        resumed=resumed,
     )
     try:
-        async with TransferClient.connect(
-            destination_ip,
-            transfer_port,
-            security=security,
-            peer=destination,
-            timeout=connect_timeout,
-        ) as client:
-            ctx = MigrationContext(
-                record=record,
-                source=source,
-                peer=ChannelPeer(client, compress=compression),
-                workdir=workdir,
-                rules=rules or PrecopyStopRules(),
-                on_progress=on_progress,
-                fence_timeout_s=fence_timeout_s,
-                service_spec={"service": service, "args": list(args)},
-            )
-            await run_migration(ctx, TECHNIQUES[technique])
-    except FogmigError as exc:
-        # Could not even reach the destination: nothing was touched.
-        if record.outcome is Outcome.RUNNING:
-            record.outcome = Outcome.ROLLED_BACK
-            record.error = f"{type(exc).__name__}: {exc}"
-            record.failed_phase = "connect"
-            record.finished_at = time.time()
+        await driver.begin()
+    except BaseException:
+        with contextlib.suppress(FogmigError, OSError):
+            remove_tree(workdir)
+        raise
+    return driver
+
+
+def unfinished(entries: Sequence[AnyEntry]) -> dict[str, list[MigrationEntry]]:
+    """The outgoing migrations of a journal that are not finished and published."""
+    out = {}
+    for mid, mine in by_migration(entries).items():
+        if not any(isinstance(e, Begin) for e in mine):
+            continue
+        kinds = {type(e) for e in mine}
+        if Finished in kinds and Published in kinds:
+            continue
+        out[mid] = mine
+    return out
+
+
+async def recover_migrations(
+    node: SourceNode,
+    entries: Sequence[AnyEntry],
+    *,
+    resumed: Callable[[str, str], Hook] | None = None,
+) -> list[SourceDriver]:
+    """The drivers that finish the outgoing migrations a stopped agent left unfinished.
+
+    Each one continues from its journal (resume here, finish the hand-over, settle with the
+    destination, or publish the outcome again); run them like any other driver.
+    """
+    drivers = []
+    for mid, mine in unfinished(entries).items():
+        begin = next(e for e in mine if isinstance(e, Begin))
+        workdir = node.workdir_root / mid
+        source = RuntimeSource(
+            runtime=node.runtime,
+            service=begin.service,
+            bundle=node.bundles / begin.service,
+            pages=node.pages,
+        )
+        report = RuntimeReport(
+            container=await source.copy_state(),
+            image=(workdir / "final" / "inventory.img").exists(),
+        )
+        core, actions = SourceCore.recover(
+            entries=mine,
+            runtime=report,
+            source=node.runtime.node,
+            timing=node.timing,
+            ids=node.ids,
+            now=time.monotonic(),
+        )
+        record = MigrationRecord(
+            migration_id=mid,
+            service=begin.service,
+            source=node.runtime.node,
+            destination=begin.destination,
+            technique=begin.technique,
+        )
+        ctx = MigrationContext(
+            record=record,
+            source=source,
+            peer=_peer(node, begin.destination, False),
+            workdir=workdir,
+        )
+        driver = SourceDriver(
+            core=core,
+            ctx=ctx,
+            moves=None,
+            journal=node.journal,
+            deliver=node.deliver,
+            timing=node.timing,
+            resumed=resumed(begin.service, mid) if resumed is not None else _nothing,
+        )
+        driver.recovered(actions)
+        log.warning(
+            "migration %s of %s to %s: continuing after a restart (%s)",
+            mid,
+            begin.service,
+            begin.destination,
+            report,
+        )
+        drivers.append(driver)
+    return drivers
+
+
+async def finish(driver: SourceDriver) -> MigrationRecord:
+    """Run ``driver`` to its end; the migration's directory goes unless the outcome needs it."""
+    try:
+        await driver.run()
     finally:
-        if record.outcome is not Outcome.FAILED_AFTER_COMMIT:
-            with contextlib.suppress(OSError, FogmigError):
-                remove_tree(workdir)
+        await driver.close()
+    record = driver.record
+    if record.outcome is not Outcome.FAILED_AFTER_COMMIT and record.outcome.terminal:
+        with contextlib.suppress(OSError, FogmigError):
+            remove_tree(driver.ctx.workdir)
     return record

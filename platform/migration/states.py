@@ -1,21 +1,19 @@
-"""The migration state machine: phases, legal transitions and the point of no return.
+"""The phases of one migration as its record shows them: legal paths and the point of no return.
 
-Pure logic, no I/O: the engine asks it where a migration may go next and what a failure means.
+Pure logic, no I/O. The hand-over itself (who may run the service, when the source may resume)
+is decided by the protocol cores in ``migration/handover``; the driver (``engine``) follows
+them and stamps these phases in the record, so that each technique walks its fixed path and a
+record always says where a migration failed.
 
-The point of no return (``COMMITTED``) is reached when the destination has restored the service
-AND holds its complete state:
-- cold and pre-copy: when the restore at the destination has returned and the service runs;
+The point of no return (``COMMITTED``) is the destination's acknowledgement of ``commit``,
+which it sends only once it runs the service with its complete state:
+- cold and pre-copy: once the restore at the destination has returned;
 - post-copy and hybrid: only when the last lazy page has arrived (the lazy-pages daemon reported
   N/N and exited 0). Until then the source keeps the complete frozen image on its own disk.
 
-Before it, any failure rolls back: the destination copy is killed and its files removed, and the
-service is restored (or simply left running) on the source. During post-copy's lazy window the
-destination already serves requests; a rollback then resumes the source from the freeze point,
-so updates the destination applied in that window are lost: the record says how long the window
-was. The destination fences itself (kills its copy) when its page source fails, and the source
-restores only after the destination confirmed the abort or after the fencing timeout, so two live
-copies never coexist. After the point of no return the destination owns the service; the source
-only cleans up, and a cleanup failure never brings the service back to the source.
+A failure before it ends in ``ROLLED_BACK`` (the service runs on the source) once the source
+has proof that no copy can run at the destination (docs/handover.md); after it, the
+destination owns the service and a failure only ends in ``FAILED``.
 """
 
 from __future__ import annotations
@@ -70,7 +68,6 @@ class MigrationStateMachine:
     technique: Technique
     phase: Phase = Phase.PENDING
     history: list[Phase] = field(default_factory=lambda: [Phase.PENDING])
-    source_frozen: bool = False  # the service no longer runs on the source
 
     @property
     def committed(self) -> bool:
@@ -91,15 +88,13 @@ class MigrationStateMachine:
             raise IllegalTransition(f"{self.technique}: {self.phase} -> {to}")
         if path.index(to) != path.index(self.phase) + 1:
             raise IllegalTransition(f"{self.technique}: {self.phase} -> {to} skips a phase")
-        if to is Phase.DUMPING:
-            self.source_frozen = True
         self._set(to)
 
     def fail(self) -> Phase:
         """A failure happened in the current phase: go to ROLLING_BACK or FAILED.
 
-        Returns the new phase; the engine then performs the rollback (before the point of no
-        return) or leaves the service with the destination (after it).
+        Returns the new phase: ``ROLLING_BACK`` before the point of no return, ``FAILED`` after
+        it or when the rollback itself failed.
         """
         if self.done:
             raise IllegalTransition(f"failure reported after the end ({self.phase})")
@@ -116,10 +111,6 @@ class MigrationStateMachine:
         if self.phase is not Phase.ROLLING_BACK:
             raise IllegalTransition(f"rolled back from {self.phase}")
         self._set(Phase.ROLLED_BACK)
-
-    def needs_source_restore(self) -> bool:
-        """On rollback: must the source restore from its own image (it was frozen/killed)?"""
-        return self.source_frozen
 
     def _set(self, to: Phase) -> None:
         self.phase = to

@@ -225,6 +225,11 @@ class NodeRuntime:
                 f"runc kill {cid}", cmd=done.argv, returncode=done.returncode, stderr=done.stderr
             )
 
+    async def resume(self, cid: str) -> None:
+        """Thaw a paused container (a dump that died mid-way can leave it frozen)."""
+        await self._runc("resume", cid, what=f"runc resume {cid}")
+        log.info("resumed %s on %s", cid, self.node)
+
     async def delete(self, cid: str, *, force: bool = False) -> None:
         """Delete the container (``force`` kills it first if it still runs)."""
         cgroup = bundle_cgroups_path((await self.state(cid)).bundle)

@@ -163,6 +163,11 @@ class TransferClient:
                 f"{self._conn.label}: the node there is {welcome.node}, not {self.peer}"
             )
 
+    @property
+    def usable(self) -> bool:
+        """False once a :class:`PeerError` broke the connection (open a new one then)."""
+        return self._broken is None
+
     def _check_usable(self) -> None:
         if self._broken is not None:
             raise PeerError(f"{self._conn.label}: channel unusable after: {self._broken}")

@@ -8,6 +8,7 @@ anywhere else is a :class:`JournalError`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterable
@@ -54,6 +55,8 @@ class Begin(MigrationEntry):
     epoch: Epoch
     destination: NodeName
     technique: WireTechnique
+    command_id: Annotated[str, Field(min_length=1, max_length=128)] | None = None
+    """The command that asked for it: the terminal event names it."""
 
 
 class Freezing(MigrationEntry):
@@ -248,6 +251,45 @@ class Journal:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+class SharedJournal:
+    """One agent's journal as its asyncio parts share it: appends in order, off the loop.
+
+    It reads the file once when made (:meth:`Journal.read` repairs a torn tail, so it must not
+    run while appends are under way) and keeps every entry in :attr:`entries`.
+    """
+
+    def __init__(self, *, journal: Journal) -> None:
+        self.journal = journal
+        """The file."""
+        self.entries: list[AnyEntry] = journal.read()
+        """Every entry, the file's and those appended since."""
+        self._lock = asyncio.Lock()
+
+    async def append(self, entry: AnyEntry) -> None:
+        """Append ``entry``; it is on disk when this returns (a JournalError otherwise)."""
+        async with self._lock:
+            await asyncio.to_thread(self.journal.append, entry)
+            self.entries.append(entry)
+
+    def epoch_of(self, service: str) -> int:
+        """The newest epoch this node's journal knows for ``service`` (0: none)."""
+        begun: dict[str, str] = {}
+        epoch = 0
+        for entry in self.entries:
+            if isinstance(entry, Begin):
+                begun[entry.migration_id] = entry.service
+                if entry.service == service:
+                    epoch = max(epoch, entry.epoch)
+            elif (isinstance(entry, Committed) and entry.service == service) or (
+                isinstance(entry, HandedOver) and begun.get(entry.migration_id) == service
+            ):
+                epoch = max(epoch, entry.epoch)
+        return epoch
+
+    def close(self) -> None:
+        self.journal.close()
 
 
 def _fsync_dir(directory: Path) -> None:

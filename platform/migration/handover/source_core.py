@@ -96,6 +96,8 @@ class Plan:
     """Whether data moves run before the freeze (pre-copy, hybrid)."""
     restore: Restore | None = None
     """The restore call (without ticket and epoch); ``None`` only for a recovered migration."""
+    command_id: str | None = None
+    """The command that asked for the migration (journaled, so a restart can name it)."""
 
     @property
     def lazy(self) -> bool:
@@ -133,6 +135,7 @@ class SourceCore:
             epoch=p.epoch,
             destination=p.destination,
             technique=p.technique,
+            command_id=p.command_id,
         )
         prepare = Prepare(
             migration_id=p.migration_id,
@@ -164,6 +167,7 @@ class SourceCore:
             destination=begin.destination,
             technique=begin.technique,
             epoch=begin.epoch,
+            command_id=begin.command_id,
         )
         core = cls(plan=plan, timing=timing, ids=ids)
         decision = recover_source(entries, runtime)

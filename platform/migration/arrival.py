@@ -1,0 +1,216 @@
+"""The destination's runtime work for one incoming migration: files, restore, lazy pages.
+
+An :class:`Arrival` holds what one migration has set up on this node (its bundle, page
+server, lazy-pages daemon, channels back to the source) and performs the runtime steps the
+destination core asks for: check streamed files, apply a page delta, restore (at once, or
+lazily with fogmig's page server in front of CRIU's lazy-pages daemon), and release it all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import shutil
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fogmig.platform.base.errors import ConfigError, ContainerNotFoundError, FogmigError
+from fogmig.platform.base.nodes import netns_name
+from fogmig.platform.migration.delta import apply as delta_apply
+from fogmig.platform.migration.handover.messages import ApplyDelta, Restore, SendFiles
+from fogmig.platform.migration.lazy.daemon import LazyPagesDaemon
+from fogmig.platform.migration.lazy.layout import lazy_vaddrs
+from fogmig.platform.migration.lazy.server import LazyPageServer, LazyServeStats
+from fogmig.platform.migration.lazy.sources import (
+    LayeredPages,
+    LocalImagePages,
+    PageSource,
+    PrefetchedPages,
+    RemotePages,
+)
+from fogmig.platform.runtime.bundle import make_bundle
+from fogmig.platform.runtime.container import NodeRuntime
+from fogmig.platform.runtime.workdir import remove_tree
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[int, int, int], Awaitable[bytes]]
+FetchFactory = Callable[[str, str], Awaitable[tuple[Fetch, Fetch, Callable[[], Awaitable[None]]]]]
+"""(source node, migration id) -> (fetch on fault, fetch ahead, close): two channels back to
+the source, so that faults never queue behind the prefetch."""
+
+
+@dataclass(frozen=True, slots=True)
+class LazyResult:
+    """How the lazy transfer ended, and the numbers the source puts in its record."""
+
+    ok: bool
+    detail: str
+    remote_bytes: int
+    remote_pages: int
+    local_pages: int
+    seconds: float
+
+
+@dataclass(slots=True)
+class Arrival:
+    """One migration arriving at this node, as its runtime sees it."""
+
+    migration_id: str
+    service: str
+    source: str
+    args: list[str]
+    directory: Path
+    """``<node dir>/incoming/<migration id>``: the streamed files land here."""
+    bundle: Path
+    bundle_made: bool = False
+    lazy: LazyPagesDaemon | None = None
+    page_server: LazyPageServer | None = None
+    prefetch: PrefetchedPages | None = None
+    close_fetch: Callable[[], Awaitable[None]] | None = None
+    restore_task: asyncio.Task[None] | None = None
+    """The restore under way or done (the fence is released only once it ended)."""
+    restored_at: float = 0.0
+    restore_seconds: float = 0.0
+    pid: int | None = None
+    lazy_result: LazyResult | None = None
+    extra: dict[str, object] = field(default_factory=dict)
+
+    def sub(self, name: str) -> Path:
+        if not name or "/" in name or name.startswith("."):
+            raise ConfigError(f"invalid image directory name {name!r}")
+        return self.directory / name
+
+    def stats(self) -> LazyServeStats | None:
+        return self.page_server.stats if self.page_server is not None else None
+
+    # ------------------------------------------------------------------ data
+
+    async def take_files(self, call: SendFiles) -> None:
+        """Check that a streamed directory arrived whole (the channel verified each file)."""
+        root = self.sub(call.name)
+        files = [p for p in root.rglob("*") if p.is_file() and not p.is_symlink()]
+        size = sum(p.stat().st_size for p in files)
+        if len(files) != call.files or size != call.bytes:
+            raise ConfigError(
+                f"{root} holds {len(files)} files, {size} bytes; the source sent "
+                f"{call.files} files, {call.bytes} bytes"
+            )
+
+    async def apply_delta(self, call: ApplyDelta) -> float:
+        base, delta, out = self.sub(call.base), self.sub(call.delta), self.sub(call.out)
+        stats = await asyncio.to_thread(delta_apply.apply_delta, base, delta, out)
+        await asyncio.to_thread(shutil.rmtree, delta)
+        if base != out:
+            await asyncio.to_thread(shutil.rmtree, base)
+        return stats.seconds
+
+    # ------------------------------------------------------------------ restore
+
+    def make_bundle(self, *, rootfs: Path, node: str) -> None:
+        self.bundle = make_bundle(
+            self.bundle,
+            rootfs=rootfs,
+            args=self.args,
+            netns_path=Path("/var/run/netns") / netns_name(node),
+            restore_conf=True,
+            cgroups_path=f"/fogmig/{node}/{self.service}",
+            hostname=self.service,
+        )
+        self.bundle_made = True
+
+    async def restore(
+        self, call: Restore, *, runtime: NodeRuntime, fetch_factory: FetchFactory
+    ) -> None:
+        """Restore the service here; with ``lazy`` mode its memory faults in from the source."""
+        images = self.sub(call.images)
+        work = self.directory / "restore-work"
+        started = time.monotonic()
+        if call.mode == "full":
+            result = await runtime.restore(
+                self.service, bundle=self.bundle, image_dir=images, work_dir=work
+            )
+            self.restored_at = time.monotonic()
+            self.restore_seconds, self.pid = self.restored_at - started, result.pid
+            return
+        demand, ahead, close = await fetch_factory(self.source, self.migration_id)
+        self.close_fetch = close
+        remote = RemotePages(demand)
+        source: PageSource
+        if call.base:
+            # Hybrid: unchanged pages from the last pre-copy round here, changed ones remote.
+            base = self.sub(call.base)
+            changed_file = images / (call.changed or "")
+            changed = {
+                int(pid): vaddrs for pid, vaddrs in json.loads(changed_file.read_text()).items()
+            }
+            self.prefetch = PrefetchedPages(remote, ahead, changed)
+            source = LayeredPages(LocalImagePages(base), self.prefetch, changed)
+        else:
+            self.prefetch = PrefetchedPages(remote, ahead, lazy_vaddrs(images))
+            source = self.prefetch
+        # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on
+        # the node can read the service's memory.
+        self.page_server = LazyPageServer(source=source)
+        self.lazy = LazyPagesDaemon(
+            image_dir=images, work_dir=work, channel=await self.page_server.channel()
+        )
+        await self.lazy.start()
+        self.prefetch.start()
+        restored = await runtime.restore(
+            self.service, bundle=self.bundle, image_dir=images, work_dir=work, lazy_pages=True
+        )
+        self.restored_at = time.monotonic()
+        self.restore_seconds, self.pid = self.restored_at - started, restored.pid
+
+    async def wait_pages(self) -> LazyResult:
+        """Wait for the lazy transfer to end; judged here only (daemon exit, pages counted)."""
+        assert self.lazy is not None
+        assert self.page_server is not None
+        result = await self.lazy.wait(None, server=self.page_server)
+        stats = self.page_server.stats
+        last = stats.last_page_at or time.monotonic()
+        self.lazy_result = LazyResult(
+            ok=result.ok,
+            detail="" if result.ok else f"{result.describe()} (log {self.lazy.log_path})",
+            remote_bytes=stats.remote_bytes,
+            remote_pages=stats.remote_pages,
+            local_pages=stats.local_pages,
+            seconds=max(0.0, last - self.restored_at),
+        )
+        return self.lazy_result
+
+    # ------------------------------------------------------------------ the end
+
+    async def release(self) -> None:
+        """Stop the lazy machinery and close the channels back to the source (idempotent)."""
+        if self.lazy is not None:
+            with contextlib.suppress(FogmigError, ProcessLookupError):
+                await self.lazy.kill()
+        if self.prefetch is not None:
+            await self.prefetch.close()
+            self.prefetch = None
+        if self.page_server is not None:
+            await self.page_server.close()
+            self.page_server = None
+        if self.close_fetch is not None:
+            with contextlib.suppress(FogmigError, OSError):
+                await self.close_fetch()
+            self.close_fetch = None
+
+    async def remove(self, *, runtime: NodeRuntime, keep_bundle: bool) -> None:
+        """Remove the migration's files, and the bundle it made unless the copy is owned."""
+        await self.release()
+        with contextlib.suppress(FogmigError, OSError):
+            await asyncio.to_thread(remove_tree, self.directory)
+        if keep_bundle or not self.bundle_made:
+            return
+        with contextlib.suppress(ContainerNotFoundError):
+            await runtime.state(self.service)
+            return  # a container of that name exists: its bundle stays
+        with contextlib.suppress(FogmigError, OSError):
+            await asyncio.to_thread(remove_tree, self.bundle)
