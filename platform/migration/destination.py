@@ -238,6 +238,8 @@ class Destination:
         self._replies[call_id] = reply_to
         try:
             await self._feed(CallIn(call_id, request, peer))
+            if isinstance(request, Prepare) and mid not in core.records:
+                self.arrivals.pop(mid, None)  # refused: nothing of it stays here
             reply = await reply_to
         finally:
             self._replies.pop(call_id, None)
