@@ -24,6 +24,7 @@ from typing import Any
 from fogmig.platform.agent.commands import CommandHandling
 from fogmig.platform.agent.config import AgentConfig
 from fogmig.platform.agent.forwarding import Location
+from fogmig.platform.agent.handover import test_pause
 from fogmig.platform.agent.hooks import HandoverHooks, NoHooks
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
@@ -72,6 +73,7 @@ class Agent(CommandHandling):
             running_here=self.hook_calls.running_here,
             gave_up=self.hook_calls.gave_up,
             owned=self._owned_here,
+            pause=test_pause(config.node),
         )
 
     # ------------------------------------------------------------------ lifecycle

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -51,6 +52,35 @@ def handover_timing(fence_timeout_s: float) -> Timing:
         call_timeout_s=min(10.0, fence_timeout_s / 2),
         lazy_poll_s=min(0.5, fence_timeout_s / 4),
     )
+
+
+TEST_SEAMS = "FOGMIG_TEST_SEAMS"
+"""Set to 1 to let a fault test hold the destination at a point (see :func:`test_pause`)."""
+
+
+def test_pause(node: str) -> Callable[[str, str], Awaitable[None]] | None:
+    """The destination's pause points as a test drives them, or None outside the tests.
+
+    With ``FOGMIG_TEST_SEAMS=1`` in the agent's environment, a file
+    ``<run dir>/nodes/<node>/pause/<point>`` holding seconds holds the next migration at that
+    point (``restore``, ``restore_reply``, ``commit_reply``) for that long; the file is used
+    up. The fault tests use it to cut a link or kill an agent at an exact point.
+    """
+    if os.environ.get(TEST_SEAMS) != "1":
+        return None
+    directory = paths.run_dir() / "nodes" / node / "pause"
+
+    async def pause(point: str, migration_id: str) -> None:
+        path = directory / point
+        try:
+            seconds = float(path.read_text())
+            path.unlink()
+        except (OSError, ValueError):
+            return
+        log.warning("test seam: %s of %s held for %g s", point, migration_id, seconds)
+        await asyncio.sleep(seconds)
+
+    return pause
 
 
 class HookCalls:

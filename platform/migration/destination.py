@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -57,6 +56,7 @@ from fogmig.platform.migration.handover.journal import (
 )
 from fogmig.platform.migration.handover.messages import (
     ApplyDelta,
+    CommitOk,
     LazyStatusOk,
     Prepare,
     Refused,
@@ -68,7 +68,7 @@ from fogmig.platform.migration.handover.messages import (
     encode_reply,
 )
 from fogmig.platform.migration.handover.ownership import Timing
-from fogmig.platform.runtime.container import NodeRuntime
+from fogmig.platform.runtime.container import NodeRuntime, runc_running
 from fogmig.platform.runtime.fence import Fence, FenceHandle
 from fogmig.platform.runtime.fence_state import FenceState
 from fogmig.platform.runtime.workdir import remove_tree
@@ -84,23 +84,6 @@ STOP_WAIT_S = 5.0
 
 async def _nothing(service: str, migration_id: str) -> None:
     return None
-
-
-def restore_running(runc_root: Path, container_id: str) -> bool:
-    """Whether a ``runc restore`` of ``container_id`` under ``runc_root`` still runs here
-    (one a crashed agent started may outlive it)."""
-    root = str(runc_root)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        words = [a.decode(errors="replace") for a in argv]
-        if "restore" in words and container_id in words and root in words:
-            return True
-    return False
 
 
 class Destination:
@@ -120,6 +103,7 @@ class Destination:
         running_here: Notify = _nothing,
         gave_up: Notify = _nothing,
         owned: Notify = _nothing,
+        pause: Notify | None = None,
     ) -> None:
         self.node = node
         self.runtime = runtime
@@ -132,6 +116,8 @@ class Destination:
         self._running_here = running_here
         self._gave_up = gave_up
         self._owned = owned
+        self._pause = pause or _nothing
+        """(point, migration id): a test's chance to hold the destination at a point."""
         self.core: DestinationCore | None = None
         self.arrivals: dict[str, Arrival] = {}
         self.fences: dict[str, FenceHandle] = {}
@@ -271,6 +257,8 @@ class Destination:
                 await self.journal.append(action.entry)
                 self._journaled(action.entry)
             elif isinstance(action, SendReply):
+                if isinstance(action.reply, CommitOk):
+                    await self._pause("commit_reply", action.reply.migration_id)
                 fut = self._replies.get(action.call_id)
                 if fut is not None and not fut.done():
                     fut.set_result(self._enrich(action.reply))
@@ -441,6 +429,7 @@ class Destination:
             if (await self.runtime.state(arrival.service)).running:
                 return StepDone(step.step_id, False, f"{arrival.service} runs on {self.node}")
             await self.runtime.delete(arrival.service, force=True)  # a stopped leftover
+        await self._pause("restore", mid)
         arrival.make_bundle(rootfs=self._rootfs(), node=self.node)
         task = asyncio.ensure_future(
             arrival.restore(call, runtime=self.runtime, fetch_factory=self._fetch_factory)
@@ -458,6 +447,7 @@ class Destination:
         self._spawn(self._running_here(arrival.service, mid), "running-here")
         if call.mode == "lazy":
             self._spawn(self._pages(arrival), f"pages-{mid}")
+        await self._pause("restore_reply", mid)
         return StepDone(step.step_id, True)
 
     async def _pages(self, arrival: Arrival) -> None:
@@ -510,7 +500,7 @@ class Destination:
         if handle is not None:
             service = arrival.service if arrival is not None else self._service_of(mid)
             waited = 0.0
-            while arrival is None and restore_running(self.runtime.runc_root, service):
+            while arrival is None and runc_running(self.runtime.runc_root, service, "restore"):
                 if waited > RECOVERY_WAIT_S:
                     log.error("migration %s: a restore of %s still runs", mid, service)
                     break

@@ -59,6 +59,7 @@ log = logging.getLogger(__name__)
 STOP_FAILS = frozenset({"prepare", "send_files", "apply_delta", "restore", "lazy_status"})
 """Calls a stopping agent gives up at once; ``commit`` and ``abort`` settle and go on."""
 
+DRAIN_S = 3.0
 Hook = Callable[[], Awaitable[None]]
 Deliver = Callable[[TerminalEvent, MigrationRecord], Awaitable[bool]]
 """Publishes the terminal event; False when it could not (the next start publishes again)."""
@@ -165,6 +166,7 @@ class SourceDriver:
             while self.core.phase is not SourcePhase.DONE:
                 item = await self._queue.get()
                 await self._take(item)
+            await self._drain()
             return self.terminal
         finally:
             self._shut()
@@ -389,6 +391,13 @@ class SourceDriver:
                 machine.fail()
             self.ctx.stamp(machine.phase)
         record.finished_at = time.time()
+
+    async def _drain(self) -> None:
+        """Give the best-effort ``abort`` of a rollback a moment to reach the destination, so
+        that it drops its files now rather than after its stale timeout."""
+        aborts = [task for request, task in self._calls.values() if request.op == "abort"]
+        if aborts:
+            await asyncio.wait(aborts, timeout=min(DRAIN_S, self.timing.call_timeout_s))
 
     def _shut(self) -> None:
         for _, handle in self._timers.values():

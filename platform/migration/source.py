@@ -46,6 +46,7 @@ from fogmig.platform.migration.handover.messages import (
     encode_call,
 )
 from fogmig.platform.migration.handover.ownership import Timing
+from fogmig.platform.migration.handover.recovery import begin_of
 from fogmig.platform.migration.handover.source_core import Plan, SourceCore
 from fogmig.platform.migration.hybrid import Hybrid
 from fogmig.platform.migration.lazy.sources import LocalImagePages
@@ -54,7 +55,7 @@ from fogmig.platform.migration.postcopy import Postcopy
 from fogmig.platform.migration.precopy import Precopy
 from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.runtime.bundle import read_config
-from fogmig.platform.runtime.container import NodeRuntime
+from fogmig.platform.runtime.container import NodeRuntime, runc_running
 from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.protection import ChannelSecurity
@@ -68,6 +69,9 @@ TECHNIQUES: dict[Technique, Callable[[], Moves]] = {
     Technique.POSTCOPY: Postcopy,
     Technique.HYBRID: Hybrid,
 }
+
+
+CHECKPOINT_WAIT_S = 120.0
 
 
 def new_migration_id(service: str) -> str:
@@ -354,6 +358,19 @@ async def begin_migration(
     return driver
 
 
+def leftovers(entries: Sequence[AnyEntry], workdir_root: Path) -> list[Path]:
+    """Directories of outgoing migrations that ended and need nothing any more: all but
+    those unfinished and those that failed after the commit (an operator's evidence)."""
+    keep = set(unfinished(entries))
+    for entry in entries:
+        if isinstance(entry, Finished) and entry.outcome == Outcome.FAILED_AFTER_COMMIT:
+            keep.add(entry.migration_id)
+    known = {mid for mid, mine in by_migration(entries).items() if begin_of(mine) is not None}
+    if not workdir_root.is_dir():
+        return []
+    return sorted(p for p in workdir_root.iterdir() if p.name in known - keep)
+
+
 def unfinished(entries: Sequence[AnyEntry]) -> dict[str, list[MigrationEntry]]:
     """The outgoing migrations of a journal that are not finished and published."""
     out = {}
@@ -378,10 +395,21 @@ async def recover_migrations(
     Each one continues from its journal (resume here, finish the hand-over, settle with the
     destination, or publish the outcome again); run them like any other driver.
     """
+    for path in leftovers(entries, node.workdir_root):
+        log.warning("removing %s: its migration has ended", path)
+        with contextlib.suppress(OSError, FogmigError):
+            remove_tree(path)
     drivers = []
     for mid, mine in unfinished(entries).items():
         begin = next(e for e in mine if isinstance(e, Begin))
         workdir = node.workdir_root / mid
+        waited = 0.0
+        while runc_running(node.runtime.runc_root, begin.service, "checkpoint"):
+            if waited > CHECKPOINT_WAIT_S:
+                log.error("migration %s: a checkpoint of %s still runs", mid, begin.service)
+                break
+            await asyncio.sleep(0.1)  # a freeze the stopped agent started may still finish
+            waited += 0.1
         source = RuntimeSource(
             runtime=node.runtime,
             service=begin.service,

@@ -86,6 +86,26 @@ def _unpark(parked: Path | None) -> None:
         os.replace(parked, parked.with_name(parked.name.removesuffix(PARKED_SUFFIX)))
 
 
+def runc_running(runc_root: Path, cid: str, verb: str) -> bool:
+    """Whether ``runc ... <verb> ... <cid>`` under ``runc_root`` runs on this machine.
+
+    An agent killed during a checkpoint or a restore leaves runc (and CRIU) running; a
+    restarted agent waits for them before it judges what the runtime holds.
+    """
+    root = str(runc_root)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in argv]
+        if verb in words and cid in words and root in words:
+            return True
+    return False
+
+
 # ---- the runtime -----------------------------------------------------------------------------
 
 
