@@ -347,7 +347,7 @@ class SourceDriver:
         if step.kind == "resume":
             what = await ctx.source.resume(ctx.image_dir)
             ctx.source.stop_serving_pages(self.migration_id)
-            log.warning("migration %s: %s on the source: %s", self.migration_id, what, step.kind)
+            log.warning("migration %s: the service is %s on the source", self.migration_id, what)
             await self._resumed()
             return StepDone(step.step_id, True)
         if step.kind == "delete_copy":

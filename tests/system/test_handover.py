@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import json
 import os
+import shutil
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -63,6 +64,7 @@ FULL = os.environ.get("FOGMIG_CHAOS_FULL") == "1"
 PORT = 5683
 SRC, DST = "gw1", "gw2"
 FENCE_S = 20.0  # the agents' default fence_timeout_s
+PAUSES = paths.run_dir() / "nodes" / DST / "pause"
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +109,8 @@ async def service(testbed: TestbedState, name: str, state_mb: int) -> AsyncItera
         await svc.post(SRC, 20)
         yield svc
     finally:
+        # A pause the test set but a killed agent never reached must not hold the next one.
+        shutil.rmtree(PAUSES, ignore_errors=True)
         with contextlib.suppress(Exception):
             await undeploy(name)
 
@@ -218,9 +222,8 @@ async def wait_entry(node: str, name: str, kind: str, timeout: float = 60.0) -> 
 
 
 def pause(point: str, seconds: float) -> None:
-    directory = paths.run_dir() / "nodes" / DST / "pause"
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / point).write_text(f"{seconds}")
+    PAUSES.mkdir(parents=True, exist_ok=True)
+    (PAUSES / point).write_text(f"{seconds}")
 
 
 def agent_pid(node: str) -> int:
