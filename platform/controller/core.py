@@ -72,6 +72,10 @@ def _compare(predicted: dict[str, Any], measured: dict[str, float | None]) -> di
     return out
 
 
+ENDED_KEPT = 4096
+"""How many ended migrations the controller remembers to recognise a repeated end."""
+
+
 class ControllerCore:
     """The controller's state and rules, without I/O.
 
@@ -108,6 +112,9 @@ class ControllerCore:
         self._overload: dict[str, int] = {}
         self._draining: dict[str, bool] = {}  # node -> its emptiness was reported
         self._holds: dict[str, str] = {}
+        # Migration ids whose MigrationDone was taken: an agent that restarts between
+        # publishing the event and journaling that it did publishes it again.
+        self._ended: dict[str, None] = {}
 
     # --- inputs ------------------------------------------------------------------------
 
@@ -182,6 +189,11 @@ class ControllerCore:
         return self._failed(EventKind.SEND_FAILED, service, command_id, error, now)
 
     def on_done(self, msg: MigrationDone, now: float) -> list[Action]:
+        if msg.migration_id in self._ended:
+            return []  # the same end again (at least once delivery)
+        self._ended[msg.migration_id] = None
+        while len(self._ended) > ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
         service = msg.service
         f = self.inflight.get(service)
         mine = f is not None and f.command.command_id == msg.command_id

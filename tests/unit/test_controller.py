@@ -618,3 +618,17 @@ def test_a_presence_its_node_no_longer_confirms_is_ignored(world: World) -> None
     assert world.core.registry.location("gone") is None
     world.draining.add("gw2")
     assert launches(world.status("gw2", 7.0)) == []  # nothing to drain
+
+
+def test_a_repeated_migration_done_changes_nothing(world: World) -> None:
+    world.up("gw1", "gw2")
+    world.place("s1", "gw1")
+    world.attach("d1", "gw2", "s1", 0.0)
+    launch = one_launch(world.core.tick(1.5))
+    world.core.on_ack("s1", launch.command.command_id, 1.6)
+    first = world.done(launch, 2.0, Outcome.ROLLED_BACK)
+    assert events(first, EventKind.DONE)
+    # The agent restarted before it journaled the publication and sends the same end again.
+    again = world.done(launch, 2.5, Outcome.ROLLED_BACK)
+    assert events(again, EventKind.DONE) == []
+    assert launches(again) == []
