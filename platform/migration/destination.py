@@ -80,6 +80,7 @@ Notify = Callable[[str, str], Awaitable[None]]
 FENCE_POLL_S = 0.05
 RECOVERY_WAIT_S = 60.0
 STOP_WAIT_S = 5.0
+KILL_RETRY_S = 1.0
 
 
 async def _nothing(service: str, migration_id: str) -> None:
@@ -223,7 +224,9 @@ class Destination:
         call_id = core.ids.call()
         self._replies[call_id] = reply_to
         try:
-            await self._feed(CallIn(call_id, request, peer))
+            # A caller that vanishes cancels this handler; the core's actions for its call
+            # (a journal entry, the fence, a step) are carried out all the same.
+            await asyncio.shield(self._feed(CallIn(call_id, request, peer)))
             if isinstance(request, Prepare) and mid not in core.records:
                 self.arrivals.pop(mid, None)  # refused: nothing of it stays here
             reply = await reply_to
@@ -394,6 +397,8 @@ class Destination:
         except Exception as exc:  # a bug must not leave a copy unfenced: the core settles it
             log.exception("migration %s: %s failed", step.migration_id, step.kind)
             done = StepDone(step.step_id, False, f"{type(exc).__name__}: {exc}")
+        if step.kind == "kill" and not done.ok:
+            await asyncio.sleep(KILL_RETRY_S)  # the core asks again: not in a tight loop
         await self._feed(done)
 
     async def _perform(self, step: RunStep) -> StepDone:
@@ -460,16 +465,28 @@ class Destination:
 
     async def _kill(self, mid: str, arrival: Arrival | None) -> None:
         """Give the copy up for good: the fence fires and its watchdog kills the container."""
+        service = arrival.service if arrival is not None else self._service_of(mid)
         handle = self.fences.get(mid)
         if handle is not None:
-            with contextlib.suppress(FenceError):
-                if handle.state() is FenceState.ARMED:
+            try:
+                state = handle.state()
+            except FenceError:
+                state = None  # released: its copy was killed before
+            if state is FenceState.ARMED:
+                with contextlib.suppress(FenceError):
                     await asyncio.to_thread(handle.fire)
-            await asyncio.to_thread(handle.wait_killed)
+                state = FenceState.FIRED
+            if state is FenceState.FIRED:
+                await asyncio.to_thread(handle.wait_killed)
+            elif state is FenceState.DISARMED:
+                # Disarmed, then the agent died before it journaled the commit: the copy
+                # runs unguarded and is not owned. It is this migration's (the only one of
+                # the service that may touch its container), so it dies here.
+                with contextlib.suppress(ContainerNotFoundError):
+                    await self.runtime.delete(service, force=True)
         if arrival is not None:
             await arrival.release()
         if mid in self._restored:
-            service = arrival.service if arrival is not None else self._service_of(mid)
             self._spawn(self._gave_up(service, mid), "gave-up")
 
     async def _disarm(self, step: RunStep, arrival: Arrival | None) -> StepDone:
