@@ -123,6 +123,14 @@ class CommandHandling(HandoverWiring, LinkProbing):
             raise MigrationError(
                 f"{cmd.service} is already migrating", phase="pending", migration_id="-"
             )
+        if self.stopping:
+            raise MigrationError(f"{self.node} is stopping", phase="pending", migration_id="-")
+        if self.destination.arriving(cmd.service):
+            raise MigrationError(
+                f"{cmd.service} is still arriving at {self.node} (not committed)",
+                phase="pending",
+                migration_id="-",
+            )
         if not await self.runtime.exists(cmd.service):
             raise MigrationError(
                 f"{cmd.service} does not run on {self.node}", phase="pending", migration_id="-"

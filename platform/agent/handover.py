@@ -136,10 +136,13 @@ class HandoverWiring(StatusReporting):
     source_node: SourceNode
     drivers: dict[str, SourceDriver]
     """The outgoing migrations under way, by service."""
+    stopping: bool
+    """The agent is stopping: it begins no migration any more."""
 
     def _setup_handover(self, hooks: HandoverHooks) -> None:
         self.journal = SharedJournal(journal=Journal(path=journal_path(self.node)))
         self.drivers = {}
+        self.stopping = False
         self.hook_calls = HookCalls(hooks)
         self.timing = handover_timing(self.config.fence_timeout_s)
         node_dir = paths.node_dir(self.node)
@@ -258,6 +261,7 @@ class HandoverWiring(StatusReporting):
 
     async def _stop_migrations(self) -> None:
         """Let outgoing migrations end for a few seconds, then leave them to the journal."""
+        self.stopping = True
         tasks = list(self.migrating.values())
         if not tasks:
             return

@@ -152,6 +152,11 @@ class Destination:
             await self._execute(actions)
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=RECOVERY_WAIT_S)
+        for mid, rec in core.records.items():
+            if rec.state == "committed" and (self.incoming_dir / mid).exists():
+                # Owned; the agent died before it removed the files the copy came from.
+                with contextlib.suppress(FogmigError, OSError):
+                    await asyncio.to_thread(remove_tree, self.incoming_dir / mid)
         for mid in set(self.fences) - set(core.records):
             log.warning("fence of %s on %s belongs to no journaled migration", mid, self.node)
 
@@ -193,6 +198,15 @@ class Destination:
         for arrival in self.arrivals.values():
             with contextlib.suppress(FogmigError, OSError):
                 await arrival.release()
+
+    def arriving(self, service: str) -> bool:
+        """Whether a copy of ``service`` is arriving here and not owned yet."""
+        core = self.core
+        return any(
+            a.service == service
+            and (core is None or getattr(core.records.get(mid), "state", "") != "committed")
+            for mid, a in self.arrivals.items()
+        )
 
     # ------------------------------------------------------------------ calls
 

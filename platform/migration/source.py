@@ -50,7 +50,13 @@ from fogmig.platform.migration.handover.recovery import begin_of
 from fogmig.platform.migration.handover.source_core import Plan, SourceCore
 from fogmig.platform.migration.hybrid import Hybrid
 from fogmig.platform.migration.lazy.sources import LocalImagePages
-from fogmig.platform.migration.ports import CopyState, DumpResult, ProgressFn, SentResult
+from fogmig.platform.migration.ports import (
+    CopyState,
+    DumpResult,
+    PeerPort,
+    ProgressFn,
+    SentResult,
+)
 from fogmig.platform.migration.postcopy import Postcopy
 from fogmig.platform.migration.precopy import Precopy
 from fogmig.platform.migration.record import MigrationRecord
@@ -252,6 +258,26 @@ class SourceNode:
     ids: Ids = field(default_factory=Ids)
 
 
+class Unreachable:
+    """:class:`PeerPort` of a destination this node no longer has a link to (a migration
+    recovered after the configuration changed): every call fails, so the core settles by
+    what it knows alone."""
+
+    def __init__(self, node: str, destination: str) -> None:
+        self.error = ConfigError(f"{node} has no data link to node {destination!r}")
+
+    async def call(self, request: Request, *, timeout: float) -> Reply | Refused:
+        raise self.error
+
+    async def send_dir(
+        self, migration_id: str, local_dir: Path, subdir: str, progress: ProgressFn | None = None
+    ) -> SentResult:
+        raise self.error
+
+    async def close(self) -> None:
+        return None
+
+
 def _peer(node: SourceNode, destination: str, compress: bool) -> ChannelPeer:
     ip = node.peers.get(destination)
     if ip is None:
@@ -435,12 +461,12 @@ async def recover_migrations(
             destination=begin.destination,
             technique=begin.technique,
         )
-        ctx = MigrationContext(
-            record=record,
-            source=source,
-            peer=_peer(node, begin.destination, False),
-            workdir=workdir,
-        )
+        peer: PeerPort
+        try:
+            peer = _peer(node, begin.destination, False)
+        except ConfigError:
+            peer = Unreachable(node.runtime.node, begin.destination)
+        ctx = MigrationContext(record=record, source=source, peer=peer, workdir=workdir)
         driver = SourceDriver(
             core=core,
             ctx=ctx,
