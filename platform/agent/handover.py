@@ -88,25 +88,45 @@ class HookCalls:
 
     def __init__(self, hooks: HandoverHooks) -> None:
         self.hooks = hooks
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._tails: dict[str, asyncio.Task[None]] = {}
         self._background: set[asyncio.Task[None]] = set()
 
-    async def call(self, service: str, name: str, call: Callable[[], Awaitable[None]]) -> None:
-        lock = self._locks.setdefault(service, asyncio.Lock())
-        async with lock:
-            try:
-                async with asyncio.timeout(HOOK_TIMEOUT_S):
-                    await call()
-            except TimeoutError:
-                log.error("hook %s of %s took over %g s", name, service, HOOK_TIMEOUT_S)
-            except Exception:  # a hook's failure never fails the migration
-                log.exception("hook %s of %s failed", name, service)
-
-    def later(self, service: str, name: str, call: Callable[[], Awaitable[None]]) -> None:
-        """Call it in the background, after the hooks of ``service`` called before it."""
-        task = asyncio.create_task(self.call(service, name, call), name=f"hook-{name}")
+    def _enqueue(
+        self, service: str, name: str, call: Callable[[], Awaitable[None]]
+    ) -> asyncio.Task[None]:
+        """Run ``call`` after every hook of ``service`` called before it."""
+        task = asyncio.create_task(
+            self._after(self._tails.get(service), service, name, call), name=f"hook-{name}"
+        )
+        self._tails[service] = task
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+        return task
+
+    async def _after(
+        self,
+        previous: asyncio.Task[None] | None,
+        service: str,
+        name: str,
+        call: Callable[[], Awaitable[None]],
+    ) -> None:
+        if previous is not None:
+            await asyncio.wait({previous})
+        try:
+            async with asyncio.timeout(HOOK_TIMEOUT_S):
+                await call()
+        except TimeoutError:
+            log.error("hook %s of %s took over %g s", name, service, HOOK_TIMEOUT_S)
+        except Exception:  # a hook's failure never fails the migration
+            log.exception("hook %s of %s failed", name, service)
+
+    async def call(self, service: str, name: str, call: Callable[[], Awaitable[None]]) -> None:
+        """Call it and wait for it (bounded); never raises."""
+        await asyncio.shield(self._enqueue(service, name, call))
+
+    def later(self, service: str, name: str, call: Callable[[], Awaitable[None]]) -> None:
+        """Call it in the background."""
+        self._enqueue(service, name, call)
 
     # The callables the migration drivers take.
 
