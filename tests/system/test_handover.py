@@ -106,6 +106,7 @@ class Service:
 async def service(testbed: TestbedState, name: str, state_mb: int) -> AsyncIterator[Service]:
     await deploy(ServiceSpec(name=name, state_mb=state_mb, dirty_kbps=50.0, port=PORT), node=SRC)
     svc = Service(name, testbed)
+    mark_journals()
     try:
         await svc.post(SRC, 20)
         yield svc
@@ -213,9 +214,23 @@ def journal(node: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
+# Where each node's journal ended when the running test began: journals outlive testbeds, and
+# an earlier run's migration of a service of the same name must not count.
+MARKS: dict[str, int] = {}
+
+
+def mark_journals() -> None:
+    for node in (SRC, DST):
+        MARKS[node] = len(journal(node))
+
+
 def migration_of(name: str) -> str | None:
-    """The id of the latest migration of ``name`` begun at the source."""
-    begun = [e for e in journal(SRC) if e.get("kind") == "begin" and e.get("service") == name]
+    """The id of the latest migration of ``name`` the source began in this test."""
+    begun = [
+        e
+        for e in journal(SRC)[MARKS.get(SRC, 0) :]
+        if e.get("kind") == "begin" and e.get("service") == name
+    ]
     return begun[-1]["migration_id"] if begun else None
 
 
@@ -225,7 +240,8 @@ async def wait_entry(node: str, name: str, kind: str, timeout: float = 60.0) -> 
         while True:
             mid = migration_of(name)
             if mid is not None and any(
-                e.get("kind") == kind and e.get("migration_id") == mid for e in journal(node)
+                e.get("kind") == kind and e.get("migration_id") == mid
+                for e in journal(node)[MARKS.get(node, 0) :]
             ):
                 return mid
             await asyncio.sleep(0.005)
