@@ -9,6 +9,7 @@ so it also cleans up after a crashed run; running it twice is harmless.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
@@ -20,11 +21,12 @@ from pathlib import Path
 from typing import Literal
 
 from fogmig.platform.base import paths
-from fogmig.platform.base.errors import ConfigError, SetupError, TestbedError
+from fogmig.platform.base.errors import ConfigError, FogmigError, SetupError, TestbedError
 from fogmig.platform.base.mounts import mounts_below
 from fogmig.platform.base.nodes import NETNS_PREFIX, check_node_name, runc_root
 from fogmig.platform.base.proc import run
 from fogmig.platform.runtime.capabilities import has_netem
+from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.platform.testbed import broker, netem, netns, pids, topology
 from fogmig.platform.testbed.credentials import (
     generate_credentials,
@@ -455,6 +457,20 @@ async def down(state: TestbedState | None = None, *, progress: Progress = _quiet
             else:
                 entry.unlink()
             report.files.append(str(entry))
+    for node in nodes:
+        # The nodes' migrations ended with their containers: their journals, images and
+        # fences would make the next testbed's agents recover what no longer exists.
+        node_dir = paths.node_dir(node)
+        for entry in (
+            node_dir / "handover.jsonl",
+            node_dir / "incoming",
+            node_dir / "outgoing",
+            paths.run_dir() / "nodes" / node / "fences",
+        ):
+            if entry.exists():
+                with contextlib.suppress(OSError, FogmigError):
+                    remove_tree(entry)  # never crosses into a mount CRIU may have left
+                report.files.append(str(entry))
     remove_state()
     remove_credentials()
     if remove_pki():
