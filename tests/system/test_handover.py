@@ -21,7 +21,7 @@ The default run takes the cheapest technique for each fault. ``FOGMIG_CHAOS_FULL
 full matrix: every technique, with the source or the destination agent SIGKILLed right after
 each journal entry of the migration (source: ``begin``, ``freezing``, ``restore_sent``,
 ``commit_sent``, ``handed_over``; destination: ``prepared``, ``restoring``, ``committed``)
-and restarted; it takes about half an hour.
+and restarted; it adds about four minutes.
 """
 
 from __future__ import annotations
