@@ -46,6 +46,10 @@ class FollowSettings:
 
     holding_wait_s: float = 1.0
     """The longest ``freezing`` waits for the destination to hold (then the freeze goes on)."""
+    switch_grace_s: float = 0.05
+    """Once the destination holds, how much longer the source serves its other gateways'
+    old flows before it switches too (they switch on the same message; this covers the
+    spread of their rule updates)."""
     publish_wait_s: float = 1.0
     """The longest a hook waits for its presence to reach the broker (it goes on behind)."""
     sync_quiet_s: float = 0.2
@@ -131,6 +135,7 @@ class Follow:
         self._port_of = port_of
         self._bus: Publisher | None = None
         self._applied: dict[str, Location] = {}
+        self._pinned: dict[str, Location] = {}  # service -> served here whatever the book says
         self._holds: dict[str, _Held] = {}  # service -> the hold for its arriving copy
         self._handled: set[str] = set()  # migrations this node reacted to as destination
         self._waiters: dict[str, _Waiter] = {}  # migration id -> a source waiting in freezing
@@ -189,7 +194,13 @@ class Follow:
     # ------------------------------------------------------------------ hooks
 
     async def freezing(self, service: str, destination: str, migration_id: str) -> None:
-        """Source, just before the final freeze: traffic to the destination, bounded wait."""
+        """Source, just before the final freeze: traffic to the destination, bounded wait.
+
+        This gateway switches last, ``switch_grace_s`` after the destination holds: until
+        then what the other gateways still send here (on their old flows) reaches the service
+        that still runs, instead of being passed on to the hold, whose answer would come after
+        those gateways dropped the flow's NAT and be lost.
+        """
         async with self._guard("freezing", service, migration_id):
             started = time.monotonic()
             waiter = self._waiters[migration_id] = _Waiter(service, destination)
@@ -199,11 +210,14 @@ class Follow:
                     if port is None:
                         log.warning("follow %s: no port known for %s", self.node, service)
                         return
+                    self._pinned[service] = Location(service, self.node, self.data_ip, port)
                     await self._set_own(
                         service, "moving", port=port, migration_id=migration_id, to=destination
                     )
                     self._wake_waiters()
                     await waiter.arrived.wait()
+                    held_after = time.monotonic() - started
+                    await asyncio.sleep(self.settings.switch_grace_s)
             except TimeoutError:
                 log.warning(
                     "follow %s: %s did not hold %s within %.1f s; freezing anyway",
@@ -215,11 +229,15 @@ class Follow:
                 return
             finally:
                 self._waiters.pop(migration_id, None)
+                if self._pinned.pop(service, None) is not None:
+                    async with self._lock:
+                        await self._forward()
             log.info(
-                "follow %s: %s holds %s, traffic switched in %.0f ms",
+                "follow %s: %s holds %s after %.0f ms, switched here after %.0f ms",
                 self.node,
                 destination,
                 service,
+                held_after * 1e3,
                 (time.monotonic() - started) * 1e3,
             )
 
@@ -333,7 +351,7 @@ class Follow:
         await self._react()
 
     async def _forward(self) -> None:
-        locations = self.book.locations()
+        locations = self.book.locations() | self._pinned
         if locations == self._applied:
             return
         try:
@@ -351,7 +369,6 @@ class Follow:
                 and won.node == waiter.destination
                 and won.migration_id == mid
                 and won.state in ("holding", "running")
-                and self._applied.get(waiter.service) == self.book.locations().get(won.service)
             ):
                 waiter.arrived.set()
 

@@ -74,6 +74,7 @@ class Rules:
 
     def __init__(self) -> None:
         self.history: list[dict[str, str]] = []
+        self.times: list[float] = []
         self.fail = False
 
     async def install(self) -> None:
@@ -85,6 +86,7 @@ class Rules:
                 "rejected", cmd=["iptables-restore"], returncode=1, stderr="line 2 failed"
             )
         self.history.append({s: loc.node for s, loc in locations.items()})
+        self.times.append(time.monotonic())
 
     @property
     def now(self) -> dict[str, str]:
@@ -214,6 +216,10 @@ async def test_traffic_moves_to_the_destination_before_the_freeze(fog: Fog) -> N
     assert fog.routes() == {"gw1": "gw2", "gw2": "gw2", "gw3": "gw2"}
     # gw2 dropped its rule (forward to gw1) before it said it holds.
     assert fog.gw["gw2"].rules.history[-2:] == [{SVC: "gw1"}, {SVC: "gw2"}]
+    # The source switched last, a grace after the others (their old flows still reached
+    # the running service meanwhile).
+    source_at, other_at = fog.gw["gw1"].rules.times[-1], fog.gw["gw3"].rules.times[-1]
+    assert source_at - other_at >= 0.8 * gw1.settings.switch_grace_s
 
     await gw2.running_here(SVC, "m1")
     await fog.quiet()
