@@ -6,7 +6,8 @@ refusing malformed or impossible ones with a typed rejection), drives outgoing m
 serves incoming ones and lazy page requests over the transfer channel (mutual TLS with the
 node's certificate). Its parts:
 ``status`` (status and presence), ``commands`` (commands and migrations), ``linkprobe`` (link
-measurements); this module is the daemon's lifecycle, forwarding and transfer calls.
+measurements), ``follow`` (where services run, forwarding, hand-overs); this module is the
+daemon's lifecycle and transfer calls.
 
 Log levels: INFO for commands, migrations and their outcome; WARNING for rejected commands,
 rollbacks and lost connections; DEBUG for every call and page request.
@@ -23,11 +24,10 @@ from typing import Any
 
 from fogmig.platform.agent.commands import CommandHandling
 from fogmig.platform.agent.config import AgentConfig
-from fogmig.platform.agent.forwarding import Location
+from fogmig.platform.agent.follow import Follow
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import Cleared, ServicePresence, topics
 from fogmig.platform.migration.destination import Destination, Fetch
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.server import (
@@ -57,6 +57,13 @@ class Agent(CommandHandling):
             fence_timeout_s=config.fence_timeout_s,
             on_owned=self._owned,
         )
+        self.follow = Follow(
+            node=config.node,
+            data_ip=config.data_ip,
+            routing=self.forwarder,
+            port_of=self._service_port,
+        )
+        """Where services run, this node's forwarding, and its side of every hand-over."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -99,33 +106,14 @@ class Agent(CommandHandling):
         for task in list(self.migrating.values()):
             task.cancel()
         await self.destination.close()
+        await self.follow.close()
         with contextlib.suppress(FogmigError):
             await self.forwarder.remove()
 
     async def _presence_loop(self) -> None:
-        """Follow where every service runs and forward their traffic accordingly."""
+        """Follow where every service runs and forward its traffic accordingly."""
         assert self.bus is not None
-        await self.forwarder.install()
-        async with self.bus.subscribe(topics.service()) as presences:
-            async for _, msg in presences:
-                if isinstance(msg, Cleared):
-                    if msg.topic.node is not None and msg.topic.service is not None:
-                        self._presence.pop((msg.topic.node, msg.topic.service), None)
-                elif isinstance(msg, ServicePresence):
-                    key = (msg.node, msg.service)
-                    if msg.present:
-                        self._presence[key] = Location(msg.service, msg.node, msg.data_ip, msg.port)
-                    else:
-                        self._presence.pop(key, None)
-                else:
-                    continue
-                latest: dict[str, Location] = {}
-                for loc in self._presence.values():
-                    latest[loc.service] = loc
-                try:
-                    await self.forwarder.update(latest)
-                except FogmigError as exc:
-                    log.error("agent %s: forwarding not updated: %s", self.node, exc)
+        await self.follow.run(self.bus)
 
     # ------------------------------------------------------------------ transfer calls
 
