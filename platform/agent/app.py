@@ -6,7 +6,8 @@ refusing malformed or impossible ones with a typed rejection), drives outgoing m
 serves incoming ones and lazy page requests over the transfer channel (mutual TLS with the
 node's certificate). Its parts:
 ``status`` (status and presence), ``commands`` (commands and migrations), ``linkprobe`` (link
-measurements); this module is the daemon's lifecycle, forwarding and transfer calls.
+measurements), ``follow`` (where services run, forwarding, hand-overs); this module is the
+daemon's lifecycle and transfer calls.
 
 Log levels: INFO for commands, migrations and their outcome; WARNING for rejected commands,
 rollbacks and lost connections; DEBUG for every call and page request.
@@ -23,14 +24,13 @@ from typing import Any
 
 from fogmig.platform.agent.commands import CommandHandling
 from fogmig.platform.agent.config import AgentConfig
-from fogmig.platform.agent.forwarding import Location
+from fogmig.platform.agent.follow import Follow
 from fogmig.platform.agent.handover import test_pause
-from fogmig.platform.agent.hooks import HandoverHooks, NoHooks
+from fogmig.platform.agent.hooks import HandoverHooks
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import Cleared, ServicePresence, topics
 from fogmig.platform.migration.arrival import Fetch
 from fogmig.platform.migration.destination import Destination
 from fogmig.platform.migration.handover.messages import (
@@ -59,8 +59,17 @@ class Agent(CommandHandling):
     """One node's agent; use :meth:`run` inside the node's network namespace."""
 
     def __init__(self, config: AgentConfig, *, hooks: HandoverHooks | None = None) -> None:
+        """``hooks``: what the agent does for the devices' traffic at each point of a
+        hand-over; by default its :class:`Follow` (``NoHooks`` leaves the traffic alone)."""
         super().__init__(config)
-        self._setup_handover(hooks if hooks is not None else NoHooks())
+        self.follow = Follow(
+            node=config.node,
+            data_ip=config.data_ip,
+            routing=self.forwarder,
+            port_of=self._service_port,
+        )
+        """Where services run, this node's forwarding, and its side of every hand-over."""
+        self._setup_handover(hooks if hooks is not None else self.follow)
         self.destination = Destination(
             node=config.node,
             runtime=self.runtime,
@@ -121,34 +130,15 @@ class Agent(CommandHandling):
     async def close(self) -> None:
         await self._stop_migrations()
         await self.destination.close()
+        await self.follow.close()
         self.journal.close()
         with contextlib.suppress(FogmigError):
             await self.forwarder.remove()
 
     async def _presence_loop(self) -> None:
-        """Follow where every service runs and forward their traffic accordingly."""
+        """Follow where every service runs and forward its traffic accordingly."""
         assert self.bus is not None
-        await self.forwarder.install()
-        async with self.bus.subscribe(topics.service()) as presences:
-            async for _, msg in presences:
-                if isinstance(msg, Cleared):
-                    if msg.topic.node is not None and msg.topic.service is not None:
-                        self._presence.pop((msg.topic.node, msg.topic.service), None)
-                elif isinstance(msg, ServicePresence):
-                    key = (msg.node, msg.service)
-                    if msg.present:
-                        self._presence[key] = Location(msg.service, msg.node, msg.data_ip, msg.port)
-                    else:
-                        self._presence.pop(key, None)
-                else:
-                    continue
-                latest: dict[str, Location] = {}
-                for loc in self._presence.values():
-                    latest[loc.service] = loc
-                try:
-                    await self.forwarder.update(latest)
-                except FogmigError as exc:
-                    log.error("agent %s: forwarding not updated: %s", self.node, exc)
+        await self.follow.run(self.bus)
 
     # ------------------------------------------------------------------ transfer calls
 

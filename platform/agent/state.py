@@ -12,7 +12,8 @@ import asyncio
 from typing import Any
 
 from fogmig.platform.agent.config import AgentConfig
-from fogmig.platform.agent.forwarding import Forwarder, Location
+from fogmig.platform.agent.follow import Follow
+from fogmig.platform.agent.forwarding import Forwarder
 from fogmig.platform.base.nodes import check_node_name, runc_root
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import LinkMeasurement
@@ -26,6 +27,8 @@ class AgentState:
 
     destination: Destination
     """Serves incoming migrations (set by the daemon, which supplies its callbacks)."""
+    follow: Follow
+    """Where services run, forwarding, hand-overs (set by the daemon)."""
 
     def __init__(self, config: AgentConfig) -> None:
         check_node_name(config.node)
@@ -39,7 +42,6 @@ class AgentState:
         self._background: set[asyncio.Future[None]] = set()
         self.draining = False
         self.forwarder = Forwarder(node=config.node, data_ip=config.data_ip)
-        self._presence: dict[tuple[str, str], Location] = {}  # (node, service) -> location
         self.links: dict[str, LinkMeasurement] = {}
         self._published: set[str] = set()  # services whose presence this node announced
         self._cpu_sample: tuple[float, int] | None = None  # (monotonic s, cpuacct ns)

@@ -17,7 +17,7 @@ from pathlib import Path
 from fogmig.platform.agent.state import AgentState
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import NodeCapabilities
-from fogmig.platform.bus.schemas import NodeStatus, ServiceInfo, ServicePresence, topics
+from fogmig.platform.bus.schemas import NodeStatus, ServiceInfo, topics
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.capabilities import criu_capabilities
 
@@ -121,24 +121,19 @@ class StatusReporting(AgentState):
     async def _owned(self, service: str) -> None:
         if self.bus is None:
             return
+        port = await self._service_port(service)
+        if port is None:
+            return
+        await self.follow.announce(service, port)
+        self._published.add(service)
+
+    async def _service_port(self, service: str) -> int | None:
+        """The UDP port of a service that runs here (None if it does not)."""
         try:
             state = await self.runtime.state(service)
         except FogmigError:
-            return
-        _, _, port = service_params(state.bundle)
-        await self.bus.publish(
-            topics.service(self.node, service),
-            ServicePresence(
-                service=service,
-                node=self.node,
-                data_ip=self.config.data_ip,
-                port=port,
-                present=True,
-                at=time.time(),
-            ),
-            retain=True,
-        )
-        self._published.add(service)
+            return None
+        return service_params(state.bundle)[2]
 
 
 def service_params(bundle: Path | None) -> tuple[int, float, int]:

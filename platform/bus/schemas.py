@@ -14,7 +14,7 @@ import re
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Annotated, Any, Literal, NamedTuple, TypeAlias
+from typing import Annotated, Any, Literal, NamedTuple, Self, TypeAlias
 
 from pydantic import (
     AfterValidator,
@@ -25,6 +25,7 @@ from pydantic import (
     StringConstraints,
     TypeAdapter,
     ValidationError,
+    model_validator,
 )
 
 from fogmig.platform.base.errors import FogmigError
@@ -215,8 +216,19 @@ Event: TypeAlias = Annotated[
 # --- service location, devices, controller -----------------------------------------------
 
 
+PresenceState = Literal["running", "moving", "holding"]
+
+
 class ServicePresence(_Message):
-    """Where a service runs now (retained; an empty retained payload clears it)."""
+    """Where a service runs now (retained; an empty retained payload clears it).
+
+    The presences of one service on different nodes are ordered by ``(seq, node)``: a node
+    publishes one more than the highest ``seq`` it has seen for the service (a Lamport clock),
+    and the greater node name breaks a tie, so every gateway picks the same one. ``state``:
+    ``running`` (it runs on ``node``), ``moving`` (``node`` is about to freeze it for
+    migration ``migration_id`` to ``to``; it still serves until ``to`` holds), ``holding``
+    (``node`` holds its traffic until the arriving copy runs).
+    """
 
     service: ServiceName
     node: NodeName
@@ -224,6 +236,25 @@ class ServicePresence(_Message):
     port: Port
     present: bool
     at: UnixTime
+    seq: Count = 0
+    state: PresenceState = "running"
+    migration_id: Id | None = None
+    to: NodeName | None = None
+
+    @model_validator(mode="after")
+    def _state_fits(self) -> Self:
+        if not self.present and self.state != "running":
+            raise ValueError(f"a presence that is not present cannot be {self.state}")
+        if self.state == "moving":
+            if self.to is None or self.migration_id is None:
+                raise ValueError("a moving presence names its destination and migration")
+            if self.to == self.node:
+                raise ValueError(f"{self.node} cannot move {self.service} to itself")
+        elif self.to is not None:
+            raise ValueError(f"only a moving presence names a destination, not a {self.state} one")
+        if self.state == "holding" and self.migration_id is None:
+            raise ValueError("a holding presence names the migration it holds for")
+        return self
 
 
 class DeviceAttach(_Message):
@@ -412,7 +443,11 @@ def _node_names(ref: TopicRef, msg: BusMessage) -> Iterator[tuple[str, str]]:
                 yield "links.peer", link.peer
         case MigrateCommand():
             yield "destination", msg.destination
-        case CommandAck() | MigrationProgress() | MigrationDone() | ServicePresence():
+        case ServicePresence():
+            yield "node", msg.node
+            if msg.to is not None:
+                yield "to", msg.to
+        case CommandAck() | MigrationProgress() | MigrationDone():
             yield "node", msg.node
         case DeviceAttach():
             yield "gateway", msg.gateway

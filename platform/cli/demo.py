@@ -25,13 +25,9 @@ INTERRUPTED = 130
 def _cmd_demo(args: argparse.Namespace) -> int:
     import asyncio
 
+    from fogmig.platform.apps.demo.plan import DemoOptions, default_out_dir
     from fogmig.platform.apps.demo.results import DemoSummary
-    from fogmig.platform.apps.demo.run import (
-        Demo,
-        DemoInterruptedError,
-        DemoOptions,
-        default_out_dir,
-    )
+    from fogmig.platform.apps.demo.run import Demo, DemoInterruptedError
     from fogmig.platform.apps.demo.view import summary_renderable
 
     options = DemoOptions(

@@ -17,7 +17,7 @@ from fogmig.device_sim.events import (
     RequestRecord,
     Roam,
 )
-from fogmig.platform.apps.demo.run import DemoOptions, plan_devices, roam_window
+from fogmig.platform.apps.demo.plan import DemoOptions, plan_devices, roam_window
 from fogmig.platform.apps.demo.view import DemoModel
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.controller.actions import ControllerEvent, EventKind

@@ -261,7 +261,7 @@ def _until(check: object, timeout: float = 5.0) -> None:
 
 def test_a_fence_fires_at_its_deadline_writes_fired_first_then_kills(rig: Rig) -> None:
     rig.create()
-    fence = rig.arm(in_s=0.3)
+    fence = rig.arm(in_s=1.0)
     rec = fence.record()
     pid = fence.watchdog_pid()
     assert pid is not None
@@ -275,7 +275,8 @@ def test_a_fence_fires_at_its_deadline_writes_fired_first_then_kills(rig: Rig) -
     assert killed.killed_at is not None
     (kill_at,) = rig.kills()
     assert rec.deadline <= killed.fired_at <= kill_at <= killed.killed_at
-    assert kill_at - rec.deadline < 0.2, f"killed {kill_at - rec.deadline:.3f} s late"
+    # Generous here (a loaded machine); tests/system/test_fence.py holds the real bound.
+    assert kill_at - rec.deadline < 1.0, f"killed {kill_at - rec.deadline:.3f} s late"
     assert killed.reason == "deadline passed"
     with pytest.raises(FenceFiredError):
         fence.disarm()
@@ -288,11 +289,11 @@ def test_a_fence_fires_at_its_deadline_writes_fired_first_then_kills(rig: Rig) -
 
 def test_extending_keeps_the_copy_and_disarm_leaves_nothing(rig: Rig) -> None:
     rig.create()
-    fence = rig.arm(in_s=0.3)
+    fence = rig.arm(in_s=2.0)
     pid = fence.watchdog_pid()
-    end = time.monotonic() + 1.2
+    end = time.monotonic() + 2.5
     while time.monotonic() < end:
-        fence.extend(time.monotonic() + 0.3)
+        fence.extend(time.monotonic() + 2.0)
         fence.extend(time.monotonic() - 5)  # a late ticket shrinks nothing
         time.sleep(0.1)
     assert fence.state() is FenceState.ARMED
@@ -376,7 +377,7 @@ def test_release_ends_the_grace_period_early(rig: Rig) -> None:
     fence = rig.arm(in_s=0.1)
     pid = fence.wait_killed().watchdog_pid
     with pytest.raises(FenceError, match="armed"):
-        rig.arm("svc-2").release()
+        rig.arm("svc-2", in_s=30).release()
     fence.release()
     assert not fence_store.is_watchdog(pid, fence.path)
     assert fence.state() is FenceState.FIRED
