@@ -150,8 +150,7 @@ class Destination:
         async with self._lock:
             self.core = core
             await self._execute(actions)
-        if self._tasks:
-            await asyncio.wait(set(self._tasks), timeout=RECOVERY_WAIT_S)
+        await self._quiesce(RECOVERY_WAIT_S)
         for mid, rec in core.records.items():
             if rec.state == "committed" and (self.incoming_dir / mid).exists():
                 # Owned; the agent died before it removed the files the copy came from.
@@ -159,6 +158,12 @@ class Destination:
                     await asyncio.to_thread(remove_tree, self.incoming_dir / mid)
         for mid in set(self.fences) - set(core.records):
             log.warning("fence of %s on %s belongs to no journaled migration", mid, self.node)
+
+    async def _quiesce(self, timeout: float) -> None:
+        """Wait until the steps under way, and those they lead to, have ended (bounded)."""
+        deadline = time.monotonic() + timeout
+        while self._tasks and (left := deadline - time.monotonic()) > 0:
+            await asyncio.wait(set(self._tasks), timeout=left)
 
     async def _report(self, service: str) -> RuntimeReport:
         try:
@@ -185,8 +190,7 @@ class Destination:
                     with contextlib.suppress(FenceError):
                         await asyncio.to_thread(fence.fire)
                 await self._feed(FenceFired(mid))
-            if self._tasks:
-                await asyncio.wait(set(self._tasks), timeout=STOP_WAIT_S)
+            await self._quiesce(STOP_WAIT_S)
         self.core = None
         for timer in self._timers.values():
             timer.cancel()
