@@ -15,7 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from fogmig.platform.base.errors import ConfigError, ContainerNotFoundError, FogmigError
@@ -44,7 +44,7 @@ FetchFactory = Callable[[str, str], Awaitable[tuple[Fetch, Fetch, Callable[[], A
 the source, so that faults never queue behind the prefetch."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class LazyResult:
     """How the lazy transfer ended, and the numbers the source puts in its record."""
 
@@ -56,29 +56,35 @@ class LazyResult:
     seconds: float
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class Arrival:
     """One migration arriving at this node, as its runtime sees it."""
 
     migration_id: str
     service: str
     source: str
+    """The source node (the lazy pages come back from it)."""
     args: list[str]
+    """The service's process arguments, for the bundle."""
     directory: Path
     """``<node dir>/incoming/<migration id>``: the streamed files land here."""
     bundle: Path
     bundle_made: bool = False
+    """Whether this migration wrote the bundle (only then does it remove it)."""
     lazy: LazyPagesDaemon | None = None
     page_server: LazyPageServer | None = None
     prefetch: PrefetchedPages | None = None
     close_fetch: Callable[[], Awaitable[None]] | None = None
+    """Closes the two channels back to the source."""
     restore_task: asyncio.Task[None] | None = None
     """The restore under way or done (the fence is released only once it ended)."""
     restored_at: float = 0.0
+    """When the restore returned (monotonic seconds)."""
     restore_seconds: float = 0.0
     pid: int | None = None
+    """The restored service's init pid."""
     lazy_result: LazyResult | None = None
-    extra: dict[str, object] = field(default_factory=dict)
+    """How the lazy transfer ended, once it has."""
 
     def sub(self, name: str) -> Path:
         if not name or "/" in name or name.startswith("."):

@@ -33,7 +33,7 @@ class Cold:
 
     async def final_move(self, ctx: MigrationContext) -> Move:
         self._sent = await ctx.send(ctx.image_dir, "final", Phase.TRANSFERRING)
-        return Move(files_call(ctx.migration_id, "final", self._sent))
+        return Move(call=files_call(ctx.migration_id, "final", self._sent))
 
     def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:
         if isinstance(reply, SendFilesOk) and self._sent is not None:

@@ -48,7 +48,7 @@ ProgressEvent = Callable[[Phase, int, int, float], None]
 """(phase, bytes_done, bytes_total, rate_bytes_per_s)."""
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Move:
     """One data move done: the call that makes the destination take it, and whether another
     move follows before the next freeze or restore."""

@@ -59,7 +59,7 @@ class Hybrid:
 
     async def final_move(self, ctx: MigrationContext) -> Move:
         self._sent = await ctx.send(ctx.workdir / "lazy", "lazy", Phase.TRANSFERRING)
-        return Move(files_call(ctx.migration_id, "lazy", self._sent))
+        return Move(call=files_call(ctx.migration_id, "lazy", self._sent))
 
     def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:
         if ctx.machine.phase is Phase.PRECOPY:

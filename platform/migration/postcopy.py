@@ -80,7 +80,7 @@ class Postcopy:
 
     async def final_move(self, ctx: MigrationContext) -> Move:
         self._sent = await ctx.send(ctx.workdir / "lazy", "lazy", Phase.TRANSFERRING)
-        return Move(files_call(ctx.migration_id, "lazy", self._sent))
+        return Move(call=files_call(ctx.migration_id, "lazy", self._sent))
 
     def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:
         if isinstance(reply, SendFilesOk) and self._sent is not None:

@@ -93,7 +93,7 @@ class Rounds:
             ctx.record.precopy_stop_reason = reason.value if reason is not None else None
         self._shipped = _Shipped(dump, round_dump_time, sent, pages_total, pages_changed, delta_dir)
         self.previous_name = name
-        return Move(call, more=more)
+        return Move(call=call, more=more)
 
     def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:
         """The destination took the round: it counts, and the previous round's files go."""
@@ -166,7 +166,7 @@ class Precopy:
     async def final_move(self, ctx: MigrationContext) -> Move:
         self._sent = await ctx.send(ctx.workdir / "dfinal", "dfinal", Phase.TRANSFERRING)
         call = ApplyDelta(migration_id=ctx.migration_id, base=LAST, delta="dfinal", out="final")
-        return Move(call)
+        return Move(call=call)
 
     def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:
         if ctx.machine.phase is Phase.PRECOPY:
