@@ -34,7 +34,7 @@ from fogmig.device_sim.roaming import Roaming, Static
 from fogmig.device_sim.timeline import OutageTracker, default_gap_s
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.base.nodes import check_node_name, check_service_name
-from fogmig.platform.bus.schemas import DEVICE_NAME_PATTERN
+from fogmig.platform.bus.topics import DEVICE_NAME_PATTERN
 from fogmig.services.client import DeviceLedger, DeviceSummary, PostResult, ServiceState
 from fogmig.services.sensor import INITIAL_HASH, chain_hash
 

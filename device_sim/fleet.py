@@ -28,7 +28,8 @@ from fogmig.device_sim.summary import FleetSummary, build_summary
 from fogmig.device_sim.timeline import TimelineWriter
 from fogmig.platform.base.errors import BusError, ConfigError
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import DeviceAttach, MigrationDone, SchemaError, topics
+from fogmig.platform.bus.schemas import DeviceAttach, MigrationDone
+from fogmig.platform.bus.topics import SchemaError, topics
 
 log = logging.getLogger(__name__)
 

@@ -116,7 +116,8 @@ async def _device_bus(state: Any) -> AsyncIterator[Any]:
 
 async def service_locations(bus: Any, services: set[str]) -> dict[str, str]:
     """Where each of ``services`` runs now, from the agents' retained presence messages."""
-    from fogmig.platform.bus.schemas import ServicePresence, topics
+    from fogmig.platform.bus.schemas import ServicePresence
+    from fogmig.platform.bus.topics import topics
 
     found: dict[str, str] = {}
     async with bus.subscribe(topics.service()) as sub:

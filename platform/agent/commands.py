@@ -23,13 +23,12 @@ from fogmig.platform.bus.schemas import (
     DrainCommand,
     MigrateCommand,
     MigrationProgress,
-    SchemaError,
     UndeployCommand,
     accept,
     command_id_of,
     reject,
-    topics,
 )
+from fogmig.platform.bus.topics import SchemaError, topics
 from fogmig.platform.migration.engine import SourceDriver
 from fogmig.platform.migration.source import begin_migration, new_migration_id
 from fogmig.platform.runtime.capabilities import criu_capabilities

@@ -35,7 +35,8 @@ from fogmig.platform.agent.holding import HoldRelay, HoldSettings, HoldStats
 from fogmig.platform.agent.presence import PresenceBook
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import BusMessage, Cleared, PresenceState, ServicePresence, topics
+from fogmig.platform.bus.schemas import BusMessage, Cleared, PresenceState, ServicePresence
+from fogmig.platform.bus.topics import topics
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,8 @@ from fogmig.platform.agent.status import StatusReporting
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import Outcome
-from fogmig.platform.bus.schemas import MigrationDone, topics
+from fogmig.platform.bus.schemas import MigrationDone
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.migration.engine import SourceDriver
 from fogmig.platform.migration.handover.events import TerminalEvent
 from fogmig.platform.migration.handover.journal import Begin, Journal, SharedJournal

@@ -27,7 +27,8 @@ async def request_migration(
 ) -> MigrationRecord:
     """Ask the node running ``service`` to migrate it; wait for the end and return its record."""
     from fogmig.platform.bus.client import Bus
-    from fogmig.platform.bus.schemas import MigrateCommand, MigrationDone, MigrationProgress, topics
+    from fogmig.platform.bus.schemas import MigrateCommand, MigrationDone, MigrationProgress
+    from fogmig.platform.bus.topics import topics
     from fogmig.platform.testbed.broker import CONTROLLER_USER
     from fogmig.platform.testbed.credentials import load_credentials
     from fogmig.platform.testbed.state import load_state

@@ -17,7 +17,8 @@ from pathlib import Path
 from fogmig.platform.agent.state import AgentState
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import NodeCapabilities
-from fogmig.platform.bus.schemas import NodeStatus, ServiceInfo, topics
+from fogmig.platform.bus.schemas import NodeStatus, ServiceInfo
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.capabilities import criu_capabilities
 

@@ -27,19 +27,16 @@ from aiomqtt.exceptions import MqttConnectError
 
 from fogmig.platform.base.errors import BusError, ConfigError, UnknownNodeError
 from fogmig.platform.bus.schemas import (
-    PREFIX,
     RETAINED_KINDS,
     BusMessage,
     Command,
     CommandAck,
     NodeStatus,
-    SchemaError,
     decode,
     encode,
-    parse_topic,
-    topics,
 )
 from fogmig.platform.bus.subscription import Received, Subscription
+from fogmig.platform.bus.topics import PREFIX, SchemaError, parse_topic, topics
 
 __all__ = ["Bus", "Received", "Subscription", "backoff_delay"]
 

@@ -23,8 +23,8 @@ from fogmig.platform.bus.schemas import (
     MigrateCommand,
     MigrationDone,
     NodeStatus,
-    topics,
 )
+from fogmig.platform.bus.topics import topics
 
 
 class DrainWatch:

@@ -35,9 +35,8 @@ from fogmig.platform.bus.schemas import (
     MigrationProgress,
     NodeStatus,
     ServicePresence,
-    TopicKind,
-    topics,
 )
+from fogmig.platform.bus.topics import TopicKind, topics
 from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.controller.actions import (
     WARNINGS,

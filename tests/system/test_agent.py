@@ -20,8 +20,8 @@ from fogmig.platform.bus.schemas import (
     MigrateCommand,
     NodeStatus,
     UndeployCommand,
-    topics,
 )
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 from fogmig.platform.controller.config import config_for_testbed

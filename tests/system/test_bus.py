@@ -45,16 +45,14 @@ from fogmig.platform.bus.schemas import (
     MigrationDone,
     MigrationProgress,
     NodeStatus,
-    Rejection,
-    SchemaError,
     ServiceInfo,
     ServicePresence,
     UndeployCommand,
     accept,
     command_id_of,
     reject,
-    topics,
 )
+from fogmig.platform.bus.topics import Rejection, SchemaError, topics
 from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.testbed.broker import CONTROLLER_USER, acl_rules, render_acl
 
@@ -297,7 +295,8 @@ WILL_CLIENT = """
 import asyncio, sys, time
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.base.vocabulary import NodeCapabilities
-from fogmig.platform.bus.schemas import NodeStatus, topics
+from fogmig.platform.bus.schemas import NodeStatus
+from fogmig.platform.bus.topics import topics
 
 def status(online):
     return NodeStatus(node="gw1", online=online, at=time.time(), load=0.1, mem_total_bytes=1,

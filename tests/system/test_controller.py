@@ -24,7 +24,8 @@ import pytest
 from fogmig.platform.apps.bench.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
 from fogmig.platform.base.vocabulary import NodeCapabilities
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import Decision, DeviceAttach, MigrateCommand, topics
+from fogmig.platform.bus.schemas import Decision, DeviceAttach, MigrateCommand
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 from fogmig.platform.controller.config import ControllerConfig, config_for_testbed

@@ -31,7 +31,8 @@ from fogmig.platform.base.errors import TestbedError
 from fogmig.platform.base.proc import in_netns, run
 from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.client import Bus, Subscription
-from fogmig.platform.bus.schemas import DeviceAttach, topics
+from fogmig.platform.bus.schemas import DeviceAttach
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.broker import CONTROLLER_USER
 from fogmig.platform.testbed.credentials import load_credentials

@@ -32,7 +32,7 @@ from fogmig.platform.agent.forwarding import Forwarder, Location
 from fogmig.platform.base.errors import TestbedError
 from fogmig.platform.base.nodes import netns_name
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import topics
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.runtime.bundle import make_bundle
 from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.platform.testbed import lifecycle

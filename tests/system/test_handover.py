@@ -45,7 +45,8 @@ from fogmig.platform.agent.remote import request_migration
 from fogmig.platform.base import paths
 from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.client import CommandTimeoutError
-from fogmig.platform.bus.schemas import MigrationDone, topics
+from fogmig.platform.bus.schemas import MigrationDone
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.runtime.fence import Fence

@@ -16,17 +16,13 @@ from hypothesis import strategies as st
 from fogmig.platform.base.errors import BusError, ConfigError
 from fogmig.platform.base.vocabulary import NodeCapabilities
 from fogmig.platform.bus.client import Bus, Received, Subscription, backoff_delay
-from fogmig.platform.bus.schemas import (
+from fogmig.platform.bus.schemas import Cleared, CommandAck, NodeStatus, decode, encode
+from fogmig.platform.bus.topics import (
     PREFIX,
-    Cleared,
-    CommandAck,
-    NodeStatus,
     Rejection,
     SchemaError,
     TopicKind,
     TopicRef,
-    decode,
-    encode,
     parse_topic,
     topics,
 )

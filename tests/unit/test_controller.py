@@ -23,8 +23,8 @@ from fogmig.platform.bus.schemas import (
     ServicePresence,
     decode,
     encode,
-    topics,
 )
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.actions import Action, ControllerEvent, EventKind, Launch
 from fogmig.platform.controller.config import ControllerConfig
 from fogmig.platform.controller.core import ControllerCore

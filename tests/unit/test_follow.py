@@ -14,14 +14,8 @@ from fogmig.platform.agent.follow import Follow, FollowSettings
 from fogmig.platform.agent.forwarding import Location
 from fogmig.platform.agent.holding import HoldStats
 from fogmig.platform.base.errors import RuntimeToolError, ServiceError
-from fogmig.platform.bus.schemas import (
-    BusMessage,
-    Cleared,
-    ServicePresence,
-    decode,
-    encode,
-    parse_topic,
-)
+from fogmig.platform.bus.schemas import BusMessage, Cleared, ServicePresence, decode, encode
+from fogmig.platform.bus.topics import parse_topic
 
 IPS = {"gw1": "10.79.0.1", "gw2": "10.79.0.2", "gw3": "10.79.0.3"}
 PORT = 5683

@@ -9,15 +9,8 @@ import pytest
 
 from fogmig.platform.agent.forwarding import Location
 from fogmig.platform.agent.presence import PresenceBook
-from fogmig.platform.bus.schemas import (
-    PresenceState,
-    Rejection,
-    SchemaError,
-    ServicePresence,
-    decode,
-    encode,
-    topics,
-)
+from fogmig.platform.bus.schemas import PresenceState, ServicePresence, decode, encode
+from fogmig.platform.bus.topics import Rejection, SchemaError, topics
 
 IPS = {"gw1": "10.79.0.1", "gw2": "10.79.0.2", "gw3": "10.79.0.3"}
 

@@ -23,8 +23,6 @@ from fogmig.platform.bus.schemas import (
     MigrationDone,
     MigrationProgress,
     NodeStatus,
-    Rejection,
-    SchemaError,
     ServiceInfo,
     ServicePresence,
     UndeployCommand,
@@ -34,8 +32,8 @@ from fogmig.platform.bus.schemas import (
     decode,
     encode,
     reject,
-    topics,
 )
+from fogmig.platform.bus.topics import Rejection, SchemaError, topics
 from fogmig.platform.migration.record import MigrationRecord, PhaseTimestamp, Round
 from fogmig.policies.conditions import PrecopyStopRules
 

@@ -8,7 +8,8 @@ import pytest
 
 from fogmig.platform.base import fmt
 from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome, Phase, Technique
-from fogmig.platform.bus.schemas import MigrateCommand, Rejection, SchemaError, decode, topics
+from fogmig.platform.bus.schemas import MigrateCommand, decode
+from fogmig.platform.bus.topics import Rejection, SchemaError, topics
 from fogmig.platform.migration.states import forward_path
 from fogmig.policies.conditions import InvalidConditionsError, PrecopyStopRules
 

@@ -30,7 +30,8 @@ import numpy as np
 
 from fogmig.platform.apps.bench.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
 from fogmig.platform.base.errors import FogmigError
-from fogmig.platform.bus.schemas import DeviceAttach, MigrateCommand, encode, topics
+from fogmig.platform.bus.schemas import DeviceAttach, MigrateCommand, encode
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.config import ControllerConfig
 from fogmig.platform.controller.runner import Controller
 from fogmig.platform.testbed.broker import CONTROLLER_USER

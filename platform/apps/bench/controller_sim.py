@@ -36,8 +36,8 @@ from fogmig.platform.bus.schemas import (
     ServicePresence,
     accept,
     reject,
-    topics,
 )
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.testbed.broker import BROKER_USER, CONTROLLER_USER, acl_rules, render_acl
 

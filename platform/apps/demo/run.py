@@ -51,7 +51,8 @@ from fogmig.platform.apps.demo.view import DemoModel, DemoView
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import FogmigError, TestbedError
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import MigrationDone, ServicePresence, topics
+from fogmig.platform.bus.schemas import MigrationDone, ServicePresence
+from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 from fogmig.platform.controller.runner import Controller
 from fogmig.platform.testbed.state import TestbedState
