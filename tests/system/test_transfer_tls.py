@@ -27,6 +27,15 @@ import pytest
 from fogmig.platform.agent.config import DEFAULT_TRANSFER_PORT
 from fogmig.platform.agent.launcher import agents_dir
 from fogmig.platform.base import paths
+from fogmig.platform.base.vocabulary import Technique
+from fogmig.platform.migration.handover.messages import (
+    Abort,
+    Commit,
+    LazyStatus,
+    Prepare,
+    Request,
+    encode_call,
+)
 from fogmig.platform.security.identity import Identity
 from fogmig.platform.security.pki import identity_files, issue, load_ca, save_identity
 from fogmig.platform.testbed.pki import node_identity, pki_dir
@@ -231,22 +240,31 @@ def test_only_the_source_of_a_migration_may_call_its_operations(
     testbed: TestbedState, outsider: dict[str, Any], mid: str, image: Path
 ) -> None:
     service = f"fmtls-{uuid.uuid4().hex[:6]}"
-    prepare = {
-        "op": "call",
-        "name": "prepare",
-        "params": {
-            "migration_id": mid,
-            "technique": "cold",
-            "spec": {"service": service, "args": ["/bin/sleep", "60"]},
-        },
-    }
+    epoch = 1
+
+    def call(request: Request) -> dict[str, Any]:
+        name, params = encode_call(request)
+        return {"op": "call", "name": name, "params": params}
+
+    prepare = call(
+        Prepare(
+            migration_id=mid,
+            service=service,
+            epoch=epoch,
+            source="gw1",
+            technique=Technique.COLD,
+            args=["/bin/sleep", "60"],
+        )
+    )
     source = {**as_node("gw1"), "peer": "gw2", "target": endpoint(testbed, "gw2")}
     prepared = run_peer(testbed, "gw1", {**source, "actions": [prepare]})
     assert prepared["results"][0]["ok"], prepared
+    assert prepared["results"][0]["result"]["kind"] == "ok", prepared
     try:
         ops = [
-            {"op": "call", "name": name, "params": {"migration_id": mid}}
-            for name in ("lazy_status", "commit", "abort")
+            call(LazyStatus(migration_id=mid)),
+            call(Commit(migration_id=mid, epoch=epoch)),
+            call(Abort(migration_id=mid, epoch=epoch, reason="an outsider")),
         ]
         intruder = run_peer(
             testbed,
@@ -255,19 +273,20 @@ def test_only_the_source_of_a_migration_may_call_its_operations(
         )
         assert intruder["connected"], intruder
         for answer in intruder["results"]:
-            assert answer["ok"] is False, intruder
-            assert answer["error"] == "RemoteError", answer
-            assert f"migration {mid} belongs to gw1, not gw9" in answer["message"], answer
+            # The destination refuses: the migration is gw1's, and gw9's certificate says gw9.
+            assert answer["ok"], answer
+            assert answer["result"]["kind"] == "refused", answer
+            assert answer["result"]["state"] == "invalid", answer
+            assert f"{mid} is not gw9's" in answer["result"]["detail"], answer
     finally:
         aborted = run_peer(
             testbed,
             "gw1",
-            {
-                **source,
-                "actions": [{"op": "call", "name": "abort", "params": {"migration_id": mid}}],
-            },
+            {**source, "actions": [call(Abort(migration_id=mid, epoch=epoch, reason="done"))]},
         )
-    assert aborted["results"][0] == {"ok": True, "result": {"aborted": True}}, aborted
+    result = aborted["results"][0]
+    assert result["ok"], aborted
+    assert result["result"]["outcome"] == "aborted", aborted
 
 
 def test_a_marker_written_into_a_file_never_crosses_the_link_in_clear(
