@@ -7,7 +7,10 @@ exit code and stderr, and that knows how to run a command inside a node's networ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -121,3 +124,18 @@ def run_sync(
             "command failed", cmd=full, returncode=cp.returncode, stderr=cp.stderr or cp.stdout
         )
     return done
+
+
+async def terminate(proc: asyncio.subprocess.Process, *, grace: float) -> None:
+    """End a child this process started, by its own PID: SIGTERM, then SIGKILL after ``grace``
+    seconds; returns once it has been reaped. A child that already ended is left alone."""
+    if proc.returncode is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(proc.pid, signal.SIGTERM)
+    try:
+        await asyncio.wait_for(proc.wait(), grace)
+    except TimeoutError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(proc.pid, signal.SIGKILL)
+        await proc.wait()

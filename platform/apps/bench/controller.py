@@ -30,6 +30,7 @@ import numpy as np
 
 from fogmig.platform.apps.bench.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
 from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.proc import terminate
 from fogmig.platform.bus.schemas import DeviceAttach, MigrateCommand, encode
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.config import ControllerConfig
@@ -147,16 +148,8 @@ class _ControllerProcess:
 
     async def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is None or proc.returncode is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(proc.pid, signal.SIGTERM)
-        try:
-            await asyncio.wait_for(proc.wait(), 10.0)
-        except TimeoutError:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait()
+        if proc is not None:
+            await terminate(proc, grace=10.0)
 
 
 class _Fleet:

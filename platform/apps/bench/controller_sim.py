@@ -11,7 +11,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import signal
 import socket
 import tempfile
 import time
@@ -23,7 +22,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from fogmig.platform.base.errors import FogmigError, ServiceError, TestbedError
-from fogmig.platform.base.proc import run
+from fogmig.platform.base.proc import run, terminate
 from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import (
@@ -152,15 +151,8 @@ class LocalBroker:
 
     async def _stop(self) -> None:
         proc, self._proc = self._proc, None
-        if proc is not None and proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), 5.0)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(proc.pid, signal.SIGKILL)
-                await proc.wait()
+        if proc is not None:
+            await terminate(proc, grace=5.0)
         if self.folder is not None:
             shutil.rmtree(self.folder, ignore_errors=True)
             self.folder = None
