@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +30,7 @@ from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.migration.arrival import Fetch
+from fogmig.platform.migration.arrival import Fetch, PageChannels
 from fogmig.platform.migration.destination import Destination
 from fogmig.platform.migration.handover.messages import (
     GetPages,
@@ -53,6 +52,10 @@ from fogmig.services.image import find_image
 log = logging.getLogger(__name__)
 
 MAX_PAGES_PER_CALL = 256  # 1 MiB: the transfer channel's limit for binary call results
+STREAM_CHANNELS = 4
+"""Channels that stream a lazy restore's pages, one small request in flight on each: enough
+to keep a long link busy (more than its bandwidth-delay product in flight), few enough that
+a fault's reply never queues behind much."""
 
 
 class Agent(CommandHandling):
@@ -166,31 +169,28 @@ class Agent(CommandHandling):
         reply = GetPagesOk(migration_id=mid, nr_pages=len(data) // PAGE_SIZE)
         return CallReply(encode_reply(GetPages.op, reply), data)
 
-    async def _fetch_from(
-        self, source: str, migration_id: str
-    ) -> tuple[Fetch, Fetch, Callable[[], Awaitable[None]]]:
-        """Two channels back to the source for the pages of ``migration_id``: one for
-        faults, one for fetching ahead, so a fault never waits behind a large prefetch."""
+    async def _fetch_from(self, source: str, migration_id: str) -> PageChannels:
+        """Channels back to the source for the pages of ``migration_id``: one for faults and
+        :data:`STREAM_CHANNELS` for the stream, opened at once (each a TLS handshake)."""
         ip = self.config.peers.get(source)
         if ip is None:
             raise UnknownNodeError(f"{self.node} has no data link to {source}")
         stack = contextlib.AsyncExitStack()
-        try:
-            fetchers = []
-            for _ in range(2):
-                client = await stack.enter_async_context(
-                    TransferClient.connect(
-                        ip,
-                        self.config.transfer_port,
-                        security=self.channel,
-                        peer=source,
-                    )
+
+        async def connect() -> TransferClient:
+            return await stack.enter_async_context(
+                TransferClient.connect(
+                    ip, self.config.transfer_port, security=self.channel, peer=source
                 )
-                fetchers.append(self._page_fetcher(client, migration_id))
+            )
+
+        try:
+            clients = await asyncio.gather(*(connect() for _ in range(1 + STREAM_CHANNELS)))
         except BaseException:
             await stack.aclose()
             raise
-        return fetchers[0], fetchers[1], stack.aclose
+        fetchers = [self._page_fetcher(client, migration_id) for client in clients]
+        return PageChannels(demand=fetchers[0], ahead=fetchers[1:], close=stack.aclose)
 
     def _page_fetcher(self, client: TransferClient, migration_id: str) -> Fetch:
         async def fetch(pid: int, vaddr: int, nr_pages: int) -> bytes:

@@ -29,9 +29,9 @@ from fogmig.platform.migration.lazy.sources import (
     LayeredPages,
     LocalImagePages,
     PageSource,
-    PrefetchedPages,
     RemotePages,
 )
+from fogmig.platform.migration.lazy.stream import StreamedPages
 from fogmig.platform.runtime.bundle import make_bundle
 from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import remove_tree
@@ -39,9 +39,21 @@ from fogmig.platform.runtime.workdir import remove_tree
 log = logging.getLogger(__name__)
 
 Fetch = Callable[[int, int, int], Awaitable[bytes]]
-FetchFactory = Callable[[str, str], Awaitable[tuple[Fetch, Fetch, Callable[[], Awaitable[None]]]]]
-"""(source node, migration id) -> (fetch on fault, fetch ahead, close): two channels back to
-the source, so that faults never queue behind the prefetch."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PageChannels:
+    """Authenticated channels back to the source for the pages of one lazy restore."""
+
+    demand: Fetch
+    """Faults: a channel of their own, so that they never queue behind the stream."""
+    ahead: list[Fetch]
+    """The stream: one request in flight per channel."""
+    close: Callable[[], Awaitable[None]]
+
+
+FetchFactory = Callable[[str, str], Awaitable[PageChannels]]
+"""(source node, migration id) -> the page channels of that migration."""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -73,9 +85,10 @@ class Arrival:
     """Whether this migration wrote the bundle (only then does it remove it)."""
     lazy: LazyPagesDaemon | None = None
     page_server: LazyPageServer | None = None
-    prefetch: PrefetchedPages | None = None
-    close_fetch: Callable[[], Awaitable[None]] | None = None
-    """Closes the two channels back to the source."""
+    stream: StreamedPages | None = None
+    channels: asyncio.Task[PageChannels] | None = None
+    """The page channels, opened when the migration was prepared: their handshakes then
+    happen while the service still runs, not in the frozen window."""
     restore_task: asyncio.Task[None] | None = None
     """The restore under way or done (the fence is released only once it ended)."""
     restored_at: float = 0.0
@@ -115,6 +128,24 @@ class Arrival:
             await asyncio.to_thread(shutil.rmtree, base)
         return stats.seconds
 
+    # ------------------------------------------------------------------ page channels
+
+    def open_channels(self, fetch_factory: FetchFactory) -> None:
+        """Start opening the page channels back to the source (a lazy restore will use them)."""
+        if self.channels is None:
+            self.channels = asyncio.ensure_future(fetch_factory(self.source, self.migration_id))
+            # Retrieved at the restore; a failure here is only logged once it is known.
+            self.channels.add_done_callback(_log_failed_channels)
+
+    async def _page_channels(self, fetch_factory: FetchFactory) -> PageChannels:
+        """The channels opened ahead if they are there, else opened now."""
+        task = self.channels
+        if task is not None:
+            with contextlib.suppress(FogmigError, OSError):
+                return await asyncio.shield(task)
+        self.channels = asyncio.ensure_future(fetch_factory(self.source, self.migration_id))
+        return await self.channels
+
     # ------------------------------------------------------------------ restore
 
     def make_bundle(self, *, rootfs: Path, node: str) -> None:
@@ -143,9 +174,8 @@ class Arrival:
             self.restored_at = time.monotonic()
             self.restore_seconds, self.pid = self.restored_at - started, result.pid
             return
-        demand, ahead, close = await fetch_factory(self.source, self.migration_id)
-        self.close_fetch = close
-        remote = RemotePages(demand)
+        channels = await self._page_channels(fetch_factory)
+        remote = RemotePages(channels.demand)
         source: PageSource
         if call.base:
             # Hybrid: unchanged pages from the last pre-copy round here, changed ones remote.
@@ -154,11 +184,11 @@ class Arrival:
             changed = {
                 int(pid): vaddrs for pid, vaddrs in json.loads(changed_file.read_text()).items()
             }
-            self.prefetch = PrefetchedPages(remote, ahead, changed)
-            source = LayeredPages(LocalImagePages(base), self.prefetch, changed)
+            self.stream = StreamedPages(remote, channels.ahead, changed)
+            source = LayeredPages(LocalImagePages(base), self.stream, changed)
         else:
-            self.prefetch = PrefetchedPages(remote, ahead, lazy_vaddrs(images))
-            source = self.prefetch
+            self.stream = StreamedPages(remote, channels.ahead, lazy_vaddrs(images))
+            source = self.stream
         # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on
         # the node can read the service's memory.
         self.page_server = LazyPageServer(source=source)
@@ -166,7 +196,7 @@ class Arrival:
             image_dir=images, work_dir=work, channel=await self.page_server.channel()
         )
         await self.lazy.start()
-        self.prefetch.start()
+        self.stream.start()
         restored = await runtime.restore(
             self.service, bundle=self.bundle, image_dir=images, work_dir=work, lazy_pages=True
         )
@@ -197,16 +227,19 @@ class Arrival:
         if self.lazy is not None:
             with contextlib.suppress(FogmigError, ProcessLookupError):
                 await self.lazy.kill()
-        if self.prefetch is not None:
-            await self.prefetch.close()
-            self.prefetch = None
+        if self.stream is not None:
+            await self.stream.close()
+            self.stream = None
         if self.page_server is not None:
             await self.page_server.close()
             self.page_server = None
-        if self.close_fetch is not None:
-            with contextlib.suppress(FogmigError, OSError):
-                await self.close_fetch()
-            self.close_fetch = None
+        channels, self.channels = self.channels, None
+        if channels is not None:
+            channels.cancel()
+            await asyncio.gather(channels, return_exceptions=True)
+            if not channels.cancelled() and channels.exception() is None:
+                with contextlib.suppress(FogmigError, OSError):
+                    await channels.result().close()
 
     async def remove(self, *, runtime: NodeRuntime, keep_bundle: bool) -> None:
         """Remove the migration's files, and the bundle it made unless the copy is owned."""
@@ -220,3 +253,8 @@ class Arrival:
             return  # a container of that name exists: its bundle stays
         with contextlib.suppress(FogmigError, OSError):
             await asyncio.to_thread(remove_tree, self.bundle)
+
+
+def _log_failed_channels(task: asyncio.Task[PageChannels]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.info("page channels not opened ahead (opened at the restore): %s", task.exception())

@@ -245,8 +245,12 @@ class Destination:
             # A caller that vanishes cancels this handler; the core's actions for its call
             # (a journal entry, the fence, a step) are carried out all the same.
             await asyncio.shield(self._feed(CallIn(call_id, request, peer)))
-            if isinstance(request, Prepare) and mid not in core.records:
-                self.arrivals.pop(mid, None)  # refused: nothing of it stays here
+            if isinstance(request, Prepare):
+                arrival = self.arrivals.get(mid)
+                if mid not in core.records:
+                    self.arrivals.pop(mid, None)  # refused: nothing of it stays here
+                elif arrival is not None and request.technique.lazy:
+                    arrival.open_channels(self._fetch_factory)
             reply = await reply_to
         finally:
             self._replies.pop(call_id, None)

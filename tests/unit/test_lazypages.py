@@ -40,7 +40,6 @@ from fogmig.platform.migration.lazy.sources import (
     LayeredPages,
     LocalImagePages,
     PageTally,
-    PrefetchedPages,
     RemotePages,
 )
 from fogmig.platform.migration.lazy.verdict import (
@@ -319,7 +318,7 @@ class DictPages:
     def tally(self) -> PageTally:
         return self._tally
 
-    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False) -> bytes:
         self.calls.append((pid_id, vaddr, nr_pages))
         await asyncio.sleep(self.delays.get(vaddr, 0))
         out = b""
@@ -656,37 +655,3 @@ def test_outcome_accepts_only_pages_the_task_released(
     assert result.ok is ok
     assert "6/10" in result.describe()
 
-
-async def test_prefetched_pages_serve_from_the_cache_and_fall_back_to_demand() -> None:
-    base = 0x10000000
-    wanted = {1: [base + i * PAGE_SIZE for i in range(10)]}
-    memory = {base + i * PAGE_SIZE: bytes([i]) * PAGE_SIZE for i in range(10)}
-    prefetch_calls: list[tuple[int, int]] = []
-    demand_calls: list[tuple[int, int]] = []
-    gate = asyncio.Event()
-
-    def pages(vaddr: int, nr: int) -> bytes:
-        return b"".join(memory[vaddr + i * PAGE_SIZE] for i in range(nr))
-
-    async def ahead(pid: int, vaddr: int, nr: int) -> bytes:
-        await gate.wait()
-        prefetch_calls.append((vaddr, nr))
-        return pages(vaddr, min(nr, 4))  # a prefix, as the agent's 1 MiB limit allows
-
-    async def demand(pid: int, vaddr: int, nr: int) -> bytes:
-        demand_calls.append((vaddr, nr))
-        return pages(vaddr, nr)
-
-    source = PrefetchedPages(RemotePages(demand), ahead, wanted, chunk_pages=8)
-    source.start()
-    # A fault before the prefetch got anywhere goes to the source at once ...
-    assert await source.read(1, base, 2) == pages(base, 2)
-    assert demand_calls == [(base, 2)]
-    gate.set()
-    await asyncio.wait_for(source._task, 5)  # type: ignore[arg-type]
-    # ... and the prefetch skipped those two pages, then pulled the rest in chunks.
-    assert prefetch_calls[0] == (base + 2 * PAGE_SIZE, 6)
-    assert await source.read(1, base + 2 * PAGE_SIZE, 8) == pages(base + 2 * PAGE_SIZE, 8)
-    assert demand_calls == [(base, 2)]
-    assert source.tally.remote_bytes == 10 * PAGE_SIZE
-    await source.close()

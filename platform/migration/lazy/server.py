@@ -206,7 +206,10 @@ class LazyPageServer:
         log.info("lazy page session over: %s", self.stats)
 
     async def _answer(self, request: GetPages) -> bytes:
-        data = await self.source.read(request.pid_id, request.vaddr, request.nr_pages)
+        # CRIU's daemon asks for exactly one page when a process faults on it.
+        data = await self.source.read(
+            request.pid_id, request.vaddr, request.nr_pages, fault=request.nr_pages == 1
+        )
         nr = len(data) // PAGE_SIZE
         if nr == 0 or len(data) % PAGE_SIZE or nr > request.nr_pages:
             raise PageServerError(

@@ -1,23 +1,22 @@
 """Page sources: where the lazy page server gets the bytes of the pages it hands out.
 
 The image on this node's disk (:class:`LocalImagePages`), the remote source node
-(:class:`RemotePages`, optionally pulled ahead by :class:`PrefetchedPages`), or both for
-hybrid (:class:`LayeredPages`). Log level WARNING for a prefetch that stopped.
+(:class:`RemotePages`, streamed ahead by
+:class:`~fogmig.platform.migration.lazy.stream.StreamedPages`), or both for hybrid
+(:class:`LayeredPages`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import bisect
-import contextlib
 import logging
 import os
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, Self
 
-from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.errors import (
     LazyLayoutError,
@@ -60,13 +59,17 @@ class PageSource(Protocol):
 
     ``read`` returns the pages starting at ``vaddr`` of task ``pid_id``: at least one and at
     most ``nr_pages`` (a shorter, contiguous prefix is fine, the daemon asks again for the
-    rest), or raises :class:`PageNotFoundError` if it has no page at ``vaddr``.
+    rest), or raises :class:`PageNotFoundError` if it has no page at ``vaddr``. ``fault``
+    says that a process is blocked on the first page (the daemon's fault requests are for
+    one page); a source may serve it before anything else.
     """
 
     @property
     def tally(self) -> PageTally: ...
 
-    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes: ...
+    async def read(
+        self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False
+    ) -> bytes: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,7 +172,7 @@ class LocalImagePages:
         # Most answers are one piece: hand that buffer on without another copy.
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
-    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False) -> bytes:
         pages = self._tasks.get(pid_id)
         if pages is None:
             raise PageNotFoundError(pid_id, vaddr)
@@ -216,7 +219,7 @@ class RemotePages:
     def tally(self) -> PageTally:
         return self._tally
 
-    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False) -> bytes:
         data = await self._fetch(pid_id, vaddr, nr_pages)
         if not data:
             raise PageNotFoundError(pid_id, vaddr)
@@ -226,136 +229,6 @@ class RemotePages:
                 f"of task {pid_id}"
             )
         self._tally.add_remote(len(data))
-        return data
-
-
-class PrefetchedPages:
-    """Remote pages pulled ahead over a second channel while faults go to the source first.
-
-    CRIU's lazy-pages daemon asks for one chunk per round trip and falls back to 64 KiB after
-    every fault, so on a slow, long link the faulted-pages phase is bound by the round trip.
-    Here a background task pulls every page in ``wanted`` in large chunks (``prefetch``, its
-    own connection), and a request the cache can answer returns at once; a page not yet
-    there is fetched on demand through ``demand`` (the fault path). Pages already handed to
-    the daemon are not prefetched again.
-    """
-
-    def __init__(
-        self,
-        demand: PageSource,
-        prefetch: Fetch,
-        wanted: Mapping[int, Collection[int]],
-        *,
-        chunk_pages: int = 256,
-    ) -> None:
-        self.demand = demand
-        self._prefetch = prefetch
-        self._wanted = {pid: sorted(v) for pid, v in wanted.items()}
-        self._chunk = chunk_pages
-        self._cache: dict[tuple[int, int], bytes] = {}
-        self._served: set[tuple[int, int]] = set()
-        self._tally = PageTally()
-        self._task: asyncio.Task[None] | None = None
-        self._inflight: tuple[int, int, int, asyncio.Future[None]] | None = None
-        self.error: BaseException | None = None
-
-    @property
-    def tally(self) -> PageTally:
-        d = self.demand.tally
-        t = self._tally
-        return PageTally(
-            local_pages=d.local_pages,
-            local_bytes=d.local_bytes,
-            remote_pages=d.remote_pages + t.remote_pages,
-            remote_bytes=d.remote_bytes + t.remote_bytes,
-            remote_requests=d.remote_requests + t.remote_requests,
-        )
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="prefetch-pages")
-
-    async def close(self) -> None:
-        if self._task is not None and not self._task.done():
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    def _chunks(self) -> Iterator[tuple[int, int, int]]:
-        """(pid, vaddr, pages) of contiguous runs of wanted pages, at most a chunk each."""
-        for pid, vaddrs in self._wanted.items():
-            start, count = 0, 0
-            for v in vaddrs:
-                if count and (v != start + count * PAGE_SIZE or count == self._chunk):
-                    yield pid, start, count
-                    count = 0
-                if not count:
-                    start = v
-                count += 1
-            if count:
-                yield pid, start, count
-
-    async def _run(self) -> None:
-        try:
-            for pid, first, pages in self._chunks():
-                await self._pull(pid, first, pages)
-        except (FogmigError, OSError) as exc:
-            # Faults still reach the source on their own path; only the head start is lost.
-            self.error = exc
-            log.warning("page prefetch stopped: %s", exc)
-
-    async def _pull(self, pid: int, vaddr: int, count: int) -> None:
-        # Skip the head of the run the daemon already has.
-        while count and (pid, vaddr) in self._served:
-            vaddr += PAGE_SIZE
-            count -= 1
-        while count:
-            # Only the run up to the next page the daemon already has: a fault may have
-            # fetched pages inside this chunk since it was planned.
-            run = 1
-            while run < count and (pid, vaddr + run * PAGE_SIZE) not in self._served:
-                run += 1
-            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            self._inflight = (pid, vaddr, run, done)
-            try:
-                data = await self._prefetch(pid, vaddr, run)
-            finally:
-                self._inflight = None
-                done.set_result(None)
-            if not data:
-                return
-            self._tally.add_remote(len(data))
-            n = len(data) // PAGE_SIZE
-            for i in range(n):
-                key = (pid, vaddr + i * PAGE_SIZE)
-                if key not in self._served:
-                    self._cache[key] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
-            vaddr += n * PAGE_SIZE
-            count -= n
-            while count and (pid, vaddr) in self._served:
-                vaddr += PAGE_SIZE
-                count -= 1
-
-    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
-        inflight = self._inflight
-        if inflight is not None:
-            pid, start, count, done = inflight
-            if pid == pid_id and start <= vaddr < start + count * PAGE_SIZE:
-                # The page is on its way already: wait for it rather than fetch it twice.
-                await asyncio.shield(done)
-        pieces: list[bytes] = []
-        addr = vaddr
-        while len(pieces) < nr_pages:
-            page = self._cache.pop((pid_id, addr), None)
-            if page is None:
-                break
-            pieces.append(page)
-            addr += PAGE_SIZE
-        if pieces:
-            data = b"".join(pieces)
-        else:
-            data = await self.demand.read(pid_id, vaddr, nr_pages)
-        for i in range(len(data) // PAGE_SIZE):
-            self._served.add((pid_id, vaddr + i * PAGE_SIZE))
         return data
 
 
@@ -400,11 +273,12 @@ class LayeredPages:
                 runs.append((remote, addr, 1))
         return runs
 
-    async def read(self, pid_id: int, vaddr: int, nr_pages: int) -> bytes:
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False) -> bytes:
         runs = self._runs(pid_id, vaddr, nr_pages)
 
         async def one(remote: bool, addr: int, n: int) -> bytes:
-            return await (self.remote if remote else self.local).read(pid_id, addr, n)
+            source = self.remote if remote else self.local
+            return await source.read(pid_id, addr, n, fault=fault and addr == vaddr)
 
         results = await asyncio.gather(*(one(*run) for run in runs), return_exceptions=True)
         answer: list[tuple[bool, bytes]] = []

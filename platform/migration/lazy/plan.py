@@ -1,0 +1,227 @@
+"""Which remote pages to pull next: the sans-IO schedule of the streamed post-copy.
+
+The destination streams the pages of a lazy restore from the source in small units over
+several channels at once. :class:`StreamPlan` decides which unit goes next: the region just
+after a page fault first (the process is likely to touch it next), then the background order
+(small regions before large ones: stacks, heaps and interpreter structures before bulk
+buffers). It tracks every page's state so that no page is fetched twice.
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections import deque
+from collections.abc import Collection, Iterator, Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+
+from fogmig.platform.base.vocabulary import PAGE_SIZE
+
+
+class PageState(IntEnum):
+    """Where one wanted page stands."""
+
+    UNKNOWN = 0
+    """Not in the plan: the source was never asked to stream it."""
+    WANTED = 1
+    IN_FLIGHT = 2
+    ARRIVED = 3
+    """Here, waiting for the daemon to ask for it."""
+    SERVED = 4
+    """Handed to the daemon: never fetched again."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unit:
+    """``nr_pages`` contiguous pages from ``vaddr`` of task ``pid``, fetched in one call."""
+
+    pid: int
+    vaddr: int
+    nr_pages: int
+
+    def pages(self) -> Iterator[tuple[int, int]]:
+        for i in range(self.nr_pages):
+            yield self.pid, self.vaddr + i * PAGE_SIZE
+
+
+class _Task:
+    """The wanted pages of one task: sorted addresses and a state per page."""
+
+    def __init__(self, vaddrs: Collection[int]) -> None:
+        self.vaddrs = sorted(set(vaddrs))
+        self.state = bytearray([PageState.WANTED]) * len(self.vaddrs)
+
+    def index(self, vaddr: int) -> int | None:
+        i = bisect.bisect_left(self.vaddrs, vaddr)
+        return i if i < len(self.vaddrs) and self.vaddrs[i] == vaddr else None
+
+    def contiguous(self, i: int) -> bool:
+        """Whether page ``i`` directly follows page ``i - 1`` in memory."""
+        return i > 0 and self.vaddrs[i] == self.vaddrs[i - 1] + PAGE_SIZE
+
+
+class StreamPlan:
+    """The order in which the remote pages of a lazy restore are pulled; no I/O.
+
+    ``wanted`` lists, per task, the pages the source holds for this restore. Callers take
+    units with :meth:`next_unit`, report them with :meth:`arrived` or :meth:`failed`, mark
+    what the daemon received with :meth:`served`, and steer the order with :meth:`boost`.
+    """
+
+    def __init__(
+        self, wanted: Mapping[int, Collection[int]], *, unit_pages: int = 16, boost_units: int = 4
+    ) -> None:
+        if unit_pages < 1 or boost_units < 1:
+            raise ValueError("unit_pages and boost_units must be at least 1")
+        self.unit_pages = unit_pages
+        self.boost_units = boost_units
+        self._tasks = {pid: _Task(v) for pid, v in wanted.items() if v}
+        self._left = sum(len(t.vaddrs) for t in self._tasks.values())
+        """Pages still WANTED."""
+        self._boosts: deque[tuple[int, int, int]] = deque()
+        """(pid, index, units left) regions to pull before the background order."""
+        self._background = self._runs_small_first()
+        self._cursor = 0
+        self._retry: deque[tuple[int, int]] = deque()
+        """(pid, index) of pages given back after a failed or short fetch."""
+
+    def _runs_small_first(self) -> list[tuple[int, int, int]]:
+        """(pid, first index, end index) of every contiguous run, shortest first.
+
+        Small regions (stacks, heaps, interpreter structures) are what a resumed process
+        touches first; one large run is typically a bulk buffer touched at its own pace.
+        """
+        runs: list[tuple[int, int, int]] = []
+        for pid, task in self._tasks.items():
+            start = 0
+            for i in range(1, len(task.vaddrs) + 1):
+                if i == len(task.vaddrs) or not task.contiguous(i):
+                    runs.append((pid, start, i))
+                    start = i
+        runs.sort(key=lambda r: (r[2] - r[1], r[0], r[1]))
+        return runs
+
+    # ------------------------------------------------------------------ queries
+
+    @property
+    def pages_left(self) -> int:
+        """Pages nobody has fetched or asked for yet."""
+        return self._left
+
+    def state(self, pid: int, vaddr: int) -> PageState:
+        task = self._tasks.get(pid)
+        i = task.index(vaddr) if task is not None else None
+        if task is None or i is None:
+            return PageState.UNKNOWN
+        return PageState(task.state[i])
+
+    # ------------------------------------------------------------------ steering
+
+    def boost(self, pid: int, vaddr: int) -> None:
+        """Pull the region from ``vaddr`` on next (a fault there, or the daemon waits for it)."""
+        task = self._tasks.get(pid)
+        if task is None:
+            return
+        i = bisect.bisect_left(task.vaddrs, vaddr)
+        if i < len(task.vaddrs):
+            self._boosts.appendleft((pid, i, self.boost_units))
+
+    def take(self, pid: int, vaddr: int) -> bool:
+        """Mark one WANTED page in flight outside the plan's units (a fault fetched on its
+        own); False if it is not WANTED."""
+        task = self._tasks.get(pid)
+        i = task.index(vaddr) if task is not None else None
+        if task is None or i is None or task.state[i] != PageState.WANTED:
+            return False
+        task.state[i] = PageState.IN_FLIGHT
+        self._left -= 1
+        return True
+
+    def next_unit(self) -> Unit | None:
+        """The next unit to fetch (marked in flight), or None when no page is WANTED."""
+        if self._left == 0:
+            return None
+        while self._boosts:
+            pid, i, units = self._boosts[0]
+            # Look no further than the boosted region: beyond it is the background's turn.
+            unit, end = self._unit_from(pid, i, scan=units * self.unit_pages)
+            if unit is None or units <= 1:
+                self._boosts.popleft()
+            else:
+                self._boosts[0] = (pid, end, units - 1)
+            if unit is not None:
+                return unit
+        while self._retry:
+            pid, i = self._retry.popleft()
+            unit, _ = self._unit_from(pid, i, scan=0)
+            if unit is not None:
+                return unit
+        while self._cursor < len(self._background):
+            pid, start, end = self._background[self._cursor]
+            unit, after = self._unit_from(pid, start, scan=end - start, limit=end)
+            if unit is not None:
+                # The rest of this run stays first in line.
+                self._background[self._cursor] = (pid, after, end)
+                return unit
+            self._cursor += 1
+        return None
+
+    def _unit_from(
+        self, pid: int, i: int, *, scan: int, limit: int | None = None
+    ) -> tuple[Unit | None, int]:
+        """Take up to a unit of contiguous WANTED pages at index ``i`` or at most ``scan``
+        pages after it; the unit and the index after it."""
+        task = self._tasks[pid]
+        end = len(task.vaddrs) if limit is None else limit
+        stop = min(end, i + scan)
+        while i < stop and task.state[i] != PageState.WANTED:
+            i += 1
+        if i >= end or task.state[i] != PageState.WANTED:
+            return None, i
+        first = i
+        while (
+            i < end
+            and i - first < self.unit_pages
+            and task.state[i] == PageState.WANTED
+            and (i == first or task.contiguous(i))
+        ):
+            task.state[i] = PageState.IN_FLIGHT
+            i += 1
+        self._left -= i - first
+        return Unit(pid, task.vaddrs[first], i - first), i
+
+    # ------------------------------------------------------------------ outcomes
+
+    def arrived(self, unit: Unit, nr_pages: int) -> None:
+        """The first ``nr_pages`` of ``unit`` arrived; the rest (a short reply) go back."""
+        task = self._tasks[unit.pid]
+        first = task.index(unit.vaddr)
+        assert first is not None
+        for k in range(unit.nr_pages):
+            i = first + k
+            if task.state[i] != PageState.IN_FLIGHT:
+                continue  # served meanwhile (fetched on its own): keep that state
+            if k < nr_pages:
+                task.state[i] = PageState.ARRIVED
+            else:
+                task.state[i] = PageState.WANTED
+                self._left += 1
+                if k == nr_pages:
+                    self._retry.append((unit.pid, i))
+
+    def failed(self, unit: Unit) -> None:
+        """Nothing of ``unit`` arrived: its pages are WANTED again."""
+        self.arrived(unit, 0)
+
+    def served(self, pid: int, vaddr: int, nr_pages: int) -> None:
+        """The daemon received these pages: never fetch them again."""
+        task = self._tasks.get(pid)
+        if task is None:
+            return
+        for k in range(nr_pages):
+            i = task.index(vaddr + k * PAGE_SIZE)
+            if i is None:
+                continue
+            if task.state[i] == PageState.WANTED:
+                self._left -= 1
+            task.state[i] = PageState.SERVED

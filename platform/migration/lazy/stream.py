@@ -1,0 +1,201 @@
+"""Streamed post-copy: the remote pages of a lazy restore pulled continuously, faults first.
+
+CRIU's lazy-pages daemon asks for one range at a time and only when no other request of the
+task is pending, so alone it uses a fraction of a long link. :class:`StreamedPages` keeps
+several small requests in flight over parallel channels (so the link stays busy while a
+fault never queues behind more than a few small units), pulls the region after each fault
+first (:class:`~fogmig.platform.migration.lazy.plan.StreamPlan`), and answers the daemon from
+what has arrived. Log level WARNING for a stream that stopped (faults still get through).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+
+from fogmig.platform.base.errors import FogmigError
+from fogmig.platform.base.vocabulary import PAGE_SIZE
+from fogmig.platform.migration.lazy.errors import PageServerError
+from fogmig.platform.migration.lazy.plan import PageState, StreamPlan, Unit
+from fogmig.platform.migration.lazy.sources import PageSource, PageTally
+
+log = logging.getLogger(__name__)
+
+Fetch = Callable[[int, int, int], Awaitable[bytes]]
+"""(pid, vaddr, nr_pages) -> the pages (a prefix is allowed) or empty bytes."""
+
+
+class StreamedPages:
+    """Remote pages streamed ahead over ``ahead`` channels, faults through ``demand``.
+
+    A request whose first page has arrived is answered at once with the arrived prefix. A
+    fault (the process is blocked on the page) that has not been fetched goes to the source
+    on the demand channel, and the region after it is pulled next; any other request (the
+    daemon's own background transfer) waits for the stream, whose next unit is then that
+    region. A page in flight is waited for, never fetched twice.
+    """
+
+    def __init__(
+        self,
+        demand: PageSource,
+        ahead: Sequence[Fetch],
+        wanted: Mapping[int, Collection[int]],
+        *,
+        unit_pages: int = 16,
+        boost_units: int = 4,
+    ) -> None:
+        self.demand = demand
+        self._ahead = list(ahead)
+        self.plan = StreamPlan(wanted, unit_pages=unit_pages, boost_units=boost_units)
+        self._cache: dict[tuple[int, int], bytes] = {}
+        self._waiters: dict[tuple[int, int], asyncio.Future[None]] = {}
+        self._more = asyncio.Event()
+        """Set when the plan may have a unit again (a boost, pages given back)."""
+        self._workers: list[asyncio.Task[None]] = []
+        self._alive = 0
+        self._tally = PageTally()
+        self.error: BaseException | None = None
+        """Why a stream channel stopped, if one did."""
+
+    @property
+    def tally(self) -> PageTally:
+        d = self.demand.tally
+        t = self._tally
+        return PageTally(
+            local_pages=d.local_pages,
+            local_bytes=d.local_bytes,
+            remote_pages=d.remote_pages + t.remote_pages,
+            remote_bytes=d.remote_bytes + t.remote_bytes,
+            remote_requests=d.remote_requests + t.remote_requests,
+        )
+
+    def start(self) -> None:
+        for n, fetch in enumerate(self._ahead):
+            self._workers.append(asyncio.create_task(self._work(fetch), name=f"stream-pages-{n}"))
+        self._alive = len(self._workers)
+
+    async def close(self) -> None:
+        for task in self._workers:
+            task.cancel()
+        await asyncio.gather(*self._workers, return_exceptions=True)
+        self._workers.clear()
+        self._alive = 0
+        self._wake_all()
+
+    # ------------------------------------------------------------------ the stream
+
+    async def _work(self, fetch: Fetch) -> None:
+        try:
+            while True:
+                unit = self.plan.next_unit()
+                if unit is None:
+                    if self.plan.pages_left == 0:
+                        return
+                    self._more.clear()
+                    await self._more.wait()
+                    continue
+                try:
+                    data = await fetch(unit.pid, unit.vaddr, unit.nr_pages)
+                except BaseException:
+                    self.plan.failed(unit)
+                    self._arrive(unit)
+                    raise
+                self._take(unit, data)
+        except (FogmigError, OSError) as exc:
+            # Faults still reach the source on their own channel; only the head start is lost.
+            self.error = exc
+            log.warning("page stream stopped: %s", exc)
+        finally:
+            self._alive -= 1
+            self._wake_all()
+
+    def _take(self, unit: Unit, data: bytes) -> None:
+        if len(data) % PAGE_SIZE or len(data) > unit.nr_pages * PAGE_SIZE:
+            self.plan.failed(unit)
+            self._arrive(unit)
+            raise PageServerError(
+                f"source answered {len(data)} bytes for {unit.nr_pages} pages at "
+                f"{unit.vaddr:#x} of task {unit.pid}"
+            )
+        n = len(data) // PAGE_SIZE
+        if n:
+            self._tally.add_remote(len(data))
+        for i, key in enumerate(unit.pages()):
+            if i < n and self.plan.state(*key) is PageState.IN_FLIGHT:
+                self._cache[key] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+        self.plan.arrived(unit, n)
+        if n < unit.nr_pages:
+            self._more.set()
+        self._arrive(unit)
+
+    def _arrive(self, unit: Unit) -> None:
+        for key in unit.pages():
+            waiter = self._waiters.pop(key, None)
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def _wake_all(self) -> None:
+        self._more.set()
+        for waiter in self._waiters.values():
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def _until_changed(self, key: tuple[int, int]) -> None:
+        waiter = self._waiters.get(key)
+        if waiter is None or waiter.done():
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters[key] = waiter
+        await asyncio.shield(waiter)
+
+    # ------------------------------------------------------------------ the daemon's side
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False) -> bytes:
+        key = (pid_id, vaddr)
+        while True:
+            state = self.plan.state(pid_id, vaddr)
+            if state is PageState.ARRIVED:
+                return self._serve_arrived(pid_id, vaddr, nr_pages)
+            if state in (PageState.UNKNOWN, PageState.SERVED):
+                return await self._fetch_demand(pid_id, vaddr, nr_pages)
+            if state is PageState.WANTED:
+                self.plan.boost(pid_id, vaddr)
+                self._more.set()
+                if fault or self._alive == 0:
+                    # The process waits for this very page, or no stream is left.
+                    return await self._fetch_fault(pid_id, vaddr, nr_pages)
+            await self._until_changed(key)
+
+    def _serve_arrived(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
+        pieces: list[bytes] = []
+        addr = vaddr
+        while len(pieces) < nr_pages:
+            page = self._cache.pop((pid, addr), None)
+            if page is None:
+                break
+            pieces.append(page)
+            addr += PAGE_SIZE
+        self.plan.served(pid, vaddr, len(pieces))
+        return b"".join(pieces)
+
+    async def _fetch_fault(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
+        """The faulting page (and, with no stream left, a unit after it) on the demand path."""
+        want = 1 if self._alive else min(nr_pages, self.plan.unit_pages)
+        taken = 0
+        while taken < want and self.plan.take(pid, vaddr + taken * PAGE_SIZE):
+            taken += 1
+        # Whatever it returns, the daemon gets it; the plan forgets these pages either way.
+        self.plan.boost(pid, vaddr + taken * PAGE_SIZE)
+        self._more.set()
+        try:
+            data = await self.demand.read(pid, vaddr, max(taken, 1))
+        finally:
+            self.plan.served(pid, vaddr, taken)
+            self._arrive(Unit(pid, vaddr, taken))
+        return data
+
+    async def _fetch_demand(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
+        data = await self.demand.read(pid, vaddr, nr_pages)
+        self.plan.served(pid, vaddr, len(data) // PAGE_SIZE)
+        return data
