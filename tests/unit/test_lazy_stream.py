@@ -38,7 +38,8 @@ def test_small_regions_go_first_in_bounded_units() -> None:
     assert units[0] == Unit(1, SMALL, 3)
     assert [u.nr_pages for u in units[1:]] == [16, 16, 8]
     assert [u.vaddr for u in units[1:]] == [BIG, BIG + 16 * PAGE_SIZE, BIG + 32 * PAGE_SIZE]
-    assert plan.pages_left == 0 and plan.next_unit() is None
+    assert plan.pages_left == 0
+    assert plan.next_unit() is None
 
 
 def test_a_unit_never_spans_a_gap() -> None:
@@ -66,7 +67,8 @@ def test_pages_served_or_in_flight_are_never_fetched_again() -> None:
     fetched = Counter(key for unit in drain(plan) for key in unit.pages())
     assert (1, BIG + 2 * PAGE_SIZE) not in fetched
     assert (1, BIG + 20 * PAGE_SIZE) not in fetched
-    assert set(fetched.values()) == {1} and len(fetched) == 30
+    assert set(fetched.values()) == {1}
+    assert len(fetched) == 30
 
 
 def test_a_short_reply_gives_the_rest_back_and_a_failure_all_of_it() -> None:
@@ -146,7 +148,8 @@ async def test_a_fault_is_served_at_once_while_the_stream_is_stuck() -> None:
             addr += PAGE_SIZE
             continue
         data = await asyncio.wait_for(stream.read(1, addr, 64), 1)
-        assert data and data == src.read(addr, len(data) // PAGE_SIZE)
+        assert data
+        assert data == src.read(addr, len(data) // PAGE_SIZE)
         got += data
         addr += len(data)
         if addr == fault:
@@ -221,5 +224,6 @@ async def test_a_wrong_sized_answer_stops_the_stream_channel() -> None:
     stream = StreamedPages(RemotePages(src.demand), [odd], {1: wanted}, unit_pages=4)
     stream.start()
     assert await asyncio.wait_for(stream.read(1, BIG, 4), 1) == src.read(BIG, 4)
-    assert stream.error is not None and "bytes for 4 pages" in str(stream.error)
+    assert stream.error is not None
+    assert "bytes for 4 pages" in str(stream.error)
     await stream.close()

@@ -654,4 +654,3 @@ def test_outcome_accepts_only_pages_the_task_released(
     result = outcome(tmp_path, 0, [(6, 10)], expected_tasks=1, released=released, missing=missing)
     assert result.ok is ok
     assert "6/10" in result.describe()
-
