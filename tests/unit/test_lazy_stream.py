@@ -93,7 +93,7 @@ def test_unknown_pages_and_tasks() -> None:
     assert plan.state(1, SMALL) is PageState.UNKNOWN
     plan.boost(2, BIG)  # no such task: nothing happens
     plan.served(2, BIG, 1)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least 1"):
         StreamPlan({}, unit_pages=0)
 
 
