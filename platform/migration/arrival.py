@@ -94,6 +94,8 @@ class Arrival:
     restored_at: float = 0.0
     """When the restore returned (monotonic seconds)."""
     restore_seconds: float = 0.0
+    prelude_seconds: float = 0.0
+    """Time spent on the final data call that came with the restore."""
     pid: int | None = None
     """The restored service's init pid."""
     lazy_result: LazyResult | None = None

@@ -321,7 +321,13 @@ class Destination:
         if arrival is None:
             return reply
         if isinstance(reply, RestoreOk):
-            return reply.model_copy(update={"seconds": arrival.restore_seconds, "pid": arrival.pid})
+            return reply.model_copy(
+                update={
+                    "seconds": arrival.restore_seconds,
+                    "prelude_seconds": arrival.prelude_seconds,
+                    "pid": arrival.pid,
+                }
+            )
         if isinstance(reply, LazyStatusOk):
             done = arrival.lazy_result
             if reply.done and done is not None:
@@ -429,10 +435,8 @@ class Destination:
         if step.kind == "apply":
             if arrival is None:
                 return StepDone(step.step_id, False, f"{self.node} has no files of {mid}")
-            if isinstance(call, SendFiles):
-                await arrival.take_files(call)
-            elif isinstance(call, ApplyDelta):
-                await arrival.apply_delta(call)
+            if isinstance(call, SendFiles | ApplyDelta):
+                await self._apply(arrival, call)
             return StepDone(step.step_id, True)
         if step.kind == "restore":
             assert isinstance(call, Restore)
@@ -447,6 +451,13 @@ class Destination:
             return StepDone(step.step_id, True)
         return StepDone(step.step_id, False, f"no such step here: {step.kind}")
 
+    @staticmethod
+    async def _apply(arrival: Arrival, call: SendFiles | ApplyDelta) -> None:
+        if isinstance(call, SendFiles):
+            await arrival.take_files(call)
+        else:
+            await arrival.apply_delta(call)
+
     async def _restore(self, step: RunStep, call: Restore, arrival: Arrival | None) -> StepDone:
         mid = step.migration_id
         handle = self.fences.get(mid)
@@ -457,6 +468,10 @@ class Destination:
                 return StepDone(step.step_id, False, f"{arrival.service} runs on {self.node}")
             await self.runtime.delete(arrival.service, force=True)  # a stopped leftover
         await self._pause("restore", mid)
+        if call.prelude is not None:
+            started = time.monotonic()
+            await self._apply(arrival, call.prelude)
+            arrival.prelude_seconds = time.monotonic() - started
         arrival.make_bundle(rootfs=self._rootfs(), node=self.node)
         task = asyncio.ensure_future(
             arrival.restore(call, runtime=self.runtime, fetch_factory=self._fetch_factory)

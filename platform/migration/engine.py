@@ -44,10 +44,14 @@ from fogmig.platform.migration.handover.journal import (
     Resuming,
 )
 from fogmig.platform.migration.handover.messages import (
+    ApplyDeltaOk,
     Refused,
     Reply,
     Request,
+    Restore,
     RestoreOk,
+    SendFiles,
+    SendFilesOk,
 )
 from fogmig.platform.migration.handover.ownership import Timing
 from fogmig.platform.migration.handover.source_core import SourceCore, SourcePhase
@@ -201,11 +205,20 @@ class SourceDriver:
             del self._timers[item.name]
             await self._feed(TimerFired(item.name))
         elif isinstance(item, _Replied):
-            self._calls.pop(item.call_id, None)
-            if isinstance(item.reply, RestoreOk):
-                self.record.resume_time_s = item.seconds
-            if not isinstance(item.reply, Refused) and self.moves is not None:
-                self.moves.replied(self.ctx, item.reply, item.seconds)
+            sent = self._calls.pop(item.call_id, None)
+            reply, seconds = item.reply, item.seconds
+            if isinstance(reply, RestoreOk):
+                prelude = sent[0].prelude if sent and isinstance(sent[0], Restore) else None
+                if prelude is not None and self.moves is not None:
+                    # The final data call went with the restore: account it as its own reply.
+                    taken = (SendFilesOk if isinstance(prelude, SendFiles) else ApplyDeltaOk)(
+                        migration_id=reply.migration_id, ticket=reply.ticket
+                    )
+                    self.moves.replied(self.ctx, taken, reply.prelude_seconds)
+                    seconds = max(0.0, seconds - reply.prelude_seconds)
+                self.record.resume_time_s = seconds
+            if not isinstance(reply, Refused) and self.moves is not None:
+                self.moves.replied(self.ctx, reply, seconds)
             await self._feed(ReplyIn(item.call_id, item.reply))
         else:
             if isinstance(item, CallFailed):

@@ -182,6 +182,9 @@ class FakeDestination:
         elif step.kind == "restore":
             assert isinstance(call, Restore)
             assert self.fence == "armed", "restore without an armed fence"
+            if isinstance(call.prelude, ApplyDelta):
+                p = call.prelude
+                apply_delta(self.root / p.base, self.root / p.delta, self.root / p.out)
             if self.fence_fires_on_restore:
                 self.fence = "fired"
                 ok, detail = False, "the fence fired during the restore"

@@ -133,7 +133,11 @@ class ApplyDeltaOk(TicketedReply):
 
 
 class Restore(TicketedRequest):
-    """Restore the service from ``images`` under the fence (``lazy``: pages fault in later)."""
+    """Restore the service from ``images`` under the fence (``lazy``: pages fault in later).
+
+    ``prelude`` is the final data call (the files or the delta of the frozen service), done
+    first in the same exchange: the frozen window then holds one round trip, not two.
+    """
 
     op = "restore"
     epoch: Epoch
@@ -141,10 +145,14 @@ class Restore(TicketedRequest):
     images: DirName
     base: DirName | None = None
     changed: DirName | None = None
+    prelude: SendFiles | ApplyDelta | None = None
 
 
 class RestoreOk(TicketedReply):
     seconds: Seconds = 0.0
+    """The restore's own time at the destination."""
+    prelude_seconds: Seconds = 0.0
+    """The prelude's time at the destination (checking the files, applying the delta)."""
     pid: Annotated[int, Field(ge=1, le=2**22)] | None = None
 
 

@@ -47,6 +47,7 @@ from fogmig.platform.migration.handover.messages import (
     TOMBSTONES,
     Abort,
     AbortOk,
+    ApplyDelta,
     Commit,
     CommitOk,
     LazyStatus,
@@ -56,6 +57,7 @@ from fogmig.platform.migration.handover.messages import (
     Reply,
     Request,
     Restore,
+    SendFiles,
     Ticket,
     TicketedReply,
     TicketedRequest,
@@ -286,6 +288,10 @@ class SourceCore:
             if not done.ok:
                 return self._failed(f"data move failed: {done.detail}", now)
             self._more = done.more
+            final = phase is SourcePhase.FINAL and not done.more
+            if final and isinstance(done.call, SendFiles | ApplyDelta):
+                # The frozen service's last data goes with the restore: one round trip.
+                return self._restore(prelude=done.call)
             if done.call is not None:
                 return self._call(done.call)
             return self._after_move()
@@ -334,11 +340,13 @@ class SourceCore:
         self.phase = SourcePhase.FREEZING
         return [WriteJournal(Freezing(migration_id=self.plan.migration_id)), self._run("freeze")]
 
-    def _restore(self) -> list[Action]:
+    def _restore(self, prelude: SendFiles | ApplyDelta | None = None) -> list[Action]:
         assert self.plan.restore is not None
         self.phase = SourcePhase.RESTORING
         self._restore_sent = True
-        restore = self.plan.restore.model_copy(update={"epoch": self.plan.epoch + 1})
+        restore = self.plan.restore.model_copy(
+            update={"epoch": self.plan.epoch + 1, "prelude": prelude}
+        )
         return [
             WriteJournal(RestoreSent(migration_id=self.plan.migration_id)),
             *self._call(restore),
