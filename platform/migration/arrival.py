@@ -210,6 +210,8 @@ class Arrival:
         assert self.lazy is not None
         assert self.page_server is not None
         result = await self.lazy.wait(None, server=self.page_server)
+        if self.stream is not None:
+            log.info("migration %s: %s", self.migration_id, self.stream.counts.describe())
         stats = self.page_server.stats
         last = stats.last_page_at or time.monotonic()
         self.lazy_result = LazyResult(

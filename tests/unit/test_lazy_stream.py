@@ -156,6 +156,9 @@ async def test_a_fault_is_served_at_once_while_the_stream_is_stuck() -> None:
             continue
     assert src.demand_calls == [(fault, 1)]
     assert stream.tally.remote_pages == 64
+    assert stream.counts.faults_on_demand == 1
+    assert stream.counts.units >= 8
+    assert "1 faults fetched on demand" in stream.counts.describe()
     await stream.close()
 
 

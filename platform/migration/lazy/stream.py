@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
@@ -24,6 +26,29 @@ log = logging.getLogger(__name__)
 
 Fetch = Callable[[int, int, int], Awaitable[bytes]]
 """(pid, vaddr, nr_pages) -> the pages (a prefix is allowed) or empty bytes."""
+
+
+@dataclass(slots=True)
+class StreamCounts:
+    """How the daemon's requests were answered (logged at the end of a lazy restore)."""
+
+    units: int = 0
+    """Units the stream fetched."""
+    from_stream: int = 0
+    """Requests answered with pages that had already arrived."""
+    waited: int = 0
+    """Requests that waited for the stream (in flight, or moved to its front)."""
+    faults_on_demand: int = 0
+    """Faults fetched on their own channel: the process waited a round trip."""
+    fault_wait_s: float = 0.0
+    """Their total time."""
+
+    def describe(self) -> str:
+        return (
+            f"{self.units} units streamed; requests: {self.from_stream} served at once, "
+            f"{self.waited} waited for the stream, {self.faults_on_demand} faults fetched "
+            f"on demand ({self.fault_wait_s:.2f} s in all)"
+        )
 
 
 class StreamedPages:
@@ -57,6 +82,7 @@ class StreamedPages:
         self._tally = PageTally()
         self.error: BaseException | None = None
         """Why a stream channel stopped, if one did."""
+        self.counts = StreamCounts()
 
     @property
     def tally(self) -> PageTally:
@@ -119,6 +145,7 @@ class StreamedPages:
                 f"{unit.vaddr:#x} of task {unit.pid}"
             )
         n = len(data) // PAGE_SIZE
+        self.counts.units += 1
         if n:
             self._tally.add_remote(len(data))
         for i, key in enumerate(unit.pages()):
@@ -153,9 +180,14 @@ class StreamedPages:
 
     async def read(self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False) -> bytes:
         key = (pid_id, vaddr)
+        waited = False
         while True:
             state = self.plan.state(pid_id, vaddr)
             if state is PageState.ARRIVED:
+                if waited:
+                    self.counts.waited += 1
+                else:
+                    self.counts.from_stream += 1
                 return self._serve_arrived(pid_id, vaddr, nr_pages)
             if state in (PageState.UNKNOWN, PageState.SERVED):
                 return await self._fetch_demand(pid_id, vaddr, nr_pages)
@@ -165,6 +197,7 @@ class StreamedPages:
                 if fault or self._alive == 0:
                     # The process waits for this very page, or no stream is left.
                     return await self._fetch_fault(pid_id, vaddr, nr_pages)
+            waited = True
             await self._until_changed(key)
 
     def _serve_arrived(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
@@ -188,11 +221,14 @@ class StreamedPages:
         # Whatever it returns, the daemon gets it; the plan forgets these pages either way.
         self.plan.boost(pid, vaddr + taken * PAGE_SIZE)
         self._more.set()
+        started = time.monotonic()
         try:
             data = await self.demand.read(pid, vaddr, max(taken, 1))
         finally:
             self.plan.served(pid, vaddr, taken)
             self._arrive(Unit(pid, vaddr, taken))
+            self.counts.faults_on_demand += 1
+            self.counts.fault_wait_s += time.monotonic() - started
         return data
 
     async def _fetch_demand(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
