@@ -29,7 +29,7 @@ class Hybrid:
     live = True
 
     def __init__(self) -> None:
-        self.rounds = Rounds()
+        self.rounds = Rounds(lazy_final=True)
         self._changed_pages = 0
         self._sent: SentResult | None = None
         self._lazy = LazyPages()
