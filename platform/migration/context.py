@@ -79,9 +79,17 @@ class MigrationContext:
             self.on_progress(phase, 0, 0, 0.0)
 
     async def send(self, local_dir: Path, subdir: str, phase: Phase) -> SentResult:
-        return await self.peer.send_dir(
+        sent = await self.peer.send_dir(
             self.migration_id, local_dir, subdir, progress=self.progress(phase)
         )
+        record = self.record
+        record.sent_file_bytes += sent.file_bytes
+        record.sent_wire_bytes += sent.bytes_sent
+        if sent.file_bytes > record.bulk_file_bytes:
+            record.bulk_file_bytes = sent.file_bytes
+            record.bulk_wire_bytes = sent.bytes_sent
+            record.bulk_seconds = sent.seconds
+        return sent
 
     def progress(self, phase: Phase) -> ProgressFn:
         started = time.monotonic()

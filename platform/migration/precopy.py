@@ -45,6 +45,10 @@ def _meta_bytes(image_dir: Path) -> int:
     )
 
 
+def _rate(sent: SentResult) -> float:
+    return sent.bytes_sent / sent.seconds if sent.seconds > 0 else 0.0
+
+
 def files_call(migration_id: str, name: str, sent: SentResult) -> SendFiles:
     """The call that makes the destination check a directory it received."""
     return SendFiles(migration_id=migration_id, name=name, files=sent.files, bytes=sent.file_bytes)
@@ -213,6 +217,8 @@ class Rounds:
                 bytes_sent=shipped.sent.bytes_sent,
                 pages_total=shipped.pages_total,
                 pages_changed=shipped.pages_changed,
+                file_bytes=shipped.sent.file_bytes,
+                rate_bytes_per_s=_rate(shipped.sent),
             )
         )
         record.pre_dump_time_s += shipped.dump_time_s
@@ -278,6 +284,11 @@ class Precopy:
             record.dump_transfer_time_s = self._sent.seconds + seconds
             record.dump_bytes = self._sent.bytes_sent
             record.rounds[-1] = record.rounds[-1].model_copy(
-                update={"transfer_time_s": record.dump_transfer_time_s}
+                update={
+                    "transfer_time_s": record.dump_transfer_time_s,
+                    "bytes_sent": self._sent.bytes_sent,
+                    "file_bytes": self._sent.file_bytes,
+                    "rate_bytes_per_s": _rate(self._sent),
+                }
             )
             self._sent = None
