@@ -123,6 +123,9 @@ class StopReason(StrEnum):
     """The next round would ship at least as much as the last one: dirtying outruns the link."""
     BYTE_BUDGET = "byte_budget"
     """Another round would push the pre-copy traffic past ``max_precopy_bytes_factor`` x S."""
+    NO_GAIN = "no_gain"
+    """Another round would not shorten the part after the freeze by more than it lengthens
+    the total time (``policies.stoprule``)."""
 
 
 MAX_ROUNDS = 100

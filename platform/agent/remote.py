@@ -20,7 +20,7 @@ async def request_migration(
     destination: str,
     technique: Technique,
     *,
-    compression: bool = False,
+    compression: bool = True,
     max_rounds: int | None = None,
     on_progress: Any = None,
     timeout: float = 900.0,

@@ -118,7 +118,8 @@ class MigrateCommand(_Message):
     service: ServiceName
     destination: NodeName
     technique: Technique
-    compression: bool = False
+    compression: bool = True
+    """zstd on the state transfer where it pays, per file and chunk; False forces it off."""
     precopy: PrecopyStopRules = Field(default_factory=PrecopyStopRules)
     reason: Text = ""
 

@@ -172,7 +172,12 @@ def register(sub: Any) -> None:
     p.add_argument("service")
     p.add_argument("--to", required=True, metavar="NODE")
     p.add_argument("--technique", required=True, type=Technique, choices=list(Technique))
-    p.add_argument("--compression", action="store_true", help="zlib on the state transfer")
+    p.add_argument(
+        "--no-compression",
+        dest="compression",
+        action="store_false",
+        help="never compress the state transfer (by default zstd where it pays)",
+    )
     p.add_argument("--max-rounds", type=int, default=None, help="pre-copy rounds at most")
     p.add_argument("--json", action="store_true", help="print the migration record as JSON")
     p.add_argument(

@@ -44,7 +44,8 @@ class ControllerConfig:
     default_state_bytes: int = 4 << 20
     """State size assumed for a service its node does not (yet) report."""
     stop_rules: PrecopyStopRules = field(default_factory=PrecopyStopRules)
-    compression: bool = False
+    compression: bool = True
+    """Adaptive zstd on the state transfer (off where the data does not compress)."""
     mem_reserve_bytes: int = 64 << 20
     max_migrations_per_node: int = 1
     """Migrations one node takes part in at once (as source or destination): the cost model

@@ -19,29 +19,12 @@ from fogmig.platform.migration.handover.messages import Reply, Restore, Ticketed
 from fogmig.platform.migration.ports import PeerPort, ProgressFn, SentResult, SourcePort
 from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.migration.states import MigrationStateMachine
-from fogmig.policies.conditions import PrecopyStopRules, StopReason
+from fogmig.policies.conditions import PrecopyStopRules
 
 log = logging.getLogger(__name__)
 
 LAST = "last"
 """The destination's name for the image set of the last pre-copy round."""
-
-
-def stop_after(rules: PrecopyStopRules, changed: list[int]) -> StopReason | None:
-    """Apply the pre-copy stop rules to the bytes each round shipped (round 0: everything).
-
-    The bytes changed during the last round stand in for what the next round would ship: the
-    service dirties memory at a steady rate.
-    """
-    if len(changed) < 2:
-        return StopReason.MAX_ROUNDS if rules.max_rounds <= 1 else None
-    return rules.stop_reason(
-        rounds_done=len(changed),
-        last_round_bytes=changed[-2],
-        next_round_bytes=changed[-1],
-        precopy_bytes_so_far=sum(changed),
-        state_bytes=changed[0],
-    )
 
 
 ProgressEvent = Callable[[Phase, int, int, float], None]
@@ -96,9 +79,17 @@ class MigrationContext:
             self.on_progress(phase, 0, 0, 0.0)
 
     async def send(self, local_dir: Path, subdir: str, phase: Phase) -> SentResult:
-        return await self.peer.send_dir(
+        sent = await self.peer.send_dir(
             self.migration_id, local_dir, subdir, progress=self.progress(phase)
         )
+        record = self.record
+        record.sent_file_bytes += sent.file_bytes
+        record.sent_wire_bytes += sent.bytes_sent
+        if sent.file_bytes > record.bulk_file_bytes:
+            record.bulk_file_bytes = sent.file_bytes
+            record.bulk_wire_bytes = sent.bytes_sent
+            record.bulk_seconds = sent.seconds
+        return sent
 
     def progress(self, phase: Phase) -> ProgressFn:
         started = time.monotonic()

@@ -29,7 +29,7 @@ class Hybrid:
     live = True
 
     def __init__(self) -> None:
-        self.rounds = Rounds()
+        self.rounds = Rounds(lazy_final=True)
         self._changed_pages = 0
         self._sent: SentResult | None = None
         self._lazy = LazyPages()
@@ -80,6 +80,8 @@ class Hybrid:
                     bytes_dumped=0,
                     bytes_sent=sent.bytes_sent,
                     pages_changed=self._changed_pages,
+                    file_bytes=sent.file_bytes,
+                    rate_bytes_per_s=sent.bytes_sent / sent.seconds if sent.seconds > 0 else 0.0,
                 )
             )
         self._lazy.replied(ctx, reply, seconds)

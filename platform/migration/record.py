@@ -31,6 +31,14 @@ class Round(BaseModel):
     bytes_sent: int = Field(description="what crossed the link: all pages, or the changed ones")
     pages_total: int = 0
     pages_changed: int = 0
+    file_bytes: int = Field(default=0, description="what the files held before compression")
+    rate_bytes_per_s: float = Field(default=0.0, description="bytes on the wire per second")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def compression_ratio(self) -> float:
+        """File bytes over wire bytes (1.0: nothing gained, or nothing sent)."""
+        return self.file_bytes / self.bytes_sent if self.bytes_sent and self.file_bytes else 1.0
 
 
 class PhaseTimestamp(BaseModel):
@@ -52,7 +60,8 @@ class MigrationRecord(BaseModel):
     error: str | None = None
     failed_phase: str | None = None
     """The phase the failure happened in (or ``connect``: before the first phase's call)."""
-    compression: bool = False
+    compression: bool = True
+    """Adaptive zstd on the state transfer (per file and chunk, only where it pays)."""
 
     # The paper's nine metrics.
     pre_dump_time_s: float = 0.0
@@ -69,6 +78,13 @@ class MigrationRecord(BaseModel):
     precopy_stop_reason: str | None = None
     faulted_pages_remote: int = 0
     faulted_pages_local: int = 0
+
+    # The transfer channel: every directory the migration streamed.
+    sent_file_bytes: int = Field(default=0, description="what the streamed files held")
+    sent_wire_bytes: int = Field(default=0, description="what crossed the link for them")
+    bulk_file_bytes: int = Field(default=0, description="the largest transfer's file bytes")
+    bulk_wire_bytes: int = 0
+    bulk_seconds: float = 0.0
 
     # Conditions at decision time.
     state_bytes: int = 0
@@ -112,6 +128,26 @@ class MigrationRecord(BaseModel):
     @property
     def transferred_bytes(self) -> int:
         return self.pre_dump_bytes + self.dump_bytes + self.faulted_pages_bytes
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def compression_ratio(self) -> float:
+        """File bytes over wire bytes of everything streamed (1.0: nothing gained)."""
+        if not self.sent_wire_bytes or not self.sent_file_bytes:
+            return 1.0
+        return self.sent_file_bytes / self.sent_wire_bytes
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bulk_rate_bytes_per_s(self) -> float:
+        """Bytes on the wire per second in the largest transfer: how well it fills the link."""
+        return self.bulk_wire_bytes / self.bulk_seconds if self.bulk_seconds > 0 else 0.0
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def bulk_goodput_bytes_per_s(self) -> float:
+        """State bytes delivered per second in the largest transfer (compression included)."""
+        return self.bulk_file_bytes / self.bulk_seconds if self.bulk_seconds > 0 else 0.0
 
     @computed_field  # type: ignore[prop-decorator]
     @property

@@ -47,7 +47,6 @@ from fogmig.platform.transfer.outgoing import (
 from fogmig.platform.transfer.protection import ChannelSecurity
 from fogmig.platform.transfer.wire import (
     CHUNK_SIZE,
-    MAX_DATA_PAYLOAD,
     PROTOCOL_VERSION,
     AuthError,
     Call,
@@ -343,7 +342,7 @@ class TransferClient:
                 len(outgoing),
                 total,
                 seconds,
-                "zlib" if compress else "uncompressed",
+                "zstd where it pays" if compress else "uncompressed",
             )
             return TransferStats(bytes=total, files=len(outgoing), seconds=seconds, wire_bytes=wire)
 
@@ -380,7 +379,7 @@ class TransferClient:
                         path=item.remote,
                         size=item.size,
                         mode=item.mode,
-                        compression="zlib" if compress else "none",
+                        compression="zstd" if compress else "none",
                     )
                 )
                 aborted: str | None = None
@@ -398,11 +397,11 @@ class TransferClient:
                         eof = source.eof
                         if not eof:
                             future = read_ahead(loop, source, inline=inline)
-                        for off in range(0, len(payload), MAX_DATA_PAYLOAD):
-                            piece = payload[off : off + MAX_DATA_PAYLOAD]
-                            header = encode_header(FrameType.FILE_DATA, len(piece))
-                            await self._conn.send(header, piece)
-                            wire += len(piece)
+                        if payload:
+                            # One chunk per frame: a tagged chunk must never be split.
+                            header = encode_header(FrameType.FILE_DATA, len(payload))
+                            await self._conn.send(header, payload)
+                            wire += len(payload)
                         if progress is not None:
                             progress(min(total, before + source.plain_bytes), total)
                         if eof:

@@ -1,4 +1,4 @@
-"""The files a transfer sends, each read, hashed and compressed a chunk at a time.
+"""The files a transfer sends, each read, hashed and (where it pays) compressed a chunk at a time.
 
 Symlinks and special files are refused, not skipped: a silently missing image breaks a restore.
 """
@@ -9,13 +9,13 @@ import asyncio
 import hashlib
 import os
 import stat
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 from fogmig.platform.base.errors import TransferError
+from fogmig.platform.transfer.codec import ChunkEncoder
 from fogmig.platform.transfer.wire import (
     CHUNK_SIZE,
     PathError,
@@ -32,12 +32,15 @@ class OutgoingFile:
 
 
 class ChunkSource:
-    """Reads, hashes and optionally compresses one file, a chunk at a time (in a thread)."""
+    """Reads, hashes and optionally compresses one file, a chunk at a time (in a thread).
+
+    With ``compress`` every payload is a tagged chunk (``codec``): compressed where that pays.
+    """
 
     def __init__(self, stream: BinaryIO, *, compress: bool) -> None:
         self._stream = stream
         self._hash = hashlib.sha256()
-        self._deflater = zlib.compressobj(1) if compress else None
+        self._encoder = ChunkEncoder() if compress else None
         self.plain_bytes = 0
         self.eof = False
 
@@ -45,10 +48,10 @@ class ChunkSource:
         data = self._stream.read(CHUNK_SIZE)
         if not data:
             self.eof = True
-            return self._deflater.flush() if self._deflater is not None else b""
+            return b""
         self.plain_bytes += len(data)
         self._hash.update(data)
-        return self._deflater.compress(data) if self._deflater is not None else data
+        return self._encoder.encode(data) if self._encoder is not None else data
 
     @property
     def sha256(self) -> str:

@@ -14,7 +14,6 @@ import hashlib
 import hmac
 import re
 import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
 from typing import Any, Literal, TypeVar
@@ -23,16 +22,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fogmig.platform.base import nodes
 from fogmig.platform.base.errors import TransferError
+from fogmig.platform.transfer.codec import ChunkCodecError, ChunkDecoder
 
 # 2: mutual TLS 1.3 carries the frames; the HELLO names the nodes and WELCOME accepts them.
-PROTOCOL_VERSION = 2
+# 3: file data is compressed per chunk (zstd, tagged payloads; see ``codec``), no more zlib.
+PROTOCOL_VERSION = 3
 
 # [u32 big-endian length of type + payload][u8 type][payload]
 HEADER = struct.Struct(">IB")
 HEADER_SIZE = HEADER.size
 
 CHUNK_SIZE = 256 * 1024
-# A data frame may carry a little more than a chunk (zlib can expand incompressible data).
+# A data frame carries one chunk and its tag byte; lazy page results may be larger.
 MAX_DATA_PAYLOAD = 1024 * 1024
 # JSON control frames: calls, results and errors stay small; big data goes as files.
 MAX_CONTROL_PAYLOAD = 64 * 1024
@@ -227,7 +228,8 @@ class ErrorReply(Message):
     hint: str | None = Field(default=None, max_length=1024)
 
 
-Compression = Literal["none", "zlib"]
+Compression = Literal["none", "zstd"]
+"""``zstd``: every FILE_DATA payload is a tagged chunk, compressed or not (``codec``)."""
 
 
 class FileBegin(Message):
@@ -343,63 +345,40 @@ def join_relative(*paths: str) -> str:
 class IncomingFile:
     """What the receiver knows about one file while it arrives.
 
-    ``feed`` turns FILE_DATA payloads into the plain bytes to write (decompressing if asked,
-    never producing more than the declared size); ``finish`` checks size and SHA-256 before the
-    file may be renamed into place.
+    ``feed`` turns FILE_DATA payloads into the plain bytes to write (decoding tagged chunks if
+    asked, never producing more than the declared size); ``finish`` checks size and SHA-256
+    before the file may be renamed into place.
     """
 
     begin: FileBegin
     received: int = 0
     wire_bytes: int = 0
     _hash: Any = field(default_factory=hashlib.sha256)
-    _inflater: Any = None
+    _decoder: ChunkDecoder | None = None
 
     def __post_init__(self) -> None:
-        if self.begin.compression == "zlib":
-            self._inflater = zlib.decompressobj()
+        if self.begin.compression == "zstd":
+            self._decoder = ChunkDecoder(max_chunk=CHUNK_SIZE)
 
     def _integrity(self, what: str) -> IntegrityError:
         return IntegrityError(f"{self.begin.path} (migration {self.begin.migration_id}): {what}")
 
     def feed(self, payload: bytes) -> list[bytes]:
         self.wire_bytes += len(payload)
-        pieces = [payload] if self._inflater is None else self._inflate(payload)
-        for piece in pieces:
-            self.received += len(piece)
-            if self.received > self.begin.size:
-                raise self._integrity(f"more than the declared {self.begin.size} bytes arrived")
-            self._hash.update(piece)
-        return pieces
-
-    def _inflate(self, payload: bytes) -> list[bytes]:
-        pieces: list[bytes] = []
-        data = payload
-        remaining = self.begin.size - self.received
-        try:
-            while data:
-                if self._inflater.eof:
-                    raise self._integrity("data after the end of the compressed stream")
-                # Bounded output per step: a small frame must not inflate into gigabytes.
-                out = self._inflater.decompress(data, min(CHUNK_SIZE, remaining + 1))
-                data = self._inflater.unconsumed_tail
-                if self._inflater.unused_data:
-                    raise self._integrity("data after the end of the compressed stream")
-                if out:
-                    pieces.append(out)
-                    remaining -= len(out)
-                    if remaining < 0:
-                        break
-                elif data:
-                    # No output with input left: only possible with max_length 0; give up.
-                    raise self._integrity("compressed stream does not progress")
-        except zlib.error as exc:
-            raise self._integrity(f"corrupt compressed data ({exc})") from exc
-        return pieces
+        piece = payload
+        if self._decoder is not None:
+            try:
+                piece = self._decoder.decode(payload, self.begin.size - self.received)
+            except ChunkCodecError as exc:
+                raise self._integrity(str(exc)) from exc
+        self.received += len(piece)
+        if self.received > self.begin.size:
+            raise self._integrity(f"more than the declared {self.begin.size} bytes arrived")
+        self._hash.update(piece)
+        return [piece]
 
     def finish(self, end: FileEnd) -> str:
         """Verify the complete file; return its SHA-256 (hex)."""
-        if self._inflater is not None and not self._inflater.eof:
-            raise self._integrity("the compressed stream is truncated")
         if self.received != self.begin.size:
             raise self._integrity(
                 f"got {self.received} bytes, the sender declared {self.begin.size}"

@@ -336,6 +336,9 @@ async def test_each_technique_completes_and_its_metrics_add_up(
         + record.faulted_pages_transfer_time_s
     )
     assert record.total_time_s == pytest.approx(parts)
+    # Every directory streamed counts in the channel's totals.
+    assert record.sent_wire_bytes > 0
+    assert record.sent_file_bytes >= record.bulk_file_bytes > 0
     if technique in ("precopy", "hybrid"):
         assert record.pre_dump_bytes >= PAGES * PAGE_SIZE
         assert sum(r.bytes_sent for r in record.rounds if not r.final) == record.pre_dump_bytes

@@ -98,3 +98,27 @@ def test_a_csv_with_other_columns_is_kept_aside(tmp_path: Path) -> None:
     header, row = (tmp_path / "migrations.csv").read_text().splitlines()
     assert header.startswith("migration_id,service,source,")
     assert row.startswith("m1,s,gw1,")
+
+
+def test_compression_ratio_and_rates() -> None:
+    r = _record()
+    assert r.compression_ratio == 1.0
+    assert r.bulk_rate_bytes_per_s == 0.0
+    r.sent_file_bytes, r.sent_wire_bytes = 1000, 400
+    r.bulk_file_bytes, r.bulk_wire_bytes, r.bulk_seconds = 900, 300, 2.0
+    assert r.compression_ratio == pytest.approx(2.5)
+    assert r.bulk_rate_bytes_per_s == pytest.approx(150.0)
+    assert r.bulk_goodput_bytes_per_s == pytest.approx(450.0)
+    one = Round(
+        index=0,
+        dump_time_s=0.1,
+        transfer_time_s=1.0,
+        bytes_dumped=10,
+        bytes_sent=50,
+        file_bytes=200,
+        freeze_time_s=0.0,
+    )
+    assert one.compression_ratio == pytest.approx(4.0)
+    back = MigrationRecord.model_validate_json(r.to_json())
+    assert back.compression_ratio == pytest.approx(2.5)
+    assert "compression_ratio" in r.csv_row()

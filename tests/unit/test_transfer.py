@@ -17,12 +17,12 @@ import os
 import posixpath
 import ssl
 import time
-import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -38,6 +38,13 @@ from fogmig.platform.security.pki import (
 )
 from fogmig.platform.security.tls import client_context
 from fogmig.platform.transfer.client import TransferClient
+from fogmig.platform.transfer.codec import (
+    TAG_RAW,
+    TAG_ZSTD,
+    ChunkCodecError,
+    ChunkDecoder,
+    ChunkEncoder,
+)
 from fogmig.platform.transfer.outgoing import ChunkSource
 from fogmig.platform.transfer.protection import ChannelSecurity
 from fogmig.platform.transfer.server import (
@@ -852,15 +859,16 @@ async def test_corrupt_compressed_stream_is_rejected(
 ) -> None:
     reader, writer = await raw_session(server.port)
     data = b"abc" * 10_000
-    packed = bytearray(zlib.compress(data, 1))
+    packed = bytearray(ChunkEncoder().encode(data))
+    assert packed[0] == TAG_ZSTD
     packed[len(packed) // 2] ^= 0xFF
-    begin = FileBegin(seq=0, migration_id=MID, path="z.img", size=len(data), compression="zlib")
+    begin = FileBegin(seq=0, migration_id=MID, path="z.img", size=len(data), compression="zstd")
     writer.write(encode_message(begin) + encode_frame(FrameType.FILE_DATA, bytes(packed)))
     writer.write(encode_message(FileEnd(seq=0, sha256=hashlib.sha256(data).hexdigest())))
     assert (await expect_error(reader)).code == "integrity"
-    # A bomb: a few KB that inflate far beyond the declared size are stopped early.
-    bomb = zlib.compress(bytes(50_000_000), 9)
-    begin = FileBegin(seq=1, migration_id=MID, path="b.img", size=100, compression="zlib")
+    # A bomb: a few bytes that declare far more than the file's size are refused unread.
+    bomb = bytes((TAG_ZSTD,)) + zstandard.ZstdCompressor(level=19).compress(bytes(200_000))
+    begin = FileBegin(seq=1, migration_id=MID, path="b.img", size=100, compression="zstd")
     writer.write(encode_message(begin) + encode_frame(FrameType.FILE_DATA, bomb))
     writer.write(encode_message(FileEnd(seq=1, sha256="0" * 64)))
     error = await expect_error(reader)
@@ -1304,38 +1312,67 @@ def test_bad_migration_ids(mid: str) -> None:
 def test_incoming_file_verifies_content(
     data: bytes, cuts: list[int], compress: bool, flip: int
 ) -> None:
-    wire = zlib.compress(data, 1) if compress else data
+    # Uncompressed data may arrive cut anywhere; tagged chunks arrive one per frame.
+    if compress:
+        encoder = ChunkEncoder()
+        frames = [encoder.encode(data[i : i + 4096]) for i in range(0, len(data), 4096)]
+    else:
+        frames, pos = [], 0
+        for cut in [*cuts, len(data)]:
+            frames.append(data[pos : pos + cut])
+            pos += cut
     digest = hashlib.sha256(data).hexdigest()
 
-    def receive(payload: bytes) -> bytes:
+    def receive(payloads: list[bytes]) -> bytes:
         begin = FileBegin(
             seq=0,
             migration_id=MID,
             path="f",
             size=len(data),
-            compression="zlib" if compress else "none",
+            compression="zstd" if compress else "none",
         )
         incoming = IncomingFile(begin)
-        out = b""
-        pos = 0
-        for cut in [*cuts, len(payload)]:
-            out += b"".join(incoming.feed(payload[pos : pos + cut]))
-            pos += cut
+        out = b"".join(piece for p in payloads if p for piece in incoming.feed(p))
         incoming.finish(FileEnd(seq=0, sha256=digest))
         return out
 
-    assert receive(wire) == data
-    if wire:
-        damaged = bytearray(wire)
-        damaged[flip % len(wire)] ^= 1 << (flip % 8)
+    assert receive(frames) == data
+    sizes = [len(f) for f in frames]
+    if sum(sizes):
+        at = flip % sum(sizes)
+        i = 0
+        while at >= sizes[i]:
+            at -= sizes[i]
+            i += 1
+        damaged = bytearray(frames[i])
+        damaged[at] ^= 1 << (flip % 8)
+        altered = [*frames[:i], bytes(damaged), *frames[i + 1 :]]
         if not compress:
             with pytest.raises(IntegrityError):
-                receive(bytes(damaged))
+                receive(altered)
             return
-        # Some bits of a deflate stream do not matter (padding); what is accepted must be the
-        # original content, whatever the damage.
+        # A few bits of a zstd frame header do not change the content (its window size);
+        # what is accepted must be the original content, whatever the damage.
         with contextlib.suppress(IntegrityError):
-            assert receive(bytes(damaged)) == data
+            assert receive(altered) == data
+
+
+def test_chunk_encoder_compresses_only_where_it_pays() -> None:
+    encoder = ChunkEncoder()
+    noise = os.urandom(CHUNK_SIZE)
+    text = b"pagemap metadata " * (CHUNK_SIZE // 17)
+    assert encoder.encode(noise)[0] == TAG_RAW
+    # After incompressible chunks it waits before trying again, then finds text again.
+    tags = [encoder.encode(text)[0] for _ in range(4)]
+    assert tags[0] == TAG_RAW
+    assert TAG_ZSTD in tags
+    assert encoder.wire_bytes < encoder.plain_bytes
+    decoder = ChunkDecoder(max_chunk=CHUNK_SIZE)
+    assert decoder.decode(ChunkEncoder().encode(text), len(text)) == text
+    with pytest.raises(ChunkCodecError):
+        decoder.decode(bytes((7,)) + text, len(text))
+    with pytest.raises(ChunkCodecError):
+        decoder.decode(ChunkEncoder().encode(text), len(text) - 1)
 
 
 @fuzz

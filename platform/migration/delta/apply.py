@@ -27,6 +27,7 @@ from fogmig.platform.migration.delta.layout import (
     read_manifest,
     read_runs,
 )
+from fogmig.platform.migration.delta.pagecodec import KIND_XOR
 from fogmig.platform.runtime.image import ImageFormatError
 from fogmig.platform.runtime.pagemap import Pagemap, Vaddrs, decode_pagemap, load_pages
 
@@ -83,6 +84,19 @@ def _locate(
     return pos.astype(np.int64), sorted_from[pos] == wanted
 
 
+def _in_base(
+    base_v: Vaddrs, order: npt.NDArray[np.int64], wanted: Vaddrs, rec: PagemapRecord, base: Path
+) -> npt.NDArray[np.int64]:
+    """Row in the base pages of each ``wanted`` vaddr; every one must be there."""
+    pos, found = _locate(base_v[order], wanted)
+    if not found.all():
+        missing = int(wanted[~found][0])
+        raise DeltaError(
+            f"page {missing:#x} of {rec.pagemap} is neither in the delta nor in the base {base}"
+        )
+    return order[pos].astype(np.int64)
+
+
 def _copy_listed(delta_dir: Path, out_dir: Path, manifest: DeltaManifest) -> None:
     for name in manifest.files:
         src = delta_dir / name
@@ -107,31 +121,30 @@ def apply_delta(base_dir: Path | None, delta_dir: Path, out_dir: Path) -> Rebuil
         pm = _checked_pagemap(delta_dir, rec)
         base_pm = _base_pagemap(base_dir, rec)
         shipped = read_runs(delta_dir / rec.delta_pages)
-        assert shipped.pages is not None
+        if shipped.pages is None or shipped.kinds is None:
+            raise DeltaError(f"{rec.delta_pages} carries no page bytes")
         final_v = pm.present_vaddrs()
         # Where each final page comes from: its slot in the delta, else in the base.
         d_pos, in_delta = _locate(shipped.vaddrs, final_v)
         if int(in_delta.sum()) != shipped.vaddrs.size:
             raise DeltaError(f"{rec.delta_pages} carries pages that {rec.pagemap} does not list")
         need = np.flatnonzero(~in_delta)
+        xor_rows = np.flatnonzero(shipped.kinds == KIND_XOR)
         base_pages = np.empty((0, PAGE_SIZE), dtype=np.uint8)
         b_pos = np.zeros(final_v.size, dtype=np.int64)
-        if need.size:
+        if need.size or xor_rows.size:
             if base_pm is None or base_dir is None:
                 raise DeltaError(
-                    f"{rec.pagemap} needs {need.size} pages from a base, but the delta has none"
+                    f"{rec.pagemap} needs {need.size + xor_rows.size} pages from a base, but "
+                    "the delta has none"
                 )
             base_pages = _load(base_dir, base_pm)
             base_v = base_pm.present_vaddrs()
             order = np.argsort(base_v, kind="stable")
-            pos, found = _locate(base_v[order], final_v[need])
-            if not found.all():
-                missing = int(final_v[need][~found][0])
-                raise DeltaError(
-                    f"page {missing:#x} of {rec.pagemap} is neither in the delta nor in "
-                    f"the base {base_dir}"
-                )
-            b_pos[need] = order[pos]
+            b_pos[need] = _in_base(base_v, order, final_v[need], rec, base_dir)
+            if xor_rows.size:
+                at = _in_base(base_v, order, shipped.vaddrs[xor_rows], rec, base_dir)
+                shipped.pages[xor_rows] ^= base_pages[at]
         if rec.pages is not None:
             path = out_dir / rec.pages
             digest = _write_rebuilt(

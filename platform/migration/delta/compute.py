@@ -47,7 +47,8 @@ class DeltaStats:
 class PagemapDelta:
     """The pages of one pagemap of the current dump that the destination does not have.
 
-    ``shipped`` holds indices into the current pages file (ascending vaddr order).
+    ``shipped`` holds indices into the current pages file (ascending vaddr order), and
+    ``base_index`` for each the index of the previous round's page at its vaddr (-1: new).
     ``base_digest`` identifies the previous round's pagemap file (None without a previous one).
     """
 
@@ -57,6 +58,8 @@ class PagemapDelta:
     pages_new: int
     pages_gone: int
     base_digest: str | None
+    base: Pagemap | None = None
+    base_index: npt.NDArray[np.int64] | None = None
 
     def shipped_vaddrs(self) -> Vaddrs:
         return self.pagemap.present_vaddrs()[self.shipped]
@@ -69,6 +72,7 @@ class PageDelta:
     cur_dir: Path
     pagemaps: tuple[PagemapDelta, ...]
     stats: DeltaStats
+    prev_dir: Path | None = None
 
 
 def _digest_file(path: Path) -> str:
@@ -149,6 +153,8 @@ def _diff_pagemap(
         pages_new=int(cur_v.size - n_matched),
         pages_gone=int(prev_v.size - n_matched),
         base_digest=_digest_file(prev_dir / prev.file_name),
+        base=prev,
+        base_index=np.where(matched[shipped], prev_of_cur[shipped], -1).astype(np.int64),
     )
 
 
@@ -180,4 +186,4 @@ def compute_delta(prev_dir: Path | None, cur_dir: Path) -> PageDelta:
         pages_gone=sum(d.pages_gone for d in deltas) + gone_maps,
         compare_seconds=time.perf_counter() - started,
     )
-    return PageDelta(cur_dir, tuple(deltas), stats)
+    return PageDelta(cur_dir, tuple(deltas), stats, prev_dir)

@@ -1,14 +1,16 @@
 """The delta directory: what crosses the link for one pre-copy round, and its checks.
 
-Delta directory layout (format version 2):
+Delta directory layout (format version 3):
 
 - ``delta.json``: the manifest (:class:`DeltaManifest`).
 - every non-page file of the dump as it is, pagemaps included (``descriptors.json``,
   ``cgroup.img``, ``core-*.img``, ...).
 - ``delta-pages-<image id>.img`` per pagemap: the shipped pages as runs with their bytes.
 
-A runs file is ``b"FMPDRUN1"``, u32 flags (bit 0: page bytes follow), u32 run count, u64 page
-count, then per run u64 vaddr and u64 page count, then the pages, all little-endian.
+A runs file is ``b"FMPDRUN2"``, u32 flags (bit 0: page bytes follow), u32 run count, u64 page
+count, then per run u64 vaddr and u64 page count; with page bytes a u8 kind per page (raw, or
+XOR with the base round's page at the same vaddr) and the page section of ``pagecodec`` (a u32
+block count, then per block u32 pages, u8 codec, u32 length and the bytes), all little-endian.
 """
 
 from __future__ import annotations
@@ -25,16 +27,27 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
+from fogmig.platform.migration.delta.pagecodec import (
+    BLOCK_PAGES,
+    PageCodecError,
+    SectionWriter,
+    block_count_bytes,
+    check_kinds,
+    choose_kinds,
+    coded,
+    read_section,
+)
 from fogmig.platform.runtime.pagemap import Vaddrs
 
 MANIFEST_NAME = "delta.json"
-DELTA_FORMAT_VERSION = 2
+DELTA_FORMAT_VERSION = 3
 DELTA_PAGES_PREFIX = "delta-pages-"
 
-RUNS_MAGIC = b"FMPDRUN1"
+RUNS_MAGIC = b"FMPDRUN2"
 _RUNS_HEAD = struct.Struct("<8sIIQ")
 _RUNS_WITH_DATA = 1
 _RUN_DTYPE = np.dtype([("vaddr", "<i8"), ("nr_pages", "<i8")])
+_MAX_PAGES = 1 << 28
 
 # Pages compared, written or hashed per step: bounds the temporary copies to 2 x 16 MiB
 # whatever the state size.
@@ -91,60 +104,104 @@ def _expand_runs(runs: npt.NDArray[np.void]) -> Vaddrs:
     return starts + offsets * PAGE_SIZE
 
 
+@dataclass(frozen=True, slots=True)
+class WrittenRuns:
+    """What a runs file holds: pages by kind, and the page bytes before and after coding."""
+
+    pages_xor: int
+    pages_raw: int
+    plain_bytes: int
+    stored_bytes: int
+
+
 def write_runs(
-    path: Path, vaddrs: Vaddrs, pages: npt.NDArray[np.uint8], index: npt.NDArray[np.int64]
-) -> None:
-    """Write a runs file of ``vaddrs`` followed by the bytes of ``pages[index]``, in order."""
+    path: Path,
+    vaddrs: Vaddrs,
+    pages: npt.NDArray[np.uint8],
+    index: npt.NDArray[np.int64],
+    *,
+    base_pages: npt.NDArray[np.uint8] | None = None,
+    base_index: npt.NDArray[np.int64] | None = None,
+) -> WrittenRuns:
+    """Write a runs file of ``vaddrs`` and the pages ``pages[index]``, in order.
+
+    Where ``base_index`` names the page the destination already holds (``base_pages`` row, -1:
+    none) a page may travel as its XOR with that page (``pagecodec``).
+    """
     runs = runs_of(vaddrs)
+    n = int(index.size)
+    kinds = np.zeros(n, dtype=np.uint8)
     with path.open("wb") as f:
         f.write(_RUNS_HEAD.pack(RUNS_MAGIC, _RUNS_WITH_DATA, runs.size, int(vaddrs.size)))
         f.write(runs.tobytes())
-        for s in range(0, index.size, CHUNK_PAGES):
-            f.write(np.ascontiguousarray(pages[index[s : s + CHUNK_PAGES]]).tobytes())
+        # The kinds are known only once the pages are coded: their place is kept, then filled.
+        kinds_at = f.tell()
+        f.write(bytes(n))
+        f.write(block_count_bytes(-(-n // BLOCK_PAGES)))
+        section = SectionWriter(f)
+        for s in range(0, n, CHUNK_PAGES):
+            e = min(s + CHUNK_PAGES, n)
+            cur = np.ascontiguousarray(pages[index[s:e]])
+            base = np.zeros_like(cur)
+            has_base = np.zeros(e - s, dtype=np.bool_)
+            if base_pages is not None and base_index is not None:
+                bi = base_index[s:e]
+                has_base = bi >= 0
+                base[has_base] = base_pages[bi[has_base]]
+            kinds[s:e] = choose_kinds(cur, base, has_base)
+            section.write_blocks(coded(cur, base, kinds[s:e]))
+        f.seek(kinds_at)
+        f.write(kinds.tobytes())
+    xor = int(np.count_nonzero(kinds))
+    return WrittenRuns(xor, n - xor, section.plain_bytes, section.stored_bytes)
 
 
 @dataclass(frozen=True, slots=True)
 class PageRuns:
-    """A runs file read back: page vaddrs (ascending) and, if it carries them, their bytes."""
+    """A runs file read back: page vaddrs (ascending) and, if it carries them, the decoded
+    page section (each page raw or XOR with its base, as ``kinds`` says)."""
 
     vaddrs: Vaddrs
     pages: npt.NDArray[np.uint8] | None
+    kinds: npt.NDArray[np.uint8] | None = None
 
 
 def read_runs(path: Path) -> PageRuns:
     try:
-        size = path.stat().st_size
-        with path.open("rb") as f:
-            head = f.read(_RUNS_HEAD.size)
-            if len(head) != _RUNS_HEAD.size:
-                raise DeltaError(f"{path}: truncated header")
-            magic, flags, nr_runs, nr_pages = _RUNS_HEAD.unpack(head)
-            if magic != RUNS_MAGIC:
-                raise DeltaError(f"{path}: not a page runs file")
-            table = f.read(nr_runs * _RUN_DTYPE.itemsize)
+        data = memoryview(path.read_bytes())
     except OSError as exc:
         raise DeltaError(f"cannot read {path}: {exc}") from exc
-    if len(table) != nr_runs * _RUN_DTYPE.itemsize:
+    if len(data) < _RUNS_HEAD.size:
+        raise DeltaError(f"{path}: truncated header")
+    magic, flags, nr_runs, nr_pages = _RUNS_HEAD.unpack_from(data, 0)
+    if magic != RUNS_MAGIC:
+        raise DeltaError(f"{path}: not a page runs file")
+    table_end = _RUNS_HEAD.size + nr_runs * _RUN_DTYPE.itemsize
+    if len(data) < table_end:
         raise DeltaError(f"{path}: truncated run table")
-    runs = np.frombuffer(table, dtype=_RUN_DTYPE)
+    runs = np.frombuffer(data[_RUNS_HEAD.size : table_end], dtype=_RUN_DTYPE)
     if runs.size and (np.any(runs["nr_pages"] <= 0) or np.any(runs["vaddr"] % PAGE_SIZE)):
         raise DeltaError(f"{path}: bad run in the run table")
+    # Checked before anything is expanded: each page with data costs at least its kind byte.
+    limit = len(data) - table_end if flags & _RUNS_WITH_DATA else _MAX_PAGES
+    if nr_pages > limit or int(runs["nr_pages"].sum()) != nr_pages:
+        raise DeltaError(f"{path}: {nr_pages} pages cannot fit in {len(data)} bytes")
     vaddrs = _expand_runs(runs)
     if vaddrs.size != nr_pages or (vaddrs.size > 1 and np.any(np.diff(vaddrs) <= 0)):
         raise DeltaError(f"{path}: run table disagrees with its page count or is unordered")
-    data_off = _RUNS_HEAD.size + table.__len__()
-    with_data = bool(flags & _RUNS_WITH_DATA)
-    expected = data_off + (nr_pages * PAGE_SIZE if with_data else 0)
-    if size != expected:
-        raise DeltaError(f"{path}: {size} bytes, expected {expected}")
-    pages: npt.NDArray[np.uint8] | None = None
-    if with_data:
-        pages = (
-            np.memmap(path, dtype=np.uint8, mode="r", offset=data_off, shape=(nr_pages, PAGE_SIZE))
-            if nr_pages
-            else np.empty((0, PAGE_SIZE), dtype=np.uint8)
-        )
-    return PageRuns(vaddrs, pages)
+    if not flags & _RUNS_WITH_DATA:
+        if len(data) != table_end:
+            raise DeltaError(f"{path}: {len(data)} bytes, expected {table_end}")
+        return PageRuns(vaddrs, None)
+    if len(data) < table_end + nr_pages:
+        raise DeltaError(f"{path}: truncated page kinds, expected more bytes")
+    kinds = np.frombuffer(data[table_end : table_end + nr_pages], dtype=np.uint8)
+    try:
+        check_kinds(kinds)
+        pages = read_section(data[table_end + nr_pages :], int(nr_pages))
+    except PageCodecError as exc:
+        raise DeltaError(f"{path}: {exc}") from exc
+    return PageRuns(vaddrs, pages, kinds)
 
 
 # ---------------------------------------------------------------- manifest
@@ -176,13 +233,19 @@ class DeltaManifest(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     format: Literal["fogmig-page-delta"] = "fogmig-page-delta"
-    version: Literal[2] = 2
+    version: Literal[3] = 3
     files: list[str]
     pagemaps: list[PagemapRecord]
     pages_total: int
     pages_changed: int
     pages_new: int
     pages_gone: int
+    pages_xor: int = 0
+    """Shipped pages that travel as their XOR with the base's page (the rest raw)."""
+    page_bytes_plain: int = 0
+    """The shipped pages' 4 KiB each ..."""
+    page_bytes_stored: int = 0
+    """... and what their page sections take after XOR and compression."""
     compare_seconds: float
 
     @field_validator("files")

@@ -92,13 +92,27 @@ def save_delta(delta: PageDelta, out_dir: Path, *, digest: bool = True) -> Writt
     cur_dir = delta.cur_dir
     files = _copied_files(cur_dir)
     records: list[PagemapRecord] = []
+    pages_xor = plain = stored = 0
     for d in delta.pagemaps:
         pm = d.pagemap
         pages = load_pages(cur_dir, pm)
         vaddrs = d.shipped_vaddrs()
         index = d.shipped
+        base_pages = None
+        if d.base is not None and delta.prev_dir is not None and d.base_index is not None:
+            base_pages = load_pages(delta.prev_dir, d.base)
         delta_name = check_name(f"{DELTA_PAGES_PREFIX}{pm.image_id}.img")
-        write_runs(out_dir / delta_name, vaddrs, pages, index)
+        runs = write_runs(
+            out_dir / delta_name,
+            vaddrs,
+            pages,
+            index,
+            base_pages=base_pages,
+            base_index=d.base_index,
+        )
+        pages_xor += runs.pages_xor
+        plain += runs.plain_bytes
+        stored += runs.stored_bytes
         records.append(
             PagemapRecord(
                 image_id=pm.image_id,
@@ -121,6 +135,9 @@ def save_delta(delta: PageDelta, out_dir: Path, *, digest: bool = True) -> Writt
         pages_changed=s.pages_changed,
         pages_new=s.pages_new,
         pages_gone=s.pages_gone,
+        pages_xor=pages_xor,
+        page_bytes_plain=plain,
+        page_bytes_stored=stored,
         compare_seconds=s.compare_seconds,
     )
     (out_dir / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=1))
