@@ -7,8 +7,10 @@ images; sizes and, where the delta carries them, SHA-256 digests prove the rebui
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -147,13 +149,18 @@ def apply_delta(base_dir: Path | None, delta_dir: Path, out_dir: Path) -> Rebuil
                 shipped.pages[xor_rows] ^= base_pages[at]
         if rec.pages is not None:
             path = out_dir / rec.pages
+            base_file = (
+                base_dir / base_pm.pages_file_name
+                if base_dir is not None and base_pm is not None and base_pm.pages_file_name
+                else None
+            )
             digest = _write_rebuilt(
                 path,
                 in_delta=in_delta,
                 d_pos=d_pos,
                 delta_pages=shipped.pages,
                 b_pos=b_pos,
-                base_pages=base_pages,
+                base_file=base_file,
                 digest=rec.pages_sha256 is not None,
             )
             size = path.stat().st_size
@@ -187,26 +194,77 @@ def _write_rebuilt(
     d_pos: npt.NDArray[np.int64],
     delta_pages: npt.NDArray[np.uint8],
     b_pos: npt.NDArray[np.int64],
-    base_pages: npt.NDArray[np.uint8],
+    base_file: Path | None,
     digest: bool,
 ) -> str | None:
-    """Write the final pages chunk by chunk (bounded memory); their SHA-256 if asked."""
-    h = hashlib.sha256() if digest else None
-    with path.open("wb") as f:
-        for s in range(0, in_delta.size, CHUNK_PAGES):
-            e = min(s + CHUNK_PAGES, in_delta.size)
-            sel = in_delta[s:e]
-            chunk = np.empty((e - s, PAGE_SIZE), dtype=np.uint8)
-            rows = np.flatnonzero(sel)
-            if rows.size:
-                chunk[rows] = gather(delta_pages, d_pos[s:e][rows])
-            rows = np.flatnonzero(~sel)
-            if rows.size:
-                chunk[rows] = gather(base_pages, b_pos[s:e][rows])
-            f.write(chunk.data)
-            if h is not None:
-                h.update(chunk.data)
-    return h.hexdigest() if h is not None else None
+    """Write the final pages file; its SHA-256 if asked.
+
+    Unchanged pages are copied from the base's pages file by the kernel, run by run
+    (``copy_file_range``: no pass through this process, about ten times faster than reading
+    and writing them on this machine's disks); shipped pages are written where they belong.
+    This is the part of a pre-copy's frozen window that grows with the state's size.
+    """
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    base_fd = os.open(base_file, os.O_RDONLY | os.O_CLOEXEC) if base_file is not None else None
+    try:
+        os.ftruncate(fd, in_delta.size * PAGE_SIZE)
+        for first, count, from_delta in _runs(in_delta, d_pos, b_pos):
+            if from_delta:
+                data = gather(delta_pages, d_pos[first : first + count])
+                _pwrite_all(fd, memoryview(data.tobytes()), first * PAGE_SIZE)
+            else:
+                assert base_fd is not None
+                _copy_all(base_fd, fd, int(b_pos[first]) * PAGE_SIZE, first * PAGE_SIZE, count)
+    finally:
+        os.close(fd)
+        if base_fd is not None:
+            os.close(base_fd)
+    return _sha256_file(path) if digest else None
+
+
+def _runs(
+    in_delta: npt.NDArray[np.bool_], d_pos: npt.NDArray[np.int64], b_pos: npt.NDArray[np.int64]
+) -> Iterator[tuple[int, int, bool]]:
+    """(first page, pages, from the delta?) runs of the final pages file: consecutive pages
+    from the same side and, for the base, at consecutive offsets there (one copy each)."""
+    n = in_delta.size
+    if n == 0:
+        return
+    src = np.where(in_delta, d_pos, b_pos)
+    # A run breaks where the side changes or the source offset does not follow on.
+    breaks = np.flatnonzero((in_delta[1:] != in_delta[:-1]) | (src[1:] != src[:-1] + 1)) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [n]))
+    for s, e in zip(starts.tolist(), ends.tolist(), strict=True):
+        yield s, e - s, bool(in_delta[s])
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+def _copy_all(src: int, dst: int, src_offset: int, dst_offset: int, pages: int) -> None:
+    left = pages * PAGE_SIZE
+    while left > 0:
+        try:
+            n = os.copy_file_range(src, dst, left, src_offset, dst_offset)
+        except OSError:
+            # Another filesystem or no support: copy through this process.
+            chunk = os.pread(src, min(left, CHUNK_PAGES * PAGE_SIZE), src_offset)
+            n = os.pwrite(dst, chunk, dst_offset) if chunk else 0
+        if n <= 0:
+            raise DeltaError(f"short copy from the base: {left} bytes left at {src_offset}")
+        src_offset, dst_offset, left = src_offset + n, dst_offset + n, left - n
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(CHUNK_PAGES * PAGE_SIZE):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def _load(directory: Path, pm: Pagemap) -> npt.NDArray[np.uint8]:
