@@ -69,8 +69,11 @@ class StreamedPages:
         *,
         unit_pages: int = 16,
         boost_units: int = 4,
+        fault_around: int = 4,
     ) -> None:
         self.demand = demand
+        self.fault_around = fault_around
+        """Pages fetched with a fault: the faulting one and those right after it."""
         self._ahead = list(ahead)
         self.plan = StreamPlan(wanted, unit_pages=unit_pages, boost_units=boost_units)
         self._cache: dict[tuple[int, int], bytes] = {}
@@ -144,10 +147,14 @@ class StreamedPages:
                 f"source answered {len(data)} bytes for {unit.nr_pages} pages at "
                 f"{unit.vaddr:#x} of task {unit.pid}"
             )
-        n = len(data) // PAGE_SIZE
         self.counts.units += 1
-        if n:
+        if data:
             self._tally.add_remote(len(data))
+        self._store(unit, data)
+
+    def _store(self, unit: Unit, data: bytes) -> None:
+        """Keep the pages of ``unit`` that arrived; the rest go back to the plan."""
+        n = len(data) // PAGE_SIZE
         for i, key in enumerate(unit.pages()):
             if i < n and self.plan.state(*key) is PageState.IN_FLIGHT:
                 self._cache[key] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
@@ -213,23 +220,27 @@ class StreamedPages:
         return b"".join(pieces)
 
     async def _fetch_fault(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
-        """The faulting page (and, with no stream left, a unit after it) on the demand path."""
-        want = 1 if self._alive else min(nr_pages, self.plan.unit_pages)
+        """The faulting page and the few after it (memory is touched in neighbourhoods) on the
+        demand path; with no stream left, a whole unit."""
+        want = self.fault_around if self._alive else self.plan.unit_pages
         taken = 0
         while taken < want and self.plan.take(pid, vaddr + taken * PAGE_SIZE):
             taken += 1
-        # Whatever it returns, the daemon gets it; the plan forgets these pages either way.
+        unit = Unit(pid, vaddr, taken)
         self.plan.boost(pid, vaddr + taken * PAGE_SIZE)
         self._more.set()
         started = time.monotonic()
         try:
-            data = await self.demand.read(pid, vaddr, max(taken, 1))
+            data = await self.demand.read(pid, vaddr, taken)
+        except BaseException:
+            self.plan.failed(unit)
+            self._arrive(unit)
+            raise
         finally:
-            self.plan.served(pid, vaddr, taken)
-            self._arrive(Unit(pid, vaddr, taken))
             self.counts.faults_on_demand += 1
             self.counts.fault_wait_s += time.monotonic() - started
-        return data
+        self._store(unit, data)
+        return self._serve_arrived(pid, vaddr, nr_pages)
 
     async def _fetch_demand(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
         data = await self.demand.read(pid, vaddr, nr_pages)
