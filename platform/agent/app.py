@@ -40,6 +40,7 @@ from fogmig.platform.migration.handover.messages import (
     encode_call,
     encode_reply,
 )
+from fogmig.platform.migration.lazy.stream import stream_channels
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.server import (
     CallReply,
@@ -52,10 +53,6 @@ from fogmig.services.image import find_image
 log = logging.getLogger(__name__)
 
 MAX_PAGES_PER_CALL = 256  # 1 MiB: the transfer channel's limit for binary call results
-STREAM_CHANNELS = 4
-"""Channels that stream a lazy restore's pages, one small request in flight on each: enough
-to keep a long link busy (more than its bandwidth-delay product in flight), few enough that
-a fault's reply never queues behind much."""
 
 
 class Agent(CommandHandling):
@@ -171,10 +168,15 @@ class Agent(CommandHandling):
 
     async def _fetch_from(self, source: str, migration_id: str) -> PageChannels:
         """Channels back to the source for the pages of ``migration_id``: one for faults and
-        :data:`STREAM_CHANNELS` for the stream, opened at once (each a TLS handshake)."""
+        as many for the stream as the measured link needs, opened at once (each a TLS
+        handshake)."""
         ip = self.config.peers.get(source)
         if ip is None:
             raise UnknownNodeError(f"{self.node} has no data link to {source}")
+        link = self.links.get(source)
+        streams = stream_channels(
+            link.throughput_bytes_per_s if link else None, link.rtt_s if link else None
+        )
         stack = contextlib.AsyncExitStack()
 
         async def connect() -> TransferClient:
@@ -185,7 +187,7 @@ class Agent(CommandHandling):
             )
 
         try:
-            clients = await asyncio.gather(*(connect() for _ in range(1 + STREAM_CHANNELS)))
+            clients = await asyncio.gather(*(connect() for _ in range(1 + streams)))
         except BaseException:
             await stack.aclose()
             raise

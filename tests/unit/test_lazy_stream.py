@@ -11,7 +11,7 @@ from fogmig.platform.base.errors import TransferError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.plan import PageState, StreamPlan, Unit
 from fogmig.platform.migration.lazy.sources import RemotePages
-from fogmig.platform.migration.lazy.stream import StreamedPages
+from fogmig.platform.migration.lazy.stream import StreamedPages, stream_channels
 
 BIG = 0x7F0000000000
 SMALL = 0x10000000
@@ -230,3 +230,13 @@ async def test_a_wrong_sized_answer_stops_the_stream_channel() -> None:
     assert stream.error is not None
     assert "bytes for 4 pages" in str(stream.error)
     await stream.close()
+
+
+def test_stream_channels_cover_the_bandwidth_delay_product_and_no_more() -> None:
+    unit = 16 * PAGE_SIZE
+    # The paper's orchestration link (72 Mbit/s, 7 ms): 63 KB in flight fills it.
+    assert stream_channels(72e6 / 8, 0.007) == 2
+    # The mobility link (11.34 Mbit/s, 123 ms): 174 KB, three units and one more.
+    assert stream_channels(11.34e6 / 8, 0.123) == 4
+    assert stream_channels(unit * 10 / 0.1, 0.1) == 6  # bounded
+    assert stream_channels(None, 0.1) == stream_channels(1e6, None) == 4

@@ -517,6 +517,21 @@ async def test_server_keeps_request_order_when_answers_finish_out_of_order() -> 
     assert stats.closed_cleanly
 
 
+async def test_server_answers_background_ranges_in_part_and_faults_whole() -> None:
+    pages = {(1, 0x1000 * i): page(i % 250) for i in range(1, 21)}
+    async with LazyPageServer(source=DictPages(pages), max_reply_pages=4) as server:
+        reader, writer = await asyncio.open_connection(sock=await server.channel())
+        daemon = FakeDaemon(reader, writer)
+        await daemon.ask(1, 0x1000, 16)  # the daemon's background range
+        await daemon.ask(1, 0x11000, 1)  # a fault queued behind it
+        (bg, bg_data), (fault, _) = await daemon.answer(), await daemon.answer()
+        assert (bg.vaddr, bg.nr_pages) == (0x1000, 4)  # the rest is asked for again
+        assert bg_data == b"".join(page(i % 250) for i in range(1, 5))
+        assert (fault.vaddr, fault.nr_pages) == (0x11000, 1)
+        assert await daemon.close() == CLOSE_STATUS_OK
+        await server.wait_session(timeout=5)
+
+
 async def test_server_reports_a_failing_remote_source() -> None:
     async def fetch(pid: int, vaddr: int, nr: int) -> bytes:
         raise TransferError("source node unreachable")

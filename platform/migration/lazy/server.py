@@ -94,10 +94,12 @@ class LazyPageServer:
         *,
         source: PageSource,
         max_in_flight: int = 16,
+        max_reply_pages: int = 64,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.source = source
         self._max_in_flight = max_in_flight
+        self._max_reply_pages = max_reply_pages
         self._clock = clock
         self._counters = _Counters()
         self._served: dict[int, list[tuple[int, int]]] = {}
@@ -206,10 +208,12 @@ class LazyPageServer:
         log.info("lazy page session over: %s", self.stats)
 
     async def _answer(self, request: GetPages) -> bytes:
-        # CRIU's daemon asks for exactly one page when a process faults on it.
-        data = await self.source.read(
-            request.pid_id, request.vaddr, request.nr_pages, fault=request.nr_pages == 1
-        )
+        # CRIU's daemon asks for exactly one page when a process faults on it. Its background
+        # ranges grow to 4 MiB; answered in part, they never hold up a fault queued behind
+        # them for long (replies go out in request order), and the daemon asks for the rest.
+        fault = request.nr_pages == 1
+        nr = request.nr_pages if fault else min(request.nr_pages, self._max_reply_pages)
+        data = await self.source.read(request.pid_id, request.vaddr, nr, fault=fault)
         nr = len(data) // PAGE_SIZE
         if nr == 0 or len(data) % PAGE_SIZE or nr > request.nr_pages:
             raise PageServerError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,26 @@ log = logging.getLogger(__name__)
 
 Fetch = Callable[[int, int, int], Awaitable[bytes]]
 """(pid, vaddr, nr_pages) -> the pages (a prefix is allowed) or empty bytes."""
+
+UNIT_PAGES = 16
+"""Pages per stream request (64 KiB): what a fault may queue behind per channel."""
+DEFAULT_CHANNELS = 4
+MIN_CHANNELS, MAX_CHANNELS = 2, 6
+
+
+def stream_channels(
+    rate_bytes_per_s: float | None, rtt_s: float | None, *, unit_pages: int = UNIT_PAGES
+) -> int:
+    """How many stream channels (one unit in flight each) a link needs.
+
+    Enough units in flight to cover the link's bandwidth-delay product plus one, so the link
+    never idles; no more, because every byte in flight beyond it waits in the link's queue,
+    ahead of the next fault's reply. Unknown link: :data:`DEFAULT_CHANNELS`.
+    """
+    if not rate_bytes_per_s or not rtt_s or rate_bytes_per_s <= 0 or rtt_s <= 0:
+        return DEFAULT_CHANNELS
+    bdp_units = rate_bytes_per_s * rtt_s / (unit_pages * PAGE_SIZE)
+    return max(MIN_CHANNELS, min(MAX_CHANNELS, math.ceil(bdp_units) + 1))
 
 
 @dataclass(slots=True)
@@ -67,7 +88,7 @@ class StreamedPages:
         ahead: Sequence[Fetch],
         wanted: Mapping[int, Collection[int]],
         *,
-        unit_pages: int = 16,
+        unit_pages: int = UNIT_PAGES,
         boost_units: int = 4,
         fault_around: int = 4,
     ) -> None:
