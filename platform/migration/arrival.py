@@ -23,6 +23,7 @@ from fogmig.platform.base.nodes import netns_name
 from fogmig.platform.migration.delta import apply as delta_apply
 from fogmig.platform.migration.handover.messages import ApplyDelta, Restore, SendFiles
 from fogmig.platform.migration.lazy.daemon import LazyPagesDaemon
+from fogmig.platform.migration.lazy.kept import decode_kept
 from fogmig.platform.migration.lazy.layout import lazy_vaddrs
 from fogmig.platform.migration.lazy.server import LazyPageServer, LazyServeStats
 from fogmig.platform.migration.lazy.sources import (
@@ -182,6 +183,7 @@ class Arrival:
         if call.base:
             # Hybrid: unchanged pages from the last pre-copy round here, changed ones remote.
             base = self.sub(call.base)
+            await asyncio.to_thread(decode_kept, images, base)
             changed_file = images / (call.changed or "")
             changed = {
                 int(pid): vaddrs for pid, vaddrs in json.loads(changed_file.read_text()).items()

@@ -15,6 +15,7 @@ from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.migration.context import LAST, MigrationContext, Move
 from fogmig.platform.migration.delta.compute import compute_delta
 from fogmig.platform.migration.handover.messages import Reply, Restore, SendFilesOk
+from fogmig.platform.migration.lazy.kept import encode_kept
 from fogmig.platform.migration.ports import SentResult
 from fogmig.platform.migration.postcopy import LazyPages, lazy_dump
 from fogmig.platform.migration.precopy import Rounds, files_call
@@ -54,6 +55,8 @@ class Hybrid:
         delta = compute_delta(self.rounds.last, ctx.image_dir)
         changed = {d.pagemap.image_id: d.shipped_vaddrs().tolist() for d in delta.pagemaps}
         (ctx.workdir / "lazy" / CHANGED_FILE).write_text(json.dumps(changed))
+        # The kept pages go as a delta against the last round the destination holds.
+        encode_kept(ctx.workdir / "lazy", self.rounds.last)
         ctx.record.dump_time_s += time.monotonic() - started
         self._changed_pages = delta.stats.pages_shipped
 

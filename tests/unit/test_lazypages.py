@@ -4,6 +4,7 @@ the lazy layout of synthetic images, the page sources and the daemon's verdict."
 from __future__ import annotations
 
 import asyncio
+import shutil
 import struct
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -18,8 +19,11 @@ from fogmig.platform.migration.lazy.errors import (
     PageNotFoundError,
     PageServerError,
 )
+from fogmig.platform.migration.lazy.kept import SUFFIX as KEPT_SUFFIX
+from fogmig.platform.migration.lazy.kept import decode_kept, encode_kept
 from fogmig.platform.migration.lazy.layout import (
     convert_to_lazy_layout,
+    convert_to_lazy_layout_sync,
 )
 from fogmig.platform.migration.lazy.protocol import (
     CLOSE_STATUS_OK,
@@ -669,3 +673,47 @@ def test_outcome_accepts_only_pages_the_task_released(
     result = outcome(tmp_path, 0, [(6, 10)], expected_tasks=1, released=released, missing=missing)
     assert result.ok is ok
     assert "6/10" in result.describe()
+
+
+# --------------------------------------------------------------------------- kept pages delta
+
+
+def test_kept_pages_travel_as_a_delta_and_rebuild_byte_identical(
+    full_dump: Path, tmp_path: Path
+) -> None:
+    lazy = tmp_path / "lazy"
+    convert_to_lazy_layout_sync(full_dump, lazy)
+    kept = lazy / "pages-11.img"
+    # The frozen service changed two bytes of its kept page since the base round.
+    changed = bytearray(kept.read_bytes())
+    changed[10] ^= 0xFF
+    changed[4000] ^= 0x01
+    kept.write_bytes(bytes(changed))
+    originals = {p.name: p.read_bytes() for p in lazy.glob("pages-*.img")}
+    stats = encode_kept(lazy, full_dump)
+    assert not [p for p in lazy.glob("pages-*.img") if p.stat().st_size]  # only empty ones
+    assert stats.xor_pages == stats.pages
+    assert stats.coded_bytes < stats.plain_bytes // 4
+    assert decode_kept(lazy, full_dump) == stats.files
+    assert {p.name: p.read_bytes() for p in lazy.glob("pages-*.img")} == originals
+    assert not list(lazy.glob(f"*{KEPT_SUFFIX}"))
+
+
+def test_a_kept_pages_delta_on_another_base_or_damaged_is_refused(
+    full_dump: Path, tmp_path: Path
+) -> None:
+    lazy = tmp_path / "lazy"
+    convert_to_lazy_layout_sync(full_dump, lazy)
+    encode_kept(lazy, full_dump)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "pagemap-1.img").write_bytes(pagemap_image(11, [(0x90000, 1, 4)]))
+    (other / "pages-11.img").write_bytes(page(9))
+    spare = tmp_path / "spare"
+    shutil.copytree(lazy, spare)
+    with pytest.raises(LazyLayoutError, match="does not have"):
+        decode_kept(lazy, other)
+    coded = next(spare.glob(f"*{KEPT_SUFFIX}"))
+    coded.write_bytes(coded.read_bytes()[:-3])
+    with pytest.raises(LazyLayoutError, match=coded.name):
+        decode_kept(spare, full_dump)
