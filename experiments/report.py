@@ -316,6 +316,6 @@ def write_report(
         markdown=md,
         html=page,
         figures=written,
-        png_problem=writer.problem if writer else "PNG export not asked for",
+        png_problem=writer.problem if writer else None,
         verdicts=verdicts,
     )

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from fogmig.device_sim.probe import ProbeSettings, write_csv
 from fogmig.experiments.eta import Eta
@@ -63,8 +64,29 @@ class GridResult:
     elapsed_s: float = 0.0
 
 
-async def run_grid(spec: GridSpec, out: Path, *, say: Say = print) -> GridResult:
-    """Run every cell of ``spec`` that has no record in ``out`` yet."""
+class LinkRunner(Protocol):
+    """Runs the cells of one (link profile, MTU) group and stores each run as it ends."""
+
+    async def __call__(
+        self,
+        spec: GridSpec,
+        out: Path,
+        *,
+        link: LinkProfile,
+        mtu: int | None,
+        cells: Sequence[Cell],
+        eta: Eta,
+        result: GridResult,
+        say: Say,
+    ) -> None: ...
+
+
+async def run_grid(
+    spec: GridSpec, out: Path, *, say: Say = print, link_runner: LinkRunner | None = None
+) -> GridResult:
+    """Run every cell of ``spec`` that has no record in ``out`` yet (``link_runner``: how a
+    group of cells on one link runs; the testbed's by default)."""
+    runner = link_runner or _run_link
     started = time.monotonic()
     earlier = [r for r in load_runs(out) if r.engine == ENGINE]
     done = {r.cell for r in earlier}
@@ -79,16 +101,30 @@ async def run_grid(spec: GridSpec, out: Path, *, say: Say = print) -> GridResult
         if not cells:
             continue
         link = load_profile(profile_name)
-        # One testbed per machine: wait for whoever holds it.
-        with exclusive_use(timeout=3600):
-            await _run_link(
-                spec, out, link=link, mtu=mtu, cells=cells, eta=eta, result=result, say=say
-            )
+        await runner(spec, out, link=link, mtu=mtu, cells=cells, eta=eta, result=result, say=say)
     result.elapsed_s = time.monotonic() - started
     return result
 
 
 async def _run_link(
+    spec: GridSpec,
+    out: Path,
+    *,
+    link: LinkProfile,
+    mtu: int | None,
+    cells: Sequence[Cell],
+    eta: Eta,
+    result: GridResult,
+    say: Say,
+) -> None:
+    # One testbed per machine: wait for whoever holds it.
+    with exclusive_use(timeout=3600):
+        await _on_testbed(
+            spec, out, link=link, mtu=mtu, cells=cells, eta=eta, result=result, say=say
+        )
+
+
+async def _on_testbed(
     spec: GridSpec,
     out: Path,
     *,
