@@ -125,6 +125,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--runs",
+        "--repeat",
+        dest="runs",
         type=int,
         default=None,
         help=f"runs per cell ({DEFAULT_RUNS}; --quick: {QUICK_RUNS})",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 
@@ -144,3 +145,9 @@ def test_every_claim_that_fails_here_says_why(
     status = _verdicts(evaluation_runs)[claim.id][0]
     if status in (Status.FAILS, Status.PARTLY):
         assert claim.differs
+
+
+def test_the_documentation_lists_every_claim_as_the_code_checks_it() -> None:
+    text = (Path(__file__).parents[2] / "docs" / "evaluation.md").read_text()
+    for claim in CLAIMS:
+        assert f"| {claim.id} | {claim.source} | {claim.statement} |" in text, claim.id
