@@ -184,6 +184,7 @@ def _control(summary: Summary, spec: GridSpec | None) -> list[doc.Block]:
         ),
     ]
     rows = []
+    changes: list[float] = []
     for ctl in controls:
         base = base_configuration(ctl)
         for t in TECHNIQUE_ORDER:
@@ -192,6 +193,8 @@ def _control(summary: Summary, spec: GridSpec | None) -> list[doc.Block]:
                 continue
             da, db = (summary.get("downtime_s", ENGINE, c, t) for c in (base, ctl))
             change = (b.mean / a.mean - 1) if a.n and b.n and a.mean > 0 else math.nan
+            if not math.isnan(change):
+                changes.append(change)
             rows.append(
                 [
                     f"{base} vs {ctl}",
@@ -218,6 +221,13 @@ def _control(summary: Summary, spec: GridSpec | None) -> list[doc.Block]:
             doc.Para(
                 f"Measured TCP throughput: {base} {_fmt(rates[0])} Mbit/s, "
                 f"{ctl} {_fmt(rates[1])} Mbit/s."
+            )
+        )
+    if changes:
+        blocks.append(
+            doc.Para(
+                f"At MTU {mtu} the total times change by {statistics.fmean(changes):+.0%} on "
+                f"average ({min(changes):+.0%} to {max(changes):+.0%} over the techniques)."
             )
         )
     blocks.append(
