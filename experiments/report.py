@@ -43,6 +43,15 @@ def _fmt(x: float | None, digits: int = 2) -> str:
     return f"{x:.{digits}f}"
 
 
+def _span(runs: Sequence[RunRecord]) -> str:
+    """From the first migration's start to the last one's end, as a sentence."""
+    starts = [r.record.started_at for r in runs if r.record.started_at > 0]
+    ends = [r.record.finished_at for r in runs if r.record.finished_at > 0]
+    if not starts or not ends:
+        return ""
+    return f" The migrations span {(max(ends) - min(starts)) / 60:.1f} min."
+
+
 def _conditions(summary: Summary, engine: str) -> doc.TableBlock:
     rows = []
     for conf in summary.configurations(engine):
@@ -284,7 +293,8 @@ def build_report(
     d.add(
         doc.Para(
             f"{grid_text}. {len(runs)} run(s), {done} completed; engines: {', '.join(engines)}."
-            + (f" The grid took {elapsed_s / 60:.1f} min." if elapsed_s else "")
+            + (f" This invocation took {elapsed_s / 60:.1f} min." if elapsed_s else "")
+            + _span(runs)
         ),
         doc.Para(
             "Every run starts from a fresh deployment of the service on the source and a "
