@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from fogmig.platform.testbed.state import exclusive_use
+
 pytestmark = pytest.mark.system
 
 
@@ -36,7 +38,9 @@ def test_a_tiny_grid_writes_consistent_runs_figures_and_report(tmp_path: Path) -
     if os.geteuid() != 0:
         pytest.skip("the testbed needs root")
     out = tmp_path / "grid"
-    fogmig("testbed", "down")  # leftovers of a crashed run
+    with exclusive_use(timeout=900):
+        fogmig("testbed", "down")  # leftovers of a crashed run
+    # The command takes the testbed's lease itself, once per link.
     done = fogmig(
         "experiment", "--quick", "--configurations", "C", "--techniques", "cold,postcopy",
         "--runs", "1", "--state-mb", "4", "--control", "C", "--out", str(out),
