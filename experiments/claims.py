@@ -307,9 +307,10 @@ _LAZY_SETUP = (
     "from a complete local image"
 )
 _PRECOPY_SHORT_DUMP = (
-    "at 10 KB/s the service dirties well under a megabyte during fogmig's pre-copy phase, even "
-    "a long one, so pre-copy's final dump stays small; post-copy's and hybrid's downtimes on "
-    "the slow link include setting up lazy paging across it (round trips)"
+    "pre-copy's final dump holds only the pages changed during the pre-copy phase (at 10 KB/s "
+    "well under a megabyte even over a long phase) and crosses the link in one stream, while "
+    "post-copy's and hybrid's downtimes on the slow link also include setting up lazy paging "
+    "across it (round trips); that evens the downtimes out unless the dump grows large"
 )
 _SMALL = (
     "the run moved less state than the paper's (with --quick, about an eighth), so "
