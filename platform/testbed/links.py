@@ -1,4 +1,4 @@
-"""Changing the testbed's data links at run time: cut, restore, reshape, inspect.
+"""Changing the testbed's data links at run time: cut, restore, reshape, set the MTU, inspect.
 
 ``await cut_link("gw1", "gw2")`` drops every packet between the two hosts, silently, in both
 directions, until ``await restore_link("gw1", "gw2")``; packets in flight are lost. The link
@@ -12,7 +12,7 @@ import contextlib
 from pathlib import Path
 
 from fogmig.platform.base.errors import ConfigError, TestbedError
-from fogmig.platform.testbed import netem
+from fogmig.platform.testbed import netem, netns
 from fogmig.platform.testbed.linkd import ControlRequest, ControlResponse, LinkRuntime
 from fogmig.platform.testbed.state import LinkInfo, TestbedState, load_state, update_state
 
@@ -103,6 +103,20 @@ async def set_link(
     await _change(a, b, rate_mbit=rate_mbit, rtt_ms=rtt_ms)
 
 
+async def set_data_mtu(mtu: int, state: TestbedState | None = None) -> None:
+    """Give every data link's interfaces (in every host) this MTU; connections opened later
+    use it. ``topology.DATA_MTU`` restores the testbed's own."""
+    if not 576 <= mtu <= 65535:
+        raise ConfigError(f"MTU {mtu} is not usable on an IPv4 link (576..65535)")
+    state = state or load_state()
+    for host in state.hosts:
+        commands = [
+            f"link set {link.devices[host.name]} mtu {mtu}" for link in state.links_of(host.name)
+        ]
+        if commands:
+            await netns.ip_batch(commands, netns=host.netns)
+
+
 async def link_runtime(state: TestbedState | None = None) -> ControlResponse | None:
     """What the link daemon reports now (counters, CPU), or None for the netem backend."""
     state = state or load_state()
@@ -117,5 +131,6 @@ __all__ = [
     "link_runtime",
     "linkd_request",
     "restore_link",
+    "set_data_mtu",
     "set_link",
 ]

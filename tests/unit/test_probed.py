@@ -9,7 +9,7 @@ from rich.console import Console
 
 from fogmig.device_sim.events import RequestOutcome
 from fogmig.device_sim.observed import ProbeRecord, ProbeTimeline
-from fogmig.experiments.paper import summary_table
+from fogmig.experiments.table import summary_table
 from fogmig.platform.apps.probed import observe, probe_gateway
 from fogmig.platform.cli.main import build_parser
 from fogmig.platform.migration.record import MigrationRecord
