@@ -157,13 +157,13 @@ async def run_baseline(
                 record.finished_at = time.time()
                 await _stop_lazy(move)
         if record.outcome is Outcome.COMPLETED:
-            problems = await device.after(move.source, move.destination)
+            problems = await device.after(move.destination, move.source)
             if problems:
                 record.outcome = Outcome.FAILED_AFTER_COMMIT
                 record.error = "; ".join(problems)
                 record.failed_phase = "verify"
         elif not move.source_dumped:
-            problems = await device.after(move.destination, move.source)
+            problems = await device.after(move.source, move.destination)
             if problems:
                 record.error = f"{record.error}; after the failure: {'; '.join(problems)}"
         record.mark(
