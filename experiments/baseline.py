@@ -350,8 +350,26 @@ async def _checkpoint(
         _unpark(parked)
         await _after_dump(move)
     if done.returncode != 0:
-        raise StepFailed(phase, _criu_failure(f"runc checkpoint ({phase})", done, work))
+        failure = _criu_failure(f"runc checkpoint ({phase})", done, work)
+        if pre_dump:
+            failure = await _explain_pre_dump(failure)
+        raise StepFailed(phase, failure)
     return seconds
+
+
+async def _explain_pre_dump(failure: CriuError) -> CriuError:
+    """runc only says "CRIU is missing features": add what CRIU says about memory tracking."""
+    check = await run(cmds.DIRTY_TRACK_CHECK, check=False, what="criu check")
+    said = " ".join((check.stderr + check.stdout).split())
+    if check.returncode == 0 or not said:
+        return failure
+    return CriuError(
+        "runc checkpoint --pre-dump failed",
+        cmd=failure.cmd,
+        returncode=failure.returncode,
+        stderr=f"{failure.stderr.strip()}; `{' '.join(cmds.DIRTY_TRACK_CHECK)}`: {said}",
+        hint="this kernel has no soft-dirty memory tracking (docs/platform.md)",
+    )
 
 
 def _criu_failure(what: str, done: object, work: Path) -> CriuError:

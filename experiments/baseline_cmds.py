@@ -21,6 +21,8 @@ FINAL_DIR: Final = "final"
 PARENT_LINK: Final = f"../{PRE_DUMP_DIR}"
 """``--parent-path`` is relative to the image directory of the final dump."""
 LAZY_LOG: Final = "lazy-pages.log"
+DIRTY_TRACK_CHECK: Final = ("criu", "check", "--feature", "mem_dirty_track")
+"""What a pre-dump needs from the kernel: soft-dirty memory tracking."""
 _UFFD_PAGES = re.compile(r"UFFD transferred pages: \((\d+)/(\d+)\)")
 
 PRE_DUMP_TECHNIQUES: Final = frozenset({Technique.PRECOPY, Technique.HYBRID})
