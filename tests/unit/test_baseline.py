@@ -12,7 +12,8 @@ import pytest
 from fogmig.experiments import baseline_cmds as cmds
 from fogmig.experiments import baseline_ssh as ssh
 from fogmig.experiments.baseline import ENGINE, engine_of, new_migration_id
-from fogmig.platform.base.vocabulary import PAGE_SIZE, Technique
+from fogmig.experiments.baseline_compare import compare, markdown
+from fogmig.platform.base.vocabulary import PAGE_SIZE, Outcome, Technique
 from fogmig.platform.cli.baseline import technique
 from fogmig.platform.cli.main import build_parser
 from fogmig.platform.migration.record import MigrationRecord
@@ -179,3 +180,40 @@ def test_engine_column_follows_the_id_prefix() -> None:
 
     assert engine_of(record(mid)) == ENGINE == "runc-rsync"
     assert engine_of(record("bench-20261207T121455-c0843f")) == "fogmig"
+
+
+def _rec(mid: str, technique: Technique, total: float, *, ok: bool = True) -> MigrationRecord:
+    return MigrationRecord(
+        migration_id=mid,
+        service="bench",
+        source="gw1",
+        destination="gw2",
+        technique=technique,
+        outcome=Outcome.COMPLETED if ok else Outcome.ROLLED_BACK,
+        error=None if ok else "runc checkpoint --pre-dump failed: CRIU is missing features",
+        dump_time_s=total / 2,
+        dump_transfer_time_s=total / 2,
+        dump_bytes=int(total * 1e6),
+    )
+
+
+def test_compare_gives_fogmig_over_baseline_ratios_and_the_baseline_failure() -> None:
+    records = [
+        _rec("bench-1", Technique.COLD, 10.0),
+        _rec("bench-2", Technique.COLD, 12.0),
+        _rec("baseline-bench-1", Technique.COLD, 22.0),
+        _rec("bench-3", Technique.PRECOPY, 14.0),
+        _rec("baseline-bench-2", Technique.PRECOPY, 0.0, ok=False),
+    ]
+    rows = {c.technique: c for c in compare(records)}
+    cold = rows[Technique.COLD]
+    assert cold.ratio("total_s") == pytest.approx(0.5)
+    assert cold.ratio("bytes") == pytest.approx(0.5)
+    pre = rows[Technique.PRECOPY]
+    assert pre.baseline is None
+    assert pre.ratio("total_s") is None
+    assert pre.baseline_error is not None
+    assert "missing features" in pre.baseline_error
+    assert Technique.HYBRID not in rows
+    table = markdown(list(rows.values()))
+    assert "| cold | 11.00 | 22.00 | 0.50 |" in table
