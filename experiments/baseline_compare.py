@@ -85,12 +85,16 @@ def markdown(rows: Sequence[Comparison]) -> str:
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for c in rows:
+
+        def of(m: Means | None, metric: str, scale: float = 1.0) -> float | None:
+            return None if m is None else float(getattr(m, metric)) / scale
+
         f, b = c.fogmig, c.baseline
         lines.append(
-            f"| {c.technique} | {num(f and f.total_s, '.2f')} | {num(b and b.total_s, '.2f')} "
-            f"| {num(c.ratio('total_s'), '.2f')} | {num(f and f.downtime_s, '.2f')} "
-            f"| {num(b and b.downtime_s, '.2f')} | {num(c.ratio('downtime_s'), '.2f')} "
-            f"| {num(f and f.bytes / 1e6, '.1f')} | {num(b and b.bytes / 1e6, '.1f')} "
+            f"| {c.technique} | {num(of(f, 'total_s'), '.2f')} | {num(of(b, 'total_s'), '.2f')} "
+            f"| {num(c.ratio('total_s'), '.2f')} | {num(of(f, 'downtime_s'), '.2f')} "
+            f"| {num(of(b, 'downtime_s'), '.2f')} | {num(c.ratio('downtime_s'), '.2f')} "
+            f"| {num(of(f, 'bytes', 1e6), '.1f')} | {num(of(b, 'bytes', 1e6), '.1f')} "
             f"| {num(c.ratio('bytes'), '.2f')} |"
         )
     return "\n".join(lines)
