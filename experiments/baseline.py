@@ -95,8 +95,8 @@ async def run_baseline(
     )
     record = move.record
     device = DeviceCheck(state=state, service=service, port=_port(move.source_bundle))
-    await device.before(move.source, readings)
     try:
+        await device.before(move.source, readings)
         async with SshLink(
             source_netns=move.source_netns,
             dest_netns=move.dest_netns,
