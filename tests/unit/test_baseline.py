@@ -20,7 +20,7 @@ from fogmig.platform.migration.record import MigrationRecord
 
 ROOT = Path("/run/fogmig/nodes/gw1/runc")
 IMG = Path("/img/final")
-WORK = Path("/work/w")
+WORK = Path("/srv/work")
 
 
 def test_cold_checkpoint_is_a_plain_runc_checkpoint() -> None:
