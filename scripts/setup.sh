@@ -25,8 +25,10 @@ trap 'fail "command failed (line $LINENO): $BASH_COMMAND" "read the output above
 
 # --- Debian packages -------------------------------------------------------------------------
 CURRENT="debian packages"
+# openssh-server/-client and rsync: `fogmig baseline` copies images as the paper did, with an
+# sshd of its own in a node's namespace (the system's ssh service is not needed).
 PACKAGES=(runc mosquitto mosquitto-clients iptables iproute2 iperf3 debootstrap libcoap3-bin
-          rsync util-linux procps conntrack build-essential pkg-config dpkg-dev
+          rsync openssh-client openssh-server util-linux procps conntrack build-essential pkg-config dpkg-dev
           libprotobuf-dev libprotobuf-c-dev protobuf-c-compiler protobuf-compiler python3-protobuf
           libnl-3-dev libcap-dev libnet1-dev libbsd-dev libnftables-dev libgnutls28-dev uuid-dev
           libaio-dev)
