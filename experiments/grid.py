@@ -110,6 +110,8 @@ class GridSpec:
     """Configurations also run on links with MTU ``control_mtu`` (none: no control)."""
     control_mtu: int = CONTROL_MTU
     probe_hz: float = 20.0
+    baseline: bool = False
+    """Also run every cell with the paper's own toolchain (engine ``runc-rsync``)."""
     quick: bool = False
     service: str = "bench"
     port: int = 5690

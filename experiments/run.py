@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Protocol
 
 from fogmig.device_sim.probe import ProbeSettings, write_csv
+from fogmig.experiments.baseline import ENGINE as BASELINE_ENGINE
+from fogmig.experiments.baseline import run_baseline
 from fogmig.experiments.eta import Eta
 from fogmig.experiments.grid import (
     CONFIGURATIONS,
@@ -28,7 +30,7 @@ from fogmig.experiments.grid import (
     base_configuration,
     remaining,
 )
-from fogmig.experiments.store import RunRecord, load_runs, probe_path, save_run
+from fogmig.experiments.store import RunRecord, done_cells, load_runs, probe_path, save_run
 from fogmig.platform.agent.launcher import agents_down, agents_up
 from fogmig.platform.agent.remote import request_migration
 from fogmig.platform.apps.probed import migrate_probed
@@ -88,8 +90,12 @@ async def run_grid(
     group of cells on one link runs; the testbed's by default)."""
     runner = link_runner or _run_link
     started = time.monotonic()
-    earlier = [r for r in load_runs(out) if r.engine == ENGINE]
+    runs = load_runs(out)
+    earlier = [r for r in runs if r.engine == ENGINE]
     done = {r.cell for r in earlier}
+    if spec.baseline:
+        # A cell is done when every engine has run it.
+        done &= {r.cell for r in runs if r.engine == BASELINE_ENGINE}
     todo = remaining(spec, done)
     result = GridResult(skipped=len(spec.cells()) - len(todo))
     eta = Eta(spec, done_runs=[(r.cell, r.wall_s) for r in earlier if r.cell in set(spec.cells())])
@@ -148,15 +154,34 @@ async def _on_testbed(
             f"(asked {link.rate_mbit:g} Mbit/s, {link.rtt_ms:g} ms)"
         )
         nodes = up.state.node_names
+        ours, theirs = done_cells(out, ENGINE), done_cells(out, BASELINE_ENGINE)
         for cell in cells:
             say(f"  {cell.key}: {nodes[0]} -> {nodes[1]} ({eta.text()})")
-            run = await _one_run(
-                spec, out, cell=cell, link=link, mtu=shown_mtu, measured=measured, nodes=nodes
-            )
-            save_run(out, run)
-            result.ran.append(run)
-            eta.finished(cell, run.wall_s)
-            say("    " + _line(run))
+            wall = 0.0
+            if cell not in ours:
+                run = await _one_run(
+                    spec, out, cell=cell, link=link, mtu=shown_mtu, measured=measured, nodes=nodes
+                )
+                save_run(out, run)
+                result.ran.append(run)
+                wall += run.wall_s
+                say("    " + _line(run))
+            if spec.baseline and cell not in theirs:
+                run = await _one_run(
+                    spec,
+                    out,
+                    cell=cell,
+                    link=link,
+                    mtu=shown_mtu,
+                    measured=measured,
+                    nodes=nodes,
+                    baseline=up.state,
+                )
+                save_run(out, run)
+                result.ran.append(run)
+                wall += run.wall_s
+                say(f"    {BASELINE_ENGINE}: " + _line(run))
+            eta.finished(cell, wall)
     finally:
         if mtu is not None:
             with contextlib.suppress(FogmigError, OSError):
@@ -203,8 +228,12 @@ async def _one_run(
     mtu: int,
     measured: MeasuredLink,
     nodes: Sequence[str],
+    baseline: TestbedState | None = None,
 ) -> RunRecord:
+    """One fresh run of ``cell``: fogmig's engine, or (``baseline``: the testbed's state) the
+    paper's toolchain, which runs without a probe device."""
     conf = CONFIGURATIONS[base_configuration(cell.configuration)]
+    engine = ENGINE if baseline is None else BASELINE_ENGINE
     source, destination = nodes[0], nodes[1]
     technique = Technique(cell.technique)
     started = time.monotonic()
@@ -214,7 +243,9 @@ async def _one_run(
     )
     try:
         await deploy(service, node=source)
-        if spec.probe_hz > 0:
+        if baseline is not None:
+            record = await run_baseline(spec.service, destination, technique, state=baseline)
+        elif spec.probe_hz > 0:
             record, timeline = await migrate_probed(
                 spec.service, destination, technique, settings=ProbeSettings(rate_hz=spec.probe_hz)
             )
@@ -242,7 +273,7 @@ async def _one_run(
         record.link_rtt_s = link.rtt_ms / 1000
     record.dirty_rate_bytes_per_s = conf.dirty_kbps * 1024
     return RunRecord(
-        engine=ENGINE,
+        engine=engine,
         configuration=cell.configuration,
         paper_configuration=conf.name,
         technique=cell.technique,

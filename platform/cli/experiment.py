@@ -52,6 +52,7 @@ def _spec(args: argparse.Namespace) -> GridSpec:
         "control": args.control,
         "control_mtu": args.control_mtu,
         "probe_hz": args.probe_hz,
+        "baseline": args.baseline,
     }
     if args.runs is not None:
         fields["runs"] = args.runs
@@ -151,6 +152,11 @@ def register(sub: Any) -> None:
         default=20.0,
         metavar="HZ",
         help="a probe device pings the service at this rate during every migration (0: none)",
+    )
+    p.add_argument(
+        "--baseline",
+        action="store_true",
+        help="also run every cell with the paper's toolchain (runc, CRIU, rsync over ssh)",
     )
     p.add_argument("--out", default="results/evaluation", help="where everything goes")
     where = p.add_mutually_exclusive_group()

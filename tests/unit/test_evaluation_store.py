@@ -163,3 +163,19 @@ async def test_a_finished_grid_runs_nothing_again(
     again = FakeLink(evaluation_runs[0])
     result = await run_grid(spec, tmp_path, say=lambda _m: None, link_runner=again)
     assert (again.ran, again.links, result.skipped) == ([], [], 1)
+
+
+async def test_with_the_baseline_a_cell_is_done_only_when_both_engines_ran_it(
+    tmp_path: Path, evaluation_runs: list[RunRecord]
+) -> None:
+    spec = GridSpec(configurations=("C",), techniques=("cold",), runs=2, control=(), baseline=True)
+    assert GridSpec.from_json(spec.to_json()) == spec
+    # fogmig ran both cells, the baseline only the first: the second is still to do.
+    for cell in spec.cells():
+        save_run(tmp_path, _as(evaluation_runs[0], cell))
+    first = spec.cells()[0]
+    save_run(tmp_path, _as(evaluation_runs[0], first).model_copy(update={"engine": "runc-rsync"}))
+    again = FakeLink(evaluation_runs[0])
+    result = await run_grid(spec, tmp_path, say=lambda _m: None, link_runner=again)
+    assert again.ran == spec.cells()[1:]
+    assert result.skipped == 1
