@@ -15,6 +15,7 @@ import time
 from fogmig.platform.agent.handover import HandoverWiring
 from fogmig.platform.agent.linkprobe import LinkProbing
 from fogmig.platform.agent.status import rss, service_params
+from fogmig.platform.base import fmt
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
 from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.bus.schemas import (
@@ -42,8 +43,16 @@ class CommandHandling(HandoverWiring, LinkProbing):
     async def _command_loop(self, stop: asyncio.Event) -> None:
         assert self.bus is not None
         async with self.bus.subscribe(topics.cmd(self.node)) as commands:
-            async for _, command in commands:
-                await self._on_command(command)  # type: ignore[arg-type]
+            async for topic, command in commands:
+                try:
+                    await self._on_command(command)  # type: ignore[arg-type]
+                except Exception as exc:
+                    # A broker away longer than an acknowledgement waits, or a bug one
+                    # command hits: that command is lost, the agent takes the next one.
+                    log.warning(
+                        "agent %s: command on %s failed: %s", self.node, topic, fmt.error(exc)
+                    )
+                    log.debug("agent %s: the failed command: %r", self.node, command, exc_info=exc)
 
     def _on_invalid(self, topic: str, payload: bytes, error: SchemaError) -> None:
         """A malformed command gets a typed rejection when it names its id; the agent goes on."""

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 from fogmig.platform.agent.forwarding import Location
 from fogmig.platform.agent.holding import HoldRelay, HoldSettings, HoldStats
 from fogmig.platform.agent.presence import PresenceBook
+from fogmig.platform.base import fmt
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import BusMessage, Cleared, PresenceState, ServicePresence
@@ -164,9 +165,14 @@ class Follow:
         await self._routing.install()
         async with bus.subscribe(topics.service()) as presences:
             self._spawn(self._sync_when_quiet())
-            async for _, msg in presences:
+            async for topic, msg in presences:
                 self._last_message = time.monotonic()
-                await self.on_message(msg)
+                try:
+                    await self.on_message(msg)
+                except Exception as exc:
+                    log.warning(
+                        "follow %s: presence on %s rejected: %s", self.node, topic, fmt.error(exc)
+                    )
 
     async def on_message(self, msg: object) -> None:
         """A presence (or a cleared presence topic) from the bus."""

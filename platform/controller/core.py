@@ -461,7 +461,7 @@ class ControllerCore:
                 new_id=self._new_id,
                 wall=self._wall,
             )
-        except (FogmigError, ValueError) as exc:  # a policy's or a model's validation error
+        except (FogmigError, ValueError, ArithmeticError) as exc:  # a policy's or a model's
             del self.pending[service]
             return self._hold(service, source, f"cannot decide how to move {service}: {exc}")
         technique = command.technique

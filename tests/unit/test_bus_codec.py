@@ -133,11 +133,13 @@ def test_decode_of_random_objects_raises_only_schema_errors(
 
 @settings(max_examples=100, deadline=None)
 @given(
-    command_id=st.text(min_size=1, max_size=40),
+    command_id=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:+-]{0,39}\Z"),
     reason=st.none() | st.text(max_size=200),
     accepted=st.booleans(),
 )
-def test_ack_round_trips_any_text(command_id: str, reason: str | None, accepted: bool) -> None:
+def test_ack_round_trips_any_id_and_text(
+    command_id: str, reason: str | None, accepted: bool
+) -> None:
     ack = CommandAck(node="gw1", command_id=command_id, accepted=accepted, reason=reason)
     assert decode(topics.events("gw1"), encode(topics.events("gw1"), ack)) == ack
 
