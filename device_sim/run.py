@@ -99,17 +99,16 @@ def default_out_dir() -> Path:
 @contextlib.asynccontextmanager
 async def _device_bus(state: Any) -> AsyncIterator[Any]:
     from fogmig.platform.bus.client import Bus
-    from fogmig.platform.testbed.credentials import load_credentials
+    from fogmig.platform.security.identity import Identity
+    from fogmig.platform.testbed.mqtt import bus_access
 
-    creds = load_credentials()
-    user = state.device_host.name
+    access = bus_access(Identity.device(state.device_host.name), state)
     async with Bus(
-        host=state.broker.ip,
-        port=state.broker.port,
-        username=user,
-        password=creds.password(user),
-        client_id=f"device-sim-{uuid.uuid4().hex[:8]}",
-        known_nodes=state.node_names,
+        host=access.host,
+        port=access.port,
+        tls=access.tls,
+        client_id=access.client_id(f"sim-{uuid.uuid4().hex[:8]}"),
+        known_nodes=access.known_nodes,
     ) as bus:
         yield bus
 

@@ -41,6 +41,7 @@ from fogmig.platform.migration.handover.messages import (
     encode_call,
     encode_reply,
 )
+from fogmig.platform.security.tls import broker_client_context
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.server import (
     CallReply,
@@ -106,9 +107,10 @@ class Agent(CommandHandling):
             Bus(
                 host=cfg.broker_host,
                 port=cfg.broker_port,
-                username=cfg.mqtt_username,
+                tls=broker_client_context(cfg.identity),
+                username=cfg.mqtt_username if cfg.mqtt_password is not None else None,
                 password=cfg.mqtt_password,
-                client_id=f"agent-{self.node}",
+                client_id=f"{self.node}-agent",
                 will=will,
                 on_invalid=self._on_invalid,
             ) as bus,

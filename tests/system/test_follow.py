@@ -36,8 +36,9 @@ from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.runtime.bundle import make_bundle
 from fogmig.platform.runtime.workdir import remove_tree
+from fogmig.platform.security.identity import Identity
 from fogmig.platform.testbed import lifecycle
-from fogmig.platform.testbed.credentials import load_credentials
+from fogmig.platform.testbed.mqtt import bus_access
 from fogmig.platform.testbed.profiles import load_profile
 from fogmig.platform.testbed.state import TestbedState, exclusive_use
 from fogmig.services.deploy import (
@@ -117,7 +118,6 @@ class Gateways:
 
 @contextlib.asynccontextmanager
 async def gateways(state: TestbedState) -> AsyncIterator[Gateways]:
-    creds = load_credentials()
     follows: dict[str, Follow] = {}
     buses: dict[str, Bus] = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -126,9 +126,8 @@ async def gateways(state: TestbedState) -> AsyncIterator[Gateways]:
                 Bus(
                     host=state.broker.ip,
                     port=state.broker.port,
-                    username=node.name,
-                    password=creds.password(node.name),
-                    client_id=f"follow-test-{node.name}",
+                    tls=bus_access(Identity.node(node.name), state).tls,
+                    client_id=f"{node.name}-follow-test",
                     known_nodes=state.node_names,
                 )
             )

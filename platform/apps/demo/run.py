@@ -205,18 +205,18 @@ class Demo:
     @contextlib.asynccontextmanager
     async def _buses(self, state: TestbedState) -> AsyncIterator[tuple[Bus, Bus]]:
         from fogmig.platform.controller.access import open_testbed_bus
-        from fogmig.platform.testbed.credentials import load_credentials
+        from fogmig.platform.security.identity import Identity
+        from fogmig.platform.testbed.mqtt import bus_access
 
-        device_user = state.device_host.name
+        devices = bus_access(Identity.device(state.device_host.name), state)
         async with (
-            open_testbed_bus("demo-controller") as controller_bus,
+            open_testbed_bus("demo") as controller_bus,
             Bus(
-                host=state.broker.ip,
-                port=state.broker.port,
-                username=device_user,
-                password=load_credentials().password(device_user),
-                client_id=f"demo-devices-{uuid.uuid4().hex[:8]}",
-                known_nodes=state.node_names,
+                host=devices.host,
+                port=devices.port,
+                tls=devices.tls,
+                client_id=devices.client_id(f"demo-{uuid.uuid4().hex[:8]}"),
+                known_nodes=devices.known_nodes,
             ) as device_bus,
         ):
             yield controller_bus, device_bus
