@@ -68,6 +68,7 @@ class Agent(CommandHandling):
             data_ip=config.data_ip,
             routing=self.forwarder,
             port_of=self._service_port,
+            addresses={**config.peers, config.node: config.data_ip},
         )
         """Where services run, this node's forwarding, and its side of every hand-over."""
         self._setup_handover(hooks if hooks is not None else self.follow)

@@ -71,6 +71,7 @@ class CommandHandling(HandoverWiring, LinkProbing):
     async def _on_command(self, command: Command) -> None:
         assert self.bus is not None
         try:
+            self.admission.admit(command.command_id, command.at, time.time())
             if isinstance(command, DrainCommand):
                 # From now on the node reports draining; the controller moves its services
                 # off and never onto it, and the node reports empty when they are gone.
@@ -118,7 +119,8 @@ class CommandHandling(HandoverWiring, LinkProbing):
             )
             await deploy(spec, node=self.node)
         else:
-            await undeploy(cmd.service)
+            # Only this node's copy: a node acts on its own services, never on another's.
+            await undeploy(cmd.service, node=self.node)
         await self.bus.publish(topics.events(self.node), accept(self.node, cmd.command_id))
         await self._publish_status()
 

@@ -235,7 +235,8 @@ class HandoverWiring(StatusReporting):
                 if outcome is Outcome.ROLLED_BACK:
                     await self._owned(event.service)
                 else:
-                    await bus.clear(topics.service(self.node, event.service))
+                    gone = self.follow.tombstone(event.service)
+                    await bus.publish(topics.service(self.node, event.service), gone, retain=True)
                     self._published.discard(event.service)
                 await bus.publish(topics.events(self.node), done)
         except (FogmigError, TimeoutError) as exc:

@@ -112,7 +112,8 @@ class StatusReporting(AgentState):
         for service in sorted(running - self._published):
             await self._owned(service)
         for service in sorted(self._published - running - set(self.migrating)):
-            await self.bus.clear(topics.service(self.node, service))
+            gone = self.follow.tombstone(service)
+            await self.bus.publish(topics.service(self.node, service), gone, retain=True)
             self._published.discard(service)
 
     async def _status_loop(self, stop: asyncio.Event) -> None:

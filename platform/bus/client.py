@@ -479,7 +479,7 @@ class Bus:
         await self._publish_bytes(topic, payload, retain=retain, qos=qos, timeout=timeout)
 
     async def clear(self, topic: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        """Remove the retained message of a status or service topic (empty retained payload)."""
+        """Remove the retained message of a status topic (an empty retained payload)."""
         ref = parse_topic(topic)
         if ref.kind not in RETAINED_KINDS:
             raise BusError(f"{topic} holds no retained message to clear")

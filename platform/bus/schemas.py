@@ -11,6 +11,7 @@ import ipaddress
 import json
 import math
 import re
+import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Self, TypeAlias
@@ -160,9 +161,20 @@ class NodeStatus(_Message):
 # --- commands ----------------------------------------------------------------------------
 
 
-class MigrateCommand(_Message):
-    kind: Literal["migrate"] = "migrate"
+def _now() -> float:
+    return time.time()
+
+
+class _Command(_Message):
+    """What every command carries: a unique id and when it was sent (the sender's clock)."""
+
     command_id: Id
+    at: UnixTime = Field(default_factory=_now)
+    """A receiver refuses a stale command, and one whose id it took already (a replay)."""
+
+
+class MigrateCommand(_Command):
+    kind: Literal["migrate"] = "migrate"
     service: ServiceName
     destination: NodeName
     technique: Technique
@@ -171,23 +183,20 @@ class MigrateCommand(_Message):
     reason: Text = ""
 
 
-class DeployCommand(_Message):
+class DeployCommand(_Command):
     kind: Literal["deploy"] = "deploy"
-    command_id: Id
     service: ServiceName
     state_mb: Annotated[float, Field(ge=0, le=1 << 20)]
     dirty_kbps: Annotated[float, Field(ge=0, le=MAX_RATE / 1024)]
 
 
-class UndeployCommand(_Message):
+class UndeployCommand(_Command):
     kind: Literal["undeploy"] = "undeploy"
-    command_id: Id
     service: ServiceName
 
 
-class DrainCommand(_Message):
+class DrainCommand(_Command):
     kind: Literal["drain"] = "drain"
-    command_id: Id
 
 
 Command: TypeAlias = Annotated[
@@ -245,7 +254,7 @@ PresenceState = Literal["running", "moving", "holding"]
 
 
 class ServicePresence(_Message):
-    """Where a service runs now (retained; an empty retained payload clears it).
+    """Where a service runs now (retained; ``present=False`` withdraws it).
 
     The presences of one service on different nodes are ordered by ``(seq, node)``: a node
     publishes one more than the highest ``seq`` it has seen for the service (a Lamport clock),
@@ -338,8 +347,11 @@ _MODELS: dict[TopicKind, tuple[type[BaseModel], ...]] = {
     TopicKind.DECISIONS: (Decision,),
 }
 
-# Topics whose retained message may be cleared with an empty payload.
-RETAINED_KINDS = frozenset({TopicKind.STATUS, TopicKind.SERVICE})
+# Topics whose retained message may be cleared with an empty payload: a node's status (the
+# testbed removes a node). Not a service's presence: an empty payload says nothing of who sent
+# it or when, so a node withdraws a presence with one of its own, ``present=False``, that
+# outranks its earlier ones like any other.
+RETAINED_KINDS = frozenset({TopicKind.STATUS})
 
 
 def _kinds(kind: TopicKind) -> frozenset[str]:
@@ -469,7 +481,10 @@ def decode(
     if not payload:
         if ref.kind in RETAINED_KINDS:
             return Cleared(ref)
-        raise SchemaError(Rejection.MALFORMED, "empty payload", topic=topic)
+        why = "empty payload"
+        if ref.kind is TopicKind.SERVICE:
+            why += "; a node withdraws a presence with present=false, never an empty payload"
+        raise SchemaError(Rejection.MALFORMED, why, topic=topic)
     try:
         obj = json.loads(
             payload.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite

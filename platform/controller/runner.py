@@ -220,9 +220,6 @@ class Controller:
                 )
             case Cleared(ref) if ref.kind is TopicKind.STATUS and ref.node is not None:
                 return core.on_status_cleared(ref.node, now)
-            case Cleared(ref) if ref.node is not None and ref.service is not None:
-                stats.presence_events += 1
-                return core.on_presence_cleared(ref.node, ref.service, now)
             case _:
                 pass
         return []

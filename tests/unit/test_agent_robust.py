@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from fogmig.platform.agent.admission import Admission
 from fogmig.platform.agent.commands import CommandHandling
 from fogmig.platform.agent.status import service_params
 from fogmig.platform.base.errors import BusError
@@ -55,6 +56,7 @@ class _AwayBus:
 def test_the_command_loop_survives_a_broker_away_while_it_acknowledges() -> None:
     agent = object.__new__(CommandHandling)
     agent.node = "gw1"
+    agent.admission = Admission()
     bus = _AwayBus([DrainCommand(command_id="c1"), DrainCommand(command_id="c2")])
     agent.bus = bus  # type: ignore[assignment]
     asyncio.run(agent._command_loop(asyncio.Event()))

@@ -245,6 +245,20 @@ class SimulatedNode:
     async def publish_status(self) -> None:
         await self.bus.publish(topics.status(self.node), self.status(), retain=True)
 
+    async def withdraw(self, service: str, info: ServiceInfo, *, timeout: float = 10.0) -> None:
+        """This node no longer runs ``service`` (a retained ``present=False``)."""
+        gone = ServicePresence(
+            service=service,
+            node=self.node,
+            data_ip=info.data_ip,
+            port=info.port,
+            present=False,
+            at=time.time(),
+        )
+        await self.bus.publish(
+            topics.service(self.node, service), gone, retain=True, timeout=timeout
+        )
+
     async def announce(self, service: str) -> None:
         info = self.services[service]
         await self.bus.publish(
@@ -278,8 +292,8 @@ class SimulatedNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         with contextlib.suppress(FogmigError):
-            for s in self.services:
-                await self.bus.clear(topics.service(self.node, s), timeout=2.0)
+            for s, info in self.services.items():
+                await self.withdraw(s, info, timeout=2.0)
             await self.bus.clear(topics.status(self.node), timeout=2.0)
 
     async def next_command(self, timeout: float = 10.0) -> Received:
@@ -327,7 +341,7 @@ class SimulatedNode:
         peer.services[cmd.service] = info.model_copy(update={"data_ip": peer.data_ip})
         await peer.announce(cmd.service)
         await peer.publish_status()
-        await self.bus.clear(topics.service(self.node, cmd.service))
+        await self.withdraw(cmd.service, info)
         await self.publish_status()
         record = MigrationRecord(
             migration_id=f"sim-{cmd.command_id}",
