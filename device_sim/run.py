@@ -118,17 +118,30 @@ async def service_locations(bus: Any, services: set[str]) -> dict[str, str]:
     from fogmig.platform.bus.schemas import ServicePresence
     from fogmig.platform.bus.topics import topics
 
-    found: dict[str, str] = {}
+    # Per topic the latest presence (a node's withdrawal, present=false, ends its claim); of a
+    # service's claims the highest (seq, node) wins, as on the gateways.
+    latest: dict[tuple[str, str], ServicePresence] = {}
+
+    def winners() -> dict[str, str]:
+        best: dict[str, ServicePresence] = {}
+        for p in latest.values():
+            held = best.get(p.service)
+            if p.present and (held is None or (p.seq, p.node) > (held.seq, held.node)):
+                best[p.service] = p
+        return {service: p.node for service, p in best.items()}
+
     async with bus.subscribe(topics.service()) as sub:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(PRESENCE_WAIT_S):
                 async for _, msg in sub:
                     if isinstance(msg, ServicePresence) and msg.service in services:
-                        if msg.present:
-                            found[msg.service] = msg.node
-                        if set(found) == services:
+                        key = (msg.service, msg.node)
+                        held = latest.get(key)
+                        if held is None or msg.seq >= held.seq:
+                            latest[key] = msg
+                        if set(winners()) == services:
                             break
-    return found
+    return winners()
 
 
 async def run_device_sim(

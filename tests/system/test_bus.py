@@ -310,11 +310,13 @@ async def test_round_trip_of_every_model(broker: Broker) -> None:
             got = await _next(sub)
             assert got.topic == topic
             assert got.message == model
-        # An empty retained payload clears a service's location.
-        await bus.clear(topics.service("gw2", "sensor"))
+        # An empty retained payload clears a node's status, never a service's presence.
+        await bus.clear(topics.status("gw1"))
         got = await _next(sub)
         assert isinstance(got.message, Cleared)
-        assert got.message.topic.service == "sensor"
+        assert got.message.topic.node == "gw1"
+        with pytest.raises(BusError):
+            await bus.clear(topics.service("gw2", "sensor"))
 
 
 WILL_CLIENT = """

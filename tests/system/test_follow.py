@@ -133,7 +133,11 @@ async def gateways(state: TestbedState) -> AsyncIterator[Gateways]:
             )
             forwarder = TimedForwarder(node=node.name, data_ip=node.data_ip, netns=node.netns)
             follows[node.name] = Follow(
-                node=node.name, data_ip=node.data_ip, routing=forwarder, netns=node.netns
+                node=node.name,
+                data_ip=node.data_ip,
+                routing=forwarder,
+                netns=node.netns,
+                addresses={n.name: n.data_ip for n in state.nodes},
             )
             buses[node.name] = bus
         tasks = [asyncio.create_task(f.run(buses[n])) for n, f in follows.items()]
@@ -333,7 +337,8 @@ async def hand_over(gws: Gateways, tmp: Path) -> dict[str, Any]:
     await gws.follows[DESTINATION].running_here(SERVICE, mid)
     await gws.follows[DESTINATION].owned(SERVICE, mid)
     # What the source agent does after the commit.
-    await gws.buses[SOURCE].clear(topics.service(SOURCE, SERVICE))
+    gone = gws.follows[SOURCE].tombstone(SERVICE)
+    await gws.buses[SOURCE].publish(topics.service(SOURCE, SERVICE), gone, retain=True)
     return t
 
 

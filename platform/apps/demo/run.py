@@ -221,13 +221,12 @@ class Demo:
         ):
             yield controller_bus, device_bus
 
-    async def _announce(self, bus: Bus) -> None:
+    async def _announce(self, bus: Bus, state: TestbedState) -> None:
         """Say where each freshly deployed service runs, so every gateway forwards to it from
-        the first reading on (its node says the same at its next status report)."""
+        the first reading on (its node says the same at its next status report). At the node's
+        data address: the agents refuse a presence at any other."""
         for d in self.deployments:
-            data_ip = d.addresses[0] if d.addresses else None
-            if data_ip is None:
-                continue
+            data_ip = state.node(d.node).data_ip
             await bus.publish(
                 topics.service(d.node, d.name),
                 ServicePresence(
@@ -332,7 +331,7 @@ class Demo:
         started = time.time()
         with single_instance(paths.run_dir() / "controller.lock"):
             async with self._buses(state) as (controller_bus, device_bus):
-                await self._announce(controller_bus)
+                await self._announce(controller_bus, state)
                 controller = Controller(config, controller_bus, on_event=self._on_controller_event)
                 registry = controller.core.registry
                 self.model.nodes_source = lambda: registry.nodes
