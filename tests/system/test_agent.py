@@ -227,6 +227,19 @@ async def test_deploy_and_undeploy_through_the_agent(testbed: TestbedState) -> N
         )
         assert ack.accepted
         assert [p.node for p in await find_service("viacmd") if p.container.running] == ["gw2"]
+        # gw1 is told to undeploy it: it acts on its own services only, and refuses.
+        with pytest.raises(CommandRejectedError) as refused:
+            await bus.request(
+                "gw1", UndeployCommand(command_id="undep0", service="viacmd"), timeout=30
+            )
+        assert refused.value.ack.error_type == "ServiceError"
+        assert [p.node for p in await find_service("viacmd") if p.container.running] == ["gw2"]
+        # The same command again: a replay, refused before it is even judged.
+        with pytest.raises(CommandRejectedError) as replayed:
+            await bus.request(
+                "gw1", UndeployCommand(command_id="undep0", service="viacmd"), timeout=30
+            )
+        assert replayed.value.ack.error_type == "CommandRefusedError"
         ack = await bus.request(
             "gw2", UndeployCommand(command_id="undep1", service="viacmd"), timeout=30
         )
