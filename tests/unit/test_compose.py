@@ -226,6 +226,22 @@ def test_make_certs_issues_certificates_the_transfer_channel_accepts(tmp_path: P
     secrets = tmp_path / "secrets"
     assert secrets.stat().st_mode & 0o777 == 0o700
     assert (secrets / "node-gw1.key").stat().st_mode & 0o077 == 0
+    # The other principals of the site, the broker with the address its clients check.
+    from cryptography import x509
+
+    from fogmig.platform.security.pki import certificate_identity, load_certificate
+
+    for stem, identity in (
+        ("controller", Identity.controller()),
+        ("device-dev", Identity.device("dev")),
+        ("broker", Identity.broker()),
+    ):
+        assert certificate_identity(load_certificate(secrets / f"{stem}.pem")) == identity
+        assert (secrets / f"{stem}.key").stat().st_mode & 0o077 == 0
+    san = load_certificate(secrets / "broker.pem").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)] == ["192.168.50.2"]
     settings = {}
     for node in ("gw1", "gw2"):
         text = (COMPOSE / f"agent-{node}.toml").read_text()
