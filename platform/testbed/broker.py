@@ -173,7 +173,9 @@ def _write_files(state: TestbedState, identity: IdentityFiles) -> BrokerFiles:
     files = BrokerFiles.of(conf.parent)
     files.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     os.chmod(files.folder, 0o700)
-    files.data.mkdir(exist_ok=True, mode=0o700)
+    # A new site starts with nothing retained; a restart of its broker keeps what it has.
+    shutil.rmtree(files.data, ignore_errors=True)
+    files.data.mkdir(mode=0o700)
     # The broker drops root: it reads its own copies, in its own folder.
     shutil.copyfile(identity.ca, files.ca)
     shutil.copyfile(identity.cert, files.cert)
