@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 
 from fogmig.platform.agent.handover import HandoverWiring
@@ -19,6 +20,8 @@ from fogmig.platform.base import fmt
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
 from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.bus.schemas import (
+    MAX_BYTES,
+    MAX_RATE,
     Command,
     DeployCommand,
     DrainCommand,
@@ -162,17 +165,23 @@ class CommandHandling(HandoverWiring, LinkProbing):
             if done and now - last < 0.5:
                 return  # at most two progress events a second
             last = now
-            event = MigrationProgress(
-                node=self.node,
-                command_id=cmd.command_id,
-                migration_id=mid,
-                service=cmd.service,
-                phase=phase,
-                bytes_done=done,
-                bytes_total=total,
-                rate_bytes_per_s=rate,
-                at=time.time(),
-            )
+            try:
+                # A rate over a first instant can exceed what the bus carries: cap it.
+                event = MigrationProgress(
+                    node=self.node,
+                    command_id=cmd.command_id,
+                    migration_id=mid,
+                    service=cmd.service,
+                    phase=phase,
+                    bytes_done=min(max(done, 0), MAX_BYTES),
+                    bytes_total=min(max(total, 0), MAX_BYTES),
+                    rate_bytes_per_s=min(rate, MAX_RATE) if math.isfinite(rate) else 0.0,
+                    at=time.time(),
+                )
+            except ValueError as exc:
+                # A progress report is for the eyes only: it never fails the migration.
+                log.debug("agent %s: progress not reported: %s", self.node, exc)
+                return
             task = asyncio.ensure_future(bus.publish(topics.events(self.node), event))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

@@ -22,7 +22,7 @@ from fogmig.platform.agent.status import StatusReporting
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import Outcome
-from fogmig.platform.bus.schemas import MigrationDone
+from fogmig.platform.bus.schemas import MigrationDone, bounded_record
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.migration.engine import SourceDriver
 from fogmig.platform.migration.handover.events import TerminalEvent
@@ -224,7 +224,7 @@ class HandoverWiring(StatusReporting):
             migration_id=event.migration_id,
             service=event.service,
             outcome=outcome,
-            record=record,
+            record=bounded_record(record),
             error=None if outcome is Outcome.COMPLETED else (event.reason or None),
         )
         bus = self.bus

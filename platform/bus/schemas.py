@@ -84,18 +84,38 @@ Id = Annotated[str, StringConstraints(pattern=ID_PATTERN.pattern)]
 Text = Annotated[str, StringConstraints(max_length=4096)]
 
 
+def _out_of_bounds(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not -MAX_INT <= value <= MAX_INT
+    if isinstance(value, float):
+        return not (math.isfinite(value) and abs(value) <= MAX_INT)
+    return False
+
+
 def _check_record(record: MigrationRecord) -> MigrationRecord:
     """A record from another node: every figure finite and within what a float holds exactly."""
     for name, value in _numbers_in(
         record.model_dump(exclude=set(type(record).model_computed_fields))
     ):
-        if isinstance(value, bool):
-            continue
-        if isinstance(value, int) and not -MAX_INT <= value <= MAX_INT:
-            raise ValueError(f"record.{name} = {value} is beyond {MAX_INT}")
-        if isinstance(value, float) and not (math.isfinite(value) and abs(value) <= MAX_INT):
-            raise ValueError(f"record.{name} = {value} is not a finite figure")
+        if _out_of_bounds(value):
+            raise ValueError(f"record.{name} = {value} is not a finite figure within {MAX_INT}")
     return record
+
+
+def bounded_record(record: MigrationRecord) -> MigrationRecord:
+    """``record`` as the bus carries it: a figure out of bounds (a rate over an instant, a
+    division by zero) reads 0, and the rounds go if one of them has such a figure."""
+    update: dict[str, Any] = {}
+    for name in type(record).model_fields:
+        value = getattr(record, name)
+        if name == "rounds":
+            if any(_out_of_bounds(v) for r in value for _, v in _numbers_in(r.model_dump())):
+                update["rounds"] = []
+        elif _out_of_bounds(value):
+            update[name] = 0.0 if isinstance(value, float) else 0
+    return record.model_copy(update=update) if update else record
 
 
 def _numbers_in(doc: object, where: str = "") -> Iterator[tuple[str, object]]:

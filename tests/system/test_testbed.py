@@ -220,7 +220,12 @@ def mqtt(
     argv = ["nsenter", f"--net=/var/run/netns/{state.node(host).netns}", tool, *args]
     if user is None:
         return [*argv, "-h", state.broker.ip, "-p", str(state.broker.port)]
-    identity = Identity.controller() if user == "controller" else Identity.node(user)
+    if user == "controller":
+        identity = Identity.controller()
+    elif user == state.device_host.name:
+        identity = Identity.device(user)
+    else:
+        identity = Identity.node(user)
     return [*argv, *mosquitto_client_args(identity, state)]
 
 

@@ -272,3 +272,50 @@ def test_the_controller_loop_survives_any_exception_from_one_message(
     assert len(lines) == 2  # one line per message, no traceback storm
     assert all(len(r.getMessage()) < 1_000 for r in lines)
     assert controller.stats.rejected_messages == 2
+
+
+def test_a_sender_bounds_its_own_record_before_it_goes_on_the_bus() -> None:
+    from fogmig.platform.bus.schemas import MigrationDone, bounded_record
+    from fogmig.platform.migration.record import Round
+
+    record = MigrationRecord(
+        migration_id="m1",
+        service="s1",
+        source="gw1",
+        destination="gw2",
+        technique=Technique.PRECOPY,
+        outcome=Outcome.COMPLETED,
+        link_rate_bit_per_s=float("inf"),
+        dump_bytes=4096,
+        rounds=[
+            Round(
+                index=0,
+                dump_time_s=0.1,
+                freeze_time_s=0.0,
+                transfer_time_s=1e300,
+                bytes_dumped=1,
+                bytes_sent=1,
+            )
+        ],
+    )
+    with pytest.raises(ValueError, match="not a finite figure"):
+        MigrationDone(
+            node="gw1",
+            command_id="c1",
+            migration_id="m1",
+            service="s1",
+            outcome=Outcome.COMPLETED,
+            record=record,
+        )
+    done = MigrationDone(
+        node="gw1",
+        command_id="c1",
+        migration_id="m1",
+        service="s1",
+        outcome=Outcome.COMPLETED,
+        record=bounded_record(record),
+    )
+    assert done.record.link_rate_bit_per_s == 0.0
+    assert done.record.rounds == []
+    assert done.record.dump_bytes == 4096
+    assert decode(topics.events("gw1"), done.model_dump_json().encode()) == done
