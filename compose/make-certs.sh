@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Makes the site's CA and one certificate per gateway in ./secrets with openssl, the layout and
-# profile that fogmig's own CA uses (platform/security/pki.py):
+# Makes the site's CA and the certificates of its principals in ./secrets with openssl, the
+# layout and profile that fogmig's own CA uses (platform/security/pki.py):
 #   ca.pem, ca.key              the site CA (ECDSA P-256); ca.key never leaves this machine
-#   node-<gw>.pem, node-<gw>.key  the gateway's certificate (URI SAN fogmig:node:<gw>, common
-#                               name <gw>) and key: the agents authenticate each other with
-#                               them on the migration channel (mutual TLS 1.3)
+#   node-<gw>.pem, node-<gw>.key  a gateway's certificate (URI SAN fogmig:node:<gw>, common
+#                               name <gw>) and key: the agent's identity on the broker (MQTT
+#                               over TLS) and on the migration channel (mutual TLS 1.3)
+#   controller.pem/.key         the controller (fogmig:controller, common name controller)
+#   device-dev.pem/.key         the device host (fogmig:device:dev, common name dev)
+#   broker.pem/.key             the broker (fogmig:broker), with its address $BROKER_IP (default
+#                               192.168.50.2, the one in site/state.json) as an IP SAN
 # Usage: ./make-certs.sh gw1 gw2 gw3 (the gateways' names; default gw1 gw2 gw3). An existing CA
 # and existing certificates are kept; delete them to issue new ones.
 set -euo pipefail
@@ -34,23 +38,30 @@ if ! [ -s ca.pem ]; then
     chmod 0644 ca.pem
 fi
 
-for n in "${nodes[@]}"; do
-    [ -s "node-$n.pem" ] && continue
-    new_key "node-$n.key"
+issue() {  # stem common-name uri [ip]
+    [ -s "$1.pem" ] && return 0
+    new_key "$1.key"
     ext=$(mktemp)
+    san="URI:$3"
+    [ -z "${4:-}" ] || san="$san, IP:$4"
     cat > "$ext" <<CONF
 basicConstraints = critical, CA:FALSE
 keyUsage = critical, digitalSignature
 extendedKeyUsage = serverAuth, clientAuth
-subjectAltName = critical, URI:fogmig:node:$n
+subjectAltName = critical, $san
 subjectKeyIdentifier = hash
 authorityKeyIdentifier = keyid
 CONF
-    openssl req -new -key "node-$n.key" -subj "/CN=$n" |
+    openssl req -new -key "$1.key" -subj "/CN=$2" |
         openssl x509 -req -CA ca.pem -CAkey ca.key -CAcreateserial -days 365 -sha256 \
-            -extfile "$ext" -out "node-$n.pem" 2>/dev/null
+            -extfile "$ext" -out "$1.pem" 2>/dev/null
     rm -f "$ext"
-    chmod 0644 "node-$n.pem"
-done
+    chmod 0644 "$1.pem"
+}
+
+for n in "${nodes[@]}"; do issue "node-$n" "$n" "fogmig:node:$n"; done
+issue controller controller fogmig:controller
+issue device-dev dev fogmig:device:dev
+issue broker broker fogmig:broker "${BROKER_IP:-192.168.50.2}"
 rm -f ca.srl
-echo "site CA and certificates for ${nodes[*]} in $PWD"
+echo "site CA and certificates for ${nodes[*]}, controller, dev and broker in $PWD"

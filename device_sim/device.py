@@ -55,7 +55,7 @@ class DeviceConfig:
     roaming: Roaming = field(default_factory=Static)
 
     def __post_init__(self) -> None:
-        if not re.match(DEVICE_NAME_PATTERN, self.name):
+        if not re.fullmatch(DEVICE_NAME_PATTERN, self.name):
             raise ConfigError(
                 f"invalid device name {self.name!r}: lowercase letters, digits, '-' and '_'"
             )

@@ -99,17 +99,16 @@ def default_out_dir() -> Path:
 @contextlib.asynccontextmanager
 async def _device_bus(state: Any) -> AsyncIterator[Any]:
     from fogmig.platform.bus.client import Bus
-    from fogmig.platform.testbed.credentials import load_credentials
+    from fogmig.platform.security.identity import Identity
+    from fogmig.platform.testbed.mqtt import bus_access
 
-    creds = load_credentials()
-    user = state.device_host.name
+    access = bus_access(Identity.device(state.device_host.name), state)
     async with Bus(
-        host=state.broker.ip,
-        port=state.broker.port,
-        username=user,
-        password=creds.password(user),
-        client_id=f"device-sim-{uuid.uuid4().hex[:8]}",
-        known_nodes=state.node_names,
+        host=access.host,
+        port=access.port,
+        tls=access.tls,
+        client_id=access.client_id(f"sim-{uuid.uuid4().hex[:8]}"),
+        known_nodes=access.known_nodes,
     ) as bus:
         yield bus
 
@@ -119,17 +118,30 @@ async def service_locations(bus: Any, services: set[str]) -> dict[str, str]:
     from fogmig.platform.bus.schemas import ServicePresence
     from fogmig.platform.bus.topics import topics
 
-    found: dict[str, str] = {}
+    # Per topic the latest presence (a node's withdrawal, present=false, ends its claim); of a
+    # service's claims the highest (seq, node) wins, as on the gateways.
+    latest: dict[tuple[str, str], ServicePresence] = {}
+
+    def winners() -> dict[str, str]:
+        best: dict[str, ServicePresence] = {}
+        for p in latest.values():
+            held = best.get(p.service)
+            if p.present and (held is None or (p.seq, p.node) > (held.seq, held.node)):
+                best[p.service] = p
+        return {service: p.node for service, p in best.items()}
+
     async with bus.subscribe(topics.service()) as sub:
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(PRESENCE_WAIT_S):
                 async for _, msg in sub:
                     if isinstance(msg, ServicePresence) and msg.service in services:
-                        if msg.present:
-                            found[msg.service] = msg.node
-                        if set(found) == services:
+                        key = (msg.service, msg.node)
+                        held = latest.get(key)
+                        if held is None or msg.seq >= held.seq:
+                            latest[key] = msg
+                        if set(winners()) == services:
                             break
-    return found
+    return winners()
 
 
 async def run_device_sim(

@@ -62,7 +62,10 @@ class ServiceConditions:
 
     def dirtied_bytes(self, seconds: float) -> int:
         """Distinct bytes dirtied in ``seconds``: D times t, bounded by what can be dirtied."""
-        return min(self.dirtiable_bytes, round(self.dirty_rate_bytes_per_s * max(seconds, 0.0)))
+        dirtied = self.dirty_rate_bytes_per_s * max(seconds, 0.0)
+        if not math.isfinite(dirtied):  # an endless time dirties everything there is
+            return self.dirtiable_bytes
+        return min(self.dirtiable_bytes, round(dirtied))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -203,7 +203,9 @@ class SensorClient:
             timeout=timeout,
         )
         if reply.code != "2.04":
-            return PostResult(reply.code, reply.latency_s, message=reply.payload.decode("replace"))
+            return PostResult(
+                reply.code, reply.latency_s, message=reply.payload.decode(errors="replace")
+            )
         try:
             body = _PostReply.model_validate_json(reply.payload)
         except ValidationError as exc:

@@ -365,12 +365,14 @@ async def deploy(
     )
 
 
-async def undeploy(name: str, *, grace: float = 5.0) -> list[str]:
-    """Stop and delete service ``name`` wherever it is; return the nodes it was on."""
+async def undeploy(name: str, *, node: str | None = None, grace: float = 5.0) -> list[str]:
+    """Stop and delete service ``name`` on ``node`` (None: wherever it is on this machine);
+    return the nodes it was on."""
     check_service_name(name)
-    placements = await find_service(name)
+    placements = [p for p in await find_service(name) if node is None or p.node == node]
     if not placements:
-        raise ServiceError(f"no service {name} on any node of this machine")
+        where = "any node of this machine" if node is None else f"node {node}"
+        raise ServiceError(f"no service {name} on {where}")
     nodes = []
     for placement in placements:
         netns = _container_netns(placement.container)

@@ -26,6 +26,15 @@ INITIAL_HASH = "0" * 64
 CONTENT_FORMAT_JSON = 50
 MAX_PAYLOAD = 1024
 MAX_DEVICE_LEN = 64
+MAX_DEVICES = 1024
+"""Devices the service keeps a record of; a new one beyond is refused (5.03), never a known
+one evicted: a forgotten device's old readings would be applied again."""
+MAX_SEQ = 2**53
+"""The highest seq: exact in every JSON reader."""
+MAX_SEQ_JUMP = 10_000
+"""How far one reading's seq may lead the device's last applied one (a device's first reading:
+its seq itself). Bounds what a forged seq does: without it one huge seq made every later
+reading of the device a duplicate, forever."""
 DEFAULT_STATE_MB = 75
 DEFAULT_DIRTY_KBPS = 10
 DEFAULT_PORT = 5683
@@ -54,6 +63,10 @@ class InvalidReading(ValueError):
     """A payload that is not a valid reading; the message says why (sent back with 4.00)."""
 
 
+class DeviceTableFull(ValueError):
+    """A reading of a new device when the table holds ``MAX_DEVICES`` (sent back with 5.03)."""
+
+
 @dataclass(frozen=True, slots=True)
 class Reading:
     """A validated reading: who sent it and its per-device sequence number."""
@@ -78,8 +91,8 @@ def validate_reading(payload: bytes) -> Reading:
     if len(device) > MAX_DEVICE_LEN:
         raise InvalidReading(f"'device' is longer than {MAX_DEVICE_LEN} characters")
     # bool is an int in Python; a reading with "seq": true is malformed.
-    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
-        raise InvalidReading("'seq' must be a non-negative integer")
+    if not isinstance(seq, int) or isinstance(seq, bool) or not 0 <= seq <= MAX_SEQ:
+        raise InvalidReading(f"'seq' must be an integer from 0 to {MAX_SEQ}")
     return Reading(device, seq)
 
 
@@ -99,19 +112,42 @@ class DeviceRecord:
 
 @dataclass(slots=True)
 class SensorState:
-    """The service's logical state: a counter and running hash over the applied readings."""
+    """The service's logical state: a counter and running hash over the applied readings.
+
+    At most ``max_devices`` devices, each of whose seq moves on by at most ``max_seq_jump``
+    per reading.
+    """
 
     count: int = 0
     hash: str = INITIAL_HASH
     devices: dict[str, DeviceRecord] = field(default_factory=dict)
+    max_devices: int = MAX_DEVICES
+    max_seq_jump: int = MAX_SEQ_JUMP
+    _json: dict[str, dict[str, Any]] | None = field(default=None, repr=False, compare=False)
+    """The devices as ``/state`` shows them, kept until the next applied reading."""
 
     def apply(self, reading: Reading, payload: bytes) -> bool:
-        """Apply a reading once; a repeated or older seq is acknowledged but not applied."""
+        """Apply a reading once; a repeated or older seq is acknowledged but not applied.
+
+        Raises :class:`InvalidReading` for a seq too far ahead and :class:`DeviceTableFull` for
+        a new device that does not fit.
+        """
         rec = self.devices.get(reading.device)
-        if not should_apply(None if rec is None else rec.last_seq, reading.seq):
+        last = None if rec is None else rec.last_seq
+        if not should_apply(last, reading.seq):
             return False
+        if reading.seq - (last or 0) > self.max_seq_jump:
+            raise InvalidReading(
+                f"seq {reading.seq} of {reading.device} is more than {self.max_seq_jump} "
+                f"ahead of its last one ({last if last is not None else 'none yet'})"
+            )
         if rec is None:
+            if len(self.devices) >= self.max_devices:
+                raise DeviceTableFull(
+                    f"the service keeps {self.max_devices} devices and knows no {reading.device!r}"
+                )
             rec = self.devices[reading.device] = DeviceRecord(last_seq=reading.seq)
+        self._json = None
         rec.last_seq = reading.seq
         rec.count += 1
         rec.hash = chain_hash(rec.hash, payload)
@@ -120,10 +156,12 @@ class SensorState:
         return True
 
     def devices_json(self) -> dict[str, dict[str, Any]]:
-        return {
-            name: {"last_seq": r.last_seq, "count": r.count, "hash": r.hash}
-            for name, r in sorted(self.devices.items())
-        }
+        if self._json is None:
+            self._json = {
+                name: {"last_seq": r.last_seq, "count": r.count, "hash": r.hash}
+                for name, r in sorted(self.devices.items())
+            }
+        return self._json
 
 
 def pages_per_second(dirty_kbps: float) -> float:
@@ -276,9 +314,11 @@ def build_site(service: Service) -> Any:
                 raise aiocoap.error.UnsupportedContentFormat("use application/json (50)")
             try:
                 reading = validate_reading(payload)
+                applied = service.state.apply(reading, payload)
             except InvalidReading as exc:
                 raise aiocoap.error.BadRequest(str(exc)) from None
-            applied = service.state.apply(reading, payload)
+            except DeviceTableFull as exc:
+                raise aiocoap.error.ServiceUnavailable(str(exc)) from None
             if not applied:
                 log.info("duplicate %s seq %d acknowledged", reading.device, reading.seq)
             return _json_message(
@@ -311,7 +351,13 @@ async def serve(args: argparse.Namespace) -> None:
     t0 = time.monotonic()
     buf = allocate_state(args.state_mb)
     writer = DirtyWriter(buf, args.dirty_kbps)
-    service = Service(args.state_mb, args.dirty_kbps, writer, started_at)
+    service = Service(
+        args.state_mb,
+        args.dirty_kbps,
+        writer,
+        started_at,
+        SensorState(max_devices=args.max_devices),
+    )
     log.info("allocated %d MiB in %.2f s", args.state_mb, time.monotonic() - t0)
     ctx = await aiocoap.Context.create_server_context(
         build_site(service), bind=(args.host, args.port)
@@ -335,12 +381,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--state-mb", type=int, default=DEFAULT_STATE_MB, help="MiB of memory state")
     p.add_argument("--dirty-kbps", type=float, default=DEFAULT_DIRTY_KBPS, help="KB/s dirtied")
     p.add_argument("--port", type=int, default=DEFAULT_PORT)
+    p.add_argument("--max-devices", type=int, default=MAX_DEVICES, help="devices kept at most")
     p.add_argument("--host", default="::", help="bind address (default: all, IPv4 and IPv6)")
     p.add_argument("--log", default=DEFAULT_LOG, help="log file (stdout may be /dev/null)")
     p.add_argument("--check", action="store_true", help="print aiocoap's version and exit")
     args = p.parse_args(argv)
     if args.state_mb < 0 or args.dirty_kbps < 0:
         p.error("--state-mb and --dirty-kbps must not be negative")
+    if args.max_devices < 1:
+        p.error("--max-devices must be at least 1")
     return args
 
 

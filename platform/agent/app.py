@@ -41,6 +41,7 @@ from fogmig.platform.migration.handover.messages import (
     encode_reply,
 )
 from fogmig.platform.migration.lazy.stream import stream_channels
+from fogmig.platform.security.tls import broker_client_context
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.server import (
     CallReply,
@@ -67,6 +68,7 @@ class Agent(CommandHandling):
             data_ip=config.data_ip,
             routing=self.forwarder,
             port_of=self._service_port,
+            addresses={**config.peers, config.node: config.data_ip},
         )
         """Where services run, this node's forwarding, and its side of every hand-over."""
         self._setup_handover(hooks if hooks is not None else self.follow)
@@ -106,9 +108,10 @@ class Agent(CommandHandling):
             Bus(
                 host=cfg.broker_host,
                 port=cfg.broker_port,
-                username=cfg.mqtt_username,
+                tls=broker_client_context(cfg.identity),
+                username=cfg.mqtt_username if cfg.mqtt_password is not None else None,
                 password=cfg.mqtt_password,
-                client_id=f"agent-{self.node}",
+                client_id=f"{self.node}-agent",
                 will=will,
                 on_invalid=self._on_invalid,
             ) as bus,

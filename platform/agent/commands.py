@@ -10,14 +10,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 
 from fogmig.platform.agent.handover import HandoverWiring
 from fogmig.platform.agent.linkprobe import LinkProbing
 from fogmig.platform.agent.status import rss, service_params
+from fogmig.platform.base import fmt
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
 from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.bus.schemas import (
+    MAX_BYTES,
+    MAX_RATE,
     Command,
     DeployCommand,
     DrainCommand,
@@ -42,8 +46,16 @@ class CommandHandling(HandoverWiring, LinkProbing):
     async def _command_loop(self, stop: asyncio.Event) -> None:
         assert self.bus is not None
         async with self.bus.subscribe(topics.cmd(self.node)) as commands:
-            async for _, command in commands:
-                await self._on_command(command)  # type: ignore[arg-type]
+            async for topic, command in commands:
+                try:
+                    await self._on_command(command)  # type: ignore[arg-type]
+                except Exception as exc:
+                    # A broker away longer than an acknowledgement waits, or a bug one
+                    # command hits: that command is lost, the agent takes the next one.
+                    log.warning(
+                        "agent %s: command on %s failed: %s", self.node, topic, fmt.error(exc)
+                    )
+                    log.debug("agent %s: the failed command: %r", self.node, command, exc_info=exc)
 
     def _on_invalid(self, topic: str, payload: bytes, error: SchemaError) -> None:
         """A malformed command gets a typed rejection when it names its id; the agent goes on."""
@@ -62,6 +74,7 @@ class CommandHandling(HandoverWiring, LinkProbing):
     async def _on_command(self, command: Command) -> None:
         assert self.bus is not None
         try:
+            self.admission.admit(command.command_id, command.at, time.time())
             if isinstance(command, DrainCommand):
                 # From now on the node reports draining; the controller moves its services
                 # off and never onto it, and the node reports empty when they are gone.
@@ -109,7 +122,8 @@ class CommandHandling(HandoverWiring, LinkProbing):
             )
             await deploy(spec, node=self.node)
         else:
-            await undeploy(cmd.service)
+            # Only this node's copy: a node acts on its own services, never on another's.
+            await undeploy(cmd.service, node=self.node)
         await self.bus.publish(topics.events(self.node), accept(self.node, cmd.command_id))
         await self._publish_status()
 
@@ -151,17 +165,23 @@ class CommandHandling(HandoverWiring, LinkProbing):
             if done and now - last < 0.5:
                 return  # at most two progress events a second
             last = now
-            event = MigrationProgress(
-                node=self.node,
-                command_id=cmd.command_id,
-                migration_id=mid,
-                service=cmd.service,
-                phase=phase,
-                bytes_done=done,
-                bytes_total=total,
-                rate_bytes_per_s=rate,
-                at=time.time(),
-            )
+            try:
+                # A rate over a first instant can exceed what the bus carries: cap it.
+                event = MigrationProgress(
+                    node=self.node,
+                    command_id=cmd.command_id,
+                    migration_id=mid,
+                    service=cmd.service,
+                    phase=phase,
+                    bytes_done=min(max(done, 0), MAX_BYTES),
+                    bytes_total=min(max(total, 0), MAX_BYTES),
+                    rate_bytes_per_s=min(rate, MAX_RATE) if math.isfinite(rate) else 0.0,
+                    at=time.time(),
+                )
+            except ValueError as exc:
+                # A progress report is for the eyes only: it never fails the migration.
+                log.debug("agent %s: progress not reported: %s", self.node, exc)
+                return
             task = asyncio.ensure_future(bus.publish(topics.events(self.node), event))
             self._background.add(task)
             task.add_done_callback(self._background.discard)

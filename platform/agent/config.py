@@ -2,8 +2,9 @@
 
 On the embedded testbed an agent learns everything from the testbed's state; on a real gateway
 (a fog node that is a real machine) ``fogmig agent --config FILE`` reads its name, data address,
-peers, broker, the path of its MQTT password and those of its transfer identity (the node's
-certificate and key, and the site CA's certificate) from a file like ``compose/agent-gw1.toml``.
+peers, broker and the paths of its identity (the node's certificate and key, and the site CA's
+certificate) from a file like ``compose/agent-gw1.toml``. The identity serves both the transfer
+channel and the broker (MQTT over TLS, the certificate's common name being the user name).
 Relative paths are taken from the configuration file's folder.
 """
 
@@ -36,8 +37,9 @@ class BrokerSection(_Model):
     host: str = Field(min_length=1)
     port: Port = DEFAULT_BROKER_PORT
     username: str | None = None
-    """Defaults to the node's name (the broker's ACL lets a node write under its own name)."""
-    password_file: Path
+    """Only for a broker that authenticates by password: defaults to the node's name."""
+    password_file: Path | None = None
+    """Only for a broker that authenticates by password; a site's broker takes certificates."""
 
 
 class TransferSection(_Model):
@@ -73,7 +75,7 @@ class AgentSettings:
     broker_host: str
     broker_port: int
     mqtt_username: str
-    mqtt_password: str
+    mqtt_password: str | None
     identity: IdentityFiles
     transfer_port: int
     status_interval_s: float
@@ -161,7 +163,11 @@ def parse_agent_config(
     if data_ip in peers.values():
         raise ConfigError(f"{source}: a peer has this node's own data IP {data_ip}")
     root = base or Path.cwd()
-    password = _read_secret(root / raw.broker.password_file, "MQTT password", source)
+    password = (
+        None
+        if raw.broker.password_file is None
+        else _read_secret(root / raw.broker.password_file, "MQTT password", source)
+    )
     identity = _transfer_identity(raw.transfer, node, root, source)
     return AgentSettings(
         node=node,
@@ -197,7 +203,7 @@ class AgentConfig:
     broker_host: str
     broker_port: int
     mqtt_username: str
-    mqtt_password: str
+    mqtt_password: str | None
     identity: IdentityFiles
     """The node's certificate, key and the site CA's certificate (transfer channel)."""
     transfer_port: int = DEFAULT_TRANSFER_PORT
@@ -227,19 +233,15 @@ class AgentConfig:
     @classmethod
     def from_testbed(cls, node: str) -> AgentConfig:
         """The configuration of ``node`` on the embedded testbed."""
-        from fogmig.platform.testbed.credentials import load_credentials
         from fogmig.platform.testbed.pki import node_identity
         from fogmig.platform.testbed.state import load_state
 
         state = load_state()
-        creds = load_credentials()
         nodes = {n.name: n for n in state.nodes}
         if node not in nodes:
             raise UnknownNodeError(
                 f"the testbed has no node {node!r}; nodes: {', '.join(sorted(nodes))}"
             )
-        if node not in creds.mqtt:
-            raise ConfigError(f"no MQTT credential for {node} in the testbed's credentials")
         return cls(
             node=node,
             data_ip=nodes[node].data_ip,
@@ -247,6 +249,6 @@ class AgentConfig:
             broker_host=state.broker.ip,
             broker_port=state.broker.port,
             mqtt_username=node,
-            mqtt_password=creds.mqtt[node],
+            mqtt_password=None,
             identity=node_identity(node),
         )

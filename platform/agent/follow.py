@@ -33,9 +33,10 @@ from typing import Any, Protocol
 from fogmig.platform.agent.forwarding import Location
 from fogmig.platform.agent.holding import HoldRelay, HoldSettings, HoldStats
 from fogmig.platform.agent.presence import PresenceBook
+from fogmig.platform.base import fmt
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import BusMessage, Cleared, PresenceState, ServicePresence
+from fogmig.platform.bus.schemas import BusMessage, PresenceState, ServicePresence
 from fogmig.platform.bus.topics import topics
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,9 @@ class FollowSettings:
     """After subscribing, the retained presences are taken as read after this long quiet..."""
     sync_max_s: float = 2.0
     """...or after this long at most; this node publishes nothing before."""
+    max_skew_s: float = 30.0
+    """A presence dated further ahead of this node's clock is refused: dated in the future,
+    it would outrank every later claim in the controller's registry."""
     hold: HoldSettings = field(default_factory=HoldSettings)
 
 
@@ -64,8 +68,6 @@ class Publisher(Protocol):
     """Where presences go (the agent's :class:`~fogmig.platform.bus.client.Bus`)."""
 
     async def publish(self, topic: str, model: BusMessage, retain: bool = False) -> None: ...
-
-    async def clear(self, topic: str) -> None: ...
 
 
 class Routing(Protocol):
@@ -110,7 +112,9 @@ class Follow:
 
     ``routing`` is the node's forwarder; holds are made in network namespace ``netns`` (None:
     the caller's, as in the agent). ``port_of`` tells a service's port when this node has not
-    announced it yet.
+    announced it yet. ``addresses`` (node -> data address, this node's included) are the only
+    addresses a presence may send traffic to: a presence naming another address than its own
+    node's, or a node not listed, is refused (None: any, for tests of the order alone).
     """
 
     def __init__(
@@ -123,8 +127,12 @@ class Follow:
         netns: str | None = None,
         hold_factory: HoldFactory | None = None,
         port_of: PortOf | None = None,
+        addresses: Mapping[str, str] | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         self.node = node
+        self.addresses = dict(addresses) if addresses is not None else None
+        self._clock = clock
         self.data_ip = data_ip
         self.settings = settings or FollowSettings()
         self.book = PresenceBook()
@@ -164,20 +172,25 @@ class Follow:
         await self._routing.install()
         async with bus.subscribe(topics.service()) as presences:
             self._spawn(self._sync_when_quiet())
-            async for _, msg in presences:
+            async for topic, msg in presences:
                 self._last_message = time.monotonic()
-                await self.on_message(msg)
+                try:
+                    await self.on_message(msg)
+                except Exception as exc:
+                    log.warning(
+                        "follow %s: presence on %s rejected: %s", self.node, topic, fmt.error(exc)
+                    )
 
     async def on_message(self, msg: object) -> None:
-        """A presence (or a cleared presence topic) from the bus."""
-        if isinstance(msg, Cleared):
-            ref = msg.topic
-            changed = ref.node is not None and ref.service is not None
-            changed = changed and self.book.drop(str(ref.node), str(ref.service))
-        elif isinstance(msg, ServicePresence):
-            changed = self.book.put(msg)
-        else:
+        """A presence from the bus (a node withdraws one with ``present=False``)."""
+        if not isinstance(msg, ServicePresence):
             return
+        why = self.refusal(msg)
+        if why is not None:
+            log.warning("follow %s: presence of %s@%s refused: %s", self.node, msg.service,
+                        msg.node, why)  # fmt: skip
+            return
+        changed = self.book.put(msg)
         self._log_notices()
         if changed:
             await self._settle()
@@ -191,6 +204,33 @@ class Follow:
         for task in list(self._tasks):
             with contextlib.suppress(BaseException):
                 await task
+
+    def refusal(self, msg: ServicePresence) -> str | None:
+        """Why ``msg`` does not count (None: it does)."""
+        if self.addresses is not None:
+            own = self.addresses.get(msg.node)
+            if own is None:
+                return f"{msg.node} is not a node of this site"
+            if msg.data_ip != own:
+                return f"{msg.data_ip} is not the data address of {msg.node} ({own})"
+        ahead = msg.at - self._clock()
+        if ahead > self.settings.max_skew_s:
+            return f"dated {ahead:.0f} s in this node's future"
+        return None
+
+    def tombstone(self, service: str) -> ServicePresence:
+        """This node's withdrawal of ``service`` (retained on its topic): it outranks every
+        presence of the service this node has seen, like any claim it makes."""
+        own = self.book.get(self.node, service)
+        return ServicePresence(
+            service=service,
+            node=self.node,
+            data_ip=self.data_ip,
+            port=own.port if own is not None else 5683,
+            present=False,
+            at=time.time(),
+            seq=self.book.next_seq(service),
+        )
 
     # ------------------------------------------------------------------ hooks
 
@@ -340,10 +380,11 @@ class Follow:
         return msg
 
     async def _withdraw(self, service: str) -> None:
+        gone = self.tombstone(service)
         if self.book.drop(self.node, service):
             async with self._lock:
                 await self._forward()
-        await self._publish(topics.service(self.node, service), None)
+        await self._publish(topics.service(self.node, service), gone)
 
     async def _settle(self) -> None:
         async with self._lock:
@@ -451,8 +492,8 @@ class Follow:
                 return p.port
         return await self._port_of(service) if self._port_of is not None else None
 
-    async def _publish(self, topic: str, msg: ServicePresence | None) -> None:
-        """Publish (None: clear) ``topic``; wait at most ``publish_wait_s`` for it."""
+    async def _publish(self, topic: str, msg: ServicePresence) -> None:
+        """Publish ``msg`` (retained) on ``topic``; wait at most ``publish_wait_s`` for it."""
         bus = self._bus
         if bus is None:
             log.warning("follow %s: no bus; %s not published", self.node, topic)
@@ -462,13 +503,10 @@ class Follow:
         if not done:
             log.warning("follow %s: %s still not published", self.node, topic)
 
-    async def _send(self, bus: Publisher, topic: str, msg: ServicePresence | None) -> None:
+    async def _send(self, bus: Publisher, topic: str, msg: ServicePresence) -> None:
         async with self._publish_lock:
             try:
-                if msg is None:
-                    await bus.clear(topic)
-                else:
-                    await bus.publish(topic, msg, retain=True)
+                await bus.publish(topic, msg, retain=True)
             except FogmigError as exc:
                 log.warning("follow %s: %s not published: %s", self.node, topic, exc)
 

@@ -22,7 +22,7 @@ from fogmig.platform.agent.status import StatusReporting
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import Outcome
-from fogmig.platform.bus.schemas import MigrationDone
+from fogmig.platform.bus.schemas import MigrationDone, bounded_record
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.migration.engine import SourceDriver
 from fogmig.platform.migration.handover.events import TerminalEvent
@@ -224,7 +224,7 @@ class HandoverWiring(StatusReporting):
             migration_id=event.migration_id,
             service=event.service,
             outcome=outcome,
-            record=record,
+            record=bounded_record(record),
             error=None if outcome is Outcome.COMPLETED else (event.reason or None),
         )
         bus = self.bus
@@ -235,7 +235,8 @@ class HandoverWiring(StatusReporting):
                 if outcome is Outcome.ROLLED_BACK:
                     await self._owned(event.service)
                 else:
-                    await bus.clear(topics.service(self.node, event.service))
+                    gone = self.follow.tombstone(event.service)
+                    await bus.publish(topics.service(self.node, event.service), gone, retain=True)
                     self._published.discard(event.service)
                 await bus.publish(topics.events(self.node), done)
         except (FogmigError, TimeoutError) as exc:

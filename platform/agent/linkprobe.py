@@ -18,7 +18,7 @@ from pathlib import Path
 from fogmig.platform.agent.state import AgentState
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import FogmigError
-from fogmig.platform.bus.schemas import LinkMeasurement
+from fogmig.platform.bus.schemas import MAX_RATE, MAX_RTT_S, LinkMeasurement
 from fogmig.platform.transfer.client import TransferClient
 
 log = logging.getLogger(__name__)
@@ -61,8 +61,10 @@ class LinkProbing(AgentState):
                 sent = await client.send_file(probe_id, Path(fh.name), "probe")
             await client.call("drop_probe", {"migration_id": probe_id})
         # A one-shot transfer includes TCP's slow start: a conservative estimate.
-        rate = sent.bytes / max(sent.seconds - rtt, 1e-6)
-        return LinkMeasurement(peer=peer, rtt_s=rtt, throughput_bytes_per_s=rate, at=time.time())
+        rate = min(sent.bytes / max(sent.seconds - rtt, 1e-6), MAX_RATE)
+        return LinkMeasurement(
+            peer=peer, rtt_s=min(rtt, MAX_RTT_S), throughput_bytes_per_s=rate, at=time.time()
+        )
 
     def _link_conditions(self, peer: str) -> dict[str, float]:
         """The last measurement of the link to ``peer`` for the record, if there is one."""

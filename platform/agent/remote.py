@@ -26,16 +26,12 @@ async def request_migration(
     timeout: float = 900.0,
 ) -> MigrationRecord:
     """Ask the node running ``service`` to migrate it; wait for the end and return its record."""
-    from fogmig.platform.bus.client import Bus
     from fogmig.platform.bus.schemas import MigrateCommand, MigrationDone, MigrationProgress
     from fogmig.platform.bus.topics import topics
-    from fogmig.platform.testbed.broker import CONTROLLER_USER
-    from fogmig.platform.testbed.credentials import load_credentials
-    from fogmig.platform.testbed.state import load_state
+    from fogmig.platform.controller.access import open_testbed_bus
     from fogmig.policies.conditions import PrecopyStopRules
     from fogmig.services.deploy import find_service
 
-    state = load_state()
     placements = await find_service(service)
     running = [p for p in placements if p.container.running]
     if not running:
@@ -43,7 +39,6 @@ async def request_migration(
             f"service {service} runs on no node", hint="`fogmig services` lists what runs where"
         )
     source = running[0].node
-    creds = load_credentials()
     rules = PrecopyStopRules() if max_rounds is None else PrecopyStopRules(max_rounds=max_rounds)
     command = MigrateCommand(
         command_id=uuid.uuid4().hex[:12],
@@ -55,14 +50,7 @@ async def request_migration(
         reason="requested on the command line",
     )
     async with (
-        Bus(
-            host=state.broker.ip,
-            port=state.broker.port,
-            username=CONTROLLER_USER,
-            password=creds.mqtt[CONTROLLER_USER],
-            client_id=f"cli-{uuid.uuid4().hex[:8]}",
-            known_nodes=state.node_names,
-        ) as bus,
+        open_testbed_bus("cli") as bus,
         bus.subscribe(topics.events(source)) as events,
     ):
         await bus.request(source, command, timeout=15.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+from fogmig.platform.agent.admission import Admission
 from fogmig.platform.agent.config import AgentConfig
 from fogmig.platform.agent.follow import Follow
 from fogmig.platform.agent.forwarding import Forwarder
@@ -46,3 +47,5 @@ class AgentState:
         self._published: set[str] = set()  # services whose presence this node announced
         self._cpu_sample: tuple[float, int] | None = None  # (monotonic s, cpuacct ns)
         self.bus: Bus | None = None
+        self.admission = Admission()
+        """The commands this node took lately: a replayed or stale one is refused."""

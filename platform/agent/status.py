@@ -10,14 +10,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import time
 from pathlib import Path
 
 from fogmig.platform.agent.state import AgentState
+from fogmig.platform.base import fmt
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import NodeCapabilities
-from fogmig.platform.bus.schemas import NodeStatus, ServiceInfo
+from fogmig.platform.bus.schemas import MAX_BYTES, MAX_RATE, NodeStatus, ServiceInfo
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.capabilities import criu_capabilities
@@ -110,12 +112,17 @@ class StatusReporting(AgentState):
         for service in sorted(running - self._published):
             await self._owned(service)
         for service in sorted(self._published - running - set(self.migrating)):
-            await self.bus.clear(topics.service(self.node, service))
+            gone = self.follow.tombstone(service)
+            await self.bus.publish(topics.service(self.node, service), gone, retain=True)
             self._published.discard(service)
 
     async def _status_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            await self._publish_status()
+            try:
+                await self._publish_status()
+            except Exception as exc:
+                # One unpublishable status (a figure out of bounds) must not end the reports.
+                log.warning("agent %s: status not published: %s", self.node, fmt.error(exc))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.config.status_interval_s)
 
@@ -148,13 +155,19 @@ def service_params(bundle: Path | None) -> tuple[int, float, int]:
         return args[args.index(flag) + 1] if flag in args[:-1] else default
 
     try:
-        return (
-            int(value("--state-mb", "0")),
-            float(value("--dirty-kbps", "0")),
-            int(value("--port", "5683")),
-        )
+        state_mb = int(value("--state-mb", "0"))
+        dirty_kbps = float(value("--dirty-kbps", "0"))
+        port = int(value("--port", "5683"))
     except ValueError:
         return 0, 0.0, 5683
+    # What the bus can carry: a figure beyond its bounds would make every status unpublishable.
+    if not (math.isfinite(dirty_kbps) and 0 <= dirty_kbps <= MAX_RATE / 1024):
+        dirty_kbps = 0.0
+    if not 0 <= state_mb <= MAX_BYTES >> 20:
+        state_mb = 0
+    if not 1 <= port <= 65535:
+        port = 5683
+    return state_mb, dirty_kbps, port
 
 
 def rss(pid: int) -> int:

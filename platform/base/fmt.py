@@ -36,3 +36,13 @@ def megabytes(nbytes: float | None, *, digits: int = 1, missing: str = MISSING) 
 def byte_count(nbytes: int | None, *, missing: str = MISSING) -> str:
     """Exact bytes with thousands separators (``1,234,567 B``)."""
     return missing if nbytes is None else f"{nbytes:,} B"
+
+
+def error(exc: BaseException, *, limit: int = 300) -> str:
+    """An exception as one log line: its type and message, cut at ``limit`` characters.
+
+    For a message a consumer rejects: the sender controls the text, which must neither flood
+    the log nor span several lines.
+    """
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."

@@ -19,7 +19,7 @@ NETNS_PREFIX = "fm-"
 
 
 def check_node_name(name: str) -> str:
-    if not NODE_NAME.match(name):
+    if not NODE_NAME.fullmatch(name):
         raise ConfigError(
             f"invalid node name {name!r}: use 1-10 lowercase letters and digits, "
             "starting with a letter (e.g. gw1)"
@@ -28,7 +28,7 @@ def check_node_name(name: str) -> str:
 
 
 def check_service_name(name: str) -> str:
-    if not SERVICE_NAME.match(name):
+    if not SERVICE_NAME.fullmatch(name):
         raise ConfigError(
             f"invalid service name {name!r}: use lowercase letters, digits and '-', "
             "starting with a letter, at most 31 characters"

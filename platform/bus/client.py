@@ -15,6 +15,7 @@ import contextlib
 import logging
 import random
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Callable, Collection, Coroutine
@@ -107,6 +108,11 @@ class Bus:
     status reads offline either way. ``known_nodes`` (when given) is consulted live: messages
     naming another node are rejected in both directions. ``client_id`` must be unique on the
     broker: a second connection with the same id makes the broker drop the first.
+
+    ``tls`` (a client context with this principal's certificate, see
+    :func:`fogmig.platform.security.broker_client_context`) is how a client proves who it is
+    to a site's broker, which takes the certificate's common name as the user name; ``username``
+    and ``password`` serve a broker that authenticates by password instead.
     """
 
     def __init__(
@@ -114,9 +120,10 @@ class Bus:
         *,
         host: str,
         port: int,
-        username: str | None,
-        password: str | None,
         client_id: str,
+        tls: ssl.SSLContext | None = None,
+        username: str | None = None,
+        password: str | None = None,
         will: NodeStatus | None = None,
         known_nodes: Collection[str] | None = None,
         on_invalid: InvalidHandler | None = None,
@@ -134,6 +141,7 @@ class Bus:
         self.known_nodes = known_nodes
         self.connections = 0  # successful connections so far: > 1 means it reconnected
         self.invalid = 0
+        self._tls = tls
         self._username = username
         self._password = password
         self._will = will
@@ -208,6 +216,7 @@ class Bus:
             username=self._username,
             password=self._password,
             identifier=self.client_id,
+            tls_context=self._tls,
             will=will,
             keepalive=self._keepalive,
             timeout=DEFAULT_TIMEOUT_S,
@@ -263,7 +272,8 @@ class Bus:
                 # The broker answered and said no: retrying will not change its mind soon.
                 error = BusError(
                     f"broker {self.host}:{self.port} refused client {self.client_id}: {exc}",
-                    hint="check the bus user name, password and the broker's ACL",
+                    hint="check the client's certificate (or user name and password) and "
+                    "the broker's ACL",
                 )
                 if not first.done():
                     first.set_exception(error)
@@ -469,7 +479,7 @@ class Bus:
         await self._publish_bytes(topic, payload, retain=retain, qos=qos, timeout=timeout)
 
     async def clear(self, topic: str, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
-        """Remove the retained message of a status or service topic (empty retained payload)."""
+        """Remove the retained message of a status topic (an empty retained payload)."""
         ref = parse_topic(topic)
         if ref.kind not in RETAINED_KINDS:
             raise BusError(f"{topic} holds no retained message to clear")

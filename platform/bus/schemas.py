@@ -10,6 +10,8 @@ from __future__ import annotations
 import ipaddress
 import json
 import math
+import re
+import time
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal, Self, TypeAlias
@@ -50,16 +52,81 @@ def _check_ip(value: str) -> str:
     return str(ipaddress.ip_address(value))
 
 
+# Every number on the bus is finite and bounded by what its consumers can compute with: an
+# integer beyond 2**53 is not exact as a float (and one beyond ~1e308 does not convert at all),
+# a rate of 1e308 turns the cost model's products into infinities.
+MAX_INT = 2**53
+MAX_BYTES = 2**53
+"""Sizes in bytes (8 PiB)."""
+MAX_RATE = 1e12
+"""Rates in bytes per second (8 Tbit/s)."""
+MAX_RTT_S = 3600.0
+MAX_UNIX_TIME = float(2**32)
+"""Timestamps: seconds since 1970, up to the year 2106."""
+MAX_LOAD = 1e6
+MAX_LIST = 256
+"""Entries of a list in a payload (services or links of a node)."""
+
+# Names are matched in full: pydantic's pattern engine has no "$ before a final newline".
 NodeName = Annotated[str, StringConstraints(pattern=NODE_NAME.pattern)]
 ServiceName = Annotated[str, StringConstraints(pattern=SERVICE_NAME.pattern)]
 DeviceName = Annotated[str, StringConstraints(pattern=DEVICE_NAME_PATTERN)]
 IpAddress = Annotated[str, AfterValidator(_check_ip)]
-UnixTime = Annotated[float, Field(ge=0)]
-Count = Annotated[int, Field(ge=0)]
-Rate = Annotated[float, Field(ge=0)]
+UnixTime = Annotated[float, Field(ge=0, le=MAX_UNIX_TIME)]
+Count = Annotated[int, Field(ge=0, le=MAX_INT)]
+Bytes = Annotated[int, Field(ge=0, le=MAX_BYTES)]
+Rate = Annotated[float, Field(ge=0, le=MAX_RATE)]
+Seconds = Annotated[float, Field(ge=0, le=MAX_RTT_S)]
 Port = Annotated[int, Field(ge=1, le=65535)]
-Id = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+# Ids become log lines and file names: printable ASCII without spaces.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:+-]{0,127}$")
+Id = Annotated[str, StringConstraints(pattern=ID_PATTERN.pattern)]
 Text = Annotated[str, StringConstraints(max_length=4096)]
+
+
+def _out_of_bounds(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return not -MAX_INT <= value <= MAX_INT
+    if isinstance(value, float):
+        return not (math.isfinite(value) and abs(value) <= MAX_INT)
+    return False
+
+
+def _check_record(record: MigrationRecord) -> MigrationRecord:
+    """A record from another node: every figure finite and within what a float holds exactly."""
+    for name, value in _numbers_in(
+        record.model_dump(exclude=set(type(record).model_computed_fields))
+    ):
+        if _out_of_bounds(value):
+            raise ValueError(f"record.{name} = {value} is not a finite figure within {MAX_INT}")
+    return record
+
+
+def bounded_record(record: MigrationRecord) -> MigrationRecord:
+    """``record`` as the bus carries it: a figure out of bounds (a rate over an instant, a
+    division by zero) reads 0, and the rounds go if one of them has such a figure."""
+    update: dict[str, Any] = {}
+    for name in type(record).model_fields:
+        value = getattr(record, name)
+        if name == "rounds":
+            if any(_out_of_bounds(v) for r in value for _, v in _numbers_in(r.model_dump())):
+                update["rounds"] = []
+        elif _out_of_bounds(value):
+            update[name] = 0.0 if isinstance(value, float) else 0
+    return record.model_copy(update=update) if update else record
+
+
+def _numbers_in(doc: object, where: str = "") -> Iterator[tuple[str, object]]:
+    if isinstance(doc, dict):
+        for key, value in doc.items():
+            yield from _numbers_in(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(doc, list):
+        for i, value in enumerate(doc):
+            yield from _numbers_in(value, f"{where}[{i}]")
+    elif isinstance(doc, int | float):
+        yield where, doc
 
 
 class _Model(BaseModel):
@@ -79,7 +146,7 @@ class ServiceInfo(_Model):
     """One service running on a node, as its agent measures it."""
 
     name: ServiceName
-    state_bytes: Count
+    state_bytes: Bytes
     dirty_rate_bytes_per_s: Rate
     data_ip: IpAddress
     port: Port
@@ -89,7 +156,7 @@ class LinkMeasurement(_Model):
     """The last measurement of the data link from this node to ``peer``."""
 
     peer: NodeName
-    rtt_s: Rate
+    rtt_s: Seconds
     throughput_bytes_per_s: Rate
     at: UnixTime
 
@@ -100,21 +167,34 @@ class NodeStatus(_Message):
     node: NodeName
     online: bool
     at: UnixTime
-    load: Annotated[float, Field(ge=0, description="1-min load / cores, or the CPU share")]
-    mem_total_bytes: Count
-    mem_free_bytes: Count
-    services: list[ServiceInfo] = Field(default_factory=list)
+    load: Annotated[
+        float, Field(ge=0, le=MAX_LOAD, description="1-min load / cores, or the CPU share")
+    ]
+    mem_total_bytes: Bytes
+    mem_free_bytes: Bytes
+    services: list[ServiceInfo] = Field(default_factory=list, max_length=MAX_LIST)
     capabilities: NodeCapabilities
-    links: list[LinkMeasurement] = Field(default_factory=list)
+    links: list[LinkMeasurement] = Field(default_factory=list, max_length=MAX_LIST)
     draining: bool = False
 
 
 # --- commands ----------------------------------------------------------------------------
 
 
-class MigrateCommand(_Message):
-    kind: Literal["migrate"] = "migrate"
+def _now() -> float:
+    return time.time()
+
+
+class _Command(_Message):
+    """What every command carries: a unique id and when it was sent (the sender's clock)."""
+
     command_id: Id
+    at: UnixTime = Field(default_factory=_now)
+    """A receiver refuses a stale command, and one whose id it took already (a replay)."""
+
+
+class MigrateCommand(_Command):
+    kind: Literal["migrate"] = "migrate"
     service: ServiceName
     destination: NodeName
     technique: Technique
@@ -124,23 +204,20 @@ class MigrateCommand(_Message):
     reason: Text = ""
 
 
-class DeployCommand(_Message):
+class DeployCommand(_Command):
     kind: Literal["deploy"] = "deploy"
-    command_id: Id
     service: ServiceName
-    state_mb: Annotated[float, Field(ge=0)]
-    dirty_kbps: Annotated[float, Field(ge=0)]
+    state_mb: Annotated[float, Field(ge=0, le=1 << 20)]
+    dirty_kbps: Annotated[float, Field(ge=0, le=MAX_RATE / 1024)]
 
 
-class UndeployCommand(_Message):
+class UndeployCommand(_Command):
     kind: Literal["undeploy"] = "undeploy"
-    command_id: Id
     service: ServiceName
 
 
-class DrainCommand(_Message):
+class DrainCommand(_Command):
     kind: Literal["drain"] = "drain"
-    command_id: Id
 
 
 Command: TypeAlias = Annotated[
@@ -169,8 +246,8 @@ class MigrationProgress(_Message):
     migration_id: Id
     service: ServiceName
     phase: Phase
-    bytes_done: Count
-    bytes_total: Count
+    bytes_done: Bytes
+    bytes_total: Bytes
     rate_bytes_per_s: Rate
     at: UnixTime
 
@@ -182,7 +259,7 @@ class MigrationDone(_Message):
     migration_id: Id
     service: ServiceName
     outcome: Outcome
-    record: MigrationRecord
+    record: Annotated[MigrationRecord, AfterValidator(_check_record)]
     """The whole record; on the wire its JSON, derived totals included (and ignored on input)."""
     error: Text | None = None
 
@@ -198,7 +275,7 @@ PresenceState = Literal["running", "moving", "holding"]
 
 
 class ServicePresence(_Message):
-    """Where a service runs now (retained; an empty retained payload clears it).
+    """Where a service runs now (retained; ``present=False`` withdraws it).
 
     The presences of one service on different nodes are ordered by ``(seq, node)``: a node
     publishes one more than the highest ``seq`` it has seen for the service (a Lamport clock),
@@ -252,7 +329,7 @@ class Decision(_Message):
     destination: NodeName
     technique: Technique
     reason: Text
-    predicted: dict[str, JsonValue] = Field(default_factory=dict)
+    predicted: dict[str, JsonValue] = Field(default_factory=dict, max_length=64)
     trigger: Literal["mobility", "load", "drain", "manual"]
     at: UnixTime
 
@@ -291,8 +368,11 @@ _MODELS: dict[TopicKind, tuple[type[BaseModel], ...]] = {
     TopicKind.DECISIONS: (Decision,),
 }
 
-# Topics whose retained message may be cleared with an empty payload.
-RETAINED_KINDS = frozenset({TopicKind.STATUS, TopicKind.SERVICE})
+# Topics whose retained message may be cleared with an empty payload: a node's status (the
+# testbed removes a node). Not a service's presence: an empty payload says nothing of who sent
+# it or when, so a node withdraws a presence with one of its own, ``present=False``, that
+# outranks its earlier ones like any other.
+RETAINED_KINDS = frozenset({TopicKind.STATUS})
 
 
 def _kinds(kind: TopicKind) -> frozenset[str]:
@@ -422,7 +502,10 @@ def decode(
     if not payload:
         if ref.kind in RETAINED_KINDS:
             return Cleared(ref)
-        raise SchemaError(Rejection.MALFORMED, "empty payload", topic=topic)
+        why = "empty payload"
+        if ref.kind is TopicKind.SERVICE:
+            why += "; a node withdraws a presence with present=false, never an empty payload"
+        raise SchemaError(Rejection.MALFORMED, why, topic=topic)
     try:
         obj = json.loads(
             payload.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite
@@ -502,6 +585,6 @@ def command_id_of(payload: bytes) -> str | None:
     if not isinstance(obj, dict):
         return None
     value = obj.get("command_id")
-    if isinstance(value, str) and 0 < len(value) <= 128:
+    if isinstance(value, str) and ID_PATTERN.fullmatch(value):
         return value
     return None

@@ -61,7 +61,8 @@ class TopicRef(NamedTuple):
 def _level(value: str, pattern: str, what: str, *, wildcard: bool, topic: str | None = None) -> str:
     if wildcard and value == WILDCARD:
         return value
-    if not re.match(pattern, value):
+    # fullmatch: with re.match a "$" also matches before a trailing newline ("gw1\n").
+    if not re.fullmatch(pattern, value):
         raise SchemaError(Rejection.UNKNOWN_TOPIC, f"invalid {what} name {value!r}", topic=topic)
     return value
 

@@ -2,7 +2,7 @@
 ``fogmig controller-bench``.
 
 ``controller`` runs in the root namespace against the testbed's broker with the ``controller``
-credentials and shows its decisions live; ``drain`` asks a node to drain and waits until the
+certificate and shows its decisions live; ``drain`` asks a node to drain and waits until the
 controller has moved every service off it.
 """
 

@@ -1,7 +1,7 @@
-"""The testbed's broker as the controller principal: a bus client with its credentials.
+"""The testbed's broker as the controller principal: a bus client with its certificate.
 
-The controller, ``fogmig drain`` and the demo speak to the agents as the testbed's
-``controller`` principal (the broker's ACL lets it command every node).
+The controller, ``fogmig drain``, ``fogmig migrate`` and the demo speak to the agents as the
+testbed's ``controller`` principal (the broker's ACL lets it command every node).
 """
 
 from __future__ import annotations
@@ -12,17 +12,15 @@ from fogmig.platform.bus.client import Bus
 
 
 def open_testbed_bus(client: str) -> Bus:
-    """A bus client with the controller's credentials on the testbed's broker."""
-    from fogmig.platform.testbed.broker import CONTROLLER_USER
-    from fogmig.platform.testbed.credentials import load_credentials
-    from fogmig.platform.testbed.state import load_state
+    """A bus client with the controller's certificate on the testbed's broker."""
+    from fogmig.platform.security.identity import Identity
+    from fogmig.platform.testbed.mqtt import bus_access
 
-    state = load_state()
+    access = bus_access(Identity.controller())
     return Bus(
-        host=state.broker.ip,
-        port=state.broker.port,
-        username=CONTROLLER_USER,
-        password=load_credentials().password(CONTROLLER_USER),
-        client_id=f"{client}-{uuid.uuid4().hex[:8]}",
-        known_nodes=state.node_names,
+        host=access.host,
+        port=access.port,
+        tls=access.tls,
+        client_id=access.client_id(f"{client}-{uuid.uuid4().hex[:8]}"),
+        known_nodes=access.known_nodes,
     )

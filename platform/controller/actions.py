@@ -30,10 +30,18 @@ class EventKind(StrEnum):
     DRAIN_ENDED = "drain_ended"
     NODE_EMPTY = "node_empty"
     PROGRESS = "progress"
+    REFUSED = "refused"
+    """A message the controller does not take: dated in its future, or one device too many."""
 
 
 WARNINGS: Final = frozenset(
-    {EventKind.REJECTED, EventKind.SEND_FAILED, EventKind.GAVE_UP, EventKind.LOST}
+    {
+        EventKind.REJECTED,
+        EventKind.SEND_FAILED,
+        EventKind.GAVE_UP,
+        EventKind.LOST,
+        EventKind.REFUSED,
+    }
 )
 """Kinds the controller logs as warnings (the rest at INFO, holds at DEBUG)."""
 

@@ -74,6 +74,11 @@ def _compare(predicted: dict[str, Any], measured: dict[str, float | None]) -> di
 
 ENDED_KEPT = 4096
 """How many ended migrations the controller remembers to recognise a repeated end."""
+MAX_SKEW_S = 30.0
+"""A message dated further ahead of the controller's clock is refused: the registry orders
+evidence by time, so it would outrank every later report."""
+MAX_DEVICES = 10_000
+"""Devices the controller follows at most; a new one beyond is refused (memory stays bounded)."""
 
 
 class ControllerCore:
@@ -118,7 +123,30 @@ class ControllerCore:
 
     # --- inputs ------------------------------------------------------------------------
 
+    def _future(self, what: str, at: float, **data: Any) -> list[Action]:
+        """A refusal if ``at`` is further ahead of the wall clock than the skew allowed."""
+        ahead = at - self._wall()
+        if ahead <= MAX_SKEW_S:
+            return []
+        return [
+            self._event(
+                EventKind.REFUSED,
+                f"{what} refused: dated {ahead:.0f} s in the controller's future",
+                **data,
+            )
+        ]
+
     def on_attach(self, msg: DeviceAttach, now: float) -> list[Action]:
+        refused = self._future(f"attach of {msg.device}", msg.at, node=msg.gateway)
+        if refused:
+            return refused
+        reg = self.registry
+        if msg.device not in reg.attachments and len(reg.attachments) >= MAX_DEVICES:
+            return self._hold(
+                None,
+                msg.gateway,
+                f"device {msg.device} refused: the controller follows {MAX_DEVICES} devices",
+            )
         change = self.registry.update_attach(msg, now)
         att = change.attachment
         if att is not None and change.moved:
@@ -126,6 +154,9 @@ class ControllerCore:
         return []
 
     def on_status(self, msg: NodeStatus, now: float) -> list[Action]:
+        refused = self._future(f"status of {msg.node}", msg.at, node=msg.node)
+        if refused:
+            return refused
         reg = self.registry
         change = reg.update_status(msg)
         if reg.nodes.get(msg.node) is not msg:
@@ -155,13 +186,13 @@ class ControllerCore:
         return []
 
     def on_presence(self, msg: ServicePresence, now: float) -> list[Action]:
+        refused = self._future(
+            f"presence of {msg.service} on {msg.node}", msg.at, service=msg.service, node=msg.node
+        )
+        if refused:
+            return refused
         self.registry.update_presence(msg)
         self._recheck.add(msg.service)
-        return []
-
-    def on_presence_cleared(self, node: str, service: str, now: float) -> list[Action]:
-        self.registry.clear_presence(node, service)
-        self._recheck.add(service)
         return []
 
     def on_ack(self, service: str, command_id: str, now: float) -> list[Action]:
@@ -461,7 +492,7 @@ class ControllerCore:
                 new_id=self._new_id,
                 wall=self._wall,
             )
-        except (FogmigError, ValueError) as exc:  # a policy's or a model's validation error
+        except (FogmigError, ValueError, ArithmeticError) as exc:  # a policy's or a model's
             del self.pending[service]
             return self._hold(service, source, f"cannot decide how to move {service}: {exc}")
         technique = command.technique

@@ -56,7 +56,8 @@ def decide_move(
     )
     link, link_source = cfg.default_link, "profile"
     for m in src.links:
-        if m.peer == target and m.throughput_bytes_per_s > 0:
+        # Slower than a byte a second is no measurement of a link, only of its absence.
+        if m.peer == target and m.throughput_bytes_per_s >= 1.0:
             link = LinkConditions(throughput_bytes_per_s=m.throughput_bytes_per_s, rtt_s=m.rtt_s)
             link_source = "measured"
     choice = choose_technique(

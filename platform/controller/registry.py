@@ -143,11 +143,6 @@ class Registry:
         else:
             claims.presence.pop(msg.node, None)
 
-    def clear_presence(self, node: str, service: str) -> None:
-        claims = self._claims.get(service)
-        if claims is not None:
-            claims.presence.pop(node, None)
-
     def note_moved(self, service: str, destination: str, at: float) -> None:
         """A migration to ``destination`` completed at ``at`` (wall clock)."""
         claims = self._claims.setdefault(service, _Claims())

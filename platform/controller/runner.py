@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from fogmig.platform.base import paths
+from fogmig.platform.base import fmt, paths
 from fogmig.platform.base.errors import BusError, ConfigError, FogmigError
 from fogmig.platform.bus.client import Bus, CommandRejectedError, Subscription
 from fogmig.platform.bus.schemas import (
@@ -67,6 +67,8 @@ class ControllerStats:
     send_failed: int = 0
     dropped: int = 0
     """Messages the bus dropped because the controller did not keep up."""
+    rejected_messages: int = 0
+    """Messages whose handling failed: each rejected with one log line, the loop went on."""
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -79,6 +81,7 @@ class ControllerStats:
             "rejected": self.rejected,
             "send_failed": self.send_failed,
             "dropped": self.dropped,
+            "rejected_messages": self.rejected_messages,
         }
 
 
@@ -167,18 +170,27 @@ class Controller:
 
     async def _read(self, sub: Subscription, stop: asyncio.Event) -> None:
         async for topic, msg in sub:
-            now = self._clock()
-            try:
-                actions = self._dispatch(topic, msg, now)
-                actions += self.core.tick(now)
-            except FogmigError as exc:
-                log.warning("controller: could not handle %s: %s", topic, exc)
-                continue
-            self._apply(actions)
-            self._rearm()
+            self.handle(topic, msg)
         if not stop.is_set() and self._error is None:
             self._error = BusError("the bus closed under the controller")
             self._halt.set()
+
+    def handle(self, topic: str, msg: BusMessage | Cleared) -> None:
+        """One message from the bus into the core, and what the core asks for out.
+
+        Whatever one message makes fail, it is rejected with one (truncated) log line and the
+        controller goes on with the next: a sender must not be able to stop the controller.
+        """
+        now = self._clock()
+        try:
+            actions = self._dispatch(topic, msg, now)
+            actions += self.core.tick(now)
+            self._apply(actions)
+            self._rearm()
+        except Exception as exc:
+            self.stats.rejected_messages += 1
+            log.warning("controller: rejected a message on %s: %s", topic, fmt.error(exc))
+            log.debug("controller: the rejected message: %r", msg, exc_info=exc)
 
     def _dispatch(self, topic: str, msg: BusMessage | Cleared, now: float) -> list[Action]:
         core, stats = self.core, self.stats
@@ -208,9 +220,6 @@ class Controller:
                 )
             case Cleared(ref) if ref.kind is TopicKind.STATUS and ref.node is not None:
                 return core.on_status_cleared(ref.node, now)
-            case Cleared(ref) if ref.node is not None and ref.service is not None:
-                stats.presence_events += 1
-                return core.on_presence_cleared(ref.node, ref.service, now)
             case _:
                 pass
         return []
@@ -244,9 +253,12 @@ class Controller:
         else:
             self.stats.accepted += 1
             actions = self.core.on_ack(cmd.service, cmd.command_id, self._clock())
-        actions += self.core.tick(self._clock())
-        self._apply(actions)
-        self._rearm()
+        try:
+            actions += self.core.tick(self._clock())
+            self._apply(actions)
+            self._rearm()
+        except Exception as exc:
+            log.warning("controller: after the answer to %s: %s", cmd.command_id, fmt.error(exc))
 
     async def _publish_decision(self, decision: Decision) -> None:
         try:
@@ -280,7 +292,10 @@ class Controller:
         while True:
             self._wake.clear()
             now = self._clock()
-            self._apply(self.core.tick(now))
+            try:
+                self._apply(self.core.tick(now))
+            except Exception as exc:
+                log.warning("controller: a timer failed: %s", fmt.error(exc))
             due = self.core.next_due()
             self._sleep_until = due
             timeout = None if due is None else max(0.0, due - self._clock())

@@ -31,7 +31,7 @@ class FenceState(StrEnum):
 
 def check_name(what: str, value: str) -> str:
     """Migration and container ids become file names and runc arguments: keep them plain."""
-    if not NAME.match(value):
+    if not NAME.fullmatch(value):
         raise FenceError(
             f"invalid {what} {value!r} for a fence: use letters, digits and '._+-', "
             "at most 128 characters, not starting with a dot or a dash"

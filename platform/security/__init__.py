@@ -8,6 +8,7 @@ certificate, key and the CA certificate are), :func:`server_context`, :func:`cli
 from fogmig.platform.security.identity import Identity, PrincipalKind
 from fogmig.platform.security.pki import IdentityFiles
 from fogmig.platform.security.tls import (
+    broker_client_context,
     check_peer,
     client_context,
     open_connection,
@@ -20,6 +21,7 @@ __all__ = [
     "Identity",
     "IdentityFiles",
     "PrincipalKind",
+    "broker_client_context",
     "check_peer",
     "client_context",
     "open_connection",

@@ -32,7 +32,7 @@ class Identity:
         if self.kind not in KINDS:
             raise IdentityError(f"unknown principal kind {self.kind!r} (one of {', '.join(KINDS)})")
         if self.kind in NAMED_KINDS:
-            if self.name is None or not NODE_NAME.match(self.name):
+            if self.name is None or not NODE_NAME.fullmatch(self.name):
                 raise IdentityError(
                     f"invalid {self.kind} name {self.name!r}: use 1-10 lowercase letters and "
                     "digits, starting with a letter (e.g. gw1)"

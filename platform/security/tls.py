@@ -53,6 +53,18 @@ def client_context(files: IdentityFiles) -> ssl.SSLContext:
     return ctx
 
 
+def broker_client_context(files: IdentityFiles) -> ssl.SSLContext:
+    """For a client of the site's MQTT broker: ``files``' certificate, the site CA's broker.
+
+    Unlike the transfer channel the broker is checked by address (its certificate carries the
+    address it listens on as an IP SAN), since the MQTT library cannot call
+    :func:`check_peer`; the broker takes the client's common name as its user name.
+    """
+    ctx = _context(ssl.PROTOCOL_TLS_CLIENT, files)
+    ctx.check_hostname = True
+    return ctx
+
+
 def identity_from_peercert(cert: Mapping[str, Any] | None) -> Identity:
     """The identity in a verified peer certificate as ``getpeercert()`` returns it.
 

@@ -27,15 +27,11 @@ from fogmig.platform.base.nodes import NETNS_PREFIX, check_node_name, runc_root
 from fogmig.platform.base.proc import run
 from fogmig.platform.runtime.capabilities import has_netem
 from fogmig.platform.runtime.workdir import remove_tree
+from fogmig.platform.security.identity import Identity
 from fogmig.platform.testbed import broker, netem, netns, pids, topology
-from fogmig.platform.testbed.credentials import (
-    generate_credentials,
-    remove_credentials,
-    save_credentials,
-)
 from fogmig.platform.testbed.linkd import ControlRequest, LinkdConfig, LinkdLink, TunEnd
 from fogmig.platform.testbed.links import linkd_request
-from fogmig.platform.testbed.pki import create_pki, pki_dir, remove_pki
+from fogmig.platform.testbed.pki import create_pki, load_identity, pki_dir, remove_pki
 from fogmig.platform.testbed.probe import measure_rtt
 from fogmig.platform.testbed.profiles import LinkProfile
 from fogmig.platform.testbed.state import (
@@ -282,12 +278,9 @@ async def up(profile: LinkProfile, n_nodes: int, *, progress: Progress = _quiet)
         progress(f"{len(state.links)} data links by {kind}")
         await _data_links(state)
         progress(f"broker on {state.broker.ip}:{state.broker.port}")
-        users = [*state.node_names, state.device_host.name, broker.CONTROLLER_USER]
-        creds = generate_credentials(users)
-        save_credentials(creds)
         issued = create_pki(state)
         progress(f"site CA and {len(issued)} certificates in {pki_dir()}")
-        await broker.write_broker_files(state, creds)
+        await broker.write_broker_files(state, load_identity(Identity.broker()))
         state.broker.pid = await broker.start_broker(state.broker)
         if backend == "tun":
             progress("link emulator")
@@ -472,7 +465,6 @@ async def down(state: TestbedState | None = None, *, progress: Progress = _quiet
                     remove_tree(entry)  # never crosses into a mount CRIU may have left
                 report.files.append(str(entry))
     remove_state()
-    remove_credentials()
     if remove_pki():
         report.files.append(str(pki_dir()))
     return report

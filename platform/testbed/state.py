@@ -30,7 +30,7 @@ def testbed_run_dir() -> Path:
 
 
 def testbed_state_dir() -> Path:
-    """Persistent files of the testbed (its credentials)."""
+    """Persistent files of the testbed (its site CA and certificates)."""
     return paths.state_dir() / "testbed"
 
 

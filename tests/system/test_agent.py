@@ -26,9 +26,10 @@ from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 from fogmig.platform.controller.config import config_for_testbed
 from fogmig.platform.controller.runner import Controller
+from fogmig.platform.security.identity import Identity
 from fogmig.platform.testbed.broker import restart_broker
-from fogmig.platform.testbed.credentials import load_credentials
-from fogmig.platform.testbed.state import TestbedState, load_state
+from fogmig.platform.testbed.mqtt import bus_access, mosquitto_client_args
+from fogmig.platform.testbed.state import TestbedState
 from fogmig.services.deploy import ServiceSpec, deploy, find_service, undeploy
 
 pytestmark = [pytest.mark.system, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
@@ -49,9 +50,8 @@ def migrate_command(service: str, destination: str = "gw2") -> MigrateCommand:
 
 
 async def raw_publish(user: str, topic: str, payload: bytes) -> None:
-    state = load_state()
-    argv = ["mosquitto_pub", "-h", state.broker.ip, "-p", str(state.broker.port)]
-    argv += ["-u", user, "-P", load_credentials().password(user), "-q", "1", "-t", topic]
+    identity = Identity.controller() if user == "controller" else Identity.node(user)
+    argv = ["mosquitto_pub", *mosquitto_client_args(identity), "-q", "1", "-t", topic]
     # From stdin (-s): the payload may hold any byte.
     proc = await asyncio.create_subprocess_exec(*argv, "-s", stdin=asyncio.subprocess.PIPE)
     await proc.communicate(payload)
@@ -112,14 +112,12 @@ async def test_agents_survive_a_broker_restart(testbed: TestbedState) -> None:
 
 
 async def test_a_command_with_another_nodes_credentials_is_dropped(testbed: TestbedState) -> None:
-    state = load_state()
-    creds = load_credentials()
+    access = bus_access(Identity.node("gw2"))
     async with Bus(
-        host=state.broker.ip,
-        port=state.broker.port,
-        username="gw2",
-        password=creds.password("gw2"),
-        client_id=f"impostor-{uuid.uuid4().hex[:6]}",
+        host=access.host,
+        port=access.port,
+        tls=access.tls,
+        client_id=access.client_id(f"impostor-{uuid.uuid4().hex[:6]}"),
     ) as impostor:
         # The broker acknowledges the denied publish and drops it: only the end-to-end ack tells.
         with pytest.raises(CommandTimeoutError):
@@ -229,6 +227,19 @@ async def test_deploy_and_undeploy_through_the_agent(testbed: TestbedState) -> N
         )
         assert ack.accepted
         assert [p.node for p in await find_service("viacmd") if p.container.running] == ["gw2"]
+        # gw1 is told to undeploy it: it acts on its own services only, and refuses.
+        with pytest.raises(CommandRejectedError) as refused:
+            await bus.request(
+                "gw1", UndeployCommand(command_id="undep0", service="viacmd"), timeout=30
+            )
+        assert refused.value.ack.error_type == "ServiceError"
+        assert [p.node for p in await find_service("viacmd") if p.container.running] == ["gw2"]
+        # The same command again: a replay, refused before it is even judged.
+        with pytest.raises(CommandRejectedError) as replayed:
+            await bus.request(
+                "gw1", UndeployCommand(command_id="undep0", service="viacmd"), timeout=30
+            )
+        assert replayed.value.ack.error_type == "CommandRefusedError"
         ack = await bus.request(
             "gw2", UndeployCommand(command_id="undep1", service="viacmd"), timeout=30
         )

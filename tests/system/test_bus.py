@@ -1,7 +1,10 @@
-"""The bus against a real Mosquitto on loopback with passwords and an ACL.
+"""The bus against a real Mosquitto on loopback, configured as the testbed configures it: MQTT
+over TLS 1.3 with client certificates of a site CA (the common name is the user), the ACL, a
+packet size limit and persistence.
 
 Round trips of every model, retained status and the last-will after a killed client, request and
-acknowledgement, timeouts, reconnection after a broker restart, and a publish the ACL denies.
+acknowledgement, timeouts, reconnection after a broker restart, a publish the ACL denies, a
+client without a certificate or with one of another CA, and retained state across a restart.
 """
 
 from __future__ import annotations
@@ -13,7 +16,6 @@ import pwd
 import shutil
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -54,7 +56,17 @@ from fogmig.platform.bus.schemas import (
 )
 from fogmig.platform.bus.topics import Rejection, SchemaError, topics
 from fogmig.platform.migration.record import MigrationRecord
-from fogmig.platform.testbed.broker import CONTROLLER_USER, acl_rules, render_acl
+from fogmig.platform.security.identity import Identity
+from fogmig.platform.security.pki import IdentityFiles, create_ca, issue, save_ca, save_identity
+from fogmig.platform.security.tls import broker_client_context
+from fogmig.platform.testbed.broker import (
+    CONTROLLER_USER,
+    BrokerFiles,
+    acl_rules,
+    render_acl,
+    render_config,
+)
+from fogmig.platform.testbed.state import BrokerInfo
 
 pytestmark = [
     pytest.mark.system,
@@ -63,7 +75,12 @@ pytestmark = [
 ]
 
 NODES = ("gw1", "gw2")
-USERS = (CONTROLLER_USER, "gw1", "gw2", "devhost")
+IDENTITIES = {
+    CONTROLLER_USER: Identity.controller(),
+    "gw1": Identity.node("gw1"),
+    "gw2": Identity.node("gw2"),
+    "devhost": Identity.device("devhost"),
+}
 
 
 def _acl() -> str:
@@ -80,17 +97,24 @@ def _free_port() -> int:
 
 @dataclass
 class Broker:
-    """A private Mosquitto: own port, own password and ACL files, killed by its own PID."""
+    """A private Mosquitto: own port, own CA, certificates and ACL, killed by its own PID."""
 
     folder: Path
     port: int
-    passwords: dict[str, str]
+    identities: dict[str, IdentityFiles]
     proc: asyncio.subprocess.Process | None = None
     starts: int = field(default=0)
 
     @property
     def log_path(self) -> Path:
-        return self.folder / "mosquitto.log"
+        return self.folder / "mosquitto.out"
+
+    async def stop(self) -> None:
+        """A clean stop (SIGTERM): the broker writes its persistent state."""
+        if self.proc is not None and self.proc.returncode is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            await self.proc.wait()
+        self.proc = None
 
     async def start(self) -> None:
         with (self.folder / "mosquitto.out").open("ab") as out:
@@ -103,7 +127,8 @@ class Broker:
             try:
                 _, writer = await asyncio.open_connection("127.0.0.1", self.port)
                 writer.close()
-                await writer.wait_closed()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
                 return
             except OSError:
                 if self.proc.returncode is not None or time.monotonic() > deadline:
@@ -120,49 +145,50 @@ class Broker:
         return Bus(
             host="127.0.0.1",
             port=self.port,
-            username=user,
-            password=self.passwords[user],
-            client_id=f"fmbus-{user}-{os.urandom(3).hex()}",
+            tls=broker_client_context(self.identities[user]),
+            client_id=f"{user}-fmbus-{os.urandom(3).hex()}",
             **kwargs,  # type: ignore[arg-type]
         )
 
 
-def _write_broker_files(folder: Path, port: int, passwords: dict[str, str]) -> None:
-    passwd = folder / "passwd"
-    for i, (user, pw) in enumerate(passwords.items()):
-        create = ["-c"] if i == 0 else []
-        subprocess.run(["mosquitto_passwd", *create, "-b", str(passwd), user, pw], check=True)
-    (folder / "acl").write_text(_acl())
-    (folder / "mosquitto.conf").write_text(
-        "\n".join(
-            [
-                "per_listener_settings false",
-                "allow_anonymous false",
-                f"password_file {passwd}",
-                f"acl_file {folder / 'acl'}",
-                f"listener {port} 127.0.0.1",
-                "persistence false",
-                "set_tcp_nodelay true",
-                f"log_dest file {folder / 'mosquitto.log'}",
-                "log_type all",
-                "",
-            ]
-        )
+def _write_broker_files(folder: Path, port: int) -> dict[str, IdentityFiles]:
+    """The testbed's own configuration of the broker, on loopback, with a fresh site CA."""
+    files = BrokerFiles.of(folder)
+    files.data.mkdir()
+    ca = create_ca(name="fmbus test CA")
+    save_ca(ca, folder / "pki")
+    broker = save_identity(issue(ca, Identity.broker(), ip_addresses=["127.0.0.1"]), folder / "pki")
+    shutil.copyfile(broker.ca, files.ca)
+    shutil.copyfile(broker.cert, files.cert)
+    shutil.copyfile(broker.key, files.key)
+    identities = {
+        user: save_identity(issue(ca, identity), folder / "pki")
+        for user, identity in IDENTITIES.items()
+    }
+    files.acl.write_text(_acl())
+    info = BrokerInfo(
+        netns="-",
+        ip="127.0.0.1",
+        port=port,
+        config_path=str(folder / "mosquitto.conf"),
+        log_path=str(folder / "mosquitto.out"),
     )
+    # Everything, for the denied publishes the tests look for.
+    (folder / "mosquitto.conf").write_text(render_config(info, files) + "log_type all\n")
     with contextlib.suppress(KeyError):
         # Mosquitto started as root drops to its own user and must still read its files.
         entry = pwd.getpwnam("mosquitto")
-        for p in [folder, *folder.iterdir()]:
+        for p in [folder, files.data, *folder.iterdir()]:
             os.chown(p, entry.pw_uid, entry.pw_gid)
+    return identities
 
 
 @pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
     folder = Path(tempfile.mkdtemp(prefix="fmbus-"))
-    passwords = {user: os.urandom(12).hex() for user in USERS}
     port = _free_port()
-    _write_broker_files(folder, port, passwords)
-    b = Broker(folder, port, passwords)
+    identities = _write_broker_files(folder, port)
+    b = Broker(folder, port, identities)
     await b.start()
     try:
         yield b
@@ -284,17 +310,23 @@ async def test_round_trip_of_every_model(broker: Broker) -> None:
             got = await _next(sub)
             assert got.topic == topic
             assert got.message == model
-        # An empty retained payload clears a service's location.
-        await bus.clear(topics.service("gw2", "sensor"))
+        # An empty retained payload clears a node's status, never a service's presence.
+        await bus.clear(topics.status("gw1"))
         got = await _next(sub)
         assert isinstance(got.message, Cleared)
-        assert got.message.topic.service == "sensor"
+        assert got.message.topic.node == "gw1"
+        with pytest.raises(BusError):
+            await bus.clear(topics.service("gw2", "sensor"))
 
 
 WILL_CLIENT = """
 import asyncio, sys, time
+from pathlib import Path
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.base.vocabulary import NodeCapabilities
+from fogmig.platform.security.identity import Identity
+from fogmig.platform.security.pki import identity_files
+from fogmig.platform.security.tls import broker_client_context
 from fogmig.platform.bus.schemas import NodeStatus
 from fogmig.platform.bus.topics import topics
 
@@ -304,9 +336,10 @@ def status(online):
         native_predump=False))
 
 async def main():
-    port, password = int(sys.argv[1]), sys.argv[2]
-    async with Bus(host="127.0.0.1", port=port, username="gw1", password=password,
-                   client_id="fmbus-will", will=status(False)) as bus:
+    port, pki = int(sys.argv[1]), Path(sys.argv[2])
+    tls = broker_client_context(identity_files(pki, Identity.node("gw1")))
+    async with Bus(host="127.0.0.1", port=port, tls=tls, client_id="gw1-will",
+                   will=status(False)) as bus:
         await bus.publish(topics.status("gw1"), status(True), retain=True)
         print("ready", flush=True)
         await asyncio.sleep(60)
@@ -322,7 +355,7 @@ async def test_retained_status_and_last_will_after_the_client_is_killed(broker: 
         "-c",
         WILL_CLIENT,
         str(broker.port),
-        broker.passwords["gw1"],
+        str(broker.folder / "pki"),
         stdout=asyncio.subprocess.PIPE,
         env=env,
     )
@@ -488,7 +521,7 @@ async def test_a_publish_the_acl_denies_is_dropped_and_the_request_times_out(
     # The broker's own log shows it dropped the intruder's command.
     denied = [line for line in broker.log_path.read_text().splitlines() if "Denied PUBLISH" in line]
     assert len(denied) == 1
-    assert "fmbus-gw2" in denied[0]
+    assert "gw2-fmbus" in denied[0]
     assert topics.cmd("gw1") in denied[0]
 
 
@@ -522,6 +555,11 @@ async def test_reconnects_after_a_broker_restart_and_keeps_its_subscriptions(
         assert isinstance(got.message, NodeStatus)
 
 
+def _tls_args(broker: Broker, user: str) -> list[str]:
+    files = broker.identities[user]
+    return ["--cafile", str(files.ca), "--cert", str(files.cert), "--key", str(files.key)]
+
+
 async def _mosquitto_pub(broker: Broker, user: str, topic: str, payload: bytes) -> None:
     proc = await asyncio.create_subprocess_exec(
         "mosquitto_pub",
@@ -529,10 +567,7 @@ async def _mosquitto_pub(broker: Broker, user: str, topic: str, payload: bytes) 
         "127.0.0.1",
         "-p",
         str(broker.port),
-        "-u",
-        user,
-        "-P",
-        broker.passwords[user],
+        *_tls_args(broker, user),
         "-q",
         "1",
         "-t",
@@ -580,27 +615,90 @@ async def test_invalid_payloads_are_reported_and_never_break_the_stream(broker: 
     assert reported == [(topic, reason) for topic, _, reason in bad]
 
 
-async def test_wrong_password_fails_at_once_and_a_missing_broker_after_the_timeout(
-    broker: Broker,
+async def test_a_client_without_a_certificate_of_the_site_ca_is_refused(
+    broker: Broker, tmp_path: Path
 ) -> None:
-    started = time.monotonic()
-    with pytest.raises(BusError, match="refused"):
-        async with Bus(
-            host="127.0.0.1",
-            port=broker.port,
-            username="gw1",
-            password="wrong",
-            client_id="fmbus-wrong",
-            connect_timeout=10,
-        ):
+    plain = Bus(host="127.0.0.1", port=broker.port, client_id="gw1-plain", connect_timeout=1.5)
+    with pytest.raises(BusError):
+        async with plain:
             pass
-    assert time.monotonic() - started < 3
+    # A certificate for the same name, from another CA.
+    other = create_ca(name="not the site CA")
+    save_ca(other, tmp_path)
+    forged = save_identity(issue(other, Identity.controller()), tmp_path)
+    forged = IdentityFiles(
+        identity=forged.identity, cert=forged.cert, key=forged.key, ca=broker.identities["gw1"].ca
+    )
+    outsider = Bus(
+        host="127.0.0.1",
+        port=broker.port,
+        tls=broker_client_context(forged),
+        client_id="controller-forged",
+        connect_timeout=1.5,
+    )
+    with pytest.raises(BusError):
+        async with outsider:
+            pass
+    # Neither got anywhere: the broker's retained store has nothing from them.
+    async with broker.bus("gw1") as bus:
+        assert bus.connected
+
+
+async def test_a_missing_broker_fails_after_the_timeout(broker: Broker) -> None:
     await broker.kill()
     started = time.monotonic()
     with pytest.raises(BusError, match="cannot reach"):
         async with broker.bus("gw1", connect_timeout=0.6):
             pass
     assert 0.5 < time.monotonic() - started < 4
+
+
+async def test_a_certificate_is_the_identity_the_acl_names(broker: Broker) -> None:
+    # gw1's certificate with another user name: the broker takes the certificate's name, so
+    # gw1 still cannot publish under gw2's topics.
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_pub",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(broker.port),
+        *_tls_args(broker, "gw1"),
+        "-u",
+        "gw2",
+        "-i",
+        "gw2-agent",
+        "-q",
+        "1",
+        "-t",
+        topics.status("gw2"),
+        "-r",
+        "-m",
+        _status("gw2").model_dump_json(),
+    )
+    await proc.wait()
+    async with broker.bus("controller") as bus, bus.subscribe(topics.status("gw2")) as sub:
+        with pytest.raises(TimeoutError):
+            await _next(sub, timeout=1.0)
+
+
+async def test_retained_state_survives_a_broker_restart(broker: Broker) -> None:
+    async with broker.bus("gw1") as gw1:
+        await gw1.publish(topics.status("gw1"), _status("gw1"), retain=True)
+        presence = ServicePresence(
+            service="sensor",
+            node="gw1",
+            data_ip="10.10.0.1",
+            port=5683,
+            present=True,
+            at=time.time(),
+            seq=3,
+        )
+        await gw1.publish(topics.service("gw1", "sensor"), presence, retain=True)
+    await broker.stop()
+    await broker.start()
+    async with broker.bus("controller") as ctl, ctl.subscribe(topics.everything()) as sub:
+        got = {(await _next(sub)).topic for _ in range(2)}
+    assert got == {topics.status("gw1"), topics.service("gw1", "sensor")}
 
 
 async def test_publishing_a_model_on_the_wrong_topic_is_refused_before_sending(

@@ -1,5 +1,5 @@
 """The device simulator on the real testbed: a sensor service in a runc container on gw1,
-devices in the device host's namespace, the real broker with the testbed's credentials.
+devices in the device host's namespace, the real broker with the testbed's certificates.
 
 ``fogmig device-sim`` runs one device against gw1 and must see every reading acknowledged and
 the service's state match its ledger, announcing its attachment on the bus; the library,
@@ -33,9 +33,10 @@ from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.client import Bus, Subscription
 from fogmig.platform.bus.schemas import DeviceAttach
 from fogmig.platform.bus.topics import topics
+from fogmig.platform.security.identity import Identity
 from fogmig.platform.testbed import lifecycle
 from fogmig.platform.testbed.broker import CONTROLLER_USER
-from fogmig.platform.testbed.credentials import load_credentials
+from fogmig.platform.testbed.mqtt import bus_access
 from fogmig.platform.testbed.profiles import load_profile
 from fogmig.platform.testbed.state import TestbedState, exclusive_use, state_path
 from fogmig.services.deploy import ServiceSpec, deploy
@@ -83,13 +84,14 @@ def testbed() -> Iterator[TestbedState]:
 
 @asynccontextmanager
 async def bus_as(state: TestbedState, user: str) -> AsyncIterator[Bus]:
+    identity = Identity.controller() if user == CONTROLLER_USER else Identity.device(user)
+    access = bus_access(identity, state)
     async with Bus(
-        host=state.broker.ip,
-        port=state.broker.port,
-        username=user,
-        password=load_credentials().password(user),
-        client_id=f"test-devsim-{uuid.uuid4().hex[:8]}",
-        known_nodes=state.node_names,
+        host=access.host,
+        port=access.port,
+        tls=access.tls,
+        client_id=access.client_id(f"test-devsim-{uuid.uuid4().hex[:8]}"),
+        known_nodes=access.known_nodes,
     ) as bus:
         yield bus
 

@@ -36,8 +36,9 @@ from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.runtime.bundle import make_bundle
 from fogmig.platform.runtime.workdir import remove_tree
+from fogmig.platform.security.identity import Identity
 from fogmig.platform.testbed import lifecycle
-from fogmig.platform.testbed.credentials import load_credentials
+from fogmig.platform.testbed.mqtt import bus_access
 from fogmig.platform.testbed.profiles import load_profile
 from fogmig.platform.testbed.state import TestbedState, exclusive_use
 from fogmig.services.deploy import (
@@ -117,7 +118,6 @@ class Gateways:
 
 @contextlib.asynccontextmanager
 async def gateways(state: TestbedState) -> AsyncIterator[Gateways]:
-    creds = load_credentials()
     follows: dict[str, Follow] = {}
     buses: dict[str, Bus] = {}
     async with contextlib.AsyncExitStack() as stack:
@@ -126,15 +126,18 @@ async def gateways(state: TestbedState) -> AsyncIterator[Gateways]:
                 Bus(
                     host=state.broker.ip,
                     port=state.broker.port,
-                    username=node.name,
-                    password=creds.password(node.name),
-                    client_id=f"follow-test-{node.name}",
+                    tls=bus_access(Identity.node(node.name), state).tls,
+                    client_id=f"{node.name}-follow-test",
                     known_nodes=state.node_names,
                 )
             )
             forwarder = TimedForwarder(node=node.name, data_ip=node.data_ip, netns=node.netns)
             follows[node.name] = Follow(
-                node=node.name, data_ip=node.data_ip, routing=forwarder, netns=node.netns
+                node=node.name,
+                data_ip=node.data_ip,
+                routing=forwarder,
+                netns=node.netns,
+                addresses={n.name: n.data_ip for n in state.nodes},
             )
             buses[node.name] = bus
         tasks = [asyncio.create_task(f.run(buses[n])) for n, f in follows.items()]
@@ -334,7 +337,8 @@ async def hand_over(gws: Gateways, tmp: Path) -> dict[str, Any]:
     await gws.follows[DESTINATION].running_here(SERVICE, mid)
     await gws.follows[DESTINATION].owned(SERVICE, mid)
     # What the source agent does after the commit.
-    await gws.buses[SOURCE].clear(topics.service(SOURCE, SERVICE))
+    gone = gws.follows[SOURCE].tombstone(SERVICE)
+    await gws.buses[SOURCE].publish(topics.service(SOURCE, SERVICE), gone, retain=True)
     return t
 
 

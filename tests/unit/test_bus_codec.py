@@ -133,11 +133,13 @@ def test_decode_of_random_objects_raises_only_schema_errors(
 
 @settings(max_examples=100, deadline=None)
 @given(
-    command_id=st.text(min_size=1, max_size=40),
+    command_id=st.from_regex(r"\A[A-Za-z0-9][A-Za-z0-9._:+-]{0,39}\Z"),
     reason=st.none() | st.text(max_size=200),
     accepted=st.booleans(),
 )
-def test_ack_round_trips_any_text(command_id: str, reason: str | None, accepted: bool) -> None:
+def test_ack_round_trips_any_id_and_text(
+    command_id: str, reason: str | None, accepted: bool
+) -> None:
     ack = CommandAck(node="gw1", command_id=command_id, accepted=accepted, reason=reason)
     assert decode(topics.events("gw1"), encode(topics.events("gw1"), ack)) == ack
 
@@ -215,18 +217,21 @@ async def test_dispatch_routes_valid_messages_and_reports_invalid_ones() -> None
     bus._dispatch(topics.status("gw2"), b"{broken")
     bus._dispatch(topics.status("gw9"), encode(topics.status("gw9"), _status("gw9")))
     bus._dispatch(topics.service("gw1", "sensor"), b"")
+    bus._dispatch(topics.status("gw1"), b"")
     bus._dispatch(topics.cmd("gw1"), b"{broken}")  # nobody subscribed: not even decoded
 
-    assert [r.topic for r in _drain(status_sub)] == [topics.status("gw1"), topics.status("gw2")]
-    assert [r.topic for r in _drain(gw1_sub)] == [topics.status("gw1")]
-    cleared = _drain(service_sub)
-    assert len(cleared) == 1
-    assert isinstance(cleared[0].message, Cleared)
+    statuses = _drain(status_sub)
+    assert [r.topic for r in statuses] == [topics.status(n) for n in ("gw1", "gw2", "gw1")]
+    assert isinstance(statuses[-1].message, Cleared)
+    assert [r.topic for r in _drain(gw1_sub)] == [topics.status("gw1")] * 2
+    # An empty payload on a presence topic withdraws nothing: it is refused.
+    assert _drain(service_sub) == []
     assert reported == [
         (topics.status("gw2"), Rejection.MALFORMED),
         (topics.status("gw9"), Rejection.UNKNOWN_NODE),
+        (topics.service("gw1", "sensor"), Rejection.MALFORMED),
     ]
-    assert bus.invalid == 2
+    assert bus.invalid == 3
 
 
 async def test_a_failing_invalid_handler_does_not_escape_dispatch() -> None:

@@ -115,14 +115,17 @@ def test_agent_command_names_its_mounted_config(compose: dict[str, Any]) -> None
 
 
 def test_mounted_files_exist_or_are_made_by_make_secrets(compose: dict[str, Any]) -> None:
-    script = (COMPOSE / "make-secrets.sh").read_text()
+    script = (COMPOSE / "make-certs.sh").read_text()
+    made_names = {"ca.pem", "ca.key", "controller.pem", "controller.key", "broker.pem"}
+    made_names |= {"broker.key", "device-dev.pem", "device-dev.key"}
+    assert all(f"issue {stem} " in script for stem in ("controller", "device-dev", "broker"))
     for name, service in compose["services"].items():
         for source, _ in mounts(service):
             if not source.startswith("./"):
                 continue
             if source == "./secrets" or source.startswith("./secrets/"):
                 made = Path(source).name
-                assert made == "secrets" or f"secrets/{made}" in script, (name, source)
+                assert made == "secrets" or made in made_names, (name, source)
                 continue
             assert (COMPOSE / source).is_file(), f"{name} mounts {source}, which is missing"
 
@@ -145,29 +148,36 @@ def test_broker_config_uses_the_mounted_files(compose: dict[str, Any]) -> None:
         line.split(None, 1) for line in conf.splitlines() if line and not line.startswith("#")
     )
     assert settings["allow_anonymous"] == "false"
+    assert settings["require_certificate"] == "true"
+    assert settings["use_identity_as_username"] == "true"
+    assert settings["persistence"] == "true"
+    assert int(settings["max_packet_size"]) > 64 * 1024
+    assert "password_file" not in settings
     targets = {target for _, target in mounts(compose["services"]["broker"])}
-    assert settings["password_file"] in targets
-    assert settings["acl_file"] in targets
+    for key in ("acl_file", "cafile", "certfile", "keyfile"):
+        assert settings[key] in targets, key
+    assert settings["persistence_location"].rstrip("/") in targets
 
 
-def test_controller_finds_site_and_credentials_where_the_code_reads_them(
+def test_controller_finds_site_and_certificate_where_the_code_reads_them(
     compose: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fogmig.platform.testbed.credentials import credentials_path
+    from fogmig.platform.security.identity import Identity
+    from fogmig.platform.security.pki import identity_files
+    from fogmig.platform.testbed.pki import pki_dir
     from fogmig.platform.testbed.state import state_path
 
     monkeypatch.delenv("FOGMIG_RUN_DIR", raising=False)
     monkeypatch.delenv("FOGMIG_STATE_DIR", raising=False)
     targets = {target for _, target in mounts(compose["services"]["controller"])}
     assert str(state_path()) in targets
-    assert str(credentials_path()) in targets
+    files = identity_files(pki_dir(), Identity.controller())
+    assert {str(files.cert), str(files.key), str(files.ca)} <= targets
 
 
 def agent_settings(path: Path, tmp_path: Path) -> AgentSettings:
     secrets = tmp_path / "secrets"
     secrets.mkdir(exist_ok=True)
-    for node in ("gw1", "gw2", "gw3"):
-        (secrets / f"{node}.password").write_text(f"pw-{node}\n")
     if not (secrets / "ca.pem").exists():
         ca = create_ca()
         save_ca(ca, secrets)
@@ -186,8 +196,7 @@ def test_site_agents_and_acl_agree(site: TestbedState, tmp_path: Path) -> None:
         assert s.data_ip == data_ips[node]
         assert s.peers == {n: ip for n, ip in data_ips.items() if n != node}
         assert (s.broker_host, s.broker_port) == (site.broker.ip, site.broker.port)
-        assert s.mqtt_username == node
-        assert s.mqtt_password == f"pw-{node}"
+        assert s.mqtt_password is None  # the broker knows the agent by its certificate
     want = render_acl(acl_rules(site.node_names, device_host=site.device_host.name))
 
     def rules(text: str) -> list[str]:
@@ -217,12 +226,25 @@ def test_make_certs_issues_certificates_the_transfer_channel_accepts(tmp_path: P
     secrets = tmp_path / "secrets"
     assert secrets.stat().st_mode & 0o777 == 0o700
     assert (secrets / "node-gw1.key").stat().st_mode & 0o077 == 0
-    (tmp_path / "pw").mkdir()
+    # The other principals of the site, the broker with the address its clients check.
+    from cryptography import x509
+
+    from fogmig.platform.security.pki import certificate_identity, load_certificate
+
+    for stem, identity in (
+        ("controller", Identity.controller()),
+        ("device-dev", Identity.device("dev")),
+        ("broker", Identity.broker()),
+    ):
+        assert certificate_identity(load_certificate(secrets / f"{stem}.pem")) == identity
+        assert (secrets / f"{stem}.key").stat().st_mode & 0o077 == 0
+    san = load_certificate(secrets / "broker.pem").extensions.get_extension_for_class(
+        x509.SubjectAlternativeName
+    )
+    assert [str(ip) for ip in san.value.get_values_for_type(x509.IPAddress)] == ["192.168.50.2"]
     settings = {}
     for node in ("gw1", "gw2"):
-        (tmp_path / "pw" / f"{node}.password").write_text("x")
         text = (COMPOSE / f"agent-{node}.toml").read_text()
-        text = text.replace('password_file = "secrets/', 'password_file = "pw/')
         settings[node] = parse_agent_config(text, base=tmp_path)
 
     class Echo:

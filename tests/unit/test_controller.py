@@ -295,7 +295,8 @@ def test_presence_newer_than_a_status_list_decides_the_location(world: World) ->
     )
     world.core.on_presence(presence, 0.0)
     assert world.core.registry.location("s1") == "gw3"
-    world.core.on_presence_cleared("gw3", "s1", 0.1)
+    gone = presence.model_copy(update={"present": False, "at": world.wall + 0.1, "seq": 1})
+    world.core.on_presence(gone, 0.1)
     assert world.core.registry.location("s1") == "gw1"
 
 

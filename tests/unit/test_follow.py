@@ -14,7 +14,7 @@ from fogmig.platform.agent.follow import Follow, FollowSettings
 from fogmig.platform.agent.forwarding import Location
 from fogmig.platform.agent.holding import HoldStats
 from fogmig.platform.base.errors import RuntimeToolError, ServiceError
-from fogmig.platform.bus.schemas import BusMessage, Cleared, ServicePresence, decode, encode
+from fogmig.platform.bus.schemas import BusMessage, ServicePresence, decode, encode
 from fogmig.platform.bus.topics import parse_topic
 
 IPS = {"gw1": "10.79.0.1", "gw2": "10.79.0.2", "gw3": "10.79.0.3"}
@@ -57,10 +57,6 @@ class BrokerClient:
         assert parse_topic(topic).node == self.node
         self.broker.published.append((topic, model))
         await self.broker.deliver(topic, encode(topic, model))
-
-    async def clear(self, topic: str) -> None:
-        self.broker.published.append((topic, None))
-        await self.broker.deliver(topic, b"")
 
 
 class Rules:
@@ -116,6 +112,7 @@ class Gateway:
             settings=settings,
             hold_factory=lambda port: FakeHold(port, self.holds),
             port_of=self._port_of,
+            addresses=IPS,
         )
         self.follow.attach(broker.client(node))
         self.follow.mark_synced()
@@ -140,8 +137,7 @@ class Gateway:
     async def _pump(self) -> None:
         while True:
             topic, payload = await self.queue.get()
-            msg: object = Cleared(parse_topic(topic)) if not payload else decode(topic, payload)
-            await self.follow.on_message(msg)
+            await self.follow.on_message(decode(topic, payload))
             self.queue.task_done()
 
 
@@ -172,7 +168,7 @@ class Fog:
         return [
             (
                 parse_topic(t).node or "",
-                None if m is None else m.state,
+                None if m is None or not m.present else m.state,
                 None if m is None else m.seq,
             )
             for t, m in self.broker.published
@@ -186,6 +182,19 @@ async def fog() -> AsyncIterator[Fog]:
     for g in fog.gw.values():
         g.task.cancel()
         await g.follow.close()
+
+
+async def withdraw(fog: Fog, node: str) -> None:
+    """What a source does after the commit: withdraw its presence (``present=False``)."""
+    topic = f"fogmig/v1/nodes/{node}/services/{SVC}"
+    await fog.broker.client(node).publish(topic, fog.gw[node].follow.tombstone(SVC), retain=True)
+
+
+def withdrawn(fog: Fog, node: str) -> bool:
+    """The node's retained presence of the service is a withdrawal."""
+    payload = fog.broker.retained[f"fogmig/v1/nodes/{node}/services/{SVC}"]
+    msg = decode(f"fogmig/v1/nodes/{node}/services/{SVC}", payload)
+    return isinstance(msg, ServicePresence) and not msg.present
 
 
 async def deployed_on_gw1(fog: Fog) -> None:
@@ -234,7 +243,7 @@ async def test_traffic_moves_to_the_destination_before_the_freeze(fog: Fog) -> N
 async def test_commit_path_without_the_early_hooks_still_converges(fog: Fog) -> None:
     await deployed_on_gw1(fog)
     await fog.gw["gw2"].follow.owned(SVC, "m1")
-    await fog.broker.client("gw1").clear("fogmig/v1/nodes/gw1/services/svc")
+    await withdraw(fog, "gw1")
     await fog.quiet()
     assert fog.routes() == {"gw1": "gw2", "gw2": "gw2", "gw3": "gw2"}
     assert fog.gw["gw2"].holds == []
@@ -252,13 +261,17 @@ async def test_a_rollback_switches_everyone_back(fog: Fog) -> None:
     await gw1.resumed_here(SVC, "m1")
     await fog.quiet()
     assert fog.routes() == {"gw1": "gw1", "gw2": "gw1", "gw3": "gw1"}
-    assert fog.broker.published[-2:][0] == ("fogmig/v1/nodes/gw2/services/svc", None)
-    assert fog.states()[-1] == ("gw1", "running", 5)
+    topic, gone = fog.broker.published[-2]
+    assert topic == "fogmig/v1/nodes/gw2/services/svc"
+    assert gone is not None
+    assert not gone.present
+    # gw2's withdrawal took seq 5 (it outranks its holding one), gw1's running outranks it.
+    assert fog.states()[-1] == ("gw1", "running", 6)
 
     # Again, back and forth: the newest presence wins wherever the topics first appeared.
     await gw1.freezing(SVC, "gw2", "m2")
     await gw2.running_here(SVC, "m2")
-    await fog.broker.client("gw1").clear("fogmig/v1/nodes/gw1/services/svc")
+    await withdraw(fog, "gw1")
     await fog.quiet()
     assert fog.routes() == {"gw1": "gw2", "gw2": "gw2", "gw3": "gw2"}
     await gw2.freezing(SVC, "gw1", "m3")
@@ -275,7 +288,7 @@ async def test_a_source_that_resumes_before_the_destination_gives_up_wins(fog: F
     # gw2 sees it lost: its hold goes and its holding presence is withdrawn by itself.
     assert fog.gw["gw2"].holds == ["open", "discard"]
     assert fog.routes() == {"gw1": "gw1", "gw2": "gw1", "gw3": "gw1"}
-    assert "fogmig/v1/nodes/gw2/services/svc" not in fog.broker.retained
+    assert withdrawn(fog, "gw2")
 
 
 async def test_freezing_waits_at_most_its_bound_for_a_silent_destination() -> None:

@@ -149,6 +149,31 @@ def test_acl_renders_as_mosquitto_acl_file() -> None:
     assert "user dev\ntopic read fogmig/v1/#\ntopic write fogmig/v1/devices/#" in text
 
 
+def test_broker_config_takes_certificates_limits_packets_and_persists(tmp_path: Path) -> None:
+    from fogmig.platform.testbed.broker import MAX_PACKET_BYTES, BrokerFiles, render_config
+    from fogmig.platform.testbed.state import BrokerInfo
+
+    files = BrokerFiles.of(tmp_path)
+    info = BrokerInfo(netns="fm-broker", ip="10.77.0.2", port=1883, config_path="c", log_path="l")
+    lines = render_config(info, files).splitlines()
+    settings = dict(line.split(None, 1) for line in lines if line and not line.startswith("#"))
+    assert settings["allow_anonymous"] == "false"
+    assert settings["require_certificate"] == "true"
+    assert settings["use_identity_as_username"] == "true"
+    assert settings["tls_version"] == "tlsv1.3"
+    assert (settings["cafile"], settings["certfile"], settings["keyfile"]) == (
+        str(files.ca),
+        str(files.cert),
+        str(files.key),
+    )
+    assert "password_file" not in settings
+    assert int(settings["max_packet_size"]) == MAX_PACKET_BYTES > 64 * 1024
+    assert settings["persistence"] == "true"
+    assert settings["persistence_location"] == f"{files.data}/"
+    # The listener comes before its TLS settings, which belong to it.
+    assert lines.index("listener 1883 10.77.0.2") < lines.index(f"cafile {files.ca}")
+
+
 @pytest.mark.parametrize(
     ("pattern", "topic", "expected"),
     [

@@ -350,12 +350,17 @@ def test_models_refuse_nan() -> None:
         _status(load=float("nan"))
 
 
-def test_an_empty_retained_payload_clears_status_and_presence_only() -> None:
-    cleared = decode(topics.service("gw2", "sensor"), b"")
+def test_an_empty_retained_payload_clears_a_status_only() -> None:
+    cleared = decode(topics.status("gw1"), b"")
     assert isinstance(cleared, Cleared)
-    assert (cleared.topic.node, cleared.topic.service) == ("gw2", "sensor")
-    assert isinstance(decode(topics.status("gw1"), b""), Cleared)
-    for topic in (topics.cmd("gw1"), topics.events("gw1"), topics.attach("d1"), topics.decisions()):
+    assert cleared.topic.node == "gw1"
+    for topic in (
+        topics.service("gw2", "sensor"),
+        topics.cmd("gw1"),
+        topics.events("gw1"),
+        topics.attach("d1"),
+        topics.decisions(),
+    ):
         assert _reason(topic, b"") is Rejection.MALFORMED
 
 

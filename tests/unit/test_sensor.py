@@ -428,3 +428,71 @@ async def test_client_times_out_on_a_silent_service() -> None:
 def test_the_sensor_pages_are_fogmigs_pages() -> None:
     # The sensor runs in the container without fogmig, so it keeps its own copy of the constant.
     assert PAGE_SIZE == FOGMIG_PAGE_SIZE
+
+
+# ---- bounds: devices, seq jumps, a fast /state ------------------------------------------------
+
+
+def _reading(device: str, seq: int) -> tuple[Reading, bytes]:
+    payload = json.dumps({"device": device, "seq": seq}).encode()
+    return validate_reading(payload), payload
+
+
+def test_a_hundred_thousand_devices_do_not_grow_the_table_beyond_its_limit() -> None:
+    import time
+
+    svc = SensorState()
+    refused = 0
+    for i in range(100_000):
+        try:
+            svc.apply(*_reading(f"dev-{i}", 1))
+        except sensor.DeviceTableFull:
+            refused += 1
+    assert len(svc.devices) == sensor.MAX_DEVICES
+    assert refused == 100_000 - sensor.MAX_DEVICES
+    # The known devices keep working when the table is full.
+    assert svc.apply(*_reading("dev-0", 2))
+    service = sensor.Service(1, 0.0, DirtyWriter(bytearray(PAGE_SIZE), 0.0), 1.0, svc)
+    started = time.perf_counter()
+    for _ in range(10):
+        doc = service.state_json()
+    assert (time.perf_counter() - started) / 10 < 0.05
+    assert len(json.dumps(doc)) < 1 << 20
+
+
+def test_a_forged_huge_seq_does_not_block_the_device() -> None:
+    svc = SensorState()
+    assert svc.apply(*_reading("dev-a", 1))
+    with pytest.raises(InvalidReading):
+        svc.apply(*_reading("dev-a", 2**62))
+    with pytest.raises(InvalidReading):
+        validate_reading(json.dumps({"device": "dev-a", "seq": 2**64}).encode())
+    assert svc.apply(*_reading("dev-a", 2))
+    assert svc.devices["dev-a"].last_seq == 2
+    # A new device cannot start far ahead either.
+    with pytest.raises(InvalidReading):
+        svc.apply(*_reading("dev-b", sensor.MAX_SEQ_JUMP + 1))
+    # A gap of lost readings within the bound is fine.
+    assert svc.apply(*_reading("dev-a", 2 + sensor.MAX_SEQ_JUMP))
+
+
+async def test_site_refuses_a_new_device_when_the_table_is_full() -> None:
+    import aiocoap
+
+    port = _free_udp_port()
+    svc = sensor.Service(
+        1, 0.0, DirtyWriter(bytearray(PAGE_SIZE), 0.0), 1.0, SensorState(max_devices=2)
+    )
+    ctx = await aiocoap.Context.create_server_context(sensor.build_site(svc), bind=("::1", port))
+    try:
+        async with SensorClient(port=port, timeout=3) as c:
+            for name in ("dev-a", "dev-b"):
+                assert (await c.post_reading("::1", encode_reading({"device": name, "seq": 1}))).ok
+            full = await c.post_reading("::1", encode_reading({"device": "dev-c", "seq": 1}))
+            forged = await c.post_reading("::1", encode_reading({"device": "dev-a", "seq": 10**12}))
+            st = await c.get_state("::1")
+    finally:
+        await ctx.shutdown()
+    assert full.code == "5.03"
+    assert forged.code == "4.00"
+    assert st.last_seq == {"dev-a": 1, "dev-b": 1}

@@ -35,6 +35,9 @@ from fogmig.platform.bus.schemas import DeviceAttach, MigrateCommand, encode
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.config import ControllerConfig
 from fogmig.platform.controller.runner import Controller
+from fogmig.platform.security.identity import Identity
+from fogmig.platform.security.pki import identity_files
+from fogmig.platform.security.tls import broker_client_context
 from fogmig.platform.testbed.broker import CONTROLLER_USER
 
 log = logging.getLogger(__name__)
@@ -98,7 +101,7 @@ class _ControllerProcess:
                 {
                     "host": self.broker.host,
                     "port": self.broker.port,
-                    "password": self.broker.passwords[CONTROLLER_USER],
+                    "pki": str(self.broker.identities[CONTROLLER_USER].cert.parent),
                     "nodes": list(self.broker.nodes),
                     "debounce_s": self.debounce_s,
                     "stats_path": str(self.stats_path),
@@ -160,8 +163,7 @@ class _Fleet:
         self.client = aiomqtt.Client(
             broker.host,
             broker.port,
-            username=DEVICE_HOST,
-            password=broker.passwords[DEVICE_HOST],
+            tls_context=broker.tls(DEVICE_HOST),
             identifier=f"bench-devices-{uuid.uuid4().hex[:8]}",
             max_inflight_messages=1000,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
@@ -452,8 +454,7 @@ async def _serve(config_path: Path) -> None:
     bus = Bus(
         host=cfg["host"],
         port=cfg["port"],
-        username=CONTROLLER_USER,
-        password=cfg["password"],
+        tls=broker_client_context(identity_files(Path(cfg["pki"]), Identity.controller())),
         client_id=f"bench-controller-{os.getpid()}",
         known_nodes=cfg["nodes"],
     )

@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import socket
+import ssl
 import tempfile
 import time
 import uuid
@@ -22,7 +23,7 @@ from types import TracebackType
 from typing import Any, Self
 
 from fogmig.platform.base.errors import FogmigError, ServiceError, TestbedError
-from fogmig.platform.base.proc import run, terminate
+from fogmig.platform.base.proc import terminate
 from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import (
@@ -38,7 +39,24 @@ from fogmig.platform.bus.schemas import (
 )
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.migration.record import MigrationRecord
-from fogmig.platform.testbed.broker import BROKER_USER, CONTROLLER_USER, acl_rules, render_acl
+from fogmig.platform.security.identity import Identity
+from fogmig.platform.security.pki import (
+    IdentityFiles,
+    create_ca,
+    issue,
+    save_ca,
+    save_identity,
+)
+from fogmig.platform.security.tls import broker_client_context
+from fogmig.platform.testbed.broker import (
+    BROKER_USER,
+    CONTROLLER_USER,
+    BrokerFiles,
+    acl_rules,
+    render_acl,
+    render_config,
+)
+from fogmig.platform.testbed.state import BrokerInfo
 
 DEVICE_HOST = "dev"
 
@@ -50,7 +68,7 @@ def free_port() -> int:
 
 
 class LocalBroker:
-    """Mosquitto on 127.0.0.1 with the testbed's authentication and ACL rules.
+    """Mosquitto on 127.0.0.1 configured as the testbed's broker (TLS with certificates, ACL).
 
     Users: ``controller``, one per node, and the device host ``dev``. Use as
     ``async with LocalBroker(nodes=[...]) as broker: broker.bus("gw1")``.
@@ -60,9 +78,8 @@ class LocalBroker:
         self.nodes = tuple(nodes)
         self.host = "127.0.0.1"
         self.port = 0
-        self.passwords = {
-            user: uuid.uuid4().hex for user in (CONTROLLER_USER, DEVICE_HOST, *self.nodes)
-        }
+        self.identities: dict[str, IdentityFiles] = {}
+        """Each user's certificate, key and the CA's certificate (made at start)."""
         self.folder: Path | None = None
         self._nodelay = nodelay
         self._proc: asyncio.subprocess.Process | None = None
@@ -93,34 +110,45 @@ class LocalBroker:
         await self._stop()
 
     async def _write_files(self, folder: Path) -> None:
+        """The testbed's broker configuration on loopback, with a CA of its own."""
         self.port = free_port()
-        passwd = folder / "passwd"
-        fd = os.open(passwd, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as fh:
-            fh.writelines(f"{user}:{pw}\n" for user, pw in self.passwords.items())
-        await run(["mosquitto_passwd", "-U", str(passwd)], what="hash the broker passwords")
-        (folder / "acl").write_text(
+        files = BrokerFiles.of(folder)
+        files.data.mkdir(mode=0o700)
+        pki = folder / "pki"
+        ca = create_ca(name="fogmig bench CA")
+        save_ca(ca, pki)
+        broker = save_identity(issue(ca, Identity.broker(), ip_addresses=[self.host]), pki)
+        for src, dst in ((broker.ca, files.ca), (broker.cert, files.cert), (broker.key, files.key)):
+            shutil.copyfile(src, dst)
+        self.identities = {
+            CONTROLLER_USER: save_identity(issue(ca, Identity.controller()), pki),
+            DEVICE_HOST: save_identity(issue(ca, Identity.device(DEVICE_HOST)), pki),
+            **{n: save_identity(issue(ca, Identity.node(n)), pki) for n in self.nodes},
+        }
+        files.acl.write_text(
             render_acl(acl_rules(self.nodes, device_host=DEVICE_HOST, controller=CONTROLLER_USER))
         )
-        lines = [
-            "per_listener_settings false",
-            "allow_anonymous false",
-            f"password_file {passwd}",
-            f"acl_file {folder / 'acl'}",
-            f"listener {self.port} {self.host}",
-            "persistence false",
-            f"log_dest file {self.log_path}",
-            "log_type error",
-            "log_type warning",
-        ]
-        if self._nodelay:
-            lines.append("set_tcp_nodelay true")
+        info = BrokerInfo(
+            netns="-",
+            ip=self.host,
+            port=self.port,
+            config_path=str(folder / "mosquitto.conf"),
+            log_path=str(self.log_path),
+        )
+        lines = render_config(info, files).splitlines()
+        if not self._nodelay:
+            lines.remove("set_tcp_nodelay true")
+        lines.append(f"log_dest file {self.log_path}")
         (folder / "mosquitto.conf").write_text("\n".join(lines) + "\n")
         with contextlib.suppress(KeyError):
             # Started as root, Mosquitto drops to its own user and must still read its files.
             entry = pwd.getpwnam(BROKER_USER)
-            for p in [folder, *folder.iterdir()]:
+            for p in [folder, files.data, *folder.iterdir()]:
                 os.chown(p, entry.pw_uid, entry.pw_gid)
+
+    def tls(self, user: str) -> ssl.SSLContext:
+        """A client context with ``user``'s certificate."""
+        return broker_client_context(self.identities[user])
 
     async def _start(self) -> None:
         assert self.folder is not None
@@ -162,8 +190,7 @@ class LocalBroker:
         return Bus(
             host=self.host,
             port=self.port,
-            username=user,
-            password=self.passwords[user],
+            tls=self.tls(user),
             client_id=f"{user}-{uuid.uuid4().hex[:8]}",
             **kwargs,
         )
@@ -245,6 +272,20 @@ class SimulatedNode:
     async def publish_status(self) -> None:
         await self.bus.publish(topics.status(self.node), self.status(), retain=True)
 
+    async def withdraw(self, service: str, info: ServiceInfo, *, timeout: float = 10.0) -> None:
+        """This node no longer runs ``service`` (a retained ``present=False``)."""
+        gone = ServicePresence(
+            service=service,
+            node=self.node,
+            data_ip=info.data_ip,
+            port=info.port,
+            present=False,
+            at=time.time(),
+        )
+        await self.bus.publish(
+            topics.service(self.node, service), gone, retain=True, timeout=timeout
+        )
+
     async def announce(self, service: str) -> None:
         info = self.services[service]
         await self.bus.publish(
@@ -278,8 +319,8 @@ class SimulatedNode:
             with contextlib.suppress(asyncio.CancelledError):
                 await t
         with contextlib.suppress(FogmigError):
-            for s in self.services:
-                await self.bus.clear(topics.service(self.node, s), timeout=2.0)
+            for s, info in self.services.items():
+                await self.withdraw(s, info, timeout=2.0)
             await self.bus.clear(topics.status(self.node), timeout=2.0)
 
     async def next_command(self, timeout: float = 10.0) -> Received:
@@ -327,7 +368,7 @@ class SimulatedNode:
         peer.services[cmd.service] = info.model_copy(update={"data_ip": peer.data_ip})
         await peer.announce(cmd.service)
         await peer.publish_status()
-        await self.bus.clear(topics.service(self.node, cmd.service))
+        await self.withdraw(cmd.service, info)
         await self.publish_status()
         record = MigrationRecord(
             migration_id=f"sim-{cmd.command_id}",

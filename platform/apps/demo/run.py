@@ -205,29 +205,28 @@ class Demo:
     @contextlib.asynccontextmanager
     async def _buses(self, state: TestbedState) -> AsyncIterator[tuple[Bus, Bus]]:
         from fogmig.platform.controller.access import open_testbed_bus
-        from fogmig.platform.testbed.credentials import load_credentials
+        from fogmig.platform.security.identity import Identity
+        from fogmig.platform.testbed.mqtt import bus_access
 
-        device_user = state.device_host.name
+        devices = bus_access(Identity.device(state.device_host.name), state)
         async with (
-            open_testbed_bus("demo-controller") as controller_bus,
+            open_testbed_bus("demo") as controller_bus,
             Bus(
-                host=state.broker.ip,
-                port=state.broker.port,
-                username=device_user,
-                password=load_credentials().password(device_user),
-                client_id=f"demo-devices-{uuid.uuid4().hex[:8]}",
-                known_nodes=state.node_names,
+                host=devices.host,
+                port=devices.port,
+                tls=devices.tls,
+                client_id=devices.client_id(f"demo-{uuid.uuid4().hex[:8]}"),
+                known_nodes=devices.known_nodes,
             ) as device_bus,
         ):
             yield controller_bus, device_bus
 
-    async def _announce(self, bus: Bus) -> None:
+    async def _announce(self, bus: Bus, state: TestbedState) -> None:
         """Say where each freshly deployed service runs, so every gateway forwards to it from
-        the first reading on (its node says the same at its next status report)."""
+        the first reading on (its node says the same at its next status report). At the node's
+        data address: the agents refuse a presence at any other."""
         for d in self.deployments:
-            data_ip = d.addresses[0] if d.addresses else None
-            if data_ip is None:
-                continue
+            data_ip = state.node(d.node).data_ip
             await bus.publish(
                 topics.service(d.node, d.name),
                 ServicePresence(
@@ -332,7 +331,7 @@ class Demo:
         started = time.time()
         with single_instance(paths.run_dir() / "controller.lock"):
             async with self._buses(state) as (controller_bus, device_bus):
-                await self._announce(controller_bus)
+                await self._announce(controller_bus, state)
                 controller = Controller(config, controller_bus, on_event=self._on_controller_event)
                 registry = controller.core.registry
                 self.model.nodes_source = lambda: registry.nodes

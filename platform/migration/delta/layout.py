@@ -256,7 +256,7 @@ class DeltaManifest(BaseModel):
 
 def check_name(name: str) -> str:
     # Names come from another node: never let one climb out of the directory.
-    if not _SAFE_NAME.match(name) or ".." in name:
+    if not _SAFE_NAME.fullmatch(name) or ".." in name:
         raise ValueError(f"not a plain file name: {name!r}")
     return name
 
