@@ -25,6 +25,7 @@ from fogmig.platform.migration.handover.messages import ApplyDelta, Restore, Sen
 from fogmig.platform.migration.lazy.daemon import LazyPagesDaemon
 from fogmig.platform.migration.lazy.kept import decode_kept
 from fogmig.platform.migration.lazy.layout import lazy_vaddrs
+from fogmig.platform.migration.lazy.plan import read_accessed
 from fogmig.platform.migration.lazy.server import LazyPageServer, LazyServeStats
 from fogmig.platform.migration.lazy.sources import (
     LayeredPages,
@@ -188,10 +189,14 @@ class Arrival:
             changed = {
                 int(pid): vaddrs for pid, vaddrs in json.loads(changed_file.read_text()).items()
             }
-            self.stream = StreamedPages(remote, channels.ahead, changed)
+            self.stream = StreamedPages(
+                remote, channels.ahead, changed, accessed=read_accessed(images)
+            )
             source = LayeredPages(LocalImagePages(base), self.stream, changed)
         else:
-            self.stream = StreamedPages(remote, channels.ahead, lazy_vaddrs(images))
+            self.stream = StreamedPages(
+                remote, channels.ahead, lazy_vaddrs(images), accessed=read_accessed(images)
+            )
             source = self.stream
         # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on
         # the node can read the service's memory.

@@ -63,6 +63,11 @@ class SourcePort(Protocol):
         """Offer the complete image's pages to the destination's lazy page server."""
         ...
 
+    async def accessed(self) -> dict[int, list[tuple[int, int, int]]]:
+        """Per task (by the id of its pagemap), ``(start, end, referenced bytes)`` of each
+        mapping the service touched since the migration began; empty if unknown."""
+        ...
+
     def stop_serving_pages(self, migration_id: str) -> None: ...
 
 

@@ -20,15 +20,19 @@ from fogmig.platform.migration.handover.messages import (
     SendFilesOk,
 )
 from fogmig.platform.migration.lazy.layout import convert_to_lazy_layout
+from fogmig.platform.migration.lazy.plan import write_accessed
 from fogmig.platform.migration.ports import SentResult
 from fogmig.platform.migration.precopy import files_call
 
 
 async def lazy_dump(ctx: MigrationContext) -> None:
     """Freeze and dump to the local disk, derive the lazy image set to ship, offer the pages."""
+    # Read just before the freeze: the mappings touched since the migration began.
+    accessed = await ctx.source.accessed()
     dump = await ctx.source.checkpoint(ctx.image_dir, leave_running=False)
     started = time.monotonic()
     await convert_to_lazy_layout(dump.image_dir, ctx.workdir / "lazy")
+    write_accessed(ctx.workdir / "lazy", accessed)
     ctx.record.dump_time_s += dump.duration_s + (time.monotonic() - started)
     ctx.source.serve_pages(ctx.migration_id, dump.image_dir)
 

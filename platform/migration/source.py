@@ -60,6 +60,7 @@ from fogmig.platform.migration.ports import (
 from fogmig.platform.migration.postcopy import Postcopy
 from fogmig.platform.migration.precopy import Precopy
 from fogmig.platform.migration.record import MigrationRecord
+from fogmig.platform.runtime.access import accessed_regions, clear_accessed
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.container import NodeRuntime, runc_running
 from fogmig.platform.runtime.workdir import remove_tree
@@ -147,6 +148,18 @@ class RuntimeSource:
 
     def serve_pages(self, migration_id: str, image_dir: Path) -> None:
         self._pages[migration_id] = LocalImagePages(image_dir)
+
+    async def accessed(self) -> dict[int, list[tuple[int, int, int]]]:
+        try:
+            pid = (await self.runtime.state(self.service)).pid
+            regions = await asyncio.to_thread(accessed_regions, pid) if pid else {}
+        except (FogmigError, OSError) as exc:
+            log.info("no accessed memory of %s: %s", self.service, exc)
+            return {}
+        return {
+            task: [(r.start, r.end, r.referenced) for r in found if r.referenced]
+            for task, found in regions.items()
+        }
 
     def stop_serving_pages(self, migration_id: str) -> None:
         pages = self._pages.pop(migration_id, None)
@@ -330,6 +343,11 @@ async def begin_migration(
             f"{service} on {runtime.node} is {state.status}", phase="pending", migration_id="-"
         )
     args = read_config(state.bundle)["process"]["args"]
+    if technique.lazy and state.pid:
+        # From now on the kernel marks what the service touches: a lazy restore streams
+        # those mappings first (runtime/access.py).
+        with contextlib.suppress(OSError):
+            await asyncio.to_thread(clear_accessed, state.pid)
     mid = migration_id or new_migration_id(service)
     record = MigrationRecord(
         migration_id=mid,

@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from fogmig.platform.base.errors import TransferError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
-from fogmig.platform.migration.lazy.plan import PageState, StreamPlan, Unit
+from fogmig.platform.migration.lazy.plan import (
+    ACCESSED_FILE,
+    PageState,
+    StreamPlan,
+    Unit,
+    read_accessed,
+    write_accessed,
+)
 from fogmig.platform.migration.lazy.sources import RemotePages
 from fogmig.platform.migration.lazy.stream import StreamedPages, stream_channels
 
@@ -240,3 +248,31 @@ def test_stream_channels_cover_the_bandwidth_delay_product_and_no_more() -> None
     assert stream_channels(11.34e6 / 8, 0.123) == 4
     assert stream_channels(unit * 10 / 0.1, 0.1) == 6  # bounded
     assert stream_channels(None, 0.1) == stream_channels(1e6, None) == 4
+
+
+def test_the_most_touched_mappings_stream_first_then_small_before_large() -> None:
+    hot_start = BIG + 100 * PAGE_SIZE
+    wanted = pages(BIG, 300) + pages(SMALL, 3)
+    # The service touched a quarter of the mapping [BIG+100p, BIG+200p) and nothing else.
+    accessed = {1: [(hot_start, hot_start + 100 * PAGE_SIZE, 25 * PAGE_SIZE)]}
+    plan = StreamPlan({1: wanted}, unit_pages=50, accessed=accessed)
+    units = drain(plan)
+    assert units[0] == Unit(1, hot_start, 50)
+    assert units[1] == Unit(1, hot_start + 50 * PAGE_SIZE, 50)
+    assert units[2] == Unit(1, SMALL, 3)  # untouched: small first
+    # The runs around the hot mapping stay whole and come after it.
+    assert {(u.vaddr, u.nr_pages) for u in units[3:]} == {
+        (BIG, 50),
+        (BIG + 50 * PAGE_SIZE, 50),
+        (BIG + 200 * PAGE_SIZE, 50),
+        (BIG + 250 * PAGE_SIZE, 50),
+    }
+
+
+def test_accessed_hints_round_trip_and_a_bad_file_is_ignored(tmp_path: Path) -> None:
+    write_accessed(tmp_path, {1: [(0x1000, 0x3000, 4096)]})
+    assert read_accessed(tmp_path) == {1: [(0x1000, 0x3000, 4096)]}
+    (tmp_path / ACCESSED_FILE).write_text('{"1": [[1, 2]]}')
+    assert read_accessed(tmp_path) == {}
+    write_accessed(tmp_path / "none", {})  # nothing known: nothing written
+    assert read_accessed(tmp_path / "none") == {}

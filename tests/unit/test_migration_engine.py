@@ -101,6 +101,9 @@ class FakeSource:
     async def forget(self) -> None:
         self.forgotten = True
 
+    async def accessed(self) -> dict[int, list[tuple[int, int, int]]]:
+        return {}
+
     def serve_pages(self, migration_id: str, image_dir: Path) -> None:
         self.serving.add(migration_id)
 

@@ -2,20 +2,48 @@
 
 The destination streams the pages of a lazy restore from the source in small units over
 several channels at once. :class:`StreamPlan` decides which unit goes next: the region just
-after a page fault first (the process is likely to touch it next), then the background order
-(small regions before large ones: stacks, heaps and interpreter structures before bulk
-buffers). It tracks every page's state so that no page is fetched twice.
+after a page fault first (the process is likely to touch it next), then the background order:
+the mappings the service touched most (the share of a mapping referenced while the migration
+began) first, and among equals small regions before large ones (stacks, heaps and interpreter
+structures before bulk buffers). It tracks every page's state so that no page is fetched twice.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 from collections import deque
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from enum import IntEnum
+from pathlib import Path
 
 from fogmig.platform.base.vocabulary import PAGE_SIZE
+
+ACCESSED_FILE = "fogmig-accessed.json"
+"""In a lazy layout: per task, ``[start, end, referenced bytes]`` of the mappings the service
+touched while the migration began (see ``runtime/access.py``)."""
+
+Accessed = Mapping[int, Sequence[tuple[int, int, int]]]
+
+
+def write_accessed(lazy_dir: Path, accessed: Accessed) -> None:
+    if accessed:
+        data = {str(pid): [list(r) for r in regions] for pid, regions in accessed.items()}
+        (lazy_dir / ACCESSED_FILE).write_text(json.dumps(data))
+
+
+def read_accessed(lazy_dir: Path) -> dict[int, list[tuple[int, int, int]]]:
+    """What :func:`write_accessed` wrote; empty if absent or not in that shape (the order then
+    falls back to region size: it is a hint, never a condition)."""
+    try:
+        raw = json.loads((lazy_dir / ACCESSED_FILE).read_text())
+        return {
+            int(pid): [(int(a), int(b), int(r)) for a, b, r in regions]
+            for pid, regions in raw.items()
+        }
+    except (OSError, ValueError, TypeError, AttributeError):
+        return {}
 
 
 class PageState(IntEnum):
@@ -60,6 +88,22 @@ class _Task:
         return i > 0 and self.vaddrs[i] == self.vaddrs[i - 1] + PAGE_SIZE
 
 
+class _RegionIndex:
+    """Which accessed mapping holds an address, and how much of it was touched."""
+
+    def __init__(self, regions: Sequence[tuple[int, int, int]]) -> None:
+        self._regions = sorted(r for r in regions if r[1] > r[0])
+        self._starts = [r[0] for r in self._regions]
+
+    def __call__(self, vaddr: int) -> tuple[int, float]:
+        """(index of the mapping or -1, share of it referenced)."""
+        i = bisect.bisect_right(self._starts, vaddr) - 1
+        if i >= 0 and vaddr < self._regions[i][1]:
+            start, end, referenced = self._regions[i]
+            return i, referenced / (end - start)
+        return -1, 0.0
+
+
 class StreamPlan:
     """The order in which the remote pages of a lazy restore are pulled; no I/O.
 
@@ -69,7 +113,12 @@ class StreamPlan:
     """
 
     def __init__(
-        self, wanted: Mapping[int, Collection[int]], *, unit_pages: int = 16, boost_units: int = 4
+        self,
+        wanted: Mapping[int, Collection[int]],
+        *,
+        unit_pages: int = 16,
+        boost_units: int = 4,
+        accessed: Accessed | None = None,
     ) -> None:
         if unit_pages < 1 or boost_units < 1:
             raise ValueError("unit_pages and boost_units must be at least 1")
@@ -80,26 +129,31 @@ class StreamPlan:
         """Pages still WANTED."""
         self._boosts: deque[tuple[int, int, int]] = deque()
         """(pid, index, units left) regions to pull before the background order."""
-        self._background = self._runs_small_first()
+        self._background = self._runs_in_order(accessed or {})
         self._cursor = 0
         self._retry: deque[tuple[int, int]] = deque()
         """(pid, index) of pages given back after a failed or short fetch."""
 
-    def _runs_small_first(self) -> list[tuple[int, int, int]]:
-        """(pid, first index, end index) of every contiguous run, shortest first.
+    def _runs_in_order(self, accessed: Accessed) -> list[tuple[int, int, int]]:
+        """(pid, first index, end index) of every contiguous run within one mapping, the most
+        touched mappings first, then the shortest runs.
 
-        Small regions (stacks, heaps, interpreter structures) are what a resumed process
-        touches first; one large run is typically a bulk buffer touched at its own pace.
+        What a process touched just before it froze it touches again as soon as it runs;
+        without that hint, small regions (stacks, heaps, interpreter structures) go before
+        large ones, typically a bulk buffer touched at its own pace.
         """
-        runs: list[tuple[int, int, int]] = []
+        runs: list[tuple[float, int, int, int]] = []
         for pid, task in self._tasks.items():
-            start = 0
+            region_of = _RegionIndex(accessed.get(pid, ()))
+            first = 0
+            where = region_of(task.vaddrs[0]) if task.vaddrs else (-1, 0.0)
             for i in range(1, len(task.vaddrs) + 1):
-                if i == len(task.vaddrs) or not task.contiguous(i):
-                    runs.append((pid, start, i))
-                    start = i
-        runs.sort(key=lambda r: (r[2] - r[1], r[0], r[1]))
-        return runs
+                here = region_of(task.vaddrs[i]) if i < len(task.vaddrs) else (-2, 0.0)
+                if i == len(task.vaddrs) or not task.contiguous(i) or here[0] != where[0]:
+                    runs.append((where[1], pid, first, i))
+                    first, where = i, here
+        runs.sort(key=lambda r: (-r[0], r[3] - r[2], r[1], r[2]))
+        return [(pid, first, end) for _, pid, first, end in runs]
 
     # ------------------------------------------------------------------ queries
 

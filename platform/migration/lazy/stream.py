@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.errors import PageServerError
-from fogmig.platform.migration.lazy.plan import PageState, StreamPlan, Unit
+from fogmig.platform.migration.lazy.plan import Accessed, PageState, StreamPlan, Unit
 from fogmig.platform.migration.lazy.sources import PageSource, PageTally
 
 log = logging.getLogger(__name__)
@@ -91,12 +91,15 @@ class StreamedPages:
         unit_pages: int = UNIT_PAGES,
         boost_units: int = 4,
         fault_around: int = 4,
+        accessed: Accessed | None = None,
     ) -> None:
         self.demand = demand
         self.fault_around = fault_around
         """Pages fetched with a fault: the faulting one and those right after it."""
         self._ahead = list(ahead)
-        self.plan = StreamPlan(wanted, unit_pages=unit_pages, boost_units=boost_units)
+        self.plan = StreamPlan(
+            wanted, unit_pages=unit_pages, boost_units=boost_units, accessed=accessed
+        )
         self._cache: dict[tuple[int, int], bytes] = {}
         self._waiters: dict[tuple[int, int], asyncio.Future[None]] = {}
         self._more = asyncio.Event()
