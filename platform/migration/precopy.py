@@ -98,6 +98,7 @@ class Rounds:
         self._page_wire_bytes = float(PAGE_SIZE)
         self._meta_wire_bytes = 0.0
         self._overhead_s = 0.0
+        self._min_reply_s = 0.0
 
     async def move(self, ctx: MigrationContext) -> Move:
         index = len(self.changed)
@@ -155,7 +156,8 @@ class Rounds:
         if len(self.changed) >= ctx.rules.max_rounds:
             return StopReason.MAX_ROUNDS
         record = ctx.record
-        rtt = record.link_rtt_s
+        # The quickest reply took about a round trip: the measure when the link was not probed.
+        rtt = record.link_rtt_s or self._min_reply_s
         reply_s = self._reply_s if self._reply_s is not None else rtt
         if len(self._dump_started) >= 2:
             interval = self._dump_started[-1] - self._dump_started[-2]
@@ -206,6 +208,7 @@ class Rounds:
             return
         record = ctx.record
         self._reply_s = seconds
+        self._min_reply_s = min(self._min_reply_s or seconds, seconds)
         transfer_time = shipped.sent.seconds + seconds
         record.rounds.append(
             Round(
