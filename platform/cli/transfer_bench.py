@@ -19,7 +19,7 @@ from fogmig.platform.base import fmt
 
 
 def _label(result: ModeRuns) -> str:
-    compression = "zlib level 1" if result.compress else "uncompressed"
+    compression = "zstd where it pays" if result.compress else "uncompressed"
     return f"{result.security}, {compression}"
 
 
@@ -50,7 +50,7 @@ def print_tls_cost(results: list[ModeRuns]) -> None:
             continue
         tls, plain = _median(by["tls"]), _median(by["plaintext"])
         print(
-            f"cost of TLS ({'zlib level 1' if compress else 'uncompressed'}): median "
+            f"cost of TLS ({'zstd where it pays' if compress else 'uncompressed'}): median "
             f"{tls:.1f} MB/s with TLS, {plain:.1f} MB/s plaintext "
             f"(TLS changes the rate by {(tls / plain - 1) * 100:+.1f} %)"
         )

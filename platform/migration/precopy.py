@@ -5,7 +5,7 @@ checkpoint; the first round ships every page, later rounds and the final dump sh
 pages whose content changed since the previous round, and the destination rebuilds the
 complete image set before it restores (design: docs/architecture.md, "Pre-copy"; the kernel
 facts behind it: docs/platform.md, "No soft-dirty tracking: pre-copy by page delta").
-The destination names the image set of the last round :data:`~context.LAST`.
+The stop rule (``policies.stoprule``) takes another round only when it pays.
 """
 
 from __future__ import annotations
@@ -64,13 +64,11 @@ class _Shipped:
     pages_total: int
     pages_changed: int
     delta_dir: Path | None
-    page_bytes: int = 0
-    """The round's page sections on the wire (0 for the full first round)."""
 
 
 LAZY_FAULT_RTT_SHARE = 0.5
 """A lazily faulted page costs about half a round trip besides its bytes: faults overlap
-(measured on main: 469 pages in 25 s at 123 ms, 258 pages in 1.0 s at 6.9 ms)."""
+(measured: 469 pages in 25 s at a 123 ms round trip, 258 pages in 1.0 s at 6.9 ms)."""
 
 
 class Rounds:
@@ -78,8 +76,9 @@ class Rounds:
 
     After each leave-running round the stop rule (``policies.stoprule``) judges from what the
     rounds measured whether another one pays. After each round's call is answered the
-    destination holds a complete image set equal to that round's; the last one is named
-    :data:`LAST` there and kept in :attr:`last` here.
+    destination holds a complete image set equal to that round's; the last one is kept in
+    :attr:`last` here and named :data:`LAST` there, unless pre-copy stopped after its first
+    round (streamed before it could be judged, as ``r0``; the final delta names its base).
     """
 
     def __init__(self, *, lazy_final: bool = False) -> None:
@@ -98,6 +97,7 @@ class Rounds:
         self._page_wire_bytes = float(PAGE_SIZE)
         self._meta_wire_bytes = 0.0
         self._overhead_s = 0.0
+        self._min_reply_s = 0.0
 
     async def move(self, ctx: MigrationContext) -> Move:
         index = len(self.changed)
@@ -105,7 +105,6 @@ class Rounds:
         dump = await ctx.source.checkpoint(ctx.workdir / f"r{index}", leave_running=True)
         round_dump_time = dump.duration_s
         delta_dir: Path | None = None
-        page_bytes = 0
         if self.previous is None:
             # Sent before it can be judged: named for another round unless it is the only one
             # (pre-copy's final delta names its base; hybrid restores onto LAST).
@@ -144,9 +143,7 @@ class Rounds:
             )
         if not more:
             ctx.record.precopy_stop_reason = reason.value if reason is not None else None
-        self._shipped = _Shipped(
-            dump, round_dump_time, sent, pages_total, pages_changed, delta_dir, page_bytes
-        )
+        self._shipped = _Shipped(dump, round_dump_time, sent, pages_total, pages_changed, delta_dir)
         self.previous_name = name
         return Move(call=call, more=more)
 
@@ -155,7 +152,8 @@ class Rounds:
         if len(self.changed) >= ctx.rules.max_rounds:
             return StopReason.MAX_ROUNDS
         record = ctx.record
-        rtt = record.link_rtt_s
+        # The quickest reply took about a round trip: the measure when the link was not probed.
+        rtt = record.link_rtt_s or self._min_reply_s
         reply_s = self._reply_s if self._reply_s is not None else rtt
         if len(self._dump_started) >= 2:
             interval = self._dump_started[-1] - self._dump_started[-2]
@@ -206,6 +204,7 @@ class Rounds:
             return
         record = ctx.record
         self._reply_s = seconds
+        self._min_reply_s = min(self._min_reply_s or seconds, seconds)
         transfer_time = shipped.sent.seconds + seconds
         record.rounds.append(
             Round(

@@ -19,7 +19,7 @@ TAG_ZSTD = 1
 LEVEL = 1
 """zstd level 1: on a real checkpoint's pages 2.5x at about 500 MB/s per core, and several
 GB/s on random data; lz4 was as fast but shrank the same pages only 2.1x (docs/architecture.md,
-"Transfer channel")."""
+"Transfer channel: what crosses the link")."""
 
 WORTH = 0.95
 """A chunk travels compressed only when that saves at least 5% of it."""

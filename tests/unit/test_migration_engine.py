@@ -251,10 +251,16 @@ def _driver(
     peer: FakeDestination,
     *,
     moves: object | None = None,
+    dirty_rate: float = 0.0,
 ) -> tuple[SourceDriver, MemoryJournal, Delivered]:
     tech = Technique(technique)
     record = MigrationRecord(
-        migration_id="m1", service="s", source="a", destination="b", technique=tech
+        migration_id="m1",
+        service="s",
+        source="a",
+        destination="b",
+        technique=tech,
+        dirty_rate_bytes_per_s=dirty_rate,
     )
     ctx = MigrationContext(
         record=record,
@@ -367,6 +373,24 @@ async def test_precopy_ships_only_changed_pages_and_rebuilds_the_final_image(
     assert peer.restored is not None
     rebuilt = (peer.restored / "pages-1.img").read_bytes()
     assert rebuilt == source.memory.tobytes()
+
+
+@pytest.mark.parametrize("technique", ["precopy", "hybrid"])
+async def test_a_first_round_that_suffices_is_the_base_of_the_final_dump(
+    tmp_path: Path, technique: str
+) -> None:
+    """A service known to dirty almost nothing: pre-copy stops after its full round (its
+    final delta names that round as its base); hybrid still takes one delta round, since its
+    restore call names the last round's image."""
+    source, peer = FakeSource(dirty_per_round=1), FakeDestination(tmp_path / "dst")
+    record, _, _ = await _run(tmp_path, technique, source, peer, dirty_rate=10.0)
+    assert record.outcome is Outcome.COMPLETED, record.error
+    live = [r for r in record.rounds if not r.final]
+    assert len(live) == (1 if technique == "precopy" else 2)
+    assert record.precopy_stop_reason is not None
+    if technique == "precopy":
+        assert peer.restored is not None
+        assert (peer.restored / "pages-1.img").read_bytes() == source.memory.tobytes()
 
 
 async def test_final_dump_grows_with_the_dirty_rate(tmp_path: Path) -> None:

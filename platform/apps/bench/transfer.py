@@ -34,7 +34,7 @@ RECEIVER = "bench2"
 
 @dataclass(frozen=True, slots=True)
 class ModeRuns:
-    """The transfers of one mode: TLS or plaintext, with zlib level 1 or uncompressed."""
+    """The transfers of one mode: TLS or plaintext, with zstd where it pays or uncompressed."""
 
     security: Security
     compress: bool
