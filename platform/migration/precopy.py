@@ -66,9 +66,11 @@ class _Shipped:
     delta_dir: Path | None
 
 
-LAZY_FAULT_RTT_SHARE = 0.5
-"""A lazily faulted page costs about half a round trip besides its bytes: faults overlap
-(measured: 469 pages in 25 s at a 123 ms round trip, 258 pages in 1.0 s at 6.9 ms)."""
+LAZY_FAULT_RTT_SHARE = 0.1
+"""What a page left to the lazy phase costs besides its bytes, in round trips. Faulted one by
+one it was about half a round trip (469 pages in 25 s at a 123 ms round trip, 258 pages in
+1.0 s at 6.9 ms); streamed (``migration/lazy/stream``) the pages come at the link's rate and
+only those the service touches before the stream brings them cost a round trip each."""
 
 
 class Rounds:
