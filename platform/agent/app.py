@@ -43,6 +43,7 @@ from fogmig.platform.migration.handover.messages import (
 from fogmig.platform.migration.lazy.stream import stream_channels
 from fogmig.platform.security.tls import broker_client_context
 from fogmig.platform.transfer.client import TransferClient
+from fogmig.platform.transfer.codec import ChunkCodecError, ChunkDecoder, ChunkEncoder
 from fogmig.platform.transfer.server import (
     CallReply,
     TransferServer,
@@ -166,8 +167,11 @@ class Agent(CommandHandling):
             )
         nr = min(request.nr_pages, MAX_PAGES_PER_CALL)
         data = bytes(await pages.read(request.pid, request.vaddr, nr))
-        reply = GetPagesOk(migration_id=mid, nr_pages=len(data) // PAGE_SIZE)
-        return CallReply(encode_reply(GetPages.op, reply), data)
+        # Heaps and interpreter structures shrink to a third with zstd, random state not at
+        # all (and costs next to nothing to try): the working set arrives sooner.
+        payload = ChunkEncoder().encode(data)
+        reply = GetPagesOk(migration_id=mid, nr_pages=len(data) // PAGE_SIZE, tagged=True)
+        return CallReply(encode_reply(GetPages.op, reply), payload)
 
     async def _fetch_from(self, source: str, migration_id: str) -> PageChannels:
         """Channels back to the source for the pages of ``migration_id``: one for faults and
@@ -208,8 +212,18 @@ class Agent(CommandHandling):
             )
             op, params = encode_call(request)
             result, data = await client.call_data(op, params, timeout=self.config.fence_timeout_s)
-            decode_reply(op, result)
-            return data
+            reply = decode_reply(op, result)
+            if not isinstance(reply, GetPagesOk) or not reply.tagged:
+                return data
+            size = request.nr_pages * PAGE_SIZE
+            try:
+                return ChunkDecoder(max_chunk=size).decode(data, remaining=size)
+            except ChunkCodecError as exc:
+                raise MigrationError(
+                    f"pages from {migration_id}'s source do not decode: {exc}",
+                    phase="lazy_pages",
+                    migration_id=migration_id,
+                ) from exc
 
         return fetch
 

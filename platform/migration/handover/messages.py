@@ -222,9 +222,11 @@ class GetPages(Request):
 
 
 class GetPagesOk(Reply):
-    """The pages follow as the call's binary data."""
+    """The pages follow as the call's binary data; ``tagged``: as one payload of the
+    transfer channel's chunk codec (zstd where that pays, the bytes as they are otherwise)."""
 
     nr_pages: Annotated[int, Field(ge=0, le=256)]
+    tagged: bool = False
 
 
 class Refused(Message):
