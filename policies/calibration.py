@@ -3,7 +3,8 @@
 ``fit_constants`` fits the per-byte and per-request constants of
 :class:`~fogmig.policies.costmodel.CostConstants` by least squares over
 :class:`CalibrationSample` s (one measured migration each); constants the samples do not
-exercise keep their base value.
+exercise keep their base value. ``constants_document`` and ``parse_constants_document`` are the
+JSON form of a constants file, the one the controller loads.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fogmig.platform.base.vocabulary import PAGE_SIZE, Technique
-from fogmig.policies.conditions import LinkConditions, ServiceConditions
+from fogmig.policies.conditions import InvalidConditionsError, LinkConditions, ServiceConditions
 from fogmig.policies.costmodel import (
     CostConstants,
     MigrationComponents,
@@ -198,3 +199,69 @@ def fit_constants(
     ints = {f.name for f in fields(CostConstants) if f.type in ("int", int)}
     changes: dict[str, Any] = {n: (round(v) if n in ints else v) for n, v in updates.items()}
     return replace(k, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The constants file: what ``fogmig calibrate`` writes and the controller loads
+
+CONSTANTS_KIND = "fogmig-cost-constants"
+CONSTANTS_VERSION = 1
+
+
+def constants_document(k: CostConstants, *, about: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document of a constants file: every constant, and what they were fitted from."""
+    return {
+        "kind": CONSTANTS_KIND,
+        "version": CONSTANTS_VERSION,
+        "constants": k.to_dict(),
+        "about": dict(about or {}),
+    }
+
+
+def parse_constants_document(doc: object, source: str) -> CostConstants:
+    """The constants of a constants file's document, strictly: an unknown or non-numeric
+    constant is an error rather than a silent default. Constants the document leaves out keep
+    the model's defaults (a hand-written file may set only a few)."""
+    hint = "write it with `fogmig calibrate RECORDS_DIR --out FILE`"
+    if not isinstance(doc, dict):
+        raise InvalidConditionsError(f"{source} is not a JSON object", hint=hint)
+    if doc.get("kind") != CONSTANTS_KIND:
+        raise InvalidConditionsError(
+            f"{source} is not a cost constants file (kind {doc.get('kind')!r}, "
+            f"expected {CONSTANTS_KIND!r})",
+            hint=hint,
+        )
+    if doc.get("version") != CONSTANTS_VERSION:
+        raise InvalidConditionsError(
+            f"{source} has version {doc.get('version')!r}; this fogmig reads version "
+            f"{CONSTANTS_VERSION}",
+            hint=hint,
+        )
+    raw = doc.get("constants")
+    if not isinstance(raw, dict):
+        raise InvalidConditionsError(f"{source} has no 'constants' object", hint=hint)
+    known = {f.name: f for f in fields(CostConstants)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise InvalidConditionsError(
+            f"{source} has unknown constants: {', '.join(unknown)}",
+            hint=f"known constants: {', '.join(known)}",
+        )
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidConditionsError(
+                f"{source}: constant {name} must be a number, got {value!r}"
+            )
+        if known[name].type in ("int", int):
+            if not float(value).is_integer():
+                raise InvalidConditionsError(
+                    f"{source}: constant {name} must be a whole number, got {value!r}"
+                )
+            values[name] = int(value)
+        else:
+            values[name] = float(value)
+    try:
+        return CostConstants(**values)
+    except InvalidConditionsError as exc:
+        raise InvalidConditionsError(f"{source}: {exc}", hint=hint) from exc

@@ -28,6 +28,7 @@ COMMAND_MODULES = (
     "fogmig.platform.cli.agent",
     "fogmig.platform.cli.controller",
     "fogmig.platform.cli.experiment",
+    "fogmig.platform.cli.policycheck",
     "fogmig.platform.cli.device_sim",
     "fogmig.platform.cli.demo",
 )
