@@ -251,12 +251,12 @@ def parse_constants_document(doc: object, source: str) -> CostConstants:
     for name, value in raw.items():
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise InvalidConditionsError(
-                f"{source}: constant {name} must be a number, got {value!r}"
+                f"{source}: constant {name} must be a number, got {value!r}", hint=hint
             )
         if known[name].type in ("int", int):
             if not float(value).is_integer():
                 raise InvalidConditionsError(
-                    f"{source}: constant {name} must be a whole number, got {value!r}"
+                    f"{source}: constant {name} must be a whole number, got {value!r}", hint=hint
                 )
             values[name] = int(value)
         else:
