@@ -409,3 +409,14 @@ def test_a_partial_constants_file_keeps_the_defaults(tmp_path: Path) -> None:
         '{"kind": "fogmig-cost-constants", "version": 1, "constants": {"demand_faults": 7}}'
     )
     assert load_cost_constants(path) == CostConstants(demand_faults=7)
+
+
+def test_the_documentation_lists_every_point_as_the_grid_defines_it() -> None:
+    doc = (Path(__file__).parents[2] / "docs" / "policy-validation.md").read_text()
+    for p in FULL_POINTS:
+        quick = "yes" if p in QUICK_POINTS else "no"
+        row = (
+            f"| {p.name} | {p.role.value} | {quick} | {p.state_mb} | {p.rate_mbit:g} "
+            f"| {p.rtt_ms:g} | {p.dirty_kbps:g} | {p.dirty_to_link:.3f} |"
+        )
+        assert row in doc, row
