@@ -182,7 +182,8 @@ def score_point(
     model_pick = min(
         results.values(), key=lambda r: (r.predicted_downtime_s, r.predicted_total_s)
     ).technique
-    pick = decision.technique if decision.technique in results else model_pick
+    # measured on a subset of the techniques: the policy's best among those
+    pick = next(t for t in decision.ranking if t in results)
     return PointResult(
         point=point,
         state_bytes=state,
