@@ -19,7 +19,8 @@ from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.vocabulary import Technique
 from fogmig.platform.controller.config import save_cost_constants
 
-console = Console()
+# The residuals table has eleven columns: keep it whole when the output is not a terminal.
+console = Console(width=max(Console().width, 132))
 
 
 def _pct(x: float) -> str:
