@@ -41,6 +41,8 @@ class CheckPlan:
     runs: int = 3
     quick: bool = False
     resume: bool = False
+    score_only: bool = False
+    """Judge the records saved so far without measuring (implies ``resume``)."""
     service: str = "pcheck"
     port: int = 5691
     nodes: tuple[str, str] = ("gw1", "gw2")
@@ -65,12 +67,12 @@ def prepare_out(plan: CheckPlan) -> None:
     plan.out.mkdir(parents=True, exist_ok=True)
     plan_file = plan.out / PLAN
     old = list((plan.out / RECORDS).rglob("*.json")) if (plan.out / RECORDS).exists() else []
-    if old and not plan.resume:
+    if old and not (plan.resume or plan.score_only):
         raise ConfigError(
             f"{plan.out} already holds {len(old)} records",
             hint="add --resume to continue that run, or give another --out",
         )
-    if plan.resume and plan_file.exists():
+    if (plan.resume or plan.score_only) and plan_file.exists():
         before = json.loads(plan_file.read_text())
         mine = plan.to_dict()
         if before.get("points") != mine["points"] or before.get("techniques") != mine["techniques"]:
@@ -193,9 +195,11 @@ def evaluate(plan: CheckPlan, caps: NodeCapabilities) -> CheckResult:
         item for p in fit_points for item in saved.get(p.name, [])
     ]
     cal = calibrate(fit_records, native_predump=caps.native_predump)
-    records = {name: [r for _, r in items] for name, items in saved.items()}
+    records = {name: [r for _, r in items] for name, items in saved.items() if items}
+    # a point not measured yet (an interrupted run scored as it is) is left out, not a miss
+    measured_points = [p for p in plan.points if p.name in records]
     results = score_all(
-        plan.points, records, constants=cal.constants, caps=caps, techniques=plan.techniques
+        measured_points, records, constants=cal.constants, caps=caps, techniques=plan.techniques
     )
     held, fitted = verdict(results, Role.VALIDATE), verdict(results, Role.FIT)
     files = write_outputs(
@@ -229,7 +233,11 @@ async def run_check(plan: CheckPlan, say: Say) -> CheckResult:
         say("this machine has no lazy restore: post-copy and hybrid are left out")
         plan.techniques = techniques
     prepare_out(plan)
-    await measure(plan, say)
+    if plan.score_only:
+        left = sum(len(missing_runs(plan, p)) for p in plan.points)
+        say(f"scoring what is saved; {left} migration(s) of the plan are not measured")
+    else:
+        await measure(plan, say)
     return evaluate(plan, caps)
 
 

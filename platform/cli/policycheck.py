@@ -16,6 +16,7 @@ from rich.table import Table
 
 from fogmig.experiments.policycheck_fit import Calibration, calibrate, load_records
 from fogmig.platform.base.aio import run_async
+from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.base.vocabulary import Technique
 from fogmig.platform.controller.config import save_cost_constants
 
@@ -114,6 +115,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from fogmig.experiments.policycheck import CheckPlan, run_check, summary_lines
     from fogmig.experiments.policycheck_points import grid, select
 
+    if args.runs is not None and args.runs < 1:
+        raise ConfigError(f"--runs must be at least 1, got {args.runs}")
     plan = CheckPlan(
         out=Path(args.out),
         points=select(grid(quick=args.quick), args.points.split(",") if args.points else None),
@@ -121,6 +124,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
         runs=args.runs if args.runs is not None else (1 if args.quick else 3),
         quick=args.quick,
         resume=args.resume,
+        score_only=args.score_only,
     )
     result = run_async(lambda: run_check(plan, lambda m: console.print(m, highlight=False)))
     for line in summary_lines(result):
@@ -150,6 +154,11 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, metavar="DIR")
     p.add_argument("--quick", action="store_true", help="six points, one run each (~10 min)")
     p.add_argument("--resume", action="store_true", help="keep the records already in --out")
+    p.add_argument(
+        "--score-only",
+        action="store_true",
+        help="judge the records already in --out without measuring (no testbed)",
+    )
     p.add_argument("--runs", type=int, default=None, help="runs per technique and point")
     p.add_argument("--points", default=None, help="comma-separated point names (default: all)")
     p.add_argument("--techniques", type=_techniques, default=tuple(Technique))

@@ -220,6 +220,21 @@ def test_constants_are_fitted_on_the_fit_points_only(tmp_path: Path) -> None:
     assert "# Policy validation" in result.files["report"].read_text()
 
 
+def test_an_unmeasured_point_is_left_out_not_counted_as_a_miss(tmp_path: Path) -> None:
+    plan = CheckPlan(out=tmp_path, points=QUICK_POINTS, runs=1, score_only=True)
+    prepare_out(plan)
+    unmeasured = next(p for p in QUICK_POINTS if p.role is Role.VALIDATE)
+    for p in QUICK_POINTS:
+        if p is not unmeasured:
+            for t in Technique:
+                _write(plan, p, t, _record(p, t, TRUE))
+    result = evaluate(plan, CAPS)
+    assert unmeasured.name not in {r.point.name for r in result.results}
+    held = len([p for p in QUICK_POINTS if p.role is Role.VALIDATE]) - 1
+    assert result.held_out.points == held
+    assert result.held_out.hits == held  # the model is exact here: every pick is the best
+
+
 def test_resume_keeps_records_and_a_new_run_refuses_them(tmp_path: Path) -> None:
     plan = CheckPlan(out=tmp_path, points=QUICK_POINTS, runs=2)
     prepare_out(plan)
