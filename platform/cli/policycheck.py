@@ -152,7 +152,7 @@ def register(sub: Any) -> None:
         help="measure a grid of points on the testbed; validate the policy and the cost model",
     )
     p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--quick", action="store_true", help="six points, one run each (~10 min)")
+    p.add_argument("--quick", action="store_true", help="six points, one run each (about 6 min)")
     p.add_argument("--resume", action="store_true", help="keep the records already in --out")
     p.add_argument(
         "--score-only",
