@@ -3,7 +3,8 @@
 ``fit_constants`` fits the per-byte and per-request constants of
 :class:`~fogmig.policies.costmodel.CostConstants` by least squares over
 :class:`CalibrationSample` s (one measured migration each); constants the samples do not
-exercise keep their base value.
+exercise keep their base value. ``constants_document`` and ``parse_constants_document`` are the
+JSON form of a constants file, the one the controller loads.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from fogmig.platform.base.vocabulary import PAGE_SIZE, Technique
-from fogmig.policies.conditions import LinkConditions, ServiceConditions
+from fogmig.policies.conditions import InvalidConditionsError, LinkConditions, ServiceConditions
 from fogmig.policies.costmodel import (
     CostConstants,
     MigrationComponents,
@@ -75,13 +76,33 @@ def _solve_demand_faults(nbytes: int, extra_s: float, rtt_s: float, k: CostConst
     return lo
 
 
+def _fit_demand_faults(lazy: Sequence[tuple[int, float, float]], k: CostConstants) -> int:
+    """The demand-fault count whose round trips best explain the lazy transfers' extra time
+    (least squares in seconds over (bytes, extra seconds, RTT)). Each transfer alone would be
+    explained by one count; the best common one lies between the smallest and the largest."""
+    alone = [_solve_demand_faults(n, extra, rtt, k) for n, extra, rtt in lazy]
+    lo, hi = min(alone), max(alone)
+    step = max(1, (hi - lo) // 2000)
+
+    def sse(f: int) -> float:
+        return sum(
+            (lazy_requests(n, k, demand_faults=f) * rtt - extra) ** 2 for n, extra, rtt in lazy
+        )
+
+    best = min(range(lo, hi + 1, step), key=sse)
+    if step > 1:
+        best = min(range(max(lo, best - step), min(hi, best + step) + 1), key=sse)
+    return best
+
+
 def fit_constants(
     samples: Iterable[CalibrationSample], base: CostConstants | None = None
 ) -> CostConstants:
     """Fit the constants to measured migrations; what the samples cannot determine stays at
     ``base``. Transfer rows fit throughput efficiency and per-transfer round trips; dump,
-    pre-dump and resume rows fit the fixed costs and per-GiB rates; dump sizes fit the image
-    overheads; lazy transfers fit the number of demand faults."""
+    pre-dump and resume rows fit the fixed costs and per-GiB rates (and the round trips of a
+    lazy restore); dump sizes fit the image overheads; lazy transfers fit the number of demand
+    faults."""
     k = base if base is not None else CostConstants()
     items = list(samples)
     if not items:
@@ -149,7 +170,8 @@ def fit_constants(
         if m.dump_time > 0:
             dump_rows.append(([1.0, gib(written), gib(compared)], m.dump_time))
         if m.resume_time > 0:
-            resume_rows.append(([1.0, gib(eager), gib(rebuilt)], m.resume_time))
+            lazy_rtt = smp.link.rtt_s if smp.technique.lazy else 0.0
+            resume_rows.append(([1.0, gib(eager), gib(rebuilt), lazy_rtt], m.resume_time))
         if smp.technique.precopy_rounds and m.pre_dump_time > 0:
             n = max(1, smp.precopy_rounds)
             if native:
@@ -170,11 +192,17 @@ def fit_constants(
     updates.update(
         _fit_linear(
             resume_rows,
-            ["restore_fixed_s", "restore_s_per_gib", "rebuild_s_per_gib"],
+            [
+                "restore_fixed_s",
+                "restore_s_per_gib",
+                "rebuild_s_per_gib",
+                "lazy_resume_round_trips",
+            ],
             {
                 "restore_fixed_s": k.restore_fixed_s,
                 "restore_s_per_gib": k.restore_s_per_gib,
                 "rebuild_s_per_gib": k.rebuild_s_per_gib,
+                "lazy_resume_round_trips": k.lazy_resume_round_trips,
             },
         )
     )
@@ -183,7 +211,7 @@ def fit_constants(
     k_eff = replace(
         k, throughput_efficiency=updates.get("throughput_efficiency", k.throughput_efficiency)
     )
-    faults: list[int] = []
+    lazy: list[tuple[int, float, float]] = []
     for smp in items:
         m, link = smp.measured, smp.link
         if not smp.technique.lazy or m.faulted_pages_bytes <= 0 or link.rtt_s <= 0:
@@ -191,10 +219,76 @@ def fit_constants(
         stream = m.faulted_pages_bytes / (link.throughput_bytes_per_s * k_eff.throughput_efficiency)
         extra = m.faulted_pages_transfer_time - stream
         if extra > 0:
-            faults.append(_solve_demand_faults(m.faulted_pages_bytes, extra, link.rtt_s, k_eff))
-    if faults:
-        updates["demand_faults"] = round(statistics.median(faults))
+            lazy.append((m.faulted_pages_bytes, extra, link.rtt_s))
+    if lazy:
+        updates["demand_faults"] = _fit_demand_faults(lazy, k_eff)
 
     ints = {f.name for f in fields(CostConstants) if f.type in ("int", int)}
     changes: dict[str, Any] = {n: (round(v) if n in ints else v) for n, v in updates.items()}
     return replace(k, **changes)
+
+
+# ---------------------------------------------------------------------------------------------
+# The constants file: what ``fogmig calibrate`` writes and the controller loads
+
+CONSTANTS_KIND = "fogmig-cost-constants"
+CONSTANTS_VERSION = 1
+
+
+def constants_document(k: CostConstants, *, about: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The JSON document of a constants file: every constant, and what they were fitted from."""
+    return {
+        "kind": CONSTANTS_KIND,
+        "version": CONSTANTS_VERSION,
+        "constants": k.to_dict(),
+        "about": dict(about or {}),
+    }
+
+
+def parse_constants_document(doc: object, source: str) -> CostConstants:
+    """The constants of a constants file's document, strictly: an unknown or non-numeric
+    constant is an error rather than a silent default. Constants the document leaves out keep
+    the model's defaults (a hand-written file may set only a few)."""
+    hint = "write it with `fogmig calibrate RECORDS_DIR --out FILE`"
+    if not isinstance(doc, dict):
+        raise InvalidConditionsError(f"{source} is not a JSON object", hint=hint)
+    if doc.get("kind") != CONSTANTS_KIND:
+        raise InvalidConditionsError(
+            f"{source} is not a cost constants file (kind {doc.get('kind')!r}, "
+            f"expected {CONSTANTS_KIND!r})",
+            hint=hint,
+        )
+    if doc.get("version") != CONSTANTS_VERSION:
+        raise InvalidConditionsError(
+            f"{source} has version {doc.get('version')!r}; this fogmig reads version "
+            f"{CONSTANTS_VERSION}",
+            hint=hint,
+        )
+    raw = doc.get("constants")
+    if not isinstance(raw, dict):
+        raise InvalidConditionsError(f"{source} has no 'constants' object", hint=hint)
+    known = {f.name: f for f in fields(CostConstants)}
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        raise InvalidConditionsError(
+            f"{source} has unknown constants: {', '.join(unknown)}",
+            hint=f"known constants: {', '.join(known)}",
+        )
+    values: dict[str, Any] = {}
+    for name, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidConditionsError(
+                f"{source}: constant {name} must be a number, got {value!r}", hint=hint
+            )
+        if known[name].type in ("int", int):
+            if not float(value).is_integer():
+                raise InvalidConditionsError(
+                    f"{source}: constant {name} must be a whole number, got {value!r}", hint=hint
+                )
+            values[name] = int(value)
+        else:
+            values[name] = float(value)
+    try:
+        return CostConstants(**values)
+    except InvalidConditionsError as exc:
+        raise InvalidConditionsError(f"{source}: {exc}", hint=hint) from exc

@@ -60,6 +60,11 @@ class CostConstants:
     this much per request while no fault occurs ..."""
     lazy_max_chunk_bytes: int = 4 << 20
     """... up to this (uffd.c MAX_XFER_LEN). One request is outstanding at a time."""
+    lazy_resume_round_trips: float = 0.0
+    """Round trips a lazy restore makes before the service runs (the destination's lazy-pages
+    daemon connecting to the source's page server through the transfer channel). Zero by
+    default, which keeps post-copy resuming fastest as in the paper; fitted to this platform's
+    records it is about 8 (docs/policy-validation.md)."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -381,7 +386,7 @@ def _predict_postcopy(inputs: PredictionInputs) -> Prediction:
     comps = MigrationComponents(
         dump_time=_checkpoint_time(eager, 0, k),
         dump_transfer_time=transfer_time(dump_bytes, link, k),
-        resume_time=_restore_time(eager, 0, k),
+        resume_time=_restore_time(eager, 0, k) + k.lazy_resume_round_trips * link.rtt_s,
         faulted_pages_transfer_time=fault_time,
         dump_bytes=dump_bytes,
         faulted_pages_bytes=faulted,
@@ -394,16 +399,17 @@ def _predict_postcopy(inputs: PredictionInputs) -> Prediction:
 def _predict_hybrid(inputs: PredictionInputs) -> Prediction:
     s, k, link = inputs.service.state_bytes, inputs.constants, inputs.link
     phase = _precopy_phase(inputs)
-    # Table 1: the dump carries only the changes in execution state; every page dirtied since
-    # the last round arrives as a faulted page
+    # Table 1: every page dirtied since the last round arrives as a faulted page; the final
+    # dump is a lazy one, so like post-copy's it still ships the memory CRIU cannot serve lazily
     faulted = phase.last_dirty_bytes
-    dump_bytes = k.image_overhead_bytes
+    eager = min(k.lazy_dump_bytes, s)
+    dump_bytes = eager + k.image_overhead_bytes
     if inputs.native_predump:
-        dump_time = _checkpoint_time(0, 0, k)
+        dump_time = _checkpoint_time(eager, 0, k)
         rebuilt = 0
     else:
         # without soft-dirty the final dump still compares all memory to find what changed
-        dump_time = _checkpoint_time(0, s, k)
+        dump_time = _checkpoint_time(eager, s, k)
         rebuilt = s
     fault_time, requests = lazy_transfer_time(faulted, link, k)
     comps = MigrationComponents(
@@ -412,7 +418,7 @@ def _predict_hybrid(inputs: PredictionInputs) -> Prediction:
         dump_time=dump_time,
         dump_transfer_time=transfer_time(dump_bytes, link, k),
         # everything but the faulted pages is restored from the pre-dump before resuming
-        resume_time=_restore_time(s - faulted, rebuilt, k),
+        resume_time=_restore_time(s - faulted, rebuilt, k) + k.lazy_resume_round_trips * link.rtt_s,
         faulted_pages_transfer_time=fault_time,
         pre_dump_bytes=sum(r.bytes for r in phase.rounds),
         dump_bytes=dump_bytes,

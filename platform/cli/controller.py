@@ -22,7 +22,11 @@ from fogmig.platform.base.aio import run_async
 from fogmig.platform.base.errors import ConfigError
 from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
-from fogmig.platform.controller.config import OBJECTIVES, config_for_testbed
+from fogmig.platform.controller.config import (
+    OBJECTIVES,
+    config_for_testbed,
+    load_cost_constants,
+)
 from fogmig.platform.controller.drain import drain_node
 from fogmig.platform.controller.runner import run_controller
 
@@ -66,6 +70,7 @@ class LiveView:
 
 def _cmd_controller(args: argparse.Namespace) -> int:
     threshold = args.load_threshold
+    constants = load_cost_constants(args.constants) if args.constants is not None else None
     target = args.load_target if args.load_target is not None else round(threshold * 0.75, 3)
     config = config_for_testbed(
         debounce_s=args.debounce,
@@ -74,12 +79,14 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         load_reports=args.load_reports,
         objective=args.objective,
         decision_log=args.decision_log or default_decision_log(),
+        cost_constants=constants,
     )
     console.print(
         f"controller: debounce {config.debounce_s:g} s, load > {config.load_threshold:g} for "
         f"{config.load_reports} reports, objective {config.objective}, assumed link "
         f"{config.default_link.throughput_mbit_per_s:g} Mbit/s / "
-        f"{config.default_link.rtt_s * 1000:g} ms; decisions in {config.decision_log}"
+        f"{config.default_link.rtt_s * 1000:g} ms; decisions in {config.decision_log}; "
+        f"cost constants {'from ' + str(args.constants) if args.constants else 'the defaults'}"
     )
     run_async(lambda: run_controller(config, on_event=LiveView(console)))
     return 0
@@ -140,6 +147,13 @@ def register(sub: Any) -> None:
     p.add_argument("--load-reports", type=int, default=3, metavar="K")
     p.add_argument("--objective", choices=list(OBJECTIVES), default="downtime")
     p.add_argument("--decision-log", type=Path, default=None, metavar="FILE")
+    p.add_argument(
+        "--constants",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the cost model's constants, as `fogmig calibrate` writes them (default: built-in)",
+    )
     p.set_defaults(func=_cmd_controller)
 
     p = sub.add_parser("drain", help="empty a node (the controller moves its services off)")

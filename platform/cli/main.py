@@ -29,6 +29,7 @@ COMMAND_MODULES = (
     "fogmig.platform.cli.controller",
     "fogmig.platform.cli.experiment",
     "fogmig.platform.cli.baseline",
+    "fogmig.platform.cli.policycheck",
     "fogmig.platform.cli.device_sim",
     "fogmig.platform.cli.demo",
 )

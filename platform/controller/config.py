@@ -1,18 +1,22 @@
 """The controller's configuration: how it decides, with a working default for every field.
 
 :func:`config_for_testbed` loads the one the embedded testbed needs (its link profile as the
-assumed link between nodes that have not measured theirs).
+assumed link between nodes that have not measured theirs); :func:`load_cost_constants` reads the
+cost model's constants that ``fogmig calibrate`` fitted to measured migrations.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal
 
 from fogmig.platform.base.errors import ConfigError
+from fogmig.policies.calibration import constants_document, parse_constants_document
 from fogmig.policies.conditions import LinkConditions, Objective, PrecopyStopRules
+from fogmig.policies.costmodel import CostConstants
 
 Trigger = Literal["mobility", "load", "drain"]
 ObjectiveName = Literal["downtime", "total", "bytes"]
@@ -44,6 +48,8 @@ class ControllerConfig:
     default_state_bytes: int = 4 << 20
     """State size assumed for a service its node does not (yet) report."""
     stop_rules: PrecopyStopRules = field(default_factory=PrecopyStopRules)
+    cost_constants: CostConstants | None = None
+    """The cost model's constants (``None``: the model's defaults); see ``load_cost_constants``."""
     compression: bool = True
     """Adaptive zstd on the state transfer (off where the data does not compress)."""
     mem_reserve_bytes: int = 64 << 20
@@ -89,3 +95,37 @@ def config_for_testbed(**overrides: Any) -> ControllerConfig:
     profile = load_state().profile
     link = LinkConditions.from_mbit(profile.rate_mbit, profile.rtt_ms)
     return ControllerConfig(default_link=link, **overrides)
+
+
+def load_cost_constants(path: Path) -> CostConstants:
+    """The cost model's constants from a file ``fogmig calibrate`` wrote.
+
+    A missing, unreadable or malformed file, an unknown constant or one out of range is a
+    ``ConfigError`` naming the file and what is wrong with it.
+    """
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the cost constants file {path}: {exc.strerror or exc}",
+            hint="write one with `fogmig calibrate RECORDS_DIR --out FILE`",
+        ) from exc
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{path} is not valid JSON: {exc}",
+            hint="write it with `fogmig calibrate RECORDS_DIR --out FILE`",
+        ) from exc
+    return parse_constants_document(doc, str(path))
+
+
+def save_cost_constants(
+    path: Path, constants: CostConstants, *, about: dict[str, Any] | None = None
+) -> Path:
+    """Write ``constants`` where :func:`load_cost_constants` reads them back."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(constants_document(constants, about=about), indent=2) + "\n")
+    tmp.replace(path)
+    return path

@@ -61,7 +61,13 @@ def decide_move(
             link = LinkConditions(throughput_bytes_per_s=m.throughput_bytes_per_s, rtt_s=m.rtt_s)
             link_source = "measured"
     choice = choose_technique(
-        conditions, link, src.capabilities, dst.capabilities, objective, cfg.stop_rules
+        conditions,
+        link,
+        src.capabilities,
+        dst.capabilities,
+        objective,
+        cfg.stop_rules,
+        constants=cfg.cost_constants,
     )
     reason = _clip(f"{move.detail}; {choice.reason}")
     predicted: dict[str, Any] = {

@@ -633,3 +633,21 @@ def test_a_repeated_migration_done_changes_nothing(world: World) -> None:
     again = world.done(launch, 2.5, Outcome.ROLLED_BACK)
     assert events(again, EventKind.DONE) == []
     assert launches(again) == []
+
+
+def test_decisions_use_the_configured_cost_constants() -> None:
+    from fogmig.policies.costmodel import CostConstants
+
+    def predicted(constants: CostConstants | None) -> dict[str, Any]:
+        w = World(cost_constants=constants)
+        w.place("s1", "gw1", state_bytes=40 * MB)
+        w.up("gw1", "gw2")
+        w.attach("d1", "gw2", "s1", 0.0)
+        return one_launch(w.core.tick(1.5)).decision.predicted
+
+    # a platform whose every restore takes 5 s: every technique's downtime grows by it
+    slow = CostConstants(restore_fixed_s=5.0)
+    default, fitted = predicted(None), predicted(slow)
+    for t, alt in fitted["alternatives"].items():
+        base = default["alternatives"][t]["downtime_s"]
+        assert alt["downtime_s"] == pytest.approx(base + 5.0 - CostConstants().restore_fixed_s)

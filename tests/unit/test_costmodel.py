@@ -432,3 +432,31 @@ def test_fitted_constants_predict_the_measurements() -> None:
         got = predict(t, svc, LAN, source=DELTA, constants=fitted)
         assert got.total_time == pytest.approx(want.total_time, rel=0.03), t
         assert got.downtime == pytest.approx(want.downtime, rel=0.03), t
+
+
+def test_hybrid_final_dump_ships_the_lazy_dump_memory() -> None:
+    k = CostConstants(lazy_dump_bytes=2_000_000, image_overhead_bytes=10_000)
+    svc = ServiceConditions(state_bytes=30 * MB, dirty_rate_bytes_per_s=1e5)
+    hybrid = predict(Technique.HYBRID, svc, WAN, source=DELTA, constants=k)
+    postcopy = predict(Technique.POSTCOPY, svc, WAN, source=DELTA, constants=k)
+    assert hybrid.components.dump_bytes == postcopy.components.dump_bytes == 2_010_000
+
+
+def test_lazy_restores_pay_round_trips_before_resuming() -> None:
+    svc = ServiceConditions(state_bytes=30 * MB, dirty_rate_bytes_per_s=1e4)
+    k0, k8 = CostConstants(), CostConstants(lazy_resume_round_trips=8.0)
+    for t in Technique:
+        extra = (
+            predict(t, svc, WAN, source=DELTA, constants=k8).components.resume_time
+            - predict(t, svc, WAN, source=DELTA, constants=k0).components.resume_time
+        )
+        assert extra == pytest.approx(8 * WAN.rtt_s if t.lazy else 0.0), t
+
+
+def test_fit_recovers_the_round_trips_of_a_lazy_restore() -> None:
+    from dataclasses import replace
+
+    true = replace(TRUE, lazy_resume_round_trips=8.0)
+    fitted = fit_constants(_measured_samples(true))
+    assert fitted.lazy_resume_round_trips == pytest.approx(8.0, rel=0.02)
+    assert fitted.demand_faults == pytest.approx(true.demand_faults, abs=3)
