@@ -66,6 +66,9 @@ from fogmig.platform.migration.handover.ownership import Timing
 from fogmig.platform.migration.handover.recovery import SourceAction, recover_source
 
 TIMERS = ("call", "poll", "retry", "fence")
+FOLD_LEASE_SHARE = 4
+"""The final data call rides with the restore only while the newest ticket is younger than
+this share of the lease (a quarter: five seconds of the default twenty)."""
 
 
 class SourcePhase(StrEnum):
@@ -289,7 +292,7 @@ class SourceCore:
                 return self._failed(f"data move failed: {done.detail}", now)
             self._more = done.more
             final = phase is SourcePhase.FINAL and not done.more
-            if final and isinstance(done.call, SendFiles | ApplyDelta):
+            if final and isinstance(done.call, SendFiles | ApplyDelta) and self._fresh(now):
                 # The frozen service's last data goes with the restore: one round trip.
                 return self._restore(prelude=done.call)
             if done.call is not None:
@@ -379,6 +382,14 @@ class SourceCore:
             self._resume_at = self.fence_deadline(self._ticket_at, now)
             actions.append(StartTimer("fence", max(0.0, self._resume_at - now)))
         return actions + self._call(self._settle_call())
+
+    def _fresh(self, now: float) -> bool:
+        """Whether the newest ticket leaves the restore most of its lease. A restore carries
+        no fresher ticket than the last reply's, and a long final transfer (cold on a slow
+        link) can outlast it: then the data call goes first and its reply renews the lease."""
+        if self._ticket_at is None:
+            return False
+        return now - self._ticket_at <= self.timing.fence_timeout_s / FOLD_LEASE_SHARE
 
     def fence_deadline(self, newest_ticket_at: float, now: float) -> float:
         """When rule 3c lets this node resume (a method so a test can break it)."""
