@@ -34,7 +34,7 @@ from fogmig.platform.testbed import (
 from fogmig.platform.testbed import pids as pids_mod
 from fogmig.platform.testbed.broker import broker_needles
 from fogmig.platform.testbed.mqtt import mosquitto_client_args
-from fogmig.platform.testbed.probe import measure_rtt
+from fogmig.platform.testbed.probe import measure_rtt, rtt_within
 from fogmig.platform.testbed.state import TestbedState, exclusive_use, state_path
 from fogmig.platform.testbed.status import collect_status, linkd_needles
 
@@ -193,13 +193,13 @@ async def test_cut_restore_and_set_link(orchestration: TestbedState) -> None:
     await restore_link("gw2", "gw1")
     rtt, lost = await measure_rtt(gw1, gw2, count=5, timeout=1.0)
     assert rtt is not None
-    assert abs(rtt - 6.94) < 0.05 * 6.94
+    assert rtt_within(6.94, rtt), rtt
     assert load_state().link("gw1", "gw2").up is True
 
     await set_link("gw1", "gw2", rtt_ms=40.0)
     rtt, _ = await measure_rtt(gw1, gw2, count=5, timeout=1.0)
     assert rtt is not None
-    assert abs(rtt - 40.0) < 0.05 * 40.0
+    assert rtt_within(40.0, rtt), rtt
     assert load_state().link("gw1", "gw2").rtt_ms == 40.0
     await set_link("gw1", "gw2", rtt_ms=6.94)
 
