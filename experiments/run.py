@@ -154,19 +154,17 @@ async def _on_testbed(
             f"(asked {link.rate_mbit:g} Mbit/s, {link.rtt_ms:g} ms)"
         )
         nodes = up.state.node_names
-        ours, theirs = done_cells(out, ENGINE), done_cells(out, BASELINE_ENGINE)
+        # Each engine runs the cells it has no record of; the baseline right after fogmig.
+        engines: list[tuple[str, TestbedState | None, str]] = [(ENGINE, None, "")]
+        if spec.baseline:
+            engines.append((BASELINE_ENGINE, up.state, f"{BASELINE_ENGINE}: "))
+        done = {engine: done_cells(out, engine) for engine, _, _ in engines}
         for cell in cells:
             say(f"  {cell.key}: {nodes[0]} -> {nodes[1]} ({eta.text()})")
             wall = 0.0
-            if cell not in ours:
-                run = await _one_run(
-                    spec, out, cell=cell, link=link, mtu=shown_mtu, measured=measured, nodes=nodes
-                )
-                save_run(out, run)
-                result.ran.append(run)
-                wall += run.wall_s
-                say("    " + _line(run))
-            if spec.baseline and cell not in theirs:
+            for engine, baseline, label in engines:
+                if cell in done[engine]:
+                    continue
                 run = await _one_run(
                     spec,
                     out,
@@ -175,12 +173,12 @@ async def _on_testbed(
                     mtu=shown_mtu,
                     measured=measured,
                     nodes=nodes,
-                    baseline=up.state,
+                    baseline=baseline,
                 )
                 save_run(out, run)
                 result.ran.append(run)
                 wall += run.wall_s
-                say(f"    {BASELINE_ENGINE}: " + _line(run))
+                say(f"    {label}" + _line(run))
             eta.finished(cell, wall)
     finally:
         if mtu is not None:
