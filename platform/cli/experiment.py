@@ -52,8 +52,9 @@ def _spec(args: argparse.Namespace) -> GridSpec:
         "control": args.control,
         "control_mtu": args.control_mtu,
         "probe_hz": args.probe_hz,
-        "baseline": args.baseline,
     }
+    if args.baseline is not None:
+        fields["baseline"] = args.baseline
     if args.runs is not None:
         fields["runs"] = args.runs
     if args.state_mb is not None:
@@ -155,8 +156,10 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--baseline",
-        action="store_true",
-        help="also run every cell with the paper's toolchain (runc, CRIU, rsync over ssh)",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also run every cell with the paper's toolchain (runc, CRIU, rsync over ssh); "
+        "default: on with --quick, off on the full grid",
     )
     p.add_argument("--out", default="results/evaluation", help="where everything goes")
     where = p.add_mutually_exclusive_group()

@@ -27,6 +27,11 @@ def test_quick_scales_down_and_options_narrow_the_grid() -> None:
     assert spec == GridSpec.quick_grid(
         configurations=("C",), techniques=("cold", "hybrid"), control=(), runs=1
     )
+    assert spec.baseline, "--quick runs the paper's toolchain beside fogmig"
+    args = build_parser().parse_args(["experiment", "--quick", "--no-baseline"])
+    assert not _spec(args).baseline
+    args = build_parser().parse_args(["experiment", "--baseline"])
+    assert _spec(args) == GridSpec(baseline=True)
 
 
 def test_unknown_names_and_both_resume_and_report_are_refused(

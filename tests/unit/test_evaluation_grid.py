@@ -39,9 +39,11 @@ def test_one_testbed_per_link_and_mtu() -> None:
     ]
 
 
-def test_the_quick_grid_shrinks_the_state_and_the_runs_only() -> None:
+def test_the_quick_grid_shrinks_the_state_and_the_runs_and_adds_the_baseline() -> None:
     quick, full = GridSpec.quick_grid(), GridSpec()
     assert (quick.runs, quick.state_mb, quick.quick) == (QUICK_RUNS, QUICK_STATE_MB, True)
+    assert quick.baseline
+    assert not full.baseline
     assert quick.configuration_names() == full.configuration_names()
     assert GridSpec.quick_grid(runs=1).runs == 1
 
