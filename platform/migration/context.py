@@ -38,6 +38,9 @@ class Move:
 
     call: TicketedRequest
     more: bool = False
+    restore_base: str | None = None
+    """The image set the restore builds on, when it is not the one the plan named (a hybrid
+    that stopped after its first round restores onto that round, not onto :data:`LAST`)."""
 
 
 @dataclass(slots=True)

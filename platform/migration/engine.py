@@ -349,7 +349,9 @@ class SourceDriver:
                 return StepDone(step.step_id, False, "no technique after a restart")
             live = self.core.phase is SourcePhase.LIVE
             move = await (self.moves.live_move(ctx) if live else self.moves.final_move(ctx))
-            return StepDone(step.step_id, True, call=move.call, more=move.more)
+            return StepDone(
+                step.step_id, True, call=move.call, more=move.more, base=move.restore_base
+            )
         if step.kind == "freeze":
             if self.moves is None:
                 return StepDone(step.step_id, False, "no technique after a restart")

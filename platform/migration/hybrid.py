@@ -62,7 +62,12 @@ class Hybrid:
 
     async def final_move(self, ctx: MigrationContext) -> Move:
         self._sent = await ctx.send(ctx.workdir / "lazy", "lazy", Phase.TRANSFERRING)
-        return Move(call=files_call(ctx.migration_id, "lazy", self._sent))
+        # The restore builds on the last round the destination took, whatever its name (a
+        # first round that sufficed keeps the name it was sent under).
+        return Move(
+            call=files_call(ctx.migration_id, "lazy", self._sent),
+            restore_base=self.rounds.previous_name,
+        )
 
     def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:
         if ctx.machine.phase is Phase.PRECOPY:

@@ -79,8 +79,9 @@ class Rounds:
     After each leave-running round the stop rule (``policies.stoprule``) judges from what the
     rounds measured whether another one pays. After each round's call is answered the
     destination holds a complete image set equal to that round's; the last one is kept in
-    :attr:`last` here and named :data:`LAST` there, unless pre-copy stopped after its first
-    round (streamed before it could be judged, as ``r0``; the final delta names its base).
+    :attr:`last` here and named :data:`LAST` there, unless the rounds stopped after the first
+    (streamed before it could be judged, as ``r0``: pre-copy's final delta and hybrid's
+    restore name their base).
     """
 
     def __init__(self, *, lazy_final: bool = False) -> None:
@@ -109,7 +110,7 @@ class Rounds:
         delta_dir: Path | None = None
         if self.previous is None:
             # Sent before it can be judged: named for another round unless it is the only one
-            # (pre-copy's final delta names its base; hybrid restores onto LAST).
+            # (pre-copy's final delta and hybrid's restore name their base).
             name = LAST if ctx.rules.max_rounds <= 1 else f"r{index}"
             sent = await ctx.send(dump.image_dir, name, Phase.PRECOPY)
             pages_total = pages_changed = dump.image_bytes // PAGE_SIZE
@@ -136,8 +137,7 @@ class Rounds:
             delta_dir = delta.directory
         self.changed.append(sent.bytes_sent)
         reason = self._judge(ctx, pages_changed)
-        # Hybrid restores onto LAST, so its first round is always followed by a delta round.
-        more = reason is None or (index == 0 and self.lazy_final and name != LAST)
+        more = reason is None
         if self.previous is not None:
             name = f"r{index}" if more else LAST
             call = ApplyDelta(

@@ -136,6 +136,7 @@ class FakeDestination:
         self.calls: list[str] = []
         self.journal: list[j.AnyEntry] = []
         self.restored: Path | None = None
+        self.restored_base: str | None = None
         self.running = False
         self.fence: str = "none"
         self.cut_once = False
@@ -193,6 +194,9 @@ class FakeDestination:
                 ok, detail = False, "the fence fired during the restore"
             else:
                 self.restored = self.root / call.images
+                if call.base is not None:
+                    assert (self.root / call.base).is_dir(), f"no image set {call.base} here"
+                    self.restored_base = call.base
                 self.running = True
                 if call.mode == "lazy":
                     detail_ = "" if self.lazy_ok else "page source failed"
@@ -379,18 +383,20 @@ async def test_precopy_ships_only_changed_pages_and_rebuilds_the_final_image(
 async def test_a_first_round_that_suffices_is_the_base_of_the_final_dump(
     tmp_path: Path, technique: str
 ) -> None:
-    """A service known to dirty almost nothing: pre-copy stops after its full round (its
-    final delta names that round as its base); hybrid still takes one delta round, since its
-    restore call names the last round's image."""
+    """A service known to dirty almost nothing: both stop after their full round; pre-copy's
+    final delta and hybrid's restore name that round as their base."""
     source, peer = FakeSource(dirty_per_round=1), FakeDestination(tmp_path / "dst")
     record, _, _ = await _run(tmp_path, technique, source, peer, dirty_rate=10.0)
     assert record.outcome is Outcome.COMPLETED, record.error
     live = [r for r in record.rounds if not r.final]
-    assert len(live) == (1 if technique == "precopy" else 2)
+    assert len(live) == 1
     assert record.precopy_stop_reason is not None
     if technique == "precopy":
         assert peer.restored is not None
         assert (peer.restored / "pages-1.img").read_bytes() == source.memory.tobytes()
+    else:
+        # The lazy restore builds on the one round the destination took, under its own name.
+        assert peer.restored_base == "r0"
 
 
 async def test_final_dump_grows_with_the_dirty_rate(tmp_path: Path) -> None:

@@ -76,6 +76,8 @@ class StepDone:
     detail: str = ""
     call: TicketedRequest | None = None
     more: bool = False
+    base: str | None = None
+    """Set by the last data move: the image set the restore builds on (the plan's otherwise)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,6 +128,7 @@ class SourceCore:
         self._fence_allowed = False
         self._resume_at: float | None = None
         self._more = False  # the last data move said another one follows
+        self._restore_base: str | None = None  # the last data move's base for the restore
 
     # ------------------------------------------------------------------ entry points
 
@@ -291,6 +292,8 @@ class SourceCore:
             if not done.ok:
                 return self._failed(f"data move failed: {done.detail}", now)
             self._more = done.more
+            if done.base is not None:
+                self._restore_base = done.base
             final = phase is SourcePhase.FINAL and not done.more
             if final and isinstance(done.call, SendFiles | ApplyDelta) and self._fresh(now):
                 # The frozen service's last data goes with the restore: one round trip.
@@ -347,9 +350,10 @@ class SourceCore:
         assert self.plan.restore is not None
         self.phase = SourcePhase.RESTORING
         self._restore_sent = True
-        restore = self.plan.restore.model_copy(
-            update={"epoch": self.plan.epoch + 1, "prelude": prelude}
-        )
+        update: dict[str, object] = {"epoch": self.plan.epoch + 1, "prelude": prelude}
+        if self._restore_base is not None:
+            update["base"] = self._restore_base
+        restore = self.plan.restore.model_copy(update=update)
         return [
             WriteJournal(RestoreSent(migration_id=self.plan.migration_id)),
             *self._call(restore),
