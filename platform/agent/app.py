@@ -30,7 +30,7 @@ from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.migration.arrival import Fetch, PageChannels
+from fogmig.platform.migration.arrival import Fetch, PageChannels, WireCount
 from fogmig.platform.migration.destination import Destination
 from fogmig.platform.migration.handover.messages import (
     GetPages,
@@ -198,10 +198,11 @@ class Agent(CommandHandling):
         except BaseException:
             await stack.aclose()
             raise
-        fetchers = [self._page_fetcher(client, migration_id) for client in clients]
-        return PageChannels(demand=fetchers[0], ahead=fetchers[1:], close=stack.aclose)
+        wire = WireCount()
+        fetchers = [self._page_fetcher(client, migration_id, wire) for client in clients]
+        return PageChannels(demand=fetchers[0], ahead=fetchers[1:], close=stack.aclose, wire=wire)
 
-    def _page_fetcher(self, client: TransferClient, migration_id: str) -> Fetch:
+    def _page_fetcher(self, client: TransferClient, migration_id: str, wire: WireCount) -> Fetch:
         async def fetch(pid: int, vaddr: int, nr_pages: int) -> bytes:
             # A reply carries at most 1 MiB; the daemon accepts a prefix and asks again.
             request = GetPages(
@@ -213,6 +214,7 @@ class Agent(CommandHandling):
             op, params = encode_call(request)
             result, data = await client.call_data(op, params, timeout=self.config.fence_timeout_s)
             reply = decode_reply(op, result)
+            wire.bytes += len(data)
             if not isinstance(reply, GetPagesOk) or not reply.tagged:
                 return data
             size = request.nr_pages * PAGE_SIZE

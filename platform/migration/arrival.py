@@ -15,7 +15,7 @@ import logging
 import shutil
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fogmig.platform.base.errors import ConfigError, ContainerNotFoundError, FogmigError
@@ -43,6 +43,13 @@ log = logging.getLogger(__name__)
 Fetch = Callable[[int, int, int], Awaitable[bytes]]
 
 
+@dataclass(slots=True)
+class WireCount:
+    """What the pages of one lazy restore cost on the link (compressed where that paid)."""
+
+    bytes: int = 0
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PageChannels:
     """Authenticated channels back to the source for the pages of one lazy restore."""
@@ -52,6 +59,8 @@ class PageChannels:
     ahead: list[Fetch]
     """The stream: one request in flight per channel."""
     close: Callable[[], Awaitable[None]]
+    wire: WireCount = field(default_factory=WireCount)
+    """Filled by the fetchers: the bytes that crossed, not the pages they decoded to."""
 
 
 FetchFactory = Callable[[str, str], Awaitable[PageChannels]]
@@ -68,6 +77,8 @@ class LazyResult:
     remote_pages: int
     local_pages: int
     seconds: float
+    wire_bytes: int = 0
+    """What the remote pages cost on the link (0: not counted)."""
 
 
 @dataclass(slots=True, kw_only=True)
@@ -98,6 +109,8 @@ class Arrival:
     restore_seconds: float = 0.0
     prelude_seconds: float = 0.0
     """Time spent on the final data call that came with the restore."""
+    wire: WireCount | None = None
+    """What the lazy pages cost on the link so far (set by a lazy restore)."""
     pid: int | None = None
     """The restored service's init pid."""
     lazy_result: LazyResult | None = None
@@ -179,6 +192,7 @@ class Arrival:
             self.restore_seconds, self.pid = self.restored_at - started, result.pid
             return
         channels = await self._page_channels(fetch_factory)
+        self.wire = channels.wire
         remote = RemotePages(channels.demand)
         source: PageSource
         if call.base:
@@ -228,6 +242,7 @@ class Arrival:
             remote_pages=stats.remote_pages,
             local_pages=stats.local_pages,
             seconds=max(0.0, last - self.restored_at),
+            wire_bytes=self.wire.bytes if self.wire is not None else 0,
         )
         return self.lazy_result
 

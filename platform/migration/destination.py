@@ -337,6 +337,7 @@ class Destination:
                         "remote_pages": done.remote_pages,
                         "local_pages": done.local_pages,
                         "seconds": done.seconds,
+                        "wire_bytes": done.wire_bytes,
                     }
                 )
             stats = arrival.stats()

@@ -51,7 +51,9 @@ class LazyPages:
             self._lazy_started = time.monotonic()
         if reply.done:
             record.faulted_pages_transfer_time_s = reply.seconds
-            record.faulted_pages_bytes = reply.remote_bytes
+            # On the link's terms, like the other byte counts (the pages went compressed
+            # where that paid); an older destination reports only the pages.
+            record.faulted_pages_bytes = reply.wire_bytes or reply.remote_bytes
             record.faulted_pages_remote = reply.remote_pages
             record.faulted_pages_local = reply.local_pages
         elif ctx.on_progress is not None:

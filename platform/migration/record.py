@@ -73,6 +73,8 @@ class MigrationRecord(BaseModel):
     pre_dump_bytes: int = 0
     dump_bytes: int = 0
     faulted_pages_bytes: int = 0
+    """What the lazily fetched pages took on the link (compressed where that paid), like
+    ``pre_dump_bytes`` and ``dump_bytes``."""
 
     rounds: list[Round] = Field(default_factory=list)
     precopy_stop_reason: str | None = None

@@ -168,6 +168,8 @@ class LazyStatusOk(TicketedReply):
     remote_pages: Count = 0
     local_pages: Count = 0
     seconds: Seconds = 0.0
+    wire_bytes: Count = 0
+    """What the remote pages cost on the link, compressed where that paid (0: not counted)."""
 
 
 class Commit(TicketedRequest):
