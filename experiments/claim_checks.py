@@ -275,10 +275,20 @@ def approaches_cold(v: View) -> list[Check]:
     ]
 
 
-LAZY_RTT = (
-    "fogmig's lazy pages reach the destination by requests across the link, each waiting a "
-    "round trip; on the 123 ms mobility link post-copy's faulted-page phase is bound by round "
-    "trips rather than by throughput, much more than with the paper's slower per-byte transfer"
+STREAMED = (
+    "fogmig's post-copy streams the pages the service has not asked for yet over several "
+    "channels at the link's rate, compressed where that pays, while the service already runs "
+    "(faults go first, on a channel of their own): its lazy phase is bound by the link's "
+    "throughput, not by round trips, so its total comes out close to cold's, below it where "
+    "running the restore beside the transfer wins, rather than above it as with a "
+    "fault-by-fault transfer"
+)
+DELTAS = (
+    "fogmig's pre-copy rounds ship each changed page as its difference from the copy the "
+    "destination already holds (XOR, compressed) and stop when another round cannot shorten "
+    "the downtime by more than it lengthens the total: at 500 KB/s of dirtying the rounds add "
+    "about half a megabyte to the state, not the whole pages re-sent round after round, so B "
+    "behaves much like A"
 )
 FAST_NODES = (
     "the nodes here are x86 machines dumping to memory, not Raspberry Pi boards: local steps "
@@ -296,10 +306,10 @@ DIRTY = (
     "the dirty data is not proportional to the configured rate"
 )
 LAZY_SETUP = (
-    "fogmig's post-copy resume starts the lazy-pages daemon and connects it to the source's "
-    "page server across the link before the service runs, and its dump still carries a couple "
-    "of megabytes that are not paged lazily: on a slow, long link both take more than a restore "
-    "from a complete local image"
+    "fogmig's post-copy and hybrid downtimes hold the transfer of the execution state and the "
+    "lazy layout (about 2 MB before compression) and a restore whose first page faults are "
+    "answered across the link: on the 123 ms mobility link each of these takes round trips, "
+    "so the downtime grows with the RTT, while a restore from a complete local image does not"
 )
 PRECOPY_SHORT_DUMP = (
     "pre-copy's final dump holds only the pages changed during the pre-copy phase (at 10 KB/s "
