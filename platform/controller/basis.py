@@ -31,6 +31,8 @@ TRIGGERS: Final[dict[placement.MoveReason, Trigger]] = {
     placement.MoveReason.DRAIN: "drain",
 }
 """The trigger a decision names for each reason the placement policies give."""
+ENDED_KEPT = 4096
+"""How many ended migrations the controller remembers to recognise a repeated end."""
 
 
 class CoreBasis:
@@ -61,11 +63,34 @@ class CoreBasis:
         self._serial = itertools.count(1)
         self._recheck: set[str] = set()
         self._overload: dict[str, int] = {}
-        self._draining: dict[str, bool] = {}  # node -> its emptiness was reported
+        self.draining: dict[str, bool] = {}
+        """Nodes seen draining -> whether their emptiness was reported."""
         self._holds: dict[str, str] = {}
         # Migration ids whose MigrationDone was taken: an agent that restarts between
         # publishing the event and journaling that it did publishes it again.
         self._ended: dict[str, None] = {}
+
+    def wall(self) -> float:
+        """The wall clock the core stamps events and decisions with."""
+        return self._wall()
+
+    def next_serial(self) -> int:
+        return next(self._serial)
+
+    def ended_ids(self) -> list[str]:
+        """Ids of the migrations whose end was taken, oldest first."""
+        return list(self._ended)
+
+    def remember_ended(self, ids: list[str]) -> None:
+        for mid in ids:
+            self._ended[mid] = None
+        while len(self._ended) > ENDED_KEPT:
+            del self._ended[next(iter(self._ended))]
+
+    def arm_done(self, flight: InFlight, now: float) -> None:
+        """Give up waiting for an accepted migration ``done_timeout_s`` after it was sent."""
+        due = max(now, flight.sent_at + self.config.done_timeout_s)
+        self._timer(due, "done", flight.command.service, flight.serial)
 
     def _timer(self, due: float, kind: str, key: str, generation: int) -> None:
         heapq.heappush(self._timers, (due, next(self._seq), kind, key, generation))

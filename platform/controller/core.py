@@ -18,7 +18,13 @@ from fogmig.platform.bus.schemas import (
     ServicePresence,
 )
 from fogmig.platform.controller.actions import Action, EventKind
-from fogmig.platform.controller.launching import Launching, fmt_size, fmt_time
+from fogmig.platform.controller.launching import (
+    REFUSED,
+    REPLAYED,
+    Launching,
+    fmt_size,
+    fmt_time,
+)
 from fogmig.platform.controller.planning import Planning
 from fogmig.platform.migration.record import MigrationRecord
 
@@ -45,8 +51,6 @@ def _compare(predicted: dict[str, Any], measured: dict[str, float | None]) -> di
     return out
 
 
-ENDED_KEPT = 4096
-"""How many ended migrations the controller remembers to recognise a repeated end."""
 MAX_SKEW_S = 30.0
 """A message dated further ahead of the controller's clock is refused: the registry orders
 evidence by time, so it would outrank every later report."""
@@ -125,7 +129,7 @@ class ControllerCore(Planning, Launching):
     def on_status_cleared(self, node: str, now: float) -> list[Action]:
         self._recheck |= self.registry.forget_node(node)
         self._overload.pop(node, None)
-        self._draining.pop(node, None)
+        self.draining.pop(node, None)
         return []
 
     def on_presence(self, msg: ServicePresence, now: float) -> list[Action]:
@@ -143,6 +147,7 @@ class ControllerCore(Planning, Launching):
         if f is None or f.command.command_id != command_id:
             return []  # its MigrationDone came first
         f.acked = True
+        f.acked_wall = self.wall()
         self._timer(now + self.config.done_timeout_s, "done", service, f.serial)
         return [
             self._event(
@@ -155,7 +160,27 @@ class ControllerCore(Planning, Launching):
             )
         ]
 
-    def on_rejected(self, service: str, command_id: str, reason: str, now: float) -> list[Action]:
+    def on_rejected(
+        self,
+        service: str,
+        command_id: str,
+        reason: str,
+        now: float,
+        *,
+        error_type: str | None = None,
+    ) -> list[Action]:
+        """The source refused the command (``error_type``: the class of its error)."""
+        f = self.inflight.get(service)
+        if f is not None and f.resumed and f.command.command_id == command_id:
+            if error_type == REPLAYED:
+                # Sent again after a restart and refused as a replay: the agent took it before.
+                return self.on_ack(service, command_id, now)
+            if error_type == REFUSED:
+                # Too old to be taken now; whether it was taken then, the source's status says.
+                f.acked = True
+                f.acked_wall = self.wall()
+                self.arm_done(f, now)
+                return []
         return self._failed(EventKind.REJECTED, service, command_id, reason, now)
 
     def on_send_failed(self, service: str, command_id: str, error: str, now: float) -> list[Action]:
@@ -165,9 +190,7 @@ class ControllerCore(Planning, Launching):
     def on_done(self, msg: MigrationDone, now: float) -> list[Action]:
         if msg.migration_id in self._ended:
             return []  # the same end again (at least once delivery)
-        self._ended[msg.migration_id] = None
-        while len(self._ended) > ENDED_KEPT:
-            del self._ended[next(iter(self._ended))]
+        self.remember_ended([msg.migration_id])
         service = msg.service
         f = self.inflight.get(service)
         mine = f is not None and f.command.command_id == msg.command_id
@@ -242,9 +265,16 @@ class ControllerCore(Planning, Launching):
                 att = self.registry.attachments.get(key)
                 if att is not None and att.generation == generation and not att.settled:
                     att.settled = True
+                    self.registry.attach_revision += 1
                     self._recheck.add(att.service)
             elif kind == "done":
                 actions += self._lost(key, generation, now)
+            elif kind == "resume":
+                f = self.inflight.get(key)
+                actions += self._resume_ended(key, generation)
+                if f is not None and key not in self.inflight:
+                    actions += self._check_empty(f.source)
+        actions += self._watch_resumed(now)
         if self._recheck:
             for service in sorted(self._recheck):
                 if service not in self.inflight:

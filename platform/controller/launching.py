@@ -7,13 +7,21 @@ undelivered or rolled-back one is retried with a growing pause, a lost one given
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, Final
 
 from fogmig.platform.base import fmt
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.controller.actions import Action, EventKind, InFlight, Launch, PendingMove
 from fogmig.platform.controller.basis import CoreBasis
 from fogmig.platform.controller.decide import decide_move
+
+REPLAYED: Final = "CommandReplayedError"
+"""How an agent names the refusal of a command id it took before (``agent/admission``)."""
+REFUSED: Final = "CommandRefusedError"
+"""How an agent names the refusal of a stale command."""
+RESUME_SETTLE_S: Final = 2.0
+"""After the source's status shows a resumed migration over, how long the controller waits
+for the presence of the destination before it takes the service as not moved."""
 
 # A figure the decision did not predict reads "?" in the controller's lines.
 fmt_time = functools.partial(fmt.duration, missing="?")
@@ -155,5 +163,48 @@ class Launching(CoreBasis):
                 service=service,
                 node=f.source,
                 command_id=f.command.command_id,
+            )
+        ]
+
+    def _watch_resumed(self, now: float) -> list[Action]:
+        """Migrations sent before a restart: their MigrationDone may have gone by unseen, so
+        the source's status, stamped after it took the command, decides that one is over."""
+        for service, f in self.inflight.items():
+            if not f.resumed or not f.acked or f.ended_seen is not None:
+                continue
+            src = self.registry.nodes.get(f.source)
+            if src is None or not src.online or src.at <= f.acked_wall:
+                continue
+            if service in src.migrating:
+                continue
+            f.ended_seen = now
+            self._timer(now + RESUME_SETTLE_S, "resume", service, f.serial)
+        return []
+
+    def _resume_ended(self, service: str, serial: int) -> list[Action]:
+        f = self.inflight.get(service)
+        if f is None or f.serial != serial:
+            return []
+        del self.inflight[service]
+        self._recheck.add(service)
+        where = self.registry.location(service)
+        moved = where == f.destination
+        if moved:
+            self.registry.note_moved(service, f.destination, self.wall())
+        outcome = "completed" if moved else "not_moved"
+        what = "it runs there" if moved else f"it runs on {where or 'an unknown node'}"
+        return [
+            self._event(
+                EventKind.DONE,
+                f"{service} {f.source} -> {f.destination} {f.command.technique}: ended while "
+                f"the controller was away; {what}",
+                service=service,
+                node=f.source,
+                command_id=f.command.command_id,
+                destination=f.destination,
+                technique=f.command.technique,
+                trigger=f.trigger,
+                outcome=outcome,
+                learned=True,
             )
         ]

@@ -78,14 +78,14 @@ class Planning(CoreBasis):
         node = msg.node
         actions: list[Action] = []
         if not msg.draining:
-            if node in self._draining and msg.online:
-                del self._draining[node]
+            if node in self.draining and msg.online:
+                del self.draining[node]
                 actions.append(
                     self._event(EventKind.DRAIN_ENDED, f"{node} is no longer draining", node=node)
                 )
             return actions
-        if node not in self._draining:
-            self._draining[node] = False
+        if node not in self.draining:
+            self.draining[node] = False
             names = [s.name for s in msg.services]
             actions.append(
                 self._event(
@@ -96,7 +96,7 @@ class Planning(CoreBasis):
                 )
             )
         if msg.services:
-            self._draining[node] = False
+            self.draining[node] = False
             actions += self._plan_drain(node, now)
         return actions + self._check_empty(node)
 
@@ -105,12 +105,12 @@ class Planning(CoreBasis):
         status = self.registry.nodes.get(node)
         if (
             status is None
-            or self._draining.get(node, True)
+            or self.draining.get(node, True)
             or status.services
             or any(f.source == node for f in self.inflight.values())
         ):
             return []
-        self._draining[node] = True
+        self.draining[node] = True
         return [
             self._event(EventKind.NODE_EMPTY, f"{node} is empty and ready to power down", node=node)
         ]
