@@ -1,0 +1,5 @@
+"""``fogmig soak``: many migrations under device traffic and restarts, checked for loss.
+
+plan (options, the seeded sequence of migrations and disruptions), figures (the summary and
+its verdict, the processes' resources), run (the run on the testbed).
+"""
