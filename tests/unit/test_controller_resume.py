@@ -147,7 +147,7 @@ def _pending(service: str, target: str, *, not_before: float) -> Any:
 def test_an_unanswered_command_goes_again_under_its_own_id() -> None:
     fog = Fog()
     launch = commanded(fog)
-    [again] = fog.restart(1.5)
+    [again] = launches(fog.restart(1.5))
     assert again.resend
     assert again.command == launch.command  # same id, same date: an agent that took it knows
     assert fog.core.inflight["s1"].resumed
