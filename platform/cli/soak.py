@@ -8,7 +8,9 @@ lost or doubled, a ledger did not match, or a migration failed.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,18 @@ def _table(summary: Any) -> Table:
         t.add_row(name, f"{one(p.start)} -> {one(p.end)}")
     t.add_row("verdict", "[green]ok[/]" if summary.ok else "[red]" + "; ".join(summary.problems))
     return t
+
+
+async def _run(soak: Any) -> Any:
+    """The run, with SIGINT and SIGTERM ending it early (still summarised and cleaned up)."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, soak.interrupt)
+    try:
+        return await soak.run()
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
 
 
 def _cmd_soak(args: argparse.Namespace) -> int:
@@ -94,7 +108,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         ),
         progress,
     ):
-        summary = run_async(soak.run)
+        summary = run_async(lambda: _run(soak))
     write_summary(options.out / "summary.json", summary)
     if args.json:
         print(json.dumps(summary.model_dump(mode="json"), indent=2))

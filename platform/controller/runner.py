@@ -140,13 +140,14 @@ class Controller:
 
     async def run(self, stop: asyncio.Event) -> None:
         """Run until ``stop`` is set; raises :class:`BusError` if the bus closes under it."""
-        self._resume()
         try:
             async with contextlib.AsyncExitStack() as stack:
                 if self.config.decision_log is not None:
                     path = self.config.decision_log
                     path.parent.mkdir(parents=True, exist_ok=True)
                     self._log_file = stack.enter_context(path.open("a", buffering=1))
+                # After the log is open: what was resumed or set aside goes into it too.
+                self._resume()
                 # Status and presence first: their retained messages give the picture the
                 # first attach events are judged against.
                 for pattern in (

@@ -327,3 +327,32 @@ def test_a_file_of_another_site_or_format_is_not_taken(tmp_path: Path) -> None:
 
 def test_read_saved_of_a_missing_file_is_nothing(tmp_path: Path) -> None:
     assert read_saved(tmp_path / "none", bytes.decode, what="x", hint="y") == (None, None)
+
+
+# --- the runner's side -----------------------------------------------------------------------
+
+
+def test_the_runner_writes_before_sending_and_resumes_from_the_file(tmp_path: Path) -> None:
+    from fogmig.platform.controller.runner import Controller
+
+    fog = Fog()
+    path = tmp_path / "state.json"
+    config = ControllerConfig(default_link=LINK, state_file=path, site="t", debounce_s=1.0)
+    events: list[ControllerEvent] = []
+    first = Controller(config, bus=None, on_event=events.append)  # type: ignore[arg-type]
+    first.core = fog.core
+    launch = commanded(fog)
+    first._persist(1.0)  # what handle() does right after the launch is handed out
+    assert path.exists()
+    second = Controller(config, bus=None, on_event=events.append)  # type: ignore[arg-type]
+    second._resume()
+    [again] = launches(second._resend)
+    assert again.command == launch.command
+    assert again.resend
+    [resumed] = [e for e in events if e.kind is EventKind.RESUMED]
+    assert resumed.data["inflight"] == ["s1"]
+    path.write_text("not json")
+    third = Controller(config, bus=None, on_event=events.append)  # type: ignore[arg-type]
+    third._resume()
+    assert third.core.inflight == {}
+    assert [e.kind for e in events][-1] is EventKind.STATE_REJECTED

@@ -104,6 +104,13 @@ class Soak:
         self._controller: int | None = None
         self._watch = _Watch()
         self._where: dict[str, str] = {}
+        self.interrupted = False
+
+    def interrupt(self) -> None:
+        """End the run after the migration under way (the final checks and clean-up still run)."""
+        if not self.interrupted:
+            self.say("interrupted: ending after the migration under way")
+        self.interrupted = True
 
     async def run(self) -> SoakSummary:
         started = time.time()
@@ -215,21 +222,27 @@ class Soak:
             netns=state.device_host.netns,
             seed=o.seed,
         )
-        async with site.open_buses(state, "soak") as (bus, _devices), asyncio.TaskGroup() as tg:
-            await site.announce(bus, state, self.deployments)
-            listeners = [
-                tg.create_task(self._listen(bus, topics.events())),
-                tg.create_task(self._listen(bus, topics.status())),
-            ]
-            running = tg.create_task(fleet.run(None), name="soak:devices")
-            try:
-                await self._migrate_all(bus, plan, fleet)
-            finally:
-                self._measure("end")
-                fleet.stop()
-                await running
-                for task in listeners:
-                    task.cancel()
+        try:
+            async with (
+                site.open_buses(state, "soak") as (bus, _devices),
+                asyncio.TaskGroup() as tg,
+            ):
+                await site.announce(bus, state, self.deployments)
+                listeners = [
+                    tg.create_task(self._listen(bus, topics.events())),
+                    tg.create_task(self._listen(bus, topics.status())),
+                ]
+                running = tg.create_task(fleet.run(None), name="soak:devices")
+                try:
+                    await self._migrate_all(bus, plan, fleet)
+                finally:
+                    self._measure("end")
+                    fleet.stop()
+                    await running
+                    for task in listeners:
+                        task.cancel()
+        except* FogmigError as group:
+            raise group.exceptions[0] from None
         return fleet
 
     async def _listen(self, bus: Bus, pattern: str) -> None:
@@ -248,6 +261,9 @@ class Soak:
 
     async def _migrate_all(self, bus: Bus, plan: SoakPlan, fleet: DeviceFleet) -> None:
         for step in plan.steps:
+            if self.interrupted:
+                self.errors.append(f"interrupted after {step.index} migration(s)")
+                return
             ended = await self._migrate(bus, step)
             if step.index == 0:
                 self._measure("start")  # every process has done its part once: warm
