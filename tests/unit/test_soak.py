@@ -4,7 +4,10 @@ reading of a process's memory and descriptors."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -20,8 +23,14 @@ from fogmig.platform.apps.soak.figures import (
     usage,
 )
 from fogmig.platform.apps.soak.plan import SoakOptions, plan_soak
-from fogmig.platform.base.errors import ConfigError
-from fogmig.platform.base.vocabulary import Technique
+from fogmig.platform.apps.soak.run import Soak
+from fogmig.platform.base.errors import BusError, ConfigError
+from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome, Technique
+from fogmig.platform.bus.client import CommandRejectedError
+from fogmig.platform.bus.schemas import CommandAck, MigrateCommand, MigrationDone, NodeStatus
+from fogmig.platform.migration.record import MigrationRecord
+from fogmig.platform.runtime.results import ContainerState
+from fogmig.services.deploy import Placement
 
 GATEWAYS = ["gw1", "gw2"]
 
@@ -136,3 +145,98 @@ def test_usage_reads_this_process_and_growth_compares_start_and_end() -> None:
     assert growth({"x": ProcessUsage(start=me, end=later)}) == {
         "x": {"rss_bytes": 4096, "open_fds": 1}
     }
+
+
+# --- how the run learns a migration's end (no testbed: a scripted bus and runc) ---------------
+
+
+class _ScriptedBus:
+    """Answers each request with the next of ``answers`` (an exception or an ack)."""
+
+    def __init__(self, answers: list[object]) -> None:
+        self.answers = answers
+        self.sent: list[str] = []
+
+    async def request(self, node: str, command: object, timeout: float) -> object:
+        self.sent.append(command.command_id)  # type: ignore[attr-defined]
+        answer = self.answers.pop(0)
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+def _soak() -> Soak:
+    soak = Soak(options(migrations=2, broker_restarts=0, agent_restarts=0), say=lambda _l: None)
+    soak.options = dataclasses.replace(soak.options, migration_timeout_s=5.0)
+    return soak
+
+
+def _status(node: str, at: float, migrating: list[str]) -> NodeStatus:
+    return NodeStatus(
+        node=node, online=True, at=at, load=0.1, mem_total_bytes=1, mem_free_bytes=1,
+        capabilities=NodeCapabilities(criu_version="4", postcopy=True, native_predump=False),
+        migrating=migrating,
+    )  # fmt: skip
+
+
+def _command() -> MigrateCommand:
+    return MigrateCommand(
+        command_id="c1", service="k0", destination="gw2", technique=Technique.COLD
+    )
+
+
+async def test_a_lost_acknowledgement_is_sent_again_and_a_replay_means_taken(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    soak = _soak()
+    replay = CommandAck(
+        node="gw1", command_id="c1", accepted=False, reason="a replay",
+        error_type="CommandReplayedError",
+    )  # fmt: skip
+    bus = _ScriptedBus([BusError("the broker went away"), CommandRejectedError("gw1", replay)])
+    monkeypatch.setattr("fogmig.platform.apps.soak.run.asyncio.sleep", _no_sleep)
+    record = MigrationRecord(
+        migration_id="m1", service="k0", source="gw1", destination="gw2",
+        technique=Technique.COLD, outcome=Outcome.COMPLETED,
+    )  # fmt: skip
+    soak._watch.done["c1"] = MigrationDone(
+        node="gw1", command_id="c1", migration_id="m1", service="k0",
+        outcome=Outcome.COMPLETED, record=record,
+    )  # fmt: skip
+    ended = await soak._command_and_wait(bus, "gw1", _command())  # type: ignore[arg-type]
+    assert bus.sent == ["c1", "c1"]  # the same id both times
+    assert ended.outcome is Outcome.COMPLETED
+    assert not ended.learned
+
+
+async def _no_sleep(_s: float) -> None:
+    return None
+
+
+async def test_an_end_that_went_by_unseen_is_read_from_status_and_runc(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    soak = _soak()
+    running = ContainerState(id="k0", status="running", pid=1)
+
+    async def found(_name: str) -> list[Placement]:
+        return [Placement("gw2", running)]
+
+    monkeypatch.setattr("fogmig.services.deploy.find_service", found)
+    monkeypatch.setattr("fogmig.platform.apps.soak.run.SETTLE_S", 0.0)
+    taken = time.time()
+    soak._watch.status["gw1"] = _status("gw1", taken - 1, [])  # from before: says nothing
+    task = asyncio.create_task(soak._wait_end("gw1", _command(), taken))
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    soak._watch.status["gw1"] = _status("gw1", taken + 1, ["k0"])  # still under way
+    soak._watch.changed.set()
+    await asyncio.sleep(0.05)
+    assert not task.done()
+    soak._watch.status["gw1"] = _status("gw1", taken + 2, [])
+    soak._watch.changed.set()
+    await asyncio.sleep(0.05)
+    soak._watch.changed.set()  # the settle is judged on the next wake
+    ended = await asyncio.wait_for(task, 3.0)
+    assert ended.outcome is Outcome.COMPLETED
+    assert ended.learned
