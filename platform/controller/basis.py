@@ -22,7 +22,7 @@ from fogmig.platform.controller.actions import (
     PendingMove,
 )
 from fogmig.platform.controller.config import OBJECTIVES, ControllerConfig, Trigger
-from fogmig.platform.controller.registry import Registry
+from fogmig.platform.controller.registry import Attachment, Registry
 from fogmig.policies import placement
 
 TRIGGERS: Final[dict[placement.MoveReason, Trigger]] = {
@@ -91,6 +91,11 @@ class CoreBasis:
         """Give up waiting for an accepted migration ``done_timeout_s`` after it was sent."""
         due = max(now, flight.sent_at + self.config.done_timeout_s)
         self._timer(due, "done", flight.command.service, flight.serial)
+
+    def arm_settle(self, att: Attachment, now: float) -> None:
+        """Settle ``att`` once it has stayed ``debounce_s`` on its gateway."""
+        due = max(now, att.since + self.config.debounce_s)
+        self._timer(due, "settle", att.device, att.generation)
 
     def _timer(self, due: float, kind: str, key: str, generation: int) -> None:
         heapq.heappush(self._timers, (due, next(self._seq), kind, key, generation))

@@ -97,7 +97,7 @@ class ControllerCore(Planning, Launching):
         change = self.registry.update_attach(msg, now)
         att = change.attachment
         if att is not None and change.moved:
-            self._timer(now + self.config.debounce_s, "settle", att.device, att.generation)
+            self.arm_settle(att, now)
         return []
 
     def on_status(self, msg: NodeStatus, now: float) -> list[Action]:

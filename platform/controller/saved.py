@@ -149,16 +149,12 @@ def give_back(core: ControllerCore, saved: SavedController, now: float) -> list[
     gone = max(0.0, core.wall() - saved.saved_at)
     reg = core.registry
     for a in saved.attachments:
-        reg.restore_attachment(
-            Attachment(
-                a.device,
-                a.gateway,
-                a.service,
-                a.at,
-                since=now - a.age_s - gone,
-                settled=a.settled,
-            )
+        att = Attachment(
+            a.device, a.gateway, a.service, a.at, since=now - a.age_s - gone, settled=a.settled
         )
+        reg.restore_attachment(att)
+        if not att.settled:
+            core.arm_settle(att, now)
     for service, move in saved.moved.items():
         reg.note_moved(service, move.node, move.at)
     core.draining.update(saved.draining)

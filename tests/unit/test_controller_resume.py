@@ -356,3 +356,16 @@ def test_the_runner_writes_before_sending_and_resumes_from_the_file(tmp_path: Pa
     third._resume()
     assert third.core.inflight == {}
     assert [e.kind for e in events][-1] is EventKind.STATE_REJECTED
+
+
+def test_an_attachment_saved_before_it_settled_settles_after_the_restart() -> None:
+    fog = Fog()
+    fog.up(0.0)
+    fog.attach("d1", "gw2", 0.0)
+    fog.restart(0.5, away_s=0.2)  # 0.5 s on gw2 before, 0.2 s away: 0.3 s of debounce left
+    fog.up(100.5)  # the new process's clock: the restart came back at 100.5
+    att = fog.core.registry.attachments["d1"]
+    assert not att.settled
+    assert launches(fog.core.tick(100.75)) == []
+    [launch] = launches(fog.core.tick(100.81))
+    assert launch.command.destination == "gw2"
