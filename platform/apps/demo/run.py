@@ -28,7 +28,6 @@ from fogmig.device_sim.device import DeviceConfig, RequestSettings
 from fogmig.device_sim.events import (
     ContinuityCheck,
     FleetEvent,
-    RequestKind,
     RequestRecord,
     Roam,
 )
@@ -238,17 +237,6 @@ class Demo:
             return False
         return all(reg.location(d.service) == d.gateway for d in fleet.devices)
 
-    @staticmethod
-    def _answered_since(fleet: DeviceFleet, since: float) -> bool:
-        """Every device had a reading acknowledged that it sent after ``since``: the last
-        migration's forwarding changes have reached the devices, so the final continuity
-        checks meet services that answer."""
-        for device in fleet.devices:
-            posts = [r for r in device.records[-4:] if r.request is RequestKind.POST]
-            if not posts or not posts[-1].ok or posts[-1].sent_at < since:
-                return False
-        return True
-
     async def _wait_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), max(0.0, seconds))
@@ -334,7 +322,7 @@ class Demo:
                             since = None
                         elif since is None:
                             since = time.time()
-                        elif self._answered_since(fleet, since):
+                        elif site.answered_since(fleet, since):
                             settled = True
                             break
                         await self._wait_stop(SETTLE_POLL_S)

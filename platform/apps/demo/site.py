@@ -3,7 +3,8 @@
 Pieces ``fogmig demo`` and ``fogmig soak`` share: :func:`bring_up` (the testbed and an agent
 per node), :func:`deploy_services`, :func:`open_buses` (the controller's and the device host's
 bus), :func:`announce` (where each fresh service runs, before its node says so) and
-:func:`tear_down` (services, agents, testbed; every step tried, whatever failed before).
+:func:`tear_down` (services, agents, testbed; every step tried, whatever failed before), and
+:func:`answered_since` (the devices' traffic reaches their services again).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from fogmig.device_sim.events import RequestKind
+from fogmig.device_sim.fleet import DeviceFleet
 from fogmig.platform.base.errors import FogmigError, TestbedError
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import ServicePresence
@@ -130,3 +133,14 @@ async def tear_down(services: Sequence[str], *, agents: bool, testbed: bool, say
             say("testbed down")
         except FogmigError as exc:
             say(f"could not take the testbed down: {exc} (run `fogmig testbed down`)")
+
+
+def answered_since(fleet: DeviceFleet, since: float) -> bool:
+    """Every device had a reading acknowledged that it sent after ``since``: the last
+    migration's forwarding changes have reached the devices, so the final continuity checks
+    meet services that answer."""
+    for device in fleet.devices:
+        posts = [r for r in device.records[-4:] if r.request is RequestKind.POST]
+        if not posts or not posts[-1].ok or posts[-1].sent_at < since:
+            return False
+    return True

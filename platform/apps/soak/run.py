@@ -59,6 +59,9 @@ SETTLE_S = 2.0
 """After a source's status shows a migration over, the wait before reading where the service
 runs: its MigrationDone, when the bus carries it, comes first."""
 
+SETTLE_DEVICES_S = 30.0
+"""After the last migration: how long the devices may take to be answered again."""
+
 Say = Callable[[str], None]
 
 
@@ -235,6 +238,7 @@ class Soak:
                 running = tg.create_task(fleet.run(None), name="soak:devices")
                 try:
                     await self._migrate_all(bus, plan, fleet)
+                    await self._settle(fleet)
                 finally:
                     self._measure("end")
                     fleet.stop()
@@ -244,6 +248,16 @@ class Soak:
         except* FogmigError as group:
             raise group.exceptions[0] from None
         return fleet
+
+    async def _settle(self, fleet: DeviceFleet) -> None:
+        """Before the final checks: every device's readings are answered again."""
+        since = time.time()
+        deadline = time.monotonic() + SETTLE_DEVICES_S
+        while not site.answered_since(fleet, since):
+            if time.monotonic() > deadline:
+                self.say(f"devices not all answered within {SETTLE_DEVICES_S:g} s; checking")
+                return
+            await asyncio.sleep(0.25)
 
     async def _listen(self, bus: Bus, pattern: str) -> None:
         watch = self._watch
@@ -411,7 +425,7 @@ class Soak:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
         await pids.wait_gone(pid, 10.0)
-        await agents_up()
+        await agents_up(timeout=60.0)
 
     # --- figures -------------------------------------------------------------------------------
 
