@@ -323,7 +323,6 @@ class Controller:
         try:
             await self.bus.request(launch.source, cmd, self.config.ack_timeout_s)
         except CommandRejectedError as exc:
-            self.stats.rejected += 1
             actions = self.core.on_rejected(
                 cmd.service,
                 cmd.command_id,
@@ -331,6 +330,14 @@ class Controller:
                 self._clock(),
                 error_type=exc.ack.error_type,
             )
+            # A command sent again after a restart and refused as a replay was taken before.
+            taken = any(
+                isinstance(a, ControllerEvent) and a.kind is EventKind.ACCEPTED for a in actions
+            )
+            if taken:
+                self.stats.accepted += 1
+            else:
+                self.stats.rejected += 1
         except FogmigError as exc:
             self.stats.send_failed += 1
             actions = self.core.on_send_failed(cmd.service, cmd.command_id, str(exc), self._clock())

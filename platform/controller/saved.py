@@ -67,6 +67,8 @@ class SavedInFlight(_Model):
     age_s: float = Field(ge=0)
     """Time since the command was sent, when the state was saved."""
     acked: bool
+    acked_at: float | None = None
+    """Wall clock when the source took it: a status stamped later shows whether it ended."""
 
 
 class SavedMove(_Model):
@@ -130,6 +132,7 @@ def take(core: ControllerCore, now: float, *, site: str | None) -> SavedControll
                 attempts=f.attempts,
                 age_s=max(0.0, now - f.sent_at),
                 acked=f.acked,
+                acked_at=f.acked_wall if f.acked else None,
             )
             for f in core.inflight.values()
         ],
@@ -181,7 +184,7 @@ def give_back(core: ControllerCore, saved: SavedController, now: float) -> list[
             sent_at=now - f.age_s - gone,
             acked=f.acked,
             resumed=True,
-            acked_wall=core.wall(),
+            acked_wall=f.acked_at if f.acked and f.acked_at is not None else core.wall(),
         )
         core.inflight[f.command.service] = flight
         core.pending.pop(f.command.service, None)

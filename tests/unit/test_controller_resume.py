@@ -369,3 +369,20 @@ def test_an_attachment_saved_before_it_settled_settles_after_the_restart() -> No
     assert launches(fog.core.tick(100.75)) == []
     [launch] = launches(fog.core.tick(100.81))
     assert launch.command.destination == "gw2"
+
+
+def test_a_status_retained_from_after_the_acknowledgement_decides_at_once() -> None:
+    fog = Fog()
+    launch = commanded(fog)
+    fog.core.on_ack("s1", launch.command.command_id, 1.1)
+    fog.where["s1"] = "gw2"  # it completed; the nodes said so in statuses the broker kept
+    stamped = fog.wall
+    fog.restart(1.5)
+    later = fog.wall
+    fog.wall = stamped  # the retained statuses, as the new subscriber gets them
+    fog.up(101.0)
+    fog.presence("s1", "gw2", 101.0)
+    assert fog.wall < later
+    fog.wall = later
+    [event] = of(fog.core.tick(103.5), EventKind.DONE)
+    assert event.data["outcome"] == "completed"
