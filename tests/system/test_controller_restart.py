@@ -145,6 +145,9 @@ async def test_a_migration_commanded_before_a_sigkill_happens_once(
                 "the restarted controller's resume", lambda: _events(tmp_path, "resumed"), 60
             )
             await _until("the migration's end", lambda: done, 120)
+            # Its end, seen by the restarted controller: as a MigrationDone, or (when that went
+            # by before it subscribed) from gw1's status and the service's presence on gw2.
+            await _until("the controller's end of it", lambda: _events(tmp_path, "done"), 60)
             await asyncio.sleep(8.0)  # time for a second command, if one were coming
             # gw3's agent forgets nothing either.
             placements = [p.node for p in await find_service(NAME) if p.container.running]
@@ -178,4 +181,6 @@ async def test_a_migration_commanded_before_a_sigkill_happens_once(
     assert [a["device"] for a in saved["attachments"]] == ["dev-r"]
     assert "gw3" in saved["draining"]
     assert saved["inflight"] == []
+    [ended] = _events(tmp_path, "done")
+    assert ended["outcome"] == "completed"
     assert status["gw3"].draining  # the agent's drain flag outlived its SIGKILL
