@@ -268,7 +268,7 @@ class Controller:
                 f"resumed from {self.store.path}: {len(core.registry.attachments)} device(s), "
                 f"{len(core.pending)} move(s) queued, {len(core.inflight)} in flight "
                 f"({len(self._resend)} to ask again), "
-                f"{sum(1 for _ in core.draining)} node(s) draining",
+                f"{len(core.draining)} node(s) draining",
                 data={
                     "devices": len(core.registry.attachments),
                     "pending": sorted(core.pending),

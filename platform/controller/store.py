@@ -76,7 +76,7 @@ class ControllerStore:
     path: Path
     site: str | None
     writes: int = field(default=0)
-    """Files written since start (for tests and the soak's figures)."""
+    """Files written since start."""
 
     def load(self) -> tuple[SavedController | None, StateFileError | None]:
         saved, error = read_saved(
