@@ -315,6 +315,8 @@ class Soak:
         self._count(ended, what)
         if ended.outcome is Outcome.COMPLETED:
             self._where[step.service] = destination
+        elif ended.outcome is not Outcome.ROLLED_BACK:
+            await self._locate(step.service)
         line = f"{step.index + 1}/{self.options.migrations} {what}: " + (
             ended.outcome.value if ended.outcome is not None else "failed"
         )
@@ -389,6 +391,20 @@ class Soak:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(watch.changed.wait(), 1.0)
         return _Ended(None, detail=f"no end within {self.options.migration_timeout_s:g} s")
+
+    async def _locate(self, service: str) -> None:
+        """After an end that does not say where the service is: ask runc on every node."""
+        from fogmig.services.deploy import find_service
+
+        try:
+            running = [p.node for p in await find_service(service) if p.container.running]
+        except FogmigError as exc:
+            self.errors.append(f"where {service} runs is unknown: {exc}")
+            return
+        if len(running) == 1:
+            self._where[service] = running[0]
+        else:
+            self.errors.append(f"{service} runs on {running or 'no node'}")
 
     # --- disruptions ---------------------------------------------------------------------------
 
