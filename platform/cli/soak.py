@@ -23,6 +23,12 @@ from fogmig.platform.base.fmt import megabytes
 from fogmig.platform.testbed.lease import hold_testbed_lease
 
 
+def _usage(u: Any) -> str:
+    if u is None:
+        return "-"
+    return f"pid {u.pid}: {megabytes(u.rss_bytes, missing='?')}, {u.open_fds} fds"
+
+
 def _table(summary: Any) -> Table:
     t = Table(title="soak", show_header=False)
     m, r, c = summary.migrations, summary.requests, summary.continuity
@@ -43,13 +49,7 @@ def _table(summary: Any) -> Table:
     )
     t.add_row("restarts", ", ".join(f"{k} {v}" for k, v in summary.restarts.items()))
     for name, p in summary.processes.items():
-
-        def one(u: Any) -> str:
-            if u is None:
-                return "-"
-            return f"pid {u.pid}: {megabytes(u.rss_bytes, missing='?')}, {u.open_fds} fds"
-
-        t.add_row(name, f"{one(p.start)} -> {one(p.end)}")
+        t.add_row(name, f"{_usage(p.start)} -> {_usage(p.end)}")
     t.add_row("verdict", "[green]ok[/]" if summary.ok else "[red]" + "; ".join(summary.problems))
     return t
 

@@ -108,6 +108,9 @@ class Soak:
         self._watch = _Watch()
         self._where: dict[str, str] = {}
         self.interrupted = False
+        self.plan: SoakPlan | None = None
+        """The run's services, devices and migrations (drawn once the testbed is up)."""
+        self.deployments: list[Deployment] = []
 
     def interrupt(self) -> None:
         """End the run after the migration under way (the final checks and clean-up still run)."""
@@ -118,8 +121,7 @@ class Soak:
     async def run(self) -> SoakSummary:
         started = time.time()
         try:
-            state = await self._setup()
-            plan = self.plan
+            state, plan = await self._setup()
             fleet = await self._run(state, plan)
         finally:
             await self._cleanup()
@@ -148,7 +150,7 @@ class Soak:
 
     # --- set-up --------------------------------------------------------------------------------
 
-    async def _setup(self) -> TestbedState:
+    async def _setup(self) -> tuple[TestbedState, SoakPlan]:
         from fogmig.platform.runtime.capabilities import criu_capabilities
 
         o = self.options
@@ -162,13 +164,13 @@ class Soak:
             self._testbed = True
 
         state = await site.bring_up(o.profile, o.nodes, say=self.say, what="the soak", on_up=up)
-        self.plan: SoakPlan = plan_soak(o, state.node_names, self.techniques)
-        self._services = [s.name for s in self.plan.services]
+        plan = self.plan = plan_soak(o, state.node_names, self.techniques)
+        self._services = [s.name for s in plan.services]
         self.say(
-            f"deploying {', '.join(f'{s.name} on {s.start}' for s in self.plan.services)} "
+            f"deploying {', '.join(f'{s.name} on {s.start}' for s in plan.services)} "
             f"({o.state_mb} MB state, {o.dirty_kbps:g} KB/s dirtied)"
         )
-        self.deployments: list[Deployment] = await site.deploy_services(
+        self.deployments = await site.deploy_services(
             [
                 (
                     ServiceSpec(
@@ -176,12 +178,12 @@ class Soak:
                     ),
                     s.start,
                 )
-                for s in self.plan.services
+                for s in plan.services
             ]
         )
-        self._where = {s.name: s.start for s in self.plan.services}
+        self._where = {s.name: s.start for s in plan.services}
         self._controller = self._start_controller()
-        return state
+        return state, plan
 
     def _start_controller(self) -> int:
         """``fogmig controller`` as its own process: the soak reads its memory and descriptors.
