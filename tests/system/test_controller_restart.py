@@ -61,7 +61,10 @@ def _events(tmp: Path, kind: str) -> list[dict[str, object]]:
     path = tmp / "decisions.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(json.JSONDecodeError):  # a line still being written
+            rows.append(json.loads(line))
     return [r for r in rows if r.get("event") == kind]
 
 
