@@ -51,9 +51,10 @@ def test_a_short_soak_with_restarts_loses_nothing(lease: None, tmp_path: Path) -
     done = subprocess.run(
         argv, capture_output=True, text=True, timeout=SOAK_TIMEOUT_S, cwd="/", check=False
     )
-    assert done.returncode in (0, 1), done.stderr
-    summary = json.loads(done.stdout)
     print(done.stderr)
+    assert done.returncode in (0, 1), done.stderr
+    assert done.stdout.strip(), f"no summary; the soak said:\n{done.stderr}"
+    summary = json.loads(done.stdout)
     m, r, c = summary["migrations"], summary["requests"], summary["continuity"]
     assert m["asked"] == 6
     assert m["completed"] + m["rolled_back"] + m["failed"] == 6
