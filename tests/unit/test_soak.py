@@ -142,9 +142,10 @@ def test_usage_reads_this_process_and_growth_compares_start_and_end() -> None:
     gone = usage(2**22 + 17)  # beyond pid_max: no such process
     assert (gone.rss_bytes, gone.open_fds) == (None, None)
     later = me.model_copy(update={"rss_bytes": me.rss_bytes + 4096, "open_fds": me.open_fds + 1})
-    assert growth({"x": ProcessUsage(start=me, end=later)}) == {
-        "x": {"rss_bytes": 4096, "open_fds": 1}
-    }
+    restarted = later.model_copy(update={"pid": me.pid + 1})
+    assert growth(
+        {"x": ProcessUsage(start=me, end=later), "y": ProcessUsage(start=me, end=restarted)}
+    ) == {"x": {"rss_bytes": 4096, "open_fds": 1}}
 
 
 # --- how the run learns a migration's end (no testbed: a scripted bus and runc) ---------------

@@ -82,7 +82,8 @@ class SoakSummary(_Model):
     """``controller`` and ``agent@<node>`` -> their usage after the first migration (all
     warm) and after the last."""
     growth: dict[str, dict[str, int | None]]
-    """Per process: how much its memory and descriptors grew from the start to the end."""
+    """Per process not restarted during the run: how much its memory and descriptors grew
+    from the start to the end."""
     errors: list[str]
     problems: list[str]
     ok: bool
@@ -179,10 +180,11 @@ def problems(
 
 
 def growth(processes: Mapping[str, ProcessUsage]) -> dict[str, dict[str, int | None]]:
-    """Per process: how much its memory and descriptors grew from the start to the end."""
+    """Per process: how much its memory and descriptors grew from the start to the end (not
+    for a process restarted in between: its end is another process)."""
     out: dict[str, dict[str, int | None]] = {}
     for name, p in processes.items():
-        if p.start is None or p.end is None:
+        if p.start is None or p.end is None or p.start.pid != p.end.pid:
             continue
         out[name] = {
             "rss_bytes": None
