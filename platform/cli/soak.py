@@ -1,8 +1,9 @@
 """CLI of the soak: ``fogmig soak --migrations N --devices D [--json]``.
 
-It takes the testbed's lease, shows the migrations as they end (rich), prints the summary (or
-the JSON summary with ``--json``, the progress then on stderr) and exits 1 when a reading was
-lost or doubled, a ledger did not match, or a migration failed.
+It takes the testbed's lease, shows the migrations as they end (rich), prints the summary and
+the processes' samples (or the JSON summary with ``--json``, the progress then on stderr) and
+exits 1 when a reading was lost or doubled, a ledger did not match, a migration failed, or a
+process kept growing after its warm-up.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -50,8 +52,37 @@ def _table(summary: Any) -> Table:
     t.add_row("restarts", ", ".join(f"{k} {v}" for k, v in summary.restarts.items()))
     for name, p in summary.processes.items():
         t.add_row(name, f"{_usage(p.start)} -> {_usage(p.end)}")
+    for name, v in summary.memory.items():
+        colour = {"flat": "green", "growing": "red"}.get(v.verdict, "yellow")
+        t.add_row(f"{name} memory", f"[{colour}]{v.verdict}[/]: {escape(v.detail)}")
     t.add_row("verdict", "[green]ok[/]" if summary.ok else "[red]" + "; ".join(summary.problems))
     return t
+
+
+def _samples_table(summary: Any) -> Table:
+    """One row per sampling (migrations ended), one column per process; a restart marked."""
+    names = sorted(summary.samples)
+    t = Table(title=f"processes (every {summary.sample_every} migrations)")
+    t.add_column("after", justify="right")
+    for name in names:
+        t.add_column(name, justify="right")
+    rows: dict[tuple[int, int], dict[str, str]] = {}
+    for name in names:
+        seen: dict[int, int] = {}
+        for s in summary.samples[name]:
+            # The end's sample may repeat the last migration index: keep both, in order.
+            n = seen[s.migration] = seen.get(s.migration, -1) + 1
+            cell = f"{megabytes(s.rss_bytes, missing='?')}, {_count(s.open_fds)} fds"
+            if s.restarted:
+                cell = f"[yellow]restarted, pid {s.pid}[/] {cell}"
+            rows.setdefault((s.migration, n), {})[name] = cell
+    for (migration, _n), cells in sorted(rows.items()):
+        t.add_row(str(migration), *(cells.get(name, "-") for name in names))
+    return t
+
+
+def _count(n: int | None) -> str:
+    return "?" if n is None else str(n)
 
 
 async def _run(soak: Any) -> Any:
@@ -81,6 +112,7 @@ def _cmd_soak(args: argparse.Namespace) -> int:
         broker_restarts=args.broker_restarts,
         agent_restarts=args.agent_restarts,
         seed=args.seed,
+        sample_every=args.sample_every,
     )
     console = Console(stderr=args.json)
     progress = Progress(
@@ -113,6 +145,8 @@ def _cmd_soak(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary.model_dump(mode="json"), indent=2))
     else:
+        if summary.samples:
+            console.print(_samples_table(summary))
         console.print(_table(summary))
         console.print(f"raw files in {options.out}", highlight=False)
     return 0 if summary.ok else 1
@@ -134,6 +168,13 @@ def register(sub: Any) -> None:
     p.add_argument("--broker-restarts", type=int, default=1, metavar="K", help="default 1")
     p.add_argument("--agent-restarts", type=int, default=1, metavar="K", help="default 1")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--sample-every",
+        type=int,
+        default=None,
+        metavar="K",
+        help="sample the processes' memory every K migrations (default: about 20 samples)",
+    )
     p.add_argument("--out", metavar="DIR", help="results directory (default results/soak-<time>)")
     p.add_argument("--json", action="store_true", help="the summary as JSON on stdout")
     p.add_argument("--lease-timeout", type=float, default=900.0, metavar="S")

@@ -1,6 +1,6 @@
 """``fogmig soak`` without the testbed: its options, its seeded plan (services, devices,
-migrations, restarts), its figures from the devices' records and checks, its verdict and the
-reading of a process's memory and descriptors."""
+migrations, restarts), its figures from the devices' records and checks, its verdict, the
+reading of a process's memory and descriptors and the verdict on their samples over a run."""
 
 from __future__ import annotations
 
@@ -14,14 +14,18 @@ import pytest
 
 from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestOutcome, RequestRecord
 from fogmig.platform.apps.soak.figures import (
+    ContinuityFigures,
     MigrationTotals,
     ProcessUsage,
+    RequestFigures,
     continuity_figures,
     growth,
     problems,
+    process_usage,
     request_figures,
     usage,
 )
+from fogmig.platform.apps.soak.memory import Sample, due, sample_every, take, verdict, verdicts
 from fogmig.platform.apps.soak.plan import SoakOptions, plan_soak
 from fogmig.platform.apps.soak.run import Soak
 from fogmig.platform.base.errors import BusError, ConfigError
@@ -75,6 +79,7 @@ def test_techniques_are_drawn_only_from_those_the_nodes_can_do() -> None:
         {"migrations": 2, "broker_restarts": 2, "agent_restarts": 1},
         {"services": 5, "devices": 3},
         {"interval_s": 0.0},
+        {"sample_every": 0},
     ],
 )
 def test_options_out_of_range_are_refused(bad: dict[str, object]) -> None:
@@ -146,6 +151,129 @@ def test_usage_reads_this_process_and_growth_compares_start_and_end() -> None:
     assert growth(
         {"x": ProcessUsage(start=me, end=later), "y": ProcessUsage(start=me, end=restarted)}
     ) == {"x": {"rss_bytes": 4096, "open_fds": 1}}
+
+
+# --- the processes' samples and the verdict on them -------------------------------------------
+
+MB = 1024 * 1024
+
+
+def _series(
+    rss_mb: object, fds: object, *, every: int = 10, last: int = 200, pid: object = None
+) -> list[Sample]:
+    """Samples after migration 1, every ``every`` and at ``last``; each figure a function of
+    the migration index."""
+    f_rss, f_fds = rss_mb, fds
+    f_pid = pid if pid is not None else (lambda _m: 100)
+    out: list[Sample] = []
+    for m in [1, *range(every, last + 1, every)]:
+        out.append(
+            take(
+                out[-1] if out else None,
+                migration=m,
+                at=1000.0 + m,
+                pid=f_pid(m),  # type: ignore[operator]
+                rss_bytes=int(f_rss(m) * MB),  # type: ignore[operator]
+                open_fds=f_fds(m),  # type: ignore[operator]
+            )
+        )
+    return out
+
+
+def test_sampling_every_k_migrations_gives_about_twenty_samples() -> None:
+    assert sample_every(200) == 10
+    assert sample_every(6) == 1
+    assert sample_every(200, 7) == 7
+    assert [n for n in range(1, 31) if due(n, 10)] == [1, 10, 20, 30]
+    assert len(_series(lambda _m: 90, lambda _m: 20)) == 21
+
+
+def test_warm_up_growth_that_levels_off_is_flat() -> None:
+    # The 200-migration run's agent: 90 -> 125 MB and 20 -> 39 fds, then level.
+    samples = _series(lambda m: min(90 + m, 125), lambda m: min(20 + m, 39))
+    v = verdict(samples)
+    assert v.verdict == "flat", v.detail
+    assert (v.since_migration, v.until_migration) == (60, 200)
+    assert v.rss_start == v.rss_end == v.rss_max == 125 * MB
+    assert (v.fds_start, v.fds_end, v.fds_growth) == (39, 39, 0)
+    assert problems(MigrationTotals(asked=1, completed=1), _clean(), _ledgers(), [], {"a": v}) == []
+
+
+def test_a_small_wobble_after_warm_up_is_flat() -> None:
+    v = verdict(_series(lambda m: 125 + (m % 20) / 4, lambda m: 39 + m % 3))
+    assert v.verdict == "flat", v.detail
+
+
+def test_memory_growing_linearly_is_growing_and_fails_the_run() -> None:
+    samples = _series(lambda m: 90 + m / 10, lambda _m: 20)  # 1 MB per 10 migrations
+    found = verdicts({"agent@gw1": samples, "controller": _series(lambda _m: 84, lambda _m: 19)})
+    v = found["agent@gw1"]
+    assert v.verdict == "growing"
+    assert v.rss_growth == int(110 * MB) - int(96 * MB)
+    assert "memory" in v.detail
+    assert found["controller"].verdict == "flat"
+    listed = problems(MigrationTotals(asked=1, completed=1), _clean(), _ledgers(), [], found)
+    assert len(listed) == 1
+    assert "agent@gw1" in listed[0]
+
+
+def test_descriptors_growing_is_growing() -> None:
+    v = verdict(_series(lambda _m: 90, lambda m: 20 + m // 20))  # one more every 20
+    assert v.verdict == "growing"
+    assert v.fds_growth == 30 - 23
+    assert "descriptors" in v.detail
+    assert "memory" not in v.detail
+
+
+def test_a_restart_starts_a_new_warm_up() -> None:
+    # Flat at 125 MB, restarted after migration 100, the new agent warms up from 60 MB again.
+    def rss(m: int) -> float:
+        return 125 if m <= 100 or m >= 120 else 60
+
+    def pid(m: int) -> int:
+        return 100 if m <= 100 else 200
+
+    samples = _series(rss, lambda _m: 30, pid=pid)
+    assert [s.migration for s in samples if s.restarted] == [110]
+    v = verdict(samples)
+    assert v.verdict == "flat", v.detail
+    assert (v.pid, v.restarts, v.since_migration) == (200, 1, 140)
+    # The same figures from one process: its memory halved and doubled again after warm-up.
+    assert verdict(_series(rss, lambda _m: 30)).verdict == "growing"
+    usage_ = process_usage({"agent@gw2": samples})["agent@gw2"]
+    assert usage_.start is not None
+    assert usage_.end is not None
+    assert (usage_.start.pid, usage_.end.pid) == (100, 200)
+
+
+def test_a_process_growing_before_its_restart_is_growing() -> None:
+    def pid(m: int) -> int:
+        return 100 if m <= 150 else 200
+
+    v = verdict(_series(lambda m: 90 + m / 10 if m <= 150 else 90, lambda _m: 20, pid=pid))
+    assert (v.verdict, v.pid, v.restarts) == ("growing", 100, 1)
+
+
+def test_too_few_samples_after_warm_up_is_unknown_not_flat() -> None:
+    short = _series(lambda m: 90 + m, lambda _m: 20, every=1, last=6)  # a 6-migration run
+    v = verdict(short)
+    assert v.verdict == "unknown"
+    assert "needed" in v.detail
+    assert verdict([]).verdict == "unknown"
+    unreadable = [
+        s.model_copy(update={"rss_bytes": None}) for s in _series(lambda _m: 90, lambda _m: 20)
+    ]
+    assert verdict(unreadable).verdict == "unknown"
+    # Unknown does not fail the run.
+    assert problems(MigrationTotals(asked=1, completed=1), _clean(), _ledgers(), [], {"a": v}) == []
+
+
+def _clean() -> RequestFigures:
+    return request_figures([_post("d0", 1)], [])
+
+
+def _ledgers() -> ContinuityFigures:
+    return continuity_figures([_check("d0", 1.0, verified=True, matches=True)], ["d0"])
 
 
 # --- how the run learns a migration's end (no testbed: a scripted bus and runc) ---------------
@@ -241,3 +369,48 @@ async def test_an_end_that_went_by_unseen_is_read_from_status_and_runc(
     ended = await asyncio.wait_for(task, 3.0)
     assert ended.outcome is Outcome.COMPLETED
     assert ended.learned
+
+
+def test_the_run_samples_every_process_and_follows_a_restarted_agent() -> None:
+    said: list[str] = []
+    soak = Soak(options(migrations=40, agent_restarts=0, broker_restarts=0), say=said.append)
+    assert soak.every == 2
+    current = {"controller": os.getpid(), "agent@gw1": os.getpid()}
+    soak._pids = lambda: dict(current)  # type: ignore[method-assign]
+    soak._sample(1)
+    current["agent@gw1"] = os.getppid()  # killed and started again
+    soak._sample(2)
+    agent = soak.samples["agent@gw1"]
+    assert [(s.migration, s.pid, s.restarted) for s in agent] == [
+        (1, os.getpid(), False),
+        (2, os.getppid(), True),
+    ]
+    assert all(s.rss_bytes and s.open_fds for s in agent)
+    assert [s.restarted for s in soak.samples["controller"]] == [False, False]
+    assert said == [f"agent@gw1: restarted (pid {os.getpid()} -> {os.getppid()})"]
+
+
+def test_the_samples_table_has_a_row_per_sampling_and_marks_a_restart() -> None:
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from fogmig.platform.cli.soak import _samples_table
+
+    def pid(m: int) -> int:
+        return 100 if m <= 10 else 200
+
+    summary = SimpleNamespace(
+        sample_every=10,
+        samples={
+            "agent@gw1": _series(lambda _m: 90, lambda _m: 20, last=30, pid=pid),
+            "controller": _series(lambda _m: 84, lambda _m: 19, last=30),
+        },
+    )
+    table = _samples_table(summary)
+    assert table.row_count == 4
+    console = Console(width=200, record=True)
+    console.print(table)
+    text = console.export_text()
+    assert "restarted, pid 200" in text
+    assert "94.4 MB, 20 fds" in text

@@ -3,20 +3,21 @@
 :class:`SoakSummary` (the ``--json`` output): migrations asked and how they ended, the
 devices' requests (sent, acknowledged, lost, doubled) and the continuity checks of their
 ledgers against the services' state, the restarts, and the resident memory and open file
-descriptors of the controller and the agents at the start and the end. :func:`usage` reads
-those from ``/proc``; the rest is computed from values (no I/O).
+descriptors of the controller and the agents, sampled over the run, with a verdict per process
+(``memory``). :func:`usage` reads those from ``/proc``; the rest is computed from values.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 from fogmig.device_sim.events import ContinuityCheck, RequestKind, RequestRecord
+from fogmig.platform.apps.soak.memory import MemoryVerdict, Sample, memory_problems
 
 
 class _Model(BaseModel):
@@ -84,6 +85,13 @@ class SoakSummary(_Model):
     growth: dict[str, dict[str, int | None]]
     """Per process not restarted during the run: how much its memory and descriptors grew
     from the start to the end."""
+    sample_every: int
+    """Migrations between two samples."""
+    samples: dict[str, list[Sample]]
+    """Per process: its memory and descriptors after the first migration, every
+    ``sample_every`` migrations, and at the end."""
+    memory: dict[str, MemoryVerdict]
+    """Per process: ``flat``, ``growing`` or ``unknown`` after its warm-up."""
     errors: list[str]
     problems: list[str]
     ok: bool
@@ -156,10 +164,12 @@ def problems(
     requests: RequestFigures,
     continuity: ContinuityFigures,
     errors: Iterable[str],
+    memory: Mapping[str, MemoryVerdict] | None = None,
 ) -> list[str]:
     """Why the run fails (empty: it passes): anything lost, doubled or mismatched, a failed
-    migration, a device whose final check could not verify, or an error of the run itself.
-    A migration rolled back is no failure: the service kept running where it was."""
+    migration, a device whose final check could not verify, a process whose memory or
+    descriptors kept growing after its warm-up, or an error of the run itself. A migration
+    rolled back is no failure: the service kept running where it was."""
     out = list(errors)
     if migrations.failed:
         out.append(f"{migrations.failed} migration(s) failed")
@@ -176,6 +186,7 @@ def problems(
             f"the final check of {', '.join(continuity.final_unverified)} could not read "
             "the service's state"
         )
+    out.extend(memory_problems(memory or {}))
     return out
 
 
@@ -195,3 +206,19 @@ def growth(processes: Mapping[str, ProcessUsage]) -> dict[str, dict[str, int | N
             else p.end.open_fds - p.start.open_fds,
         }
     return out
+
+
+def process_usage(samples: Mapping[str, Sequence[Sample]]) -> dict[str, ProcessUsage]:
+    """Per process: its first sample (after the first migration) and its last (``start`` is
+    ``None`` when there is only one)."""
+    out: dict[str, ProcessUsage] = {}
+    for name, taken in samples.items():
+        if not taken:
+            continue
+        first, last = taken[0], taken[-1]
+        out[name] = ProcessUsage(start=_usage(first) if len(taken) > 1 else None, end=_usage(last))
+    return out
+
+
+def _usage(s: Sample) -> Usage:
+    return Usage(pid=s.pid, rss_bytes=s.rss_bytes, open_fds=s.open_fds)

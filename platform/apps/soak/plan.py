@@ -48,6 +48,9 @@ class SoakOptions:
     """Between two migrations: the devices' traffic finds the service's new home."""
     migration_timeout_s: float = 180.0
     port_base: int = 5800
+    sample_every: int | None = None
+    """Migrations between two samples of the processes' memory and descriptors (``None``:
+    about 20 samples a run)."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.migrations <= MAX_MIGRATIONS:
@@ -66,6 +69,8 @@ class SoakOptions:
             raise ConfigError("--state-mb and --dirty-kbps must not be negative")
         if self.interval_s <= 0 or self.dwell_s <= 0 or self.pause_s < 0:
             raise ConfigError("the interval and dwell must be positive, the pause not negative")
+        if self.sample_every is not None and self.sample_every < 1:
+            raise ConfigError("--sample-every must be at least 1")
         if not 0 < self.port_base <= 65535 - self.devices:
             raise ConfigError(f"invalid port base {self.port_base}")
 

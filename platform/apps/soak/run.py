@@ -7,7 +7,8 @@ keep a ledger of what each service acknowledged. Meanwhile it migrates the servi
 forth, one at a time, by techniques drawn from the seeded plan, and restarts the broker and
 agents (by PID) at the plan's moments. At the end every device checks its service's state
 against its ledger, and the summary counts migrations, requests, losses, doublings,
-mismatches and the processes' memory and descriptors. It always cleans up what it started.
+mismatches, and samples the processes' memory and descriptors every few migrations
+(``apps/soak/memory``: flat or growing). It always cleans up what it started.
 
 Log levels: INFO each migration's end and each restart; WARNING a migration that failed.
 """
@@ -31,15 +32,15 @@ from fogmig.device_sim.fleet import DeviceFleet
 from fogmig.platform.apps.demo import site
 from fogmig.platform.apps.soak.figures import (
     MigrationTotals,
-    ProcessUsage,
     SoakSummary,
-    Usage,
     continuity_figures,
     growth,
     problems,
+    process_usage,
     request_figures,
     usage,
 )
+from fogmig.platform.apps.soak.memory import Sample, due, sample_every, take, verdicts
 from fogmig.platform.apps.soak.plan import SoakOptions, SoakPlan, Step, plan_soak
 from fogmig.platform.base.errors import BusError, FogmigError
 from fogmig.platform.base.vocabulary import Outcome, Technique
@@ -100,7 +101,9 @@ class Soak:
         self.techniques = techniques
         self.totals = MigrationTotals()
         self.restarts: dict[str, int] = {"broker": 0, "agent": 0}
-        self.processes: dict[str, ProcessUsage] = {}
+        self.every = sample_every(options.migrations, options.sample_every)
+        """Migrations between two samples of the processes."""
+        self.samples: dict[str, list[Sample]] = {}
         self.errors: list[str] = []
         self._services: list[str] = []
         self._testbed = False
@@ -130,7 +133,9 @@ class Soak:
         checks = [c for d in fleet.devices for c in d.checks]
         requests = request_figures(records, checks)
         continuity = continuity_figures(checks, [d.name for d in fleet.devices])
-        found = problems(self.totals, requests, continuity, self.errors)
+        memory = verdicts(self.samples)
+        found = problems(self.totals, requests, continuity, self.errors, memory)
+        processes = process_usage(self.samples)
         return SoakSummary(
             started_at=started,
             finished_at=finished,
@@ -141,8 +146,11 @@ class Soak:
             requests=requests,
             continuity=continuity,
             restarts=self.restarts,
-            processes=self.processes,
-            growth=growth(self.processes),
+            processes=processes,
+            growth=growth(processes),
+            sample_every=self.every,
+            samples=self.samples,
+            memory=memory,
             errors=self.errors,
             problems=found,
             ok=not found,
@@ -242,7 +250,7 @@ class Soak:
                     await self._migrate_all(bus, plan, fleet)
                     await self._settle(fleet)
                 finally:
-                    self._measure("end")
+                    self._sample(self.totals.asked)
                     fleet.stop()
                     await running
                     for task in listeners:
@@ -281,8 +289,9 @@ class Soak:
                 self.errors.append(f"interrupted after {step.index} migration(s)")
                 return
             ended = await self._migrate(bus, step)
-            if step.index == 0:
-                self._measure("start")  # every process has done its part once: warm
+            # After the first migration every process has done its part once.
+            if due(step.index + 1, self.every) and step.index + 1 < len(plan.steps):
+                self._sample(step.index + 1)
             if ended.outcome is Outcome.COMPLETED:
                 for device in fleet.devices:
                     if device.service == step.service:
@@ -460,14 +469,24 @@ class Soak:
                 out[f"agent@{pidfile.stem}"] = pid
         return out
 
-    def _measure(self, when: str) -> None:
+    def _sample(self, ended: int) -> None:
+        """Every process's memory and descriptors after ``ended`` migrations (an agent's PID
+        read again each time: a restarted agent is followed)."""
+        at = time.time()
         for name, pid in self._pids().items():
-            seen: Usage = usage(pid)
-            entry = self.processes.setdefault(name, ProcessUsage())
-            if when == "start":
-                entry.start = seen
-            else:
-                entry.end = seen
+            seen = usage(pid)
+            taken = self.samples.setdefault(name, [])
+            sample = take(
+                taken[-1] if taken else None,
+                migration=ended,
+                at=at,
+                pid=pid,
+                rss_bytes=seen.rss_bytes,
+                open_fds=seen.open_fds,
+            )
+            if sample.restarted:
+                self.say(f"{name}: restarted (pid {taken[-1].pid} -> {pid})")
+            taken.append(sample)
 
     # --- clean-up ------------------------------------------------------------------------------
 
