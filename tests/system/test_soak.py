@@ -76,6 +76,14 @@ def test_a_short_soak_with_restarts_loses_nothing(lease: None, tmp_path: Path) -
         for when in ("start", "end"):
             assert p[when]["rss_bytes"] > 0
             assert p[when]["open_fds"] > 0
+    samples = summary["samples"]
+    assert set(samples) == set(processes)
+    assert summary["sample_every"] == 1
+    assert all(len(taken) >= 2 for taken in samples.values())
+    # The killed agent is followed under its new PID; the controller is never restarted.
+    assert sum(s["restarted"] for name in samples for s in samples[name]) == 1
+    # Six migrations are all warm-up: too few samples to call the memory flat or growing.
+    assert {v["verdict"] for v in summary["memory"].values()} == {"unknown"}
     assert json.loads((out / "summary.json").read_text())["ok"] is True
     # Nothing left: no testbed, no agent, no controller of this run.
     assert not state_path().exists()
