@@ -239,7 +239,7 @@ async def test_deploy_and_undeploy_through_the_agent(testbed: TestbedState) -> N
             await bus.request(
                 "gw1", UndeployCommand(command_id="undep0", service="viacmd"), timeout=30
             )
-        assert replayed.value.ack.error_type == "CommandRefusedError"
+        assert replayed.value.ack.error_type == "CommandReplayedError"
         ack = await bus.request(
             "gw2", UndeployCommand(command_id="undep1", service="viacmd"), timeout=30
         )

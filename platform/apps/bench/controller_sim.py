@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from fogmig.platform.agent.admission import Admission, CommandRefusedError
 from fogmig.platform.base.errors import FogmigError, ServiceError, TestbedError
 from fogmig.platform.base.proc import terminate
 from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome
@@ -234,6 +235,9 @@ class SimulatedNode:
         self.migrate_delay_s = migrate_delay_s
         self.downtime_s = downtime_s
         self.draining = False
+        self.admission = Admission()
+        """Each command id taken once, as an agent does (a replay is refused)."""
+        self.migrating: set[str] = set()
         self.services: dict[str, ServiceInfo] = {}
         self.peers: dict[str, SimulatedNode] = {}
         self.received: list[Received] = []
@@ -267,6 +271,7 @@ class SimulatedNode:
                 criu_version="4.2.1", postcopy=self.postcopy, native_predump=False
             ),
             draining=self.draining,
+            migrating=sorted(self.migrating),
         )
 
     async def publish_status(self) -> None:
@@ -338,6 +343,11 @@ class SimulatedNode:
         self.received.append(received)
         self._commands.put_nowait(received)
         events = topics.events(self.node)
+        try:
+            self.admission.admit(cmd.command_id, cmd.at, time.time())
+        except CommandRefusedError as exc:
+            await self.bus.publish(events, reject(self.node, cmd.command_id, exc))
+            return
         match cmd:
             case MigrateCommand():
                 if self.reject > 0:
@@ -347,6 +357,7 @@ class SimulatedNode:
                     error = ServiceError(f"{cmd.service} does not run on {self.node}")
                     await self.bus.publish(events, reject(self.node, cmd.command_id, error))
                 else:
+                    self.migrating.add(cmd.service)
                     await self.bus.publish(events, accept(self.node, cmd.command_id))
                     task = asyncio.create_task(self._migrate(cmd))
                     self._tasks.add(task)
@@ -364,6 +375,7 @@ class SimulatedNode:
         await asyncio.sleep(self.migrate_delay_s)
         peer = self.peers[cmd.destination]
         info = self.services.pop(cmd.service)
+        self.migrating.discard(cmd.service)
         started = time.time()
         peer.services[cmd.service] = info.model_copy(update={"data_ip": peer.data_ip})
         await peer.announce(cmd.service)
