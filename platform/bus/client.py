@@ -107,7 +107,9 @@ class Bus:
     when the connection dies abruptly, and by the bus itself on a clean close, so the node's
     status reads offline either way. ``known_nodes`` (when given) is consulted live: messages
     naming another node are rejected in both directions. ``client_id`` must be unique on the
-    broker: a second connection with the same id makes the broker drop the first.
+    broker: a second connection with the same id makes the broker drop the first. A site's
+    broker sets every client's id to its principal's name whatever it asks for
+    (``use_username_as_clientid``), so each principal has one connection at a time.
 
     ``tls`` (a client context with this principal's certificate, see
     :func:`fogmig.platform.security.broker_client_context`) is how a client proves who it is
@@ -281,7 +283,12 @@ class Bus:
                 log.error("%s", error)
             except (aiomqtt.MqttError, BusError) as exc:
                 if conn is not None:
-                    log.warning("bus %s lost the broker: %s", self.client_id, exc)
+                    log.warning(
+                        "bus %s lost the broker: %s (if another client connected with the same "
+                        "certificate, the broker closed this one: one connection per principal)",
+                        self.client_id,
+                        exc,
+                    )
                 else:
                     log.debug("bus %s cannot connect: %s", self.client_id, exc)
             finally:

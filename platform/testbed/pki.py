@@ -2,10 +2,11 @@
 
 ``testbed up`` makes them once (a reused testbed keeps its own) in ``state_dir()/testbed/pki``
 (mode 0700, keys 0600): a fresh CA, a certificate per fog node (with its data address as an IP
-SAN), one for the device host (``fogmig:device:dev``, its MQTT user), the controller and the
-broker (with the broker's address). ``testbed down`` removes them with the other secrets: each
-run of the testbed is a site of its own, so nothing left over from an earlier run (an agent of
-a crashed run, a copied key) is trusted by the next one, and making a CA costs milliseconds.
+SAN), the controller, the operator (the command line) and the broker (with the broker's
+address). Devices get theirs on demand (``fogmig.platform.testbed.devices``), one each.
+``testbed down`` removes them with the other secrets: each run of the testbed is a site of its
+own, so nothing left over from an earlier run (an agent of a crashed run, a copied key) is
+trusted by the next one, and making a CA costs milliseconds.
 """
 
 from __future__ import annotations
@@ -33,8 +34,8 @@ def pki_dir() -> Path:
 def testbed_identities(state: TestbedState) -> dict[Identity, list[str]]:
     """Every principal of the testbed, with the addresses its certificate carries."""
     found: dict[Identity, list[str]] = {Identity.node(n.name): [n.data_ip] for n in state.nodes}
-    found[Identity.device(state.device_host.name)] = [state.device_host.data_ip]
     found[Identity.controller()] = []
+    found[Identity.operator()] = []
     found[Identity.broker()] = [state.broker.ip]
     return found
 

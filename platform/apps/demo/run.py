@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -203,23 +202,17 @@ class Demo:
     # --- the run ------------------------------------------------------------------------------
 
     @contextlib.asynccontextmanager
-    async def _buses(self, state: TestbedState) -> AsyncIterator[tuple[Bus, Bus]]:
+    async def _buses(self, state: TestbedState) -> AsyncIterator[tuple[Bus, dict[str, Bus]]]:
+        """The controller's connection, and one per device with the device's certificate."""
         from fogmig.platform.controller.access import open_testbed_bus
-        from fogmig.platform.security.identity import Identity
-        from fogmig.platform.testbed.mqtt import bus_access
+        from fogmig.platform.testbed.devices import device_buses
 
-        devices = bus_access(Identity.device(state.device_host.name), state)
+        devices = {p.name: p.service for p in self.plans}
         async with (
-            open_testbed_bus("demo") as controller_bus,
-            Bus(
-                host=devices.host,
-                port=devices.port,
-                tls=devices.tls,
-                client_id=devices.client_id(f"demo-{uuid.uuid4().hex[:8]}"),
-                known_nodes=devices.known_nodes,
-            ) as device_bus,
+            open_testbed_bus("controller") as controller_bus,
+            device_buses(devices, state) as buses,
         ):
-            yield controller_bus, device_bus
+            yield controller_bus, buses
 
     async def _announce(self, bus: Bus, state: TestbedState) -> None:
         """Say where each freshly deployed service runs, so every gateway forwards to it from
@@ -316,6 +309,7 @@ class Demo:
     async def _run(self, state: TestbedState) -> DemoSummary:
         from fogmig.platform.controller.config import config_for_testbed
         from fogmig.platform.controller.runner import single_instance
+        from fogmig.platform.testbed.devices import TestbedDevices
 
         o = self.options
         out = o.out
@@ -330,9 +324,14 @@ class Demo:
         )
         started = time.time()
         with single_instance(paths.run_dir() / "controller.lock"):
-            async with self._buses(state) as (controller_bus, device_bus):
+            async with self._buses(state) as (controller_bus, device_buses):
                 await self._announce(controller_bus, state)
-                controller = Controller(config, controller_bus, on_event=self._on_controller_event)
+                controller = Controller(
+                    config,
+                    controller_bus,
+                    devices=TestbedDevices(),
+                    on_event=self._on_controller_event,
+                )
                 registry = controller.core.registry
                 self.model.nodes_source = lambda: registry.nodes
                 self.model.location = registry.location
@@ -348,7 +347,7 @@ class Demo:
                         for p in plans
                     ],
                     gateways={n.name: n.data_ip for n in state.nodes},
-                    bus=device_bus,
+                    buses=device_buses,
                     out=out / "devices",
                     settings=RequestSettings(
                         interval_s=o.interval_s, check_every_s=o.check_every_s
