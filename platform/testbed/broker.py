@@ -213,6 +213,25 @@ def _write_files(state: TestbedState, identity: IdentityFiles) -> BrokerFiles:
     return files
 
 
+def stale_files(state: TestbedState) -> list[str]:
+    """The broker's configuration files that differ from what this fogmig writes (a testbed
+    made by an earlier version, with other principals or broker options), by name."""
+    conf = Path(state.broker.config_path)
+    files = BrokerFiles.of(conf.parent)
+    wanted = {
+        conf: render_config(state.broker, files),
+        files.acl: render_acl(acl_rules(state.node_names)),
+    }
+    stale = []
+    for path, text in wanted.items():
+        try:
+            if path.read_text() != text:
+                stale.append(path.name)
+        except OSError:
+            stale.append(path.name)
+    return stale
+
+
 async def write_broker_files(state: TestbedState, identity: IdentityFiles) -> None:
     """Configuration, ACL, the broker's certificate and key and the CA's certificate,
     readable by the broker only."""

@@ -52,6 +52,17 @@ def create_pki(state: TestbedState) -> list[IdentityFiles]:
     ]
 
 
+def missing_identities(state: TestbedState) -> list[Identity]:
+    """The principals of ``state`` whose certificate or key the testbed does not hold."""
+    folder = pki_dir()
+    missing = []
+    for identity in testbed_identities(state):
+        files = identity_files(folder, identity)
+        if not (files.cert.is_file() and files.key.is_file()):
+            missing.append(identity)
+    return missing
+
+
 def load_identity(identity: Identity) -> IdentityFiles:
     """Where the testbed keeps ``identity``'s certificate, key and the CA certificate."""
     files = identity_files(pki_dir(), identity)

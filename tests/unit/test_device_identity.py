@@ -141,3 +141,19 @@ def test_enrollment_refuses_node_names_and_invalid_names(
         enroll_devices({"d0": "S 0"})
     assert state_mod.load_state().devices == {}
     assert not (testbed_pki.pki_dir() / "device-gw1.pem").exists()
+
+
+def test_a_testbed_of_an_earlier_fogmig_is_not_reused(testbed: state_mod.TestbedState) -> None:
+    # Its broker lacks the options and ACL of this version, its PKI the operator.
+    from fogmig.platform.testbed import broker
+
+    files = broker._write_files(testbed, testbed_pki.load_identity(Identity.broker()))
+    assert broker.stale_files(testbed) == []
+    assert testbed_pki.missing_identities(testbed) == []
+    old_acl = files.acl.read_text().replace("pattern write fogmig/v1/devices/%u/attach\n", "")
+    files.acl.write_text(old_acl)
+    conf = Path(testbed.broker.config_path)
+    conf.write_text(conf.read_text().replace("use_username_as_clientid true\n", ""))
+    assert broker.stale_files(testbed) == [conf.name, "acl"]
+    testbed_pki.load_identity(Identity.operator()).cert.unlink()
+    assert testbed_pki.missing_identities(testbed) == [Identity.operator()]
