@@ -43,6 +43,11 @@ __all__ = ["Bus", "Received", "Subscription", "backoff_delay"]
 
 log = logging.getLogger(__name__)
 
+SHORT_LIVED_S = 5.0
+"""A connection the broker closes sooner than this after taking it does not reset the backoff."""
+FLAPPING_AFTER = 3
+"""Short-lived connections in a row after which the bus says why that may be."""
+
 T = TypeVar("T")
 InvalidHandler = Callable[[str, bytes, SchemaError], None]
 
@@ -249,8 +254,10 @@ class Bus:
         loop = asyncio.get_running_loop()
         first_deadline = loop.time() + self._connect_timeout
         attempt = 0
+        short_lived = 0  # connections in a row that the broker closed soon after it took them
         while not self._stop.is_set():
             conn: _Connection | None = None
+            connected_at = 0.0
             try:
                 client = self._new_client()
                 async with client:
@@ -259,7 +266,7 @@ class Bus:
                     self._conn = conn
                     self._connected.set()
                     self.connections += 1
-                    attempt = 0
+                    connected_at = loop.time()
                     log.info(
                         "bus %s connected to %s:%d (connection %d)",
                         self.client_id,
@@ -298,6 +305,23 @@ class Bus:
                     conn.lost.set()
             if self._stop.is_set():
                 break
+            if conn is not None:
+                if loop.time() - connected_at >= SHORT_LIVED_S:
+                    attempt = short_lived = 0
+                else:
+                    # The backoff keeps growing: two clients of one principal would otherwise
+                    # close each other's connection many times a second.
+                    short_lived += 1
+                    if short_lived == FLAPPING_AFTER:
+                        log.error(
+                            "bus %s: the broker closed %d connections in a row within %g s: is "
+                            "another client connected with the same certificate? The broker "
+                            "keeps one connection per principal (give each concurrent client "
+                            "its own)",
+                            self.client_id,
+                            short_lived,
+                            SHORT_LIVED_S,
+                        )
             if not first.done() and loop.time() >= first_deadline:
                 first.set_exception(
                     BusError(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import pwd
 import shutil
@@ -806,6 +807,24 @@ async def test_one_connection_per_principal(broker: Broker) -> None:
     async with broker.bus("controller") as ctl, broker.bus(OPERATOR_USER) as op:
         await asyncio.sleep(0.5)
         assert (ctl.connections, op.connections) == (1, 1)
+
+
+async def test_two_clients_of_one_principal_are_told_why_they_keep_losing_the_broker(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    def told() -> bool:
+        return any("same certificate" in r.getMessage() for r in caplog.records)
+
+    fast = {"backoff_initial": 0.05, "backoff_max": 0.4}
+    with caplog.at_level(logging.ERROR, logger="fogmig.platform.bus.client"):
+        async with broker.bus("gw2", **fast) as a, broker.bus("gw2", **fast) as b:
+            for _ in range(200):
+                if told():
+                    break
+                await asyncio.sleep(0.05)
+            # Each closed the other's connection in turn, with a growing pause between.
+            assert a.connections + b.connections < 40
+    assert told()
 
 
 async def test_a_plaintext_client_cannot_take_over_a_session(broker: Broker) -> None:
