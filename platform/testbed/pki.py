@@ -70,7 +70,8 @@ def load_identity(identity: Identity) -> IdentityFiles:
     if missing:
         raise TestbedError(
             f"the testbed has no certificate for {identity} ({missing[0]} is missing)",
-            hint="fogmig testbed up",
+            hint="fogmig testbed up (a testbed made by an earlier fogmig: fogmig testbed down "
+            "first)",
         )
     return files
 

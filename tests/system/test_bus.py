@@ -867,6 +867,13 @@ async def test_a_device_publishes_only_its_own_attachment(broker: Broker) -> Non
         assert (got.message.device, got.message.service) == ("d1", "s1")
         with pytest.raises(TimeoutError):
             await _next(sub, timeout=0.5)
+        # It reads what a device host needs: the nodes' events and the services' presence.
+        async with d1.subscribe(topics.events()) as events, d1.subscribe(topics.service()) as svc:
+            ack = CommandAck(node="gw1", command_id="c1", accepted=True)
+            await ctl.publish(topics.events("gw1"), ack)
+            await ctl.publish(topics.service("gw1", "s2"), presence)
+            assert (await _next(events)).message == ack
+            assert (await _next(svc)).message == presence
     denied = [line for line in broker.log_path.read_text().splitlines() if "Denied PUBLISH" in line]
     assert len(denied) == 4
     assert all("Denied PUBLISH from d1 " in line for line in denied)

@@ -185,7 +185,7 @@ def test_testbed_pki(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = topology.plan(load_profile("lan"), 3)
     with pytest.raises(TestbedError, match="no certificate for fogmig:node:gw1") as missing:
         testbed_pki.node_identity("gw1")
-    assert missing.value.hint == "fogmig testbed up"
+    assert (missing.value.hint or "").startswith("fogmig testbed up")
 
     issued = testbed_pki.create_pki(state)
     assert {f.identity for f in issued} == {
