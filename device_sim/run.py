@@ -151,13 +151,15 @@ async def run_device_sim(
         check_every_s=options.check_every_s or None,
     )
     out = options.out
-    names_of = [f"{options.device_prefix}{i}" for i in range(len(services))]
+    device_names = [f"{options.device_prefix}{i}" for i in range(len(services))]
     async with contextlib.AsyncExitStack() as stack:
         buses = None
         if options.bus:
             from fogmig.platform.testbed.devices import device_buses
 
-            bound = {name: service for name, (service, _) in zip(names_of, services, strict=True)}
+            bound = {
+                name: service for name, (service, _) in zip(device_names, services, strict=True)
+            }
             buses = await stack.enter_async_context(device_buses(bound, state))
         located: dict[str, str] = {}
         if buses and options.gateway is None:
@@ -174,7 +176,7 @@ async def run_device_sim(
             )
             devices.append(
                 DeviceConfig(
-                    name=names_of[i],
+                    name=device_names[i],
                     service=service,
                     port=port,
                     gateway=start,
