@@ -324,7 +324,7 @@ class Demo:
         )
         started = time.time()
         with single_instance(paths.run_dir() / "controller.lock"):
-            async with self._buses(state) as (controller_bus, device_buses):
+            async with self._buses(state) as (controller_bus, buses):
                 await self._announce(controller_bus, state)
                 controller = Controller(
                     config,
@@ -347,7 +347,7 @@ class Demo:
                         for p in plans
                     ],
                     gateways={n.name: n.data_ip for n in state.nodes},
-                    buses=device_buses,
+                    buses=buses,
                     out=out / "devices",
                     settings=RequestSettings(
                         interval_s=o.interval_s, check_every_s=o.check_every_s
