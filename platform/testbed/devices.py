@@ -69,13 +69,14 @@ class TestbedDevices:
     device may speak for, or None for a device the site does not know.
 
     The state file is read again when it changed since the last read (a device host enrolled
-    devices while the controller runs), checked by its modification time and size.
+    devices while the controller runs; it is replaced, never written in place), checked by its
+    inode, modification time and size.
     """
 
     __test__ = False  # not a pytest test class despite the name
 
     def __init__(self) -> None:
-        self._seen: tuple[int, int] | None = None
+        self._seen: tuple[int, int, int] | None = None
         self._devices: dict[str, str] = {}
 
     def _refresh(self) -> None:
@@ -84,7 +85,7 @@ class TestbedDevices:
         except FileNotFoundError:
             self._seen, self._devices = None, {}
             return
-        mark = (st.st_mtime_ns, st.st_size)
+        mark = (st.st_ino, st.st_mtime_ns, st.st_size)
         if mark != self._seen:
             state: TestbedState = load_state()
             self._seen, self._devices = mark, dict(state.devices)
