@@ -52,7 +52,7 @@ def migrate_command(service: str, destination: str = "gw2") -> MigrateCommand:
 
 
 async def raw_publish(user: str, topic: str, payload: bytes) -> None:
-    identity = Identity.operator() if user == "operator" else Identity.node(user)
+    identity = Identity.controller() if user == "controller" else Identity.node(user)
     argv = ["mosquitto_pub", *mosquitto_client_args(identity), "-q", "1", "-t", topic]
     # From stdin (-s): the payload may hold any byte.
     proc = await asyncio.create_subprocess_exec(*argv, "-s", stdin=asyncio.subprocess.PIPE)
@@ -79,13 +79,14 @@ async def test_agent_refuses_malformed_and_impossible_commands_and_stays_up(
             b' "destination": "gw2", "technique": "teleport"}'
         )
         ack_task = asyncio.create_task(next_ack(bus, "gw1", "bad1"))
+        # As the controller (none runs here): a second operator client would close ``bus``.
         await asyncio.sleep(0.3)
-        await raw_publish("operator", topics.cmd("gw1"), bad)
+        await raw_publish("controller", topics.cmd("gw1"), bad)
         ack = await ack_task
         assert not ack.accepted
         assert ack.error_type == "SchemaError"
         # Garbage: nothing to answer, nothing broken.
-        await raw_publish("operator", topics.cmd("gw1"), b"\x00not json")
+        await raw_publish("controller", topics.cmd("gw1"), b"\x00not json")
         # Well-formed but impossible: the service does not run there.
         with pytest.raises(CommandRejectedError) as rejected:
             await bus.request("gw1", migrate_command("ghost"), timeout=10)
