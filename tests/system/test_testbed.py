@@ -131,7 +131,7 @@ def test_mobility_up_probe_status_down() -> None:
     assert [n.netns for n in state.hosts] == ["fm-gw1", "fm-gw2", "fm-dev"]
     assert sorted(netns.testbed_namespaces()) == ["fm-broker", "fm-dev", "fm-gw1", "fm-gw2"]
     pki = Path(os.environ.get("FOGMIG_STATE_DIR", "/var/lib/fogmig"), "testbed", "pki")
-    for stem in ("node-gw1", "node-gw2", "controller", "broker", "device-dev"):
+    for stem in ("node-gw1", "node-gw2", "controller", "operator", "broker"):
         assert (pki / f"{stem}.key").stat().st_mode & 0o777 == 0o600
 
     again = fogmig("testbed", "up", "--profile", "mobility")
