@@ -109,7 +109,7 @@ def _cmd_drain(args: argparse.Namespace) -> int:
         )
 
     async def go() -> float:
-        async with open_testbed_bus("drain") as bus:
+        async with open_testbed_bus("operator") as bus:
             return await drain_node(bus, args.node, timeout=args.timeout, on_update=console.print)
 
     took = run_async(go)

@@ -36,7 +36,7 @@ from fogmig.platform.bus.schemas import (
     NodeStatus,
     ServicePresence,
 )
-from fogmig.platform.bus.topics import TopicKind, topics
+from fogmig.platform.bus.topics import TopicKind, parse_topic, topics
 from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.controller.actions import (
     WARNINGS,
@@ -47,6 +47,7 @@ from fogmig.platform.controller.actions import (
 )
 from fogmig.platform.controller.config import ControllerConfig
 from fogmig.platform.controller.core import ControllerCore
+from fogmig.platform.controller.devices import DeviceDirectory, attach_refusal
 from fogmig.platform.controller.saved import give_back, take
 from fogmig.platform.controller.store import ControllerStore, SaveSchedule, durable_key
 
@@ -71,6 +72,8 @@ class ControllerStats:
     """Messages the bus dropped because the controller did not keep up."""
     rejected_messages: int = 0
     """Messages whose handling failed: each rejected with one log line, the loop went on."""
+    refused_attach: int = 0
+    """Attachments of unknown devices or naming a service their device does not use."""
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -84,6 +87,7 @@ class ControllerStats:
             "send_failed": self.send_failed,
             "dropped": self.dropped,
             "rejected_messages": self.rejected_messages,
+            "refused_attach": self.refused_attach,
         }
 
 
@@ -92,10 +96,12 @@ class _Stopped(Exception):
 
 
 class Controller:
-    """The controller on a bus: ``await Controller(config, bus).run(stop)``.
+    """The controller on a bus: ``await Controller(config, bus, devices=...).run(stop)``.
 
-    ``on_event`` receives every :class:`ControllerEvent` (decisions, outcomes, holds, drain
-    progress and migration progress) for a live view; ``ready`` is set once the subscriptions
+    ``devices`` says which service each device may speak for (attachments naming another, or
+    of a device it does not know, are refused); ``on_event`` receives every
+    :class:`ControllerEvent` (decisions, outcomes, holds, drain progress and migration
+    progress) for a live view; ``ready`` is set once the subscriptions
     are in place.
     """
 
@@ -104,12 +110,14 @@ class Controller:
         config: ControllerConfig,
         bus: Bus,
         *,
+        devices: DeviceDirectory,
         on_event: EventCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.bus = bus
+        self.devices = devices
         self.core = ControllerCore(config, wall_clock=wall_clock)
         self.stats = ControllerStats()
         self.ready = asyncio.Event()
@@ -213,6 +221,11 @@ class Controller:
         match msg:
             case DeviceAttach():
                 stats.attach_events += 1
+                nodes = self.bus.known_nodes or ()
+                refusal = attach_refusal(parse_topic(topic).device, msg, self.devices, nodes=nodes)
+                if refusal is not None:
+                    stats.refused_attach += 1
+                    return [ControllerEvent(EventKind.REFUSED, self._wall(), refusal)]
                 return core.on_attach(msg, now)
             case NodeStatus():
                 stats.status_events += 1
@@ -424,7 +437,9 @@ async def run_controller(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from fogmig.platform.testbed.devices import TestbedDevices
+
     with single_instance(paths.run_dir() / "controller.lock"):
         async with open_testbed_bus("controller") as bus:
-            controller = Controller(config, bus, on_event=on_event)
+            controller = Controller(config, bus, devices=TestbedDevices(), on_event=on_event)
             await controller.run(stop)

@@ -35,7 +35,9 @@ from fogmig.platform.bus.schemas import (
     NodeStatus,
 )
 from fogmig.platform.bus.topics import topics
+from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.testbed import pids
+from fogmig.platform.testbed.devices import device_buses
 from fogmig.platform.testbed.state import TestbedState, exclusive_use, load_state
 from fogmig.services.deploy import ServiceSpec, find_service, undeploy
 
@@ -46,6 +48,7 @@ pytestmark = [
 ]
 
 NAME = "ctl-restart"
+DEVICE = "devr"
 
 
 def _controller(tmp: Path) -> int:
@@ -109,6 +112,10 @@ async def test_a_migration_commanded_before_a_sigkill_happens_once(
     commands: list[MigrateCommand] = []
     done: list[MigrationDone] = []
     status: dict[str, NodeStatus] = {}
+    # Announced as the controller principal before the controller runs (the broker keeps one
+    # connection per principal); the test then speaks as the operator and as its device.
+    async with open_testbed_bus("controller") as bus:
+        await site.announce(bus, testbed, [deployment])
     controller = _controller(tmp_path)
     killed = asyncio.Event()
 
@@ -126,12 +133,14 @@ async def test_a_migration_commanded_before_a_sigkill_happens_once(
                     status[msg.node] = msg
 
     try:
-        async with site.open_buses(testbed, "test-restart") as (bus, devices):
+        async with (
+            open_testbed_bus("operator") as bus,
+            device_buses({DEVICE: NAME}, testbed) as devices,
+        ):
             tasks = [
                 asyncio.create_task(watch(bus, p))
                 for p in (topics.cmd("gw1"), topics.events(), topics.status())
             ]
-            await site.announce(bus, testbed, [deployment])
             await bus.request("gw3", DrainCommand(command_id=f"drain-{os.getpid()}"), 15.0)
             state = tmp_path / "state.json"
             await _until(
@@ -139,8 +148,8 @@ async def test_a_migration_commanded_before_a_sigkill_happens_once(
                 lambda: state.exists() and "gw3" in json.loads(state.read_text())["draining"],
                 60,
             )
-            attach = DeviceAttach(device="dev-r", gateway="gw2", at=time.time(), service=NAME)
-            await devices.publish(topics.attach("dev-r"), attach)
+            attach = DeviceAttach(device=DEVICE, gateway="gw2", at=time.time(), service=NAME)
+            await devices[DEVICE].publish(topics.attach(DEVICE), attach)
             await asyncio.wait_for(killed.wait(), 60)
             await pids.wait_gone(controller, 10)
             controller = _controller(tmp_path)  # the same state file
@@ -181,7 +190,7 @@ async def test_a_migration_commanded_before_a_sigkill_happens_once(
     assert "gw3" in resumed["draining"]  # type: ignore[operator]
     assert NAME in resumed["inflight"]  # type: ignore[operator]
     saved = json.loads((tmp_path / "state.json").read_text())
-    assert [a["device"] for a in saved["attachments"]] == ["dev-r"]
+    assert [a["device"] for a in saved["attachments"]] == [DEVICE]
     assert "gw3" in saved["draining"]
     assert saved["inflight"] == []
     [ended] = _events(tmp_path, "done")

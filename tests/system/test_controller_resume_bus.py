@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from fogmig.platform.apps.bench.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
+from fogmig.platform.apps.bench.controller_sim import LocalBroker, SimulatedNode
 from fogmig.platform.bus.schemas import DeviceAttach, MigrateCommand
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
@@ -63,19 +63,25 @@ async def test_a_restarted_controller_resumes_its_migration_once(
         nodes["gw1"].add_service("s1")
         for node in nodes.values():
             await node.start()
-        dev = await stack.enter_async_context(broker.bus(DEVICE_HOST))
+        broker.enroll("d1", "s1")
+        dev = await stack.enter_async_context(broker.bus("d1"))
+        # One connection per principal: the first controller's goes with it, as a SIGKILL's
+        # would, before the second one connects.
+        first_bus = contextlib.AsyncExitStack()
 
-        async def controller() -> tuple[Controller, asyncio.Event, asyncio.Task[None]]:
-            bus = await stack.enter_async_context(
+        async def controller(
+            own: contextlib.AsyncExitStack,
+        ) -> tuple[Controller, asyncio.Event, asyncio.Task[None]]:
+            bus = await own.enter_async_context(
                 broker.bus(CONTROLLER_USER, known_nodes=list(NODES))
             )
-            ctl = Controller(config, bus, on_event=events.append)
+            ctl = Controller(config, bus, devices=broker.service_of, on_event=events.append)
             stop = asyncio.Event()
             task = asyncio.create_task(ctl.run(stop))
             await asyncio.wait_for(ctl.ready.wait(), 10)
             return ctl, stop, task
 
-        first, _, task = await controller()
+        first, _, task = await controller(first_bus)
         await _until("gw2's status", lambda: "gw2" in first.core.registry.nodes)
         attach = DeviceAttach(device="d1", gateway="gw2", at=time.time(), service="s1")
         await dev.publish(topics.attach("d1"), attach)
@@ -89,12 +95,13 @@ async def test_a_restarted_controller_resumes_its_migration_once(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await first_bus.aclose()
         if done_while_away:
             await _until("the migration's end", lambda: "s1" in nodes["gw2"].services)
             await asyncio.sleep(0.2)
         state.write_bytes(left)
 
-        second, stop, task = await controller()
+        second, stop, task = await controller(stack)
         if done_while_away:
             # The nodes report again (an agent does every few seconds).
             await asyncio.sleep(0.3)

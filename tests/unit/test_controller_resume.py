@@ -339,12 +339,12 @@ def test_the_runner_writes_before_sending_and_resumes_from_the_file(tmp_path: Pa
     path = tmp_path / "state.json"
     config = ControllerConfig(default_link=LINK, state_file=path, site="t", debounce_s=1.0)
     events: list[ControllerEvent] = []
-    first = Controller(config, bus=None, on_event=events.append)  # type: ignore[arg-type]
+    first = Controller(config, bus=None, devices={}.get, on_event=events.append)  # type: ignore[arg-type]
     first.core = fog.core
     launch = commanded(fog)
     first._persist(1.0)  # what handle() does right after the launch is handed out
     assert path.exists()
-    second = Controller(config, bus=None, on_event=events.append)  # type: ignore[arg-type]
+    second = Controller(config, bus=None, devices={}.get, on_event=events.append)  # type: ignore[arg-type]
     second._resume()
     [again] = launches(second._resend)
     assert again.command == launch.command
@@ -352,7 +352,7 @@ def test_the_runner_writes_before_sending_and_resumes_from_the_file(tmp_path: Pa
     [resumed] = [e for e in events if e.kind is EventKind.RESUMED]
     assert resumed.data["inflight"] == ["s1"]
     path.write_text("not json")
-    third = Controller(config, bus=None, on_event=events.append)  # type: ignore[arg-type]
+    third = Controller(config, bus=None, devices={}.get, on_event=events.append)  # type: ignore[arg-type]
     third._resume()
     assert third.core.inflight == {}
     assert [e.kind for e in events][-1] is EventKind.STATE_REJECTED

@@ -244,6 +244,7 @@ class Demo:
     async def _run(self, state: TestbedState) -> DemoSummary:
         from fogmig.platform.controller.config import config_for_testbed
         from fogmig.platform.controller.runner import single_instance
+        from fogmig.platform.testbed.devices import TestbedDevices
 
         o = self.options
         out = o.out
@@ -258,9 +259,15 @@ class Demo:
         )
         started = time.time()
         with single_instance(paths.run_dir() / "controller.lock"):
-            async with site.open_buses(state, "demo") as (controller_bus, device_bus):
+            devices = {p.name: p.service for p in self.plans}
+            async with site.open_buses(state, devices) as (controller_bus, buses):
                 await site.announce(controller_bus, state, self.deployments)
-                controller = Controller(config, controller_bus, on_event=self._on_controller_event)
+                controller = Controller(
+                    config,
+                    controller_bus,
+                    devices=TestbedDevices(),
+                    on_event=self._on_controller_event,
+                )
                 registry = controller.core.registry
                 self.model.nodes_source = lambda: registry.nodes
                 self.model.location = registry.location
@@ -276,7 +283,7 @@ class Demo:
                         for p in plans
                     ],
                     gateways={n.name: n.data_ip for n in state.nodes},
-                    bus=device_bus,
+                    buses=buses,
                     out=out / "devices",
                     settings=RequestSettings(
                         interval_s=o.interval_s, check_every_s=o.check_every_s

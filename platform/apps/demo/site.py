@@ -1,8 +1,8 @@
 """The testbed a whole-platform run brings up for itself, and takes down again.
 
 Pieces ``fogmig demo`` and ``fogmig soak`` share: :func:`bring_up` (the testbed and an agent
-per node), :func:`deploy_services`, :func:`open_buses` (the controller's and the device host's
-bus), :func:`announce` (where each fresh service runs, before its node says so) and
+per node), :func:`deploy_services`, :func:`open_buses` (the controller's bus and one per device),
+:func:`announce` (where each fresh service runs, before its node says so) and
 :func:`tear_down` (services, agents, testbed; every step tried, whatever failed before), and
 :func:`answered_since` (the devices' traffic reaches their services again).
 """
@@ -12,8 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 
 from fogmig.device_sim.events import RequestKind
 from fogmig.device_sim.fleet import DeviceFleet
@@ -67,24 +66,19 @@ async def deploy_services(placed: Sequence[tuple[ServiceSpec, str]]) -> list[Dep
 
 
 @contextlib.asynccontextmanager
-async def open_buses(state: TestbedState, name: str) -> AsyncIterator[tuple[Bus, Bus]]:
-    """The controller principal's bus and the device host's, for the block."""
+async def open_buses(
+    state: TestbedState, devices: Mapping[str, str]
+) -> AsyncIterator[tuple[Bus, dict[str, Bus]]]:
+    """The controller principal's bus, and one per device of ``devices`` (name -> service)
+    with the device's own certificate, for the block."""
     from fogmig.platform.controller.access import open_testbed_bus
-    from fogmig.platform.security.identity import Identity
-    from fogmig.platform.testbed.mqtt import bus_access
+    from fogmig.platform.testbed.devices import device_buses
 
-    devices = bus_access(Identity.device(state.device_host.name), state)
     async with (
-        open_testbed_bus(name) as controller_bus,
-        Bus(
-            host=devices.host,
-            port=devices.port,
-            tls=devices.tls,
-            client_id=devices.client_id(f"{name}-{uuid.uuid4().hex[:8]}"),
-            known_nodes=devices.known_nodes,
-        ) as device_bus,
+        open_testbed_bus("controller") as controller_bus,
+        device_buses(devices, state) as buses,
     ):
-        yield controller_bus, device_bus
+        yield controller_bus, buses
 
 
 async def announce(bus: Bus, state: TestbedState, deployments: Sequence[Deployment]) -> None:

@@ -47,6 +47,7 @@ from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.client import Bus, CommandRejectedError
 from fogmig.platform.bus.schemas import MigrateCommand, MigrationDone, NodeStatus
 from fogmig.platform.bus.topics import topics
+from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.services.deploy import Deployment, ServiceSpec
 
@@ -190,6 +191,10 @@ class Soak:
             ]
         )
         self._where = {s.name: s.start for s in plan.services}
+        # Announced as the controller principal before the controller runs: the broker keeps
+        # one connection per principal, and the soak itself speaks as the operator.
+        async with open_testbed_bus("controller") as bus:
+            await site.announce(bus, state, self.deployments)
         self._controller = self._start_controller()
         return state, plan
 
@@ -229,7 +234,7 @@ class Soak:
                 for d in plan.devices
             ],
             gateways={n.name: n.data_ip for n in state.nodes},
-            bus=None,  # no attachments: the controller must not move the services itself
+            buses=None,  # no attachments: the controller must not move the services itself
             out=o.out / "devices",
             settings=RequestSettings(interval_s=o.interval_s, check_every_s=30.0),
             netns=state.device_host.netns,
@@ -237,10 +242,9 @@ class Soak:
         )
         try:
             async with (
-                site.open_buses(state, "soak") as (bus, _devices),
+                open_testbed_bus("operator") as bus,
                 asyncio.TaskGroup() as tg,
             ):
-                await site.announce(bus, state, self.deployments)
                 listeners = [
                     tg.create_task(self._listen(bus, topics.events())),
                     tg.create_task(self._listen(bus, topics.status())),
