@@ -6,11 +6,14 @@
 #                               name <gw>) and key: the agent's identity on the broker (MQTT
 #                               over TLS) and on the migration channel (mutual TLS 1.3)
 #   controller.pem/.key         the controller (fogmig:controller, common name controller)
-#   device-dev.pem/.key         the device host (fogmig:device:dev, common name dev)
+#   operator.pem/.key           the command line (fogmig:operator, common name operator)
+#   device-<d>.pem/.key         each device named in $DEVICES (fogmig:device:<d>, common name
+#                               <d>); list its service under "devices" in site/state.json
 #   broker.pem/.key             the broker (fogmig:broker), with its address $BROKER_IP (default
 #                               192.168.50.2, the one in site/state.json) as an IP SAN
-# Usage: ./make-certs.sh gw1 gw2 gw3 (the gateways' names; default gw1 gw2 gw3). An existing CA
-# and existing certificates are kept; delete them to issue new ones.
+# Usage: DEVICES="d0 d1" ./make-certs.sh gw1 gw2 gw3 (the gateways' names; default gw1 gw2
+# gw3; devices: none). An existing CA and existing certificates are kept; delete them to issue
+# new ones.
 set -euo pipefail
 cd "$(dirname "$0")"
 nodes=("$@")
@@ -20,11 +23,20 @@ mkdir -p secrets
 chmod 0700 secrets
 cd secrets
 
-for n in "${nodes[@]}"; do
+read -r -a devices <<< "${DEVICES:-}"
+for n in "${nodes[@]}" "${devices[@]}"; do
     if ! [[ "$n" =~ ^[a-z][a-z0-9]{0,9}$ ]]; then
-        echo "invalid gateway name '$n': 1-10 lowercase letters and digits, starting with a letter" >&2
+        echo "invalid name '$n': 1-10 lowercase letters and digits, starting with a letter" >&2
         exit 1
     fi
+done
+for d in "${devices[@]}"; do
+    for n in "${nodes[@]}"; do
+        if [ "$d" = "$n" ]; then
+            echo "device '$d' has a gateway's name: the broker knows both by name" >&2
+            exit 1
+        fi
+    done
 done
 
 new_key() { openssl genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out "$1"; }
@@ -61,7 +73,8 @@ CONF
 
 for n in "${nodes[@]}"; do issue "node-$n" "$n" "fogmig:node:$n"; done
 issue controller controller fogmig:controller
-issue device-dev dev fogmig:device:dev
+issue operator operator fogmig:operator
+for d in "${devices[@]}"; do issue "device-$d" "$d" "fogmig:device:$d"; done
 issue broker broker fogmig:broker "${BROKER_IP:-192.168.50.2}"
 rm -f ca.srl
-echo "site CA and certificates for ${nodes[*]}, controller, dev and broker in $PWD"
+echo "site CA and certificates for ${nodes[*]}, controller, operator, ${devices[*]:-no device} and broker in $PWD"

@@ -1,6 +1,6 @@
-"""A fleet of simulated devices sharing one bus connection, each with its own CoAP socket.
+"""A fleet of simulated devices, each with its own bus connection and its own CoAP socket.
 
-The library face of ``fogmig device-sim``: ``DeviceFleet(devices=..., gateways=..., bus=...,
+The library face of ``fogmig device-sim``: ``DeviceFleet(devices=..., gateways=..., buses=...,
 out=...)``, ``await fleet.run(duration)``, ``on_event`` for a live view, ``summary()``. It moves
 the devices on their roaming plans, announces every attachment on the bus and listens there
 for migrations of the devices' services.
@@ -61,9 +61,11 @@ def migration_seen(done: MigrationDone) -> MigrationSeen:
 class DeviceFleet:
     """Devices that post to their services on their current gateways and measure what they see.
 
-    ``gateways`` maps each gateway's name to its data address. ``bus`` (optional, opened by the
-    caller) carries the attachments and the migration events; without it the devices still
-    roam, silently. ``out`` receives ``timeline.csv``, ``events.jsonl`` and ``summary.json``.
+    ``gateways`` maps each gateway's name to its data address. ``buses`` (optional, opened by
+    the caller) gives every device its own connection, with its own certificate: the broker
+    lets a device announce only its own attachment. The first one also carries the migration
+    events; without buses the devices still roam, silently. ``out`` receives
+    ``timeline.csv``, ``events.jsonl`` and ``summary.json``.
     ``netns`` makes the devices' CoAP sockets in that network namespace (the device host's),
     so a caller outside it can still run the fleet in-process; ``port`` replaces the real CoAP
     contexts (tests).
@@ -74,7 +76,7 @@ class DeviceFleet:
         *,
         devices: Sequence[DeviceConfig],
         gateways: Mapping[str, str],
-        bus: Bus | None = None,
+        buses: Mapping[str, Bus] | None = None,
         out: Path | None = None,
         settings: RequestSettings | None = None,
         on_event: EventHandler | None = None,
@@ -96,7 +98,11 @@ class DeviceFleet:
         self.settings = settings or RequestSettings()
         self.gateways = dict(gateways)
         self.out = out
-        self.bus = bus
+        if buses is not None:
+            lacking = [n for n in names if n not in buses]
+            if lacking:
+                raise ConfigError(f"no bus connection for device(s) {', '.join(lacking)}")
+        self.buses = dict(buses) if buses is not None else None
         self.netns = netns
         self.migrations: list[MigrationSeen] = []
         self.attach_published = 0
@@ -207,13 +213,15 @@ class DeviceFleet:
     # --- roaming -----------------------------------------------------------------------------
 
     async def _publish_attach(self, device: Device) -> bool:
-        if self.bus is None:
+        if self.buses is None:
             return False
         attach = DeviceAttach(
             device=device.name, gateway=device.gateway, at=time.time(), service=device.service
         )
         try:
-            await self.bus.publish(topics.attach(device.name), attach, timeout=ATTACH_TIMEOUT_S)
+            await self.buses[device.name].publish(
+                topics.attach(device.name), attach, timeout=ATTACH_TIMEOUT_S
+            )
         except (BusError, SchemaError) as exc:
             self.attach_failed += 1
             log.warning(
@@ -244,10 +252,11 @@ class DeviceFleet:
 
     @contextlib.asynccontextmanager
     async def _watching_migrations(self) -> AsyncIterator[None]:
-        if self.bus is None:
+        if not self.buses:
             yield
             return
-        async with self.bus.subscribe(topics.events()) as events:
+        bus = next(iter(self.buses.values()))
+        async with bus.subscribe(topics.events()) as events:
             task = asyncio.create_task(self._watch(events), name="fleet-migrations")
             try:
                 yield

@@ -1,5 +1,5 @@
 """Running N simulated devices on the testbed's device host: their services, roaming plans and
-starting gateways, the device host's bus connection, and the fleet run itself.
+starting gateways, their bus connections (one each), and the fleet run itself.
 """
 
 from __future__ import annotations
@@ -8,8 +8,7 @@ import asyncio
 import contextlib
 import signal
 import time
-import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ class SimOptions:
     check_every_s: float = 30.0
     seed: int = 0
     bus: bool = True
-    """Announce each attachment on the bus (as the device host's user)."""
+    """Announce each attachment on the bus (each device with its own certificate)."""
 
 
 def parse_service(text: str) -> tuple[str, int]:
@@ -94,23 +93,6 @@ def roaming_plan(
 
 def default_out_dir() -> Path:
     return paths.state_dir() / "device-sim" / time.strftime("%Y%m%d-%H%M%S")
-
-
-@contextlib.asynccontextmanager
-async def _device_bus(state: Any) -> AsyncIterator[Any]:
-    from fogmig.platform.bus.client import Bus
-    from fogmig.platform.security.identity import Identity
-    from fogmig.platform.testbed.mqtt import bus_access
-
-    access = bus_access(Identity.device(state.device_host.name), state)
-    async with Bus(
-        host=access.host,
-        port=access.port,
-        tls=access.tls,
-        client_id=access.client_id(f"sim-{uuid.uuid4().hex[:8]}"),
-        known_nodes=access.known_nodes,
-    ) as bus:
-        yield bus
 
 
 async def service_locations(bus: Any, services: set[str]) -> dict[str, str]:
@@ -169,11 +151,19 @@ async def run_device_sim(
         check_every_s=options.check_every_s or None,
     )
     out = options.out
+    device_names = [f"{options.device_prefix}{i}" for i in range(len(services))]
     async with contextlib.AsyncExitStack() as stack:
-        bus = None if not options.bus else await stack.enter_async_context(_device_bus(state))
+        buses = None
+        if options.bus:
+            from fogmig.platform.testbed.devices import device_buses
+
+            bound = {
+                name: service for name, (service, _) in zip(device_names, services, strict=True)
+            }
+            buses = await stack.enter_async_context(device_buses(bound, state))
         located: dict[str, str] = {}
-        if bus is not None and options.gateway is None:
-            located = await service_locations(bus, {s for s, _ in services})
+        if buses and options.gateway is None:
+            located = await service_locations(next(iter(buses.values())), {s for s, _ in services})
         devices = []
         for i, (service, port) in enumerate(services):
             start = options.gateway or located.get(service) or names[i % len(names)]
@@ -186,7 +176,7 @@ async def run_device_sim(
             )
             devices.append(
                 DeviceConfig(
-                    name=f"{options.device_prefix}{i}",
+                    name=device_names[i],
                     service=service,
                     port=port,
                     gateway=start,
@@ -196,7 +186,7 @@ async def run_device_sim(
         fleet = DeviceFleet(
             devices=devices,
             gateways=gateways,
-            bus=bus,
+            buses=buses,
             out=out,
             settings=settings,
             on_event=on_event,

@@ -9,6 +9,7 @@ again, a redelivery after a broker restart) is refused instead of run twice.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from fogmig.platform.base.errors import FogmigError
@@ -25,6 +26,11 @@ class CommandRefusedError(FogmigError):
     """A command that is stale, from the future, or a replay of one already taken."""
 
 
+class CommandReplayedError(CommandRefusedError):
+    """A command whose id this node took before: a sender that restarted and asks again
+    learns from this refusal that its command was taken."""
+
+
 @dataclass(slots=True, kw_only=True)
 class Admission:
     """The ids of the commands a node took in the last ``max_age_s + max_skew_s``."""
@@ -32,6 +38,8 @@ class Admission:
     max_age_s: float = MAX_AGE_S
     max_skew_s: float = MAX_SKEW_S
     max_remembered: int = MAX_REMEMBERED
+    on_taken: Callable[[], None] | None = None
+    """Called once an id is taken, before the command runs (to save the ids taken)."""
     _taken: OrderedDict[str, float] = field(default_factory=OrderedDict)
     """command id -> its ``at``, oldest taken first."""
 
@@ -51,10 +59,22 @@ class Admission:
                 hint="are the sender's and this node's clocks synchronised?",
             )
         if command_id in self._taken:
-            raise CommandRefusedError(f"command {command_id} was already taken: a replay")
+            raise CommandReplayedError(f"command {command_id} was already taken: a replay")
         self._taken[command_id] = at
         while len(self._taken) > self.max_remembered:
             self._taken.popitem(last=False)
+        if self.on_taken is not None:
+            self.on_taken()
+
+    def taken(self) -> dict[str, float]:
+        """The ids taken within the window and their ``at`` (to save across a restart)."""
+        return dict(self._taken)
+
+    def restore(self, taken: dict[str, float], now: float) -> None:
+        """Ids saved before a restart: they stay refused as replays within the window."""
+        for command_id, at in sorted(taken.items(), key=lambda item: item[1]):
+            self._taken.setdefault(command_id, at)
+        self._forget(now)
 
     def _forget(self, now: float) -> None:
         horizon = now - self.max_age_s - self.max_skew_s

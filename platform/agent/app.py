@@ -112,7 +112,8 @@ class Agent(CommandHandling):
                 tls=broker_client_context(cfg.identity),
                 username=cfg.mqtt_username if cfg.mqtt_password is not None else None,
                 password=cfg.mqtt_password,
-                client_id=f"{self.node}-agent",
+                # The site's broker names the client by its certificate (the node) anyway.
+                client_id=self.node,
                 will=will,
                 on_invalid=self._on_invalid,
             ) as bus,

@@ -79,6 +79,7 @@ class CommandHandling(HandoverWiring, LinkProbing):
                 # From now on the node reports draining; the controller moves its services
                 # off and never onto it, and the node reports empty when they are gone.
                 self.draining = True
+                self.save_memory()
                 await self.bus.publish(
                     topics.events(self.node), accept(self.node, command.command_id)
                 )

@@ -1,7 +1,7 @@
 """Asking an agent to migrate one of its services, from outside the platform's controller.
 
 :func:`request_migration` finds the node that runs the service, sends it a migrate command as
-the testbed's controller principal and follows the migration's events until it ends.
+the testbed's operator principal and follows the migration's events until it ends.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ async def request_migration(
         reason="requested on the command line",
     )
     async with (
-        open_testbed_bus("cli") as bus,
+        open_testbed_bus("operator") as bus,
         bus.subscribe(topics.events(source)) as events,
     ):
         await bus.request(source, command, timeout=15.0)

@@ -72,6 +72,7 @@ class StatusReporting(AgentState):
             services=services or [],
             links=list(self.links.values()),
             draining=self.draining,
+            migrating=sorted(self.migrating) if online else [],
             capabilities=NodeCapabilities(
                 criu_version=caps.version,
                 postcopy=caps.postcopy,

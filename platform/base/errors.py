@@ -129,3 +129,15 @@ class FenceFiredError(FenceError):
     """The fence fired, or its lease ran out: the copy it guards is dead and must stay dead."""
 
     hint = "the migration cannot commit any more; tombstone it (fenced)"
+
+
+class StateFileError(FogmigError):
+    """A daemon's saved state is unreadable, corrupt, of another format or of another site.
+
+    The file is moved aside (``kept``) and the daemon starts without it, so a bad file never
+    makes it fail at every start.
+    """
+
+    def __init__(self, message: str, *, kept: Path | None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.kept = kept

@@ -37,3 +37,8 @@ def node_dir(node: str) -> Path:
 def records_dir() -> Path:
     """Migration records (JSON per migration, one CSV appended)."""
     return state_dir() / "records"
+
+
+def controller_state_file() -> Path:
+    """Where the controller keeps what must outlive its restart (FOGMIG_STATE_DIR)."""
+    return state_dir() / "controller" / "state.json"

@@ -43,6 +43,11 @@ __all__ = ["Bus", "Received", "Subscription", "backoff_delay"]
 
 log = logging.getLogger(__name__)
 
+SHORT_LIVED_S = 5.0
+"""A connection the broker closes sooner than this after taking it does not reset the backoff."""
+FLAPPING_AFTER = 3
+"""Short-lived connections in a row after which the bus says why that may be."""
+
 T = TypeVar("T")
 InvalidHandler = Callable[[str, bytes, SchemaError], None]
 
@@ -107,7 +112,9 @@ class Bus:
     when the connection dies abruptly, and by the bus itself on a clean close, so the node's
     status reads offline either way. ``known_nodes`` (when given) is consulted live: messages
     naming another node are rejected in both directions. ``client_id`` must be unique on the
-    broker: a second connection with the same id makes the broker drop the first.
+    broker: a second connection with the same id makes the broker drop the first. A site's
+    broker sets every client's id to its principal's name whatever it asks for
+    (``use_username_as_clientid``), so each principal has one connection at a time.
 
     ``tls`` (a client context with this principal's certificate, see
     :func:`fogmig.platform.security.broker_client_context`) is how a client proves who it is
@@ -247,8 +254,10 @@ class Bus:
         loop = asyncio.get_running_loop()
         first_deadline = loop.time() + self._connect_timeout
         attempt = 0
+        short_lived = 0  # connections in a row that the broker closed soon after it took them
         while not self._stop.is_set():
             conn: _Connection | None = None
+            connected_at = 0.0
             try:
                 client = self._new_client()
                 async with client:
@@ -257,7 +266,7 @@ class Bus:
                     self._conn = conn
                     self._connected.set()
                     self.connections += 1
-                    attempt = 0
+                    connected_at = loop.time()
                     log.info(
                         "bus %s connected to %s:%d (connection %d)",
                         self.client_id,
@@ -281,7 +290,12 @@ class Bus:
                 log.error("%s", error)
             except (aiomqtt.MqttError, BusError) as exc:
                 if conn is not None:
-                    log.warning("bus %s lost the broker: %s", self.client_id, exc)
+                    log.warning(
+                        "bus %s lost the broker: %s (if another client connected with the same "
+                        "certificate, the broker closed this one: one connection per principal)",
+                        self.client_id,
+                        exc,
+                    )
                 else:
                     log.debug("bus %s cannot connect: %s", self.client_id, exc)
             finally:
@@ -291,6 +305,23 @@ class Bus:
                     conn.lost.set()
             if self._stop.is_set():
                 break
+            if conn is not None:
+                if loop.time() - connected_at >= SHORT_LIVED_S:
+                    attempt = short_lived = 0
+                else:
+                    # The backoff keeps growing: two clients of one principal would otherwise
+                    # close each other's connection many times a second.
+                    short_lived += 1
+                    if short_lived == FLAPPING_AFTER:
+                        log.error(
+                            "bus %s: the broker closed %d connections in a row within %g s: is "
+                            "another client connected with the same certificate? The broker "
+                            "keeps one connection per principal (give each concurrent client "
+                            "its own)",
+                            self.client_id,
+                            short_lived,
+                            SHORT_LIVED_S,
+                        )
             if not first.done() and loop.time() >= first_deadline:
                 first.set_exception(
                     BusError(

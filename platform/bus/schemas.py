@@ -176,6 +176,8 @@ class NodeStatus(_Message):
     capabilities: NodeCapabilities
     links: list[LinkMeasurement] = Field(default_factory=list, max_length=MAX_LIST)
     draining: bool = False
+    migrating: list[ServiceName] = Field(default_factory=list, max_length=MAX_LIST)
+    """Services with an outgoing migration under way on this node (not in ``services``)."""
 
 
 # --- commands ----------------------------------------------------------------------------

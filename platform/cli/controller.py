@@ -41,6 +41,8 @@ _STYLES = {
     EventKind.GAVE_UP: "red",
     EventKind.LOST: "red",
     EventKind.HOLD: "dim",
+    EventKind.RESUMED: "bold",
+    EventKind.STATE_REJECTED: "red",
 }
 
 
@@ -80,13 +82,15 @@ def _cmd_controller(args: argparse.Namespace) -> int:
         objective=args.objective,
         decision_log=args.decision_log or default_decision_log(),
         cost_constants=constants,
+        state_file=None if args.no_state else (args.state_file or paths.controller_state_file()),
     )
     console.print(
         f"controller: debounce {config.debounce_s:g} s, load > {config.load_threshold:g} for "
         f"{config.load_reports} reports, objective {config.objective}, assumed link "
         f"{config.default_link.throughput_mbit_per_s:g} Mbit/s / "
         f"{config.default_link.rtt_s * 1000:g} ms; decisions in {config.decision_log}; "
-        f"cost constants {'from ' + str(args.constants) if args.constants else 'the defaults'}"
+        f"cost constants {'from ' + str(args.constants) if args.constants else 'the defaults'}; "
+        f"state {config.state_file or 'not kept'}"
     )
     run_async(lambda: run_controller(config, on_event=LiveView(console)))
     return 0
@@ -105,7 +109,7 @@ def _cmd_drain(args: argparse.Namespace) -> int:
         )
 
     async def go() -> float:
-        async with open_testbed_bus("drain") as bus:
+        async with open_testbed_bus("operator") as bus:
             return await drain_node(bus, args.node, timeout=args.timeout, on_update=console.print)
 
     took = run_async(go)
@@ -153,6 +157,17 @@ def register(sub: Any) -> None:
         default=None,
         metavar="FILE",
         help="the cost model's constants, as `fogmig calibrate` writes them (default: built-in)",
+    )
+    p.add_argument(
+        "--state-file",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="what outlives a restart: attachments, drains, queued and running migrations "
+        "(default: <state dir>/controller/state.json)",
+    )
+    p.add_argument(
+        "--no-state", action="store_true", help="keep nothing across a restart (start empty)"
     )
     p.set_defaults(func=_cmd_controller)
 

@@ -1,8 +1,9 @@
 """``fogmig device-sim``: N simulated devices on the testbed's device host, measured.
 
-The command re-enters the device host's network namespace by itself, announces each device's
-attachment as the device host's bus user, and ends with a summary on the terminal and, with
-the timeline, in the output directory.
+The command re-enters the device host's network namespace by itself, has the testbed issue each
+device its own certificate (bound to the device's service), announces each device's attachment
+on that device's own bus connection, and ends with a summary on the terminal and, with the
+timeline, in the output directory.
 """
 
 from __future__ import annotations

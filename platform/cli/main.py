@@ -32,6 +32,7 @@ COMMAND_MODULES = (
     "fogmig.platform.cli.policycheck",
     "fogmig.platform.cli.device_sim",
     "fogmig.platform.cli.demo",
+    "fogmig.platform.cli.soak",
 )
 
 err_console = Console(stderr=True)

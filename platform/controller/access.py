@@ -1,26 +1,32 @@
-"""The testbed's broker as the controller principal: a bus client with its certificate.
+"""The testbed's broker as the controller or the operator: a bus client with its certificate.
 
-The controller, ``fogmig drain``, ``fogmig migrate`` and the demo speak to the agents as the
-testbed's ``controller`` principal (the broker's ACL lets it command every node).
+The controller daemon (and the demo, which runs one in-process) is the ``controller``
+principal; the command line (``fogmig migrate``, ``fogmig drain``) is the ``operator``, whose
+ACL lets it command nodes and read the bus. The broker binds a client id to its principal, so
+each has one connection at a time: the two are distinct so that a command does not disconnect
+a running controller.
 """
 
 from __future__ import annotations
 
-import uuid
+from typing import Literal
 
 from fogmig.platform.bus.client import Bus
 
+Role = Literal["controller", "operator"]
 
-def open_testbed_bus(client: str) -> Bus:
-    """A bus client with the controller's certificate on the testbed's broker."""
+
+def open_testbed_bus(role: Role) -> Bus:
+    """A bus client with the certificate of ``role`` on the testbed's broker."""
     from fogmig.platform.security.identity import Identity
     from fogmig.platform.testbed.mqtt import bus_access
 
-    access = bus_access(Identity.controller())
+    identity = Identity.controller() if role == "controller" else Identity.operator()
+    access = bus_access(identity)
     return Bus(
         host=access.host,
         port=access.port,
         tls=access.tls,
-        client_id=access.client_id(f"{client}-{uuid.uuid4().hex[:8]}"),
+        client_id=access.client_id,
         known_nodes=access.known_nodes,
     )

@@ -32,6 +32,10 @@ class EventKind(StrEnum):
     PROGRESS = "progress"
     REFUSED = "refused"
     """A message the controller does not take: dated in its future, or one device too many."""
+    RESUMED = "resumed"
+    """The controller took the state it saved before it stopped."""
+    STATE_REJECTED = "state_rejected"
+    """The saved state was corrupt or of another site: set aside, the controller starts empty."""
 
 
 WARNINGS: Final = frozenset(
@@ -41,6 +45,7 @@ WARNINGS: Final = frozenset(
         EventKind.GAVE_UP,
         EventKind.LOST,
         EventKind.REFUSED,
+        EventKind.STATE_REJECTED,
     }
 )
 """Kinds the controller logs as warnings (the rest at INFO, holds at DEBUG)."""
@@ -78,6 +83,9 @@ class Launch:
     source: str
     command: MigrateCommand
     decision: Decision
+    resend: bool = False
+    """The same command again, after a restart of the controller: its decision was published
+    already, and an agent that took it refuses it as a replay."""
 
 
 Action = Launch | ControllerEvent
@@ -109,6 +117,12 @@ class InFlight:
     attempts: int
     sent_at: float
     acked: bool = False
+    resumed: bool = False
+    """Sent by this controller before it restarted: its MigrationDone may have gone by."""
+    acked_wall: float = 0.0
+    """Wall clock when the source took the command (or when the controller resumed)."""
+    ended_seen: float | None = None
+    """When the source's status first showed no migration of the service under way."""
 
     @property
     def destination(self) -> str:

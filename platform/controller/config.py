@@ -63,6 +63,12 @@ class ControllerConfig:
     retry_max_s: float = 30.0
     max_attempts: int = 8
     decision_log: Path | None = None
+    state_file: Path | None = None
+    """Where the controller keeps what must outlive a restart (``None``: nothing is kept)."""
+    site: str | None = None
+    """The site the state belongs to: a state file saved for another is not taken."""
+    save_debounce_s: float = 1.0
+    """Changes of attachments alone are saved at most this often; moves and drains at once."""
 
     def __post_init__(self) -> None:
         if self.debounce_s < 0:
@@ -80,6 +86,8 @@ class ControllerConfig:
             )
         if not 0 < self.retry_initial_s <= self.retry_max_s:
             raise ConfigError("need 0 < retry_initial_s <= retry_max_s")
+        if self.save_debounce_s < 0:
+            raise ConfigError(f"save debounce must be >= 0 s, got {self.save_debounce_s}")
         if self.ack_timeout_s <= 0 or self.done_timeout_s <= 0:
             raise ConfigError("timeouts must be > 0")
 
@@ -89,11 +97,15 @@ class ControllerConfig:
 
 
 def config_for_testbed(**overrides: Any) -> ControllerConfig:
-    """The controller's configuration on the testbed: links default to the testbed's profile."""
+    """The controller's configuration on the testbed: links default to the testbed's profile,
+    and the site a state file must belong to is this testbed (``state_file`` is not set: the
+    daemon sets it, an in-process controller keeps nothing unless asked)."""
     from fogmig.platform.testbed.state import load_state
 
-    profile = load_state().profile
+    state = load_state()
+    profile = state.profile
     link = LinkConditions.from_mbit(profile.rate_mbit, profile.rtt_ms)
+    overrides.setdefault("site", f"testbed@{state.created_at:.6f}")
     return ControllerConfig(default_link=link, **overrides)
 
 

@@ -84,6 +84,8 @@ class Registry:
         self._claims: dict[str, _Claims] = {}
         self._device_of: dict[str, str] = {}  # service -> the device that last named it
         self._snapshot: list[placement.NodeSnapshot] | None = None
+        self.attach_revision = 0
+        """Grows with every change of a device's gateway, service or settling."""
 
     # --- updates ---------------------------------------------------------------------
 
@@ -95,6 +97,7 @@ class Registry:
         if known is None:
             att = Attachment(msg.device, msg.gateway, msg.service, msg.at, since=now)
             self.attachments[msg.device] = att
+            self.attach_revision += 1
             return AttachChange(att, moved=True)
         known.at = msg.at
         if known.gateway == msg.gateway and known.service == msg.service:
@@ -105,9 +108,19 @@ class Registry:
         known.since = now
         known.generation += 1
         known.settled = False
+        self.attach_revision += 1
         if previous != msg.service and self._device_of.get(previous) == msg.device:
             del self._device_of[previous]
         return AttachChange(known, moved=True, previous_service=previous)
+
+    def restore_attachment(self, att: Attachment) -> None:
+        """An attachment saved before a restart (older than any message that follows)."""
+        self.attachments[att.device] = att
+        self._device_of[att.service] = att.device
+
+    def moved_hints(self) -> dict[str, tuple[str, float]]:
+        """Service -> (destination, wall time) of the migrations that completed."""
+        return {s: c.moved for s, c in self._claims.items() if c.moved is not None}
 
     def update_status(self, msg: NodeStatus) -> StatusChange:
         previous = self.nodes.get(msg.node)

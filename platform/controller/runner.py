@@ -36,7 +36,7 @@ from fogmig.platform.bus.schemas import (
     NodeStatus,
     ServicePresence,
 )
-from fogmig.platform.bus.topics import TopicKind, topics
+from fogmig.platform.bus.topics import TopicKind, parse_topic, topics
 from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.controller.actions import (
     WARNINGS,
@@ -47,6 +47,9 @@ from fogmig.platform.controller.actions import (
 )
 from fogmig.platform.controller.config import ControllerConfig
 from fogmig.platform.controller.core import ControllerCore
+from fogmig.platform.controller.devices import DeviceDirectory, attach_refusal
+from fogmig.platform.controller.saved import give_back, take
+from fogmig.platform.controller.store import ControllerStore, SaveSchedule, durable_key
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +72,8 @@ class ControllerStats:
     """Messages the bus dropped because the controller did not keep up."""
     rejected_messages: int = 0
     """Messages whose handling failed: each rejected with one log line, the loop went on."""
+    refused_attach: int = 0
+    """Attachments of unknown devices or naming a service their device does not use."""
 
     def to_dict(self) -> dict[str, int]:
         return {
@@ -82,6 +87,7 @@ class ControllerStats:
             "send_failed": self.send_failed,
             "dropped": self.dropped,
             "rejected_messages": self.rejected_messages,
+            "refused_attach": self.refused_attach,
         }
 
 
@@ -90,10 +96,12 @@ class _Stopped(Exception):
 
 
 class Controller:
-    """The controller on a bus: ``await Controller(config, bus).run(stop)``.
+    """The controller on a bus: ``await Controller(config, bus, devices=...).run(stop)``.
 
-    ``on_event`` receives every :class:`ControllerEvent` (decisions, outcomes, holds, drain
-    progress and migration progress) for a live view; ``ready`` is set once the subscriptions
+    ``devices`` says which service each device may speak for (attachments naming another, or
+    of a device it does not know, are refused); ``on_event`` receives every
+    :class:`ControllerEvent` (decisions, outcomes, holds, drain progress and migration
+    progress) for a live view; ``ready`` is set once the subscriptions
     are in place.
     """
 
@@ -102,12 +110,14 @@ class Controller:
         config: ControllerConfig,
         bus: Bus,
         *,
+        devices: DeviceDirectory,
         on_event: EventCallback | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
         self.bus = bus
+        self.devices = devices
         self.core = ControllerCore(config, wall_clock=wall_clock)
         self.stats = ControllerStats()
         self.ready = asyncio.Event()
@@ -121,6 +131,14 @@ class Controller:
         self._subs: list[Subscription] = []
         self._halt = asyncio.Event()
         self._error: FogmigError | None = None
+        self.store = (
+            ControllerStore(path=config.state_file, site=config.site)
+            if config.state_file is not None
+            else None
+        )
+        """The state file, if the controller keeps one."""
+        self._schedule = SaveSchedule(debounce_s=config.save_debounce_s)
+        self._resend: list[Action] = []
 
     def counters(self) -> dict[str, int]:
         """The counters now, including messages the bus had to drop so far."""
@@ -136,6 +154,8 @@ class Controller:
                     path = self.config.decision_log
                     path.parent.mkdir(parents=True, exist_ok=True)
                     self._log_file = stack.enter_context(path.open("a", buffering=1))
+                # After the log is open: what was resumed or set aside goes into it too.
+                self._resume()
                 # Status and presence first: their retained messages give the picture the
                 # first attach events are judged against.
                 for pattern in (
@@ -151,6 +171,8 @@ class Controller:
                     for sub in self._subs:
                         tg.create_task(self._read(sub, stop), name=f"controller:{sub.pattern}")
                     tg.create_task(self._clock_loop(), name="controller:clock")
+                    self._apply(self._resend)
+                    self._resend = []
                     stopped = tg.create_task(stop.wait())
                     halted = tg.create_task(self._halt.wait())
                     self.ready.set()
@@ -160,6 +182,7 @@ class Controller:
             pass
         finally:
             self._tg = None
+            self._persist(self._clock(), force=True)
             self.stats.dropped = sum(s.dropped for s in self._subs)
             self._subs.clear()
             self._log_file = None
@@ -186,6 +209,7 @@ class Controller:
             actions = self._dispatch(topic, msg, now)
             actions += self.core.tick(now)
             self._apply(actions)
+            self._persist(now)
             self._rearm()
         except Exception as exc:
             self.stats.rejected_messages += 1
@@ -197,6 +221,11 @@ class Controller:
         match msg:
             case DeviceAttach():
                 stats.attach_events += 1
+                nodes = self.bus.known_nodes or ()
+                refusal = attach_refusal(parse_topic(topic).device, msg, self.devices, nodes=nodes)
+                if refusal is not None:
+                    stats.refused_attach += 1
+                    return [ControllerEvent(EventKind.REFUSED, self._wall(), refusal)]
                 return core.on_attach(msg, now)
             case NodeStatus():
                 stats.status_events += 1
@@ -224,12 +253,75 @@ class Controller:
                 pass
         return []
 
+    # --- the state file --------------------------------------------------------------
+
+    def _resume(self) -> None:
+        """Take the saved state, if any, before the first message."""
+        if self.store is None:
+            return
+        saved, error = self.store.load()
+        if error is not None:
+            log.error("controller: %s (%s)", error, error.hint)
+            self._emit(
+                ControllerEvent(
+                    EventKind.STATE_REJECTED,
+                    self._wall(),
+                    str(error),
+                    data={"kept": str(error.kept) if error.kept else None, "hint": error.hint},
+                )
+            )
+        if saved is None:
+            return
+        self._resend = give_back(self.core, saved, self._clock())
+        core = self.core
+        self._emit(
+            ControllerEvent(
+                EventKind.RESUMED,
+                self._wall(),
+                f"resumed from {self.store.path}: {len(core.registry.attachments)} device(s), "
+                f"{len(core.pending)} move(s) queued, {len(core.inflight)} in flight "
+                f"({len(self._resend)} to ask again), "
+                f"{len(core.draining)} node(s) draining",
+                data={
+                    "devices": len(core.registry.attachments),
+                    "pending": sorted(core.pending),
+                    "inflight": sorted(core.inflight),
+                    "draining": sorted(core.draining),
+                },
+            )
+        )
+        self._schedule.written(durable_key(core), core.registry.attach_revision)
+
+    def _persist(self, now: float, *, force: bool = False) -> None:
+        """Write the state when the schedule says so; before any command it names is sent
+        (the sends run as tasks after this returns)."""
+        if self.store is None:
+            return
+        core = self.core
+        key, revision = durable_key(core), core.registry.attach_revision
+        when = self._schedule.decide(key, revision, now)
+        if when == "no" or (when == "later" and not force):
+            return
+        try:
+            self.store.save(take(core, now, site=self.config.site))
+        except (OSError, ValueError) as exc:
+            log.error("controller: its state was not saved to %s: %s", self.store.path, exc)
+            return
+        self._schedule.written(key, revision)
+
+    def _next_due(self) -> float | None:
+        due, save = self.core.next_due(), self._schedule.due
+        if due is None or (save is not None and save < due):
+            return save
+        return due
+
     # --- output ------------------------------------------------------------------------
 
     def _apply(self, actions: list[Action]) -> None:
         for action in actions:
             if isinstance(action, Launch):
-                self.stats.decisions += 1
+                if not action.resend:
+                    self.stats.decisions += 1
                 assert self._tg is not None
                 self._tg.create_task(self._send(action), name=f"send:{action.command.service}")
             else:
@@ -238,15 +330,27 @@ class Controller:
     async def _send(self, launch: Launch) -> None:
         cmd = launch.command
         assert self._tg is not None
-        # Published alongside, not before: the command must not wait for the decision's PUBACK.
-        self._tg.create_task(self._publish_decision(launch.decision))
+        if not launch.resend:
+            # Alongside, not before: the command must not wait for the decision's PUBACK.
+            self._tg.create_task(self._publish_decision(launch.decision))
         try:
             await self.bus.request(launch.source, cmd, self.config.ack_timeout_s)
         except CommandRejectedError as exc:
-            self.stats.rejected += 1
             actions = self.core.on_rejected(
-                cmd.service, cmd.command_id, exc.ack.reason or "no reason given", self._clock()
+                cmd.service,
+                cmd.command_id,
+                exc.ack.reason or "no reason given",
+                self._clock(),
+                error_type=exc.ack.error_type,
             )
+            # A command sent again after a restart and refused as a replay was taken before.
+            taken = any(
+                isinstance(a, ControllerEvent) and a.kind is EventKind.ACCEPTED for a in actions
+            )
+            if taken:
+                self.stats.accepted += 1
+            else:
+                self.stats.rejected += 1
         except FogmigError as exc:
             self.stats.send_failed += 1
             actions = self.core.on_send_failed(cmd.service, cmd.command_id, str(exc), self._clock())
@@ -256,6 +360,7 @@ class Controller:
         try:
             actions += self.core.tick(self._clock())
             self._apply(actions)
+            self._persist(self._clock())
             self._rearm()
         except Exception as exc:
             log.warning("controller: after the answer to %s: %s", cmd.command_id, fmt.error(exc))
@@ -284,7 +389,7 @@ class Controller:
 
     def _rearm(self) -> None:
         """Wake the clock loop if the core now has work earlier than the loop sleeps."""
-        due = self.core.next_due()
+        due = self._next_due()
         if due is not None and (self._sleep_until is None or due < self._sleep_until):
             self._wake.set()
 
@@ -294,9 +399,10 @@ class Controller:
             now = self._clock()
             try:
                 self._apply(self.core.tick(now))
+                self._persist(now)
             except Exception as exc:
                 log.warning("controller: a timer failed: %s", fmt.error(exc))
-            due = self.core.next_due()
+            due = self._next_due()
             self._sleep_until = due
             timeout = None if due is None else max(0.0, due - self._clock())
             with contextlib.suppress(TimeoutError):
@@ -331,7 +437,9 @@ async def run_controller(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    from fogmig.platform.testbed.devices import TestbedDevices
+
     with single_instance(paths.run_dir() / "controller.lock"):
         async with open_testbed_bus("controller") as bus:
-            controller = Controller(config, bus, on_event=on_event)
+            controller = Controller(config, bus, devices=TestbedDevices(), on_event=on_event)
             await controller.run(stop)

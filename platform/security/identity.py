@@ -1,8 +1,12 @@
-"""Who a principal of the platform is: a kind (node, device, controller, broker) and a name.
+"""Who a principal of the platform is: a kind (node, device, controller, operator, broker) and
+a name.
 
 Certificates carry the identity as a URI subject alternative name (``fogmig:node:gw1``,
-``fogmig:device:d1``, ``fogmig:controller``, ``fogmig:broker``) and its principal name as the
-common name (``gw1``, ``d1``, ``controller``, ``broker``), which is also the MQTT user name.
+``fogmig:device:d1``, ``fogmig:controller``, ``fogmig:operator``, ``fogmig:broker``) and its
+principal name as the common name (``gw1``, ``d1``, ``controller``, ``operator``, ``broker``),
+which is also the MQTT user name and, the broker binding them, the MQTT client id: one live
+connection per principal. The controller daemon and the command line (the operator) are two
+principals so that they can be connected at once.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import Literal, get_args
 from fogmig.platform.base.errors import IdentityError
 from fogmig.platform.base.nodes import NODE_NAME
 
-PrincipalKind = Literal["node", "device", "controller", "broker"]
+PrincipalKind = Literal["node", "device", "controller", "operator", "broker"]
 KINDS: tuple[PrincipalKind, ...] = get_args(PrincipalKind)
 NAMED_KINDS: frozenset[PrincipalKind] = frozenset({"node", "device"})
 """Kinds with many principals, each with its own name; the others exist once per site."""
@@ -22,11 +26,12 @@ URI_SCHEME = "fogmig"
 
 @dataclass(frozen=True, kw_only=True)
 class Identity:
-    """A principal: ``node``/``device`` with a name, or the site's one ``controller``/``broker``."""
+    """A principal: ``node``/``device`` with a name, or the site's one ``controller``,
+    ``operator`` or ``broker``."""
 
     kind: PrincipalKind
     name: str | None = None
-    """The node's or device's name (the node-name rule); None for the controller and broker."""
+    """The node's or device's name (the node-name rule); None for the site's single principals."""
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -38,6 +43,8 @@ class Identity:
                     "digits, starting with a letter (e.g. gw1)"
                 )
             # A node named "controller" would share the controller's common name (and MQTT user).
+            # Node and device names share that space too: the site issues no device a node's
+            # name (fogmig.platform.testbed.devices).
             if self.name in KINDS:
                 raise IdentityError(f"{self.kind} name {self.name!r} is reserved")
         elif self.name is not None:
@@ -54,6 +61,11 @@ class Identity:
     @classmethod
     def controller(cls) -> Identity:
         return cls(kind="controller")
+
+    @classmethod
+    def operator(cls) -> Identity:
+        """The command line's principal (``fogmig migrate``, ``fogmig drain``)."""
+        return cls(kind="operator")
 
     @classmethod
     def broker(cls) -> Identity:

@@ -456,6 +456,7 @@ async def down(state: TestbedState | None = None, *, progress: Progress = _quiet
         node_dir = paths.node_dir(node)
         for entry in (
             node_dir / "handover.jsonl",
+            node_dir / "agent-state.json",
             node_dir / "incoming",
             node_dir / "outgoing",
             paths.run_dir() / "nodes" / node / "fences",
@@ -464,6 +465,16 @@ async def down(state: TestbedState | None = None, *, progress: Progress = _quiet
                 with contextlib.suppress(OSError, FogmigError):
                     remove_tree(entry)  # never crosses into a mount CRIU may have left
                 report.files.append(str(entry))
+    # The controller's saved state names this testbed's migrations and drained nodes.
+    controller_state = paths.controller_state_file()
+    for entry in (
+        controller_state,
+        controller_state.with_name(controller_state.name + ".rejected"),
+    ):
+        if entry.exists():
+            with contextlib.suppress(OSError):
+                entry.unlink()
+            report.files.append(str(entry))
     remove_state()
     if remove_pki():
         report.files.append(str(pki_dir()))

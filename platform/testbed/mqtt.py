@@ -1,8 +1,9 @@
 """How a principal of the testbed reaches its broker: address, port and TLS context.
 
-Every client of the testbed's bus (agents, the controller, the device host, the demo, the
-command line) proves who it is with its certificate from the testbed's site CA; the broker takes
-the certificate's common name as the user name its ACL is written for.
+Every client of the testbed's bus (agents, the controller, the operator's command line, each
+device) proves who it is with its certificate from the testbed's site CA; the broker takes the
+certificate's common name as the user name its ACL is written for, and as the client id: a
+second connection of one principal makes the broker close the first.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from fogmig.platform.testbed.state import TestbedState, load_state
 
 @dataclass(frozen=True, kw_only=True)
 class BusAccess:
-    """What a bus client of one principal needs (``Bus(**access.kwargs(), client_id=...)``)."""
+    """What a bus client of one principal needs (``Bus(host=..., client_id=access.client_id,
+    ...)``)."""
 
     host: str
     port: int
@@ -27,9 +29,11 @@ class BusAccess:
     principal: str
     """The certificate's common name: the broker's user name for this client."""
 
-    def client_id(self, suffix: str) -> str:
-        """A client id of this principal: its name first, so the broker's log says who it is."""
-        return f"{self.principal}-{suffix}"
+    @property
+    def client_id(self) -> str:
+        """The client id the broker gives this principal whatever it asks for (its user name):
+        asking for it keeps the client's own log in line with the broker's."""
+        return self.principal
 
 
 def bus_access(identity: Identity, state: TestbedState | None = None) -> BusAccess:

@@ -2,14 +2,16 @@
 
 ``testbed up`` makes them once (a reused testbed keeps its own) in ``state_dir()/testbed/pki``
 (mode 0700, keys 0600): a fresh CA, a certificate per fog node (with its data address as an IP
-SAN), one for the device host (``fogmig:device:dev``, its MQTT user), the controller and the
-broker (with the broker's address). ``testbed down`` removes them with the other secrets: each
-run of the testbed is a site of its own, so nothing left over from an earlier run (an agent of
-a crashed run, a copied key) is trusted by the next one, and making a CA costs milliseconds.
+SAN), the controller, the operator (the command line) and the broker (with the broker's
+address). Devices get theirs on demand (``fogmig.platform.testbed.devices``), one each.
+``testbed down`` removes them with the other secrets: each run of the testbed is a site of its
+own, so nothing left over from an earlier run (an agent of a crashed run, a copied key) is
+trusted by the next one, and making a CA costs milliseconds.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -33,8 +35,8 @@ def pki_dir() -> Path:
 def testbed_identities(state: TestbedState) -> dict[Identity, list[str]]:
     """Every principal of the testbed, with the addresses its certificate carries."""
     found: dict[Identity, list[str]] = {Identity.node(n.name): [n.data_ip] for n in state.nodes}
-    found[Identity.device(state.device_host.name)] = [state.device_host.data_ip]
     found[Identity.controller()] = []
+    found[Identity.operator()] = []
     found[Identity.broker()] = [state.broker.ip]
     return found
 
@@ -51,6 +53,19 @@ def create_pki(state: TestbedState) -> list[IdentityFiles]:
     ]
 
 
+def missing_identities(state: TestbedState) -> list[Identity]:
+    """The principals of ``state`` whose certificate or key the testbed does not hold."""
+    folder = pki_dir()
+    if folder.is_dir() and not os.access(folder, os.R_OK | os.X_OK):
+        return []  # only root reads it: nothing to tell
+    missing = []
+    for identity in testbed_identities(state):
+        files = identity_files(folder, identity)
+        if not (files.cert.is_file() and files.key.is_file()):
+            missing.append(identity)
+    return missing
+
+
 def load_identity(identity: Identity) -> IdentityFiles:
     """Where the testbed keeps ``identity``'s certificate, key and the CA certificate."""
     files = identity_files(pki_dir(), identity)
@@ -58,7 +73,8 @@ def load_identity(identity: Identity) -> IdentityFiles:
     if missing:
         raise TestbedError(
             f"the testbed has no certificate for {identity} ({missing[0]} is missing)",
-            hint="fogmig testbed up",
+            hint="fogmig testbed up (a testbed made by an earlier fogmig: fogmig testbed down "
+            "first)",
         )
     return files
 

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import TestbedError, UnknownNodeError
@@ -113,6 +113,9 @@ class TestbedState(_Model):
     links: list[LinkInfo]
     linkd: LinkdInfo
     created_at: float = 0.0
+    devices: dict[str, str] = Field(default_factory=dict)
+    """The devices the site issued a certificate, each with the one service it may speak
+    for (``fogmig.platform.testbed.devices``)."""
 
     @property
     def hosts(self) -> list[NodeInfo]:

@@ -11,6 +11,7 @@ from fogmig.platform.base.nodes import runc_root
 from fogmig.platform.base.proc import run
 from fogmig.platform.testbed import broker, netns, pids
 from fogmig.platform.testbed.links import link_runtime
+from fogmig.platform.testbed.pki import missing_identities
 from fogmig.platform.testbed.state import TestbedState, load_state
 
 
@@ -31,6 +32,14 @@ async def healthy(state: TestbedState) -> list[str]:
         problems.append(f"the broker (pid {state.broker.pid}) is not running")
     if state.linkd.backend == "tun" and not pids.is_ours(state.linkd.pid, linkd_needles(state)):
         problems.append(f"the link emulator (pid {state.linkd.pid}) is not running")
+    # A testbed made by an earlier fogmig: its broker or principals are not the ones this
+    # version's clients need (e.g. no operator certificate, client ids not bound).
+    stale = broker.stale_files(state)
+    if stale:
+        problems.append(f"the broker's {' and '.join(stale)} differ from this fogmig's")
+    missing = missing_identities(state)
+    if missing:
+        problems.append(f"no certificate for {', '.join(str(i) for i in missing)}")
     return problems
 
 

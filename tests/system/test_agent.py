@@ -17,6 +17,7 @@ from fogmig.platform.bus.client import Bus, CommandRejectedError, CommandTimeout
 from fogmig.platform.bus.schemas import (
     CommandAck,
     DeployCommand,
+    DeviceAttach,
     MigrateCommand,
     NodeStatus,
     UndeployCommand,
@@ -28,7 +29,8 @@ from fogmig.platform.controller.config import config_for_testbed
 from fogmig.platform.controller.runner import Controller
 from fogmig.platform.security.identity import Identity
 from fogmig.platform.testbed.broker import restart_broker
-from fogmig.platform.testbed.mqtt import bus_access, mosquitto_client_args
+from fogmig.platform.testbed.devices import TestbedDevices, device_buses, enroll_devices
+from fogmig.platform.testbed.mqtt import mosquitto_client_args
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.services.deploy import ServiceSpec, deploy, find_service, undeploy
 
@@ -70,13 +72,14 @@ async def next_ack(bus: Bus, node: str, command_id: str, timeout: float = 10.0) 
 async def test_agent_refuses_malformed_and_impossible_commands_and_stays_up(
     testbed: TestbedState,
 ) -> None:
-    async with open_testbed_bus("test-agent") as bus:
+    async with open_testbed_bus("operator") as bus:
         # Malformed (invalid service name, unknown technique): a typed rejection by its id.
         bad = (
             b'{"version": 1, "kind": "migrate", "command_id": "bad1", "service": "NO!",'
             b' "destination": "gw2", "technique": "teleport"}'
         )
         ack_task = asyncio.create_task(next_ack(bus, "gw1", "bad1"))
+        # As the controller (none runs here): a second operator client would close ``bus``.
         await asyncio.sleep(0.3)
         await raw_publish("controller", topics.cmd("gw1"), bad)
         ack = await ack_task
@@ -96,7 +99,7 @@ async def test_agent_refuses_malformed_and_impossible_commands_and_stays_up(
 async def test_agents_survive_a_broker_restart(testbed: TestbedState) -> None:
     restarted_at = time.time()
     await restart_broker()
-    async with open_testbed_bus("test-agent") as bus:
+    async with open_testbed_bus("operator") as bus:
         # Each agent reconnects and publishes a fresh status ...
         fresh: set[str] = set()
         async with asyncio.timeout(30), bus.subscribe(topics.status()) as statuses:
@@ -111,17 +114,46 @@ async def test_agents_survive_a_broker_restart(testbed: TestbedState) -> None:
                 await bus.request(node, migrate_command("ghost", other), timeout=10)
 
 
-async def test_a_command_with_another_nodes_credentials_is_dropped(testbed: TestbedState) -> None:
-    access = bus_access(Identity.node("gw2"))
-    async with Bus(
-        host=access.host,
-        port=access.port,
-        tls=access.tls,
-        client_id=access.client_id(f"impostor-{uuid.uuid4().hex[:6]}"),
-    ) as impostor:
+async def test_a_command_with_a_devices_credentials_is_dropped(testbed: TestbedState) -> None:
+    # A device's certificate (not gw2's: the broker keeps one connection per principal, so
+    # connecting as gw2 would close gw2's agent; test_bus shows a node cannot command another).
+    async with device_buses({"impostor": "ghost"}) as buses:
+        impostor = buses["impostor"]
         # The broker acknowledges the denied publish and drops it: only the end-to-end ack tells.
         with pytest.raises(CommandTimeoutError):
             await impostor.request("gw1", migrate_command("ghost"), timeout=3)
+
+
+async def test_another_principal_cannot_take_over_an_agents_session(
+    testbed: TestbedState,
+) -> None:
+    log_path = Path(testbed.broker.log_path)
+    start = log_path.stat().st_size
+    enroll_devices({"takeover": "ghost"})
+    attach = DeviceAttach(device="takeover", gateway="gw1", at=time.time(), service="ghost")
+    async with (
+        open_testbed_bus("operator") as bus,
+        bus.subscribe(topics.status("gw1")) as statuses,
+    ):
+        # A device's certificate asking for the ids gw1's agent has had or has now.
+        for asked in ("gw1", "gw1-agent"):
+            argv = ["mosquitto_pub", *mosquitto_client_args(Identity.device("takeover"))]
+            argv += ["-i", asked, "-q", "1", "-t", topics.attach("takeover"), "-s"]
+            proc = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE)
+            await proc.communicate(attach.model_dump_json().encode())
+            assert proc.returncode == 0
+        # No last will (gw1 offline) follows: the agent's session stayed.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(2.0):
+                async for _, msg in statuses:
+                    assert not (isinstance(msg, NodeStatus) and not msg.online), msg
+        with pytest.raises(CommandRejectedError):
+            await bus.request("gw1", migrate_command("ghost"), timeout=10)
+    with log_path.open("rb") as fh:
+        fh.seek(start)
+        log = fh.read().decode(errors="replace")
+    assert "already connected" not in log
+    assert "as takeover" in log  # the broker named both by their certificate
 
 
 @pytest.mark.skipif(shutil.which("coap-client-notls") is None, reason="libcoap's client")
@@ -184,7 +216,7 @@ async def test_an_overloaded_node_sheds_a_service(testbed: TestbedState, tmp_pat
 
     stop = asyncio.Event()
     try:
-        async with open_testbed_bus("test-load") as bus:
+        async with open_testbed_bus("controller") as bus:
             # Thresholds relative to the load these services really cause on this machine:
             # gw1 is above the threshold, and one service alone fits under the target.
             load = await node_load(bus, "gw1")
@@ -196,7 +228,7 @@ async def test_an_overloaded_node_sheds_a_service(testbed: TestbedState, tmp_pat
                 load_reports=2,
                 decision_log=tmp_path / "decisions.jsonl",
             )
-            controller = Controller(config, bus, on_event=on_event)
+            controller = Controller(config, bus, devices=TestbedDevices(), on_event=on_event)
             task = asyncio.create_task(controller.run(stop))
             await asyncio.wait_for(shed.wait(), 120)
             stop.set()
@@ -219,7 +251,7 @@ async def test_an_overloaded_node_sheds_a_service(testbed: TestbedState, tmp_pat
 
 
 async def test_deploy_and_undeploy_through_the_agent(testbed: TestbedState) -> None:
-    async with open_testbed_bus("test-deploy") as bus:
+    async with open_testbed_bus("operator") as bus:
         ack = await bus.request(
             "gw2",
             DeployCommand(command_id="dep1", service="viacmd", state_mb=2, dirty_kbps=1),
@@ -239,7 +271,7 @@ async def test_deploy_and_undeploy_through_the_agent(testbed: TestbedState) -> N
             await bus.request(
                 "gw1", UndeployCommand(command_id="undep0", service="viacmd"), timeout=30
             )
-        assert replayed.value.ack.error_type == "CommandRefusedError"
+        assert replayed.value.ack.error_type == "CommandReplayedError"
         ack = await bus.request(
             "gw2", UndeployCommand(command_id="undep1", service="viacmd"), timeout=30
         )

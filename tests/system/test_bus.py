@@ -4,13 +4,16 @@ packet size limit and persistence.
 
 Round trips of every model, retained status and the last-will after a killed client, request and
 acknowledgement, timeouts, reconnection after a broker restart, a publish the ACL denies, a
-client without a certificate or with one of another CA, and retained state across a restart.
+client without a certificate or with one of another CA, client ids bound to certificates (no
+takeover of another's session), devices that write only their own attachment, and retained
+state across a restart.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import pwd
 import shutil
@@ -61,6 +64,7 @@ from fogmig.platform.security.pki import IdentityFiles, create_ca, issue, save_c
 from fogmig.platform.security.tls import broker_client_context
 from fogmig.platform.testbed.broker import (
     CONTROLLER_USER,
+    OPERATOR_USER,
     BrokerFiles,
     acl_rules,
     render_acl,
@@ -79,14 +83,17 @@ IDENTITIES = {
     CONTROLLER_USER: Identity.controller(),
     "gw1": Identity.node("gw1"),
     "gw2": Identity.node("gw2"),
-    "devhost": Identity.device("devhost"),
+    OPERATOR_USER: Identity.operator(),
+    "d1": Identity.device("d1"),
+    "d2": Identity.device("d2"),
 }
 
 
 def _acl() -> str:
     # The testbed's own rules: nodes read the whole tree and write only their own subtree, so a
-    # node cannot command another; the controller reads and writes everything.
-    return render_acl(acl_rules(NODES, device_host="devhost", controller=CONTROLLER_USER))
+    # node cannot command another; a device writes only its own attachment; the operator
+    # commands nodes; the controller reads and writes everything.
+    return render_acl(acl_rules(NODES, controller=CONTROLLER_USER, operator=OPERATOR_USER))
 
 
 def _free_port() -> int:
@@ -146,6 +153,7 @@ class Broker:
             host="127.0.0.1",
             port=self.port,
             tls=broker_client_context(self.identities[user]),
+            # Asked for, and ignored: the broker names every client by its certificate.
             client_id=f"{user}-fmbus-{os.urandom(3).hex()}",
             **kwargs,  # type: ignore[arg-type]
         )
@@ -478,7 +486,8 @@ async def test_an_invalid_command_is_answered_with_a_typed_rejection(broker: Bro
         ctl.subscribe(topics.events("gw1")) as events,
     ):
         bad = _migrate("bad-1").model_dump_json().replace('"precopy"', '"teleport"', 1)
-        await _mosquitto_pub(broker, "controller", topics.cmd("gw1"), bad.encode())
+        # As the operator: a second controller connection would close ctl's (one per principal).
+        await _mosquitto_pub(broker, OPERATOR_USER, topics.cmd("gw1"), bad.encode())
         got = await _next(events)
         assert isinstance(got.message, CommandAck)
         assert not got.message.accepted
@@ -521,7 +530,9 @@ async def test_a_publish_the_acl_denies_is_dropped_and_the_request_times_out(
     # The broker's own log shows it dropped the intruder's command.
     denied = [line for line in broker.log_path.read_text().splitlines() if "Denied PUBLISH" in line]
     assert len(denied) == 1
-    assert "gw2-fmbus" in denied[0]
+    # Named by its certificate, not by the client id it asked for.
+    assert "Denied PUBLISH from gw2 " in denied[0]
+    assert "fmbus" not in denied[0]
     assert topics.cmd("gw1") in denied[0]
 
 
@@ -726,3 +737,143 @@ async def test_streams_end_when_the_bus_closes(broker: Broker) -> None:
         bus.subscribe(topics.status())
     with pytest.raises(BusError, match="closed"):
         await bus.publish(topics.status("gw1"), _status("gw1"))
+
+
+# --- client ids bound to certificates ----------------------------------------------------------
+
+
+async def _mosquitto_pub_as(
+    broker: Broker, user: str, client_id: str, topic: str, payload: bytes
+) -> None:
+    """``mosquitto_pub`` with ``user``'s certificate asking for ``client_id``."""
+    proc = await asyncio.create_subprocess_exec(
+        "mosquitto_pub",
+        *("-h", "127.0.0.1", "-p", str(broker.port)),
+        *_tls_args(broker, user),
+        *("-i", client_id, "-q", "1", "-t", topic, "-s"),
+        stdin=asyncio.subprocess.PIPE,
+    )
+    await proc.communicate(payload)
+    assert proc.returncode == 0
+
+
+async def test_another_principal_cannot_take_over_a_session_by_its_client_id(
+    broker: Broker,
+) -> None:
+    seen: list[str] = []
+    async with _agent(broker, "gw1", seen), broker.bus("controller") as ctl:
+        agent_id = "gw1"
+        # gw2's certificate asking for gw1's ids, the one the broker gives gw1 included.
+        for asked in (agent_id, "gw1-agent", "controller"):
+            await _mosquitto_pub_as(
+                broker,
+                "gw2",
+                asked,
+                topics.status("gw2"),
+                _status("gw2").model_dump_json().encode(),
+            )
+        await asyncio.sleep(0.5)
+        # gw1's agent and the controller kept their sessions: no reconnect, commands still work.
+        ack = await ctl.request("gw1", _migrate("after"), timeout=5)
+        assert ack.accepted
+        assert ctl.connections == 1
+    assert seen == ["after"]
+    log = broker.log_path.read_text()
+    assert "gw1 already connected" not in log
+    assert "controller already connected" not in log
+    # Each of gw2's connections went in as gw2, whatever id it asked for.
+    assert "New client connected from 127.0.0.1" in log
+    assert " as gw1-agent " not in log
+
+
+async def test_one_connection_per_principal(broker: Broker) -> None:
+    # The price of binding ids to certificates: a second client of one principal closes the
+    # first (which reconnects), so every concurrent role needs its own principal.
+    async with broker.bus("gw1", backoff_initial=0.05, backoff_max=0.2) as first:
+        await _mosquitto_pub_as(
+            broker,
+            "gw1",
+            "another",
+            topics.status("gw1"),
+            _status("gw1").model_dump_json().encode(),
+        )
+        for _ in range(100):
+            if first.connections >= 2:
+                break
+            await asyncio.sleep(0.05)
+        assert first.connections == 2
+    assert "Client gw1 already connected, closing old connection." in broker.log_path.read_text()
+    # The operator and the controller are two principals: connected side by side.
+    async with broker.bus("controller") as ctl, broker.bus(OPERATOR_USER) as op:
+        await asyncio.sleep(0.5)
+        assert (ctl.connections, op.connections) == (1, 1)
+
+
+async def test_two_clients_of_one_principal_are_told_why_they_keep_losing_the_broker(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    def told() -> bool:
+        return any("same certificate" in r.getMessage() for r in caplog.records)
+
+    fast = {"backoff_initial": 0.05, "backoff_max": 0.4}
+    with caplog.at_level(logging.ERROR, logger="fogmig.platform.bus.client"):
+        async with broker.bus("gw2", **fast) as a, broker.bus("gw2", **fast) as b:
+            for _ in range(200):
+                if told():
+                    break
+                await asyncio.sleep(0.05)
+            # Each closed the other's connection in turn, with a growing pause between.
+            assert a.connections + b.connections < 40
+    assert told()
+
+
+async def test_a_plaintext_client_cannot_take_over_a_session(broker: Broker) -> None:
+    async with broker.bus("gw1") as gw1:
+        plain = Bus(host="127.0.0.1", port=broker.port, client_id="gw1", connect_timeout=1.5)
+        with pytest.raises(BusError):
+            async with plain:
+                pass
+        await asyncio.sleep(0.3)
+        assert gw1.connected
+        assert gw1.connections == 1
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+def _attach(device: str, service: str) -> DeviceAttach:
+    return DeviceAttach(device=device, gateway="gw1", at=time.time(), service=service)
+
+
+async def test_a_device_publishes_only_its_own_attachment(broker: Broker) -> None:
+    async with (
+        broker.bus("controller") as ctl,
+        ctl.subscribe(topics.everything()) as sub,
+        broker.bus("d1") as d1,
+    ):
+        # For another device, on another's topic or on a node's: acknowledged and dropped.
+        await d1.publish(topics.attach("d2"), _attach("d2", "s2"))
+        presence = ServicePresence(
+            service="s2", node="gw1", data_ip="10.10.0.1", port=5683, present=True, at=time.time()
+        )
+        await d1.publish(topics.service("gw1", "s2"), presence)
+        await d1.publish(topics.status("gw1"), _status("gw1"))
+        await d1.publish(topics.cmd("gw1"), _migrate("from-d1"))
+        # Its own attachment goes through (and is the only message that does).
+        await d1.publish(topics.attach("d1"), _attach("d1", "s1"))
+        got = await _next(sub)
+        assert got.topic == topics.attach("d1")
+        assert isinstance(got.message, DeviceAttach)
+        assert (got.message.device, got.message.service) == ("d1", "s1")
+        with pytest.raises(TimeoutError):
+            await _next(sub, timeout=0.5)
+        # It reads what a device host needs: the nodes' events and the services' presence.
+        async with d1.subscribe(topics.events()) as events, d1.subscribe(topics.service()) as svc:
+            ack = CommandAck(node="gw1", command_id="c1", accepted=True)
+            await ctl.publish(topics.events("gw1"), ack)
+            await ctl.publish(topics.service("gw1", "s2"), presence)
+            assert (await _next(events)).message == ack
+            assert (await _next(svc)).message == presence
+    denied = [line for line in broker.log_path.read_text().splitlines() if "Denied PUBLISH" in line]
+    assert len(denied) == 4
+    assert all("Denied PUBLISH from d1 " in line for line in denied)

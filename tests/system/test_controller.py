@@ -3,8 +3,9 @@ scripted nodes that acknowledge commands and report MigrationDone.
 
 An attach to another gateway gives exactly one MigrateCommand, to the service's node, with the
 technique the policy chooses; a flapping device gives one; a rejected or unanswered command is
-retried; a drain empties the node. Last, on the testbed with the real agents: a device's
-attach makes the controller migrate a real service (runc + CRIU) and compare its prediction.
+retried; a drain empties the node; a device that names another's service moves nothing. Last,
+on the testbed with the real agents: a device's attach makes the controller migrate a real
+service (runc + CRIU) and compare its prediction.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from fogmig.platform.apps.bench.controller_sim import DEVICE_HOST, LocalBroker, SimulatedNode
+from fogmig.platform.apps.bench.controller_sim import LocalBroker, SimulatedNode
 from fogmig.platform.base.vocabulary import NodeCapabilities
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.bus.schemas import Decision, DeviceAttach, MigrateCommand
@@ -31,7 +32,8 @@ from fogmig.platform.controller.actions import ControllerEvent, EventKind
 from fogmig.platform.controller.config import ControllerConfig, config_for_testbed
 from fogmig.platform.controller.drain import drain_node
 from fogmig.platform.controller.runner import Controller
-from fogmig.platform.testbed.broker import CONTROLLER_USER
+from fogmig.platform.testbed.broker import CONTROLLER_USER, OPERATOR_USER
+from fogmig.platform.testbed.devices import TestbedDevices, device_buses
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.policies.choice import choose_technique
 from fogmig.policies.conditions import ServiceConditions
@@ -49,15 +51,22 @@ NODES = ("gw1", "gw2", "gw3")
 @dataclass
 class Fog:
     nodes: dict[str, SimulatedNode]
-    dev: Bus
+    broker: LocalBroker
+    stack: contextlib.AsyncExitStack
     operator: Bus
     config: ControllerConfig
     events: list[ControllerEvent] = field(default_factory=list)
     controller: Controller | None = None
+    devices: dict[str, Bus] = field(default_factory=dict)
+    """Each device's own connection (with its own certificate)."""
 
     async def attach(self, device: str, gateway: str, service: str) -> None:
+        """``device`` announces its attachment; a new device is enrolled for ``service``."""
+        if device not in self.devices:
+            self.broker.enroll(device, service)
+            self.devices[device] = await self.stack.enter_async_context(self.broker.bus(device))
         msg = DeviceAttach(device=device, gateway=gateway, at=time.time(), service=service)
-        await self.dev.publish(topics.attach(device), msg)
+        await self.devices[device].publish(topics.attach(device), msg)
 
     def commands(self) -> list[MigrateCommand]:
         return [
@@ -93,7 +102,8 @@ async def fog(
     setup: Callable[[dict[str, SimulatedNode]], None] | None = None,
     **config: Any,
 ) -> AsyncIterator[Fog]:
-    """Nodes holding ``services`` (service -> node), a device bus and a running controller."""
+    """Nodes holding ``services`` (service -> node), an operator and a running controller;
+    devices connect as they first attach."""
     async with LocalBroker(nodes=NODES) as broker, contextlib.AsyncExitStack() as stack:
         buses = {n: await stack.enter_async_context(broker.bus(n)) for n in NODES}
         nodes = {n: SimulatedNode(buses[n], n) for n in NODES}
@@ -108,7 +118,6 @@ async def fog(
                 await node.start()
             else:
                 await node.publish_status()  # reports, but answers no command
-        dev = await stack.enter_async_context(broker.bus(DEVICE_HOST))
         cfg = ControllerConfig(
             debounce_s=config.pop("debounce_s", 0.3),
             retry_initial_s=config.pop("retry_initial_s", 0.2),
@@ -117,9 +126,9 @@ async def fog(
             **config,
         )
         cbus = await stack.enter_async_context(broker.bus(CONTROLLER_USER, known_nodes=list(NODES)))
-        operator = await stack.enter_async_context(broker.bus(CONTROLLER_USER))
-        world = Fog(nodes, dev, operator, cfg)
-        controller = Controller(cfg, cbus, on_event=world.events.append)
+        operator = await stack.enter_async_context(broker.bus(OPERATOR_USER))
+        world = Fog(nodes, broker, stack, operator, cfg)
+        controller = Controller(cfg, cbus, devices=broker.service_of, on_event=world.events.append)
         world.controller = controller
         stop = asyncio.Event()
         task = asyncio.create_task(controller.run(stop))
@@ -144,7 +153,7 @@ async def test_attach_elsewhere_sends_one_command_with_the_chosen_technique(
         decisions: list[Decision] = []
 
         async def watch() -> None:
-            async with world.dev.subscribe(topics.decisions()) as sub:
+            async with world.operator.subscribe(topics.decisions()) as sub:
                 async for _, msg in sub:
                     assert isinstance(msg, Decision)
                     decisions.append(msg)
@@ -254,6 +263,28 @@ async def test_drain_empties_the_node(tmp_path: Path) -> None:
         assert any("draining" in e.message for e in world.of_kind(EventKind.HOLD))
 
 
+async def test_a_device_moves_only_its_own_service(tmp_path: Path) -> None:
+    async with fog(tmp_path, {"s1": "gw1", "s2": "gw1"}) as world:
+        await world.attach("d1", "gw1", "s1")  # enrolled for s1, where s1 runs
+        await world.attach("d2", "gw1", "s2")
+        # d1 claims s2, then publishes for d2 (the broker drops that: d1's certificate writes
+        # only d1's topic).
+        await world.attach("d1", "gw3", "s2")
+        forged = DeviceAttach(device="d2", gateway="gw3", at=time.time(), service="s2")
+        await world.devices["d1"].publish(topics.attach("d2"), forged)
+        await asyncio.sleep(world.config.debounce_s + 0.7)
+        assert world.commands() == []
+        refused = world.of_kind(EventKind.REFUSED)
+        assert [e.message for e in refused] == ["attach of d1 refused: it uses service s1, not s2"]
+        assert world.ctl.stats.refused_attach == 1
+        assert world.ctl.core.registry.attachments["d2"].gateway == "gw1"
+        # Its own service follows it.
+        await world.attach("d1", "gw3", "s1")
+        await world.wait_for("the migration", lambda: bool(world.of_kind(EventKind.DONE)))
+        [cmd] = world.commands()
+        assert (cmd.service, cmd.destination) == ("s1", "gw3")
+
+
 # --- with the real agents on the testbed ---------------------------------------------------
 
 
@@ -273,8 +304,8 @@ async def test_controller_moves_a_real_service_after_its_device(
     assert config.default_link.throughput_mbit_per_s == pytest.approx(72.41)
     stop = asyncio.Event()
     try:
-        async with open_testbed_bus("test-controller") as bus:
-            controller = Controller(config, bus, on_event=events.append)
+        async with open_testbed_bus("controller") as bus:
+            controller = Controller(config, bus, devices=TestbedDevices(), on_event=events.append)
             task = asyncio.create_task(controller.run(stop))
             await asyncio.wait_for(controller.ready.wait(), 10)
             registry = controller.core.registry
@@ -282,8 +313,9 @@ async def test_controller_moves_a_real_service_after_its_device(
             while registry.location(name) != "gw1":  # the agent's next status lists it
                 assert time.monotonic() < deadline, "gw1's status never listed the service"
                 await asyncio.sleep(0.1)
-            attach = DeviceAttach(device="dev-ctl", gateway="gw2", at=time.time(), service=name)
-            await bus.publish(topics.attach("dev-ctl"), attach)
+            attach = DeviceAttach(device="dctl", gateway="gw2", at=time.time(), service=name)
+            async with device_buses({"dctl": name}) as devices:
+                await devices["dctl"].publish(topics.attach("dctl"), attach)
             deadline = time.monotonic() + 120
             while not [e for e in events if e.kind is EventKind.DONE]:
                 assert time.monotonic() < deadline, [e.message for e in events]
@@ -315,8 +347,8 @@ async def test_fogmig_drain_empties_a_real_node(testbed: TestbedState, tmp_path:
     config = config_for_testbed(debounce_s=0.3, decision_log=tmp_path / "decisions.jsonl")
     stop = asyncio.Event()
     try:
-        async with open_testbed_bus("test-controller") as bus:
-            controller = Controller(config, bus, on_event=events.append)
+        async with open_testbed_bus("controller") as bus:
+            controller = Controller(config, bus, devices=TestbedDevices(), on_event=events.append)
             task = asyncio.create_task(controller.run(stop))
             await asyncio.wait_for(controller.ready.wait(), 10)
             lines: list[str] = []

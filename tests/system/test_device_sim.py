@@ -15,7 +15,7 @@ import json
 import os
 import shutil
 import sys
-import uuid
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -35,7 +35,7 @@ from fogmig.platform.bus.schemas import DeviceAttach
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.security.identity import Identity
 from fogmig.platform.testbed import lifecycle
-from fogmig.platform.testbed.broker import CONTROLLER_USER
+from fogmig.platform.testbed.devices import TestbedDevices, device_buses
 from fogmig.platform.testbed.mqtt import bus_access
 from fogmig.platform.testbed.profiles import load_profile
 from fogmig.platform.testbed.state import TestbedState, exclusive_use, state_path
@@ -83,14 +83,14 @@ def testbed() -> Iterator[TestbedState]:
 
 
 @asynccontextmanager
-async def bus_as(state: TestbedState, user: str) -> AsyncIterator[Bus]:
-    identity = Identity.controller() if user == CONTROLLER_USER else Identity.device(user)
-    access = bus_access(identity, state)
+async def watcher_bus(state: TestbedState) -> AsyncIterator[Bus]:
+    """A bus client that reads everything, as the operator (no command line runs here)."""
+    access = bus_access(Identity.operator(), state)
     async with Bus(
         host=access.host,
         port=access.port,
         tls=access.tls,
-        client_id=access.client_id(f"test-devsim-{uuid.uuid4().hex[:8]}"),
+        client_id=access.client_id,
         known_nodes=access.known_nodes,
     ) as bus:
         yield bus
@@ -122,7 +122,7 @@ async def service_count_by_coap_client(state: TestbedState, device: str) -> int:
 
 async def test_cli_device_all_ok_and_announced(testbed: TestbedState, tmp_path: Path) -> None:
     async with (
-        bus_as(testbed, CONTROLLER_USER) as bus,
+        watcher_bus(testbed) as bus,
         bus.subscribe(topics.attach()) as sub,
     ):
         proc = await asyncio.create_subprocess_exec(
@@ -168,14 +168,14 @@ async def test_library_roams_away_from_the_service_and_back(
     )
     before = await service_count_by_coap_client(testbed, "d0")
     async with (
-        bus_as(testbed, CONTROLLER_USER) as watcher,
+        watcher_bus(testbed) as watcher,
         watcher.subscribe(topics.attach("d0")) as sub,
-        bus_as(testbed, testbed.device_host.name) as dev_bus,
+        device_buses({"d0": SERVICE}, testbed) as buses,
     ):
         fleet = DeviceFleet(
             devices=[device],
             gateways=gateways,
-            bus=dev_bus,
+            buses=buses,
             out=tmp_path,
             settings=settings,
             netns=testbed.device_host.netns,
@@ -206,6 +206,46 @@ async def test_library_roams_away_from_the_service_and_back(
     # The device continues whatever record an earlier run left in the service.
     assert ledger.base_count == before
     assert await service_count_by_coap_client(testbed, "d0") == ledger.count
+
+
+async def test_a_device_speaks_only_for_itself_and_its_own_service(
+    testbed: TestbedState,
+) -> None:
+    # Each device has its own certificate: the broker drops d0's attachment for d5, and the
+    # controller refuses d0 naming a service the testbed did not enroll it for.
+    from fogmig.platform.controller.access import open_testbed_bus
+    from fogmig.platform.controller.config import config_for_testbed
+    from fogmig.platform.controller.runner import Controller
+
+    def attach(device: str, service: str) -> DeviceAttach:
+        return DeviceAttach(device=device, gateway="gw1", at=time.time(), service=service)
+
+    stop = asyncio.Event()
+    async with (
+        open_testbed_bus("controller") as cbus,
+        cbus.subscribe(topics.attach()) as sub,
+        device_buses({"d0": SERVICE, "d5": "s5"}, testbed) as buses,
+    ):
+        controller = Controller(config_for_testbed(debounce_s=0.3), cbus, devices=TestbedDevices())
+        task = asyncio.create_task(controller.run(stop))
+        try:
+            await asyncio.wait_for(controller.ready.wait(), 10)
+            d0 = buses["d0"]
+            await d0.publish(topics.attach("d5"), attach("d5", "s5"))
+            await d0.publish(topics.attach("d0"), attach("d0", "s5"))
+            await d0.publish(topics.attach("d0"), attach("d0", SERVICE))
+            # d0's attachment for d5 went first and never arrived: the broker dropped it.
+            got = await attachments(sub, 2)
+            assert [(a.device, a.service) for a in got] == [("d0", "s5"), ("d0", SERVICE)]
+            for _ in range(100):
+                if controller.stats.attach_events >= 2:
+                    break
+                await asyncio.sleep(0.05)
+            assert controller.stats.refused_attach == 1
+            assert set(controller.core.registry.attachments) == {"d0"}
+        finally:
+            stop.set()
+            await asyncio.wait_for(task, 10)
 
 
 async def test_one_devices_refusals_never_fail_another(
@@ -252,7 +292,7 @@ async def test_fleet_measures_a_migration_as_its_device_sees_it(
     await deploy(ServiceSpec(name="s1", state_mb=4, dirty_kbps=10, port=PORT + 1), node="gw1")
     await agents_up()
     try:
-        async with bus_as(testbed, testbed.device_host.name) as dev_bus:
+        async with device_buses({"d1": "s1"}, testbed) as buses:
             back_on_gw2 = asyncio.Event()
 
             def watch(event: FleetEvent) -> None:
@@ -264,7 +304,7 @@ async def test_fleet_measures_a_migration_as_its_device_sees_it(
             fleet = DeviceFleet(
                 devices=[device],
                 gateways=gateways,
-                bus=dev_bus,
+                buses=buses,
                 out=tmp_path,
                 settings=settings,
                 on_event=watch,

@@ -122,12 +122,14 @@ async def gateways(state: TestbedState) -> AsyncIterator[Gateways]:
     buses: dict[str, Bus] = {}
     async with contextlib.AsyncExitStack() as stack:
         for node in state.nodes:
+            # As the node itself (no agent runs here: the broker keeps one connection each).
+            access = bus_access(Identity.node(node.name), state)
             bus = await stack.enter_async_context(
                 Bus(
-                    host=state.broker.ip,
-                    port=state.broker.port,
-                    tls=bus_access(Identity.node(node.name), state).tls,
-                    client_id=f"{node.name}-follow-test",
+                    host=access.host,
+                    port=access.port,
+                    tls=access.tls,
+                    client_id=access.client_id,
                     known_nodes=state.node_names,
                 )
             )

@@ -47,10 +47,10 @@ from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.client import CommandTimeoutError
 from fogmig.platform.bus.schemas import MigrationDone
 from fogmig.platform.bus.topics import topics
-from fogmig.platform.controller.access import open_testbed_bus
 from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.runtime.fence import Fence
 from fogmig.platform.testbed import pids
+from fogmig.platform.testbed.devices import device_buses
 from fogmig.platform.testbed.links import cut_link, restore_link
 from fogmig.platform.testbed.state import TestbedState
 from fogmig.services.client import DeviceLedger, SensorClient
@@ -170,9 +170,11 @@ class Ends:
         self._arrived = asyncio.Event()
 
     async def _run(self) -> None:
+        # As a device of its own: the migration runs meanwhile as the operator, and the broker
+        # keeps one connection per principal.
         async with (
-            open_testbed_bus("test-handover") as bus,
-            bus.subscribe(topics.events(SRC)) as events,
+            device_buses({"hoends": self.name}) as buses,
+            buses["hoends"].subscribe(topics.events(SRC)) as events,
         ):
             self._ready.set()
             async for _, msg in events:

@@ -33,6 +33,7 @@ from fogmig.platform.testbed import (
 )
 from fogmig.platform.testbed import pids as pids_mod
 from fogmig.platform.testbed.broker import broker_needles
+from fogmig.platform.testbed.devices import enroll_devices
 from fogmig.platform.testbed.mqtt import mosquitto_client_args
 from fogmig.platform.testbed.probe import measure_rtt, rtt_within
 from fogmig.platform.testbed.state import TestbedState, exclusive_use, state_path
@@ -130,7 +131,7 @@ def test_mobility_up_probe_status_down() -> None:
     assert [n.netns for n in state.hosts] == ["fm-gw1", "fm-gw2", "fm-dev"]
     assert sorted(netns.testbed_namespaces()) == ["fm-broker", "fm-dev", "fm-gw1", "fm-gw2"]
     pki = Path(os.environ.get("FOGMIG_STATE_DIR", "/var/lib/fogmig"), "testbed", "pki")
-    for stem in ("node-gw1", "node-gw2", "controller", "broker", "device-dev"):
+    for stem in ("node-gw1", "node-gw2", "controller", "operator", "broker"):
         assert (pki / f"{stem}.key").stat().st_mode & 0o777 == 0o600
 
     again = fogmig("testbed", "up", "--profile", "mobility")
@@ -222,10 +223,12 @@ def mqtt(
         return [*argv, "-h", state.broker.ip, "-p", str(state.broker.port)]
     if user == "controller":
         identity = Identity.controller()
-    elif user == state.device_host.name:
-        identity = Identity.device(user)
-    else:
+    elif user == "operator":
+        identity = Identity.operator()
+    elif user in state.node_names:
         identity = Identity.node(user)
+    else:
+        identity = Identity.device(user)
     return [*argv, *mosquitto_client_args(identity, state)]
 
 
@@ -287,8 +290,23 @@ async def test_broker_authentication_and_acl(orchestration: TestbedState) -> Non
     assert new_pid != old_pid
     assert load_state().broker.pid == new_pid
     assert pids_mod.is_ours(new_pid, broker_needles(state.broker))
+    # A device (its own certificate, issued on demand) reads the tree and writes only its own
+    # attachment; the operator commands nodes.
+    enroll_devices({"d0": "s0"})
     code, got = await _sub_pub(
-        state, sub_user="dev", pub_user="gw1", topic="fogmig/v1/nodes/gw1/events", wait=5
+        state, sub_user="d0", pub_user="gw1", topic="fogmig/v1/nodes/gw1/events", wait=5
+    )
+    assert (code, got) == (0, "hello")
+    code, got = await _sub_pub(
+        state, sub_user="controller", pub_user="d0", topic="fogmig/v1/devices/d0/attach", wait=5
+    )
+    assert (code, got) == (0, "hello")
+    code, got = await _sub_pub(
+        state, sub_user="controller", pub_user="d0", topic="fogmig/v1/devices/d1/attach", wait=2
+    )
+    assert (code, got) != (0, "hello")
+    code, got = await _sub_pub(
+        state, sub_user="controller", pub_user="operator", topic="fogmig/v1/nodes/gw2/cmd", wait=5
     )
     assert (code, got) == (0, "hello")
 

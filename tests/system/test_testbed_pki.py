@@ -109,7 +109,7 @@ def test_up_issues_the_identities(testbed: TestbedState) -> None:
     assert os.stat(folder / "ca.key").st_mode & 0o777 == 0o600
     ca = load_ca(folder)
     principals = [Identity.node(n) for n in testbed.node_names]
-    principals += [Identity.device("dev"), Identity.controller(), Identity.broker()]
+    principals += [Identity.controller(), Identity.operator(), Identity.broker()]
     for identity in principals:
         files = load_identity(identity)
         assert files.key.stat().st_mode & 0o777 == 0o600

@@ -258,7 +258,7 @@ def test_the_controller_loop_survives_any_exception_from_one_message(
 ) -> None:
     from fogmig.platform.controller.runner import Controller
 
-    controller = Controller(ControllerConfig(), bus=None)  # type: ignore[arg-type]
+    controller = Controller(ControllerConfig(), bus=None, devices={}.get)  # type: ignore[arg-type]
 
     def explode(msg: NodeStatus, now: float) -> list[Any]:
         raise OverflowError("x" * 10_000)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from fogmig.platform.agent.admission import Admission, CommandRefusedError
+from fogmig.platform.agent.admission import Admission, CommandRefusedError, CommandReplayedError
 from fogmig.platform.agent.commands import CommandHandling
 from fogmig.platform.agent.follow import Follow
 from fogmig.platform.agent.forwarding import Location
@@ -97,7 +97,7 @@ def test_a_replayed_command_id_is_refused() -> None:
     first, second = _acks(bus)
     assert first.accepted
     assert not second.accepted
-    assert second.error_type == CommandRefusedError.__name__
+    assert second.error_type == CommandReplayedError.__name__
     assert "replay" in (second.reason or "")
 
 

@@ -7,6 +7,7 @@ make-certs.sh issues with openssl carry the agents' mutual TLS."""
 from __future__ import annotations
 
 import asyncio
+import os
 import re
 import shutil
 import subprocess
@@ -117,8 +118,8 @@ def test_agent_command_names_its_mounted_config(compose: dict[str, Any]) -> None
 def test_mounted_files_exist_or_are_made_by_make_secrets(compose: dict[str, Any]) -> None:
     script = (COMPOSE / "make-certs.sh").read_text()
     made_names = {"ca.pem", "ca.key", "controller.pem", "controller.key", "broker.pem"}
-    made_names |= {"broker.key", "device-dev.pem", "device-dev.key"}
-    assert all(f"issue {stem} " in script for stem in ("controller", "device-dev", "broker"))
+    made_names |= {"broker.key", "operator.pem", "operator.key"}
+    assert all(f"issue {stem} " in script for stem in ("controller", "operator", "broker"))
     for name, service in compose["services"].items():
         for source, _ in mounts(service):
             if not source.startswith("./"):
@@ -150,6 +151,7 @@ def test_broker_config_uses_the_mounted_files(compose: dict[str, Any]) -> None:
     assert settings["allow_anonymous"] == "false"
     assert settings["require_certificate"] == "true"
     assert settings["use_identity_as_username"] == "true"
+    assert settings["use_username_as_clientid"] == "true"
     assert settings["persistence"] == "true"
     assert int(settings["max_packet_size"]) > 64 * 1024
     assert "password_file" not in settings
@@ -197,7 +199,7 @@ def test_site_agents_and_acl_agree(site: TestbedState, tmp_path: Path) -> None:
         assert s.peers == {n: ip for n, ip in data_ips.items() if n != node}
         assert (s.broker_host, s.broker_port) == (site.broker.ip, site.broker.port)
         assert s.mqtt_password is None  # the broker knows the agent by its certificate
-    want = render_acl(acl_rules(site.node_names, device_host=site.device_host.name))
+    want = render_acl(acl_rules(site.node_names))
 
     def rules(text: str) -> list[str]:
         return [line for line in text.splitlines() if line and not line.startswith("#")]
@@ -222,7 +224,12 @@ def test_make_certs_issues_certificates_the_transfer_channel_accepts(tmp_path: P
     from fogmig.platform.transfer.server import TransferServer
 
     shutil.copy(COMPOSE / "make-certs.sh", tmp_path)
-    subprocess.run([str(tmp_path / "make-certs.sh"), "gw1", "gw2"], check=True, capture_output=True)
+    subprocess.run(
+        [str(tmp_path / "make-certs.sh"), "gw1", "gw2"],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "DEVICES": "d0 d1"},
+    )
     secrets = tmp_path / "secrets"
     assert secrets.stat().st_mode & 0o777 == 0o700
     assert (secrets / "node-gw1.key").stat().st_mode & 0o077 == 0
@@ -233,7 +240,9 @@ def test_make_certs_issues_certificates_the_transfer_channel_accepts(tmp_path: P
 
     for stem, identity in (
         ("controller", Identity.controller()),
-        ("device-dev", Identity.device("dev")),
+        ("operator", Identity.operator()),
+        ("device-d0", Identity.device("d0")),
+        ("device-d1", Identity.device("d1")),
         ("broker", Identity.broker()),
     ):
         assert certificate_identity(load_certificate(secrets / f"{stem}.pem")) == identity

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import copy
 import dataclasses
 import json
@@ -557,6 +558,57 @@ async def test_a_stopping_fleet_moves_no_more(tmp_path: Path) -> None:
     assert fleet.devices[0].gateway == "gw1"
     assert {address for _, address, _, _ in svc.calls} == {"10.79.0.1"}
     assert summary.healthy
+
+
+class RecordingBus:
+    """A device's own bus connection: what it published, and a subscription that stays quiet."""
+
+    def __init__(self) -> None:
+        self.published: list[tuple[str, Any]] = []
+
+    async def publish(self, topic: str, msg: Any, **_: Any) -> None:
+        self.published.append((topic, msg))
+
+    @contextlib.asynccontextmanager
+    async def subscribe(self, pattern: str) -> AsyncIterator[AsyncIterator[Any]]:
+        async def nothing() -> AsyncIterator[Any]:
+            await asyncio.Event().wait()
+            yield None
+
+        yield nothing()
+
+
+async def test_each_device_announces_itself_on_its_own_connection() -> None:
+    svc = ScriptedService()
+    buses = {"d0": RecordingBus(), "d1": RecordingBus()}
+    fleet = DeviceFleet(
+        devices=[
+            DeviceConfig("d0", "s0", 5700, "gw1", Schedule((Hop(0.05, "gw2"),))),
+            DeviceConfig("d1", "s1", 5701, "gw2"),
+        ],
+        gateways={"gw1": "10.79.0.1", "gw2": "10.79.0.2"},
+        buses=buses,  # type: ignore[arg-type]
+        settings=FAST,
+        port=svc,
+    )
+    summary = await fleet.run(0.3)
+    assert summary.attach_published == 3
+    d0 = [(t, m.device, m.gateway, m.service) for t, m in buses["d0"].published]
+    assert d0 == [
+        ("fogmig/v1/devices/d0/attach", "d0", "gw1", "s0"),
+        ("fogmig/v1/devices/d0/attach", "d0", "gw2", "s0"),
+    ]
+    d1 = [(t, m.device, m.gateway, m.service) for t, m in buses["d1"].published]
+    assert d1 == [("fogmig/v1/devices/d1/attach", "d1", "gw2", "s1")]
+
+
+def test_a_fleet_with_buses_needs_one_per_device() -> None:
+    with pytest.raises(ConfigError, match="no bus connection for device"):
+        DeviceFleet(
+            devices=[DeviceConfig("d0", "s0", 5700, "gw1"), DeviceConfig("d1", "s1", 5701, "gw1")],
+            gateways={"gw1": "10.79.0.1"},
+            buses={"d0": RecordingBus()},  # type: ignore[dict-item]
+        )
 
 
 def test_configs_validate() -> None:

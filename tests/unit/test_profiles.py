@@ -10,6 +10,7 @@ from fogmig.platform.base.errors import ConfigError, TestbedError, UnknownNodeEr
 from fogmig.platform.testbed import state as state_mod
 from fogmig.platform.testbed.broker import (
     CONTROLLER_USER,
+    OPERATOR_USER,
     acl_allows,
     acl_rules,
     render_acl,
@@ -128,25 +129,56 @@ def test_state_round_trip_and_absent_state(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_acl_nodes_write_only_their_own_tree() -> None:
-    rules = acl_rules(["gw1", "gw2"], device_host="dev")
+    rules = acl_rules(["gw1", "gw2"])
     assert acl_allows(rules, "gw1", "write", "fogmig/v1/nodes/gw1/status")
     assert not acl_allows(rules, "gw1", "write", "fogmig/v1/migrations/m1/events")
     assert not acl_allows(rules, "gw1", "write", "fogmig/v1/nodes/gw2/status")
     assert not acl_allows(rules, "gw1", "write", "fogmig/v1/devices/d1/attach")
     assert acl_allows(rules, "gw1", "read", "fogmig/v1/nodes/gw2/status")
     assert not acl_allows(rules, "gw1", "read", "other/topic")
-    assert acl_allows(rules, "dev", "write", "fogmig/v1/devices/d1/attach")
-    assert not acl_allows(rules, "dev", "write", "fogmig/v1/nodes/gw1/cmd")
     assert acl_allows(rules, CONTROLLER_USER, "write", "fogmig/v1/nodes/gw1/cmd")
     assert acl_allows(rules, CONTROLLER_USER, "read", "fogmig/v1/devices/d1/attach")
-    assert not acl_allows(rules, "intruder", "read", "fogmig/v1/nodes/gw1/status")
+    assert not acl_allows(rules, "anyone", "write", "fogmig/v1/nodes/gw1/status")
+
+
+def test_acl_a_device_writes_only_its_own_attachment() -> None:
+    rules = acl_rules(["gw1", "gw2"])
+    assert acl_allows(rules, "d1", "write", "fogmig/v1/devices/d1/attach")
+    assert acl_allows(rules, "d1", "read", "fogmig/v1/nodes/gw1/events")
+    assert not acl_allows(rules, "d1", "write", "fogmig/v1/devices/d2/attach")
+    assert not acl_allows(rules, "d1", "write", "fogmig/v1/devices/+/attach")
+    assert not acl_allows(rules, "d1", "write", "fogmig/v1/devices/d1/other")
+    assert not acl_allows(rules, "d1", "write", "fogmig/v1/nodes/gw1/cmd")
+    assert not acl_allows(rules, "d1", "write", "fogmig/v1/nodes/gw1/services/s1")
+    assert not acl_allows(rules, "d1", "write", "fogmig/v1/controller/decisions")
+    # A user name that is a filter widens no pattern (Mosquitto refuses to substitute it).
+    assert not acl_allows(rules, "+", "write", "fogmig/v1/devices/d2/attach")
+    assert not acl_allows(rules, "#", "write", "fogmig/v1/devices/d2/attach")
+
+
+def test_acl_the_operator_commands_nodes_and_nothing_else() -> None:
+    rules = acl_rules(["gw1"])
+    assert acl_allows(rules, OPERATOR_USER, "write", "fogmig/v1/nodes/gw1/cmd")
+    assert acl_allows(rules, OPERATOR_USER, "read", "fogmig/v1/nodes/gw1/events")
+    for topic in (
+        "fogmig/v1/nodes/gw1/status",
+        "fogmig/v1/nodes/gw1/events",
+        "fogmig/v1/nodes/gw1/services/s1",
+        "fogmig/v1/controller/decisions",
+        "fogmig/v1/devices/d1/attach",
+    ):
+        assert not acl_allows(rules, OPERATOR_USER, "write", topic), topic
 
 
 def test_acl_renders_as_mosquitto_acl_file() -> None:
-    text = render_acl(acl_rules(["gw1"], device_host="dev"))
+    text = render_acl(acl_rules(["gw1"]))
     assert "user gw1\ntopic read fogmig/v1/#\ntopic write fogmig/v1/nodes/gw1/#\n" in text
     assert "user controller\ntopic readwrite fogmig/v1/#" in text
-    assert "user dev\ntopic read fogmig/v1/#\ntopic write fogmig/v1/devices/#" in text
+    assert "user operator\ntopic read fogmig/v1/#\ntopic write fogmig/v1/nodes/+/cmd" in text
+    assert "pattern read fogmig/v1/#\npattern write fogmig/v1/devices/%u/attach\n" in text
+    # Patterns come before any user line (Mosquitto applies them to every client anyway).
+    assert text.index("\npattern ") < text.index("\nuser ")
+    assert "user dev" not in text
 
 
 def test_broker_config_takes_certificates_limits_packets_and_persists(tmp_path: Path) -> None:
@@ -160,6 +192,7 @@ def test_broker_config_takes_certificates_limits_packets_and_persists(tmp_path: 
     assert settings["allow_anonymous"] == "false"
     assert settings["require_certificate"] == "true"
     assert settings["use_identity_as_username"] == "true"
+    assert settings["use_username_as_clientid"] == "true"
     assert settings["tls_version"] == "tlsv1.3"
     assert (settings["cafile"], settings["certfile"], settings["keyfile"]) == (
         str(files.ca),

@@ -18,7 +18,6 @@ import signal
 import socket
 import sys
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -86,8 +85,12 @@ class _ControllerProcess:
     """The controller under test, in its own process (as in production), with counters on
     SIGUSR1."""
 
-    def __init__(self, broker: LocalBroker, folder: Path, debounce_s: float) -> None:
+    def __init__(
+        self, broker: LocalBroker, folder: Path, debounce_s: float, devices: dict[str, str]
+    ) -> None:
         self.broker = broker
+        self.devices = devices
+        """Each device's service: the controller's device directory."""
         self.config_path = folder / "controller.json"
         self.stats_path = folder / "controller-stats.json"
         self.log_path = folder / "controller.log"
@@ -105,6 +108,7 @@ class _ControllerProcess:
                     "nodes": list(self.broker.nodes),
                     "debounce_s": self.debounce_s,
                     "stats_path": str(self.stats_path),
+                    "devices": self.devices,
                 }
             )
         )
@@ -164,7 +168,7 @@ class _Fleet:
             broker.host,
             broker.port,
             tls_context=broker.tls(DEVICE_HOST),
-            identifier=f"bench-devices-{uuid.uuid4().hex[:8]}",
+            identifier=DEVICE_HOST,
             max_inflight_messages=1000,
             socket_options=[(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)],
         )
@@ -270,7 +274,7 @@ async def run_bench(
         for i in range(options.devices)
     }
     report: dict[str, Any] = {"options": asdict(options)}
-    async with LocalBroker(nodes=names) as broker, contextlib.AsyncExitStack() as stack:
+    async with LocalBroker(nodes=names, fleet=True) as broker, contextlib.AsyncExitStack() as stack:
         assert broker.folder is not None
         buses = {n: await stack.enter_async_context(broker.bus(n)) for n in names}
         nodes = {n: SimulatedNode(buses[n], n) for n in names}
@@ -282,7 +286,9 @@ async def run_bench(
         try:
             await asyncio.gather(*(node.start() for node in nodes.values()))
             say(f"{len(names)} simulated nodes, {len(devices)} services on a loopback broker")
-            controller = _ControllerProcess(broker, broker.folder, options.debounce_s)
+            directory = {device: service for device, (_, service) in devices.items()}
+            directory[PROBE] = PROBE
+            controller = _ControllerProcess(broker, broker.folder, options.debounce_s, directory)
             await controller.start()
             try:
                 async with _Fleet(broker, devices) as fleet:
@@ -455,11 +461,14 @@ async def _serve(config_path: Path) -> None:
         host=cfg["host"],
         port=cfg["port"],
         tls=broker_client_context(identity_files(Path(cfg["pki"]), Identity.controller())),
-        client_id=f"bench-controller-{os.getpid()}",
+        client_id=CONTROLLER_USER,
         known_nodes=cfg["nodes"],
     )
     async with bus:
-        controller = Controller(ControllerConfig(debounce_s=cfg["debounce_s"]), bus)
+        directory: dict[str, str] = cfg["devices"]
+        controller = Controller(
+            ControllerConfig(debounce_s=cfg["debounce_s"]), bus, devices=directory.get
+        )
         stop = asyncio.Event()
 
         def write_counters() -> None:

@@ -15,13 +15,13 @@ import socket
 import ssl
 import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from fogmig.platform.agent.admission import Admission, CommandRefusedError
 from fogmig.platform.base.errors import FogmigError, ServiceError, TestbedError
 from fogmig.platform.base.proc import terminate
 from fogmig.platform.base.vocabulary import NodeCapabilities, Outcome
@@ -41,6 +41,7 @@ from fogmig.platform.bus.topics import topics
 from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.security.identity import Identity
 from fogmig.platform.security.pki import (
+    CertificateAuthority,
     IdentityFiles,
     create_ca,
     issue,
@@ -51,6 +52,9 @@ from fogmig.platform.security.tls import broker_client_context
 from fogmig.platform.testbed.broker import (
     BROKER_USER,
     CONTROLLER_USER,
+    OPERATOR_USER,
+    Acl,
+    AclRule,
     BrokerFiles,
     acl_rules,
     render_acl,
@@ -59,6 +63,8 @@ from fogmig.platform.testbed.broker import (
 from fogmig.platform.testbed.state import BrokerInfo
 
 DEVICE_HOST = "dev"
+"""The benchmark's stand-in for a fleet: one connection that may announce any device (only with
+``LocalBroker(fleet=True)``, on that private broker)."""
 
 
 def free_port() -> int:
@@ -70,12 +76,18 @@ def free_port() -> int:
 class LocalBroker:
     """Mosquitto on 127.0.0.1 configured as the testbed's broker (TLS with certificates, ACL).
 
-    Users: ``controller``, one per node, and the device host ``dev``. Use as
-    ``async with LocalBroker(nodes=[...]) as broker: broker.bus("gw1")``.
+    Users: ``controller``, ``operator``, one per node, and the devices :meth:`enroll` issues a
+    certificate (the controller's device directory is :meth:`service_of`); with ``fleet`` also
+    ``dev``, which may announce every device's attachment (a benchmark's thousand devices on
+    one connection). Use as ``async with LocalBroker(nodes=[...]) as broker: broker.bus("gw1")``.
     """
 
-    def __init__(self, *, nodes: Sequence[str], nodelay: bool = True) -> None:
+    def __init__(self, *, nodes: Sequence[str], nodelay: bool = True, fleet: bool = False) -> None:
         self.nodes = tuple(nodes)
+        self.fleet = fleet
+        self.devices: dict[str, str] = {}
+        """Each enrolled device's service."""
+        self._ca: CertificateAuthority | None = None
         self.host = "127.0.0.1"
         self.port = 0
         self.identities: dict[str, IdentityFiles] = {}
@@ -120,14 +132,20 @@ class LocalBroker:
         broker = save_identity(issue(ca, Identity.broker(), ip_addresses=[self.host]), pki)
         for src, dst in ((broker.ca, files.ca), (broker.cert, files.cert), (broker.key, files.key)):
             shutil.copyfile(src, dst)
+        self._ca = ca
         self.identities = {
             CONTROLLER_USER: save_identity(issue(ca, Identity.controller()), pki),
-            DEVICE_HOST: save_identity(issue(ca, Identity.device(DEVICE_HOST)), pki),
+            OPERATOR_USER: save_identity(issue(ca, Identity.operator()), pki),
             **{n: save_identity(issue(ca, Identity.node(n)), pki) for n in self.nodes},
         }
-        files.acl.write_text(
-            render_acl(acl_rules(self.nodes, device_host=DEVICE_HOST, controller=CONTROLLER_USER))
-        )
+        acl = acl_rules(self.nodes, controller=CONTROLLER_USER, operator=OPERATOR_USER)
+        if self.fleet:
+            self.identities[DEVICE_HOST] = save_identity(
+                issue(ca, Identity.device(DEVICE_HOST)), pki
+            )
+            fleet = (AclRule("write", topics.attach()),)
+            acl = Acl(users={**acl.users, DEVICE_HOST: fleet}, patterns=acl.patterns)
+        files.acl.write_text(render_acl(acl))
         info = BrokerInfo(
             netns="-",
             ip=self.host,
@@ -145,6 +163,19 @@ class LocalBroker:
             entry = pwd.getpwnam(BROKER_USER)
             for p in [folder, files.data, *folder.iterdir()]:
                 os.chown(p, entry.pw_uid, entry.pw_gid)
+
+    def enroll(self, device: str, service: str) -> None:
+        """A certificate for ``device`` (its user name on this broker), bound to ``service``."""
+        assert self._ca is not None
+        assert self.folder is not None
+        if device not in self.identities:
+            identity = issue(self._ca, Identity.device(device))
+            self.identities[device] = save_identity(identity, self.folder / "pki")
+        self.devices[device] = service
+
+    def service_of(self, device: str) -> str | None:
+        """The controller's device directory on this broker."""
+        return self.devices.get(device)
 
     def tls(self, user: str) -> ssl.SSLContext:
         """A client context with ``user``'s certificate."""
@@ -186,12 +217,13 @@ class LocalBroker:
             self.folder = None
 
     def bus(self, user: str, **kwargs: Any) -> Bus:
-        """A bus client of ``user`` on this broker (its client id is unique)."""
+        """A bus client of ``user`` on this broker; the broker names it ``user`` and keeps one
+        connection per user (a second one closes the first)."""
         return Bus(
             host=self.host,
             port=self.port,
             tls=self.tls(user),
-            client_id=f"{user}-{uuid.uuid4().hex[:8]}",
+            client_id=user,
             **kwargs,
         )
 
@@ -234,6 +266,9 @@ class SimulatedNode:
         self.migrate_delay_s = migrate_delay_s
         self.downtime_s = downtime_s
         self.draining = False
+        self.admission = Admission()
+        """Each command id taken once, as an agent does (a replay is refused)."""
+        self.migrating: set[str] = set()
         self.services: dict[str, ServiceInfo] = {}
         self.peers: dict[str, SimulatedNode] = {}
         self.received: list[Received] = []
@@ -267,6 +302,7 @@ class SimulatedNode:
                 criu_version="4.2.1", postcopy=self.postcopy, native_predump=False
             ),
             draining=self.draining,
+            migrating=sorted(self.migrating),
         )
 
     async def publish_status(self) -> None:
@@ -338,6 +374,11 @@ class SimulatedNode:
         self.received.append(received)
         self._commands.put_nowait(received)
         events = topics.events(self.node)
+        try:
+            self.admission.admit(cmd.command_id, cmd.at, time.time())
+        except CommandRefusedError as exc:
+            await self.bus.publish(events, reject(self.node, cmd.command_id, exc))
+            return
         match cmd:
             case MigrateCommand():
                 if self.reject > 0:
@@ -347,6 +388,7 @@ class SimulatedNode:
                     error = ServiceError(f"{cmd.service} does not run on {self.node}")
                     await self.bus.publish(events, reject(self.node, cmd.command_id, error))
                 else:
+                    self.migrating.add(cmd.service)
                     await self.bus.publish(events, accept(self.node, cmd.command_id))
                     task = asyncio.create_task(self._migrate(cmd))
                     self._tasks.add(task)
@@ -364,6 +406,7 @@ class SimulatedNode:
         await asyncio.sleep(self.migrate_delay_s)
         peer = self.peers[cmd.destination]
         info = self.services.pop(cmd.service)
+        self.migrating.discard(cmd.service)
         started = time.time()
         peer.services[cmd.service] = info.model_copy(update={"data_ip": peer.data_ip})
         await peer.announce(cmd.service)

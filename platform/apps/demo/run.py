@@ -16,7 +16,6 @@ import contextlib
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,13 +28,13 @@ from fogmig.device_sim.device import DeviceConfig, RequestSettings
 from fogmig.device_sim.events import (
     ContinuityCheck,
     FleetEvent,
-    RequestKind,
     RequestRecord,
     Roam,
 )
 from fogmig.device_sim.fleet import DeviceFleet
 from fogmig.device_sim.observed import ProbeTimeline
 from fogmig.device_sim.probe import Probe, ProbeSettings, write_csv
+from fogmig.platform.apps.demo import site
 from fogmig.platform.apps.demo.plan import DemoOptions, DevicePlan, plan_devices
 from fogmig.platform.apps.demo.report import ReportInput, write_report
 from fogmig.platform.apps.demo.results import (
@@ -49,9 +48,9 @@ from fogmig.platform.apps.demo.results import (
 )
 from fogmig.platform.apps.demo.view import DemoModel, DemoView
 from fogmig.platform.base import paths
-from fogmig.platform.base.errors import FogmigError, TestbedError
+from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.bus.client import Bus
-from fogmig.platform.bus.schemas import MigrationDone, ServicePresence
+from fogmig.platform.bus.schemas import MigrationDone
 from fogmig.platform.bus.topics import topics
 from fogmig.platform.controller.actions import ControllerEvent, EventKind
 from fogmig.platform.controller.runner import Controller
@@ -148,28 +147,12 @@ class Demo:
     # --- set-up -------------------------------------------------------------------------------
 
     async def _setup(self) -> TestbedState:
-        from fogmig.platform.agent.launcher import agents_up
-        from fogmig.platform.testbed import lifecycle
-        from fogmig.platform.testbed.profiles import load_profile
-        from fogmig.platform.testbed.state import state_path
-        from fogmig.services.deploy import deploy
-        from fogmig.services.image import ensure_image
-
         o = self.options
-        if state_path().exists():
-            raise TestbedError(
-                "the testbed is already up; the demo brings up its own and tears it down",
-                hint="`fogmig testbed down` first (if nobody else is using it)",
-            )
-        profile = load_profile(o.profile)
-        await ensure_image(progress=self.say)
-        self.say(f"testbed: {o.nodes} gateways, {profile.describe()}")
-        result = await lifecycle.up(profile, o.nodes, progress=self.say)
-        self._testbed = True
-        state = result.state
-        self._agents = True
-        pids = await agents_up()
-        self.say(f"agents: {', '.join(f'{n} (pid {p})' for n, p in pids.items())}")
+
+        def up() -> None:
+            self._testbed = self._agents = True
+
+        state = await site.bring_up(o.profile, o.nodes, say=self.say, what="the demo", on_up=up)
         plans = plan_devices(
             o.devices,
             state.node_names,
@@ -189,56 +172,12 @@ class Demo:
             f"deploying {', '.join(f'{p.service} on {p.start}:{p.port}' for p in plans)} "
             f"({o.state_mb} MB state, {o.dirty_kbps:g} KB/s dirtied)"
         )
-        try:
-            async with asyncio.TaskGroup() as tg:
-                tasks = [
-                    tg.create_task(deploy(spec, node=p.start))
-                    for spec, p in zip(specs, plans, strict=True)
-                ]
-        except* FogmigError as group:
-            raise group.exceptions[0] from None
-        self.deployments = [t.result() for t in tasks]
+        self.deployments = await site.deploy_services(
+            [(spec, p.start) for spec, p in zip(specs, plans, strict=True)]
+        )
         return state
 
     # --- the run ------------------------------------------------------------------------------
-
-    @contextlib.asynccontextmanager
-    async def _buses(self, state: TestbedState) -> AsyncIterator[tuple[Bus, Bus]]:
-        from fogmig.platform.controller.access import open_testbed_bus
-        from fogmig.platform.security.identity import Identity
-        from fogmig.platform.testbed.mqtt import bus_access
-
-        devices = bus_access(Identity.device(state.device_host.name), state)
-        async with (
-            open_testbed_bus("demo") as controller_bus,
-            Bus(
-                host=devices.host,
-                port=devices.port,
-                tls=devices.tls,
-                client_id=devices.client_id(f"demo-{uuid.uuid4().hex[:8]}"),
-                known_nodes=devices.known_nodes,
-            ) as device_bus,
-        ):
-            yield controller_bus, device_bus
-
-    async def _announce(self, bus: Bus, state: TestbedState) -> None:
-        """Say where each freshly deployed service runs, so every gateway forwards to it from
-        the first reading on (its node says the same at its next status report). At the node's
-        data address: the agents refuse a presence at any other."""
-        for d in self.deployments:
-            data_ip = state.node(d.node).data_ip
-            await bus.publish(
-                topics.service(d.node, d.name),
-                ServicePresence(
-                    service=d.name,
-                    node=d.node,
-                    data_ip=data_ip,
-                    port=d.port,
-                    present=True,
-                    at=time.time(),
-                ),
-                retain=True,
-            )
 
     def _on_controller_event(self, event: ControllerEvent) -> None:
         if event.kind is not EventKind.PROGRESS:
@@ -298,17 +237,6 @@ class Demo:
             return False
         return all(reg.location(d.service) == d.gateway for d in fleet.devices)
 
-    @staticmethod
-    def _answered_since(fleet: DeviceFleet, since: float) -> bool:
-        """Every device had a reading acknowledged that it sent after ``since``: the last
-        migration's forwarding changes have reached the devices, so the final continuity
-        checks meet services that answer."""
-        for device in fleet.devices:
-            posts = [r for r in device.records[-4:] if r.request is RequestKind.POST]
-            if not posts or not posts[-1].ok or posts[-1].sent_at < since:
-                return False
-        return True
-
     async def _wait_stop(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), max(0.0, seconds))
@@ -316,6 +244,7 @@ class Demo:
     async def _run(self, state: TestbedState) -> DemoSummary:
         from fogmig.platform.controller.config import config_for_testbed
         from fogmig.platform.controller.runner import single_instance
+        from fogmig.platform.testbed.devices import TestbedDevices
 
         o = self.options
         out = o.out
@@ -330,9 +259,15 @@ class Demo:
         )
         started = time.time()
         with single_instance(paths.run_dir() / "controller.lock"):
-            async with self._buses(state) as (controller_bus, device_bus):
-                await self._announce(controller_bus, state)
-                controller = Controller(config, controller_bus, on_event=self._on_controller_event)
+            devices = {p.name: p.service for p in self.plans}
+            async with site.open_buses(state, devices) as (controller_bus, buses):
+                await site.announce(controller_bus, state, self.deployments)
+                controller = Controller(
+                    config,
+                    controller_bus,
+                    devices=TestbedDevices(),
+                    on_event=self._on_controller_event,
+                )
                 registry = controller.core.registry
                 self.model.nodes_source = lambda: registry.nodes
                 self.model.location = registry.location
@@ -348,7 +283,7 @@ class Demo:
                         for p in plans
                     ],
                     gateways={n.name: n.data_ip for n in state.nodes},
-                    bus=device_bus,
+                    buses=buses,
                     out=out / "devices",
                     settings=RequestSettings(
                         interval_s=o.interval_s, check_every_s=o.check_every_s
@@ -394,7 +329,7 @@ class Demo:
                             since = None
                         elif since is None:
                             since = time.time()
-                        elif self._answered_since(fleet, since):
+                        elif site.answered_since(fleet, since):
                             settled = True
                             break
                         await self._wait_stop(SETTLE_POLL_S)
@@ -503,30 +438,9 @@ class Demo:
     # --- clean-up -----------------------------------------------------------------------------
 
     async def _cleanup(self) -> None:
-        from fogmig.platform.agent.launcher import agents_down
-        from fogmig.platform.testbed import lifecycle
-        from fogmig.services.deploy import find_service, undeploy
-
-        if self._services:
-            self.say(f"removing services {', '.join(self._services)}")
-        for name in self._services:
-            try:
-                if await find_service(name):
-                    await undeploy(name, grace=2.0)
-            except FogmigError as exc:
-                self.say(f"could not remove {name}: {exc}")
-        if self._agents:
-            try:
-                stopped = await agents_down()
-                self.say(f"agents stopped: {', '.join(stopped) or 'none'}")
-            except FogmigError as exc:
-                self.say(f"could not stop the agents: {exc}")
-        if self._testbed:
-            try:
-                await lifecycle.down()
-                self.say("testbed down")
-            except FogmigError as exc:
-                self.say(f"could not take the testbed down: {exc} (run `fogmig testbed down`)")
+        await site.tear_down(
+            self._services, agents=self._agents, testbed=self._testbed, say=self.say
+        )
         self._services, self._agents, self._testbed = [], False, False
 
 
