@@ -8,6 +8,7 @@ regenerated at any time (``fogmig experiment --report DIR``).
 from __future__ import annotations
 
 import math
+import re
 import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -269,6 +270,15 @@ def _control(summary: Summary, spec: GridSpec | None) -> list[doc.Block]:
     return blocks
 
 
+def short_reason(why: str, limit: int = 240) -> str:
+    """An error in a table cell: long command lines elided, the cause (which comes last)
+    kept."""
+    text = re.sub(r"`[^`]{40,}`", "(command)", why)
+    if len(text) <= limit:
+        return text
+    return text[:60] + " ... " + text[-(limit - 65) :]
+
+
 def _against_baseline(runs: Sequence[RunRecord]) -> list[doc.Block]:
     """fogmig's engine over the paper's toolchain per configuration and technique, as ratios
     of means (below 1: fogmig did better); a technique the toolchain could not run says why."""
@@ -291,7 +301,7 @@ def _against_baseline(runs: Sequence[RunRecord]) -> list[doc.Block]:
                     ratio("total_s"),
                     ratio("downtime_s"),
                     ratio("bytes"),
-                    why[:160] + ("..." if len(why) > 160 else ""),
+                    short_reason(why),
                 ]
             )
     return [

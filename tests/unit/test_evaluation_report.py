@@ -126,3 +126,21 @@ def test_the_report_compares_fogmig_with_the_papers_toolchain(
     assert any(
         x.startswith("| C | precopy | - |") and "missing features" in x for x in md.splitlines()
     )
+
+
+def test_a_baseline_error_in_the_table_keeps_its_cause() -> None:
+    from fogmig.experiments.report import short_reason
+
+    why = (
+        "runc checkpoint --pre-dump failed: `nsenter --net=/var/run/netns/fm-gw1 -- runc --root "
+        "/run/fogmig/nodes/gw1/runc --criu criu checkpoint --image-path /var/lib/x/pre "
+        '--pre-dump bench` exited 1: level=error msg="CRIU is missing features"; '
+        "`criu check --feature mem_dirty_track`: Warn (criu/cr-check.c:824): Dirty tracking is "
+        "OFF. Memory snapshot will not work."
+    )
+    cell = short_reason(why)
+    assert cell.startswith("runc checkpoint --pre-dump failed: (command) exited 1")
+    assert cell.endswith("Dirty tracking is OFF. Memory snapshot will not work.")
+    assert len(cell) <= 240
+    assert short_reason("x" * 500).count("...") == 1
+    assert len(short_reason("x" * 500)) == 240
