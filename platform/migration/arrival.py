@@ -99,6 +99,8 @@ class Arrival:
     lazy: LazyPagesDaemon | None = None
     page_server: LazyPageServer | None = None
     stream: StreamedPages | None = None
+    local_pages: LocalImagePages | None = None
+    """Hybrid: the last pre-copy round's pages here (open files, closed at release)."""
     channels: asyncio.Task[PageChannels] | None = None
     """The page channels, opened when the migration was prepared: their handshakes then
     happen while the service still runs, not in the frozen window."""
@@ -206,7 +208,8 @@ class Arrival:
             self.stream = StreamedPages(
                 remote, channels.ahead, changed, accessed=read_accessed(images)
             )
-            source = LayeredPages(LocalImagePages(base), self.stream, changed)
+            self.local_pages = LocalImagePages(base)
+            source = LayeredPages(self.local_pages, self.stream, changed)
         else:
             self.stream = StreamedPages(
                 remote, channels.ahead, lazy_vaddrs(images), accessed=read_accessed(images)
@@ -259,6 +262,10 @@ class Arrival:
         if self.page_server is not None:
             await self.page_server.close()
             self.page_server = None
+        if self.local_pages is not None:
+            # Its files stay open until closed, even once the migration's directory is gone.
+            self.local_pages.close()
+            self.local_pages = None
         channels, self.channels = self.channels, None
         if channels is not None:
             channels.cancel()
