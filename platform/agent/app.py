@@ -28,6 +28,7 @@ from fogmig.platform.agent.handover import test_pause
 from fogmig.platform.agent.hooks import HandoverHooks
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
+from fogmig.platform.base.heap import HeapKeeper
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.migration.arrival import Fetch, PageChannels, WireCount
@@ -87,6 +88,10 @@ class Agent(CommandHandling):
             owned=self._owned_here,
             pause=test_pause(config.node),
         )
+        self.heap = HeapKeeper(
+            lambda: bool(self.migrating or self.destination.arrivals), name=f"agent {config.node}"
+        )
+        """Returns what a migration allocated to the system once the node is idle again."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -126,6 +131,7 @@ class Agent(CommandHandling):
                 tg.create_task(self._command_loop(stop), name="commands")
                 tg.create_task(self._presence_loop(), name="presence")
                 tg.create_task(self._links_loop(stop), name="links")
+                tg.create_task(self.heap.run(stop), name="heap")
                 await stop.wait()
                 # While the bus and the channel still work: let migrations end or settle.
                 await self._stop_migrations()

@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -40,6 +41,10 @@ from fogmig.platform.bus.schemas import BusMessage, PresenceState, ServicePresen
 from fogmig.platform.bus.topics import topics
 
 log = logging.getLogger(__name__)
+
+# Bounds on what a long-running agent remembers of past hand-overs.
+HANDLED_KEPT = 1024
+RELEASES_KEPT = 64
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -146,14 +151,17 @@ class Follow:
         self._applied: dict[str, Location] = {}
         self._pinned: dict[str, Location] = {}  # service -> served here whatever the book says
         self._holds: dict[str, _Held] = {}  # service -> the hold for its arriving copy
-        self._handled: set[str] = set()  # migrations this node reacted to as destination
+        # Migrations this node reacted to as destination, the latest HANDLED_KEPT of them (a
+        # dict as an ordered set): a presence seen again long after is settled by the book.
+        self._handled: dict[str, None] = {}
         self._waiters: dict[str, _Waiter] = {}  # migration id -> a source waiting in freezing
         self._lock = asyncio.Lock()  # one forwarding update at a time
         self._publish_lock = asyncio.Lock()  # presences leave in the order they were made
         self._synced = asyncio.Event()
         self._last_message = time.monotonic()
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.releases: list[HoldStats] = []
+        self.releases: deque[HoldStats] = deque(maxlen=RELEASES_KEPT)
+        """What the latest hold releases delivered (for tests and diagnostics)."""
         """What each released hold did (the latest last)."""
 
     # ------------------------------------------------------------------ the presence loop
@@ -285,7 +293,7 @@ class Follow:
     async def running_here(self, service: str, migration_id: str) -> None:
         """Destination, the restored copy runs: release the hold, publish ``running``."""
         async with self._guard("running_here", service, migration_id):
-            self._handled.add(migration_id)
+            self._note_handled(migration_id)
             held = self._holds.pop(service, None)
             if held is not None and held.migration_id != migration_id:
                 self._discard(service, held, f"held for {held.migration_id}")
@@ -310,7 +318,7 @@ class Follow:
     async def gave_up(self, service: str, migration_id: str) -> None:
         """Destination, its copy is gone: drop the hold and this node's presence."""
         async with self._guard("gave_up", service, migration_id):
-            self._handled.add(migration_id)
+            self._note_handled(migration_id)
             held = self._holds.get(service)
             if held is not None and held.migration_id == migration_id:
                 self._end_hold(service, "the migration gave up")
@@ -435,10 +443,15 @@ class Follow:
             ):
                 await self._hold(won)
 
+    def _note_handled(self, migration_id: str) -> None:
+        self._handled[migration_id] = None
+        while len(self._handled) > HANDLED_KEPT:
+            del self._handled[next(iter(self._handled))]
+
     async def _hold(self, moving: ServicePresence) -> None:
         """A migration of ``moving.service`` to this node is about to freeze it: hold."""
         assert moving.migration_id is not None
-        self._handled.add(moving.migration_id)
+        self._note_handled(moving.migration_id)
         relay: Hold | None = None
         try:
             relay = self._hold_factory(moving.port)

@@ -54,13 +54,17 @@ class Notice:
         )
 
 
+NOTICED_KEPT = 1024
+
+
 class PresenceBook:
     """The presences one node knows of, and the winner per service."""
 
     def __init__(self) -> None:
         self._by_topic: dict[tuple[str, str], ServicePresence] = {}  # (node, service) -> latest
         self._high: dict[str, int] = {}  # service -> highest seq ever seen (cleared ones too)
-        self._noticed: set[tuple[NoticeKind, str, str, int]] = set()
+        # The latest NOTICED_KEPT notices (a dict as an ordered set): each is logged once.
+        self._noticed: dict[tuple[NoticeKind, str, str, int], None] = {}
         self._pending: list[Notice] = []
 
     def put(self, p: ServicePresence) -> bool:
@@ -138,7 +142,9 @@ class PresenceBook:
     def _notice(self, kind: NoticeKind, p: ServicePresence, winner: ServicePresence) -> None:
         key = (kind, p.node, p.service, p.seq)
         if key not in self._noticed:
-            self._noticed.add(key)
+            self._noticed[key] = None
+            while len(self._noticed) > NOTICED_KEPT:
+                del self._noticed[next(iter(self._noticed))]
             self._pending.append(Notice(kind, p, winner))
 
     def __iter__(self) -> Iterator[ServicePresence]:

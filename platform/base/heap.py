@@ -1,0 +1,124 @@
+"""Give a long-running daemon's freed memory back to the system between bursts of work.
+
+A migration makes an agent allocate tens of megabytes for a few seconds (page blocks, deltas,
+image files read in worker threads). Python frees those objects, but glibc's allocator keeps
+the freed chunks in its arenas (one per thread that allocated) and returns the top of a heap
+only when it is free: one small object left above a freed megabyte pins it. Seen in a soak of
+200 migrations as steps of 5-10 MB in an agent's resident size that never came back, with
+nothing leaked at the Python level. ``malloc_trim(0)`` releases every free page of every
+arena; it costs a few milliseconds, so the agent calls it when it is idle, not mid-migration.
+
+Without glibc (musl, another libc) :func:`release_free_memory` does nothing and says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+
+
+@cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    fn: Callable[[int], int] = trim
+    return fn
+
+
+def resident_bytes(status: Path = Path("/proc/self/statm")) -> int | None:
+    """This process's resident set size, or None where ``/proc`` does not say."""
+    try:
+        fields = status.read_text().split()
+        return int(fields[1]) * PAGE
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@dataclass(frozen=True)
+class Trimmed:
+    """What one call of :func:`release_free_memory` did."""
+
+    supported: bool
+    released: bool
+    """True when the allocator returned at least one page."""
+    rss_before: int | None
+    rss_after: int | None
+
+    @property
+    def freed_bytes(self) -> int:
+        if self.rss_before is None or self.rss_after is None:
+            return 0
+        return max(0, self.rss_before - self.rss_after)
+
+
+def release_free_memory() -> Trimmed:
+    """Return the allocator's free pages to the system (``malloc_trim(0)``)."""
+    trim = _malloc_trim()
+    before = resident_bytes()
+    if trim is None:
+        return Trimmed(supported=False, released=False, rss_before=before, rss_after=before)
+    released = bool(trim(0))
+    return Trimmed(supported=True, released=released, rss_before=before, rss_after=resident_bytes())
+
+
+class HeapKeeper:
+    """Trims the heap once after each burst of work, when the daemon is idle again.
+
+    ``busy`` says whether work is under way (a migration in either direction); the keeper
+    looks every ``interval_s`` and trims at the first idle look after a busy one, so an idle
+    daemon is not trimmed over and over and a busy one never mid-work.
+    """
+
+    def __init__(
+        self,
+        busy: Callable[[], bool],
+        *,
+        interval_s: float = 2.0,
+        trim: Callable[[], Trimmed] = release_free_memory,
+        name: str = "daemon",
+    ) -> None:
+        self._busy = busy
+        self._interval_s = interval_s
+        self._trim = trim
+        self._name = name
+        self._owed = True  # the start-up itself was a burst
+        self.trims = 0
+
+    def tick(self) -> Trimmed | None:
+        """One look: trim if the work that was under way has ended."""
+        if self._busy():
+            self._owed = True
+            return None
+        if not self._owed:
+            return None
+        self._owed = False
+        done = self._trim()
+        self.trims += 1
+        if done.freed_bytes:
+            log.debug("%s: returned %.1f MB to the system", self._name, done.freed_bytes / 1e6)
+        return done
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            self.tick()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), self._interval_s)

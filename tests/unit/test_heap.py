@@ -1,0 +1,41 @@
+"""The heap keeper trims once after each burst of work, never mid-work, and trimming works."""
+
+from __future__ import annotations
+
+from fogmig.platform.base.heap import HeapKeeper, Trimmed, release_free_memory, resident_bytes
+
+
+def _keeper(states: list[bool]) -> tuple[HeapKeeper, list[int]]:
+    calls: list[int] = []
+
+    def trim() -> Trimmed:
+        calls.append(1)
+        return Trimmed(supported=True, released=True, rss_before=10, rss_after=4)
+
+    it = iter(states)
+    return HeapKeeper(lambda: next(it), trim=trim), calls
+
+
+def test_trims_once_at_start_then_only_after_work() -> None:
+    keeper, calls = _keeper([False, False, True, True, False, False, False])
+    done = [keeper.tick() for _ in range(7)]
+    assert len(calls) == 2
+    assert done[0] is not None and done[0].freed_bytes == 6  # start-up
+    assert done[1] is None  # idle, nothing owed
+    assert done[2] is None and done[3] is None  # busy: never mid-work
+    assert done[4] is not None  # the first idle look after the work
+    assert done[5] is None and done[6] is None
+
+
+def test_release_free_memory_on_this_libc() -> None:
+    # Allocate and free many mid-sized chunks (below the mmap threshold, so they live in the
+    # heap), keep one small survivor above them, then trim.
+    chunks = [bytearray(64 * 1024) for _ in range(400)]
+    survivor = bytearray(16)
+    del chunks
+    done = release_free_memory()
+    assert survivor is not None
+    assert done.rss_before is not None and done.rss_after is not None
+    assert done.supported  # glibc on the platform this project runs on
+    assert done.rss_after <= done.rss_before
+    assert resident_bytes() is not None
