@@ -23,6 +23,7 @@ from fogmig.platform.base.nodes import netns_name
 from fogmig.platform.migration.delta import apply as delta_apply
 from fogmig.platform.migration.handover.messages import ApplyDelta, Restore, SendFiles
 from fogmig.platform.migration.lazy.daemon import LazyPagesDaemon
+from fogmig.platform.migration.lazy.hot import read_hot
 from fogmig.platform.migration.lazy.kept import decode_kept
 from fogmig.platform.migration.lazy.layout import lazy_vaddrs
 from fogmig.platform.migration.lazy.plan import read_accessed
@@ -215,6 +216,9 @@ class Arrival:
                 remote, channels.ahead, lazy_vaddrs(images), accessed=read_accessed(images)
             )
             source = self.stream
+        hot = await asyncio.to_thread(read_hot, images)
+        if hot:
+            self.stream.preload(hot)
         # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on
         # the node can read the service's memory.
         self.page_server = LazyPageServer(source=source)

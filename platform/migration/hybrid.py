@@ -15,6 +15,7 @@ from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.migration.context import LAST, MigrationContext, Move
 from fogmig.platform.migration.delta.compute import compute_delta
 from fogmig.platform.migration.handover.messages import Reply, Restore, SendFilesOk
+from fogmig.platform.migration.lazy.hot import write_hot
 from fogmig.platform.migration.lazy.kept import encode_kept
 from fogmig.platform.migration.ports import SentResult
 from fogmig.platform.migration.postcopy import LazyPages, lazy_dump
@@ -50,11 +51,14 @@ class Hybrid:
 
     async def freeze(self, ctx: MigrationContext) -> None:
         assert self.rounds.last is not None
-        await lazy_dump(ctx)
+        written = await lazy_dump(ctx, working_set=False)
         started = time.monotonic()
         delta = compute_delta(self.rounds.last, ctx.image_dir)
         changed = {d.pagemap.image_id: d.shipped_vaddrs().tolist() for d in delta.pagemaps}
         (ctx.workdir / "lazy" / CHANGED_FILE).write_text(json.dumps(changed))
+        # Of the changed pages, those the service worked on go with the execution state.
+        among = {int(task): vaddrs for task, vaddrs in changed.items() if task.isdigit()}
+        write_hot(ctx.workdir / "lazy", ctx.image_dir, written, among=among)
         # The kept pages go as a delta against the last round the destination holds.
         encode_kept(ctx.workdir / "lazy", self.rounds.last)
         ctx.record.dump_time_s += time.monotonic() - started

@@ -68,6 +68,11 @@ class SourcePort(Protocol):
         mapping the service touched since the migration began; empty if unknown."""
         ...
 
+    async def written_pages(self, limit: int) -> dict[int, list[int]]:
+        """Per task, up to ``limit`` pages the service wrote since the migration began (its
+        working set); empty if unknown. Called once, just before the freeze."""
+        ...
+
     def stop_serving_pages(self, migration_id: str) -> None: ...
 
 

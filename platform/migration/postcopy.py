@@ -9,6 +9,8 @@ a real round trip over the link (paper, 4.2.2).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 
 from fogmig.platform.base.vocabulary import Phase
@@ -19,22 +21,36 @@ from fogmig.platform.migration.handover.messages import (
     Restore,
     SendFilesOk,
 )
+from fogmig.platform.migration.lazy.hot import hot_page_limit, write_hot
 from fogmig.platform.migration.lazy.layout import convert_to_lazy_layout
 from fogmig.platform.migration.lazy.plan import write_accessed
 from fogmig.platform.migration.ports import SentResult
 from fogmig.platform.migration.precopy import files_call
 
+log = logging.getLogger(__name__)
 
-async def lazy_dump(ctx: MigrationContext) -> None:
-    """Freeze and dump to the local disk, derive the lazy image set to ship, offer the pages."""
-    # Read just before the freeze: the mappings touched since the migration began.
+
+async def lazy_dump(ctx: MigrationContext, *, working_set: bool = True) -> dict[int, list[int]]:
+    """Freeze and dump to the local disk, derive the lazy image set to ship, offer the pages.
+
+    ``working_set``: ship the pages written since the migration began with the execution
+    state (hybrid picks its own among them, after comparing with its last round); returns
+    those pages."""
+    # Read just before the freeze: the mappings touched since the migration began, and the
+    # pages written meanwhile (the working set that goes with the execution state).
     accessed = await ctx.source.accessed()
+    written = await ctx.source.written_pages(hot_page_limit(ctx.record.link_rate_bit_per_s / 8))
     dump = await ctx.source.checkpoint(ctx.image_dir, leave_running=False)
     started = time.monotonic()
-    await convert_to_lazy_layout(dump.image_dir, ctx.workdir / "lazy")
-    write_accessed(ctx.workdir / "lazy", accessed)
+    lazy_dir = ctx.workdir / "lazy"
+    await convert_to_lazy_layout(dump.image_dir, lazy_dir)
+    write_accessed(lazy_dir, accessed)
+    if working_set:
+        hot = await asyncio.to_thread(write_hot, lazy_dir, dump.image_dir, written)
+        log.info("%s: %d pages of the working set go with the state", ctx.migration_id, hot)
     ctx.record.dump_time_s += dump.duration_s + (time.monotonic() - started)
     ctx.source.serve_pages(ctx.migration_id, dump.image_dir)
+    return written
 
 
 class LazyPages:

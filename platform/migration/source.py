@@ -60,7 +60,13 @@ from fogmig.platform.migration.ports import (
 from fogmig.platform.migration.postcopy import Postcopy
 from fogmig.platform.migration.precopy import Precopy
 from fogmig.platform.migration.record import MigrationRecord
-from fogmig.platform.runtime.access import accessed_regions, clear_accessed
+from fogmig.platform.runtime.access import (
+    PageDigests,
+    accessed_regions,
+    clear_accessed,
+    page_digests,
+    written_pages,
+)
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.container import NodeRuntime, runc_running
 from fogmig.platform.runtime.workdir import remove_tree
@@ -89,12 +95,19 @@ class RuntimeSource:
     """:class:`SourcePort` over runc/CRIU for service ``service`` on this node."""
 
     def __init__(
-        self, *, runtime: NodeRuntime, service: str, bundle: Path, pages: dict[str, Any]
+        self,
+        *,
+        runtime: NodeRuntime,
+        service: str,
+        bundle: Path,
+        pages: dict[str, Any],
+        digests: dict[int, PageDigests] | None = None,
     ) -> None:
         self.runtime = runtime
         self.service = service
         self.bundle = bundle
         self._pages = pages  # the agent's registry of images offered to lazy page servers
+        self._digests = digests  # the service's pages when the migration began (lazy only)
 
     async def checkpoint(self, image_dir: Path, *, leave_running: bool) -> DumpResult:
         work = image_dir.with_name(image_dir.name + ".work")
@@ -160,6 +173,20 @@ class RuntimeSource:
             task: [(r.start, r.end, r.referenced) for r in found if r.referenced]
             for task, found in regions.items()
         }
+
+    async def written_pages(self, limit: int) -> dict[int, list[int]]:
+        before, self._digests = self._digests, None
+        if not before:
+            return {}
+        try:
+            pid = (await self.runtime.state(self.service)).pid
+            if not pid:
+                return {}
+            after = await asyncio.to_thread(page_digests, pid)
+        except (FogmigError, OSError) as exc:
+            log.info("no working set of %s: %s", self.service, exc)
+            return {}
+        return written_pages(before, after, limit=limit)
 
     def stop_serving_pages(self, migration_id: str) -> None:
         pages = self._pages.pop(migration_id, None)
@@ -343,11 +370,15 @@ async def begin_migration(
             f"{service} on {runtime.node} is {state.status}", phase="pending", migration_id="-"
         )
     args = read_config(state.bundle)["process"]["args"]
+    digests: dict[int, PageDigests] | None = None
     if technique.lazy and state.pid:
         # From now on the kernel marks what the service touches: a lazy restore streams
-        # those mappings first (runtime/access.py).
+        # those mappings first, and the pages written from now to the freeze go with the
+        # execution state (runtime/access.py).
         with contextlib.suppress(OSError):
             await asyncio.to_thread(clear_accessed, state.pid)
+        with contextlib.suppress(OSError):
+            digests = await asyncio.to_thread(page_digests, state.pid)
     mid = migration_id or new_migration_id(service)
     record = MigrationRecord(
         migration_id=mid,
@@ -376,7 +407,11 @@ async def begin_migration(
     ctx = MigrationContext(
         record=record,
         source=RuntimeSource(
-            runtime=runtime, service=service, bundle=state.bundle, pages=node.pages
+            runtime=runtime,
+            service=service,
+            bundle=state.bundle,
+            pages=node.pages,
+            digests=digests,
         ),
         peer=_peer(node, destination, compression),
         workdir=workdir,

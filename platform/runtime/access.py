@@ -6,14 +6,22 @@ This kernel has neither soft-dirty tracking nor idle-page tracking, so a mapping
 grain there is. A lazy restore streams the mappings a service touched most first: they are
 what it touches again as soon as it runs (docs/architecture.md, "The frozen window and the
 streamed pages").
+
+Finer, at the page level: two digests of every resident page, one when the migration begins
+and one just before the freeze, give the pages the service wrote in between
+(:func:`written_pages`); a lazy migration ships those with the execution state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import re
+import struct
+import zlib
+from array import array
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 PROC = Path("/proc")
@@ -93,4 +101,114 @@ def accessed_regions(init_pid: int, *, proc: Path = PROC) -> dict[int, list[Regi
     for pid, nspid in process_tree(init_pid, proc=proc).items():
         with contextlib.suppress(OSError):
             out[nspid] = parse_smaps((proc / str(pid) / "smaps").read_text())
+    return out
+
+
+# ---- which pages the service wrote lately ----------------------------------------------------
+
+PAGE = 4096
+_PRESENT = 1 << 63
+_MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
+# Mappings the kernel provides: never in a dump's pagemaps, and [vsyscall] cannot be read.
+_SPECIAL = frozenset({"[vvar]", "[vdso]", "[vsyscall]"})
+
+
+@dataclass(slots=True)
+class PageDigests:
+    """One task's resident pages in address order: their CRC-32 and the size of the mapping
+    that holds each (compact: a 90 MB process costs about 400 KB here)."""
+
+    vaddrs: array[int] = field(default_factory=lambda: array("Q"))
+    crcs: array[int] = field(default_factory=lambda: array("I"))
+    mapping_sizes: array[int] = field(default_factory=lambda: array("Q"))
+
+    def add(self, vaddr: int, crc: int, mapping_size: int) -> None:
+        self.vaddrs.append(vaddr)
+        self.crcs.append(crc)
+        self.mapping_sizes.append(mapping_size)
+
+    def __len__(self) -> int:
+        return len(self.vaddrs)
+
+
+def private_writable(maps_text: str) -> list[tuple[int, int]]:
+    """``[start, end)`` of every private writable mapping in a ``/proc/<pid>/maps`` text: where
+    a process's own data lives (heap, stacks, anonymous memory, libraries' data)."""
+    out: list[tuple[int, int]] = []
+    for line in maps_text.splitlines():
+        m = _MAPS_LINE.match(line)
+        if m is None:
+            continue
+        perms, name = m.group(3), m.group(4).strip()
+        if perms[1] == "w" and perms[3] == "p" and name not in _SPECIAL:
+            out.append((int(m.group(1), 16), int(m.group(2), 16)))
+    return out
+
+
+def _task_digests(pid: int, proc: Path) -> PageDigests:
+    digests = PageDigests()
+    base = proc / str(pid)
+    mappings = sorted(private_writable((base / "maps").read_text()))
+    pagemap = os.open(base / "pagemap", os.O_RDONLY)
+    try:
+        mem = os.open(base / "mem", os.O_RDONLY)
+    except OSError:
+        os.close(pagemap)
+        raise
+    try:
+        for start, end in mappings:
+            n = (end - start) // PAGE
+            raw = os.pread(pagemap, n * 8, (start // PAGE) * 8)
+            # Only resident pages: reading an untouched page through mem would fault it in.
+            for i, entry in enumerate(struct.unpack(f"<{len(raw) // 8}Q", raw)):
+                if not entry & _PRESENT:
+                    continue
+                vaddr = start + i * PAGE
+                with contextlib.suppress(OSError):
+                    digests.add(vaddr, zlib.crc32(os.pread(mem, PAGE, vaddr)), end - start)
+    finally:
+        os.close(mem)
+        os.close(pagemap)
+    return digests
+
+
+def page_digests(init_pid: int, *, proc: Path = PROC) -> dict[int, PageDigests]:
+    """Per task of the container (by its pid in the namespace), a digest of every resident
+    page of its private writable mappings. Read while the service runs (about 0.1 s for a
+    90 MB process); it is not stopped, so a page written meanwhile may read half-old: that
+    only makes it look written, which it was."""
+    out: dict[int, PageDigests] = {}
+    for pid, nspid in process_tree(init_pid, proc=proc).items():
+        with contextlib.suppress(OSError):
+            out[nspid] = _task_digests(pid, proc)
+    return out
+
+
+def written_pages(
+    before: dict[int, PageDigests], after: dict[int, PageDigests], *, limit: int
+) -> dict[int, list[int]]:
+    """The pages whose content changed (or that appeared) between two :func:`page_digests`,
+    per task, at most ``limit`` in all.
+
+    In an interpreter, touching an object writes it (its reference count), so these are the
+    pages the service works on: what it touches first once it runs again. Beyond ``limit``
+    the pages of the smallest mappings win (heaps, stacks and interpreter structures before a
+    bulk buffer written at its own pace).
+    """
+    found: list[tuple[int, int, int]] = []  # (mapping size, task, vaddr)
+    for task, now in after.items():
+        old = before.get(task, PageDigests())
+        j = 0
+        for i, vaddr in enumerate(now.vaddrs):
+            # Both in address order: walk them together.
+            while j < len(old) and old.vaddrs[j] < vaddr:
+                j += 1
+            if j >= len(old) or old.vaddrs[j] != vaddr or old.crcs[j] != now.crcs[i]:
+                found.append((now.mapping_sizes[i], task, vaddr))
+    found.sort()
+    out: dict[int, list[int]] = {}
+    for _, task, vaddr in found[: max(0, limit)]:
+        out.setdefault(task, []).append(vaddr)
+    for vaddrs in out.values():
+        vaddrs.sort()
     return out

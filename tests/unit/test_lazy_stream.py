@@ -276,3 +276,27 @@ def test_accessed_hints_round_trip_and_a_bad_file_is_ignored(tmp_path: Path) -> 
     assert read_accessed(tmp_path) == {}
     write_accessed(tmp_path / "none", {})  # nothing known: nothing written
     assert read_accessed(tmp_path / "none") == {}
+
+
+async def test_preloaded_working_set_is_served_without_a_fetch() -> None:
+    wanted = pages(BIG, 32)
+    src = Source(wanted)
+    src.gate.clear()  # nothing comes through the stream
+    stream = StreamedPages(RemotePages(src.demand), [src.ahead] * 2, {1: wanted}, unit_pages=8)
+    hot = {(1, BIG + 5 * PAGE_SIZE): src.memory[BIG + 5 * PAGE_SIZE]}
+    # A page the restore does not want and a torn page are ignored.
+    hot[(1, SMALL)] = bytes(PAGE_SIZE)
+    hot[(1, BIG + 6 * PAGE_SIZE)] = b"short"
+    assert stream.preload(hot) == 1
+    stream.start()
+    fault = BIG + 5 * PAGE_SIZE
+    assert await asyncio.wait_for(stream.read(1, fault, 1, fault=True), 1) == src.memory[fault]
+    assert src.demand_calls == []
+    assert stream.counts.faults_on_demand == 0
+    assert "1 pages came with the state" in stream.counts.describe()
+    # The page is never fetched again, and the others still are.
+    src.gate.set()
+    other = BIG + 6 * PAGE_SIZE
+    assert await asyncio.wait_for(stream.read(1, other, 1, fault=True), 1) == src.memory[other]
+    await stream.close()
+    assert src.fetched[fault] == 0

@@ -19,6 +19,13 @@ from fogmig.platform.migration.lazy.errors import (
     PageNotFoundError,
     PageServerError,
 )
+from fogmig.platform.migration.lazy.hot import (
+    HOT_INDEX,
+    HOT_PAGES,
+    hot_page_limit,
+    read_hot,
+    write_hot,
+)
 from fogmig.platform.migration.lazy.kept import SUFFIX as KEPT_SUFFIX
 from fogmig.platform.migration.lazy.kept import decode_kept, encode_kept
 from fogmig.platform.migration.lazy.layout import (
@@ -717,3 +724,61 @@ def test_a_kept_pages_delta_on_another_base_or_damaged_is_refused(
     coded.write_bytes(coded.read_bytes()[:-3])
     with pytest.raises(LazyLayoutError, match=coded.name):
         decode_kept(spare, full_dump)
+
+
+# --------------------------------------------------------------------------- working set
+
+
+def test_working_set_goes_with_the_layout_and_only_lazy_pages(
+    full_dump: Path, tmp_path: Path
+) -> None:
+    lazy = tmp_path / "lazy"
+    convert_to_lazy_layout_sync(full_dump, lazy)
+    hot = {
+        1: [0x10000, 0x20000, 0x31000, 0x99000, 0x10000],  # 0x20000 is not lazy; 0x99000 absent
+        7: [0x40000],
+        9: [0x50000],  # no such task
+    }
+    assert write_hot(lazy, full_dump, hot) == 3
+    got = read_hot(lazy)
+    assert got == {
+        (1, 0x10000): task1_page(0x10000),
+        (1, 0x31000): task1_page(0x31000),
+        (7, 0x40000): page(0xA1),
+    }
+    # Hybrid: only the changed pages among them.
+    assert write_hot(lazy, full_dump, hot, among={1: [0x31000]}) == 1
+    assert list(read_hot(lazy)) == [(1, 0x31000)]
+
+
+def test_no_working_set_leaves_no_file(full_dump: Path, tmp_path: Path) -> None:
+    lazy = tmp_path / "lazy"
+    convert_to_lazy_layout_sync(full_dump, lazy)
+    assert write_hot(lazy, full_dump, {1: [0x20000]}) == 0
+    assert not (lazy / HOT_PAGES).exists()
+    assert not (lazy / HOT_INDEX).exists()
+    assert read_hot(lazy) == {}
+
+
+def test_a_damaged_working_set_is_refused(full_dump: Path, tmp_path: Path) -> None:
+    lazy = tmp_path / "lazy"
+    convert_to_lazy_layout_sync(full_dump, lazy)
+    assert write_hot(lazy, full_dump, {1: [0x10000, 0x11000]}) == 2
+    pages_file = lazy / HOT_PAGES
+    pages_file.write_bytes(pages_file.read_bytes()[:-1])
+    with pytest.raises(LazyLayoutError, match="bytes for the 2 pages"):
+        read_hot(lazy)
+    (lazy / HOT_INDEX).write_text('{"1": [4097]}')
+    pages_file.write_bytes(page(1))
+    with pytest.raises(LazyLayoutError, match="not a page address"):
+        read_hot(lazy)
+    (lazy / HOT_INDEX).write_text("[1, 2]")
+    with pytest.raises(LazyLayoutError, match="cannot be read"):
+        read_hot(lazy)
+
+
+def test_hot_page_limit_follows_the_link() -> None:
+    assert hot_page_limit(None) == 512
+    slow, fast = hot_page_limit(11.34e6 / 8), hot_page_limit(72.41e6 / 8)
+    assert 256 <= slow < fast == 1024
+    assert hot_page_limit(1000.0) == 64

@@ -104,6 +104,9 @@ class FakeSource:
     async def accessed(self) -> dict[int, list[tuple[int, int, int]]]:
         return {}
 
+    async def written_pages(self, limit: int) -> dict[int, list[int]]:
+        return {}
+
     def serve_pages(self, migration_id: str, image_dir: Path) -> None:
         self.serving.add(migration_id)
 

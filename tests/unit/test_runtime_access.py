@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
+import os
 from pathlib import Path
 
 from fogmig.platform.runtime.access import (
+    PageDigests,
     Region,
     accessed_regions,
     clear_accessed,
+    page_digests,
     parse_smaps,
+    private_writable,
     process_tree,
+    written_pages,
 )
 
 SMAPS = """\
@@ -53,3 +59,63 @@ def test_the_container_tree_by_namespace_pid(tmp_path: Path) -> None:
     assert sorted(regions) == [1, 7]
     assert regions[7][0].referenced == 40 * 1024
     assert process_tree(999, proc=proc) == {}  # gone: nothing, no error
+
+
+# ---------------------------------------------------------------------- pages written
+
+
+MAPS = """\
+00400000-00452000 r-xp 00000000 08:02 173521      /usr/bin/python3
+00651000-00652000 rw-p 00051000 08:02 173521      /usr/bin/python3
+01ae5000-01b06000 rw-p 00000000 00:00 0           [heap]
+7f2c20000000-7f2c25000000 rw-p 00000000 00:00 0
+7f2c30000000-7f2c30001000 rw-s 00000000 00:05 1234 /dev/zero (deleted)
+7ffc5a1e0000-7ffc5a201000 rw-p 00000000 00:00 0   [stack]
+7ffc5a3f0000-7ffc5a3f4000 r--p 00000000 00:00 0   [vvar]
+ffffffffff600000-ffffffffff601000 --xp 00000000 00:00 0  [vsyscall]
+"""
+
+
+def test_private_writable_mappings_only() -> None:
+    assert private_writable(MAPS) == [
+        (0x00651000, 0x00652000),
+        (0x01AE5000, 0x01B06000),
+        (0x7F2C20000000, 0x7F2C25000000),
+        (0x7FFC5A1E0000, 0x7FFC5A201000),
+    ]
+
+
+def _digests(pages: list[tuple[int, int, int]]) -> PageDigests:
+    d = PageDigests()
+    for vaddr, crc, size in pages:
+        d.add(vaddr, crc, size)
+    return d
+
+
+def test_written_pages_are_the_changed_and_new_ones_small_mappings_first() -> None:
+    big, small = 80 << 20, 1 << 20
+    before = {1: _digests([(0x1000, 1, small), (0x2000, 2, small), (0x9000, 3, big)])}
+    after = {
+        1: _digests([(0x1000, 1, small), (0x2000, 5, small), (0x3000, 6, small), (0x9000, 4, big)]),
+        2: _digests([(0x5000, 7, small)]),  # a task that appeared
+    }
+    assert written_pages(before, after, limit=10) == {1: [0x2000, 0x3000, 0x9000], 2: [0x5000]}
+    # Beyond the limit the big mapping's page is the one left out.
+    assert written_pages(before, after, limit=3) == {1: [0x2000, 0x3000], 2: [0x5000]}
+    assert written_pages(before, before, limit=10) == {}
+    assert written_pages(before, after, limit=0) == {}
+
+
+def test_pages_this_process_writes_are_found() -> None:
+    me = os.getpid()
+    buf = bytearray(64 * 4096)
+    buf[::4096] = b"\x01" * 64  # resident
+    before = page_digests(me)
+    buf[10 * 4096 + 7] = 0xFF
+    after = page_digests(me)
+    written = {v for vaddrs in written_pages(before, after, limit=100_000).values() for v in vaddrs}
+    address = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
+    target = (address + 10 * 4096) & ~4095
+    assert target in written
+    assert len(after) == 1
+    assert sum(len(d) for d in after.values()) > 64

@@ -187,6 +187,15 @@ class LocalImagePages:
         self._tally.add_local(len(data))
         return data
 
+    def read_page(self, pid_id: int, vaddr: int) -> bytes:
+        """One page, read on the caller's thread (for files built from a few pages)."""
+        pages = self._tasks.get(pid_id)
+        pieces = pages.pieces(vaddr, 1) if pages is not None else []
+        if pages is None or not pieces:
+            raise PageNotFoundError(pid_id, vaddr)
+        self._tally.add_local(PAGE_SIZE)
+        return self._read_sync(pages, pieces)
+
     def close(self) -> None:
         for pages in self._tasks.values():
             if pages.fd is not None:

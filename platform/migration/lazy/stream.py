@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fogmig.platform.base.errors import FogmigError
 from fogmig.platform.base.vocabulary import PAGE_SIZE
@@ -32,6 +32,7 @@ UNIT_PAGES = 16
 """Pages per stream request (64 KiB): what a fault may queue behind per channel."""
 DEFAULT_CHANNELS = 4
 MIN_CHANNELS, MAX_CHANNELS = 2, 6
+TIMELINE_S = 30
 
 
 def stream_channels(
@@ -53,6 +54,8 @@ def stream_channels(
 class StreamCounts:
     """How the daemon's requests were answered (logged at the end of a lazy restore)."""
 
+    preloaded: int = 0
+    """Pages that came with the execution state (the working set)."""
     units: int = 0
     """Units the stream fetched."""
     from_stream: int = 0
@@ -63,12 +66,36 @@ class StreamCounts:
     """Faults fetched on their own channel: the process waited a round trip."""
     fault_wait_s: float = 0.0
     """Their total time."""
+    fault_seconds: list[float] = field(default_factory=lambda: [0.0] * TIMELINE_S)
+    """Seconds the process waited on faults, per second since the stream started (first
+    :data:`TIMELINE_S`): what the devices wait for right after the restore."""
+    fault_counts: list[int] = field(default_factory=lambda: [0] * TIMELINE_S)
+
+    def note_fault(self, since_start_s: float, wait_s: float, *, on_demand: bool = True) -> None:
+        """A fault that blocked the process ``wait_s``: fetched on demand, or (``on_demand``
+        false) waiting for a page the stream had in flight."""
+        if on_demand:
+            self.faults_on_demand += 1
+            self.fault_wait_s += wait_s
+        slot = int(since_start_s)
+        if 0 <= slot < TIMELINE_S:
+            self.fault_seconds[slot] += wait_s
+            self.fault_counts[slot] += 1
 
     def describe(self) -> str:
+        last = max((i for i, n in enumerate(self.fault_counts) if n), default=-1)
+        timeline = ", ".join(
+            f"{n}/{w:.2f}s"
+            for n, w in zip(
+                self.fault_counts[: last + 1], self.fault_seconds[: last + 1], strict=True
+            )
+        )
         return (
-            f"{self.units} units streamed; requests: {self.from_stream} served at once, "
+            f"{self.preloaded} pages came with the state, {self.units} units streamed; "
+            f"requests: {self.from_stream} served at once, "
             f"{self.waited} waited for the stream, {self.faults_on_demand} faults fetched "
-            f"on demand ({self.fault_wait_s:.2f} s in all)"
+            f"on demand ({self.fault_wait_s:.2f} s in all); faults that blocked the process, "
+            f"count/wait per second from the start: {timeline or 'none'}"
         )
 
 
@@ -110,6 +137,7 @@ class StreamedPages:
         self.error: BaseException | None = None
         """Why a stream channel stopped, if one did."""
         self.counts = StreamCounts()
+        self._started = time.monotonic()
 
     @property
     def tally(self) -> PageTally:
@@ -123,7 +151,21 @@ class StreamedPages:
             remote_requests=d.remote_requests + t.remote_requests,
         )
 
+    def preload(self, pages: Mapping[tuple[int, int], bytes]) -> int:
+        """Take pages that came with the execution state (the working set) as arrived, before
+        the stream starts; how many of them the restore wants (others are ignored)."""
+        taken = 0
+        for (pid, vaddr), page in pages.items():
+            if len(page) != PAGE_SIZE or not self.plan.take(pid, vaddr):
+                continue
+            self._cache[(pid, vaddr)] = page
+            self.plan.arrived(Unit(pid, vaddr, 1), 1)
+            taken += 1
+        self.counts.preloaded += taken
+        return taken
+
     def start(self) -> None:
+        self._started = time.monotonic()
         for n, fetch in enumerate(self._ahead):
             self._workers.append(asyncio.create_task(self._work(fetch), name=f"stream-pages-{n}"))
         self._alive = len(self._workers)
@@ -212,11 +254,17 @@ class StreamedPages:
     async def read(self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False) -> bytes:
         key = (pid_id, vaddr)
         waited = False
+        asked = time.monotonic()
         while True:
             state = self.plan.state(pid_id, vaddr)
             if state is PageState.ARRIVED:
                 if waited:
                     self.counts.waited += 1
+                    if fault:
+                        # The process was blocked on a page the stream had in flight.
+                        self.counts.note_fault(
+                            asked - self._started, time.monotonic() - asked, on_demand=False
+                        )
                 else:
                     self.counts.from_stream += 1
                 return self._serve_arrived(pid_id, vaddr, nr_pages)
@@ -261,8 +309,7 @@ class StreamedPages:
             self._arrive(unit)
             raise
         finally:
-            self.counts.faults_on_demand += 1
-            self.counts.fault_wait_s += time.monotonic() - started
+            self.counts.note_fault(started - self._started, time.monotonic() - started)
         self._store(unit, data)
         return self._serve_arrived(pid, vaddr, nr_pages)
 
