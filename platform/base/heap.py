@@ -26,6 +26,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PAGE = 4096
+LOOK_INTERVAL_S = 2.0
+"""How often a :class:`HeapKeeper` looks whether the work has ended."""
 
 
 @cache
@@ -92,7 +94,7 @@ class HeapKeeper:
         self,
         busy: Callable[[], bool],
         *,
-        interval_s: float = 2.0,
+        interval_s: float = LOOK_INTERVAL_S,
         trim: Callable[[], Trimmed] = release_free_memory,
         name: str = "daemon",
     ) -> None:
