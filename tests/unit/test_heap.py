@@ -20,11 +20,31 @@ def test_trims_once_at_start_then_only_after_work() -> None:
     keeper, calls = _keeper([False, False, True, True, False, False, False])
     done = [keeper.tick() for _ in range(7)]
     assert len(calls) == 2
-    assert done[0] is not None and done[0].freed_bytes == 6  # start-up
+    assert done[0] is not None  # start-up
+    assert done[0].freed_bytes == 6
     assert done[1] is None  # idle, nothing owed
-    assert done[2] is None and done[3] is None  # busy: never mid-work
+    assert done[2:4] == [None, None]  # busy: never mid-work
     assert done[4] is not None  # the first idle look after the work
-    assert done[5] is None and done[6] is None
+    assert done[5:] == [None, None]
+
+
+async def test_the_idle_work_runs_at_each_trim_first_and_its_failure_is_contained() -> None:
+    order: list[str] = []
+
+    def trim() -> Trimmed:
+        order.append("trim")
+        return Trimmed(supported=True, released=False, rss_before=1, rss_after=1)
+
+    async def idle() -> None:
+        order.append("idle")
+        if len(order) > 2:
+            raise RuntimeError("broken idle work")
+
+    states = iter([False, False, True, False])
+    keeper = HeapKeeper(lambda: next(states), trim=trim, on_idle=idle)
+    done = [await keeper.look() for _ in range(4)]
+    assert order == ["idle", "trim", "idle", "trim"]
+    assert [d is not None for d in done] == [True, False, False, True]
 
 
 def test_release_free_memory_on_this_libc() -> None:
@@ -35,7 +55,8 @@ def test_release_free_memory_on_this_libc() -> None:
     del chunks
     done = release_free_memory()
     assert survivor is not None
-    assert done.rss_before is not None and done.rss_after is not None
+    assert done.rss_before is not None
+    assert done.rss_after is not None
     assert done.supported  # glibc on the platform this project runs on
     assert done.rss_after <= done.rss_before
     assert resident_bytes() is not None
