@@ -3,7 +3,8 @@
 An agent writes an entry BEFORE every irreversible step (freeze, restore, commit, resume,
 deletion), so that after a stop or a crash :mod:`recovery` can tell from the journal what may
 have happened. A torn last line (the crash hit the write) is ignored and cut off; damage
-anywhere else is a :class:`JournalError`.
+anywhere else is a :class:`JournalError`. Compaction (:mod:`compaction`) rewrites the file
+atomically without the old closed migrations, leaving a :class:`Floor` of their epochs.
 """
 
 from __future__ import annotations
@@ -330,14 +331,15 @@ class SharedJournal:
     """One agent's journal as its asyncio parts share it: appends in order, off the loop.
 
     It reads the file once when made (:meth:`Journal.read` repairs a torn tail, so it must not
-    run while appends are under way) and keeps every entry in :attr:`entries`.
+    run while appends are under way) and keeps every entry in :attr:`entries`, as bounded as
+    the file by :meth:`compact`.
     """
 
     def __init__(self, *, journal: Journal) -> None:
         self.journal = journal
         """The file."""
         self.entries: list[AnyEntry] = journal.read()
-        """Every entry, the file's and those appended since."""
+        """Every entry, the file's and those appended since (the kept ones once compacted)."""
         self._lock = asyncio.Lock()
 
     async def append(self, entry: AnyEntry) -> None:
