@@ -33,6 +33,7 @@ from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.migration.arrival import Fetch, PageChannels, WireCount
 from fogmig.platform.migration.destination import Destination
+from fogmig.platform.migration.handover.compaction import closed_migrations
 from fogmig.platform.migration.handover.messages import (
     GetPages,
     GetPagesOk,
@@ -55,6 +56,10 @@ from fogmig.services.image import find_image
 
 log = logging.getLogger(__name__)
 
+JOURNAL_KEEP_CLOSED = 64
+"""Closed migrations the journal keeps (the newest) when it is compacted."""
+JOURNAL_COMPACT_AT = 128
+"""Closed migrations above which the journal is compacted at the next idle moment."""
 MAX_PAGES_PER_CALL = 256  # 1 MiB: the transfer channel's limit for binary call results
 
 
@@ -89,9 +94,12 @@ class Agent(CommandHandling):
             pause=test_pause(config.node),
         )
         self.heap = HeapKeeper(
-            lambda: bool(self.migrating or self.destination.arrivals), name=f"agent {config.node}"
+            lambda: bool(self.migrating or self.destination.arrivals),
+            on_idle=self._compact_journal,
+            name=f"agent {config.node}",
         )
-        """Returns what a migration allocated to the system once the node is idle again."""
+        """Compacts the journal and returns what a migration allocated to the system once the
+        node is idle again (the first time once recovery has settled the journal)."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -145,6 +153,24 @@ class Agent(CommandHandling):
         self.journal.close()
         with contextlib.suppress(FogmigError):
             await self.forwarder.remove()
+
+    async def _compact_journal(self) -> None:
+        """Bound the journal once enough closed migrations piled up (not at every idle
+        moment: the rewrite costs a few milliseconds per thousand entries)."""
+        if len(closed_migrations(self.journal.entries)) <= JOURNAL_COMPACT_AT:
+            return
+        try:
+            done = await self.destination.compact_journal(keep_closed=JOURNAL_KEEP_CLOSED)
+        except FogmigError as exc:
+            log.warning("agent %s: journal not compacted: %s", self.node, exc)
+            return
+        if done is not None:
+            log.info(
+                "agent %s: journal compacted: %d migrations dropped, %d entries left",
+                self.node,
+                len(done.dropped),
+                len(done.entries),
+            )
 
     async def _presence_loop(self) -> None:
         """Follow where every service runs and forward its traffic accordingly."""

@@ -18,7 +18,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -26,6 +26,8 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 PAGE = 4096
+LOOK_INTERVAL_S = 2.0
+"""How often a :class:`HeapKeeper` looks whether the work has ended."""
 
 
 @cache
@@ -85,32 +87,53 @@ class HeapKeeper:
 
     ``busy`` says whether work is under way (a migration in either direction); the keeper
     looks every ``interval_s`` and trims at the first idle look after a busy one, so an idle
-    daemon is not trimmed over and over and a busy one never mid-work.
+    daemon is not trimmed over and over and a busy one never mid-work. ``on_idle``, if given,
+    runs at that same moment just before the trim (the daemon's own tidying up, whose garbage
+    the trim then returns).
     """
 
     def __init__(
         self,
         busy: Callable[[], bool],
         *,
-        interval_s: float = 2.0,
+        interval_s: float = LOOK_INTERVAL_S,
         trim: Callable[[], Trimmed] = release_free_memory,
+        on_idle: Callable[[], Awaitable[None]] | None = None,
         name: str = "daemon",
     ) -> None:
         self._busy = busy
         self._interval_s = interval_s
         self._trim = trim
+        self._on_idle = on_idle
         self._name = name
         self._owed = True  # the start-up itself was a burst
         self.trims = 0
 
-    def tick(self) -> Trimmed | None:
-        """One look: trim if the work that was under way has ended."""
+    def _due(self) -> bool:
         if self._busy():
             self._owed = True
-            return None
+            return False
         if not self._owed:
-            return None
+            return False
         self._owed = False
+        return True
+
+    def tick(self) -> Trimmed | None:
+        """One look: trim if the work that was under way has ended."""
+        return self._trim_now() if self._due() else None
+
+    async def look(self) -> Trimmed | None:
+        """One look as :meth:`run` takes it: at an idle moment ``on_idle`` first, then the trim."""
+        if not self._due():
+            return None
+        if self._on_idle is not None:
+            try:
+                await self._on_idle()
+            except Exception:  # the daemon's tidying up must never end the daemon
+                log.exception("%s: the work at an idle moment failed", self._name)
+        return self._trim_now()
+
+    def _trim_now(self) -> Trimmed:
         done = self._trim()
         self.trims += 1
         if done.freed_bytes:
@@ -119,6 +142,6 @@ class HeapKeeper:
 
     async def run(self, stop: asyncio.Event) -> None:
         while not stop.is_set():
-            self.tick()
+            await self.look()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self._interval_s)

@@ -26,6 +26,7 @@ from fogmig.platform.base.errors import (
     MigrationError,
 )
 from fogmig.platform.migration.arrival import Arrival, FetchFactory
+from fogmig.platform.migration.handover.compaction import Compacted
 from fogmig.platform.migration.handover.destination_core import DestinationCore
 from fogmig.platform.migration.handover.events import (
     Action,
@@ -202,6 +203,19 @@ class Destination:
         for arrival in self.arrivals.values():
             with contextlib.suppress(FogmigError, OSError):
                 await arrival.release()
+
+    async def compact_journal(self, *, keep_closed: int) -> Compacted | None:
+        """Drop all but the newest ``keep_closed`` closed migrations from the node's journal,
+        and forget the incoming ones it dropped (None while the agent is not serving)."""
+        async with self._lock:
+            core = self.core
+            if core is None:
+                return None
+            pinned = core.in_use() | set(self.arrivals) | set(self.fences)
+            done = await self.journal.compact(keep_closed=keep_closed, pinned=pinned)
+            core.forget(done.dropped, done.floor)
+            self._restored -= done.dropped
+            return done
 
     def arriving(self, service: str) -> bool:
         """Whether a copy of ``service`` is arriving here and not owned yet."""

@@ -76,9 +76,13 @@ def test_the_epoch_of_a_service_is_the_newest_the_journal_knows(tmp_path: Path) 
         j.HandedOver(migration_id="m1", epoch=4),
         j.Committed(migration_id="m2", service="s", epoch=7),
         _begin("m3", "t", 9),
+        j.Prepared(migration_id="m4", service="v", epoch=12, source="gw2", technique="cold"),
     ]
     assert journal.epoch_of("s") == 7
-    assert journal.epoch_of("t") == 9
+    # A Begin names the epoch it proposes: the next attempt proposes above it, even after a
+    # rollback, so that no two attempts of a service ever propose the same epoch.
+    assert journal.epoch_of("t") == 10
+    assert journal.epoch_of("v") == 12
     assert journal.epoch_of("u") == 0
 
 

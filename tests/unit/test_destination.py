@@ -300,3 +300,31 @@ async def test_a_service_running_here_refuses_the_prepare(rig: Rig) -> None:
     assert refused.state == "busy"
     assert dest.arrivals == {}
     await dest.close()
+
+
+async def test_compaction_drops_a_settled_migration_and_never_one_under_way(rig: Rig) -> None:
+    dest = rig.destination()
+    await dest.start()
+    await rig.arrive(dest, "m1")
+    assert (await rig.call(dest, _restore("m1"))).kind == "ok"
+    # Under way (its fence and files are the destination's): kept whatever it is asked.
+    under_way = await dest.compact_journal(keep_closed=0)
+    assert under_way is not None
+    assert under_way.dropped == frozenset()
+    assert (await rig.call(dest, Commit(migration_id="m1", epoch=5))).kind == "ok"
+    await _settle(dest)
+    done = await dest.compact_journal(keep_closed=0)
+    assert done is not None
+    assert done.dropped == {"m1"}
+    assert dest.core is not None
+    assert "m1" not in dest.core.records
+    assert "m1" not in dest._restored
+    assert rig.kinds() == ["floor", "boot"]
+    assert dest.core.owners[SERVICE] == 5
+    replay = Prepare(
+        migration_id="m1", service=SERVICE, epoch=5, source="gw1", technique="cold", args=[]
+    )
+    refused = await rig.call(dest, replay)
+    assert isinstance(refused, Refused)
+    assert rig.container()  # the owned copy is untouched
+    await dest.close()

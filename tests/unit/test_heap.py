@@ -28,6 +28,25 @@ def test_trims_once_at_start_then_only_after_work() -> None:
     assert done[5:] == [None, None]
 
 
+async def test_the_idle_work_runs_at_each_trim_first_and_its_failure_is_contained() -> None:
+    order: list[str] = []
+
+    def trim() -> Trimmed:
+        order.append("trim")
+        return Trimmed(supported=True, released=False, rss_before=1, rss_after=1)
+
+    async def idle() -> None:
+        order.append("idle")
+        if len(order) > 2:
+            raise RuntimeError("broken idle work")
+
+    states = iter([False, False, True, False])
+    keeper = HeapKeeper(lambda: next(states), trim=trim, on_idle=idle)
+    done = [await keeper.look() for _ in range(4)]
+    assert order == ["idle", "trim", "idle", "trim"]
+    assert [d is not None for d in done] == [True, False, False, True]
+
+
 def test_release_free_memory_on_this_libc() -> None:
     # Allocate and free many mid-sized chunks (below the mmap threshold, so they live in the
     # heap), keep one small survivor above them, then trim.

@@ -43,6 +43,7 @@ from fogmig.platform.apps.soak.figures import (
 from fogmig.platform.apps.soak.memory import Sample, due, sample_every, take, verdicts
 from fogmig.platform.apps.soak.plan import SoakOptions, SoakPlan, Step, plan_soak
 from fogmig.platform.base.errors import BusError, FogmigError
+from fogmig.platform.base.heap import LOOK_INTERVAL_S
 from fogmig.platform.base.vocabulary import Outcome, Technique
 from fogmig.platform.bus.client import Bus, CommandRejectedError
 from fogmig.platform.bus.schemas import MigrateCommand, MigrationDone, NodeStatus
@@ -62,6 +63,8 @@ SETTLE_S = 2.0
 runs: its MigrationDone, when the bus carries it, comes first."""
 
 SETTLE_DEVICES_S = 30.0
+QUIET_S = LOOK_INTERVAL_S + 1.0
+"""Wait before a sample: the agents have given the last migration's memory back by then."""
 """After the last migration: how long the devices may take to be answered again."""
 
 Say = Callable[[str], None]
@@ -254,6 +257,8 @@ class Soak:
                     await self._migrate_all(bus, plan, fleet)
                     await self._settle(fleet)
                 finally:
+                    if not self.interrupted:
+                        await asyncio.sleep(QUIET_S)
                     self._sample(self.totals.asked)
                     fleet.stop()
                     await running
@@ -295,6 +300,9 @@ class Soak:
             ended = await self._migrate(bus, step)
             # After the first migration every process has done its part once.
             if due(step.index + 1, self.every) and step.index + 1 < len(plan.steps):
+                # At rest: an agent gives a migration's buffers back once idle (base/heap.py);
+                # read right after the migration, the figures would be those of the burst.
+                await asyncio.sleep(QUIET_S)
                 self._sample(step.index + 1)
             if ended.outcome is Outcome.COMPLETED:
                 for device in fleet.devices:

@@ -8,7 +8,7 @@ tombstone before it says a copy is dead, and fences everything uncommitted when 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fogmig.platform.migration.handover.events import (
@@ -33,6 +33,7 @@ from fogmig.platform.migration.handover.journal import (
     AnyEntry,
     Boot,
     Committed,
+    Floor,
     Prepared,
     Restoring,
     Tombstoned,
@@ -108,7 +109,8 @@ class DestinationCore:
         self.incarnation = incarnation
         self.records: dict[str, Incoming] = {}
         self.owners: dict[str, int] = {}
-        """Service -> the epoch at which this node became its owner."""
+        """Service -> the epoch at which this node became its owner, or the journal's floor
+        for it if higher: no prepare at or below it is accepted."""
         self._seq = 0
         self._in_flight: set[int] = set()
         self._answered: dict[int, Reply | Refused] = {}
@@ -143,12 +145,14 @@ class DestinationCore:
                 core.records[entry.migration_id] = Incoming(
                     migration_id=entry.migration_id, service="-", epoch=0, source="-"
                 )
+            if isinstance(entry, Floor):
+                core._raise_owners(entry.epochs)
             rec = core.records.get(getattr(entry, "migration_id", ""))
             if rec is None or rec.state in SETTLED_STATES:
                 continue
             if isinstance(entry, Committed):
                 rec.state = "committed"
-                core.owners[entry.service] = entry.epoch
+                core._raise_owners({entry.service: entry.epoch})
             elif isinstance(entry, Tombstoned):
                 rec.state = entry.reason
         for plan in recover_destination(entries, runtime):
@@ -166,6 +170,26 @@ class DestinationCore:
                 else:
                     actions.append(core._run("delete_files", rec))
         return core, actions
+
+    # ------------------------------------------------------------------ compaction
+
+    def in_use(self) -> set[str]:
+        """Migrations the journal must keep whatever their entries say: a step of theirs is
+        under way, a call waits for them, or they have not settled."""
+        busy = {mid for mid, *_ in self._steps.values()}
+        return busy | {mid for mid, rec in self.records.items() if rec.waiters or not rec.settled}
+
+    def forget(self, dropped: Iterable[str], floor: Mapping[str, int]) -> None:
+        """The journal dropped these (settled) migrations: forget them, and refuse any prepare
+        at or below ``floor`` (a replay of one of them among others)."""
+        for mid in dropped:
+            self.records.pop(mid, None)
+        self._raise_owners(floor)
+
+    def _raise_owners(self, epochs: Mapping[str, int]) -> None:
+        for service, epoch in epochs.items():
+            if epoch > self.owners.get(service, -1):
+                self.owners[service] = epoch
 
     # ------------------------------------------------------------------ events
 
@@ -365,7 +389,7 @@ class DestinationCore:
             rec.disarming = False
             if done.ok and rec.state == "running":
                 rec.state = "committed"
-                self.owners[rec.service] = rec.epoch
+                self._raise_owners({rec.service: rec.epoch})
                 entry = Committed(migration_id=mid, service=rec.service, epoch=rec.epoch)
                 return [
                     WriteJournal(entry),

@@ -3,17 +3,19 @@
 An agent writes an entry BEFORE every irreversible step (freeze, restore, commit, resume,
 deletion), so that after a stop or a crash :mod:`recovery` can tell from the journal what may
 have happened. A torn last line (the crash hit the write) is ignored and cut off; damage
-anywhere else is a :class:`JournalError`.
+anywhere else is a :class:`JournalError`. Compaction (:mod:`compaction`) rewrites the file
+atomically without the old closed migrations, leaving a :class:`Floor` of their epochs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Set
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -28,6 +30,9 @@ from fogmig.platform.migration.handover.messages import (
     ServiceName,
     WireTechnique,
 )
+
+if TYPE_CHECKING:
+    from fogmig.platform.migration.handover.compaction import Compacted
 
 
 class JournalError(FogmigError):
@@ -148,6 +153,20 @@ class Tombstoned(MigrationEntry):
     detail: Detail = ""
 
 
+# --- both sides ---------------------------------------------------------------------------------
+
+MAX_FLOOR_SERVICES = 65_536
+"""A floor names each service this node ever migrated once: far more than a node runs."""
+
+
+class Floor(Entry):
+    """What compaction left of the migrations it dropped: per service, the newest epoch they
+    named (see :func:`named_epochs`). No prepare at or below it is accepted here again."""
+
+    kind: Literal["floor"] = "floor"
+    epochs: Annotated[dict[ServiceName, Epoch], Field(max_length=MAX_FLOOR_SERVICES)]
+
+
 SourceEntry = Begin | Freezing | RestoreSent | CommitSent | HandedOver | Resuming | Finished
 DestinationEntry = Prepared | Restoring | Committed | Tombstoned
 AnyEntry = Annotated[
@@ -163,7 +182,8 @@ AnyEntry = Annotated[
     | Prepared
     | Restoring
     | Committed
-    | Tombstoned,
+    | Tombstoned
+    | Floor,
     Field(discriminator="kind"),
 ]
 _ENTRY: TypeAdapter[AnyEntry] = TypeAdapter(AnyEntry)
@@ -185,6 +205,35 @@ def by_migration(entries: Iterable[AnyEntry]) -> dict[str, list[MigrationEntry]]
 def incarnation(entries: Iterable[AnyEntry]) -> int:
     """The incarnation of the next start: one more than the last ``Boot``."""
     return 1 + max((e.incarnation for e in entries if isinstance(e, Boot)), default=0)
+
+
+def named_epochs(entries: Iterable[AnyEntry]) -> dict[str, int]:
+    """Per service, the newest epoch the entries name: owned, handed over, committed, prepared
+    here, or proposed by a ``Begin`` (its epoch + 1), and any :class:`Floor`.
+
+    A proposal counts, so a node's next proposal for a service is above every one it made
+    before, even one rolled back: a destination that forgot an attempt (its floor holds the
+    attempt's epoch) refuses a replay of it and never the next attempt.
+    """
+    begun: dict[str, str] = {}
+    out: dict[str, int] = {}
+
+    def seen(service: str | None, epoch: int) -> None:
+        if service is not None and epoch > out.get(service, -1):
+            out[service] = epoch
+
+    for entry in entries:
+        if isinstance(entry, Begin):
+            begun[entry.migration_id] = entry.service
+            seen(entry.service, entry.epoch + 1)
+        elif isinstance(entry, HandedOver | Resuming):
+            seen(begun.get(entry.migration_id), entry.epoch)
+        elif isinstance(entry, Prepared | Committed):
+            seen(entry.service, entry.epoch)
+        elif isinstance(entry, Floor):
+            for service, epoch in entry.epochs.items():
+                seen(service, epoch)
+    return out
 
 
 class Journal:
@@ -247,6 +296,31 @@ class Journal:
         except OSError as exc:
             raise JournalError(f"cannot append to journal {self.path}: {exc}") from exc
 
+    def rewrite(self, entries: Iterable[AnyEntry]) -> None:
+        """Replace the file by ``entries`` atomically: a crash at any point leaves either the
+        old file or the new one, each whole (a temporary file in the same directory, fsynced,
+        renamed over the journal, then the directory fsynced)."""
+        temp = self.path.with_name(self.path.name + ".compact")
+        data = "".join(e.model_dump_json() + "\n" for e in entries).encode()
+        # Appends after this go to the new file, never to the old one renamed away.
+        self.close()
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(temp, self.path)
+            _fsync_dir(self.path.parent)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+            raise JournalError(f"cannot rewrite journal {self.path}: {exc}") from exc
+
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
@@ -257,14 +331,15 @@ class SharedJournal:
     """One agent's journal as its asyncio parts share it: appends in order, off the loop.
 
     It reads the file once when made (:meth:`Journal.read` repairs a torn tail, so it must not
-    run while appends are under way) and keeps every entry in :attr:`entries`.
+    run while appends are under way) and keeps every entry in :attr:`entries`, as bounded as
+    the file by :meth:`compact`.
     """
 
     def __init__(self, *, journal: Journal) -> None:
         self.journal = journal
         """The file."""
         self.entries: list[AnyEntry] = journal.read()
-        """Every entry, the file's and those appended since."""
+        """Every entry, the file's and those appended since (the kept ones once compacted)."""
         self._lock = asyncio.Lock()
 
     async def append(self, entry: AnyEntry) -> None:
@@ -274,19 +349,23 @@ class SharedJournal:
             self.entries.append(entry)
 
     def epoch_of(self, service: str) -> int:
-        """The newest epoch this node's journal knows for ``service`` (0: none)."""
-        begun: dict[str, str] = {}
-        epoch = 0
-        for entry in self.entries:
-            if isinstance(entry, Begin):
-                begun[entry.migration_id] = entry.service
-                if entry.service == service:
-                    epoch = max(epoch, entry.epoch)
-            elif (isinstance(entry, Committed) and entry.service == service) or (
-                isinstance(entry, HandedOver) and begun.get(entry.migration_id) == service
-            ):
-                epoch = max(epoch, entry.epoch)
-        return epoch
+        """The newest epoch this node's journal names for ``service`` (0: none), a dropped
+        migration's included (its :class:`Floor`)."""
+        return max(0, named_epochs(self.entries).get(service, 0))
+
+    async def compact(self, *, keep_closed: int, pinned: Set[str] = frozenset()) -> Compacted:
+        """Drop all but the newest ``keep_closed`` closed migrations (none of ``pinned``, whose
+        work is still under way) from the file and from :attr:`entries`; see
+        :func:`~fogmig.platform.migration.handover.compaction.compact`."""
+        # The pure rule lives beside the entries it reads, which it imports from here.
+        from fogmig.platform.migration.handover.compaction import compact
+
+        async with self._lock:
+            done = compact(self.entries, keep_closed=keep_closed, pinned=pinned)
+            if done.entries != self.entries:
+                await asyncio.to_thread(self.journal.rewrite, done.entries)
+                self.entries = list(done.entries)
+            return done
 
     def close(self) -> None:
         self.journal.close()
