@@ -34,6 +34,8 @@ def agent_argv(node: str, *, link_probe_interval_s: float | None = None) -> list
         "-P",
         "-m",
         "fogmig.platform.cli.main",
+        # A daemon's log is read after the fact: what each migration did, at INFO.
+        "-v",
         "agent",
         "--node",
         node,

@@ -355,6 +355,8 @@ class SourceDriver:
         if step.kind == "freeze":
             if self.moves is None:
                 return StepDone(step.step_id, False, "no technique after a restart")
+            # Observed before the devices' traffic is held: not part of the downtime.
+            await ctx.source.observe()
             await self._freezing()
             self._phase(Phase.DUMPING)
             await self.moves.freeze(ctx)

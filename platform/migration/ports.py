@@ -63,6 +63,11 @@ class SourcePort(Protocol):
         """Offer the complete image's pages to the destination's lazy page server."""
         ...
 
+    async def observe(self) -> None:
+        """Just before the freeze, while the devices' traffic still flows: note what the
+        service touched since the migration began (lazy techniques; nothing otherwise)."""
+        ...
+
     async def accessed(self) -> dict[int, list[tuple[int, int, int]]]:
         """Per task (by the id of its pagemap), ``(start, end, referenced bytes)`` of each
         mapping the service touched since the migration began; empty if unknown."""
@@ -70,7 +75,7 @@ class SourcePort(Protocol):
 
     async def written_pages(self, limit: int) -> dict[int, list[int]]:
         """Per task, up to ``limit`` pages the service wrote since the migration began (its
-        working set); empty if unknown. Called once, just before the freeze."""
+        working set, as :meth:`observe` found it); empty if unknown."""
         ...
 
     def stop_serving_pages(self, migration_id: str) -> None: ...

@@ -36,8 +36,9 @@ async def lazy_dump(ctx: MigrationContext, *, working_set: bool = True) -> dict[
     ``working_set``: ship the pages written since the migration began with the execution
     state (hybrid picks its own among them, after comparing with its last round); returns
     those pages."""
-    # Read just before the freeze: the mappings touched since the migration began, and the
-    # pages written meanwhile (the working set that goes with the execution state).
+    # Observed just before the freeze (``SourcePort.observe``): the mappings touched since
+    # the migration began, and the pages written meanwhile (the working set that goes with
+    # the execution state).
     accessed = await ctx.source.accessed()
     written = await ctx.source.written_pages(hot_page_limit(ctx.record.link_rate_bit_per_s / 8))
     dump = await ctx.source.checkpoint(ctx.image_dir, leave_running=False)

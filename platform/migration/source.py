@@ -63,9 +63,10 @@ from fogmig.platform.migration.record import MigrationRecord
 from fogmig.platform.runtime.access import (
     PageDigests,
     accessed_regions,
+    by_task,
     clear_accessed,
     page_digests,
-    written_pages,
+    ranked_written,
 )
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.container import NodeRuntime, runc_running
@@ -101,13 +102,17 @@ class RuntimeSource:
         service: str,
         bundle: Path,
         pages: dict[str, Any],
+        lazy: bool = False,
         digests: dict[int, PageDigests] | None = None,
     ) -> None:
         self.runtime = runtime
         self.service = service
         self.bundle = bundle
         self._pages = pages  # the agent's registry of images offered to lazy page servers
+        self._lazy = lazy
         self._digests = digests  # the service's pages when the migration began (lazy only)
+        self._accessed: dict[int, list[tuple[int, int, int]]] | None = None
+        self._written: list[tuple[int, int]] = []  # (task, vaddr), the most wanted first
 
     async def checkpoint(self, image_dir: Path, *, leave_running: bool) -> DumpResult:
         work = image_dir.with_name(image_dir.name + ".work")
@@ -162,7 +167,22 @@ class RuntimeSource:
     def serve_pages(self, migration_id: str, image_dir: Path) -> None:
         self._pages[migration_id] = LocalImagePages(image_dir)
 
-    async def accessed(self) -> dict[int, list[tuple[int, int, int]]]:
+    async def observe(self) -> None:
+        if not self._lazy:
+            return
+        self._accessed = await self._read_accessed()
+        before, self._digests = self._digests, None
+        if not before:
+            return
+        try:
+            pid = (await self.runtime.state(self.service)).pid
+            if pid:
+                after = await asyncio.to_thread(page_digests, pid)
+                self._written = ranked_written(before, after)
+        except (FogmigError, OSError) as exc:
+            log.info("no working set of %s: %s", self.service, exc)
+
+    async def _read_accessed(self) -> dict[int, list[tuple[int, int, int]]]:
         try:
             pid = (await self.runtime.state(self.service)).pid
             regions = await asyncio.to_thread(accessed_regions, pid) if pid else {}
@@ -174,19 +194,13 @@ class RuntimeSource:
             for task, found in regions.items()
         }
 
+    async def accessed(self) -> dict[int, list[tuple[int, int, int]]]:
+        if self._accessed is None:
+            self._accessed = await self._read_accessed()
+        return self._accessed
+
     async def written_pages(self, limit: int) -> dict[int, list[int]]:
-        before, self._digests = self._digests, None
-        if not before:
-            return {}
-        try:
-            pid = (await self.runtime.state(self.service)).pid
-            if not pid:
-                return {}
-            after = await asyncio.to_thread(page_digests, pid)
-        except (FogmigError, OSError) as exc:
-            log.info("no working set of %s: %s", self.service, exc)
-            return {}
-        return written_pages(before, after, limit=limit)
+        return by_task(self._written[: max(0, limit)])
 
     def stop_serving_pages(self, migration_id: str) -> None:
         pages = self._pages.pop(migration_id, None)
@@ -411,6 +425,7 @@ async def begin_migration(
             service=service,
             bundle=state.bundle,
             pages=node.pages,
+            lazy=technique.lazy,
             digests=digests,
         ),
         peer=_peer(node, destination, compression),

@@ -184,16 +184,15 @@ def page_digests(init_pid: int, *, proc: Path = PROC) -> dict[int, PageDigests]:
     return out
 
 
-def written_pages(
-    before: dict[int, PageDigests], after: dict[int, PageDigests], *, limit: int
-) -> dict[int, list[int]]:
-    """The pages whose content changed (or that appeared) between two :func:`page_digests`,
-    per task, at most ``limit`` in all.
+def ranked_written(
+    before: dict[int, PageDigests], after: dict[int, PageDigests]
+) -> list[tuple[int, int]]:
+    """``(task, vaddr)`` of the pages whose content changed (or that appeared) between two
+    :func:`page_digests`, the pages of the smallest mappings first.
 
     In an interpreter, touching an object writes it (its reference count), so these are the
-    pages the service works on: what it touches first once it runs again. Beyond ``limit``
-    the pages of the smallest mappings win (heaps, stacks and interpreter structures before a
-    bulk buffer written at its own pace).
+    pages the service works on: what it touches first once it runs again. Heaps, stacks and
+    interpreter structures come before a bulk buffer written at its own pace.
     """
     found: list[tuple[int, int, int]] = []  # (mapping size, task, vaddr)
     for task, now in after.items():
@@ -206,9 +205,21 @@ def written_pages(
             if j >= len(old) or old.vaddrs[j] != vaddr or old.crcs[j] != now.crcs[i]:
                 found.append((now.mapping_sizes[i], task, vaddr))
     found.sort()
+    return [(task, vaddr) for _, task, vaddr in found]
+
+
+def by_task(pages: list[tuple[int, int]]) -> dict[int, list[int]]:
+    """``(task, vaddr)`` pairs as sorted addresses per task."""
     out: dict[int, list[int]] = {}
-    for _, task, vaddr in found[: max(0, limit)]:
+    for task, vaddr in pages:
         out.setdefault(task, []).append(vaddr)
     for vaddrs in out.values():
         vaddrs.sort()
     return out
+
+
+def written_pages(
+    before: dict[int, PageDigests], after: dict[int, PageDigests], *, limit: int
+) -> dict[int, list[int]]:
+    """The first ``limit`` of :func:`ranked_written`, per task."""
+    return by_task(ranked_written(before, after)[: max(0, limit)])

@@ -72,8 +72,11 @@ class FakeSource:
         self.restored_from: Path | None = None
         self.forgotten = False
         self.serving: set[str] = set()
+        self.observed = False
 
     async def checkpoint(self, image_dir: Path, *, leave_running: bool) -> DumpResult:
+        # The engine notes what the running service touched before it stops it.
+        assert leave_running or self.observed, "frozen before it was observed"
         # The service ran since the last checkpoint: it dirtied some pages.
         for i in self.rng.choice(PAGES, size=self.dirty, replace=False):
             self.memory[i] = self.rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
@@ -106,6 +109,9 @@ class FakeSource:
 
     async def written_pages(self, limit: int) -> dict[int, list[int]]:
         return {}
+
+    async def observe(self) -> None:
+        self.observed = True
 
     def serve_pages(self, migration_id: str, image_dir: Path) -> None:
         self.serving.add(migration_id)
@@ -569,6 +575,7 @@ async def test_a_restarted_source_finishes_from_its_journal(
 ) -> None:
     """The agent died after these entries; the destination kept what it had done."""
     source = FakeSource(0)
+    source.observed = True  # the first life of the agent froze it
     await source.checkpoint(tmp_path / "src" / "final", leave_running=False)
     peer = FakeDestination(tmp_path / "dst")
     if "commit_sent" in written:

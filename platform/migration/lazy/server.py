@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
 
@@ -76,6 +76,10 @@ class _Counters:
     last_page_at: float | None = None
     closed_cleanly: bool = False
     error: str | None = None
+    faults: int = 0
+    fault_queue_s: list[float] = field(default_factory=lambda: [0.0] * 30)
+    """Per second since the first request: how long ready fault replies waited for earlier
+    replies (the daemon takes replies in request order)."""
 
 
 class LazyPageServer:
@@ -205,7 +209,16 @@ class LazyPageServer:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 await writer.wait_closed()
             self._session_done.set()
-        log.info("lazy page session over: %s", self.stats)
+        c = self._counters
+        last = max((i for i, w in enumerate(c.fault_queue_s) if w > 0), default=-1)
+        log.info(
+            "lazy page session over: %s; %d fault replies waited %.2f s in all for earlier "
+            "replies, per second from the first request: %s",
+            self.stats,
+            c.faults,
+            sum(c.fault_queue_s),
+            ", ".join(f"{w:.2f}" for w in c.fault_queue_s[: last + 1]) or "none",
+        )
 
     async def _answer(self, request: GetPages) -> bytes:
         # CRIU's daemon asks for exactly one page when a process faults on it. Its background
@@ -227,6 +240,7 @@ class LazyPageServer:
             self._max_in_flight
         )
         answers: set[asyncio.Task[bytes]] = set()
+        ready_at: dict[asyncio.Task[bytes], float] = {}
 
         async def read_requests() -> bool:
             """Queue an answer per GET; True at the daemon's close, False at EOF."""
@@ -250,13 +264,23 @@ class LazyPageServer:
                     task = asyncio.create_task(self._answer(event))
                     answers.add(task)
                     task.add_done_callback(answers.discard)
+                    task.add_done_callback(lambda t: ready_at.__setitem__(t, time.monotonic()))
                     await pending.put((event, task))
 
         async def write_replies() -> None:
             """Send the answers in request order, as the daemon matches them."""
+            first_ready: float | None = None
             while (item := await pending.get()) is not None:
                 request, task = item
                 data = await task
+                ready = ready_at.pop(task, None)
+                first_ready = first_ready or ready
+                if request.nr_pages == 1 and ready is not None:
+                    c = self._counters
+                    c.faults += 1
+                    slot = int(ready - (first_ready or ready))
+                    if 0 <= slot < len(c.fault_queue_s):
+                        c.fault_queue_s[slot] += time.monotonic() - ready
                 nr = len(data) // PAGE_SIZE
                 writer.write(pages_reply_header(request.request, nr))
                 writer.write(data)
