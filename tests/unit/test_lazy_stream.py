@@ -300,3 +300,22 @@ async def test_preloaded_working_set_is_served_without_a_fetch() -> None:
     assert await asyncio.wait_for(stream.read(1, other, 1, fault=True), 1) == src.memory[other]
     await stream.close()
     assert src.fetched[fault] == 0
+
+
+async def test_pages_given_back_are_served_again_without_a_fetch() -> None:
+    wanted = pages(BIG, 8)
+    src = Source(wanted)
+    stream = StreamedPages(RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=8)
+    stream.start()
+    data = await asyncio.wait_for(stream.read(1, BIG, 8), 1)
+    assert len(data) == 8 * PAGE_SIZE
+    # The daemon took only the first page of that reply.
+    stream.give_back(1, BIG + PAGE_SIZE, data[PAGE_SIZE:])
+    again = await asyncio.wait_for(stream.read(1, BIG + PAGE_SIZE, 7), 1)
+    assert again == data[PAGE_SIZE:]
+    assert src.demand_calls == []
+    assert max(src.fetched.values()) == 1
+    # A page that was never served is not taken back.
+    stream.give_back(1, BIG + 99 * PAGE_SIZE, bytes(PAGE_SIZE))
+    assert stream.plan.state(1, BIG + 99 * PAGE_SIZE) is PageState.UNKNOWN
+    await stream.close()

@@ -267,6 +267,16 @@ class StreamPlan:
         """Nothing of ``unit`` arrived: its pages are WANTED again."""
         self.arrived(unit, 0)
 
+    def unserve(self, pid: int, vaddr: int) -> bool:
+        """A page the daemon was sent but did not take is ARRIVED again; False if it was
+        not SERVED."""
+        task = self._tasks.get(pid)
+        i = task.index(vaddr) if task is not None else None
+        if task is None or i is None or task.state[i] != PageState.SERVED:
+            return False
+        task.state[i] = PageState.ARRIVED
+        return True
+
     def served(self, pid: int, vaddr: int, nr_pages: int) -> None:
         """The daemon received these pages: never fetch them again."""
         task = self._tasks.get(pid)

@@ -71,6 +71,11 @@ class PageSource(Protocol):
         self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False
     ) -> bytes: ...
 
+    def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
+        """Pages that :meth:`read` returned but the daemon did not take (a reply cut short):
+        the daemon will ask for them again, keep them at hand if that saves a fetch."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class _Run:
@@ -187,6 +192,9 @@ class LocalImagePages:
         self._tally.add_local(len(data))
         return data
 
+    def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
+        pass  # read again from the disk when asked
+
     def read_page(self, pid_id: int, vaddr: int) -> bytes:
         """One page, read on the caller's thread (for files built from a few pages)."""
         pages = self._tasks.get(pid_id)
@@ -239,6 +247,9 @@ class RemotePages:
             )
         self._tally.add_remote(len(data))
         return data
+
+    def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
+        pass  # fetched again when asked (only used without a stream)
 
 
 class LayeredPages:
@@ -305,3 +316,10 @@ class LayeredPages:
             else:
                 self._tally.add_local(len(data))
         return b"".join(data for _, data in answer)
+
+    def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
+        changed = self._remote_vaddrs.get(pid_id, frozenset())
+        for i in range(len(data) // PAGE_SIZE):
+            addr = vaddr + i * PAGE_SIZE
+            if addr in changed:
+                self.remote.give_back(pid_id, addr, data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE])

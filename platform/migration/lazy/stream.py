@@ -279,6 +279,13 @@ class StreamedPages:
             waited = True
             await self._until_changed(key)
 
+    def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
+        """Served pages the daemon did not take: arrived again, answered from here."""
+        for i in range(len(data) // PAGE_SIZE):
+            addr = vaddr + i * PAGE_SIZE
+            if self.plan.unserve(pid_id, addr):
+                self._cache[(pid_id, addr)] = data[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
+
     def _serve_arrived(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
         pieces: list[bytes] = []
         addr = vaddr
