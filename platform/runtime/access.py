@@ -107,6 +107,10 @@ def accessed_regions(init_pid: int, *, proc: Path = PROC) -> dict[int, list[Regi
 # ---- which pages the service wrote lately ----------------------------------------------------
 
 PAGE = 4096
+BULK_MAPPING_BYTES = 32 * 1024 * 1024
+"""A mapping this large is bulk state (a buffer written at its own pace, as the sensor's
+state): the page written last there is not the one touched next, so none of it counts as
+the working set."""
 _PRESENT = 1 << 63
 _MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
 # Mappings the kernel provides: never in a dump's pagemaps, and [vsyscall] cannot be read.
@@ -192,18 +196,24 @@ def ranked_written(
 
     In an interpreter, touching an object writes it (its reference count), so these are the
     pages the service works on: what it touches first once it runs again. Heaps, stacks and
-    interpreter structures come before a bulk buffer written at its own pace.
+    interpreter structures come first; mappings of :data:`BULK_MAPPING_BYTES` or more are
+    left out.
     """
     found: list[tuple[int, int, int]] = []  # (mapping size, task, vaddr)
     for task, now in after.items():
+        if not len(now):
+            continue
         old = before.get(task, PageDigests())
         j = 0
         for i, vaddr in enumerate(now.vaddrs):
             # Both in address order: walk them together.
             while j < len(old) and old.vaddrs[j] < vaddr:
                 j += 1
+            size = now.mapping_sizes[i]
+            if size >= BULK_MAPPING_BYTES:
+                continue
             if j >= len(old) or old.vaddrs[j] != vaddr or old.crcs[j] != now.crcs[i]:
-                found.append((now.mapping_sizes[i], task, vaddr))
+                found.append((size, task, vaddr))
     found.sort()
     return [(task, vaddr) for _, task, vaddr in found]
 

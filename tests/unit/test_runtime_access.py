@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from fogmig.platform.runtime.access import (
+    BULK_MAPPING_BYTES,
     PageDigests,
     Region,
     accessed_regions,
@@ -93,7 +94,7 @@ def _digests(pages: list[tuple[int, int, int]]) -> PageDigests:
 
 
 def test_written_pages_are_the_changed_and_new_ones_small_mappings_first() -> None:
-    big, small = 80 << 20, 1 << 20
+    big, small = 8 << 20, 1 << 20
     before = {1: _digests([(0x1000, 1, small), (0x2000, 2, small), (0x9000, 3, big)])}
     after = {
         1: _digests([(0x1000, 1, small), (0x2000, 5, small), (0x3000, 6, small), (0x9000, 4, big)]),
@@ -119,3 +120,10 @@ def test_pages_this_process_writes_are_found() -> None:
     assert target in written
     assert len(after) == 1
     assert sum(len(d) for d in after.values()) > 64
+
+
+def test_a_bulk_mapping_is_never_the_working_set() -> None:
+    bulk = BULK_MAPPING_BYTES
+    before = {1: _digests([(0x1000, 1, bulk), (0x2000, 2, 4096 * 8)])}
+    after = {1: _digests([(0x1000, 9, bulk), (0x2000, 3, 4096 * 8)])}
+    assert written_pages(before, after, limit=10) == {1: [0x2000]}
