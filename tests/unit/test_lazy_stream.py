@@ -319,25 +319,3 @@ async def test_pages_given_back_are_served_again_without_a_fetch() -> None:
     stream.give_back(1, BIG + 99 * PAGE_SIZE, bytes(PAGE_SIZE))
     assert stream.plan.state(1, BIG + 99 * PAGE_SIZE) is PageState.UNKNOWN
     await stream.close()
-
-
-async def test_the_stream_holds_back_while_a_fault_is_fetched() -> None:
-    wanted = pages(BIG, 64)
-    src = Source(wanted)
-    release = asyncio.Event()
-
-    async def slow_demand(pid: int, vaddr: int, nr: int) -> bytes:
-        await release.wait()
-        return await src.demand(pid, vaddr, nr)
-
-    stream = StreamedPages(RemotePages(slow_demand), [src.ahead] * 2, {1: wanted}, unit_pages=4)
-    fault = asyncio.create_task(stream.read(1, BIG + 32 * PAGE_SIZE, 1, fault=True))
-    await asyncio.sleep(0.01)  # the fault is on its way before the stream starts
-    stream.start()
-    await asyncio.sleep(0.05)
-    assert sum(src.fetched.values()) == 0  # nothing joined the link ahead of the fault
-    release.set()
-    assert await asyncio.wait_for(fault, 1) == src.memory[BIG + 32 * PAGE_SIZE]
-    await asyncio.sleep(0.05)
-    assert sum(src.fetched.values()) > 4  # and then the stream goes on
-    await stream.close()

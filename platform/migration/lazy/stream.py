@@ -138,10 +138,6 @@ class StreamedPages:
         """Why a stream channel stopped, if one did."""
         self.counts = StreamCounts()
         self._started = time.monotonic()
-        self._faulting = 0
-        """Faults being fetched on demand: the stream holds back meanwhile."""
-        self._no_fault = asyncio.Event()
-        self._no_fault.set()
 
     @property
     def tally(self) -> PageTally:
@@ -187,10 +183,6 @@ class StreamedPages:
     async def _work(self, fetch: Fetch) -> None:
         try:
             while True:
-                # Faults first: while the process waits for a page fetched on demand, no new
-                # unit joins the link's queue ahead of its reply.
-                while self._faulting:
-                    await self._no_fault.wait()
                 unit = self.plan.next_unit()
                 if unit is None:
                     if self.plan.pages_left == 0:
@@ -317,8 +309,6 @@ class StreamedPages:
         self.plan.boost(pid, vaddr + taken * PAGE_SIZE)
         self._more.set()
         started = time.monotonic()
-        self._faulting += 1
-        self._no_fault.clear()
         try:
             data = await self.demand.read(pid, vaddr, taken)
         except BaseException:
@@ -326,9 +316,6 @@ class StreamedPages:
             self._arrive(unit)
             raise
         finally:
-            self._faulting -= 1
-            if not self._faulting:
-                self._no_fault.set()
             self.counts.note_fault(started - self._started, time.monotonic() - started)
         self._store(unit, data)
         return self._serve_arrived(pid, vaddr, nr_pages)
