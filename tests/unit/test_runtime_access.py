@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import mmap
 import os
 from pathlib import Path
 
@@ -109,17 +110,27 @@ def test_written_pages_are_the_changed_and_new_ones_small_mappings_first() -> No
 
 def test_pages_this_process_writes_are_found() -> None:
     me = os.getpid()
-    buf = bytearray(64 * 4096)
-    buf[::4096] = b"\x01" * 64  # resident
-    before = page_digests(me)
-    buf[10 * 4096 + 7] = 0xFF
-    after = page_digests(me)
-    written = {v for vaddrs in written_pages(before, after, limit=100_000).values() for v in vaddrs}
-    address = ctypes.addressof((ctypes.c_char * len(buf)).from_buffer(buf))
-    target = (address + 10 * 4096) & ~4095
-    assert target in written
-    assert len(after) == 1
-    assert sum(len(d) for d in after.values()) > 64
+    # A mapping of its own (a flag of its own keeps the kernel from merging it with its
+    # neighbours): the test process's heap may be larger than a bulk mapping.
+    buf = mmap.mmap(-1, 64 * 4096, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf.madvise(mmap.MADV_DONTFORK)
+    try:
+        for i in range(64):
+            buf[i * 4096] = 1  # resident
+        before = page_digests(me)
+        buf[10 * 4096 + 7] = 0xFF
+        after = page_digests(me)
+        written = {
+            v for vaddrs in written_pages(before, after, limit=100_000).values() for v in vaddrs
+        }
+        view = (ctypes.c_char * len(buf)).from_buffer(buf)
+        target = ctypes.addressof(view) + 10 * 4096
+        del view
+        assert target in written
+        assert len(after) == 1
+        assert sum(len(d) for d in after.values()) > 64
+    finally:
+        buf.close()
 
 
 def test_a_bulk_mapping_is_never_the_working_set() -> None:
