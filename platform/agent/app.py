@@ -42,7 +42,7 @@ from fogmig.platform.migration.handover.messages import (
     encode_call,
     encode_reply,
 )
-from fogmig.platform.migration.lazy.stream import stream_channels
+from fogmig.platform.migration.lazy.stream import fault_pages, stream_channels
 from fogmig.platform.security.tls import broker_client_context
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.codec import ChunkCodecError, ChunkDecoder, ChunkEncoder
@@ -233,7 +233,15 @@ class Agent(CommandHandling):
             raise
         wire = WireCount()
         fetchers = [self._page_fetcher(client, migration_id, wire) for client in clients]
-        return PageChannels(demand=fetchers[0], ahead=fetchers[1:], close=stack.aclose, wire=wire)
+        return PageChannels(
+            demand=fetchers[0],
+            ahead=fetchers[1:],
+            close=stack.aclose,
+            wire=wire,
+            fault_around=fault_pages(
+                link.throughput_bytes_per_s if link else None, link.rtt_s if link else None
+            ),
+        )
 
     def _page_fetcher(self, client: TransferClient, migration_id: str, wire: WireCount) -> Fetch:
         async def fetch(pid: int, vaddr: int, nr_pages: int) -> bytes:

@@ -34,7 +34,7 @@ from fogmig.platform.migration.lazy.sources import (
     PageSource,
     RemotePages,
 )
-from fogmig.platform.migration.lazy.stream import StreamedPages
+from fogmig.platform.migration.lazy.stream import DEFAULT_FAULT_AROUND, StreamedPages
 from fogmig.platform.runtime.bundle import make_bundle
 from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import remove_tree
@@ -62,6 +62,8 @@ class PageChannels:
     close: Callable[[], Awaitable[None]]
     wire: WireCount = field(default_factory=WireCount)
     """Filled by the fetchers: the bytes that crossed, not the pages they decoded to."""
+    fault_around: int = DEFAULT_FAULT_AROUND
+    """Pages fetched with each fault (``lazy.stream.fault_pages``)."""
 
 
 FetchFactory = Callable[[str, str], Awaitable[PageChannels]]
@@ -207,13 +209,21 @@ class Arrival:
                 int(pid): vaddrs for pid, vaddrs in json.loads(changed_file.read_text()).items()
             }
             self.stream = StreamedPages(
-                remote, channels.ahead, changed, accessed=read_accessed(images)
+                remote,
+                channels.ahead,
+                changed,
+                accessed=read_accessed(images),
+                fault_around=channels.fault_around,
             )
             self.local_pages = LocalImagePages(base)
             source = LayeredPages(self.local_pages, self.stream, changed)
         else:
             self.stream = StreamedPages(
-                remote, channels.ahead, lazy_vaddrs(images), accessed=read_accessed(images)
+                remote,
+                channels.ahead,
+                lazy_vaddrs(images),
+                accessed=read_accessed(images),
+                fault_around=channels.fault_around,
             )
             source = self.stream
         hot = await asyncio.to_thread(read_hot, images)

@@ -19,7 +19,7 @@ from fogmig.platform.migration.lazy.plan import (
     write_accessed,
 )
 from fogmig.platform.migration.lazy.sources import RemotePages
-from fogmig.platform.migration.lazy.stream import StreamedPages, stream_channels
+from fogmig.platform.migration.lazy.stream import StreamedPages, fault_pages, stream_channels
 
 BIG = 0x7F0000000000
 SMALL = 0x10000000
@@ -319,3 +319,11 @@ async def test_pages_given_back_are_served_again_without_a_fetch() -> None:
     stream.give_back(1, BIG + 99 * PAGE_SIZE, bytes(PAGE_SIZE))
     assert stream.plan.state(1, BIG + 99 * PAGE_SIZE) is PageState.UNKNOWN
     await stream.close()
+
+
+def test_faults_bring_more_neighbours_the_longer_the_round_trip() -> None:
+    assert fault_pages(None, None) == 4
+    assert fault_pages(72.41e6 / 8, 0.00694) == 4  # orchestration link
+    assert fault_pages(11.34e6 / 8, 0.12295) == 10  # mobility link
+    assert fault_pages(1e9, 1.0) == 32
+    assert fault_pages(1e3, 0.001) == 4

@@ -33,6 +33,10 @@ UNIT_PAGES = 16
 DEFAULT_CHANNELS = 4
 MIN_CHANNELS, MAX_CHANNELS = 2, 6
 TIMELINE_S = 30
+DEFAULT_FAULT_AROUND = 4
+MAX_FAULT_AROUND = 32
+FAULT_AROUND_SHARE = 0.25
+"""The pages fetched with a fault may take this share of a round trip on the link."""
 
 
 def stream_channels(
@@ -48,6 +52,20 @@ def stream_channels(
         return DEFAULT_CHANNELS
     bdp_units = rate_bytes_per_s * rtt_s / (unit_pages * PAGE_SIZE)
     return max(MIN_CHANNELS, min(MAX_CHANNELS, math.ceil(bdp_units) + 1))
+
+
+def fault_pages(rate_bytes_per_s: float | None, rtt_s: float | None) -> int:
+    """Pages to fetch with each fault: the faulting one and those after it.
+
+    A restored interpreter faults on pages scattered over its heaps, a neighbour often next;
+    every fault costs a round trip, each extra page only its bytes. So the longer the round
+    trip against the link's rate, the more neighbours ride along: as many as a quarter of a
+    round trip carries, 4 at least (4 on the orchestration link, about 10 on the mobility
+    link), at most 32."""
+    if not rate_bytes_per_s or not rtt_s or rate_bytes_per_s <= 0 or rtt_s <= 0:
+        return DEFAULT_FAULT_AROUND
+    pages = int(rate_bytes_per_s * rtt_s * FAULT_AROUND_SHARE / PAGE_SIZE)
+    return max(DEFAULT_FAULT_AROUND, min(MAX_FAULT_AROUND, pages))
 
 
 @dataclass(slots=True)
@@ -117,7 +135,7 @@ class StreamedPages:
         *,
         unit_pages: int = UNIT_PAGES,
         boost_units: int = 4,
-        fault_around: int = 4,
+        fault_around: int = DEFAULT_FAULT_AROUND,
         accessed: Accessed | None = None,
     ) -> None:
         self.demand = demand
