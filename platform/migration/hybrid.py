@@ -8,6 +8,7 @@ changed ones in from the source (paper, 4.2.3).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 
@@ -58,7 +59,9 @@ class Hybrid:
         (ctx.workdir / "lazy" / CHANGED_FILE).write_text(json.dumps(changed))
         # Of the changed pages, those the service worked on go with the execution state.
         among = {int(task): vaddrs for task, vaddrs in changed.items() if task.isdigit()}
-        write_hot(ctx.workdir / "lazy", ctx.image_dir, written, among=among)
+        await asyncio.to_thread(
+            write_hot, ctx.workdir / "lazy", ctx.image_dir, written, among=among
+        )
         # The kept pages go as a delta against the last round the destination holds.
         encode_kept(ctx.workdir / "lazy", self.rounds.last)
         ctx.record.dump_time_s += time.monotonic() - started

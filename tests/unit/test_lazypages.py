@@ -324,6 +324,7 @@ class DictPages:
         self.delays = delays or {}
         self.calls: list[tuple[int, int, int]] = []
         self.given_back: list[tuple[int, int, int]] = []
+        self.hurried: list[tuple[int, int]] = []
         self._tally = PageTally()
 
     @property
@@ -346,6 +347,9 @@ class DictPages:
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         self.given_back.append((pid_id, vaddr, len(data) // P))
+
+    def hurry(self, pid_id: int, vaddr: int) -> None:
+        self.hurried.append((pid_id, vaddr))
 
 
 async def test_layered_pages_split_by_changed_vaddrs() -> None:
@@ -389,31 +393,25 @@ class FakeDaemon:
     """The page-server side of CRIU's lazy-pages daemon, scripted.
 
     It reads replies as the real one does (criu/page-xfer.c): each into its oldest
-    outstanding read, which must be of the same task and at least as long; the reply
-    completes the request its header names.
+    outstanding read, so every reply must answer that very request, no longer than asked.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.reads: list[tuple[int, int]] = []  # (pid, nr_pages), oldest first
-        self.requests: dict[tuple[int, int], int] = {}  # (pid, vaddr) -> nr_pages
+        self.reads: list[tuple[int, int, int]] = []  # (pid, vaddr, nr_pages), oldest first
 
     async def ask(self, pid: int, vaddr: int, nr: int) -> None:
-        self.reads.append((pid, nr))
-        self.requests[(pid, vaddr)] = nr
+        self.reads.append((pid, vaddr, nr))
         self.writer.write(get_request(pid, vaddr, nr))
         await self.writer.drain()
 
     async def answer(self) -> tuple[PageServerIov, bytes]:
         header = PageServerIov.decode(await self.reader.readexactly(IOV_SIZE))
         if self.reads:
-            pid, nr = self.reads.pop(0)
-            assert header.dst_id == pid, "a reply for another task than the read it lands in"
+            pid, vaddr, nr = self.reads.pop(0)
+            assert (header.dst_id, header.vaddr) == (pid, vaddr), "a reply out of order"
             assert header.nr_pages <= nr, "a reply longer than the read it lands in"
-            asked = self.requests.pop((header.dst_id, header.vaddr), None)
-            assert asked is not None, "a reply to no outstanding request"
-            assert header.nr_pages <= asked
         return header, await self.reader.readexactly(header.nr_pages * P)
 
     async def close(self) -> bytes:
@@ -530,9 +528,9 @@ async def test_server_refuses_a_second_session(
     assert server.stats.connections == 1
 
 
-async def test_ready_faults_go_ahead_of_a_slow_one() -> None:
+async def test_server_keeps_request_order_when_answers_finish_out_of_order() -> None:
     pages = {(1, 0x1000 * i): page(i) for i in range(1, 6)}
-    # The first request is the slowest to answer: the ready faults do not wait for it.
+    # The first request is the slowest to answer; replies must still come in request order.
     source = DictPages(pages, delays={0x1000: 0.05, 0x2000: 0.02})
     async with LazyPageServer(source=source, max_in_flight=4) as server:
         reader, writer = await asyncio.open_connection(sock=await server.channel())
@@ -540,33 +538,34 @@ async def test_ready_faults_go_ahead_of_a_slow_one() -> None:
         for i in range(1, 6):
             await daemon.ask(1, 0x1000 * i, 1)
         got = [await daemon.answer() for _ in range(5)]
-        assert [h.vaddr for h, _ in got] == [0x3000, 0x4000, 0x5000, 0x2000, 0x1000]
-        assert all(d == page(h.vaddr // 0x1000) for h, d in got)
+        assert [h.vaddr for h, _ in got] == [0x1000 * i for i in range(1, 6)]
+        assert [d for _, d in got] == [page(i) for i in range(1, 6)]
+        # One-page requests behind one-page requests hurry nothing (each is a fetch already).
+        assert source.hurried == []
         assert await daemon.close() == CLOSE_STATUS_OK
         stats = await server.wait_session(timeout=5)
     assert stats.requests == 5
     assert stats.closed_cleanly
 
 
-async def test_a_fault_overtakes_a_slow_background_range_which_is_then_cut() -> None:
+async def test_a_fault_behind_a_slow_range_hurries_it() -> None:
     pages = {(1, 0x1000 * i): page(i % 250) for i in range(1, 21)}
-    pages[(2, 0x3000)] = page(99)
     source = DictPages(pages, delays={0x1000: 0.05})
     async with LazyPageServer(source=source) as server:
         reader, writer = await asyncio.open_connection(sock=await server.channel())
         daemon = FakeDaemon(reader, writer)
         await daemon.ask(1, 0x1000, 16)  # the background range, slow to come
-        await daemon.ask(1, 0x11000, 1)  # a fault of the same task, ready at once
-        (fault, fault_data), (bg, bg_data) = await daemon.answer(), await daemon.answer()
+        await daemon.ask(1, 0x11000, 1)  # a fault queued behind it
+        (bg, _), (fault, fault_data) = await daemon.answer(), await daemon.answer()
+        assert source.hurried == [(1, 0x1000)]
+        assert bg.vaddr == 0x1000
         assert (fault.vaddr, fault.nr_pages, fault_data) == (0x11000, 1, page(0x11))
-        # It landed in the fault's one-page read: one page, the rest given back.
-        assert (bg.vaddr, bg.nr_pages, bg_data) == (0x1000, 1, page(1))
-        assert source.given_back == [(1, 0x2000, 15)]
-        # Another task's fault never overtakes: its reply would land in task 1's read.
-        await daemon.ask(1, 0x1000, 1)  # slow
-        await daemon.ask(2, 0x3000, 1)  # ready at once
-        first, second = await daemon.answer(), await daemon.answer()
-        assert (first[0].dst_id, second[0].dst_id) == (1, 2)
+        # A range that is already answered is not hurried.
+        await daemon.ask(1, 0x2000, 4)
+        await daemon.answer()
+        await daemon.ask(1, 0x12000, 1)
+        await daemon.answer()
+        assert source.hurried == [(1, 0x1000)]
         assert await daemon.close() == CLOSE_STATUS_OK
         await server.wait_session(timeout=5)
 
@@ -825,3 +824,16 @@ def test_hot_page_limit_follows_the_link() -> None:
     slow, fast = hot_page_limit(11.34e6 / 8), hot_page_limit(72.41e6 / 8)
     assert 256 <= slow < fast == 1024
     assert hot_page_limit(1000.0) == 64
+
+
+async def test_layered_pages_give_back_remote_runs_past_the_prefix() -> None:
+    local = DictPages({})  # the base lacks 0x2000: the prefix ends there
+    remote = DictPages({(1, 0x1000): page(1), (1, 0x3000): page(3)})
+    layered = LayeredPages(local, remote, {1: [0x1000, 0x3000]})
+    assert await layered.read(1, 0x1000, 3) == page(1)
+    # 0x3000 was fetched alongside and is not lost: the remote side keeps it.
+    assert remote.given_back == [(1, 0x3000, 1)]
+    layered.hurry(1, 0x3000)
+    layered.hurry(1, 0x2000)  # a local page: nothing to hurry
+    assert remote.hurried == [(1, 0x3000)]
+    assert local.hurried == []

@@ -138,3 +138,14 @@ def test_a_bulk_mapping_is_never_the_working_set() -> None:
     before = {1: _digests([(0x1000, 1, bulk), (0x2000, 2, 4096 * 8)])}
     after = {1: _digests([(0x1000, 9, bulk), (0x2000, 3, 4096 * 8)])}
     assert written_pages(before, after, limit=10) == {1: [0x2000]}
+
+
+def test_a_process_in_a_nested_namespace_keeps_its_container_pid(tmp_path: Path) -> None:
+    proc = fake_proc(tmp_path)
+    # 4001 started a namespace of its own inside the container: one more NSpid level.
+    (proc / "4001" / "task" / "4001" / "children").write_text("4002")
+    d = proc / "4002"
+    (d / "task" / "4002").mkdir(parents=True)
+    (d / "task" / "4002" / "children").write_text("")
+    (d / "status").write_text("Name:\tsh\nNSpid:\t4002\t9\t1\n")
+    assert process_tree(4000, proc=proc) == {4000: 1, 4001: 7, 4002: 9}

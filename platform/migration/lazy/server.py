@@ -13,7 +13,7 @@ import logging
 import socket
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Self
@@ -78,32 +78,11 @@ class _Counters:
     closed_cleanly: bool = False
     error: str | None = None
     faults: int = 0
-    overtaken: int = 0
-    """Fault replies sent before an earlier reply that was not ready."""
+    hurried: int = 0
+    """Ranges whose first page was fetched at once because a fault waited behind them."""
     fault_queue_s: list[float] = field(default_factory=lambda: [0.0] * 30)
     """Per second since the first request: how long ready fault replies waited for earlier
     replies (the daemon takes replies in request order)."""
-
-
-def next_reply(read: GetPages, waiting: Sequence[tuple[GetPages, bool]]) -> int | None:
-    """Which waiting answer to send next, into the daemon's oldest outstanding ``read``
-    (``waiting``: the unanswered requests in request order, each with whether its answer is
-    ready); None to wait.
-
-    CRIU's daemon reads each reply into its oldest outstanding read, but completes the request
-    that the reply's header names (``dst_id`` and ``vaddr``; criu/page-xfer.c and uffd.c), and
-    all reads of one task share one buffer. So a reply may overtake earlier ones as long as it
-    is for the same task and no longer than that read: it is cut to that length, and the
-    daemon asks again for the rest. A fault (one page) is thus never held behind a large
-    background range that is still on its way: the oldest request of the task goes first
-    when it is ready, else the oldest ready one-page request.
-    """
-    same = [i for i, (r, _) in enumerate(waiting) if r.pid_id == read.pid_id]
-    if not same:
-        raise ProtocolError(f"no request of task {read.pid_id} left for the daemon's read")
-    if waiting[same[0]][1]:
-        return same[0]
-    return next((i for i in same if waiting[i][0].nr_pages == 1 and waiting[i][1]), None)
 
 
 class LazyPageServer:
@@ -113,8 +92,10 @@ class LazyPageServer:
     so nothing else on the node can read the service's memory (the protocol has no
     authentication). One session at a time; a further channel is refused. Requests are read
     ahead and fetched concurrently (up to ``max_in_flight``), replies go out in request order
-    as the daemon expects. A request the source cannot answer ends the session, which makes
-    the daemon fail: never a silent hole in restored memory.
+    as the daemon expects; a fault queued behind a range still on its way has the source
+    hurry that range's first page (:meth:`PageSource.hurry`). A request the source cannot
+    answer ends the session, which makes the daemon fail: never a silent hole in restored
+    memory.
     """
 
     def __init__(
@@ -236,12 +217,12 @@ class LazyPageServer:
         c = self._counters
         last = max((i for i, w in enumerate(c.fault_queue_s) if w > 0), default=-1)
         log.info(
-            "lazy page session over: %s; %d one-page replies (%d sent ahead of earlier ones) "
-            "waited %.2f s in all to go out, per second from the first: %s",
+            "lazy page session over: %s; %d one-page replies waited %.2f s in all for earlier "
+            "replies (%d ranges hurried for them), per second from the first: %s",
             self.stats,
             c.faults,
-            c.overtaken,
             sum(c.fault_queue_s),
+            c.hurried,
             ", ".join(f"{w:.2f}" for w in c.fault_queue_s[: last + 1]) or "none",
         )
 
@@ -266,7 +247,7 @@ class LazyPageServer:
         )
         answers: set[asyncio.Task[bytes]] = set()
         ready_at: dict[asyncio.Task[bytes], float] = {}
-        queued = asyncio.Event()
+        unanswered: deque[tuple[GetPages, asyncio.Task[bytes]]] = deque()
 
         async def read_requests() -> bool:
             """Queue an answer per GET; True at the daemon's close, False at EOF."""
@@ -287,62 +268,38 @@ class LazyPageServer:
                     if c.first_request_at is None:
                         c.first_request_at = now
                     c.last_request_at = now
+                    if event.nr_pages == 1:
+                        # A fault waits behind the ranges still on their way: have their first
+                        # pages fetched at once, and the ranges answered with what came.
+                        for ahead, answer in unanswered:
+                            if ahead.nr_pages > 1 and not answer.done():
+                                self.source.hurry(ahead.pid_id, ahead.vaddr)
+                                c.hurried += 1
                     task = asyncio.create_task(self._answer(event))
                     answers.add(task)
                     task.add_done_callback(answers.discard)
                     task.add_done_callback(lambda t: ready_at.__setitem__(t, time.monotonic()))
+                    unanswered.append((event, task))
                     await pending.put((event, task))
-                    queued.set()
 
         async def write_replies() -> None:
-            """Send the answers as the daemon reads them (see :func:`next_reply`)."""
-            waiting: list[tuple[GetPages, asyncio.Task[bytes]]] = []
-            reads: deque[GetPages] = deque()  # the daemon's reads, in request order
-            more = True
+            """Send the answers in request order: the daemon reads each reply into its oldest
+            outstanding read (criu/page-xfer.c), and a service that forked has two processes
+            behind one task id, each with its own buffer, so no reply may go ahead."""
             first_ready: float | None = None
-            while more or waiting:
-                # Take what the reader queued; block for it only when nothing else waits.
-                while more and (not waiting or not pending.empty()):
-                    item = await pending.get()
-                    if item is None:
-                        more = False
-                    else:
-                        waiting.append(item)
-                        reads.append(item[0])
-                if not waiting:
-                    break
-                chosen = next_reply(reads[0], [(r, t.done()) for r, t in waiting])
-                if chosen is None:
-                    # Wait for an answer that may go now, or for a new request (a fault).
-                    queued.clear()
-                    watch = [t for r, t in waiting if r.pid_id == reads[0].pid_id]
-                    woken = asyncio.ensure_future(queued.wait())
-                    try:
-                        await asyncio.wait([*watch, woken], return_when=asyncio.FIRST_COMPLETED)
-                    finally:
-                        woken.cancel()
-                    continue
-                request, task = waiting.pop(chosen)
-                data = task.result()
-                slot = reads.popleft()
-                nr = min(len(data) // PAGE_SIZE, slot.nr_pages)
-                if nr * PAGE_SIZE < len(data):
-                    # It lands in a smaller read of the daemon's: the rest goes back, to be
-                    # served at once when the daemon asks for it again.
-                    self.source.give_back(
-                        request.pid_id, request.vaddr + nr * PAGE_SIZE, data[nr * PAGE_SIZE :]
-                    )
-                    data = data[: nr * PAGE_SIZE]
+            while (item := await pending.get()) is not None:
+                request, task = item
+                data = await task
+                unanswered.popleft()
                 ready = ready_at.pop(task, None)
                 first_ready = first_ready or ready
                 c = self._counters
-                if chosen:
-                    c.overtaken += 1
                 if request.nr_pages == 1 and ready is not None:
                     c.faults += 1
                     second = int(ready - (first_ready or ready))
                     if 0 <= second < len(c.fault_queue_s):
                         c.fault_queue_s[second] += time.monotonic() - ready
+                nr = len(data) // PAGE_SIZE
                 writer.write(pages_reply_header(request.request, nr))
                 writer.write(data)
                 await writer.drain()

@@ -72,8 +72,13 @@ class PageSource(Protocol):
     ) -> bytes: ...
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
-        """Pages that :meth:`read` returned but the daemon did not take (a reply cut short):
-        the daemon will ask for them again, keep them at hand if that saves a fetch."""
+        """Pages that :meth:`read` returned but the daemon did not get (a reply cut short):
+        it will ask for them again, keep them at hand if that saves a fetch."""
+        ...
+
+    def hurry(self, pid_id: int, vaddr: int) -> None:
+        """A fault waits behind a pending :meth:`read` at ``vaddr``: answer that read as soon
+        as its first page is here, fetching that page on demand if need be."""
         ...
 
 
@@ -195,6 +200,9 @@ class LocalImagePages:
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         pass  # read again from the disk when asked
 
+    def hurry(self, pid_id: int, vaddr: int) -> None:
+        pass  # a read from the disk never waits long
+
     def read_page(self, pid_id: int, vaddr: int) -> bytes:
         """One page, read on the caller's thread (for files built from a few pages)."""
         pages = self._tasks.get(pid_id)
@@ -251,6 +259,9 @@ class RemotePages:
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         pass  # fetched again when asked (only used without a stream)
 
+    def hurry(self, pid_id: int, vaddr: int) -> None:
+        pass  # every read is already a fetch of its own
+
 
 class LayeredPages:
     """Hybrid: pages in ``remote_vaddrs[pid_id]`` come from ``remote``, the rest from ``local``.
@@ -302,20 +313,31 @@ class LayeredPages:
 
         results = await asyncio.gather(*(one(*run) for run in runs), return_exceptions=True)
         answer: list[tuple[bool, bytes]] = []
+        ended = False
         for (remote, addr, n), result in zip(runs, results, strict=True):
+            if ended:
+                # Fetched for nothing after the prefix ended: the stream keeps those pages.
+                if remote and isinstance(result, bytes):
+                    self.remote.give_back(pid_id, addr, result)
+                continue
             if isinstance(result, PageNotFoundError) and addr != vaddr:
-                break  # the data ends here: answer with the prefix before it
+                ended = True  # the data ends here: answer with the prefix before it
+                continue
             if isinstance(result, BaseException):
                 raise result
             answer.append((remote, result))
             if len(result) < n * PAGE_SIZE:
-                break  # a short run ends the contiguous prefix
+                ended = True  # a short run ends the contiguous prefix
         for remote, data in answer:
             if remote:
                 self._tally.add_remote(len(data))
             else:
                 self._tally.add_local(len(data))
         return b"".join(data for _, data in answer)
+
+    def hurry(self, pid_id: int, vaddr: int) -> None:
+        if vaddr in self._remote_vaddrs.get(pid_id, frozenset()):
+            self.remote.hurry(pid_id, vaddr)
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         changed = self._remote_vaddrs.get(pid_id, frozenset())
