@@ -440,6 +440,15 @@ async def down(state: TestbedState | None = None, *, progress: Progress = _quiet
             await netns.del_link(ifname)
             report.interfaces.append(ifname)
     progress("files")
+    # The agents ran in the namespaces just emptied: their PID files must not outlive them
+    # (a later check for running agents would read a recycled PID).
+    agent_pids = paths.run_dir() / "agents"
+    if agent_pids.is_dir():
+        for pidfile in sorted(agent_pids.glob("*.pid")):
+            pid = pids.read_pidfile(pidfile)
+            if pid is None or not pids.alive(pid):
+                pidfile.unlink(missing_ok=True)
+                report.files.append(str(pidfile))
     run_dir = testbed_run_dir()
     if run_dir.is_dir():
         for entry in sorted(run_dir.iterdir()):
