@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -226,7 +227,10 @@ class Arrival:
                 fault_around=channels.fault_around,
             )
             source = self.stream
-        hot = await asyncio.to_thread(read_hot, images)
+        # Hybrid's working set is coded against the base round held here.
+        hot = await asyncio.to_thread(
+            functools.partial(read_hot, images, base=self.local_pages if call.base else None)
+        )
         if hot:
             self.stream.preload(hot)
         # No listening socket: CRIU's daemon gets a connected socket pair, so nothing else on

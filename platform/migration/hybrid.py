@@ -9,6 +9,7 @@ changed ones in from the source (paper, 4.2.3).
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 
@@ -60,7 +61,14 @@ class Hybrid:
         # Of the changed pages, those the service worked on go with the execution state.
         among = {int(task): vaddrs for task, vaddrs in changed.items() if task.isdigit()}
         await asyncio.to_thread(
-            write_hot, ctx.workdir / "lazy", ctx.image_dir, written, among=among
+            functools.partial(
+                write_hot,
+                ctx.workdir / "lazy",
+                ctx.image_dir,
+                written,
+                among=among,
+                base_dir=self.rounds.last,
+            )
         )
         # The kept pages go as a delta against the last round the destination holds.
         encode_kept(ctx.workdir / "lazy", self.rounds.last)

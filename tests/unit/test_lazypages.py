@@ -810,11 +810,11 @@ def test_a_damaged_working_set_is_refused(full_dump: Path, tmp_path: Path) -> No
     pages_file.write_bytes(pages_file.read_bytes()[:-1])
     with pytest.raises(LazyLayoutError, match="bytes for the 2 pages"):
         read_hot(lazy)
-    (lazy / HOT_INDEX).write_text('{"1": [4097]}')
+    (lazy / HOT_INDEX).write_text('{"pages": {"1": [4097]}}')
     pages_file.write_bytes(page(1))
     with pytest.raises(LazyLayoutError, match="not a page address"):
         read_hot(lazy)
-    (lazy / HOT_INDEX).write_text("[1, 2]")
+    (lazy / HOT_INDEX).write_text('{"1": [4096]}')  # no "pages"
     with pytest.raises(LazyLayoutError, match="cannot be read"):
         read_hot(lazy)
 
@@ -837,3 +837,26 @@ async def test_layered_pages_give_back_remote_runs_past_the_prefix() -> None:
     layered.hurry(1, 0x2000)  # a local page: nothing to hurry
     assert remote.hurried == [(1, 0x3000)]
     assert local.hurried == []
+
+
+def test_hybrid_working_set_travels_as_xor_against_the_base(
+    full_dump: Path, tmp_path: Path
+) -> None:
+    final = tmp_path / "final"
+    shutil.copytree(full_dump, final)
+    pages_file = final / "pages-11.img"
+    data = bytearray(pages_file.read_bytes())
+    data[5] ^= 0xFF  # the service wrote a byte of its first page (0x10000) since the round
+    pages_file.write_bytes(bytes(data))
+    lazy = tmp_path / "lazy"
+    convert_to_lazy_layout_sync(final, lazy)
+    assert write_hot(lazy, final, {1: [0x10000], 7: [0x40000]}, base_dir=full_dump) == 2
+    # What travels is the XOR: all zeros but the byte written.
+    shipped = (lazy / HOT_PAGES).read_bytes()
+    assert shipped[:P].count(0) == P - 1
+    with LocalImagePages(full_dump) as base:
+        got = read_hot(lazy, base=base)
+    assert got[(1, 0x10000)] == bytes(data[:P])
+    assert got[(7, 0x40000)] == page(0xA1)
+    with pytest.raises(LazyLayoutError, match="base page this node does not hold"):
+        read_hot(lazy)

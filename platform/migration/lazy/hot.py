@@ -15,13 +15,14 @@ a page the daemon never asks for, or miss one it does.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 
 from fogmig.platform.base.vocabulary import PAGE_SIZE
-from fogmig.platform.migration.lazy.errors import LazyLayoutError
+from fogmig.platform.migration.lazy.errors import LazyLayoutError, PageNotFoundError
 from fogmig.platform.migration.lazy.layout import lazy_vaddrs
 from fogmig.platform.migration.lazy.sources import LocalImagePages
 
@@ -44,36 +45,66 @@ def hot_page_limit(link_bytes_per_s: float | None) -> int:
     return max(MIN_HOT_PAGES, min(MAX_HOT_PAGES, pages))
 
 
+def _xor(a: bytes, b: bytes) -> bytes:
+    return (int.from_bytes(a, "little") ^ int.from_bytes(b, "little")).to_bytes(PAGE_SIZE, "little")
+
+
 def write_hot(
     lazy_dir: Path,
     full_dir: Path,
     hot: Mapping[int, Sequence[int]],
     *,
     among: Mapping[int, Collection[int]] | None = None,
+    base_dir: Path | None = None,
 ) -> int:
     """Copy the ``hot`` pages that the lazy layout in ``lazy_dir`` leaves lazy (or, for
     hybrid, that are ``among`` the pages fetched from the source) from the complete image in
-    ``full_dir``; how many were written (0: no file)."""
+    ``full_dir``; how many were written (0: no file).
+
+    With ``base_dir`` (hybrid: the last round, which the destination holds) a page that the
+    base has travels as its XOR with the base's page: a page the service worked on differs
+    from it in a few bytes (reference counts), so it compresses to almost nothing."""
     lazy = lazy_vaddrs(lazy_dir) if among is None else among
     index: dict[str, list[int]] = {}
-    with LocalImagePages(full_dir) as pages, (lazy_dir / HOT_PAGES).open("wb") as out:
+    xored: dict[str, list[int]] = {}
+    with contextlib.ExitStack() as stack:
+        pages = stack.enter_context(LocalImagePages(full_dir))
+        base = stack.enter_context(LocalImagePages(base_dir)) if base_dir is not None else None
+        out = stack.enter_context((lazy_dir / HOT_PAGES).open("wb"))
         for task, vaddrs in sorted(hot.items()):
             wanted = set(lazy.get(task, ()))
             kept = sorted(v for v in set(vaddrs) if v in wanted)
             for vaddr in kept:
-                out.write(pages.read_page(task, vaddr))
+                page = pages.read_page(task, vaddr)
+                old = _base_page(base, task, vaddr)
+                if old is not None:
+                    page = _xor(page, old)
+                    xored.setdefault(str(task), []).append(vaddr)
+                out.write(page)
             if kept:
                 index[str(task)] = kept
     count = sum(len(v) for v in index.values())
     if count:
-        (lazy_dir / HOT_INDEX).write_text(json.dumps(index))
+        (lazy_dir / HOT_INDEX).write_text(json.dumps({"pages": index, "xor": xored}))
     else:
         (lazy_dir / HOT_PAGES).unlink()
     return count
 
 
-def read_hot(lazy_dir: Path) -> dict[tuple[int, int], bytes]:
+def _base_page(base: LocalImagePages | None, task: int, vaddr: int) -> bytes | None:
+    if base is None:
+        return None
+    try:
+        return base.read_page(task, vaddr)
+    except PageNotFoundError:
+        return None
+
+
+def read_hot(
+    lazy_dir: Path, *, base: LocalImagePages | None = None
+) -> dict[tuple[int, int], bytes]:
     """The pages :func:`write_hot` shipped, by ``(task, vaddr)``; empty if there are none.
+    ``base``: the image the XOR-coded pages were coded against (hybrid's last round).
 
     A damaged or inconsistent pair of files is refused (a :class:`LazyLayoutError`): serving
     a wrong page would corrupt the service.
@@ -83,9 +114,10 @@ def read_hot(lazy_dir: Path) -> dict[tuple[int, int], bytes]:
         return {}
     try:
         raw = json.loads(index_path.read_text())
-        index = {int(task): [int(v) for v in vaddrs] for task, vaddrs in raw.items()}
+        index = {int(task): [int(v) for v in vaddrs] for task, vaddrs in raw["pages"].items()}
+        xored = {(int(t), int(v)) for t, vaddrs in raw.get("xor", {}).items() for v in vaddrs}
         data = pages_path.read_bytes()
-    except (OSError, ValueError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, TypeError, AttributeError, KeyError) as exc:
         raise LazyLayoutError(f"{lazy_dir}: the working set cannot be read: {exc}") from exc
     count = sum(len(v) for v in index.values())
     if len(data) != count * PAGE_SIZE:
@@ -98,6 +130,15 @@ def read_hot(lazy_dir: Path) -> dict[tuple[int, int], bytes]:
         for vaddr in vaddrs:
             if vaddr % PAGE_SIZE:
                 raise LazyLayoutError(f"{index_path}: {vaddr:#x} is not a page address")
-            out[(task, vaddr)] = data[at : at + PAGE_SIZE]
+            page = data[at : at + PAGE_SIZE]
             at += PAGE_SIZE
+            if (task, vaddr) in xored:
+                old = _base_page(base, task, vaddr)
+                if old is None:
+                    raise LazyLayoutError(
+                        f"{index_path}: page {vaddr:#x} of task {task} is coded against a base "
+                        "page this node does not hold"
+                    )
+                page = _xor(page, old)
+            out[(task, vaddr)] = page
     return out
