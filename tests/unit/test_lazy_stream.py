@@ -345,26 +345,3 @@ async def test_a_hurried_read_fetches_its_first_page_on_demand() -> None:
     assert src.demand_calls == [(far, 4)]
     src.gate.set()
     await stream.close()
-
-
-async def test_a_hurried_read_does_not_wait_for_its_page_in_flight() -> None:
-    wanted = pages(BIG, 16)
-    src = Source(wanted)
-    src.gate.clear()  # units leave but do not come back yet
-    stream = StreamedPages(RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=8)
-    stream.start()
-    await asyncio.sleep(0.01)
-    assert stream.plan.state(1, BIG) is PageState.IN_FLIGHT
-    background = asyncio.create_task(stream.read(1, BIG, 8))
-    await asyncio.sleep(0.01)
-    stream.hurry(1, BIG)
-    assert await asyncio.wait_for(background, 1) == src.memory[BIG]  # that page alone
-    assert src.demand_calls == [(BIG, 1)]
-    src.gate.set()
-    # The unit's copy of that page is dropped; the rest is served from the stream.
-    rest = await asyncio.wait_for(stream.read(1, BIG + PAGE_SIZE, 7), 1)
-    assert rest == src.read(BIG + PAGE_SIZE, 7)
-    assert stream.plan.state(1, BIG) is PageState.SERVED
-    assert (1, BIG) not in stream._cache
-    assert "1 hurried" in stream.counts.describe()
-    await stream.close()

@@ -74,9 +74,6 @@ class StreamCounts:
 
     preloaded: int = 0
     """Pages that came with the execution state (the working set)."""
-    hurried: int = 0
-    """First pages of ranges fetched on demand, though in flight, because a fault waited."""
-    hurried_s: float = 0.0
     units: int = 0
     """Units the stream fetched."""
     from_stream: int = 0
@@ -113,8 +110,7 @@ class StreamCounts:
         )
         return (
             f"{self.preloaded} pages came with the state, {self.units} units streamed; "
-            f"requests: {self.from_stream} served at once, {self.hurried} hurried "
-            f"({self.hurried_s:.2f} s), "
+            f"requests: {self.from_stream} served at once, "
             f"{self.waited} waited for the stream, {self.faults_on_demand} faults fetched "
             f"on demand ({self.fault_wait_s:.2f} s in all); faults that blocked the process, "
             f"count/wait per second from the start: {timeline or 'none'}"
@@ -302,20 +298,14 @@ class StreamedPages:
                     # read), or no stream is left.
                     self._hurried.discard(key)
                     return await self._fetch_fault(pid_id, vaddr, nr_pages)
-            elif key in self._hurried:
-                # In flight in a unit that may queue behind others on the link, while a fault
-                # waits behind this read: the page once more on the fault channel, answered
-                # alone (the unit's copy is dropped when it comes).
-                self._hurried.discard(key)
-                return await self._fetch_hurried(pid_id, vaddr)
             waited = True
             await self._until_changed(key)
 
     def hurry(self, pid_id: int, vaddr: int) -> None:
-        """A fault waits behind the read at ``vaddr``: fetch its first page on demand now, even
-        if the stream has it in flight (its unit may queue behind others on the link)."""
+        """A fault waits behind the read at ``vaddr``: fetch its first page on demand now if
+        the stream has not taken it yet (one in flight is waited for: it is close)."""
         key = (pid_id, vaddr)
-        if self.plan.state(pid_id, vaddr) not in (PageState.WANTED, PageState.IN_FLIGHT):
+        if self.plan.state(pid_id, vaddr) is not PageState.WANTED:
             return
         self._hurried.add(key)
         waiter = self._waiters.get(key)
@@ -362,17 +352,6 @@ class StreamedPages:
             self.counts.note_fault(started - self._started, time.monotonic() - started)
         self._store(unit, data)
         return self._serve_arrived(pid, vaddr, nr_pages)
-
-    async def _fetch_hurried(self, pid: int, vaddr: int) -> bytes:
-        started = time.monotonic()
-        data = await self.demand.read(pid, vaddr, 1)
-        self.counts.hurried += 1
-        self.counts.hurried_s += time.monotonic() - started
-        if self.plan.state(pid, vaddr) is PageState.SERVED:
-            return await self._fetch_demand(pid, vaddr, 1)  # a read of its own took it
-        self.plan.served(pid, vaddr, 1)
-        self._cache.pop((pid, vaddr), None)
-        return data[:PAGE_SIZE]
 
     async def _fetch_demand(self, pid: int, vaddr: int, nr_pages: int) -> bytes:
         data = await self.demand.read(pid, vaddr, nr_pages)
