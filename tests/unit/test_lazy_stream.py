@@ -327,21 +327,3 @@ def test_faults_bring_more_neighbours_the_longer_the_round_trip() -> None:
     assert fault_pages(11.34e6 / 8, 0.12295) == 10  # mobility link
     assert fault_pages(1e9, 1.0) == 32
     assert fault_pages(1e3, 0.001) == 4
-
-
-async def test_a_hurried_read_fetches_its_first_page_on_demand() -> None:
-    wanted = pages(BIG, 64)
-    src = Source(wanted)
-    src.gate.clear()  # the stream is stuck
-    stream = StreamedPages(RemotePages(src.demand), [src.ahead] * 2, {1: wanted}, unit_pages=8)
-    stream.start()
-    far = BIG + 40 * PAGE_SIZE
-    background = asyncio.create_task(stream.read(1, far, 16))
-    await asyncio.sleep(0.02)
-    assert not background.done()  # it waits for the stream
-    stream.hurry(1, far)  # a fault waits behind it
-    data = await asyncio.wait_for(background, 1)
-    assert data == src.read(far, len(data) // PAGE_SIZE)
-    assert src.demand_calls == [(far, 4)]
-    src.gate.set()
-    await stream.close()

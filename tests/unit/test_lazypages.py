@@ -324,7 +324,6 @@ class DictPages:
         self.delays = delays or {}
         self.calls: list[tuple[int, int, int]] = []
         self.given_back: list[tuple[int, int, int]] = []
-        self.hurried: list[tuple[int, int]] = []
         self._tally = PageTally()
 
     @property
@@ -347,9 +346,6 @@ class DictPages:
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         self.given_back.append((pid_id, vaddr, len(data) // P))
-
-    def hurry(self, pid_id: int, vaddr: int) -> None:
-        self.hurried.append((pid_id, vaddr))
 
 
 async def test_layered_pages_split_by_changed_vaddrs() -> None:
@@ -540,34 +536,10 @@ async def test_server_keeps_request_order_when_answers_finish_out_of_order() -> 
         got = [await daemon.answer() for _ in range(5)]
         assert [h.vaddr for h, _ in got] == [0x1000 * i for i in range(1, 6)]
         assert [d for _, d in got] == [page(i) for i in range(1, 6)]
-        # One-page requests behind one-page requests hurry nothing (each is a fetch already).
-        assert source.hurried == []
         assert await daemon.close() == CLOSE_STATUS_OK
         stats = await server.wait_session(timeout=5)
     assert stats.requests == 5
     assert stats.closed_cleanly
-
-
-async def test_a_fault_behind_a_slow_range_hurries_it() -> None:
-    pages = {(1, 0x1000 * i): page(i % 250) for i in range(1, 21)}
-    source = DictPages(pages, delays={0x1000: 0.05})
-    async with LazyPageServer(source=source) as server:
-        reader, writer = await asyncio.open_connection(sock=await server.channel())
-        daemon = FakeDaemon(reader, writer)
-        await daemon.ask(1, 0x1000, 16)  # the background range, slow to come
-        await daemon.ask(1, 0x11000, 1)  # a fault queued behind it
-        (bg, _), (fault, fault_data) = await daemon.answer(), await daemon.answer()
-        assert source.hurried == [(1, 0x1000)]
-        assert bg.vaddr == 0x1000
-        assert (fault.vaddr, fault.nr_pages, fault_data) == (0x11000, 1, page(0x11))
-        # A range that is already answered is not hurried.
-        await daemon.ask(1, 0x2000, 4)
-        await daemon.answer()
-        await daemon.ask(1, 0x12000, 1)
-        await daemon.answer()
-        assert source.hurried == [(1, 0x1000)]
-        assert await daemon.close() == CLOSE_STATUS_OK
-        await server.wait_session(timeout=5)
 
 
 async def test_server_answers_background_ranges_in_part_and_faults_whole() -> None:
@@ -833,10 +805,6 @@ async def test_layered_pages_give_back_remote_runs_past_the_prefix() -> None:
     assert await layered.read(1, 0x1000, 3) == page(1)
     # 0x3000 was fetched alongside and is not lost: the remote side keeps it.
     assert remote.given_back == [(1, 0x3000, 1)]
-    layered.hurry(1, 0x3000)
-    layered.hurry(1, 0x2000)  # a local page: nothing to hurry
-    assert remote.hurried == [(1, 0x3000)]
-    assert local.hurried == []
 
 
 def test_hybrid_working_set_travels_as_xor_against_the_base(

@@ -12,7 +12,6 @@ import contextlib
 import logging
 import socket
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -78,8 +77,6 @@ class _Counters:
     closed_cleanly: bool = False
     error: str | None = None
     faults: int = 0
-    hurried: int = 0
-    """Ranges whose first page was fetched at once because a fault waited behind them."""
     fault_queue_s: list[float] = field(default_factory=lambda: [0.0] * 30)
     """Per second since the first request: how long ready fault replies waited for earlier
     replies (the daemon takes replies in request order)."""
@@ -92,10 +89,8 @@ class LazyPageServer:
     so nothing else on the node can read the service's memory (the protocol has no
     authentication). One session at a time; a further channel is refused. Requests are read
     ahead and fetched concurrently (up to ``max_in_flight``), replies go out in request order
-    as the daemon expects; a fault queued behind a range still on its way has the source
-    hurry that range's first page (:meth:`PageSource.hurry`). A request the source cannot
-    answer ends the session, which makes the daemon fail: never a silent hole in restored
-    memory.
+    as the daemon expects. A request the source cannot answer ends the session, which makes
+    the daemon fail: never a silent hole in restored memory.
     """
 
     def __init__(
@@ -218,11 +213,10 @@ class LazyPageServer:
         last = max((i for i, w in enumerate(c.fault_queue_s) if w > 0), default=-1)
         log.info(
             "lazy page session over: %s; %d one-page replies waited %.2f s in all for earlier "
-            "replies (%d ranges hurried for them), per second from the first: %s",
+            "replies, per second from the first: %s",
             self.stats,
             c.faults,
             sum(c.fault_queue_s),
-            c.hurried,
             ", ".join(f"{w:.2f}" for w in c.fault_queue_s[: last + 1]) or "none",
         )
 
@@ -247,7 +241,6 @@ class LazyPageServer:
         )
         answers: set[asyncio.Task[bytes]] = set()
         ready_at: dict[asyncio.Task[bytes], float] = {}
-        unanswered: deque[tuple[GetPages, asyncio.Task[bytes]]] = deque()
 
         async def read_requests() -> bool:
             """Queue an answer per GET; True at the daemon's close, False at EOF."""
@@ -268,18 +261,10 @@ class LazyPageServer:
                     if c.first_request_at is None:
                         c.first_request_at = now
                     c.last_request_at = now
-                    if event.nr_pages == 1:
-                        # A fault waits behind the ranges still on their way: have their first
-                        # pages fetched at once, and the ranges answered with what came.
-                        for ahead, answer in unanswered:
-                            if ahead.nr_pages > 1 and not answer.done():
-                                self.source.hurry(ahead.pid_id, ahead.vaddr)
-                                c.hurried += 1
                     task = asyncio.create_task(self._answer(event))
                     answers.add(task)
                     task.add_done_callback(answers.discard)
                     task.add_done_callback(lambda t: ready_at.__setitem__(t, time.monotonic()))
-                    unanswered.append((event, task))
                     await pending.put((event, task))
 
         async def write_replies() -> None:
@@ -290,7 +275,6 @@ class LazyPageServer:
             while (item := await pending.get()) is not None:
                 request, task = item
                 data = await task
-                unanswered.popleft()
                 ready = ready_at.pop(task, None)
                 first_ready = first_ready or ready
                 c = self._counters

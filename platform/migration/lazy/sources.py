@@ -76,11 +76,6 @@ class PageSource(Protocol):
         it will ask for them again, keep them at hand if that saves a fetch."""
         ...
 
-    def hurry(self, pid_id: int, vaddr: int) -> None:
-        """A fault waits behind a pending :meth:`read` at ``vaddr``: answer that read as soon
-        as its first page is here, fetching that page on demand if need be."""
-        ...
-
 
 @dataclass(frozen=True, slots=True)
 class _Run:
@@ -200,9 +195,6 @@ class LocalImagePages:
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         pass  # read again from the disk when asked
 
-    def hurry(self, pid_id: int, vaddr: int) -> None:
-        pass  # a read from the disk never waits long
-
     def read_page(self, pid_id: int, vaddr: int) -> bytes:
         """One page, read on the caller's thread (for files built from a few pages)."""
         pages = self._tasks.get(pid_id)
@@ -258,9 +250,6 @@ class RemotePages:
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         pass  # fetched again when asked (only used without a stream)
-
-    def hurry(self, pid_id: int, vaddr: int) -> None:
-        pass  # every read is already a fetch of its own
 
 
 class LayeredPages:
@@ -334,10 +323,6 @@ class LayeredPages:
             else:
                 self._tally.add_local(len(data))
         return b"".join(data for _, data in answer)
-
-    def hurry(self, pid_id: int, vaddr: int) -> None:
-        if vaddr in self._remote_vaddrs.get(pid_id, frozenset()):
-            self.remote.hurry(pid_id, vaddr)
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         changed = self._remote_vaddrs.get(pid_id, frozenset())

@@ -156,8 +156,6 @@ class StreamedPages:
         """Why a stream channel stopped, if one did."""
         self.counts = StreamCounts()
         self._started = time.monotonic()
-        self._hurried: set[tuple[int, int]] = set()
-        """First pages of reads that a fault waits behind: fetched on demand."""
 
     @property
     def tally(self) -> PageTally:
@@ -293,24 +291,11 @@ class StreamedPages:
             if state is PageState.WANTED:
                 self.plan.boost(pid_id, vaddr)
                 self._more.set()
-                if fault or self._alive == 0 or key in self._hurried:
-                    # The process waits for this very page (or a fault waits behind this
-                    # read), or no stream is left.
-                    self._hurried.discard(key)
+                if fault or self._alive == 0:
+                    # The process waits for this very page, or no stream is left.
                     return await self._fetch_fault(pid_id, vaddr, nr_pages)
             waited = True
             await self._until_changed(key)
-
-    def hurry(self, pid_id: int, vaddr: int) -> None:
-        """A fault waits behind the read at ``vaddr``: fetch its first page on demand now if
-        the stream has not taken it yet (one in flight is waited for: it is close)."""
-        key = (pid_id, vaddr)
-        if self.plan.state(pid_id, vaddr) is not PageState.WANTED:
-            return
-        self._hurried.add(key)
-        waiter = self._waiters.get(key)
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         """Served pages the daemon did not get: arrived again, answered from here."""
