@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +38,14 @@ from fogmig.platform.migration.handover.compaction import closed_migrations
 from fogmig.platform.migration.handover.messages import (
     GetPages,
     GetPagesOk,
+    PageRun,
     decode_call,
     decode_reply,
     encode_call,
     encode_reply,
 )
-from fogmig.platform.migration.lazy.stream import fault_pages, stream_channels
+from fogmig.platform.migration.lazy.errors import PageNotFoundError
+from fogmig.platform.migration.lazy.stream import FetchRuns, fault_pages, stream_channels
 from fogmig.platform.security.tls import broker_client_context
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.codec import ChunkCodecError, ChunkDecoder, ChunkEncoder
@@ -198,12 +201,32 @@ class Agent(CommandHandling):
             raise MigrationError(
                 f"{self.node} serves no pages for {mid}", phase="lazy_pages", migration_id=mid
             )
-        nr = min(request.nr_pages, MAX_PAGES_PER_CALL)
-        data = bytes(await pages.read(request.pid, request.vaddr, nr))
+        budget = MAX_PAGES_PER_CALL
+        pieces: list[bytes] = []
+        runs: list[int] = []
+        for k, (vaddr, nr_pages) in enumerate(
+            [(request.vaddr, request.nr_pages)] + [(r.vaddr, r.nr_pages) for r in request.more]
+        ):
+            nr = min(nr_pages, budget)
+            try:
+                piece = bytes(await pages.read(request.pid, vaddr, nr)) if nr else b""
+            except PageNotFoundError:
+                if k == 0:
+                    raise
+                piece = b""  # a later run the image lacks: none of its pages
+            pieces.append(piece)
+            runs.append(len(piece) // PAGE_SIZE)
+            budget -= runs[-1]
+        data = b"".join(pieces)
         # Heaps and interpreter structures shrink to a third with zstd, random state not at
         # all (and costs next to nothing to try): the working set arrives sooner.
         payload = ChunkEncoder().encode(data)
-        reply = GetPagesOk(migration_id=mid, nr_pages=len(data) // PAGE_SIZE, tagged=True)
+        reply = GetPagesOk(
+            migration_id=mid,
+            nr_pages=len(data) // PAGE_SIZE,
+            tagged=True,
+            runs=runs if request.more else [],
+        )
         return CallReply(encode_reply(GetPages.op, reply), payload)
 
     async def _fetch_from(self, source: str, migration_id: str) -> PageChannels:
@@ -232,10 +255,9 @@ class Agent(CommandHandling):
             await stack.aclose()
             raise
         wire = WireCount()
-        fetchers = [self._page_fetcher(client, migration_id, wire) for client in clients]
         return PageChannels(
-            demand=fetchers[0],
-            ahead=fetchers[1:],
+            demand=self._page_fetcher(clients[0], migration_id, wire),
+            ahead=[self._runs_fetcher(client, migration_id, wire) for client in clients[1:]],
             close=stack.aclose,
             wire=wire,
             fault_around=fault_pages(
@@ -267,6 +289,52 @@ class Agent(CommandHandling):
                     phase="lazy_pages",
                     migration_id=migration_id,
                 ) from exc
+
+        return fetch
+
+    def _runs_fetcher(
+        self, client: TransferClient, migration_id: str, wire: WireCount
+    ) -> FetchRuns:
+        async def fetch(pid: int, runs: Sequence[tuple[int, int]]) -> list[bytes]:
+            (vaddr, nr_pages), *more = runs
+            request = GetPages(
+                migration_id=migration_id,
+                pid=pid,
+                vaddr=vaddr,
+                nr_pages=min(nr_pages, MAX_PAGES_PER_CALL),
+                more=[PageRun(vaddr=v, nr_pages=min(n, MAX_PAGES_PER_CALL)) for v, n in more],
+            )
+            op, params = encode_call(request)
+            result, data = await client.call_data(op, params, timeout=self.config.fence_timeout_s)
+            reply = decode_reply(op, result)
+            wire.bytes += len(data)
+            if not isinstance(reply, GetPagesOk):
+                raise MigrationError(
+                    f"{migration_id}'s source refused pages: {reply}",
+                    phase="lazy_pages",
+                    migration_id=migration_id,
+                )
+            counts = reply.runs if more else [reply.nr_pages]
+            if len(counts) != len(runs) or sum(counts) != reply.nr_pages:
+                raise MigrationError(
+                    f"{migration_id}'s source answered {counts} pages for {len(runs)} runs",
+                    phase="lazy_pages",
+                    migration_id=migration_id,
+                )
+            size = reply.nr_pages * PAGE_SIZE
+            try:
+                pages = ChunkDecoder(max_chunk=max(size, 1)).decode(data, remaining=size)
+            except ChunkCodecError as exc:
+                raise MigrationError(
+                    f"pages from {migration_id}'s source do not decode: {exc}",
+                    phase="lazy_pages",
+                    migration_id=migration_id,
+                ) from exc
+            out, offset = [], 0
+            for n in counts:
+                out.append(pages[offset : offset + n * PAGE_SIZE])
+                offset += n * PAGE_SIZE
+            return out
 
         return fetch
 

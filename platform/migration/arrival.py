@@ -35,7 +35,7 @@ from fogmig.platform.migration.lazy.sources import (
     PageSource,
     RemotePages,
 )
-from fogmig.platform.migration.lazy.stream import DEFAULT_FAULT_AROUND, StreamedPages
+from fogmig.platform.migration.lazy.stream import DEFAULT_FAULT_AROUND, FetchRuns, StreamedPages
 from fogmig.platform.runtime.bundle import make_bundle
 from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import remove_tree
@@ -58,7 +58,7 @@ class PageChannels:
 
     demand: Fetch
     """Faults: a channel of their own, so that they never queue behind the stream."""
-    ahead: list[Fetch]
+    ahead: list[FetchRuns]
     """The stream: one request in flight per channel."""
     close: Callable[[], Awaitable[None]]
     wire: WireCount = field(default_factory=WireCount)

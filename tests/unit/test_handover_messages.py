@@ -63,6 +63,20 @@ def test_a_malformed_call_is_a_migration_error(change: dict[str, Any]) -> None:
         m.decode_call("prepare", {**PREPARE, **change})
 
 
+def test_a_page_call_carries_further_runs_and_its_reply_the_pages_of_each() -> None:
+    more = [m.PageRun(vaddr=0x7F0000002000 + 0x2000 * i, nr_pages=1) for i in range(3)]
+    call = m.GetPages(migration_id="a", pid=1, vaddr=0x7F0000000000, nr_pages=2, more=more)
+    op, params = m.encode_call(call)
+    assert params["more"][0] == {"vaddr": 0x7F0000002000, "nr_pages": 1}
+    assert m.decode_call(op, params) == call
+    reply = m.GetPagesOk(migration_id="a", nr_pages=4, tagged=True, runs=[2, 1, 0, 1])
+    assert m.decode_reply(op, m.encode_reply(op, reply)) == reply
+    too_many = [{"vaddr": 0, "nr_pages": 1}] * m.MAX_PAGE_RUNS
+    for bad in (too_many, [{"vaddr": 0, "nr_pages": 0}], [{"vaddr": -1, "nr_pages": 1}]):
+        with pytest.raises(MigrationError, match="malformed 'get_pages'"):
+            m.decode_call(op, {**params, "more": bad})
+
+
 def test_unknown_ops_and_bad_numbers_are_refused() -> None:
     with pytest.raises(MigrationError, match="unknown operation"):
         m.decode_call("keepalive", {"migration_id": "a"})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,12 @@ from fogmig.platform.migration.lazy.plan import (
     write_accessed,
 )
 from fogmig.platform.migration.lazy.sources import RemotePages
-from fogmig.platform.migration.lazy.stream import StreamedPages, fault_pages, stream_channels
+from fogmig.platform.migration.lazy.stream import (
+    MAX_HOLD_S,
+    StreamedPages,
+    fault_pages,
+    stream_channels,
+)
 
 BIG = 0x7F0000000000
 SMALL = 0x10000000
@@ -115,6 +121,8 @@ class Source:
         self.memory = {v: bytes([i % 251 + 1]) * PAGE_SIZE for i, v in enumerate(vaddrs)}
         self.fetched: Counter[int] = Counter()
         self.demand_calls: list[tuple[int, int]] = []
+        self.calls: list[list[tuple[int, int]]] = []
+        """The stream's calls, each a list of runs."""
         self.gate = asyncio.Event()
         self.gate.set()
 
@@ -128,10 +136,11 @@ class Source:
             out.append(page)
         return b"".join(out)
 
-    async def ahead(self, pid: int, vaddr: int, nr: int) -> bytes:
+    async def ahead(self, pid: int, runs: Sequence[tuple[int, int]]) -> list[bytes]:
         await self.gate.wait()
         await asyncio.sleep(0)
-        return self.read(vaddr, nr)
+        self.calls.append(list(runs))
+        return [self.read(vaddr, nr) for vaddr, nr in runs]
 
     async def demand(self, pid: int, vaddr: int, nr: int) -> bytes:
         self.demand_calls.append((vaddr, nr))
@@ -214,7 +223,7 @@ async def test_when_the_stream_stops_requests_fall_back_to_demand() -> None:
     wanted = pages(BIG, 20)
     src = Source(wanted)
 
-    async def broken(pid: int, vaddr: int, nr: int) -> bytes:
+    async def broken(pid: int, runs: Sequence[tuple[int, int]]) -> list[bytes]:
         raise TransferError("link cut")
 
     stream = StreamedPages(RemotePages(src.demand), [broken], {1: wanted}, unit_pages=8)
@@ -229,8 +238,8 @@ async def test_a_wrong_sized_answer_stops_the_stream_channel() -> None:
     wanted = pages(BIG, 4)
     src = Source(wanted)
 
-    async def odd(pid: int, vaddr: int, nr: int) -> bytes:
-        return b"x" * (PAGE_SIZE + 1)
+    async def odd(pid: int, runs: Sequence[tuple[int, int]]) -> list[bytes]:
+        return [b"x" * (PAGE_SIZE + 1)]
 
     stream = StreamedPages(RemotePages(src.demand), [odd], {1: wanted}, unit_pages=4)
     stream.start()
@@ -327,3 +336,177 @@ def test_faults_bring_more_neighbours_the_longer_the_round_trip() -> None:
     assert fault_pages(11.34e6 / 8, 0.12295) == 10  # mobility link
     assert fault_pages(1e9, 1.0) == 32
     assert fault_pages(1e3, 0.001) == 4
+
+
+# ---------------------------------------------------------------------- the daemon's walk
+
+
+def test_the_walk_frontier_is_the_first_wanted_page_after_it() -> None:
+    plan = StreamPlan({1: pages(BIG, 64)}, unit_pages=8)
+    assert plan.first_page() == (1, BIG)
+    assert plan.frontier_unit(1, BIG) == Unit(1, BIG, 8)
+    plan.served(1, BIG + 8 * PAGE_SIZE, 2)  # a fault took these
+    assert plan.frontier_unit(1, BIG) == Unit(1, BIG + 10 * PAGE_SIZE, 8)
+    # A short reply makes pages behind the frontier wanted again: they come first.
+    unit = plan.frontier_unit(1, BIG + 40 * PAGE_SIZE)
+    assert unit == Unit(1, BIG + 40 * PAGE_SIZE, 8)
+    plan.arrived(Unit(1, BIG, 8), 4)
+    assert plan.frontier_unit(1, BIG) == Unit(1, BIG + 4 * PAGE_SIZE, 4)
+    assert plan.frontier_unit(2, BIG) is None
+    assert StreamPlan({}).first_page() is None
+
+
+def test_the_walk_ahead_counts_arrived_pages_across_gaps_and_served_pages() -> None:
+    plan = StreamPlan({1: pages(BIG, 6) + pages(BIG + 7 * PAGE_SIZE, 4)}, unit_pages=16)
+    first = plan.next_unit()
+    assert first == Unit(1, BIG + 7 * PAGE_SIZE, 4)  # the shorter run goes first
+    plan.arrived(first, 2)
+    assert plan.next_unit() == Unit(1, BIG + 9 * PAGE_SIZE, 2)  # the rest, fetched again
+    unit = plan.next_unit()
+    assert unit == Unit(1, BIG, 6)
+    plan.arrived(unit, 6)
+    plan.served(1, BIG + 2 * PAGE_SIZE, 1)  # a fault took it
+    walk = plan.walk_ahead(1, BIG, 20)
+    # Two pages in one reply, then the walk goes on over the served page and the gap, and
+    # stops at the pages still on their way.
+    assert (walk.contiguous, walk.ahead) == (2, 7)
+    assert (walk.next_state, walk.next_vaddr) == (PageState.IN_FLIGHT, BIG + 9 * PAGE_SIZE)
+    assert plan.walk_ahead(1, BIG, 3).ahead == 3
+    end = plan.walk_ahead(1, BIG + 3 * PAGE_SIZE, 20)
+    assert (end.contiguous, end.ahead, end.next_state) == (3, 5, PageState.IN_FLIGHT)
+    assert plan.walk_ahead(9, BIG, 10).next_state is PageState.UNKNOWN
+    last = StreamPlan({1: pages(BIG, 2)})
+    unit = last.next_unit()
+    assert unit is not None
+    last.arrived(unit, 2)
+    assert last.walk_ahead(1, BIG, 10).next_state is PageState.UNKNOWN
+
+
+class Metered(Source):
+    """A source whose stream delivers one unit per :meth:`allow`."""
+
+    def __init__(self, vaddrs: list[int]) -> None:
+        super().__init__(vaddrs)
+        self.allowed = asyncio.Semaphore(0)
+
+    def expect(self, vaddr: int, nr: int) -> bytes:
+        """What ``nr`` pages from ``vaddr`` hold (without counting a fetch)."""
+        return b"".join(self.memory[vaddr + i * PAGE_SIZE] for i in range(nr))
+
+    def allow(self, units: int = 1) -> None:
+        for _ in range(units):
+            self.allowed.release()
+
+    async def ahead(self, pid: int, runs: Sequence[tuple[int, int]]) -> list[bytes]:
+        await self.allowed.acquire()
+        return [self.read(vaddr, nr) for vaddr, nr in runs]
+
+
+async def test_a_background_request_keeps_a_reserve_that_a_fault_behind_it_can_pass() -> None:
+    wanted = pages(BIG, 64)
+    src = Metered(wanted)
+    stream = StreamedPages(
+        RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=16, reserve=4, walk_units=1
+    )
+    stream.start()
+    src.allow()
+    await asyncio.sleep(0.01)
+    # The walk's channel brought the first unit: the request gets all but the reserve.
+    data = await asyncio.wait_for(stream.read(1, BIG, 16), 1)
+    assert data == src.expect(BIG, 12)
+    # The next one finds only the reserve and is held back (more is on its way) ...
+    held = asyncio.create_task(stream.read(1, BIG + 12 * PAGE_SIZE, 16))
+    await asyncio.sleep(0.02)
+    assert not held.done()
+    # ... until a fault queues behind it: it takes one page and goes, the fault follows.
+    fault = asyncio.create_task(stream.read(1, BIG + 40 * PAGE_SIZE, 1, fault=True))
+    assert await asyncio.wait_for(held, 1) == src.memory[BIG + 12 * PAGE_SIZE]
+    assert await asyncio.wait_for(fault, 1) == src.memory[BIG + 40 * PAGE_SIZE]
+    assert stream.counts.preempted == 1
+    assert stream.counts.held >= 1
+    assert "held back (1 let go by a later request)" in stream.counts.describe()
+    # With more arrived, the walk goes on from there, and nothing came twice.
+    src.allow(8)
+    rest = await asyncio.wait_for(stream.read(1, BIG + 13 * PAGE_SIZE, 3), 1)
+    assert rest == src.expect(BIG + 13 * PAGE_SIZE, 3)
+    assert max(src.fetched.values()) == 1
+    await stream.close()
+
+
+async def test_a_held_request_goes_when_nothing_more_will_come() -> None:
+    wanted = pages(BIG, 6)
+    src = Metered(wanted)
+    stream = StreamedPages(RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=16)
+    stream.start()
+    src.allow()
+    await asyncio.sleep(0.01)
+    # Six pages arrived and none follows: a reserve would wait for nothing.
+    assert await asyncio.wait_for(stream.read(1, BIG, 16), 0.1) == src.expect(BIG, 6)
+    await stream.close()
+
+
+async def test_a_held_request_goes_after_the_longest_hold() -> None:
+    wanted = pages(BIG, 64)
+    src = Metered(wanted)
+    stream = StreamedPages(
+        RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=4, reserve=8, walk_units=1
+    )
+    stream.start()
+    src.allow()  # four pages arrive, then the stream stalls
+    await asyncio.sleep(0.01)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await asyncio.wait_for(stream.read(1, BIG, 64), 2) == src.expect(BIG, 4)
+    assert loop.time() - started >= MAX_HOLD_S * 0.9
+    await stream.close()
+
+
+async def test_a_request_that_came_while_it_waited_for_its_page_ends_the_hold_at_once() -> None:
+    wanted = pages(BIG, 64)
+    src = Metered(wanted)
+    stream = StreamedPages(
+        RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=4, reserve=8, walk_units=1
+    )
+    stream.start()
+    # The walk asks before anything arrived: it waits for the stream ...
+    walk = asyncio.create_task(stream.read(1, BIG, 16))
+    await asyncio.sleep(0.01)
+    # ... a fault comes in behind it and is answered on its own channel ...
+    fault = BIG + 50 * PAGE_SIZE
+    assert await asyncio.wait_for(stream.read(1, fault, 1, fault=True), 1) == src.memory[fault]
+    # ... and when four pages arrive (no more than the reserve), the walk takes one and goes:
+    # the fault's reply is queued behind it.
+    src.allow()
+    assert await asyncio.wait_for(walk, MAX_HOLD_S / 2) == src.memory[BIG]
+    assert stream.counts.preempted == 1
+    await stream.close()
+
+
+def test_a_batch_gathers_scattered_runs_into_one_call() -> None:
+    holes = [BIG + 2 * i * PAGE_SIZE for i in range(40)]  # every other page
+    plan = StreamPlan({1: holes, 2: pages(SMALL, 3)}, unit_pages=16)
+    batch = plan.next_batch(max_runs=32)
+    assert [u.nr_pages for u in batch] == [1] * 16
+    assert [u.vaddr for u in batch] == holes[:16]
+    assert len(plan.next_batch(max_runs=5)) == 5
+    # Following the daemon's walk: from where it asks next, whatever the plan's order.
+    walk = plan.next_batch(walk=(1, holes[30]), max_runs=4)
+    assert [u.vaddr for u in walk] == holes[30:34]
+    # One call reads one task: the other task's run waits for the next call.
+    rest = plan.next_batch(max_runs=32)
+    assert {u.pid for u in rest} == {1}
+    assert plan.next_batch(max_runs=32) == [Unit(2, SMALL, 3)]
+    assert plan.pages_left == 0
+
+
+async def test_the_stream_fetches_scattered_pages_a_batch_per_call() -> None:
+    holes = [BIG + 2 * i * PAGE_SIZE for i in range(48)]
+    src = Source(holes)
+    stream = StreamedPages(RemotePages(src.demand), [src.ahead], {1: holes}, unit_pages=16)
+    stream.start()
+    for vaddr in holes:
+        assert await asyncio.wait_for(stream.read(1, vaddr, 1), 1) == src.memory[vaddr]
+    # The one channel follows the daemon's walk: two units a call.
+    assert [len(call) for call in src.calls] == [32, 16]
+    assert max(src.fetched.values()) == 1
+    await stream.close()

@@ -214,21 +214,39 @@ class StatusOk(Reply):
 # --- calls from the destination to the source --------------------------------------------------
 
 
+MAX_PAGE_RUNS = 32
+"""Runs one page call may ask for: scattered small runs cost one round trip, not one each."""
+
+
+class PageRun(BaseModel):
+    """``nr_pages`` contiguous pages from ``vaddr``."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+    vaddr: Annotated[int, Field(ge=0, le=2**64 - 1)]
+    nr_pages: Annotated[int, Field(ge=1, le=256)]
+
+
 class GetPages(Request):
-    """Read ``nr_pages`` pages of process ``pid`` at ``vaddr`` from the source's image."""
+    """Read ``nr_pages`` pages of process ``pid`` at ``vaddr`` from the source's image, and
+    then each of the ``more`` runs (at most 256 pages in all)."""
 
     op = "get_pages"
     pid: Annotated[int, Field(ge=1, le=2**22)]
     vaddr: Annotated[int, Field(ge=0, le=2**64 - 1)]
     nr_pages: Annotated[int, Field(ge=1, le=256)]
+    more: Annotated[list[PageRun], Field(max_length=MAX_PAGE_RUNS - 1)] = []
 
 
 class GetPagesOk(Reply):
     """The pages follow as the call's binary data; ``tagged``: as one payload of the
-    transfer channel's chunk codec (zstd where that pays, the bytes as they are otherwise)."""
+    transfer channel's chunk codec (zstd where that pays, the bytes as they are otherwise).
+    ``runs``: with ``more`` runs asked for, the pages found for each run in order (a prefix of
+    each), whose bytes follow one another."""
 
     nr_pages: Annotated[int, Field(ge=0, le=256)]
     tagged: bool = False
+    runs: Annotated[list[Annotated[int, Field(ge=0, le=256)]], Field(max_length=MAX_PAGE_RUNS)] = []
 
 
 class Refused(Message):

@@ -60,6 +60,20 @@ class PageState(IntEnum):
 
 
 @dataclass(frozen=True, slots=True)
+class WalkAhead:
+    """What the daemon's background walk (ascending addresses) finds from one address on."""
+
+    contiguous: int
+    """ARRIVED pages contiguous in memory there: what one reply can carry."""
+    ahead: int
+    """ARRIVED pages in address order, across gaps and served pages: what its next requests
+    get at once."""
+    next_state: PageState
+    """The state of the page that ends ``ahead`` (UNKNOWN at the task's end)."""
+    next_vaddr: int
+
+
+@dataclass(frozen=True, slots=True)
 class Unit:
     """``nr_pages`` contiguous pages from ``vaddr`` of task ``pid``, fetched in one call."""
 
@@ -78,6 +92,9 @@ class _Task:
     def __init__(self, vaddrs: Collection[int]) -> None:
         self.vaddrs = sorted(set(vaddrs))
         self.state = bytearray([PageState.WANTED]) * len(self.vaddrs)
+        self.cursor = 0
+        """No page is WANTED between the walk's last position and here (so finding the next
+        one is linear over the whole restore, not per unit)."""
 
     def index(self, vaddr: int) -> int | None:
         i = bisect.bisect_left(self.vaddrs, vaddr)
@@ -162,6 +179,13 @@ class StreamPlan:
         """Pages nobody has fetched or asked for yet."""
         return self._left
 
+    def first_page(self) -> tuple[int, int] | None:
+        """(task, address) of the lowest wanted page of the first task, if any."""
+        for pid, task in self._tasks.items():
+            if task.vaddrs:
+                return pid, task.vaddrs[0]
+        return None
+
     def state(self, pid: int, vaddr: int) -> PageState:
         task = self._tasks.get(pid)
         i = task.index(vaddr) if task is not None else None
@@ -169,7 +193,46 @@ class StreamPlan:
             return PageState.UNKNOWN
         return PageState(task.state[i])
 
+    def walk_ahead(self, pid: int, vaddr: int, limit: int) -> WalkAhead:
+        """What the daemon's background walk finds from ``vaddr`` on (at most ``limit``
+        arrived pages looked at)."""
+        task = self._tasks.get(pid)
+        start = task.index(vaddr) if task is not None else None
+        if task is None or start is None:
+            return WalkAhead(0, 0, PageState.UNKNOWN, vaddr)
+        contiguous, ahead, run = 0, 0, True
+        i = start
+        while i < len(task.vaddrs) and ahead < limit:
+            state = task.state[i]
+            if state == PageState.SERVED:
+                run = False
+            elif state == PageState.ARRIVED:
+                run = run and (i == start or task.contiguous(i))
+                contiguous += run
+                ahead += 1
+            else:
+                return WalkAhead(contiguous, ahead, PageState(state), task.vaddrs[i])
+            i += 1
+        if i >= len(task.vaddrs):
+            return WalkAhead(contiguous, ahead, PageState.UNKNOWN, vaddr)
+        return WalkAhead(contiguous, ahead, PageState(task.state[i]), task.vaddrs[i])
+
     # ------------------------------------------------------------------ steering
+
+    def frontier_unit(self, pid: int, vaddr: int) -> Unit | None:
+        """A unit at the first WANTED page from ``vaddr`` on (marked in flight): the pages
+        that the daemon's background walk, which asks for ascending addresses, reaches next.
+        Arrived pages do not count as ahead: the walk takes them at once."""
+        task = self._tasks.get(pid)
+        if task is None:
+            return None
+        i = max(bisect.bisect_left(task.vaddrs, vaddr), task.cursor)
+        while i < len(task.vaddrs) and task.state[i] != PageState.WANTED:
+            i += 1
+        task.cursor = i
+        if i >= len(task.vaddrs):
+            return None
+        return self._unit_from(pid, i, scan=0)[0]
 
     def boost(self, pid: int, vaddr: int) -> None:
         """Pull the region from ``vaddr`` on next (a fault there, or the daemon waits for it)."""
@@ -220,6 +283,28 @@ class StreamPlan:
             self._cursor += 1
         return None
 
+    def next_batch(
+        self, *, walk: tuple[int, int] | None = None, max_runs: int = 32, max_pages: int = 0
+    ) -> list[Unit]:
+        """Units of one task to fetch in one call (marked in flight): up to ``max_pages`` (a
+        unit's worth by default) in at most ``max_runs`` runs, so that scattered small runs
+        (heaps with holes) cost one round trip, not one each. With ``walk``, the pages the
+        daemon's background walk reaches next come first (:meth:`frontier_unit`), then the
+        plan's order."""
+        batch: list[Unit] = []
+        pages = 0
+        while len(batch) < max_runs and pages < (max_pages or self.unit_pages):
+            unit = self.frontier_unit(*walk) if walk is not None else None
+            unit = unit or self.next_unit()
+            if unit is None:
+                break
+            if batch and unit.pid != batch[0].pid:
+                self.failed(unit)  # another task's: first in line for the next call
+                break
+            batch.append(unit)
+            pages += unit.nr_pages
+        return batch
+
     def _unit_from(
         self, pid: int, i: int, *, scan: int, limit: int | None = None
     ) -> tuple[Unit | None, int]:
@@ -259,6 +344,7 @@ class StreamPlan:
                 task.state[i] = PageState.ARRIVED
             else:
                 task.state[i] = PageState.WANTED
+                task.cursor = min(task.cursor, i)
                 self._left += 1
                 if k == nr_pages:
                     self._retry.append((unit.pid, i))

@@ -5,7 +5,10 @@ task is pending, so alone it uses a fraction of a long link. :class:`StreamedPag
 several small requests in flight over parallel channels (so the link stays busy while a
 fault never queues behind more than a few small units), pulls the region after each fault
 first (:class:`~fogmig.platform.migration.lazy.plan.StreamPlan`), and answers the daemon from
-what has arrived. Log level WARNING for a stream that stopped (faults still get through).
+what has arrived. The daemon takes replies in request order, so its background requests are
+answered so as never to wait for the link while a fault queues behind them: one channel keeps
+ahead of their walk, and each leaves a reserve of arrived pages for the next. Log level
+WARNING for a stream that stopped (faults still get through).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ log = logging.getLogger(__name__)
 
 Fetch = Callable[[int, int, int], Awaitable[bytes]]
 """(pid, vaddr, nr_pages) -> the pages (a prefix is allowed) or empty bytes."""
+FetchRuns = Callable[[int, Sequence[tuple[int, int]]], Awaitable[list[bytes]]]
+"""(pid, [(vaddr, nr_pages), ...]) -> per run, its pages (a prefix, maybe empty), in one call."""
 
 UNIT_PAGES = 16
 """Pages per stream request (64 KiB): what a fault may queue behind per channel."""
@@ -37,6 +42,14 @@ DEFAULT_FAULT_AROUND = 4
 MAX_FAULT_AROUND = 32
 FAULT_AROUND_SHARE = 0.25
 """The pages fetched with a fault may take this share of a round trip on the link."""
+RESERVE_PAGES = 16
+"""Arrived pages held back at the daemon's background walk: its next request can then always
+be answered at once when a fault queues behind it (the daemon takes replies in order)."""
+WALK_UNITS = 2
+"""Units the walk's channel fetches per call: it must keep ahead of a walk that takes
+whatever the other channels brought as well."""
+MAX_HOLD_S = 0.25
+"""The longest a background request is held back waiting for more pages."""
 
 
 def stream_channels(
@@ -88,6 +101,10 @@ class StreamCounts:
     """Seconds the process waited on faults, per second since the stream started (first
     :data:`TIMELINE_S`): what the devices wait for right after the restore."""
     fault_counts: list[int] = field(default_factory=lambda: [0] * TIMELINE_S)
+    held: int = 0
+    """Times a background request was held back to keep a reserve of arrived pages."""
+    preempted: int = 0
+    """Held requests answered early because another request (a fault) queued behind."""
 
     def note_fault(self, since_start_s: float, wait_s: float, *, on_demand: bool = True) -> None:
         """A fault that blocked the process ``wait_s``: fetched on demand, or (``on_demand``
@@ -112,7 +129,8 @@ class StreamCounts:
             f"{self.preloaded} pages came with the state, {self.units} units streamed; "
             f"requests: {self.from_stream} served at once, "
             f"{self.waited} waited for the stream, {self.faults_on_demand} faults fetched "
-            f"on demand ({self.fault_wait_s:.2f} s in all); faults that blocked the process, "
+            f"on demand ({self.fault_wait_s:.2f} s in all), {self.held} held back "
+            f"({self.preempted} let go by a later request); faults that blocked the process, "
             f"count/wait per second from the start: {timeline or 'none'}"
         )
 
@@ -120,23 +138,30 @@ class StreamCounts:
 class StreamedPages:
     """Remote pages streamed ahead over ``ahead`` channels, faults through ``demand``.
 
-    A request whose first page has arrived is answered at once with the arrived prefix. A
-    fault (the process is blocked on the page) that has not been fetched goes to the source
-    on the demand channel, and the region after it is pulled next; any other request (the
-    daemon's own background transfer) waits for the stream, whose next unit is then that
-    region. A page in flight is waited for, never fetched twice.
+    A fault (the process is blocked on the page) is answered at once when its page has
+    arrived; one that has not been fetched goes to the source on the demand channel, and the
+    region after it is pulled next. The daemon's own background requests walk the addresses
+    upwards, one at a time, and the daemon takes replies in request order: a fault asked for
+    while a background request waits for the link waits as long. So the first channel
+    fetches the pages that walk reaches next, one unit at a time, and a background request
+    is answered with the arrived pages but the last :data:`RESERVE_PAGES`; with no more than
+    those it is held until more arrive, or a fault queues behind it (then it takes one page
+    and goes). A request whose first page has not arrived waits for the stream, whose next
+    unit is then that region. A page in flight is waited for, never fetched twice.
     """
 
     def __init__(
         self,
         demand: PageSource,
-        ahead: Sequence[Fetch],
+        ahead: Sequence[FetchRuns],
         wanted: Mapping[int, Collection[int]],
         *,
         unit_pages: int = UNIT_PAGES,
         boost_units: int = 4,
         fault_around: int = DEFAULT_FAULT_AROUND,
         accessed: Accessed | None = None,
+        reserve: int = RESERVE_PAGES,
+        walk_units: int = WALK_UNITS,
     ) -> None:
         self.demand = demand
         self.fault_around = fault_around
@@ -156,6 +181,14 @@ class StreamedPages:
         """Why a stream channel stopped, if one did."""
         self.counts = StreamCounts()
         self._started = time.monotonic()
+        self.reserve = reserve
+        self._walk_pages = walk_units * unit_pages
+        self._walk: tuple[int, int] | None = None
+        """(task, address) where the daemon's background walk asks next."""
+        self._asked = 0
+        """Requests so far: one that came after a held request waits behind it."""
+        self._asked_signal: asyncio.Future[None] | None = None
+        """Resolved (and replaced) when a request comes in: held requests let go."""
 
     @property
     def tally(self) -> PageTally:
@@ -184,8 +217,13 @@ class StreamedPages:
 
     def start(self) -> None:
         self._started = time.monotonic()
+        first = self.plan.first_page()
+        if first is not None and self._walk is None:
+            self._walk = first  # where the daemon's walk will begin
         for n, fetch in enumerate(self._ahead):
-            self._workers.append(asyncio.create_task(self._work(fetch), name=f"stream-pages-{n}"))
+            self._workers.append(
+                asyncio.create_task(self._work(fetch, walk=n == 0), name=f"stream-pages-{n}")
+            )
         self._alive = len(self._workers)
 
     async def close(self) -> None:
@@ -198,23 +236,37 @@ class StreamedPages:
 
     # ------------------------------------------------------------------ the stream
 
-    async def _work(self, fetch: Fetch) -> None:
+    async def _work(self, fetch: FetchRuns, *, walk: bool = False) -> None:
         try:
             while True:
-                unit = self.plan.next_unit()
-                if unit is None:
+                follow = self._walk if walk and self.reserve else None
+                batch = self.plan.next_batch(walk=follow, max_pages=self._walk_pages if walk else 0)
+                if not batch:
                     if self.plan.pages_left == 0:
                         return
                     self._more.clear()
                     await self._more.wait()
                     continue
                 try:
-                    data = await fetch(unit.pid, unit.vaddr, unit.nr_pages)
+                    runs = await fetch(batch[0].pid, [(u.vaddr, u.nr_pages) for u in batch])
+                    if len(runs) != len(batch):
+                        raise PageServerError(
+                            f"source answered {len(runs)} runs for {len(batch)} of task "
+                            f"{batch[0].pid}"
+                        )
                 except BaseException:
-                    self.plan.failed(unit)
-                    self._arrive(unit)
+                    for unit in batch:
+                        self.plan.failed(unit)
+                        self._arrive(unit)
                     raise
-                self._take(unit, data)
+                for k, (unit, data) in enumerate(zip(batch, runs, strict=True)):
+                    try:
+                        self._take(unit, data)
+                    except PageServerError:
+                        for rest in batch[k + 1 :]:
+                            self.plan.failed(rest)
+                            self._arrive(rest)
+                        raise
         except (FogmigError, OSError) as exc:
             # Faults still reach the source on their own channel; only the head start is lost.
             self.error = exc
@@ -273,8 +325,23 @@ class StreamedPages:
         key = (pid_id, vaddr)
         waited = False
         asked = time.monotonic()
+        self._asked += 1
+        order = self._asked
+        signal, self._asked_signal = self._asked_signal, None
+        if signal is not None and not signal.done():
+            signal.set_result(None)
+        if not fault:
+            self._walk = key
+            self._more.set()
         while True:
             state = self.plan.state(pid_id, vaddr)
+            if state is PageState.ARRIVED and not fault:
+                share = await self._background_share(pid_id, vaddr, nr_pages, asked, order)
+                if share == 0:
+                    continue  # a page changed meanwhile: look again
+                self._walk = (pid_id, vaddr + share * PAGE_SIZE)
+                self._more.set()
+                nr_pages = share
             if state is PageState.ARRIVED:
                 if waited:
                     self.counts.waited += 1
@@ -296,6 +363,41 @@ class StreamedPages:
                     return await self._fetch_fault(pid_id, vaddr, nr_pages)
             waited = True
             await self._until_changed(key)
+
+    async def _background_share(
+        self, pid: int, vaddr: int, nr_pages: int, asked: float, order: int
+    ) -> int:
+        """How many of the arrived pages at ``vaddr`` a background request gets now; 0 after
+        a wait (for a page, a later request or the hold's end), to look again.
+
+        ``order`` is the request's place among all requests: any later one (a fault, the
+        usual case) is answered only after this one, so the hold ends the moment it comes.
+        """
+        walk = self.plan.walk_ahead(pid, vaddr, nr_pages + self.reserve)
+        share = min(nr_pages, walk.contiguous)
+        if walk.ahead - share >= self.reserve:
+            return share
+        if walk.ahead > self.reserve:
+            return min(share, walk.ahead - self.reserve)
+        if self._asked > order:
+            self.counts.preempted += 1
+            return 1  # the later request goes right after this one; the rest stays in reserve
+        coming = walk.next_state in (PageState.WANTED, PageState.IN_FLIGHT) and self._alive > 0
+        held_for = time.monotonic() - asked
+        if not coming or held_for >= MAX_HOLD_S:
+            return share
+        if self._asked_signal is None:
+            self._asked_signal = asyncio.get_running_loop().create_future()
+        later = self._asked_signal
+        page = asyncio.ensure_future(self._until_changed((pid, walk.next_vaddr)))
+        self.counts.held += 1
+        try:
+            await asyncio.wait(
+                {page, later}, timeout=MAX_HOLD_S - held_for, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            page.cancel()
+        return 0
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         """Served pages the daemon did not get: arrived again, answered from here."""
