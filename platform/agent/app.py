@@ -39,6 +39,8 @@ from fogmig.platform.migration.handover.messages import (
     GetPages,
     GetPagesOk,
     PageRun,
+    Refused,
+    Reply,
     decode_call,
     decode_reply,
     encode_call,
@@ -266,29 +268,10 @@ class Agent(CommandHandling):
         )
 
     def _page_fetcher(self, client: TransferClient, migration_id: str, wire: WireCount) -> Fetch:
+        runs = self._runs_fetcher(client, migration_id, wire)
+
         async def fetch(pid: int, vaddr: int, nr_pages: int) -> bytes:
-            # A reply carries at most 1 MiB; the daemon accepts a prefix and asks again.
-            request = GetPages(
-                migration_id=migration_id,
-                pid=pid,
-                vaddr=vaddr,
-                nr_pages=min(nr_pages, MAX_PAGES_PER_CALL),
-            )
-            op, params = encode_call(request)
-            result, data = await client.call_data(op, params, timeout=self.config.fence_timeout_s)
-            reply = decode_reply(op, result)
-            wire.bytes += len(data)
-            if not isinstance(reply, GetPagesOk) or not reply.tagged:
-                return data
-            size = request.nr_pages * PAGE_SIZE
-            try:
-                return ChunkDecoder(max_chunk=size).decode(data, remaining=size)
-            except ChunkCodecError as exc:
-                raise MigrationError(
-                    f"pages from {migration_id}'s source do not decode: {exc}",
-                    phase="lazy_pages",
-                    migration_id=migration_id,
-                ) from exc
+            return (await runs(pid, [(vaddr, nr_pages)]))[0]
 
         return fetch
 
@@ -296,6 +279,7 @@ class Agent(CommandHandling):
         self, client: TransferClient, migration_id: str, wire: WireCount
     ) -> FetchRuns:
         async def fetch(pid: int, runs: Sequence[tuple[int, int]]) -> list[bytes]:
+            # A reply carries at most 1 MiB; the daemon accepts a prefix and asks again.
             (vaddr, nr_pages), *more = runs
             request = GetPages(
                 migration_id=migration_id,
@@ -308,33 +292,7 @@ class Agent(CommandHandling):
             result, data = await client.call_data(op, params, timeout=self.config.fence_timeout_s)
             reply = decode_reply(op, result)
             wire.bytes += len(data)
-            if not isinstance(reply, GetPagesOk):
-                raise MigrationError(
-                    f"{migration_id}'s source refused pages: {reply}",
-                    phase="lazy_pages",
-                    migration_id=migration_id,
-                )
-            counts = reply.runs if more else [reply.nr_pages]
-            if len(counts) != len(runs) or sum(counts) != reply.nr_pages:
-                raise MigrationError(
-                    f"{migration_id}'s source answered {counts} pages for {len(runs)} runs",
-                    phase="lazy_pages",
-                    migration_id=migration_id,
-                )
-            size = reply.nr_pages * PAGE_SIZE
-            try:
-                pages = ChunkDecoder(max_chunk=max(size, 1)).decode(data, remaining=size)
-            except ChunkCodecError as exc:
-                raise MigrationError(
-                    f"pages from {migration_id}'s source do not decode: {exc}",
-                    phase="lazy_pages",
-                    migration_id=migration_id,
-                ) from exc
-            out, offset = [], 0
-            for n in counts:
-                out.append(pages[offset : offset + n * PAGE_SIZE])
-                offset += n * PAGE_SIZE
-            return out
+            return pages_per_run(migration_id, reply, data, len(runs))
 
         return fetch
 
@@ -345,6 +303,46 @@ class Agent(CommandHandling):
                 f"no service image on {self.node}", hint="run `fogmig image build` on the node"
             )
         return found
+
+
+def pages_per_run(
+    migration_id: str, reply: Reply | Refused, data: bytes, nr_runs: int
+) -> list[bytes]:
+    """The pages of each run a page call asked for, from its reply and binary data; a refusal,
+    a count that does not add up or data that does not decode is a :class:`MigrationError`."""
+    if not isinstance(reply, GetPagesOk):
+        raise MigrationError(
+            f"{migration_id}'s source refused pages: {reply}",
+            phase="lazy_pages",
+            migration_id=migration_id,
+        )
+    counts = reply.runs if nr_runs > 1 else [reply.nr_pages]
+    if len(counts) != nr_runs or sum(counts) != reply.nr_pages:
+        raise MigrationError(
+            f"{migration_id}'s source answered {counts} pages for {nr_runs} runs",
+            phase="lazy_pages",
+            migration_id=migration_id,
+        )
+    size = reply.nr_pages * PAGE_SIZE
+    try:
+        pages = (
+            ChunkDecoder(max_chunk=max(size, 1)).decode(data, remaining=size)
+            if reply.tagged
+            else data
+        )
+        if len(pages) != size:
+            raise ChunkCodecError(f"{len(pages)} bytes for {reply.nr_pages} pages")
+    except ChunkCodecError as exc:
+        raise MigrationError(
+            f"pages from {migration_id}'s source do not decode: {exc}",
+            phase="lazy_pages",
+            migration_id=migration_id,
+        ) from exc
+    out, offset = [], 0
+    for n in counts:
+        out.append(pages[offset : offset + n * PAGE_SIZE])
+        offset += n * PAGE_SIZE
+    return out
 
 
 class _Stopped(Exception):
