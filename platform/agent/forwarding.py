@@ -100,13 +100,30 @@ class Forwarder:
         else:
             await self._apply()
         for port in sorted(ports):
-            # Exit 1 just means no flow matched.
-            await run(
-                ["conntrack", "-D", "-p", "udp", "--orig-port-dst", str(port)],
-                netns=self.netns,
-                check=False,
-            )
+            await self._forget_flows(port)
         log.info("forwarding on %s: %s", self.node, sorted(self.locations.values()))
+
+    async def _forget_flows(self, port: int) -> None:
+        """Drop the conntrack entries of ``port``: the next datagram of each flow is NATed by
+        the rules now in place. A flow left with its old decision would keep going where the
+        service no longer is (as long as it stays busy), so a failure is logged."""
+        done = await run(
+            ["conntrack", "-D", "-p", "udp", "--orig-port-dst", str(port)],
+            netns=self.netns,
+            check=False,
+        )
+        deleted = done.stderr.strip().splitlines()[-1:] or [""]
+        # Exit 1 with "0 flow entries have been deleted" just means no flow matched.
+        if done.returncode != 0 and "0 flow entries" not in deleted[0]:
+            log.warning(
+                "forwarding on %s: the flows of UDP port %d were not dropped (exit %d): %s",
+                self.node,
+                port,
+                done.returncode,
+                done.stderr.strip() or done.stdout.strip(),
+            )
+        else:
+            log.info("forwarding on %s: UDP port %d: %s", self.node, port, deleted[0])
 
     async def remove(self) -> None:
         """Take the rules out (the agent stops)."""

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
+
+from fogmig.platform.agent import forwarding
 from fogmig.platform.agent.forwarding import Location, changed_ports, forwarding_rules
+from fogmig.platform.base.proc import Completed
 
 
 def test_services_elsewhere_are_forwarded_local_ones_are_not() -> None:
@@ -45,3 +51,32 @@ def test_changed_ports_cover_moves_arrivals_and_departures() -> None:
     assert changed_ports({"s1": a, "s3": d}, {"s1": b, "s2": c, "s3": d}) == {5701, 5702}
     assert changed_ports({"s1": a}, {}) == {5701}
     assert changed_ports({"s1": a}, {"s1": a}) == set()
+
+
+async def test_flows_not_dropped_after_a_change_are_reported(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[list[str]] = []
+    outcomes = iter(
+        [
+            (1, "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."),
+            (1, "conntrack v1.4.7 (conntrack-tools): Operation failed: Device or resource busy"),
+        ]
+    )
+
+    async def fake_run(argv: list[str], **kw: object) -> Completed:
+        calls.append(list(argv))
+        code, err = next(outcomes) if argv[0] == "conntrack" else (0, "")
+        return Completed(list(argv), code, "", err)
+
+    monkeypatch.setattr(forwarding, "run", fake_run)
+    fwd = forwarding.Forwarder(node="gw1", data_ip="10.79.0.1", netns="fm-gw1")
+    fwd._installed = True  # the chains are hooked: only the rules and the flows change
+    caplog.set_level(logging.INFO, logger=forwarding.__name__)
+    await fwd.update({"s": Location("s", "gw2", "10.79.0.2", 5702)})
+    assert ["conntrack", "-D", "-p", "udp", "--orig-port-dst", "5702"] in calls
+    assert "0 flow entries" in caplog.text
+    assert "not dropped" not in caplog.text
+    await fwd.update({"s": Location("s", "gw1", "10.79.0.1", 5702)})
+    assert "the flows of UDP port 5702 were not dropped (exit 1)" in caplog.text
+    assert "Device or resource busy" in caplog.text
