@@ -402,13 +402,17 @@ class Metered(Source):
         return [self.read(vaddr, nr) for vaddr, nr in runs]
 
 
-async def test_a_background_request_keeps_a_reserve_that_a_fault_behind_it_can_pass() -> None:
-    wanted = pages(BIG, 64)
+def metered(nr_pages: int, **kw: int) -> tuple[Metered, StreamedPages]:
+    """A started stream of ``nr_pages`` wanted pages over one metered channel."""
+    wanted = pages(BIG, nr_pages)
     src = Metered(wanted)
-    stream = StreamedPages(
-        RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=16, reserve=4, walk_units=1
-    )
+    stream = StreamedPages(RemotePages(src.demand), [src.ahead], {1: wanted}, **kw)
     stream.start()
+    return src, stream
+
+
+async def test_a_background_request_keeps_a_reserve_that_a_fault_behind_it_can_pass() -> None:
+    src, stream = metered(64, unit_pages=16, reserve=4, walk_units=1)
     src.allow()
     await asyncio.sleep(0.01)
     # The walk's channel brought the first unit: the request gets all but the reserve.
@@ -434,10 +438,7 @@ async def test_a_background_request_keeps_a_reserve_that_a_fault_behind_it_can_p
 
 
 async def test_a_held_request_goes_when_nothing_more_will_come() -> None:
-    wanted = pages(BIG, 6)
-    src = Metered(wanted)
-    stream = StreamedPages(RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=16)
-    stream.start()
+    src, stream = metered(6, unit_pages=16)
     src.allow()
     await asyncio.sleep(0.01)
     # Six pages arrived and none follows: a reserve would wait for nothing.
@@ -446,12 +447,7 @@ async def test_a_held_request_goes_when_nothing_more_will_come() -> None:
 
 
 async def test_a_held_request_goes_after_the_longest_hold() -> None:
-    wanted = pages(BIG, 64)
-    src = Metered(wanted)
-    stream = StreamedPages(
-        RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=4, reserve=8, walk_units=1
-    )
-    stream.start()
+    src, stream = metered(64, unit_pages=4, reserve=8, walk_units=1)
     src.allow()  # four pages arrive, then the stream stalls
     await asyncio.sleep(0.01)
     loop = asyncio.get_running_loop()
@@ -462,12 +458,7 @@ async def test_a_held_request_goes_after_the_longest_hold() -> None:
 
 
 async def test_a_request_that_came_while_it_waited_for_its_page_ends_the_hold_at_once() -> None:
-    wanted = pages(BIG, 64)
-    src = Metered(wanted)
-    stream = StreamedPages(
-        RemotePages(src.demand), [src.ahead], {1: wanted}, unit_pages=4, reserve=8, walk_units=1
-    )
-    stream.start()
+    src, stream = metered(64, unit_pages=4, reserve=8, walk_units=1)
     # The walk asks before anything arrived: it waits for the stream ...
     walk = asyncio.create_task(stream.read(1, BIG, 16))
     await asyncio.sleep(0.01)
