@@ -19,7 +19,7 @@ from fogmig.platform.migration.lazy.plan import (
     read_accessed,
     write_accessed,
 )
-from fogmig.platform.migration.lazy.sources import RemotePages
+from fogmig.platform.migration.lazy.sources import LayeredPages, PageTally, RemotePages
 from fogmig.platform.migration.lazy.stream import (
     MAX_HOLD_S,
     StreamedPages,
@@ -500,4 +500,38 @@ async def test_the_stream_fetches_scattered_pages_a_batch_per_call() -> None:
     # The one channel follows the daemon's walk: two units a call.
     assert [len(call) for call in src.calls] == [32, 16]
     assert max(src.fetched.values()) == 1
+    await stream.close()
+
+
+class Base:
+    """A hybrid's base round: pages at hand, nothing ever held back."""
+
+    def __init__(self, memory: dict[int, bytes]) -> None:
+        self.memory = memory
+        self.tally = PageTally()
+
+    async def read(self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False) -> bytes:
+        return b"".join(self.memory[vaddr + i * PAGE_SIZE] for i in range(nr_pages))
+
+    def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
+        pass
+
+    def note_request(self) -> None:
+        pass
+
+
+async def test_a_request_answered_from_the_base_lets_a_held_remote_one_go() -> None:
+    src, stream = metered(64, unit_pages=16, reserve=8, walk_units=1)
+    local_page = BIG + 100 * PAGE_SIZE
+    base = Base({local_page: bytes([7]) * PAGE_SIZE})
+    layered = LayeredPages(base, stream, {1: pages(BIG, 64)})
+    src.allow()
+    await asyncio.sleep(0.01)
+    assert await asyncio.wait_for(layered.read(1, BIG, 16), 1) == src.expect(BIG, 8)
+    held = asyncio.create_task(layered.read(1, BIG + 8 * PAGE_SIZE, 16))
+    await asyncio.sleep(0.02)
+    assert not held.done()
+    # A fault on a page of the base: the stream never sees it, but its reply queues behind.
+    assert await layered.read(1, local_page, 1, fault=True) == base.memory[local_page]
+    assert await asyncio.wait_for(held, 0.1) == src.expect(BIG + 8 * PAGE_SIZE, 1)
     await stream.close()

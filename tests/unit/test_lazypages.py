@@ -324,6 +324,8 @@ class DictPages:
         self.delays = delays or {}
         self.calls: list[tuple[int, int, int]] = []
         self.given_back: list[tuple[int, int, int]] = []
+        self.noted = 0
+        """Requests it was told of."""
         self._tally = PageTally()
 
     @property
@@ -346,6 +348,9 @@ class DictPages:
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         self.given_back.append((pid_id, vaddr, len(data) // P))
+
+    def note_request(self) -> None:
+        self.noted += 1
 
 
 async def test_layered_pages_split_by_changed_vaddrs() -> None:

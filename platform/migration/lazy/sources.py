@@ -76,6 +76,11 @@ class PageSource(Protocol):
         it will ask for them again, keep them at hand if that saves a fetch."""
         ...
 
+    def note_request(self) -> None:
+        """The daemon asked for something that :meth:`read` does not see (another source of
+        a layered one answers it); its reply goes after those of every earlier request."""
+        ...
+
 
 @dataclass(frozen=True, slots=True)
 class _Run:
@@ -195,6 +200,9 @@ class LocalImagePages:
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         pass  # read again from the disk when asked
 
+    def note_request(self) -> None:
+        pass  # nothing held back here
+
     def read_page(self, pid_id: int, vaddr: int) -> bytes:
         """One page, read on the caller's thread (for files built from a few pages)."""
         pages = self._tasks.get(pid_id)
@@ -251,6 +259,9 @@ class RemotePages:
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         pass  # fetched again when asked (only used without a stream)
 
+    def note_request(self) -> None:
+        pass  # nothing held back here
+
 
 class LayeredPages:
     """Hybrid: pages in ``remote_vaddrs[pid_id]`` come from ``remote``, the rest from ``local``.
@@ -294,6 +305,9 @@ class LayeredPages:
         return runs
 
     async def read(self, pid_id: int, vaddr: int, nr_pages: int, *, fault: bool = False) -> bytes:
+        # A request answered from the base alone still comes after a remote one that the
+        # stream holds back (the daemon takes replies in order): the stream must know of it.
+        self.note_request()
         runs = self._runs(pid_id, vaddr, nr_pages)
 
         async def one(remote: bool, addr: int, n: int) -> bytes:
@@ -323,6 +337,10 @@ class LayeredPages:
             else:
                 self._tally.add_local(len(data))
         return b"".join(data for _, data in answer)
+
+    def note_request(self) -> None:
+        self.local.note_request()
+        self.remote.note_request()
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         changed = self._remote_vaddrs.get(pid_id, frozenset())

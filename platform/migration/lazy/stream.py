@@ -325,11 +325,8 @@ class StreamedPages:
         key = (pid_id, vaddr)
         waited = False
         asked = time.monotonic()
-        self._asked += 1
+        self.note_request()
         order = self._asked
-        signal, self._asked_signal = self._asked_signal, None
-        if signal is not None and not signal.done():
-            signal.set_result(None)
         if not fault:
             self._walk = key
             self._more.set()
@@ -398,6 +395,13 @@ class StreamedPages:
         finally:
             page.cancel()
         return 0
+
+    def note_request(self) -> None:
+        """A request came in (answered here or not): held requests before it let go."""
+        self._asked += 1
+        signal, self._asked_signal = self._asked_signal, None
+        if signal is not None and not signal.done():
+            signal.set_result(None)
 
     def give_back(self, pid_id: int, vaddr: int, data: bytes) -> None:
         """Served pages the daemon did not get: arrived again, answered from here."""
