@@ -143,11 +143,12 @@ class StreamedPages:
     region after it is pulled next. The daemon's own background requests walk the addresses
     upwards, one at a time, and the daemon takes replies in request order: a fault asked for
     while a background request waits for the link waits as long. So the first channel
-    fetches the pages that walk reaches next, one unit at a time, and a background request
-    is answered with the arrived pages but the last :data:`RESERVE_PAGES`; with no more than
-    those it is held until more arrive, or a fault queues behind it (then it takes one page
-    and goes). A request whose first page has not arrived waits for the stream, whose next
-    unit is then that region. A page in flight is waited for, never fetched twice.
+    fetches the pages that walk reaches next (:data:`WALK_UNITS` units a call), and a
+    background request is answered with the arrived pages but the last :data:`RESERVE_PAGES`;
+    with no more than those it is held until more arrive, or another request comes in after
+    it (:meth:`note_request`; then it takes one page and goes). A request whose first page
+    has not arrived waits for the stream, whose next unit is then that region. A page in
+    flight is waited for, never fetched twice.
     """
 
     def __init__(
