@@ -256,17 +256,13 @@ class StreamedPages:
                             f"{batch[0].pid}"
                         )
                 except BaseException:
-                    for unit in batch:
-                        self.plan.failed(unit)
-                        self._arrive(unit)
+                    self._give_up(batch)
                     raise
                 for k, (unit, data) in enumerate(zip(batch, runs, strict=True)):
                     try:
                         self._take(unit, data)
                     except PageServerError:
-                        for rest in batch[k + 1 :]:
-                            self.plan.failed(rest)
-                            self._arrive(rest)
+                        self._give_up(batch[k + 1 :])
                         raise
         except (FogmigError, OSError) as exc:
             # Faults still reach the source on their own channel; only the head start is lost.
@@ -278,8 +274,7 @@ class StreamedPages:
 
     def _take(self, unit: Unit, data: bytes) -> None:
         if len(data) % PAGE_SIZE or len(data) > unit.nr_pages * PAGE_SIZE:
-            self.plan.failed(unit)
-            self._arrive(unit)
+            self._give_up([unit])
             raise PageServerError(
                 f"source answered {len(data)} bytes for {unit.nr_pages} pages at "
                 f"{unit.vaddr:#x} of task {unit.pid}"
@@ -299,6 +294,12 @@ class StreamedPages:
         if n < unit.nr_pages:
             self._more.set()
         self._arrive(unit)
+
+    def _give_up(self, units: Sequence[Unit]) -> None:
+        """Nothing of ``units`` arrived: their pages are wanted again, their waiters look."""
+        for unit in units:
+            self.plan.failed(unit)
+            self._arrive(unit)
 
     def _arrive(self, unit: Unit) -> None:
         for key in unit.pages():
@@ -437,8 +438,7 @@ class StreamedPages:
         try:
             data = await self.demand.read(pid, vaddr, taken)
         except BaseException:
-            self.plan.failed(unit)
-            self._arrive(unit)
+            self._give_up([unit])
             raise
         finally:
             self.counts.note_fault(started - self._started, time.monotonic() - started)
