@@ -402,6 +402,7 @@ class Destination:
                         deadline=action.deadline,
                         netns=self.runtime.netns,
                         runc=self.runtime.runc,
+                        confirm=False,  # the restore confirms it: _restore
                     )
                 )
                 self._spawn(self._watch(mid), f"fence-{mid}")
@@ -483,6 +484,10 @@ class Destination:
                 return StepDone(step.step_id, False, f"{arrival.service} runs on {self.node}")
             await self.runtime.delete(arrival.service, force=True)  # a stopped leftover
         await self._pause("restore", mid)
+        # The watchdog starts (60-70 ms) while the restore gets ready and runs; the copy is
+        # not reported running before it watches.
+        watching = asyncio.ensure_future(asyncio.to_thread(handle.confirm_watchdog))
+        watching.add_done_callback(_retrieve)
         if call.prelude is not None:
             started = time.monotonic()
             await self._apply(arrival, call.prelude)
@@ -498,6 +503,14 @@ class Destination:
             with contextlib.suppress(FogmigError, OSError):
                 await arrival.release()
             raise
+        try:
+            await watching
+        except FenceError as exc:
+            # Never left running unwatched: the source, frozen, still owns the service.
+            log.error("migration %s: %s", mid, exc)
+            with contextlib.suppress(ContainerNotFoundError):
+                await self.runtime.delete(arrival.service, force=True)
+            return StepDone(step.step_id, False, f"the fence has no watchdog: {exc}")
         if handle.state() is not FenceState.ARMED:
             return StepDone(step.step_id, False, "the fence fired during the restore")
         log.info("migration %s: %s runs on %s", mid, arrival.service, self.node)
@@ -606,3 +619,9 @@ class Destination:
         assert self.core is not None
         rec = self.core.records.get(mid)
         return rec.service if rec is not None else "-"
+
+
+def _retrieve(done: asyncio.Future[Any]) -> None:
+    # A confirmation nobody awaits any more (the restore failed first) must not warn later.
+    if not done.cancelled():
+        done.exception()

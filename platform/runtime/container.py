@@ -32,6 +32,7 @@ from fogmig.platform.base.proc import Completed, in_netns, run
 from fogmig.platform.runtime import bundle as bundle_mod
 from fogmig.platform.runtime.cgroups import bundle_cgroups_path, prune_cgroup
 from fogmig.platform.runtime.criu_logs import DUMP_LOG, RESTORE_LOG, criu_error, read_log
+from fogmig.platform.runtime.freezer import CgroupFreezer
 from fogmig.platform.runtime.image import read_stats
 from fogmig.platform.runtime.results import (
     CheckpointResult,
@@ -84,6 +85,20 @@ def _park(path: Path | None) -> Path | None:
 def _unpark(parked: Path | None) -> None:
     if parked is not None and parked.exists():
         os.replace(parked, parked.with_name(parked.name.removesuffix(PARKED_SUFFIX)))
+
+
+async def _prefreeze(freezer: CgroupFreezer | None) -> bool:
+    """Freeze a container's cgroup before its dump; False if there is no freezer to use or it
+    failed (CRIU then freezes the cgroup itself, as it always can)."""
+    if freezer is None:
+        return False
+    try:
+        return await freezer.freeze() is not None
+    except OSError as exc:
+        log.warning("could not freeze %s ahead of the dump: %s", freezer.path, exc)
+        with contextlib.suppress(OSError):
+            freezer.thaw()
+        return False
 
 
 def runc_running(runc_root: Path, cid: str, verb: str) -> bool:
@@ -348,9 +363,19 @@ class NodeRuntime:
         if leave_running:
             args.append("--leave-running")
         state = await self.state(cid)
+        freezer = CgroupFreezer.of(bundle_cgroups_path(state.bundle))
         async with self._dumping(state):
             t0 = time.monotonic()
-            done = await self._runc(*args, cid, check=False, timeout=timeout)
+            # Frozen here, CRIU finds the tasks frozen and skips its 100 ms wait (freezer.py).
+            prefrozen = await _prefreeze(freezer)
+            try:
+                done = await self._runc(*args, cid, check=False, timeout=timeout)
+            finally:
+                # CRIU froze a container it found frozen again after a dump that left it
+                # running (or that failed): it runs on, so thaw what was frozen here.
+                if freezer is not None and prefrozen:
+                    with contextlib.suppress(OSError):  # gone with a container that was dumped
+                        freezer.thaw()
             wall = time.monotonic() - t0
         if done.returncode != 0:
             raise criu_error(
@@ -372,10 +397,13 @@ class NodeRuntime:
             read_stats(work_dir / "stats-dump"),
         )
         log.info(
-            "checkpoint of %s on %s: %.3f s, frozen %s ms, %s pages",
+            "checkpoint of %s on %s: %.3f s, freezing %s ms (frozen first: %s), frozen %s ms, "
+            "%s pages",
             cid,
             self.node,
             wall,
+            result.freezing_ms,
+            prefrozen,
             result.frozen_ms,
             result.pages_written,
         )
@@ -440,9 +468,21 @@ class NodeRuntime:
                 log_path=work_dir / RESTORE_LOG,
             )
         state = await self.state(cid)
+        self._never_frozen(cid, state)
         result = RestoreResult(cid, state.pid, wall, read_stats(work_dir / "stats-restore"))
         log.info("restored %s on %s in %.3f s (pid %d)", cid, self.node, wall, state.pid)
         return result
+
+    def _never_frozen(self, cid: str, state: ContainerState) -> None:
+        # A dump of a cgroup frozen first records it as frozen (freezer.py); runc restores it
+        # thawed here, but a restored service left frozen would be down with nothing to say so.
+        freezer = CgroupFreezer.of(bundle_cgroups_path(state.bundle))
+        try:
+            if freezer is not None and freezer.frozen():
+                freezer.thaw()
+                log.warning("restored %s on %s was frozen; thawed", cid, self.node)
+        except OSError as exc:
+            log.warning("restored %s on %s: its freezer could not be read: %s", cid, self.node, exc)
 
     def _restore_argv(
         self, cid: str, bundle: Path, image_dir: Path, work_dir: Path, *, lazy: bool

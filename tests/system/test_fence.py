@@ -103,7 +103,9 @@ class Rig:
     async def start(self) -> int:
         return (await self.rt.run(CID, self.bundle())).pid
 
-    def arm(self, mid: str, in_s: float, *, grace_s: float = 600.0) -> FenceHandle:
+    def arm(
+        self, mid: str, in_s: float, *, grace_s: float = 600.0, confirm: bool = True
+    ) -> FenceHandle:
         handle = Fence.arm(
             node=NODE,
             container_id=CID,
@@ -112,6 +114,7 @@ class Rig:
             deadline=time.monotonic() + in_s,
             grace_s=grace_s,
             netns=self.netns,
+            confirm=confirm,
         )
         self.handles.append(handle)
         return handle
@@ -166,6 +169,27 @@ async def test_a_fence_kills_the_container_at_its_deadline(rig: Rig) -> None:
     assert not await rig.rt.exists(CID)
     with pytest.raises(FenceFiredError):
         fence.disarm()
+    await asyncio.to_thread(fence.release)
+    assert rig.fences() == []
+
+
+async def test_an_arm_confirmed_later_fires_all_the_same(rig: Rig) -> None:
+    # The destination arms, restores while the watchdog starts, then confirms it.
+    pid = await rig.start()
+    started = time.monotonic()
+    fence = await asyncio.to_thread(rig.arm, "m-c", 0.6, confirm=False)
+    armed_in = time.monotonic() - started
+    assert fence.state() is FenceState.ARMED  # on disk before the watchdog runs
+    watchdog = await asyncio.to_thread(fence.confirm_watchdog)
+    print(f"\narmed in {armed_in * 1000:.1f} ms, watchdog {watchdog} confirmed after")
+    assert watchdog is not None
+    assert watchdog == fence.watchdog_pid()
+    deadline = fence.record().deadline
+
+    dead_at = _until(lambda: not _alive(pid), timeout=5)
+
+    assert 0 <= dead_at - deadline < LATE_S
+    fence.wait_killed(timeout=5)
     await asyncio.to_thread(fence.release)
     assert rig.fences() == []
 
