@@ -29,7 +29,8 @@ from fogmig.platform.agent.handover import test_pause
 from fogmig.platform.agent.hooks import HandoverHooks
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import ConfigError, FogmigError, MigrationError, UnknownNodeError
-from fogmig.platform.base.heap import HeapKeeper
+from fogmig.platform.base.heap import HeapKeeper, tune_allocator
+from fogmig.platform.base.memreport import MemoryWatch
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.bus.client import Bus
 from fogmig.platform.migration.arrival import Fetch, PageChannels, WireCount
@@ -345,6 +346,12 @@ def pages_per_run(
     return out
 
 
+def _log_memory(node: str, watch: MemoryWatch) -> None:
+    # An operator asked (SIGUSR2): what the agent's memory is made of, and what grew since.
+    for line in watch.report().lines():
+        log.info("agent %s memory: %s", node, line)
+
+
 class _Stopped(Exception):
     """Ends the agent's task group on a requested stop."""
 
@@ -353,11 +360,17 @@ async def run_agent(config: AgentConfig) -> None:
     """Run an agent until SIGTERM/SIGINT; exit cleanly, leaving no copy half-arrived."""
     import signal
 
+    if not tune_allocator():
+        log.info(
+            "agent %s: the allocator is not glibc's; its mapping threshold is left", config.node
+        )
     agent = Agent(config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    watch = MemoryWatch()
+    loop.add_signal_handler(signal.SIGUSR2, _log_memory, config.node, watch)
     try:
         await agent.run(stop)
     except* _Stopped:
