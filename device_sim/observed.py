@@ -30,6 +30,8 @@ class ProbeRecord:
     outcome: RequestOutcome
     code: str = ""
     """CoAP code ``"c.dd"``, ``"network"`` for an error below CoAP, empty for a timeout."""
+    detail: str = ""
+    """For an error below CoAP, what it was (the socket's error, e.g. ``ECONNREFUSED``)."""
 
     @property
     def answered(self) -> bool:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import csv
+import errno
 import functools
 import ipaddress
 import math
@@ -35,7 +36,16 @@ from fogmig.platform.base.errors import ConfigError, SetupError
 
 PING_PATH: Final = "ping"
 MAX_RATE_HZ: Final = 100.0
-CSV_FIELDS: Final = ("seq", "address", "sent_at", "answered_at", "latency_ms", "outcome", "code")
+CSV_FIELDS: Final = (
+    "seq",
+    "address",
+    "sent_at",
+    "answered_at",
+    "latency_ms",
+    "outcome",
+    "code",
+    "detail",
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -244,13 +254,13 @@ class Probe:
             transport_tuning=non_tuning(),
         )
         sent_at = time.monotonic()
-        answered_at, code = None, ""
+        answered_at, code, detail = None, "", ""
         try:
             resp = await asyncio.wait_for(self._ctx.request(msg).response, self.settings.timeout_s)
         except (TimeoutError, aiocoap.error.TimeoutError):
             outcome = RequestOutcome.TIMEOUT
-        except aiocoap.error.Error:
-            outcome, code = RequestOutcome.ERROR, NETWORK_ERROR
+        except aiocoap.error.Error as exc:
+            outcome, code, detail = RequestOutcome.ERROR, NETWORK_ERROR, error_detail(exc)
         else:
             at = time.monotonic()
             code = str(resp.code.dotted)
@@ -264,8 +274,18 @@ class Probe:
                 answered_at=answered_at,
                 outcome=outcome,
                 code=code,
+                detail=detail,
             )
         )
+
+
+def error_detail(exc: BaseException) -> str:
+    """What an error below CoAP was: the errno's name of the socket error behind it, else the
+    error's type and text (aiocoap fails every request to a peer on one ICMP error)."""
+    for cause in (exc, exc.__cause__, exc.__context__):
+        if isinstance(cause, OSError) and cause.errno is not None:
+            return errno.errorcode.get(cause.errno, str(cause.errno))
+    return f"{type(exc).__name__}: {exc}"[:120]
 
 
 @functools.cache
@@ -310,5 +330,6 @@ def write_csv(timeline: ProbeTimeline, path: Path) -> None:
                     "latency_ms": "" if latency is None else f"{latency * 1000:.3f}",
                     "outcome": r.outcome.value,
                     "code": r.code,
+                    "detail": r.detail,
                 }
             )

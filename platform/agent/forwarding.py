@@ -106,24 +106,37 @@ class Forwarder:
     async def _forget_flows(self, port: int) -> None:
         """Drop the conntrack entries of ``port``: the next datagram of each flow is NATed by
         the rules now in place. A flow left with its old decision would keep going where the
-        service no longer is (as long as it stays busy), so a failure is logged."""
-        done = await run(
-            ["conntrack", "-D", "-p", "udp", "--orig-port-dst", str(port)],
-            netns=self.netns,
-            check=False,
-        )
-        deleted = done.stderr.strip().splitlines()[-1:] or [""]
-        # Exit 1 with "0 flow entries have been deleted" just means no flow matched.
-        if done.returncode != 0 and "0 flow entries" not in deleted[0]:
-            log.warning(
-                "forwarding on %s: the flows of UDP port %d were not dropped (exit %d): %s",
-                self.node,
-                port,
-                done.returncode,
-                done.stderr.strip() or done.stdout.strip(),
+        service no longer is (as long as it stays busy), so a failure is logged.
+
+        Both directions: an entry's original direction is that of the first datagram the
+        node saw, and a flow whose first datagram here was the service's (a reply that came
+        after its entry was dropped at an earlier change) has the port as its original
+        *source*. Left in place, such an entry kept delivering a device's requests to the
+        node's own port after the service had left: every request refused, for as long as
+        the device kept asking (seen as a probe losing its path for a whole migration).
+        """
+        for side in ("--orig-port-dst", "--orig-port-src"):
+            done = await run(
+                ["conntrack", "-D", "-p", "udp", side, str(port)],
+                netns=self.netns,
+                check=False,
             )
-        else:
-            log.info("forwarding on %s: UDP port %d: %s", self.node, port, deleted[0])
+            deleted = done.stderr.strip().splitlines()[-1:] or [""]
+            # Exit 1 with "0 flow entries have been deleted" just means no flow matched.
+            if done.returncode != 0 and "0 flow entries" not in deleted[0]:
+                log.warning(
+                    "forwarding on %s: the flows of UDP port %d (%s) were not dropped "
+                    "(exit %d): %s",
+                    self.node,
+                    port,
+                    side,
+                    done.returncode,
+                    done.stderr.strip() or done.stdout.strip(),
+                )
+            else:
+                log.info(
+                    "forwarding on %s: UDP port %d (%s): %s", self.node, port, side, deleted[0]
+                )
 
     async def remove(self) -> None:
         """Take the rules out (the agent stops)."""

@@ -112,10 +112,22 @@ class StatusReporting(AgentState):
         assert self.bus is not None
         for service in sorted(running - self._published):
             await self._owned(service)
-        for service in sorted(self._published - running - set(self.migrating)):
+        # Announced here before this agent started (its retained presence is still on the
+        # bus) and not running now: removed while no agent watched. Left standing, every
+        # gateway would go on forwarding its port here, the port of a service deployed after it
+        # elsewhere included.
+        leftovers = {
+            p.service
+            for p in self.follow.book
+            if p.node == self.node and p.present and p.state == "running"
+        }
+        for service in sorted((self._published | leftovers) - running - set(self.migrating)):
             gone = self.follow.tombstone(service)
             await self.bus.publish(topics.service(self.node, service), gone, retain=True)
             self._published.discard(service)
+            log.info(
+                "agent %s: %s no longer runs here; its presence is withdrawn", self.node, service
+            )
 
     async def _status_loop(self, stop: asyncio.Event) -> None:
         while not stop.is_set():

@@ -60,7 +60,9 @@ async def test_flows_not_dropped_after_a_change_are_reported(
     outcomes = iter(
         [
             (1, "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."),
+            (0, "conntrack v1.4.7 (conntrack-tools): 1 flow entries have been deleted."),
             (1, "conntrack v1.4.7 (conntrack-tools): Operation failed: Device or resource busy"),
+            (1, "conntrack v1.4.7 (conntrack-tools): 0 flow entries have been deleted."),
         ]
     )
 
@@ -74,9 +76,12 @@ async def test_flows_not_dropped_after_a_change_are_reported(
     fwd._installed = True  # the chains are hooked: only the rules and the flows change
     caplog.set_level(logging.INFO, logger=forwarding.__name__)
     await fwd.update({"s": Location("s", "gw2", "10.79.0.2", 5702)})
+    # Both directions: a flow first seen from the service has the port as its source.
     assert ["conntrack", "-D", "-p", "udp", "--orig-port-dst", "5702"] in calls
+    assert ["conntrack", "-D", "-p", "udp", "--orig-port-src", "5702"] in calls
     assert "0 flow entries" in caplog.text
+    assert "1 flow entries" in caplog.text
     assert "not dropped" not in caplog.text
     await fwd.update({"s": Location("s", "gw1", "10.79.0.1", 5702)})
-    assert "the flows of UDP port 5702 were not dropped (exit 1)" in caplog.text
+    assert "the flows of UDP port 5702 (--orig-port-dst) were not dropped (exit 1)" in caplog.text
     assert "Device or resource busy" in caplog.text

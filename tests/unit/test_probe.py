@@ -208,7 +208,21 @@ async def test_a_probe_runs_once_and_shares_a_thread(
     out = tmp_path / "probe.csv"
     write_csv(timeline, out)
     lines = out.read_text().splitlines()
-    assert lines[0] == "seq,address,sent_at,answered_at,latency_ms,outcome,code"
+    assert lines[0] == "seq,address,sent_at,answered_at,latency_ms,outcome,code,detail"
     assert len(lines) == timeline.sent + 1
     assert lines[1].startswith("1,::1,")
-    assert lines[1].endswith(",ok,2.05")
+    assert lines[1].endswith(",ok,2.05,")
+
+
+def test_an_error_below_coap_is_named_by_its_socket_error() -> None:
+    import errno
+
+    import aiocoap.error
+
+    from fogmig.device_sim.probe import error_detail
+
+    wrapped = aiocoap.error.NetworkError("Connection refused (received through errqueue)")
+    wrapped.__cause__ = OSError(errno.ECONNREFUSED, "Connection refused")
+    assert error_detail(wrapped) == "ECONNREFUSED"
+    assert error_detail(OSError(errno.EHOSTUNREACH, "No route to host")) == "EHOSTUNREACH"
+    assert error_detail(aiocoap.error.NetworkError("gone")).startswith("NetworkError: ")
