@@ -40,7 +40,9 @@ MMAP_THRESHOLD_BYTES = 256 * 1024
 
 
 @cache
-def _libc() -> ctypes.CDLL | None:
+def libc() -> ctypes.CDLL | None:
+    """The C library, or None where it cannot be found or loaded (then glibc's extras are
+    left alone)."""
     name = ctypes.util.find_library("c")
     if name is None:
         return None
@@ -60,11 +62,11 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
     mapped apart). A fixed threshold turns the raising off, so such buffers are always mapped
     and unmapped on free. Call it once, at the start of a daemon.
     """
-    libc = _libc()
-    if libc is None:
+    lib = libc()
+    if lib is None:
         return False
     try:
-        mallopt = libc.mallopt
+        mallopt = lib.mallopt
     except AttributeError:
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -74,11 +76,11 @@ def tune_allocator(mmap_threshold: int = MMAP_THRESHOLD_BYTES) -> bool:
 
 @cache
 def _malloc_trim() -> Callable[[int], int] | None:
-    libc = _libc()
-    if libc is None:
+    lib = libc()
+    if lib is None:
         return None
     try:
-        trim = libc.malloc_trim
+        trim = lib.malloc_trim
     except AttributeError:
         return None
     trim.argtypes = [ctypes.c_size_t]

@@ -15,7 +15,6 @@ directory).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import os
 import tracemalloc
@@ -24,7 +23,7 @@ from dataclasses import dataclass, field
 from functools import cache
 from typing import Any
 
-from fogmig.platform.base.heap import resident_bytes
+from fogmig.platform.base.heap import libc, resident_bytes
 
 TRACE_ENV = "FOGMIG_TRACEMALLOC"
 """Set to 1 in a daemon's environment to trace allocations by source line (slows it down)."""
@@ -51,12 +50,12 @@ class _MallInfo2(ctypes.Structure):
 
 @cache
 def _mallinfo2() -> Any:
-    name = ctypes.util.find_library("c")
-    if name is None:
+    lib = libc()
+    if lib is None:
         return None
     try:
-        fn = ctypes.CDLL(name).mallinfo2
-    except (OSError, AttributeError):
+        fn = lib.mallinfo2
+    except AttributeError:
         return None
     fn.restype = _MallInfo2
     fn.argtypes = []
