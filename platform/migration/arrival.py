@@ -219,6 +219,9 @@ class Arrival:
             self.local_pages = LocalImagePages(base)
             source = LayeredPages(self.local_pages, self.stream, changed)
         else:
+            if call.kept:
+                # Post-copy: the kept pages, coded against their copy sent ahead.
+                await asyncio.to_thread(decode_kept, images, self.sub(call.kept))
             self.stream = StreamedPages(
                 remote,
                 channels.ahead,

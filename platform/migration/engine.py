@@ -319,9 +319,11 @@ class SourceDriver:
 
     def _run(self, step: RunStep) -> None:
         if step.kind == "move":
-            self._phase(
-                Phase.PRECOPY if self.core.phase is SourcePhase.LIVE else Phase.TRANSFERRING
-            )
+            if self.core.phase is not SourcePhase.LIVE:
+                self._phase(Phase.TRANSFERRING)
+            elif self.record.technique.precopy_rounds:
+                self._phase(Phase.PRECOPY)
+            # (Post-copy's copy of its kept pages goes ahead while it is still preparing.)
         elif step.kind == "delete_copy":
             self._phase(Phase.CLEANING_UP)
         if self.stopping and step.kind == "move":

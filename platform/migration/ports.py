@@ -78,6 +78,11 @@ class SourcePort(Protocol):
         working set, as :meth:`observe` found it); empty if unknown."""
         ...
 
+    async def kept_copy(self, out_dir: Path) -> int:
+        """While the service runs, write into ``out_dir`` a copy of the pages a lazy dump
+        would keep (``runtime/snapshot``) as an image set; the pages copied (0 if unknown)."""
+        ...
+
     def stop_serving_pages(self, migration_id: str) -> None: ...
 
 

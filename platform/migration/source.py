@@ -49,6 +49,7 @@ from fogmig.platform.migration.handover.ownership import Timing
 from fogmig.platform.migration.handover.recovery import begin_of
 from fogmig.platform.migration.handover.source_core import Plan, SourceCore
 from fogmig.platform.migration.hybrid import Hybrid
+from fogmig.platform.migration.lazy.kept import write_base
 from fogmig.platform.migration.lazy.sources import LocalImagePages
 from fogmig.platform.migration.ports import (
     CopyState,
@@ -70,6 +71,7 @@ from fogmig.platform.runtime.access import (
 )
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.container import NodeRuntime, runc_running
+from fogmig.platform.runtime.snapshot import kept_snapshot
 from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.protection import ChannelSecurity
@@ -201,6 +203,17 @@ class RuntimeSource:
 
     async def written_pages(self, limit: int) -> dict[int, list[int]]:
         return by_task(self._written[: max(0, limit)])
+
+    async def kept_copy(self, out_dir: Path) -> int:
+        try:
+            pid = (await self.runtime.state(self.service)).pid
+            if not pid:
+                return 0
+            snapshot = await asyncio.to_thread(kept_snapshot, pid)
+        except (FogmigError, OSError) as exc:
+            log.info("no copy of the kept pages of %s: %s", self.service, exc)
+            return 0
+        return await asyncio.to_thread(write_base, out_dir, snapshot)
 
     def stop_serving_pages(self, migration_id: str) -> None:
         pages = self._pages.pop(migration_id, None)

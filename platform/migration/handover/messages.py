@@ -145,6 +145,9 @@ class Restore(TicketedRequest):
     images: DirName
     base: DirName | None = None
     changed: DirName | None = None
+    kept: DirName | None = None
+    """Post-copy: the copy of the kept pages sent ahead, against which the lazy layout's
+    kept pages are coded (hybrid codes them against ``base``)."""
     prelude: SendFiles | ApplyDelta | None = None
 
 

@@ -1,12 +1,13 @@
-"""A hybrid's kept pages as a delta against the last pre-copy round the destination holds.
+"""A lazy layout's kept pages as a delta against pages the destination already holds.
 
 A lazy layout keeps the pages CRIU never makes lazy (stacks, written pages of file mappings):
 about 2 MB of the sensor service, sent while the service is frozen. The destination already
-holds the last round's complete image, where almost all of them are unchanged, so for hybrid
-each kept pages file travels as ``<pages file>.fmkd``: every page as its XOR with the page at
-the same address in that round (or raw where there is none, or the XOR is no sparser),
-compressed in blocks (``migration/delta/pagecodec``). The destination rebuilds the pages file
-byte for byte before the restore.
+holds a copy where almost all of them are unchanged: for hybrid the last round's complete
+image, for post-copy a live copy of those pages sent ahead of the freeze (:func:`write_base`
+from ``runtime/snapshot``). So each kept pages file travels as ``<pages file>.fmkd``: every
+page as its XOR with the page at the same address in that copy (or raw where there is none,
+or the XOR is no sparser), compressed in blocks (``migration/delta/pagecodec``). The
+destination rebuilds the pages file byte for byte before the restore.
 
 A ``.fmkd`` file is ``b"FMKEPT01"``, u64 page count, one kind byte per page, then the page
 section (block count and blocks), all little-endian.
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import io
 import struct
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +37,16 @@ from fogmig.platform.migration.delta.pagecodec import (
 )
 from fogmig.platform.migration.lazy.errors import LazyLayoutError
 from fogmig.platform.runtime.image import ImageFormatError
-from fogmig.platform.runtime.pagemap import Pagemap, load_pages, read_pagemaps
+from fogmig.platform.runtime.pagemap import (
+    MAX_ENTRY_PAGES,
+    PE_PRESENT,
+    Pagemap,
+    PagemapEntry,
+    load_pages,
+    read_pagemaps,
+    write_pagemap,
+)
+from fogmig.platform.runtime.snapshot import TaskPages
 
 SUFFIX = ".fmkd"
 _MAGIC = b"FMKEPT01"
@@ -83,6 +94,32 @@ def _base_rows(
     if rows.size:
         pages[rows] = base_pages[order[pos[rows]]]
     return pages, found
+
+
+def _runs(vaddrs: Sequence[int]) -> list[PagemapEntry]:
+    """Consecutive addresses as pagemap entries of present pages."""
+    entries: list[PagemapEntry] = []
+    for vaddr in vaddrs:
+        last = entries[-1] if entries else None
+        if last is not None and last.end == vaddr and last.nr_pages < MAX_ENTRY_PAGES:
+            entries[-1] = PagemapEntry(last.vaddr, last.nr_pages + 1, PE_PRESENT)
+        else:
+            entries.append(PagemapEntry(vaddr, 1, PE_PRESENT))
+    return entries
+
+
+def write_base(out_dir: Path, snapshot: Mapping[int, TaskPages]) -> int:
+    """Write a live copy of kept pages as an image set :func:`encode_kept` can code against
+    (one pagemap and pages file per task, named as a dump names them); the pages written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for pages_id, (task, pages) in enumerate(sorted(snapshot.items()), start=1):
+        if not len(pages):
+            continue
+        (out_dir / f"pages-{pages_id}.img").write_bytes(pages.data)
+        write_pagemap(out_dir, Pagemap(str(task), pages_id, tuple(_runs(pages.vaddrs))))
+        written += len(pages)
+    return written
 
 
 def encode_kept(lazy_dir: Path, base_dir: Path) -> KeptDeltaStats:
