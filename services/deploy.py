@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fogmig.platform.agent.launcher import poke_agent
 from fogmig.platform.base import paths
 from fogmig.platform.base.errors import (
     ConfigError,
@@ -352,6 +353,7 @@ async def deploy(
     except FogmigError:
         await runtime.stop(spec.name, grace=1.0)
         raise
+    poke_agent(node)  # its agent announces the service now, not at its next report
     return Deployment(
         name=spec.name,
         node=node,
@@ -379,5 +381,8 @@ async def undeploy(name: str, *, node: str | None = None, grace: float = 5.0) ->
         runtime = NodeRuntime(node=placement.node, netns=netns, runc_root=runc_root(placement.node))
         await runtime.stop(name, grace=grace)
         remove_tree(bundle_dir(placement.node, name))
+        # Its agent withdraws the presence now: until it does, every gateway forwards the
+        # port here, the port of a service deployed next elsewhere included.
+        poke_agent(placement.node)
         nodes.append(placement.node)
     return nodes

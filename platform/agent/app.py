@@ -371,6 +371,9 @@ async def run_agent(config: AgentConfig) -> None:
         loop.add_signal_handler(sig, stop.set)
     watch = MemoryWatch()
     loop.add_signal_handler(signal.SIGUSR2, _log_memory, config.node, watch)
+    # A service deployed or removed by hand (``fogmig deploy``/``undeploy``): say so now, not
+    # at the next report, or gateways keep forwarding its port to where it no longer runs.
+    loop.add_signal_handler(signal.SIGHUP, agent.status_now.set)
     try:
         await agent.run(stop)
     except* _Stopped:

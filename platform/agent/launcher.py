@@ -7,6 +7,8 @@ Each agent runs ``fogmig agent --node NODE`` under ``nsenter``; its PID file and
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -85,6 +87,22 @@ async def agents_up(
                 )
             await asyncio.sleep(0.2)
     return started
+
+
+def poke_agent(node: str) -> bool:
+    """Ask the agent of ``node`` (started here) to report its services at once (SIGHUP);
+    whether one was asked. Without it the agent notices a service started or removed by
+    hand at its next status report, seconds later."""
+    from fogmig.platform.testbed import pids
+
+    pid = pids.read_pidfile(agents_dir() / f"{node}.pid")
+    if pid is None or not pids.is_ours(pid, ("agent", node)):
+        return False
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except OSError:
+        return False
+    return True
 
 
 async def agents_down() -> list[str]:

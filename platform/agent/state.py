@@ -53,6 +53,8 @@ class AgentState:
         self.forwarder = Forwarder(node=config.node, data_ip=config.data_ip)
         self.links: dict[str, LinkMeasurement] = {}
         self._published: set[str] = set()  # services whose presence this node announced
+        self.status_now = asyncio.Event()
+        """Set to report at once (SIGHUP: a service was deployed or removed by hand)."""
         self._cpu_sample: tuple[float, int] | None = None  # (monotonic s, cpuacct ns)
         self.bus: Bus | None = None
         self.admission = Admission(on_taken=self.save_memory)

@@ -8,7 +8,6 @@ service says where it runs, so the other agents forward its traffic there.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -136,8 +135,20 @@ class StatusReporting(AgentState):
             except Exception as exc:
                 # One unpublishable status (a figure out of bounds) must not end the reports.
                 log.warning("agent %s: status not published: %s", self.node, fmt.error(exc))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.config.status_interval_s)
+            waits = [
+                asyncio.ensure_future(stop.wait()),
+                asyncio.ensure_future(self.status_now.wait()),
+            ]
+            try:
+                await asyncio.wait(
+                    waits,
+                    timeout=self.config.status_interval_s,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+            finally:
+                for waiting in waits:
+                    waiting.cancel()
+            self.status_now.clear()
 
     async def _owned(self, service: str) -> None:
         if self.bus is None:

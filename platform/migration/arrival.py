@@ -36,6 +36,7 @@ from fogmig.platform.migration.lazy.sources import (
     RemotePages,
 )
 from fogmig.platform.migration.lazy.stream import DEFAULT_FAULT_AROUND, FetchRuns, StreamedPages
+from fogmig.platform.migration.lazy.warm import fill_from_base
 from fogmig.platform.runtime.bundle import make_bundle
 from fogmig.platform.runtime.container import NodeRuntime
 from fogmig.platform.runtime.workdir import remove_tree
@@ -202,13 +203,17 @@ class Arrival:
         remote = RemotePages(channels.demand)
         source: PageSource
         if call.base:
-            # Hybrid: unchanged pages from the last pre-copy round here, changed ones remote.
+            # Hybrid (the last pre-copy round) and post-copy (the live copy sent ahead):
+            # unchanged pages from that copy here, changed ones remote.
             base = self.sub(call.base)
             await asyncio.to_thread(decode_kept, images, base)
             changed_file = images / (call.changed or "")
             changed = {
                 int(pid): vaddrs for pid, vaddrs in json.loads(changed_file.read_text()).items()
             }
+            if call.fill:
+                filled = await asyncio.to_thread(fill_from_base, images, base, changed)
+                log.info("migration %s: %d pages restored from the copy", call.migration_id, filled)
             self.stream = StreamedPages(
                 remote,
                 channels.ahead,
@@ -217,11 +222,10 @@ class Arrival:
                 fault_around=channels.fault_around,
             )
             self.local_pages = LocalImagePages(base)
-            source = LayeredPages(self.local_pages, self.stream, changed)
+            source = (
+                self.stream if call.fill else LayeredPages(self.local_pages, self.stream, changed)
+            )
         else:
-            if call.kept:
-                # Post-copy: the kept pages, coded against their copy sent ahead.
-                await asyncio.to_thread(decode_kept, images, self.sub(call.kept))
             self.stream = StreamedPages(
                 remote,
                 channels.ahead,

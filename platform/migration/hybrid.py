@@ -9,7 +9,6 @@ changed ones in from the source (paper, 4.2.3).
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 import time
 
@@ -17,14 +16,15 @@ from fogmig.platform.base.vocabulary import Phase
 from fogmig.platform.migration.context import LAST, MigrationContext, Move
 from fogmig.platform.migration.delta.compute import compute_delta
 from fogmig.platform.migration.handover.messages import Reply, Restore, SendFilesOk
-from fogmig.platform.migration.lazy.hot import write_hot
-from fogmig.platform.migration.lazy.kept import encode_kept
 from fogmig.platform.migration.ports import SentResult
-from fogmig.platform.migration.postcopy import LazyPages, lazy_dump
+from fogmig.platform.migration.postcopy import (
+    CHANGED_FILE,
+    LazyPages,
+    code_against_base,
+    lazy_dump,
+)
 from fogmig.platform.migration.precopy import Rounds, files_call
 from fogmig.platform.migration.record import Round
-
-CHANGED_FILE = "fogmig-changed-pages.json"
 
 
 class Hybrid:
@@ -58,20 +58,17 @@ class Hybrid:
         delta = compute_delta(self.rounds.last, ctx.image_dir)
         changed = {d.pagemap.image_id: d.shipped_vaddrs().tolist() for d in delta.pagemaps}
         (ctx.workdir / "lazy" / CHANGED_FILE).write_text(json.dumps(changed))
-        # Of the changed pages, those the service worked on go with the execution state.
+        # Of the changed pages, those the service worked on go with the execution state; the
+        # kept pages go as a delta against the last round the destination holds.
         among = {int(task): vaddrs for task, vaddrs in changed.items() if task.isdigit()}
         await asyncio.to_thread(
-            functools.partial(
-                write_hot,
-                ctx.workdir / "lazy",
-                ctx.image_dir,
-                written,
-                among=among,
-                base_dir=self.rounds.last,
-            )
+            code_against_base,
+            ctx.workdir / "lazy",
+            ctx.image_dir,
+            written,
+            among,
+            self.rounds.last,
         )
-        # The kept pages go as a delta against the last round the destination holds.
-        encode_kept(ctx.workdir / "lazy", self.rounds.last)
         ctx.record.dump_time_s += time.monotonic() - started
         self._changed_pages = delta.stats.pages_shipped
 

@@ -78,9 +78,10 @@ class SourcePort(Protocol):
         working set, as :meth:`observe` found it); empty if unknown."""
         ...
 
-    async def kept_copy(self, out_dir: Path) -> int:
-        """While the service runs, write into ``out_dir`` a copy of the pages a lazy dump
-        would keep (``runtime/snapshot``) as an image set; the pages copied (0 if unknown)."""
+    async def live_copy(self, out_dir: Path) -> int:
+        """While the service runs, write into ``out_dir`` a copy of its small memory (the pages
+        a lazy dump keeps, heaps, stacks: ``runtime/snapshot``) as an image set; the pages
+        copied (0 if unknown)."""
         ...
 
     def stop_serving_pages(self, migration_id: str) -> None: ...

@@ -33,6 +33,7 @@ from fogmig.platform.migration.lazy.hot import hot_page_limit, write_hot
 from fogmig.platform.migration.lazy.kept import encode_kept
 from fogmig.platform.migration.lazy.layout import convert_to_lazy_layout
 from fogmig.platform.migration.lazy.plan import write_accessed
+from fogmig.platform.migration.lazy.warm import write_remote
 from fogmig.platform.migration.ports import SentResult
 from fogmig.platform.migration.precopy import files_call
 
@@ -40,18 +41,18 @@ log = logging.getLogger(__name__)
 
 
 KEPT_AHEAD = "keptbase"
-"""The destination's name for the copy of the kept pages sent ahead of the freeze."""
+"""The destination's name for the live copy sent ahead of the freeze."""
+CHANGED_FILE = "fogmig-changed-pages.json"
+"""In a lazy layout coded against a base the destination holds: per task, the lazy pages
+that come from the source (the others are the base's)."""
 
 
-async def lazy_dump(
-    ctx: MigrationContext, *, working_set: bool = True, kept_base: Path | None = None
-) -> dict[int, list[int]]:
+async def lazy_dump(ctx: MigrationContext, *, working_set: bool = True) -> dict[int, list[int]]:
     """Freeze and dump to the local disk, derive the lazy image set to ship, offer the pages.
 
     ``working_set``: ship the pages written since the migration began with the execution
-    state (hybrid picks its own among them, after comparing with its last round); returns
-    those pages. ``kept_base``: the copy of the kept pages the destination holds, against
-    which they are coded."""
+    state (post-copy with a copy ahead and hybrid pick their own among them, after comparing
+    with what the destination holds); returns those pages."""
     # Observed just before the freeze (``SourcePort.observe``): the mappings touched since
     # the migration began, and the pages written meanwhile (the working set that goes with
     # the execution state).
@@ -65,19 +66,31 @@ async def lazy_dump(
     if working_set:
         hot = await asyncio.to_thread(write_hot, lazy_dir, dump.image_dir, written)
         log.info("%s: %d pages of the working set go with the state", ctx.migration_id, hot)
-    if kept_base is not None:
-        stats = await asyncio.to_thread(encode_kept, lazy_dir, kept_base)
-        log.info(
-            "%s: %d kept pages, %d coded against the copy sent ahead: %d -> %d bytes",
-            ctx.migration_id,
-            stats.pages,
-            stats.xor_pages,
-            stats.plain_bytes,
-            stats.coded_bytes,
-        )
     ctx.record.dump_time_s += dump.duration_s + (time.monotonic() - started)
     ctx.source.serve_pages(ctx.migration_id, dump.image_dir)
     return written
+
+
+def code_against_base(
+    lazy_dir: Path,
+    full_dir: Path,
+    written: dict[int, list[int]],
+    remote: dict[int, list[int]],
+    base_dir: Path,
+) -> None:
+    """For a destination that holds ``base_dir``: the working set among the ``remote`` pages
+    goes with the state, and the kept pages travel as their difference from the base."""
+    hot = write_hot(lazy_dir, full_dir, written, among=remote, base_dir=base_dir)
+    stats = encode_kept(lazy_dir, base_dir)
+    log.info(
+        "%s: %d working-set pages; %d kept pages, %d coded against the base: %d -> %d bytes",
+        lazy_dir.parent.name,
+        hot,
+        stats.pages,
+        stats.xor_pages,
+        stats.plain_bytes,
+        stats.coded_bytes,
+    )
 
 
 class LazyPages:
@@ -110,36 +123,53 @@ class LazyPages:
 
 
 class Postcopy:
-    """Post-copy's moves: the kept pages' copy ahead, one stopping dump kept here, its lazy
-    layout shipped."""
+    """Post-copy's moves: a live copy of the small memory ahead, one stopping dump kept here,
+    its lazy layout shipped with what the copy lacks."""
 
     live = True
 
     def __init__(self) -> None:
         self._ahead: SentResult | None = None
-        self._ahead_dir: Path | None = None
         self._sent: SentResult | None = None
         self._lazy = LazyPages()
 
     def restore_call(self, migration_id: str) -> Restore:
         return Restore(
-            migration_id=migration_id, epoch=0, mode="lazy", images="lazy", kept=KEPT_AHEAD
+            migration_id=migration_id,
+            epoch=0,
+            mode="lazy",
+            images="lazy",
+            base=KEPT_AHEAD,
+            changed=CHANGED_FILE,
+            fill=True,
         )
 
     async def live_move(self, ctx: MigrationContext) -> Move:
-        """Copy the kept pages from the running service and ship the copy."""
+        """Copy the small memory from the running service and ship the copy."""
         started = time.monotonic()
         ahead = ctx.workdir / KEPT_AHEAD
-        pages = await ctx.source.kept_copy(ahead)
-        ahead.mkdir(parents=True, exist_ok=True)  # an empty copy: the kept pages go whole
+        pages = await ctx.source.live_copy(ahead)
+        ahead.mkdir(parents=True, exist_ok=True)  # no copy: every page as plain post-copy
         ctx.record.pre_dump_time_s = time.monotonic() - started
-        self._ahead_dir = ahead if pages else None
-        log.info("%s: %d kept pages copied ahead of the freeze", ctx.migration_id, pages)
+        log.info("%s: %d pages copied ahead of the freeze", ctx.migration_id, pages)
         self._ahead = await ctx.send(ahead, KEPT_AHEAD, Phase.PREPARING)
         return Move(call=files_call(ctx.migration_id, KEPT_AHEAD, self._ahead))
 
     async def freeze(self, ctx: MigrationContext) -> None:
-        await lazy_dump(ctx, kept_base=self._ahead_dir)
+        written = await lazy_dump(ctx, working_set=False)
+        started = time.monotonic()
+        lazy_dir, ahead = ctx.workdir / "lazy", ctx.workdir / KEPT_AHEAD
+        remote, warm = await asyncio.to_thread(
+            write_remote, lazy_dir, ctx.image_dir, ahead, CHANGED_FILE
+        )
+        await asyncio.to_thread(code_against_base, lazy_dir, ctx.image_dir, written, remote, ahead)
+        log.info(
+            "%s: %d lazy pages served from the copy ahead, %d from here",
+            ctx.migration_id,
+            warm.local,
+            warm.remote,
+        )
+        ctx.record.dump_time_s += time.monotonic() - started
 
     async def final_move(self, ctx: MigrationContext) -> Move:
         self._sent = await ctx.send(ctx.workdir / "lazy", "lazy", Phase.TRANSFERRING)

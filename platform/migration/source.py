@@ -71,7 +71,7 @@ from fogmig.platform.runtime.access import (
 )
 from fogmig.platform.runtime.bundle import read_config
 from fogmig.platform.runtime.container import NodeRuntime, runc_running
-from fogmig.platform.runtime.snapshot import kept_snapshot
+from fogmig.platform.runtime.snapshot import live_copy as live_copy_of
 from fogmig.platform.runtime.workdir import remove_tree
 from fogmig.platform.transfer.client import TransferClient
 from fogmig.platform.transfer.protection import ChannelSecurity
@@ -204,14 +204,14 @@ class RuntimeSource:
     async def written_pages(self, limit: int) -> dict[int, list[int]]:
         return by_task(self._written[: max(0, limit)])
 
-    async def kept_copy(self, out_dir: Path) -> int:
+    async def live_copy(self, out_dir: Path) -> int:
         try:
             pid = (await self.runtime.state(self.service)).pid
             if not pid:
                 return 0
-            snapshot = await asyncio.to_thread(kept_snapshot, pid)
+            snapshot = await asyncio.to_thread(live_copy_of, pid)
         except (FogmigError, OSError) as exc:
-            log.info("no copy of the kept pages of %s: %s", self.service, exc)
+            log.info("no live copy of %s: %s", self.service, exc)
             return 0
         return await asyncio.to_thread(write_base, out_dir, snapshot)
 

@@ -1,13 +1,19 @@
-"""A live copy of the pages a lazy dump keeps, read while the service runs.
+"""A live copy of a service's small memory, read while it runs: what post-copy sends ahead.
 
 A lazy restore needs some pages at once, before any fault can be served: CRIU makes only
 private anonymous memory lazy, so the pages the service wrote in its file mappings (an
 interpreter's static objects, libraries' data and relocations) and its main stack travel
 with the execution state, inside the frozen window: about 1.9 MB of the sensor service,
-0.43 MB compressed, 0.5 s on the mobility link. Almost none of them change within a second,
-so post-copy reads them here from ``/proc/<pid>/mem`` while the service runs, ships that
-copy ahead, and after the freeze ships each kept page only as its difference from the copy
-(``migration/lazy/kept``).
+0.43 MB compressed, 0.5 s on the mobility link. And once it runs, the service reads its
+heaps and interpreter structures at once, page after page, each a round trip when it is
+lazy (8 s of a device's silence on the mobility link) and none of it visible beforehand
+(this kernel tracks no page's reads). Almost none of those pages change within seconds, so
+post-copy copies them here from ``/proc/<pid>/mem`` while the service runs: the kept pages,
+then the private writable mappings smaller than :data:`BULK_MAPPING_BYTES` from the smallest
+up, at most :data:`RESIDENT_SHARE` of the service's memory (its bulk state stays lazy). It
+ships the copy ahead; after the freeze the destination restores each lazy page the copy
+holds unchanged from it, and the kept pages travel as their difference from it
+(``migration/lazy/kept``, ``migration/lazy/warm``).
 
 Only resident, anonymous pages are read (the pagemap's present bit set, its file bit clear):
 a page still shared with its file is not in a dump, and reading an absent page through
@@ -25,7 +31,7 @@ from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fogmig.platform.runtime.access import PROC, process_tree
+from fogmig.platform.runtime.access import BULK_MAPPING_BYTES, PROC, process_tree
 
 PAGE = 4096
 _PRESENT = 1 << 63
@@ -33,6 +39,9 @@ _FILE = 1 << 61  # a page-cache page (or shared anonymous): not a private copy
 _CHUNK = 4096  # pagemap entries read at a time
 _MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
 _SPECIAL = frozenset({"[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]"})
+RESIDENT_SHARE = 0.25
+"""The most of a task's resident anonymous memory a live copy takes beyond the kept pages:
+the sensor service's runtime (13.5 MB of 94) fits, while a small service's state stays lazy."""
 
 
 @dataclass(slots=True)
@@ -46,58 +55,102 @@ class TaskPages:
         return len(self.vaddrs)
 
 
-def kept_mappings(maps_text: str) -> list[tuple[int, int]]:
-    """``[start, end)`` of the private mappings whose pages a lazy dump keeps: those backed
-    by a file and the main stack (CRIU's ``vma_entry_can_be_lazy`` excludes both)."""
-    out: list[tuple[int, int]] = []
+@dataclass(frozen=True, slots=True)
+class Mapping:
+    """One mapping a live copy may take; ``kept``: its pages travel with a lazy dump."""
+
+    start: int
+    end: int
+    kept: bool
+
+    @property
+    def size(self) -> int:
+        return self.end - self.start
+
+
+def copied_mappings(maps_text: str, *, small_below: int = BULK_MAPPING_BYTES) -> list[Mapping]:
+    """The private mappings a live copy may take, kept ones first, then the others from the
+    smallest up: those whose pages a lazy dump keeps (backed by a file, and the main stack:
+    CRIU's ``vma_entry_can_be_lazy`` excludes both) and the anonymous writable ones smaller
+    than ``small_below`` (heaps, arenas, thread stacks; 0 takes none of them)."""
+    out: list[Mapping] = []
     for line in maps_text.splitlines():
         m = _MAPS_LINE.match(line)
         if m is None:
             continue
+        start, end = int(m.group(1), 16), int(m.group(2), 16)
         perms, name = m.group(3), m.group(4).strip()
         if perms[3] != "p" or perms[0] != "r" or name in _SPECIAL:
             continue
-        if name.startswith("/") or name == "[stack]":
-            out.append((int(m.group(1), 16), int(m.group(2), 16)))
+        kept = name.startswith("/") or name == "[stack]"
+        if kept or (perms[1] == "w" and end - start < small_below):
+            out.append(Mapping(start, end, kept))
+    return sorted(out, key=lambda m: (not m.kept, m.size, m.start))
+
+
+def _resident(pagemap: int, m: Mapping) -> list[int]:
+    """The addresses of the resident private (not page-cache) pages of ``m``."""
+    out: list[int] = []
+    for first in range(m.start, m.end, _CHUNK * PAGE):
+        n = min(_CHUNK, (m.end - first) // PAGE)
+        raw = os.pread(pagemap, n * 8, (first // PAGE) * 8)
+        for i, entry in enumerate(struct.unpack(f"<{len(raw) // 8}Q", raw)):
+            if entry & _PRESENT and not entry & _FILE:
+                out.append(first + i * PAGE)
     return out
 
 
-def _task_pages(pid: int, proc: Path) -> TaskPages:
-    pages = TaskPages()
+def _rss_anon(status_text: str) -> int:
+    for line in status_text.splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _task_pages(pid: int, proc: Path, small_below: int, share: float) -> TaskPages:
     base = proc / str(pid)
-    mappings = sorted(kept_mappings((base / "maps").read_text()))
+    mappings = copied_mappings((base / "maps").read_text(), small_below=small_below)
+    budget = share * _rss_anon((base / "status").read_text())
+    chosen: list[int] = []
     pagemap = os.open(base / "pagemap", os.O_RDONLY)
     try:
-        mem = os.open(base / "mem", os.O_RDONLY)
-    except OSError:
+        for m in mappings:
+            resident = _resident(pagemap, m)
+            # The kept pages travel anyway; the others only while the copy stays a small
+            # part of the service (its bulk state is post-copy's to fetch lazily).
+            if m.kept or (len(chosen) + len(resident)) * PAGE <= budget:
+                chosen.extend(resident)
+    finally:
         os.close(pagemap)
-        raise
+    chosen.sort()
+    pages = TaskPages()
+    mem = os.open(base / "mem", os.O_RDONLY)
     try:
-        for start, end in mappings:
-            for first in range(start, end, _CHUNK * PAGE):
-                n = min(_CHUNK, (end - first) // PAGE)
-                raw = os.pread(pagemap, n * 8, (first // PAGE) * 8)
-                for i, entry in enumerate(struct.unpack(f"<{len(raw) // 8}Q", raw)):
-                    if not entry & _PRESENT or entry & _FILE:
-                        continue
-                    vaddr = first + i * PAGE
-                    with contextlib.suppress(OSError):
-                        page = os.pread(mem, PAGE, vaddr)
-                        if len(page) == PAGE:
-                            pages.vaddrs.append(vaddr)
-                            pages.data += page
+        for vaddr in chosen:
+            with contextlib.suppress(OSError):
+                page = os.pread(mem, PAGE, vaddr)
+                if len(page) == PAGE:
+                    pages.vaddrs.append(vaddr)
+                    pages.data += page
     finally:
         os.close(mem)
-        os.close(pagemap)
     return pages
 
 
-def kept_snapshot(init_pid: int, *, proc: Path = PROC) -> dict[int, TaskPages]:
+def live_copy(
+    init_pid: int,
+    *,
+    small_below: int = BULK_MAPPING_BYTES,
+    share: float = RESIDENT_SHARE,
+    proc: Path = PROC,
+) -> dict[int, TaskPages]:
     """Per task of the container (by its pid in the namespace, the id of its pagemap), a copy
-    of the resident private pages of its file mappings and stack. A task that vanished or
-    cannot be read is left out: its kept pages then travel whole after the freeze."""
+    of the resident private pages of its kept mappings, and of its other
+    :func:`copied_mappings` while the copy stays under ``share`` of its resident anonymous
+    memory. A task that vanished or cannot be read is left out: its pages then travel as if
+    no copy had been made."""
     out: dict[int, TaskPages] = {}
     for pid, nspid in process_tree(init_pid, proc=proc).items():
         with contextlib.suppress(OSError):
-            out[nspid] = _task_pages(pid, proc)
+            out[nspid] = _task_pages(pid, proc, small_below, share)
     return out

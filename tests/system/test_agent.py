@@ -20,6 +20,7 @@ from fogmig.platform.bus.schemas import (
     DeviceAttach,
     MigrateCommand,
     NodeStatus,
+    ServicePresence,
     UndeployCommand,
 )
 from fogmig.platform.bus.topics import topics
@@ -277,3 +278,28 @@ async def test_deploy_and_undeploy_through_the_agent(testbed: TestbedState) -> N
         )
         assert ack.accepted
         assert await find_service("viacmd") == []
+
+
+async def test_a_service_removed_by_hand_is_withdrawn_from_the_bus_at_once(
+    testbed: TestbedState,
+) -> None:
+    """``fogmig undeploy`` stops the container itself; its agent is told (SIGHUP) and
+    withdraws the presence now, not at its next status report (5 s): until then every gateway
+    forwards the port to a node where nothing listens. Twice, so that a status report that
+    happens to fall right after the removal cannot pass for it."""
+    async with open_testbed_bus("operator") as bus:
+        for attempt in range(2):
+            name = f"byhand{attempt}"
+            async with bus.subscribe(topics.service("gw2", name)) as presences:
+                await deploy(ServiceSpec(name=name, state_mb=2, dirty_kbps=1), node="gw2")
+                async with asyncio.timeout(3):
+                    async for _, msg in presences:
+                        if isinstance(msg, ServicePresence) and msg.present:
+                            break
+                await undeploy(name)
+                removed = time.monotonic()
+                async with asyncio.timeout(3):
+                    async for _, msg in presences:
+                        if isinstance(msg, ServicePresence) and not msg.present:
+                            break
+                assert time.monotonic() - removed < 1.0

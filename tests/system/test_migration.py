@@ -148,10 +148,11 @@ async def test_technique_moves_the_service_with_its_state(
     assert_adds_up(record)
     state_bytes = STATE_MB * 1024 * 1024
     if technique == "postcopy":
-        # The dump holds the execution state only; the memory arrives as faulted pages.
+        # The dump holds the execution state only; the state arrives as faulted pages. What
+        # went ahead is the runtime's small memory, a fraction of the service.
         assert record.dump_bytes < state_bytes / 2
         assert record.faulted_pages_bytes >= 0.8 * state_bytes
-        assert record.pre_dump_bytes == 0
+        assert 0 < record.pre_dump_bytes < state_bytes
     if technique in ("precopy", "hybrid"):
         assert record.pre_dump_bytes >= state_bytes
         assert record.rounds

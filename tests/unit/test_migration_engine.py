@@ -110,7 +110,7 @@ class FakeSource:
     async def written_pages(self, limit: int) -> dict[int, list[int]]:
         return {}
 
-    async def kept_copy(self, out_dir: Path) -> int:
+    async def live_copy(self, out_dir: Path) -> int:
         return 0
 
     async def observe(self) -> None:

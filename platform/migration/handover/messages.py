@@ -133,7 +133,8 @@ class ApplyDeltaOk(TicketedReply):
 
 
 class Restore(TicketedRequest):
-    """Restore the service from ``images`` under the fence (``lazy``: pages fault in later).
+    """Restore the service from ``images`` under the fence (``lazy``: pages fault in later;
+    with ``base``, a copy already here, only the pages ``changed`` lists come from the source).
 
     ``prelude`` is the final data call (the files or the delta of the frozen service), done
     first in the same exchange: the frozen window then holds one round trip, not two.
@@ -145,9 +146,9 @@ class Restore(TicketedRequest):
     images: DirName
     base: DirName | None = None
     changed: DirName | None = None
-    kept: DirName | None = None
-    """Post-copy: the copy of the kept pages sent ahead, against which the lazy layout's
-    kept pages are coded (hybrid codes them against ``base``)."""
+    fill: bool = False
+    """With ``base``: restore the pages the base holds (those ``changed`` does not list) at
+    once, from the base, rather than serve them lazily (post-copy's small live copy)."""
     prelude: SendFiles | ApplyDelta | None = None
 
 

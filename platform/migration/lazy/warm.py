@@ -1,0 +1,177 @@
+"""Which lazy pages of a post-copy must come from the source: those its live copy lacks.
+
+Post-copy sends a live copy of the service's small memory ahead of the freeze
+(``runtime/snapshot``). After the freeze the source compares, page by page, every lazy page
+of its complete image that the copy holds with the copy: an equal page is served at the
+destination from the copy (``LayeredPages``), every other lazy page (the bulk state, a page
+written since the copy, a page the copy never saw) comes from the source. The list goes with
+the lazy layout in the file hybrid uses for its changed pages.
+
+Exact by construction: the comparison is with the frozen service's own image, so a page
+written while it was copied (read half-old) differs and goes remote. At the destination,
+:func:`fill_from_base` turns the pages served from the copy into present pages of the image
+before the restore: they are mapped with it, and never fault.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from fogmig.platform.base.vocabulary import PAGE_SIZE
+from fogmig.platform.migration.lazy.errors import LazyLayoutError
+from fogmig.platform.migration.lazy.layout import lazy_vaddrs, task_id
+from fogmig.platform.runtime.image import ImageFormatError
+from fogmig.platform.runtime.pagemap import (
+    PE_LAZY,
+    PE_PRESENT,
+    Pagemap,
+    PagemapEntry,
+    load_pages,
+    read_pagemaps,
+    write_pagemap,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class WarmStats:
+    """What :func:`write_remote` found: lazy pages served from the copy, and from the source."""
+
+    local: int
+    remote: int
+
+
+def _pagemaps(directory: Path) -> dict[str, Pagemap]:
+    try:
+        return read_pagemaps(directory)
+    except ImageFormatError as exc:
+        raise LazyLayoutError(f"{directory}: {exc}") from exc
+
+
+def _unchanged(
+    lazy: np.ndarray, full: Pagemap, full_dir: Path, base: Pagemap, base_dir: Path
+) -> np.ndarray:
+    """Those of ``lazy`` (sorted addresses) whose page in the copy equals the frozen one."""
+    base_v = base.present_vaddrs()
+    full_v = full.present_vaddrs()
+    if not base_v.size or not full_v.size or not lazy.size:
+        return np.empty(0, dtype=np.int64)
+    b_order = np.argsort(base_v, kind="stable")
+    b_pos = np.minimum(np.searchsorted(base_v[b_order], lazy), base_v.size - 1)
+    in_base = base_v[b_order][b_pos] == lazy
+    f_order = np.argsort(full_v, kind="stable")
+    f_pos = np.minimum(np.searchsorted(full_v[f_order], lazy), full_v.size - 1)
+    in_full = full_v[f_order][f_pos] == lazy
+    both = np.flatnonzero(in_base & in_full)
+    if not both.size:
+        return np.empty(0, dtype=np.int64)
+    try:
+        base_pages = load_pages(base_dir, base)
+        full_pages = load_pages(full_dir, full)
+    except ImageFormatError as exc:
+        raise LazyLayoutError(str(exc)) from exc
+    a = base_pages[b_order[b_pos[both]]]
+    b = full_pages[f_order[f_pos[both]]]
+    equal = (a == b).all(axis=1)
+    return np.asarray(lazy[both[equal]], dtype=np.int64)
+
+
+def write_remote(
+    lazy_dir: Path, full_dir: Path, base_dir: Path, name: str
+) -> tuple[dict[int, list[int]], WarmStats]:
+    """Per task, the lazy pages of ``lazy_dir`` that must come from the source: all but those
+    the copy ``base_dir`` holds equal to the frozen image ``full_dir``. Written as
+    ``lazy_dir / name`` (JSON, task -> addresses), and returned with the counts."""
+    full_maps = _pagemaps(full_dir)
+    base_maps = _pagemaps(base_dir)
+    remote: dict[int, list[int]] = {}
+    local_total = 0
+    for task, vaddrs in lazy_vaddrs(lazy_dir).items():
+        lazy = np.unique(np.asarray(vaddrs, dtype=np.int64))
+        full, base = full_maps.get(str(task)), base_maps.get(str(task))
+        local = (
+            _unchanged(lazy, full, full_dir, base, base_dir)
+            if full is not None and base is not None
+            else np.empty(0, dtype=np.int64)
+        )
+        remote[task] = np.setdiff1d(lazy, local, assume_unique=True).tolist()
+        local_total += int(local.size)
+    (lazy_dir / name).write_text(json.dumps({str(t): v for t, v in remote.items()}))
+    return remote, WarmStats(local=local_total, remote=sum(len(v) for v in remote.values()))
+
+
+def _runs_of(flags: npt.NDArray[np.bool_]) -> list[tuple[int, int, bool]]:
+    """(first index, length, flag) of each run of equal values."""
+    if not flags.size:
+        return []
+    edges = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
+    starts = np.concatenate(([0], edges))
+    ends = np.concatenate((edges, [flags.size]))
+    return [(int(s), int(e - s), bool(flags[s])) for s, e in zip(starts, ends, strict=True)]
+
+
+def fill_from_base(images: Path, base_dir: Path, remote: Mapping[int, Collection[int]]) -> int:
+    """At the destination, before the restore: every lazy page of ``images`` not listed in
+    ``remote`` becomes a present page with its bytes from the copy ``base_dir``, so the
+    restore maps it at once and only the remote pages fault (each fault costs a trip through
+    CRIU's daemon and fogmig's page server even when the page is here: 2,000 of them kept a
+    restored sensor silent for a second). Returns the pages filled."""
+    base_maps = _pagemaps(base_dir)
+    filled = 0
+    for name, pm in _pagemaps(images).items():
+        task = task_id(pm)
+        if task is None or not any(e.lazy for e in pm.entries):
+            continue
+        far = np.asarray(sorted(remote.get(task, ())), dtype=np.int64)
+        base = base_maps.get(name)
+        base_v = base.present_vaddrs() if base is not None else np.empty(0, dtype=np.int64)
+        try:
+            cur = load_pages(images, pm)
+            base_pages = load_pages(base_dir, base) if base is not None else cur[:0]
+        except ImageFormatError as exc:
+            raise LazyLayoutError(str(exc)) from exc
+        order = np.argsort(base_v, kind="stable")
+        entries: list[PagemapEntry] = []
+        chunks: list[npt.NDArray[np.uint8]] = []
+        row = 0
+        for e in pm.entries:
+            if e.present:
+                chunks.append(cur[row : row + e.nr_pages])
+                row += e.nr_pages
+                entries.append(e)
+                continue
+            if not e.lazy:
+                entries.append(e)
+                continue
+            vaddrs = e.vaddr + np.arange(e.nr_pages, dtype=np.int64) * PAGE_SIZE
+            at = np.minimum(np.searchsorted(far, vaddrs), max(far.size - 1, 0))
+            is_far = far[at] == vaddrs if far.size else np.zeros(vaddrs.size, dtype=np.bool_)
+            for first, n, is_far_run in _runs_of(is_far):
+                run = vaddrs[first : first + n]
+                if is_far_run:
+                    entries.append(PagemapEntry(int(run[0]), n, e.flags))
+                    continue
+                pos = np.minimum(np.searchsorted(base_v[order], run), max(base_v.size - 1, 0))
+                if not base_v.size or not (base_v[order][pos] == run).all():
+                    raise LazyLayoutError(
+                        f"{images / pm.file_name}: a page at {int(run[0]):#x} is neither "
+                        f"remote nor in the copy {base_dir}"
+                    )
+                chunks.append(base_pages[order[pos]])
+                entries.append(PagemapEntry(int(run[0]), n, (e.flags & ~PE_LAZY) | PE_PRESENT))
+                filled += n
+        data = b"".join(c.tobytes() for c in chunks)
+        del cur, base_pages  # the memory maps of files about to be replaced
+        pages_id = pm.pages_id
+        if pages_id is None:
+            raise LazyLayoutError(f"{images / pm.file_name} lists lazy pages but no pages file")
+        tmp = images / f".pages-{pages_id}.img.fill"
+        tmp.write_bytes(data)
+        tmp.replace(images / f"pages-{pages_id}.img")
+        write_pagemap(images, Pagemap(pm.image_id, pages_id, tuple(entries)))
+    return filled
