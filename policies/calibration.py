@@ -148,6 +148,13 @@ def fit_constants(
     ]
     if lazy_sizes:
         updates["lazy_dump_bytes"] = max(0, round(statistics.median(lazy_sizes)))
+    warm_sizes = [
+        smp.measured.pre_dump_bytes
+        for smp in items
+        if smp.technique is Technique.POSTCOPY and smp.measured.pre_dump_bytes > 0
+    ]
+    if warm_sizes:
+        updates["lazy_warm_bytes"] = round(statistics.median(warm_sizes))
 
     # checkpoints: time = n * fixed + written_gib * freeze + compared_gib * delta
     dump_rows: list[tuple[list[float], float]] = []

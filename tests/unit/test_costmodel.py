@@ -363,6 +363,7 @@ TRUE = CostConstants(
     rebuild_s_per_gib=0.8,
     image_overhead_bytes=40_000,
     lazy_dump_bytes=1_500_000,
+    lazy_warm_bytes=3_000_000,
     throughput_efficiency=0.8,
     transfer_round_trips=1.0,
     demand_faults=120,
@@ -440,6 +441,18 @@ def test_hybrid_final_dump_ships_the_lazy_dump_memory() -> None:
     hybrid = predict(Technique.HYBRID, svc, WAN, source=DELTA, constants=k)
     postcopy = predict(Technique.POSTCOPY, svc, WAN, source=DELTA, constants=k)
     assert hybrid.components.dump_bytes == postcopy.components.dump_bytes == 2_010_000
+
+
+def test_postcopys_copy_ahead_adds_to_its_total_not_its_downtime() -> None:
+    svc = ServiceConditions(state_bytes=80 * MB, dirty_rate_bytes_per_s=1e4)
+    plain = predict(Technique.POSTCOPY, svc, WAN, source=DELTA, constants=CostConstants())
+    warm = predict(
+        Technique.POSTCOPY, svc, WAN, source=DELTA, constants=CostConstants(lazy_warm_bytes=3 * MB)
+    )
+    assert plain.components.pre_dump_bytes == 0
+    assert warm.components.pre_dump_bytes == 3 * MB
+    assert warm.total_time > plain.total_time
+    assert warm.downtime == plain.downtime
 
 
 def test_lazy_restores_pay_round_trips_before_resuming() -> None:
