@@ -22,6 +22,7 @@ from pathlib import Path
 from fogmig.platform.base.errors import ConfigError, ContainerNotFoundError, FogmigError
 from fogmig.platform.base.nodes import netns_name
 from fogmig.platform.migration.delta import apply as delta_apply
+from fogmig.platform.migration.delta.link import apply_delta_linked
 from fogmig.platform.migration.handover.messages import ApplyDelta, Restore, SendFiles
 from fogmig.platform.migration.lazy.daemon import LazyPagesDaemon
 from fogmig.platform.migration.lazy.hot import read_hot
@@ -146,6 +147,11 @@ class Arrival:
 
     async def apply_delta(self, call: ApplyDelta) -> float:
         base, delta, out = self.sub(call.base), self.sub(call.delta), self.sub(call.out)
+        if call.link:
+            # The base stays: the restore reads its unchanged pages through the link.
+            stats = await asyncio.to_thread(apply_delta_linked, base, delta, out)
+            await asyncio.to_thread(shutil.rmtree, delta)
+            return stats.seconds
         stats = await asyncio.to_thread(delta_apply.apply_delta, base, delta, out)
         await asyncio.to_thread(shutil.rmtree, delta)
         if base != out:

@@ -277,7 +277,10 @@ class Precopy:
     async def final_move(self, ctx: MigrationContext) -> Move:
         self._sent = await ctx.send(ctx.workdir / "dfinal", "dfinal", Phase.TRANSFERRING)
         base = self.rounds.previous_name
-        call = ApplyDelta(migration_id=ctx.migration_id, base=base, delta="dfinal", out="final")
+        # Restored as a child of the last round: nothing is copied in the frozen window.
+        call = ApplyDelta(
+            migration_id=ctx.migration_id, base=base, delta="dfinal", out="final", link=True
+        )
         return Move(call=call)
 
     def replied(self, ctx: MigrationContext, reply: Reply, seconds: float) -> None:

@@ -24,6 +24,7 @@ from fogmig.platform.migration.delta.layout import (
     read_runs,
     runs_of,
 )
+from fogmig.platform.migration.delta.link import apply_delta_linked
 from fogmig.platform.migration.delta.save import (
     save_delta,
     write_delta,
@@ -489,3 +490,56 @@ def test_corrupted_page_sections_are_refused(flip: int, bit: int) -> None:
         except DeltaError:
             return
         assert_same_dump(root / "r", d2)
+
+
+def resolved(d: Path) -> dict[str, dict[int, bytes]]:
+    """Every page of a dump directory, following CRIU's ``parent`` link for pages in parent."""
+    out: dict[str, dict[int, bytes]] = {}
+    parent = contents(d / "parent") if (d / "parent").exists() else {}
+    for image_id, pm in read_pagemaps(d).items():
+        pages = load_pages(d, pm)
+        own = {int(v): pages[i].tobytes() for i, v in enumerate(pm.present_vaddrs())}
+        for e in pm.entries:
+            for k in range(e.nr_pages if e.flags & PE_PARENT else 0):
+                v = e.vaddr + k * PAGE_SIZE
+                own[v] = parent[image_id][v]
+        out[image_id] = own
+    return out
+
+
+def test_the_final_image_can_build_on_the_last_round_through_a_parent_link(
+    tmp_path: Path,
+) -> None:
+    prev = base_pages()
+    cur = dict(prev)
+    cur[HEAP + 3 * PAGE_SIZE] = (ANON, _touched(prev[HEAP + 3 * PAGE_SIZE][1], [8], 7))  # xor
+    cur[STACK_TOP] = (STACK, page(6000))  # changed, raw
+    cur[HEAP + 60 * PAGE_SIZE] = (ANON, page(5060))  # new
+    del cur[HEAP + 10 * PAGE_SIZE]  # vanished
+    d1 = make_dump(tmp_path / "d1", {"1": (2, prev)})
+    d2 = make_dump(tmp_path / "d2", {"1": (2, cur)}, tag="2")
+    write_delta(d1, d2, tmp_path / "delta", digest=False)
+
+    stats = apply_delta_linked(d1, tmp_path / "delta", tmp_path / "final")
+    final = tmp_path / "final"
+    assert (stats.pages_from_delta, stats.pages_from_base) == (3, 39)
+    assert stats.bytes_written == 3 * PAGE_SIZE  # only the changed pages are written
+    assert (final / "parent").is_symlink()
+    assert (final / "parent").resolve() == d1.resolve()
+    assert resolved(final) == contents(d2)
+    flags = {e.vaddr: e.flags for e in read_pagemaps(final)["1"].entries}
+    assert flags[HEAP] == PE_LAZY | PE_PARENT  # unchanged run: in the parent
+    assert flags[HEAP + 3 * PAGE_SIZE] == ANON  # the changed page: here
+    assert (final / "core-1.img").read_bytes() == (d2 / "core-1.img").read_bytes()
+
+
+def test_a_linked_final_image_refuses_a_page_its_base_lacks(tmp_path: Path) -> None:
+    prev = base_pages()
+    d1 = make_dump(tmp_path / "d1", {"1": (2, prev)})
+    d2 = make_dump(tmp_path / "d2", {"1": (2, dict(prev))}, tag="2")
+    write_delta(d1, d2, tmp_path / "delta", digest=False)
+    shrunk = dict(prev)
+    del shrunk[HEAP]
+    other = make_dump(tmp_path / "other", {"1": (2, shrunk)})
+    with pytest.raises(DeltaError):
+        apply_delta_linked(other, tmp_path / "delta", tmp_path / "final")

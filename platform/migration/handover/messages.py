@@ -126,6 +126,9 @@ class ApplyDelta(TicketedRequest):
     base: DirName
     delta: DirName
     out: DirName
+    link: bool = False
+    """Write ``out`` as a child of ``base`` (CRIU's ``parent`` link, the unchanged pages left
+    there) rather than rebuild it whole: pre-copy's final image, restored at once."""
 
 
 class ApplyDeltaOk(TicketedReply):
