@@ -33,7 +33,7 @@ from fogmig.platform.migration.lazy.hot import hot_page_limit, write_hot
 from fogmig.platform.migration.lazy.kept import encode_kept
 from fogmig.platform.migration.lazy.layout import convert_to_lazy_layout
 from fogmig.platform.migration.lazy.plan import write_accessed
-from fogmig.platform.migration.lazy.warm import write_remote
+from fogmig.platform.migration.lazy.warm import working_set, write_remote
 from fogmig.platform.migration.ports import SentResult
 from fogmig.platform.migration.precopy import files_call
 
@@ -159,15 +159,20 @@ class Postcopy:
         written = await lazy_dump(ctx, working_set=False)
         started = time.monotonic()
         lazy_dir, ahead = ctx.workdir / "lazy", ctx.workdir / KEPT_AHEAD
-        remote, warm = await asyncio.to_thread(
-            write_remote, lazy_dir, ctx.image_dir, ahead, CHANGED_FILE
+        remote = await asyncio.to_thread(write_remote, lazy_dir, ctx.image_dir, ahead, CHANGED_FILE)
+        # Every page changed since the copy goes with the state, coded against the copy (it
+        # differs in a few bytes); those seen written first if the link cannot take them all.
+        limit = hot_page_limit(ctx.record.link_rate_bit_per_s / 8)
+        hot = working_set(written, remote.changed, limit)
+        await asyncio.to_thread(
+            code_against_base, lazy_dir, ctx.image_dir, hot, remote.pages, ahead
         )
-        await asyncio.to_thread(code_against_base, lazy_dir, ctx.image_dir, written, remote, ahead)
         log.info(
-            "%s: %d lazy pages served from the copy ahead, %d from here",
+            "%s: %d lazy pages restored from the copy ahead, %d from here (%d changed since)",
             ctx.migration_id,
-            warm.local,
-            warm.remote,
+            remote.stats.local,
+            remote.stats.remote,
+            remote.stats.changed,
         )
         ctx.record.dump_time_s += time.monotonic() - started
 

@@ -13,7 +13,7 @@ import pytest
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.errors import LazyLayoutError
 from fogmig.platform.migration.lazy.kept import decode_kept, encode_kept, write_base
-from fogmig.platform.migration.lazy.warm import fill_from_base, write_remote
+from fogmig.platform.migration.lazy.warm import fill_from_base, working_set, write_remote
 from fogmig.platform.runtime.pagemap import (
     PE_LAZY,
     PE_PRESENT,
@@ -153,15 +153,27 @@ def test_lazy_pages_the_copy_holds_unchanged_are_served_from_it(tmp_path: Path) 
     lazy.mkdir()
     write_pagemap(lazy, Pagemap("1", 2, tuple(PagemapEntry(v, 1, PE_LAZY) for v, _ in frozen)))
     (lazy / "pages-2.img").write_bytes(b"")
-    remote, stats = write_remote(lazy, full, ahead, "changed.json")
+    remote = write_remote(lazy, full, ahead, "changed.json")
     # The written page and the bulk page the copy never saw come from the source.
-    assert remote == {1: [0x51000, 0x90000]}
-    assert (stats.local, stats.remote) == (2, 2)
+    assert remote.pages == {1: [0x51000, 0x90000]}
+    assert remote.changed == {1: [0x51000]}
+    assert (remote.stats.local, remote.stats.remote, remote.stats.changed) == (2, 2, 1)
     assert (lazy / "changed.json").read_text() == '{"1": [331776, 589824]}'
     # Without a copy, every lazy page comes from the source.
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert write_remote(lazy, full, empty, "c.json")[0] == {1: [v for v, _ in frozen]}
+    assert write_remote(lazy, full, empty, "c.json").pages == {1: [v for v, _ in frozen]}
+
+
+def test_the_working_set_takes_the_written_pages_first_then_the_changed_ones() -> None:
+    written = {1: [0x3000, 0x1000]}
+    changed = {1: [0x1000, 0x2000, 0x4000], 7: [0x9000]}
+    assert working_set(written, changed, 10) == {
+        1: [0x3000, 0x1000, 0x2000, 0x4000],
+        7: [0x9000],
+    }
+    assert working_set(written, changed, 3) == {1: [0x3000, 0x1000, 0x2000]}
+    assert working_set(written, changed, 0) == {}
 
 
 def test_the_destination_restores_the_pages_its_copy_holds_and_leaves_the_rest_lazy(

@@ -16,7 +16,7 @@ before the restore: they are mapped with it, and never fault.
 from __future__ import annotations
 
 import json
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,10 +40,23 @@ from fogmig.platform.runtime.pagemap import (
 
 @dataclass(frozen=True, slots=True)
 class WarmStats:
-    """What :func:`write_remote` found: lazy pages served from the copy, and from the source."""
+    """What :func:`write_remote` found: lazy pages served from the copy, and from the source
+    (of which ``changed`` the copy holds in an older version)."""
 
     local: int
     remote: int
+    changed: int
+
+
+@dataclass(frozen=True, slots=True)
+class Remote:
+    """Per task, the lazy pages that come from the source, and those of them the copy holds
+    in an older version: the runtime's memory written since the copy, what the restored
+    service touches first (they go with the state, coded against the copy)."""
+
+    pages: dict[int, list[int]]
+    changed: dict[int, list[int]]
+    stats: WarmStats
 
 
 def _pagemaps(directory: Path) -> dict[str, Pagemap]:
@@ -53,14 +66,16 @@ def _pagemaps(directory: Path) -> dict[str, Pagemap]:
         raise LazyLayoutError(f"{directory}: {exc}") from exc
 
 
-def _unchanged(
+def _compare(
     lazy: np.ndarray, full: Pagemap, full_dir: Path, base: Pagemap, base_dir: Path
-) -> np.ndarray:
-    """Those of ``lazy`` (sorted addresses) whose page in the copy equals the frozen one."""
+) -> tuple[np.ndarray, np.ndarray]:
+    """Those of ``lazy`` (sorted addresses) whose page in the copy equals the frozen one, and
+    those the copy holds in another version."""
+    none = np.empty(0, dtype=np.int64)
     base_v = base.present_vaddrs()
     full_v = full.present_vaddrs()
     if not base_v.size or not full_v.size or not lazy.size:
-        return np.empty(0, dtype=np.int64)
+        return none, none
     b_order = np.argsort(base_v, kind="stable")
     b_pos = np.minimum(np.searchsorted(base_v[b_order], lazy), base_v.size - 1)
     in_base = base_v[b_order][b_pos] == lazy
@@ -69,7 +84,7 @@ def _unchanged(
     in_full = full_v[f_order][f_pos] == lazy
     both = np.flatnonzero(in_base & in_full)
     if not both.size:
-        return np.empty(0, dtype=np.int64)
+        return none, none
     try:
         base_pages = load_pages(base_dir, base)
         full_pages = load_pages(full_dir, full)
@@ -78,31 +93,55 @@ def _unchanged(
     a = base_pages[b_order[b_pos[both]]]
     b = full_pages[f_order[f_pos[both]]]
     equal = (a == b).all(axis=1)
-    return np.asarray(lazy[both[equal]], dtype=np.int64)
+    return (
+        np.asarray(lazy[both[equal]], dtype=np.int64),
+        np.asarray(lazy[both[~equal]], dtype=np.int64),
+    )
 
 
-def write_remote(
-    lazy_dir: Path, full_dir: Path, base_dir: Path, name: str
-) -> tuple[dict[int, list[int]], WarmStats]:
+def write_remote(lazy_dir: Path, full_dir: Path, base_dir: Path, name: str) -> Remote:
     """Per task, the lazy pages of ``lazy_dir`` that must come from the source: all but those
     the copy ``base_dir`` holds equal to the frozen image ``full_dir``. Written as
-    ``lazy_dir / name`` (JSON, task -> addresses), and returned with the counts."""
+    ``lazy_dir / name`` (JSON, task -> addresses), and returned with the changed ones."""
     full_maps = _pagemaps(full_dir)
     base_maps = _pagemaps(base_dir)
     remote: dict[int, list[int]] = {}
+    changed: dict[int, list[int]] = {}
     local_total = 0
     for task, vaddrs in lazy_vaddrs(lazy_dir).items():
         lazy = np.unique(np.asarray(vaddrs, dtype=np.int64))
         full, base = full_maps.get(str(task)), base_maps.get(str(task))
-        local = (
-            _unchanged(lazy, full, full_dir, base, base_dir)
+        local, other = (
+            _compare(lazy, full, full_dir, base, base_dir)
             if full is not None and base is not None
-            else np.empty(0, dtype=np.int64)
+            else (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64))
         )
         remote[task] = np.setdiff1d(lazy, local, assume_unique=True).tolist()
+        changed[task] = other.tolist()
         local_total += int(local.size)
     (lazy_dir / name).write_text(json.dumps({str(t): v for t, v in remote.items()}))
-    return remote, WarmStats(local=local_total, remote=sum(len(v) for v in remote.values()))
+    stats = WarmStats(
+        local=local_total,
+        remote=sum(len(v) for v in remote.values()),
+        changed=sum(len(v) for v in changed.values()),
+    )
+    return Remote(remote, changed, stats)
+
+
+def working_set(
+    written: Mapping[int, Sequence[int]], changed: Mapping[int, Sequence[int]], limit: int
+) -> dict[int, list[int]]:
+    """The pages to send with the state, at most ``limit``: those seen written before the
+    freeze first, then the other pages changed since the copy (written in the last moments,
+    or written back to a value the digests could not tell apart)."""
+    out: dict[int, list[int]] = {}
+    left = max(0, limit)
+    for task in sorted(set(written) | set(changed)):
+        seen = list(dict.fromkeys([*written.get(task, ()), *changed.get(task, ())]))[:left]
+        if seen:
+            out[task] = seen
+            left -= len(seen)
+    return out
 
 
 def _runs_of(flags: npt.NDArray[np.bool_]) -> list[tuple[int, int, bool]]:
