@@ -161,7 +161,7 @@ class Postcopy:
         lazy_dir, ahead = ctx.workdir / "lazy", ctx.workdir / KEPT_AHEAD
         remote = await asyncio.to_thread(write_remote, lazy_dir, ctx.image_dir, ahead, CHANGED_FILE)
         # Every page changed since the copy goes with the state, coded against the copy (it
-        # differs in a few bytes); those seen written first if the link cannot take them all.
+        # differs in a few bytes); of the others seen written, what the link takes.
         limit = hot_page_limit(ctx.record.link_rate_bit_per_s / 8)
         hot = working_set(written, remote.changed, limit)
         await asyncio.to_thread(

@@ -165,15 +165,16 @@ def test_lazy_pages_the_copy_holds_unchanged_are_served_from_it(tmp_path: Path) 
     assert write_remote(lazy, full, empty, "c.json").pages == {1: [v for v, _ in frozen]}
 
 
-def test_the_working_set_takes_the_written_pages_first_then_the_changed_ones() -> None:
-    written = {1: [0x3000, 0x1000]}
+def test_the_working_set_takes_every_changed_page_and_written_ones_within_the_limit() -> None:
+    written = {1: [0x3000, 0x1000, 0x5000]}
     changed = {1: [0x1000, 0x2000, 0x4000], 7: [0x9000]}
     assert working_set(written, changed, 10) == {
-        1: [0x3000, 0x1000, 0x2000, 0x4000],
+        1: [0x3000, 0x5000, 0x1000, 0x2000, 0x4000],
         7: [0x9000],
     }
-    assert working_set(written, changed, 3) == {1: [0x3000, 0x1000, 0x2000]}
-    assert working_set(written, changed, 0) == {}
+    # Changed pages are cheap (coded against the copy): the limit is for the others.
+    assert working_set(written, changed, 1) == {1: [0x3000, 0x1000, 0x2000, 0x4000], 7: [0x9000]}
+    assert working_set(written, changed, 0, cap=2) == {1: [0x1000, 0x2000]}
 
 
 def test_the_destination_restores_the_pages_its_copy_holds_and_leaves_the_rest_lazy(

@@ -48,6 +48,7 @@ be answered at once when a fault queues behind it (the daemon takes replies in o
 WALK_UNITS = 2
 """Units the walk's channel fetches per call: it must keep ahead of a walk that takes
 whatever the other channels brought as well."""
+FIRST_FAULTS = 16
 MAX_HOLD_S = 0.25
 """The longest a background request is held back waiting for more pages."""
 
@@ -101,14 +102,21 @@ class StreamCounts:
     """Seconds the process waited on faults, per second since the stream started (first
     :data:`TIMELINE_S`): what the devices wait for right after the restore."""
     fault_counts: list[int] = field(default_factory=lambda: [0] * TIMELINE_S)
+    first_faults: list[int] = field(default_factory=list)
+    """Where the first :data:`FIRST_FAULTS` faults that blocked the process were: the pages
+    a working set sent with the state should have held."""
     held: int = 0
     """Times a background request was held back to keep a reserve of arrived pages."""
     preempted: int = 0
     """Held requests answered early because another request (a fault) queued behind."""
 
-    def note_fault(self, since_start_s: float, wait_s: float, *, on_demand: bool = True) -> None:
-        """A fault that blocked the process ``wait_s``: fetched on demand, or (``on_demand``
-        false) waiting for a page the stream had in flight."""
+    def note_fault(
+        self, since_start_s: float, wait_s: float, *, on_demand: bool = True, vaddr: int = 0
+    ) -> None:
+        """A fault at ``vaddr`` that blocked the process ``wait_s``: fetched on demand, or
+        (``on_demand`` false) waiting for a page the stream had in flight."""
+        if len(self.first_faults) < FIRST_FAULTS:
+            self.first_faults.append(vaddr)
         if on_demand:
             self.faults_on_demand += 1
             self.fault_wait_s += wait_s
@@ -132,6 +140,11 @@ class StreamCounts:
             f"on demand ({self.fault_wait_s:.2f} s in all), {self.held} held back "
             f"({self.preempted} let go by a later request); faults that blocked the process, "
             f"count/wait per second from the start: {timeline or 'none'}"
+            + (
+                "; first at " + " ".join(f"{v:#x}" for v in self.first_faults)
+                if self.first_faults
+                else ""
+            )
         )
 
 
@@ -347,7 +360,10 @@ class StreamedPages:
                     if fault:
                         # The process was blocked on a page the stream had in flight.
                         self.counts.note_fault(
-                            asked - self._started, time.monotonic() - asked, on_demand=False
+                            asked - self._started,
+                            time.monotonic() - asked,
+                            on_demand=False,
+                            vaddr=vaddr,
                         )
                 else:
                     self.counts.from_stream += 1
@@ -441,7 +457,7 @@ class StreamedPages:
             self._give_up([unit])
             raise
         finally:
-            self.counts.note_fault(started - self._started, time.monotonic() - started)
+            self.counts.note_fault(started - self._started, time.monotonic() - started, vaddr=vaddr)
         self._store(unit, data)
         return self._serve_arrived(pid, vaddr, nr_pages)
 

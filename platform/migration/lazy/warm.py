@@ -129,18 +129,26 @@ def write_remote(lazy_dir: Path, full_dir: Path, base_dir: Path, name: str) -> R
 
 
 def working_set(
-    written: Mapping[int, Sequence[int]], changed: Mapping[int, Sequence[int]], limit: int
+    written: Mapping[int, Sequence[int]],
+    changed: Mapping[int, Sequence[int]],
+    limit: int,
+    *,
+    cap: int = 1024,
 ) -> dict[int, list[int]]:
-    """The pages to send with the state, at most ``limit``: those seen written before the
-    freeze first, then the other pages changed since the copy (written in the last moments,
-    or written back to a value the digests could not tell apart)."""
+    """The pages to send with the state: every page changed since the copy (at most ``cap``:
+    coded against the copy they cost a few bytes each; they are the runtime's memory written
+    since, what the restored service touches first), and of the others seen written before
+    the freeze (sent whole, compressed) at most ``limit``."""
     out: dict[int, list[int]] = {}
-    left = max(0, limit)
+    left_changed, left_written = max(0, cap), max(0, limit)
     for task in sorted(set(written) | set(changed)):
-        seen = list(dict.fromkeys([*written.get(task, ()), *changed.get(task, ())]))[:left]
-        if seen:
-            out[task] = seen
-            left -= len(seen)
+        take = list(changed.get(task, ()))[:left_changed]
+        left_changed -= len(take)
+        known = set(take)
+        extra = [v for v in written.get(task, ()) if v not in known][:left_written]
+        left_written -= len(extra)
+        if take or extra:
+            out[task] = [*extra, *take]
     return out
 
 
