@@ -239,6 +239,16 @@ def is_pages_file(name: str) -> bool:
     return name.startswith("pages-") and name.endswith(_SUFFIX) and name[6:-4].isdigit()
 
 
+def locate(vaddrs: Vaddrs, wanted: Vaddrs) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
+    """For each of ``wanted``: its row in ``vaddrs`` (in any order), and whether it is there
+    (where it is not, the row is meaningless)."""
+    if vaddrs.size == 0:
+        return np.zeros(wanted.size, dtype=np.int64), np.zeros(wanted.size, dtype=np.bool_)
+    order = np.argsort(vaddrs, kind="stable")
+    pos = np.minimum(np.searchsorted(vaddrs[order], wanted), vaddrs.size - 1)
+    return order[pos].astype(np.int64), vaddrs[order][pos] == wanted
+
+
 def load_pages(directory: Path, pagemap: Pagemap) -> npt.NDArray[np.uint8]:
     """The pages file as a read-only ``(present_pages, PAGE_SIZE)`` array (memory-mapped).
 

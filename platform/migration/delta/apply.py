@@ -31,7 +31,7 @@ from fogmig.platform.migration.delta.layout import (
 )
 from fogmig.platform.migration.delta.pagecodec import KIND_XOR
 from fogmig.platform.runtime.image import ImageFormatError
-from fogmig.platform.runtime.pagemap import Pagemap, Vaddrs, decode_pagemap, load_pages
+from fogmig.platform.runtime.pagemap import Pagemap, Vaddrs, decode_pagemap, load_pages, locate
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,30 +76,67 @@ def _base_pagemap(base_dir: Path | None, rec: PagemapRecord) -> Pagemap | None:
         raise DeltaError(f"{path}: {exc}") from exc
 
 
-def _locate(
-    sorted_from: Vaddrs, wanted: Vaddrs
-) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.bool_]]:
-    """Index of each ``wanted`` vaddr in ascending ``sorted_from``, and whether it is there."""
-    if sorted_from.size == 0:
-        return np.zeros(wanted.size, dtype=np.int64), np.zeros(wanted.size, dtype=np.bool_)
-    pos = np.minimum(np.searchsorted(sorted_from, wanted), sorted_from.size - 1)
-    return pos.astype(np.int64), sorted_from[pos] == wanted
+@dataclass(frozen=True, slots=True)
+class PreparedPagemap:
+    """One pagemap of a delta, checked and decoded: the final pagemap, the base's, the
+    shipped pages (XOR ones already applied to the base), for each final page its row among
+    the shipped ones and whether it was shipped, and for the others their row in the base."""
+
+    pm: Pagemap
+    base_pm: Pagemap | None
+    pages: npt.NDArray[np.uint8]
+    d_pos: npt.NDArray[np.int64]
+    in_delta: npt.NDArray[np.bool_]
+    b_pos: npt.NDArray[np.int64]
+
+    @property
+    def from_base(self) -> int:
+        return int(self.in_delta.size - np.count_nonzero(self.in_delta))
+
+
+def prepare_pagemap(delta_dir: Path, base_dir: Path | None, rec: PagemapRecord) -> PreparedPagemap:
+    pm = _checked_pagemap(delta_dir, rec)
+    base_pm = _base_pagemap(base_dir, rec)
+    shipped = read_runs(delta_dir / rec.delta_pages)
+    if shipped.pages is None or shipped.kinds is None:
+        raise DeltaError(f"{rec.delta_pages} carries no page bytes")
+    final_v = pm.present_vaddrs()
+    # Where each final page comes from: its slot in the delta, else in the base.
+    d_pos, in_delta = locate(shipped.vaddrs, final_v)
+    if int(in_delta.sum()) != shipped.vaddrs.size:
+        raise DeltaError(f"{rec.delta_pages} carries pages that {rec.pagemap} does not list")
+    need = np.flatnonzero(~in_delta)
+    xor_rows = np.flatnonzero(shipped.kinds == KIND_XOR)
+    b_pos = np.zeros(final_v.size, dtype=np.int64)
+    if need.size or xor_rows.size:
+        if base_pm is None or base_dir is None:
+            raise DeltaError(
+                f"{rec.pagemap} needs {need.size + xor_rows.size} pages from a base, but "
+                "the delta has none"
+            )
+        base_pages = _load(base_dir, base_pm)  # (its size checked against its pagemap)
+        base_v = base_pm.present_vaddrs()
+        b_pos[need] = _in_base(base_v, final_v[need], rec, base_dir)
+        if xor_rows.size:
+            at = _in_base(base_v, shipped.vaddrs[xor_rows], rec, base_dir)
+            shipped.pages[xor_rows] ^= base_pages[at]
+    return PreparedPagemap(pm, base_pm, shipped.pages, d_pos, in_delta, b_pos)
 
 
 def _in_base(
-    base_v: Vaddrs, order: npt.NDArray[np.int64], wanted: Vaddrs, rec: PagemapRecord, base: Path
+    base_v: Vaddrs, wanted: Vaddrs, rec: PagemapRecord, base: Path
 ) -> npt.NDArray[np.int64]:
     """Row in the base pages of each ``wanted`` vaddr; every one must be there."""
-    pos, found = _locate(base_v[order], wanted)
+    at, found = locate(base_v, wanted)
     if not found.all():
         missing = int(wanted[~found][0])
         raise DeltaError(
             f"page {missing:#x} of {rec.pagemap} is neither in the delta nor in the base {base}"
         )
-    return order[pos].astype(np.int64)
+    return at
 
 
-def _copy_listed(delta_dir: Path, out_dir: Path, manifest: DeltaManifest) -> None:
+def copy_listed(delta_dir: Path, out_dir: Path, manifest: DeltaManifest) -> None:
     for name in manifest.files:
         src = delta_dir / name
         if not src.is_file():
@@ -120,33 +157,8 @@ def apply_delta(base_dir: Path | None, delta_dir: Path, out_dir: Path) -> Rebuil
     prepare_out(out_dir)
     from_delta = from_base = written = 0
     for rec in manifest.pagemaps:
-        pm = _checked_pagemap(delta_dir, rec)
-        base_pm = _base_pagemap(base_dir, rec)
-        shipped = read_runs(delta_dir / rec.delta_pages)
-        if shipped.pages is None or shipped.kinds is None:
-            raise DeltaError(f"{rec.delta_pages} carries no page bytes")
-        final_v = pm.present_vaddrs()
-        # Where each final page comes from: its slot in the delta, else in the base.
-        d_pos, in_delta = _locate(shipped.vaddrs, final_v)
-        if int(in_delta.sum()) != shipped.vaddrs.size:
-            raise DeltaError(f"{rec.delta_pages} carries pages that {rec.pagemap} does not list")
-        need = np.flatnonzero(~in_delta)
-        xor_rows = np.flatnonzero(shipped.kinds == KIND_XOR)
-        base_pages = np.empty((0, PAGE_SIZE), dtype=np.uint8)
-        b_pos = np.zeros(final_v.size, dtype=np.int64)
-        if need.size or xor_rows.size:
-            if base_pm is None or base_dir is None:
-                raise DeltaError(
-                    f"{rec.pagemap} needs {need.size + xor_rows.size} pages from a base, but "
-                    "the delta has none"
-                )
-            base_pages = _load(base_dir, base_pm)
-            base_v = base_pm.present_vaddrs()
-            order = np.argsort(base_v, kind="stable")
-            b_pos[need] = _in_base(base_v, order, final_v[need], rec, base_dir)
-            if xor_rows.size:
-                at = _in_base(base_v, order, shipped.vaddrs[xor_rows], rec, base_dir)
-                shipped.pages[xor_rows] ^= base_pages[at]
+        got = prepare_pagemap(delta_dir, base_dir, rec)
+        pm, base_pm, in_delta = got.pm, got.base_pm, got.in_delta
         if rec.pages is not None:
             path = out_dir / rec.pages
             base_file = (
@@ -157,9 +169,9 @@ def apply_delta(base_dir: Path | None, delta_dir: Path, out_dir: Path) -> Rebuil
             digest = _write_rebuilt(
                 path,
                 in_delta=in_delta,
-                d_pos=d_pos,
-                delta_pages=shipped.pages,
-                b_pos=b_pos,
+                d_pos=got.d_pos,
+                delta_pages=got.pages,
+                b_pos=got.b_pos,
                 base_file=base_file,
                 digest=rec.pages_sha256 is not None,
             )
@@ -174,10 +186,9 @@ def apply_delta(base_dir: Path | None, delta_dir: Path, out_dir: Path) -> Rebuil
                     f"rebuilt {path} differs from the source's final pages (SHA-256 mismatch)",
                     hint="the base is not the previous round's complete image set",
                 )
-        have = np.flatnonzero(in_delta)
-        from_delta += int(have.size)
-        from_base += int(need.size)
-    _copy_listed(delta_dir, out_dir, manifest)
+        from_delta += int(np.count_nonzero(in_delta))
+        from_base += got.from_base
+    copy_listed(delta_dir, out_dir, manifest)
     return RebuildStats(
         pages_total=from_delta + from_base,
         pages_from_delta=from_delta,

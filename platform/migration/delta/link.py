@@ -23,15 +23,10 @@ import numpy as np
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.delta.apply import (
     RebuildStats,
-    _base_pagemap,
-    _checked_pagemap,
-    _copy_listed,
-    _in_base,
-    _load,
-    _locate,
+    copy_listed,
+    prepare_pagemap,
 )
-from fogmig.platform.migration.delta.layout import DeltaError, prepare_out, read_manifest, read_runs
-from fogmig.platform.migration.delta.pagecodec import KIND_XOR
+from fogmig.platform.migration.delta.layout import prepare_out, read_manifest
 from fogmig.platform.runtime.pagemap import (
     PE_PARENT,
     PE_PRESENT,
@@ -50,32 +45,11 @@ def apply_delta_linked(base_dir: Path, delta_dir: Path, out_dir: Path) -> Rebuil
     manifest = read_manifest(delta_dir)
     prepare_out(out_dir)
     # The files that go as they are, the final pagemaps among them: rewritten below.
-    _copy_listed(delta_dir, out_dir, manifest)
+    copy_listed(delta_dir, out_dir, manifest)
     from_delta = from_base = written = 0
     for rec in manifest.pagemaps:
-        pm = _checked_pagemap(delta_dir, rec)
-        base_pm = _base_pagemap(base_dir, rec)
-        shipped = read_runs(delta_dir / rec.delta_pages)
-        if shipped.pages is None or shipped.kinds is None:
-            raise DeltaError(f"{rec.delta_pages} carries no page bytes")
-        final_v = pm.present_vaddrs()
-        d_pos, in_delta = _locate(shipped.vaddrs, final_v)
-        if int(in_delta.sum()) != shipped.vaddrs.size:
-            raise DeltaError(f"{rec.delta_pages} carries pages that {rec.pagemap} does not list")
-        need = np.flatnonzero(~in_delta)
-        xor_rows = np.flatnonzero(shipped.kinds == KIND_XOR)
-        if need.size or xor_rows.size:
-            if base_pm is None:
-                raise DeltaError(
-                    f"{rec.pagemap} needs {need.size + xor_rows.size} pages from a base, but "
-                    "the delta has none"
-                )
-            base_v = base_pm.present_vaddrs()
-            order = np.argsort(base_v, kind="stable")
-            _in_base(base_v, order, final_v[need], rec, base_dir)  # each must be there
-            if xor_rows.size:
-                at = _in_base(base_v, order, shipped.vaddrs[xor_rows], rec, base_dir)
-                shipped.pages[xor_rows] ^= _load(base_dir, base_pm)[at]
+        got = prepare_pagemap(delta_dir, base_dir, rec)  # every page not shipped is in the base
+        pm, in_delta, d_pos = got.pm, got.in_delta, got.d_pos
         entries: list[PagemapEntry] = []
         rows: list[int] = []
         i = 0
@@ -96,12 +70,12 @@ def apply_delta_linked(base_dir: Path, delta_dir: Path, out_dir: Path) -> Rebuil
                     entries.append(PagemapEntry(vaddr, n, (e.flags & ~PE_PRESENT) | PE_PARENT))
             i += e.nr_pages
         if rec.pages is not None and pm.pages_id is not None:
-            data = shipped.pages[np.asarray(rows, dtype=np.int64)].tobytes() if rows else b""
+            data = got.pages[np.asarray(rows, dtype=np.int64)].tobytes() if rows else b""
             (out_dir / rec.pages).write_bytes(data)
             written += len(data)
         write_pagemap(out_dir, Pagemap(pm.image_id, pm.pages_id, tuple(entries)))
         from_delta += int(np.count_nonzero(in_delta))
-        from_base += int(need.size)
+        from_base += got.from_base
     os.symlink(os.path.relpath(base_dir, out_dir), out_dir / PARENT_LINK)
     return RebuildStats(
         pages_total=from_delta + from_base,

@@ -43,6 +43,7 @@ from fogmig.platform.runtime.pagemap import (
     Pagemap,
     PagemapEntry,
     load_pages,
+    locate,
     read_pagemaps,
     write_pagemap,
 )
@@ -87,12 +88,10 @@ def _base_rows(
         base_pages = load_pages(base_dir, base)
     except ImageFormatError as exc:
         raise LazyLayoutError(str(exc)) from exc
-    order = np.argsort(base_v, kind="stable")
-    pos = np.minimum(np.searchsorted(base_v[order], vaddrs), base_v.size - 1)
-    found = base_v[order][pos] == vaddrs
+    at, found = locate(base_v, vaddrs)
     rows = np.flatnonzero(found)
     if rows.size:
-        pages[rows] = base_pages[order[pos[rows]]]
+        pages[rows] = base_pages[at[rows]]
     return pages, found
 
 

@@ -33,6 +33,7 @@ from fogmig.platform.runtime.pagemap import (
     Pagemap,
     PagemapEntry,
     load_pages,
+    locate,
     read_pagemaps,
     write_pagemap,
 )
@@ -76,12 +77,8 @@ def _compare(
     full_v = full.present_vaddrs()
     if not base_v.size or not full_v.size or not lazy.size:
         return none, none
-    b_order = np.argsort(base_v, kind="stable")
-    b_pos = np.minimum(np.searchsorted(base_v[b_order], lazy), base_v.size - 1)
-    in_base = base_v[b_order][b_pos] == lazy
-    f_order = np.argsort(full_v, kind="stable")
-    f_pos = np.minimum(np.searchsorted(full_v[f_order], lazy), full_v.size - 1)
-    in_full = full_v[f_order][f_pos] == lazy
+    b_at, in_base = locate(base_v, lazy)
+    f_at, in_full = locate(full_v, lazy)
     both = np.flatnonzero(in_base & in_full)
     if not both.size:
         return none, none
@@ -90,9 +87,7 @@ def _compare(
         full_pages = load_pages(full_dir, full)
     except ImageFormatError as exc:
         raise LazyLayoutError(str(exc)) from exc
-    a = base_pages[b_order[b_pos[both]]]
-    b = full_pages[f_order[f_pos[both]]]
-    equal = (a == b).all(axis=1)
+    equal = (base_pages[b_at[both]] == full_pages[f_at[both]]).all(axis=1)
     return (
         np.asarray(lazy[both[equal]], dtype=np.int64),
         np.asarray(lazy[both[~equal]], dtype=np.int64),
@@ -182,7 +177,6 @@ def fill_from_base(images: Path, base_dir: Path, remote: Mapping[int, Collection
             base_pages = load_pages(base_dir, base) if base is not None else cur[:0]
         except ImageFormatError as exc:
             raise LazyLayoutError(str(exc)) from exc
-        order = np.argsort(base_v, kind="stable")
         entries: list[PagemapEntry] = []
         chunks: list[npt.NDArray[np.uint8]] = []
         row = 0
@@ -196,20 +190,18 @@ def fill_from_base(images: Path, base_dir: Path, remote: Mapping[int, Collection
                 entries.append(e)
                 continue
             vaddrs = e.vaddr + np.arange(e.nr_pages, dtype=np.int64) * PAGE_SIZE
-            at = np.minimum(np.searchsorted(far, vaddrs), max(far.size - 1, 0))
-            is_far = far[at] == vaddrs if far.size else np.zeros(vaddrs.size, dtype=np.bool_)
-            for first, n, is_far_run in _runs_of(is_far):
+            for first, n, is_far_run in _runs_of(locate(far, vaddrs)[1]):
                 run = vaddrs[first : first + n]
                 if is_far_run:
                     entries.append(PagemapEntry(int(run[0]), n, e.flags))
                     continue
-                pos = np.minimum(np.searchsorted(base_v[order], run), max(base_v.size - 1, 0))
-                if not base_v.size or not (base_v[order][pos] == run).all():
+                at, found = locate(base_v, run)
+                if not found.all():
                     raise LazyLayoutError(
                         f"{images / pm.file_name}: a page at {int(run[0]):#x} is neither "
                         f"remote nor in the copy {base_dir}"
                     )
-                chunks.append(base_pages[order[pos]])
+                chunks.append(base_pages[at])
                 entries.append(PagemapEntry(int(run[0]), n, (e.flags & ~PE_LAZY) | PE_PRESENT))
                 filled += n
         data = b"".join(c.tobytes() for c in chunks)
