@@ -39,6 +39,9 @@ _FILE = 1 << 61  # a page-cache page (or shared anonymous): not a private copy
 _CHUNK = 4096  # pagemap entries read at a time
 _MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
 _SPECIAL = frozenset({"[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]"})
+BULK_EDGE_BYTES = 2 << 20
+"""How much of each end of a bulk mapping a live copy takes (interpreter arenas of 1 MiB merged
+into it; the sensor's held 1.4 MB past its 75 MB buffer)."""
 RESIDENT_SHARE = 0.25
 """The most of a task's resident anonymous memory a live copy takes beyond the kept pages:
 the sensor service's runtime (13.5 MB of 94) fits, while a small service's state stays lazy."""
@@ -72,7 +75,8 @@ def copied_mappings(maps_text: str, *, small_below: int = BULK_MAPPING_BYTES) ->
     """The private mappings a live copy may take, kept ones first, then the others from the
     smallest up: those whose pages a lazy dump keeps (backed by a file, and the main stack:
     CRIU's ``vma_entry_can_be_lazy`` excludes both) and the anonymous writable ones smaller
-    than ``small_below`` (heaps, arenas, thread stacks; 0 takes none of them)."""
+    than ``small_below`` (heaps, arenas, thread stacks; 0 takes none of them), and of the
+    larger ones the :data:`BULK_EDGE_BYTES` at each end."""
     out: list[Mapping] = []
     for line in maps_text.splitlines():
         m = _MAPS_LINE.match(line)
@@ -85,6 +89,11 @@ def copied_mappings(maps_text: str, *, small_below: int = BULK_MAPPING_BYTES) ->
         kept = name.startswith("/") or name == "[stack]"
         if kept or (perms[1] == "w" and end - start < small_below):
             out.append(Mapping(start, end, kept))
+        elif perms[1] == "w" and small_below > 0:
+            # The kernel merges anonymous mappings that touch: an arena mapped next to a bulk
+            # buffer becomes part of its mapping. Such neighbours sit at its ends.
+            edge = min(BULK_EDGE_BYTES, (end - start) // 2)
+            out += [Mapping(start, start + edge, False), Mapping(end - edge, end, False)]
     return sorted(out, key=lambda m: (not m.kept, m.size, m.start))
 
 

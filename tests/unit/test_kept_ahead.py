@@ -61,6 +61,13 @@ def test_the_copy_takes_file_mappings_the_stack_and_small_anonymous_memory() -> 
     ]
 
 
+def test_of_a_bulk_mapping_the_copy_takes_only_its_ends() -> None:
+    bulk = "7f1000000000-7f1005000000 rw-p 00000000 00:00 0\n"  # 80 MiB
+    got = [(m.start, m.end) for m in copied_mappings(bulk)]
+    assert got == [(0x7F1000000000, 0x7F1000200000), (0x7F1004E00000, 0x7F1005000000)]
+    assert copied_mappings(bulk, small_below=0) == []
+
+
 def test_a_live_copy_of_this_process_holds_its_private_file_pages_and_stack() -> None:
     snap = live_copy(os.getpid())
     pages = snap[next(iter(snap))]
