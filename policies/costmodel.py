@@ -52,7 +52,7 @@ class CostConstants:
     """What post-copy sends ahead of the freeze, on the wire: a live copy of the service's
     runtime memory (kept pages, heaps, stacks), which spares the restored service its first
     faults. Zero by default, as in the paper's post-copy; fitted to this platform's records
-    (the post-copy runs' pre-dump bytes) it is about 3.3 MB for the sensor service."""
+    (the post-copy runs' pre-dump bytes) it is about 6 MB for the sensor service."""
     throughput_efficiency: float = 0.95
     """Share of the measured link throughput a state transfer actually gets."""
     transfer_round_trips: float = 2.0
