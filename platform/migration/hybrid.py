@@ -53,7 +53,7 @@ class Hybrid:
 
     async def freeze(self, ctx: MigrationContext) -> None:
         assert self.rounds.last is not None
-        written = await lazy_dump(ctx, working_set=False)
+        written = await lazy_dump(ctx)
         started = time.monotonic()
         delta = compute_delta(self.rounds.last, ctx.image_dir)
         changed = {d.pagemap.image_id: d.shipped_vaddrs().tolist() for d in delta.pagemaps}

@@ -47,15 +47,14 @@ CHANGED_FILE = "fogmig-changed-pages.json"
 that come from the source (the others are the base's)."""
 
 
-async def lazy_dump(ctx: MigrationContext, *, working_set: bool = True) -> dict[int, list[int]]:
+async def lazy_dump(ctx: MigrationContext) -> dict[int, list[int]]:
     """Freeze and dump to the local disk, derive the lazy image set to ship, offer the pages.
 
-    ``working_set``: ship the pages written since the migration began with the execution
-    state (post-copy with a copy ahead and hybrid pick their own among them, after comparing
-    with what the destination holds); returns those pages."""
+    Returns the pages the service wrote since the migration began (at most what the link
+    takes with the state): each technique picks its working set among them after comparing
+    with what the destination holds (``code_against_base``)."""
     # Observed just before the freeze (``SourcePort.observe``): the mappings touched since
-    # the migration began, and the pages written meanwhile (the working set that goes with
-    # the execution state).
+    # the migration began, and the pages written meanwhile.
     accessed = await ctx.source.accessed()
     written = await ctx.source.written_pages(hot_page_limit(ctx.record.link_rate_bit_per_s / 8))
     dump = await ctx.source.checkpoint(ctx.image_dir, leave_running=False)
@@ -63,9 +62,6 @@ async def lazy_dump(ctx: MigrationContext, *, working_set: bool = True) -> dict[
     lazy_dir = ctx.workdir / "lazy"
     await convert_to_lazy_layout(dump.image_dir, lazy_dir)
     write_accessed(lazy_dir, accessed)
-    if working_set:
-        hot = await asyncio.to_thread(write_hot, lazy_dir, dump.image_dir, written)
-        log.info("%s: %d pages of the working set go with the state", ctx.migration_id, hot)
     ctx.record.dump_time_s += dump.duration_s + (time.monotonic() - started)
     ctx.source.serve_pages(ctx.migration_id, dump.image_dir)
     return written
@@ -156,7 +152,7 @@ class Postcopy:
         return Move(call=files_call(ctx.migration_id, KEPT_AHEAD, self._ahead))
 
     async def freeze(self, ctx: MigrationContext) -> None:
-        written = await lazy_dump(ctx, working_set=False)
+        written = await lazy_dump(ctx)
         started = time.monotonic()
         lazy_dir, ahead = ctx.workdir / "lazy", ctx.workdir / KEPT_AHEAD
         remote = await asyncio.to_thread(write_remote, lazy_dir, ctx.image_dir, ahead, CHANGED_FILE)

@@ -117,10 +117,26 @@ BULK_MAPPING_BYTES = 32 * 1024 * 1024
 state): the page written last there is not the one touched next, so none of it counts as
 the working set."""
 _PRESENT = 1 << 63
+_FILE = 1 << 61  # a page-cache page (or shared anonymous): not a private copy
 _PAGEMAP_CHUNK = 4096  # pagemap entries read at a time (32 KiB)
-_MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
-# Mappings the kernel provides: never in a dump's pagemaps, and [vsyscall] cannot be read.
-_SPECIAL = frozenset({"[vvar]", "[vdso]", "[vsyscall]"})
+MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
+"""One line of ``/proc/<pid>/maps``: start, end, permissions, name."""
+SPECIAL_MAPPINGS = frozenset({"[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]"})
+"""Mappings the kernel provides: never in a dump's pagemaps, and [vsyscall] cannot be read."""
+
+
+def resident_pages(
+    pagemap_fd: int, start: int, end: int, *, private: bool = False
+) -> Iterator[int]:
+    """The addresses of the resident pages of ``[start, end)``, by the process's open
+    ``/proc/<pid>/pagemap``; with ``private``, only those not shared with a file. Reading an
+    absent page through ``mem`` would fault it in, so only these are read."""
+    for first in range(start, end, _PAGEMAP_CHUNK * PAGE):
+        n = min(_PAGEMAP_CHUNK, (end - first) // PAGE)
+        raw = os.pread(pagemap_fd, n * 8, (first // PAGE) * 8)
+        for i, entry in enumerate(struct.unpack(f"<{len(raw) // 8}Q", raw)):
+            if entry & _PRESENT and not (private and entry & _FILE):
+                yield first + i * PAGE
 
 
 @dataclass(slots=True)
@@ -146,11 +162,11 @@ def private_writable(maps_text: str) -> list[tuple[int, int]]:
     a process's own data lives (heap, stacks, anonymous memory, libraries' data)."""
     out: list[tuple[int, int]] = []
     for line in maps_text.splitlines():
-        m = _MAPS_LINE.match(line)
+        m = MAPS_LINE.match(line)
         if m is None:
             continue
         perms, name = m.group(3), m.group(4).strip()
-        if perms[1] == "w" and perms[3] == "p" and name not in _SPECIAL:
+        if perms[1] == "w" and perms[3] == "p" and name not in SPECIAL_MAPPINGS:
             out.append((int(m.group(1), 16), int(m.group(2), 16)))
     return out
 
@@ -169,16 +185,9 @@ def _task_digests(pid: int, proc: Path) -> PageDigests:
         for start, end in mappings:
             if end - start >= BULK_MAPPING_BYTES:
                 continue  # never the working set (ranked_written): not read at all
-            for first in range(start, end, _PAGEMAP_CHUNK * PAGE):
-                n = min(_PAGEMAP_CHUNK, (end - first) // PAGE)
-                raw = os.pread(pagemap, n * 8, (first // PAGE) * 8)
-                # Only resident pages: reading an untouched page through mem would fault it in.
-                for i, entry in enumerate(struct.unpack(f"<{len(raw) // 8}Q", raw)):
-                    if not entry & _PRESENT:
-                        continue
-                    vaddr = first + i * PAGE
-                    with contextlib.suppress(OSError):
-                        digests.add(vaddr, zlib.crc32(os.pread(mem, PAGE, vaddr)), end - start)
+            for vaddr in resident_pages(pagemap, start, end):
+                with contextlib.suppress(OSError):
+                    digests.add(vaddr, zlib.crc32(os.pread(mem, PAGE, vaddr)), end - start)
     finally:
         os.close(mem)
         os.close(pagemap)

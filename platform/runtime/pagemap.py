@@ -249,6 +249,16 @@ def locate(vaddrs: Vaddrs, wanted: Vaddrs) -> tuple[npt.NDArray[np.int64], npt.N
     return order[pos].astype(np.int64), vaddrs[order][pos] == wanted
 
 
+def flag_runs(flags: npt.NDArray[np.bool_]) -> list[tuple[int, int, bool]]:
+    """``(first index, length, flag)`` of each run of equal values, in order."""
+    if not flags.size:
+        return []
+    edges = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
+    starts = np.concatenate(([0], edges))
+    ends = np.concatenate((edges, [flags.size]))
+    return [(int(a), int(b - a), bool(flags[a])) for a, b in zip(starts, ends, strict=True)]
+
+
 def load_pages(directory: Path, pagemap: Pagemap) -> npt.NDArray[np.uint8]:
     """The pages file as a read-only ``(present_pages, PAGE_SIZE)`` array (memory-mapped).
 

@@ -25,20 +25,20 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
-import struct
 from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fogmig.platform.runtime.access import BULK_MAPPING_BYTES, PROC, process_tree
+from fogmig.platform.runtime.access import (
+    BULK_MAPPING_BYTES,
+    MAPS_LINE,
+    PAGE,
+    PROC,
+    SPECIAL_MAPPINGS,
+    process_tree,
+    resident_pages,
+)
 
-PAGE = 4096
-_PRESENT = 1 << 63
-_FILE = 1 << 61  # a page-cache page (or shared anonymous): not a private copy
-_CHUNK = 4096  # pagemap entries read at a time
-_MAPS_LINE = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ \S+\s*(.*)$")
-_SPECIAL = frozenset({"[vvar]", "[vdso]", "[vsyscall]", "[vvar_vclock]"})
 BULK_EDGE_BYTES = 2 << 20
 """How much of each end of a bulk mapping a live copy takes (interpreter arenas of 1 MiB merged
 into it; the sensor's held 1.4 MB past its 75 MB buffer)."""
@@ -79,12 +79,12 @@ def copied_mappings(maps_text: str, *, small_below: int = BULK_MAPPING_BYTES) ->
     larger ones the :data:`BULK_EDGE_BYTES` at each end."""
     out: list[Mapping] = []
     for line in maps_text.splitlines():
-        m = _MAPS_LINE.match(line)
+        m = MAPS_LINE.match(line)
         if m is None:
             continue
         start, end = int(m.group(1), 16), int(m.group(2), 16)
         perms, name = m.group(3), m.group(4).strip()
-        if perms[3] != "p" or perms[0] != "r" or name in _SPECIAL:
+        if perms[3] != "p" or perms[0] != "r" or name in SPECIAL_MAPPINGS:
             continue
         kept = name.startswith("/") or name == "[stack]"
         if kept or (perms[1] == "w" and end - start < small_below):
@@ -95,18 +95,6 @@ def copied_mappings(maps_text: str, *, small_below: int = BULK_MAPPING_BYTES) ->
             edge = min(BULK_EDGE_BYTES, (end - start) // 2)
             out += [Mapping(start, start + edge, False), Mapping(end - edge, end, False)]
     return sorted(out, key=lambda m: (not m.kept, m.size, m.start))
-
-
-def _resident(pagemap: int, m: Mapping) -> list[int]:
-    """The addresses of the resident private (not page-cache) pages of ``m``."""
-    out: list[int] = []
-    for first in range(m.start, m.end, _CHUNK * PAGE):
-        n = min(_CHUNK, (m.end - first) // PAGE)
-        raw = os.pread(pagemap, n * 8, (first // PAGE) * 8)
-        for i, entry in enumerate(struct.unpack(f"<{len(raw) // 8}Q", raw)):
-            if entry & _PRESENT and not entry & _FILE:
-                out.append(first + i * PAGE)
-    return out
 
 
 def _rss_anon(status_text: str) -> int:
@@ -124,7 +112,7 @@ def _task_pages(pid: int, proc: Path, small_below: int, share: float) -> TaskPag
     pagemap = os.open(base / "pagemap", os.O_RDONLY)
     try:
         for m in mappings:
-            resident = _resident(pagemap, m)
+            resident = list(resident_pages(pagemap, m.start, m.end, private=True))
             # The kept pages travel anyway; the others only while the copy stays a small
             # part of the service (its bulk state is post-copy's to fetch lazily).
             if m.kept or (len(chosen) + len(resident)) * PAGE <= budget:

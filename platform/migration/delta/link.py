@@ -32,6 +32,7 @@ from fogmig.platform.runtime.pagemap import (
     PE_PRESENT,
     Pagemap,
     PagemapEntry,
+    flag_runs,
     write_pagemap,
 )
 
@@ -57,15 +58,11 @@ def apply_delta_linked(base_dir: Path, delta_dir: Path, out_dir: Path) -> Rebuil
             if not e.present:
                 entries.append(e)
                 continue
-            here = in_delta[i : i + e.nr_pages]
-            edges = np.flatnonzero(np.diff(here.astype(np.int8))) + 1
-            for first, end in zip(
-                np.concatenate(([0], edges)), np.concatenate((edges, [here.size])), strict=True
-            ):
-                vaddr, n = e.vaddr + int(first) * PAGE_SIZE, int(end - first)
-                if here[first]:
+            for first, n, shipped in flag_runs(in_delta[i : i + e.nr_pages]):
+                vaddr = e.vaddr + first * PAGE_SIZE
+                if shipped:
                     entries.append(PagemapEntry(vaddr, n, e.flags))
-                    rows.extend(int(r) for r in d_pos[i + first : i + end])
+                    rows.extend(int(r) for r in d_pos[i + first : i + first + n])
                 else:
                     entries.append(PagemapEntry(vaddr, n, (e.flags & ~PE_PRESENT) | PE_PARENT))
             i += e.nr_pages

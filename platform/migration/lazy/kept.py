@@ -36,15 +36,13 @@ from fogmig.platform.migration.delta.pagecodec import (
     read_section,
 )
 from fogmig.platform.migration.lazy.errors import LazyLayoutError
-from fogmig.platform.runtime.image import ImageFormatError
+from fogmig.platform.migration.lazy.layout import layout_pagemaps, layout_pages
 from fogmig.platform.runtime.pagemap import (
     MAX_ENTRY_PAGES,
     PE_PRESENT,
     Pagemap,
     PagemapEntry,
-    load_pages,
     locate,
-    read_pagemaps,
     write_pagemap,
 )
 from fogmig.platform.runtime.snapshot import TaskPages
@@ -65,13 +63,6 @@ class KeptDeltaStats:
     coded_bytes: int
 
 
-def _pagemaps(directory: Path) -> dict[str, Pagemap]:
-    try:
-        return read_pagemaps(directory)
-    except ImageFormatError as exc:
-        raise LazyLayoutError(f"{directory}: {exc}") from exc
-
-
 def _base_rows(
     base: Pagemap | None, base_dir: Path, vaddrs: npt.NDArray[np.int64]
 ) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
@@ -84,10 +75,7 @@ def _base_rows(
     base_v = base.present_vaddrs()
     if base_v.size == 0:
         return pages, found
-    try:
-        base_pages = load_pages(base_dir, base)
-    except ImageFormatError as exc:
-        raise LazyLayoutError(str(exc)) from exc
+    base_pages = layout_pages(base_dir, base)
     at, found = locate(base_v, vaddrs)
     rows = np.flatnonzero(found)
     if rows.size:
@@ -124,14 +112,11 @@ def write_base(out_dir: Path, snapshot: Mapping[int, TaskPages]) -> int:
 def encode_kept(lazy_dir: Path, base_dir: Path) -> KeptDeltaStats:
     """Replace every kept pages file of ``lazy_dir`` by its delta against ``base_dir``."""
     files = pages_total = xor_total = plain = stored = 0
-    base_maps = _pagemaps(base_dir)
-    for name, pm in _pagemaps(lazy_dir).items():
+    base_maps = layout_pagemaps(base_dir)
+    for name, pm in layout_pagemaps(lazy_dir).items():
         if pm.pages_file_name is None or pm.present_pages == 0:
             continue
-        try:
-            cur = load_pages(lazy_dir, pm)
-        except ImageFormatError as exc:
-            raise LazyLayoutError(str(exc)) from exc
+        cur = layout_pages(lazy_dir, pm)
         vaddrs = pm.present_vaddrs()
         base, has_base = _base_rows(base_maps.get(name), base_dir, vaddrs)
         kinds = choose_kinds(cur, base, has_base)
@@ -158,9 +143,9 @@ def encode_kept(lazy_dir: Path, base_dir: Path) -> KeptDeltaStats:
 def decode_kept(lazy_dir: Path, base_dir: Path) -> int:
     """Rebuild every kept pages file of ``lazy_dir`` from its delta and ``base_dir``; the
     number of files rebuilt (0 for a layout sent as it is)."""
-    base_maps = _pagemaps(base_dir)
+    base_maps = layout_pagemaps(base_dir)
     rebuilt = 0
-    for name, pm in _pagemaps(lazy_dir).items():
+    for name, pm in layout_pagemaps(lazy_dir).items():
         if pm.pages_file_name is None:
             continue
         coded_path = lazy_dir / (pm.pages_file_name + SUFFIX)

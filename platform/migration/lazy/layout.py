@@ -13,6 +13,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import numpy.typing as npt
+
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.errors import LazyLayoutError
 from fogmig.platform.migration.lazy.protocol import PE_LAZY, PE_PARENT, PE_PRESENT
@@ -21,6 +24,7 @@ from fogmig.platform.runtime.pagemap import (
     Pagemap,
     PagemapEntry,
     is_pages_file,
+    load_pages,
     read_pagemaps,
     write_pagemap,
 )
@@ -46,6 +50,23 @@ class LazyLayoutStats:
     def tasks(self) -> int:
         """Tasks (process pagemaps) in the image; the daemon reports one line per task."""
         return len(self.lazy_pages_by_task)
+
+
+def layout_pagemaps(directory: Path) -> dict[str, Pagemap]:
+    """The pagemaps of an image set, a damaged one a :class:`LazyLayoutError`."""
+    try:
+        return read_pagemaps(directory)
+    except ImageFormatError as exc:
+        raise LazyLayoutError(f"{directory}: {exc}") from exc
+
+
+def layout_pages(directory: Path, pagemap: Pagemap) -> npt.NDArray[np.uint8]:
+    """The pages of ``pagemap`` in ``directory`` (memory-mapped), a short file a
+    :class:`LazyLayoutError`."""
+    try:
+        return load_pages(directory, pagemap)
+    except ImageFormatError as exc:
+        raise LazyLayoutError(str(exc)) from exc
 
 
 def task_id(pagemap: Pagemap) -> int | None:
@@ -124,10 +145,7 @@ def convert_to_lazy_layout_sync(full_dir: Path, out_dir: Path) -> LazyLayoutStat
             f"{full_dir} is an incremental dump (it has a parent link)",
             hint="serve lazy pages from a complete dump",
         )
-    try:
-        pagemaps = read_pagemaps(full_dir)
-    except ImageFormatError as exc:
-        raise LazyLayoutError(f"{full_dir}: {exc}") from exc
+    pagemaps = layout_pagemaps(full_dir)
     if not pagemaps:
         raise LazyLayoutError(f"{full_dir} holds no pagemap: not a CRIU dump")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -23,9 +23,8 @@ from fogmig.platform.migration.lazy.errors import (
     PageNotFoundError,
     PageServerError,
 )
-from fogmig.platform.migration.lazy.layout import task_id
-from fogmig.platform.runtime.image import ImageFormatError
-from fogmig.platform.runtime.pagemap import PagemapEntry, read_pagemaps
+from fogmig.platform.migration.lazy.layout import layout_pagemaps, task_id
+from fogmig.platform.runtime.pagemap import PagemapEntry
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +141,7 @@ class LocalImagePages:
     def __init__(self, image_dir: Path) -> None:
         self.image_dir = image_dir
         self._tally = PageTally()
-        try:
-            pagemaps = read_pagemaps(image_dir)
-        except ImageFormatError as exc:
-            raise LazyLayoutError(f"{image_dir}: {exc}") from exc
+        pagemaps = layout_pagemaps(image_dir)
         self._tasks: dict[int, _TaskPages] = {}
         for pagemap in pagemaps.values():
             task = task_id(pagemap)

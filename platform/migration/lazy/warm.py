@@ -25,16 +25,19 @@ import numpy.typing as npt
 
 from fogmig.platform.base.vocabulary import PAGE_SIZE
 from fogmig.platform.migration.lazy.errors import LazyLayoutError
-from fogmig.platform.migration.lazy.layout import lazy_vaddrs, task_id
-from fogmig.platform.runtime.image import ImageFormatError
+from fogmig.platform.migration.lazy.layout import (
+    layout_pagemaps,
+    layout_pages,
+    lazy_vaddrs,
+    task_id,
+)
 from fogmig.platform.runtime.pagemap import (
     PE_LAZY,
     PE_PRESENT,
     Pagemap,
     PagemapEntry,
-    load_pages,
+    flag_runs,
     locate,
-    read_pagemaps,
     write_pagemap,
 )
 
@@ -60,13 +63,6 @@ class Remote:
     stats: WarmStats
 
 
-def _pagemaps(directory: Path) -> dict[str, Pagemap]:
-    try:
-        return read_pagemaps(directory)
-    except ImageFormatError as exc:
-        raise LazyLayoutError(f"{directory}: {exc}") from exc
-
-
 def _compare(
     lazy: np.ndarray, full: Pagemap, full_dir: Path, base: Pagemap, base_dir: Path
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -82,11 +78,8 @@ def _compare(
     both = np.flatnonzero(in_base & in_full)
     if not both.size:
         return none, none
-    try:
-        base_pages = load_pages(base_dir, base)
-        full_pages = load_pages(full_dir, full)
-    except ImageFormatError as exc:
-        raise LazyLayoutError(str(exc)) from exc
+    base_pages = layout_pages(base_dir, base)
+    full_pages = layout_pages(full_dir, full)
     equal = (base_pages[b_at[both]] == full_pages[f_at[both]]).all(axis=1)
     return (
         np.asarray(lazy[both[equal]], dtype=np.int64),
@@ -98,8 +91,8 @@ def write_remote(lazy_dir: Path, full_dir: Path, base_dir: Path, name: str) -> R
     """Per task, the lazy pages of ``lazy_dir`` that must come from the source: all but those
     the copy ``base_dir`` holds equal to the frozen image ``full_dir``. Written as
     ``lazy_dir / name`` (JSON, task -> addresses), and returned with the changed ones."""
-    full_maps = _pagemaps(full_dir)
-    base_maps = _pagemaps(base_dir)
+    full_maps = layout_pagemaps(full_dir)
+    base_maps = layout_pagemaps(base_dir)
     remote: dict[int, list[int]] = {}
     changed: dict[int, list[int]] = {}
     local_total = 0
@@ -147,36 +140,23 @@ def working_set(
     return out
 
 
-def _runs_of(flags: npt.NDArray[np.bool_]) -> list[tuple[int, int, bool]]:
-    """(first index, length, flag) of each run of equal values."""
-    if not flags.size:
-        return []
-    edges = np.flatnonzero(np.diff(flags.astype(np.int8))) + 1
-    starts = np.concatenate(([0], edges))
-    ends = np.concatenate((edges, [flags.size]))
-    return [(int(s), int(e - s), bool(flags[s])) for s, e in zip(starts, ends, strict=True)]
-
-
 def fill_from_base(images: Path, base_dir: Path, remote: Mapping[int, Collection[int]]) -> int:
     """At the destination, before the restore: every lazy page of ``images`` not listed in
     ``remote`` becomes a present page with its bytes from the copy ``base_dir``, so the
     restore maps it at once and only the remote pages fault (each fault costs a trip through
     CRIU's daemon and fogmig's page server even when the page is here: 2,000 of them kept a
     restored sensor silent for a second). Returns the pages filled."""
-    base_maps = _pagemaps(base_dir)
+    base_maps = layout_pagemaps(base_dir)
     filled = 0
-    for name, pm in _pagemaps(images).items():
+    for name, pm in layout_pagemaps(images).items():
         task = task_id(pm)
         if task is None or not any(e.lazy for e in pm.entries):
             continue
         far = np.asarray(sorted(remote.get(task, ())), dtype=np.int64)
         base = base_maps.get(name)
         base_v = base.present_vaddrs() if base is not None else np.empty(0, dtype=np.int64)
-        try:
-            cur = load_pages(images, pm)
-            base_pages = load_pages(base_dir, base) if base is not None else cur[:0]
-        except ImageFormatError as exc:
-            raise LazyLayoutError(str(exc)) from exc
+        cur = layout_pages(images, pm)
+        base_pages = layout_pages(base_dir, base) if base is not None else cur[:0]
         entries: list[PagemapEntry] = []
         chunks: list[npt.NDArray[np.uint8]] = []
         row = 0
@@ -190,7 +170,7 @@ def fill_from_base(images: Path, base_dir: Path, remote: Mapping[int, Collection
                 entries.append(e)
                 continue
             vaddrs = e.vaddr + np.arange(e.nr_pages, dtype=np.int64) * PAGE_SIZE
-            for first, n, is_far_run in _runs_of(locate(far, vaddrs)[1]):
+            for first, n, is_far_run in flag_runs(locate(far, vaddrs)[1]):
                 run = vaddrs[first : first + n]
                 if is_far_run:
                     entries.append(PagemapEntry(int(run[0]), n, e.flags))
